@@ -1,0 +1,45 @@
+"""minivgg: VGG (Simonyan & Zisserman, ICLR 2015) from scratch on NumPy and CuPy.
+
+    import minivgg
+    from minivgg import functional as F, nn, optim
+    model = minivgg.models.vgg("D")              # Table 1, column D: 138,357,544 parameters
+
+The hand-written kernels live in the top-level `kernels/` folder of the source tree and are
+installed as `minivgg.kernels` (see pyproject.toml).
+"""
+
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+
+def _mount_kernels():
+    """Make `minivgg.kernels` importable when running from a source checkout.
+
+    An installed minivgg (wheel or `pip install -e .`) has the folder mapped already. A
+    checkout on PYTHONPATH has `kernels/` beside `minivgg/`, so we load it under its
+    package name here rather than as a top-level `kernels` (a different PyPI project).
+    """
+    if _ilu.find_spec(__name__ + ".kernels") is not None:
+        return
+    here = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))),
+                         "kernels", "__init__.py")
+    spec = _ilu.spec_from_file_location(__name__ + ".kernels", here,
+                                        submodule_search_locations=[_os.path.dirname(here)])
+    module = _ilu.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_mount_kernels()
+
+from minivgg import backend, functional, nn, optim, models, checkpoint  # noqa: E402
+from minivgg.tensor import Tensor, Function, no_grad, is_grad_enabled  # noqa: E402
+from minivgg.backend import manual_seed, cuda_available  # noqa: E402
+from minivgg.gradcheck import gradcheck  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["Tensor", "Function", "no_grad", "is_grad_enabled", "manual_seed",
+           "cuda_available", "gradcheck", "backend", "functional", "nn", "optim", "models",
+           "checkpoint"]

@@ -1,0 +1,86 @@
+"""Checkpoints: model and optimizer state in one `.npz`, readable without pickle.
+
+Layout of the archive (every entry a plain array, so `np.load(allow_pickle=False)` reads it):
+
+    model/<name>        one array per parameter, e.g. model/conv1_1.weight
+    optim/velocity/<i>  the SGD momentum buffers that exist
+    meta                a JSON string: config, epoch, lr, scheduler, RNG state, anything else
+
+The file is written to a temporary name in the same folder, flushed to disk, then renamed
+over the target, so a run killed at any moment leaves either the old or the new checkpoint,
+never half of one.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "minivgg-checkpoint-v1"
+
+
+def save(path, model_state, optimizer_state=None, meta=None):
+    """Write a checkpoint atomically. `model_state` is a state_dict; `meta` is JSON-able."""
+    arrays = {f"model/{k}": np.asarray(v) for k, v in model_state.items()}
+    meta = dict(meta or {})
+    meta["format"] = FORMAT
+    meta["model_keys"] = list(model_state.keys())
+    if optimizer_state is not None:
+        velocities = optimizer_state["velocities"]
+        for i, v in enumerate(velocities):
+            if v is not None:
+                arrays[f"optim/velocity/{i}"] = np.asarray(v)
+        meta["optimizer"] = {k: v for k, v in optimizer_state.items() if k != "velocities"}
+        meta["optimizer"]["num_velocities"] = len(velocities)
+    arrays["meta"] = np.array(json.dumps(meta))
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or not a minivgg checkpoint."""
+
+
+def load(path):
+    """Read a checkpoint -> (model_state, optimizer_state or None, meta).
+
+    Raises `CheckpointError` with the reason for a missing, truncated or foreign file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not an .npz file ({e})")
+    if "meta" not in files:
+        raise CheckpointError(f"checkpoint {path!r} has no 'meta' entry: not a minivgg "
+                              "checkpoint")
+    meta = json.loads(str(files["meta"]))
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    model_state = {k: files[f"model/{k}"] for k in meta["model_keys"]}
+    optimizer_state = None
+    if "optimizer" in meta:
+        opt = dict(meta["optimizer"])
+        n = opt.pop("num_velocities")
+        opt["velocities"] = [files.get(f"optim/velocity/{i}") for i in range(n)]
+        optimizer_state = opt
+    return model_state, optimizer_state, meta

@@ -1,0 +1,258 @@
+"""Layers: `Module`s that hold `Parameter`s and call `minivgg.functional`.
+
+A `Module` finds its parameters and sub-modules by looking at its attributes, as in PyTorch,
+so `state_dict()` keys read like the original Caffe release: `conv1_1.weight`, `fc6.bias`.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+
+from minivgg import backend
+from minivgg import functional as F
+from minivgg.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A tensor that a `Module` owns and an optimizer updates (requires_grad=True)."""
+
+    def __init__(self, data, dtype=None):
+        super().__init__(data, requires_grad=True, dtype=dtype)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class Module:
+    training = True
+    name = None  # set by the parent, used in error messages: "conv3_2: ..."
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def __setattr__(self, key, value):
+        if isinstance(value, Module) and value.name is None:
+            object.__setattr__(value, "name", key)
+        object.__setattr__(self, key, value)
+
+    # --- traversal ---------------------------------------------------------------------
+    def named_children(self):
+        for key, value in vars(self).items():
+            if isinstance(value, Module):
+                yield key, value
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for key, child in self.named_children():
+            yield from child.named_modules(f"{prefix}.{key}" if prefix else key)
+
+    def named_parameters(self, prefix=""):
+        for key, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield (f"{prefix}.{key}" if prefix else key), value
+        for key, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}.{key}" if prefix else key)
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self):
+        """Number of trainable scalars (weights and biases): Table 2 of the paper."""
+        return int(sum(p.size for p in self.parameters()))
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    # --- modes and devices ---------------------------------------------------------------
+    def train(self, mode=True):
+        for _, m in self.named_modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, device):
+        """Move every parameter to `device` ("cpu" or "cuda") in place; returns self."""
+        device = backend.check_device(device)
+        for p in self.parameters():
+            p.data = backend.to_device(p.data, device)
+            if p.grad is not None:
+                p.grad = backend.to_device(p.grad, device)
+        return self
+
+    def astype(self, dtype):
+        """Cast every parameter (for example to float64 for gradient checks)."""
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = None
+        return self
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self):
+        """Ordered {name: host array}, copies, so saving never aliases live weights."""
+        return OrderedDict((k, backend.to_numpy(p.data).copy())
+                           for k, p in self.named_parameters())
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into the parameters of the same name, checking keys and shapes.
+
+        With `strict` (the default) a missing or unexpected key is an error. A shape
+        mismatch is always an error. Nothing is copied unless every check passes.
+        """
+        own = dict(self.named_parameters())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        for k, p in own.items():
+            if k in state and tuple(np.shape(state[k])) != p.shape:
+                problems.append(f"{k}: checkpoint shape {tuple(np.shape(state[k]))} != "
+                                f"model shape {p.shape}")
+        if problems:
+            raise ValueError("load_state_dict: " + "; ".join(problems))
+        for k, p in own.items():
+            if k in state:
+                value = backend.to_numpy(state[k]).astype(p.dtype, copy=False)
+                p.data = backend.to_device(np.array(value), p.device)
+                p.grad = None
+        return self
+
+
+# ----------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------
+
+class Conv2d(Module):
+    """Convolution layer; VGG uses 3×3/s1/p1 ("conv3-N") and 1×1/s1/p0 ("conv1-N")."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 bias=True, dtype=np.float32):
+        kh, kw = F._pair(kernel_size, "kernel_size")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
+        # Real initial values come from minivgg.models.init_weights (Sec. 3.1).
+        self.weight = Parameter(np.zeros((out_channels, in_channels, kh, kw), dtype=dtype))
+        self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        F.check_conv2d_input(x, self.weight, where=self.name or "Conv2d")
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def __repr__(self):
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding})")
+
+
+class Linear(Module):
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(np.zeros((out_features, in_features), dtype=dtype))
+        self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        F.check_linear_input(x, self.weight, where=self.name or "Linear")
+        return F.linear(x, self.weight, self.bias)
+
+    def __repr__(self):
+        return f"Linear({self.in_features}, {self.out_features})"
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+    def __repr__(self):
+        return "ReLU()"
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size=2, stride=None):
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x):
+        F.check_float_input(x, self.name or "MaxPool2d", 4)
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def __repr__(self):
+        return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride})"
+
+
+class LocalResponseNorm(Module):
+    """LRN with the paper's parameters by default (Sec. 2.1); see functional's NOTE."""
+
+    def __init__(self, size=5, alpha=1e-4, beta=0.75, k=2.0, alpha_over_n=False):
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.alpha_over_n = alpha_over_n
+
+    def forward(self, x):
+        F.check_float_input(x, self.name or "LocalResponseNorm", 4)
+        return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k,
+                                     self.alpha_over_n)
+
+    def __repr__(self):
+        return (f"LocalResponseNorm(size={self.size}, alpha={self.alpha}, beta={self.beta}, "
+                f"k={self.k}, alpha_over_n={self.alpha_over_n})")
+
+
+class Dropout(Module):
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+class Flatten(Module):
+    def forward(self, x):
+        return F.flatten(x, 1)
+
+    def __repr__(self):
+        return "Flatten()"
+
+
+class Sequential(Module):
+    """Layers applied in order. Accepts modules (named "0", "1", ...) or an OrderedDict."""
+
+    def __init__(self, *layers):
+        if len(layers) == 1 and isinstance(layers[0], (dict, OrderedDict)):
+            items = list(layers[0].items())
+        else:
+            items = [(str(i), layer) for i, layer in enumerate(layers)]
+        for key, layer in items:
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: {key!r} is a {type(layer).__name__}, "
+                                f"not a Module")
+            object.__setattr__(layer, "name", layer.name or key)
+            setattr(self, key, layer)
+
+    def __iter__(self):
+        return (m for _, m in self.named_children())
+
+    def __len__(self):
+        return len(list(self.named_children()))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return list(self)[key]
+
+    def forward(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+    def __repr__(self):
+        lines = [f"  ({k}): {m!r}" for k, m in self.named_children()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"

@@ -1,0 +1,300 @@
+"""The autograd core: a `Tensor` that records the `Function`s that made it.
+
+The graph is define-by-run (as in Chainer, DeZero and PyTorch): every op builds its output
+and remembers its inputs, and `Tensor.backward()` walks that record in reverse.
+
+Three rules keep it small and safe for VGG-sized graphs:
+
+* Backward is first order and runs on raw arrays (NumPy on CPU, CuPy on GPU): a
+  `Function.backward` gets the output gradient as an array and returns input gradients as
+  arrays. VGG never needs second derivatives.
+* The walk is iterative (an explicit stack, no recursion), so a chain of 10,000 ops works.
+* After a `Function` has passed its gradients on, it drops what it saved for backward, so the
+  im2col inputs and activations of a big net are freed as soon as they are no longer needed.
+"""
+
+import contextlib
+
+import numpy as np
+
+from minivgg import backend
+
+
+# ----------------------------------------------------------------------------------------
+# Gradient mode
+# ----------------------------------------------------------------------------------------
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Context in which ops record no graph (evaluation, SGD updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+# ----------------------------------------------------------------------------------------
+# Tensor
+# ----------------------------------------------------------------------------------------
+
+class Tensor:
+    """An array plus what autograd needs: `.grad`, `requires_grad` and the op that made it.
+
+    `data` is a NumPy array (CPU) or a CuPy array (GPU). Python lists and scalars become
+    float32 arrays; NumPy arrays keep their dtype, so float64 works end to end.
+    `grad` is a raw array of the same shape, filled by `backward()` and accumulated over
+    calls, as in PyTorch (an optimizer's `zero_grad()` clears it).
+    """
+
+    __array_priority__ = 100  # make `ndarray * Tensor` call Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not backend.is_array(data):
+            data = np.asarray(data, dtype=dtype or np.float32)
+        elif dtype is not None:
+            data = data.astype(dtype, copy=False)
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.creator = None  # the Function that produced this tensor, if any
+        self.name = None
+
+    # --- array-like facts ------------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def device(self):
+        return backend.device_of(self.data)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device}{grad})"
+
+    def numpy(self):
+        """The data as a NumPy array (copied from the GPU if needed)."""
+        return backend.to_numpy(self.data)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def item(self):
+        return self.data.item()
+
+    def to(self, device):
+        """A copy on `device` ("cpu" or "cuda"); the same tensor if it is already there."""
+        data = backend.to_device(self.data, device)
+        if data is self.data:
+            return self
+        out = Tensor(data, requires_grad=self.requires_grad)
+        return out
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    # --- backward ----------------------------------------------------------------------
+    def backward(self, grad=None):
+        """Fill `.grad` of every leaf that requires it, by reverse-mode differentiation.
+
+        `grad` is the gradient of some scalar with respect to this tensor. It defaults to 1
+        for a one-element tensor and must be given otherwise, as in PyTorch.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(was it computed under no_grad(), or from constants only?)")
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() needs an output gradient for a non-scalar "
+                                   f"tensor of shape {self.shape}")
+            grad = backend.array_module(self.data).ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            grad = backend.as_array_like(grad, self.data)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(): gradient shape {grad.shape} does not match "
+                                 f"tensor shape {self.shape}")
+
+        # Gradients of non-leaf tensors, keyed by id. Each entry keeps its tensor alive
+        # until its creator has consumed the gradient, then both are dropped.
+        grads = {id(self): (self, grad)}
+        for fn in _topological_order(self.creator):
+            outputs = [out() for out in fn.outputs]  # weak references
+            gys = [grads.pop(id(o), (None, None))[1] if o is not None else None
+                   for o in outputs]
+            if all(gy is None for gy in gys):
+                continue  # no gradient reached this function
+            if fn.saved is None:
+                raise RuntimeError(f"backward() through {type(fn).__name__} a second time: "
+                                   "its saved buffers were already freed")
+            gys = [gy if gy is not None else _zeros_for(o) for gy, o in zip(gys, outputs)]
+            gxs = fn.backward(*gys)
+            if not isinstance(gxs, tuple):
+                gxs = (gxs,)
+            fn.saved = None  # NOTE: free the saved activations and im2col inputs now
+            for x, gx in zip(fn.inputs, gxs):
+                if gx is None or not x.requires_grad:
+                    continue
+                if x.creator is None:  # a leaf: accumulate into .grad
+                    x.grad = gx.copy() if x.grad is None else x.grad + gx
+                elif id(x) in grads:  # used more than once: sum the contributions
+                    grads[id(x)] = (x, grads[id(x)][1] + gx)
+                else:
+                    grads[id(x)] = (x, gx)
+            fn.inputs = ()
+        if self.creator is None:  # backward() called on a leaf itself
+            self.grad = grad.copy() if self.grad is None else self.grad + grad
+
+    # --- operators (defined in functional, bound here) ------------------------------------
+    def __add__(self, other):
+        return F.add(self, other)
+
+    def __radd__(self, other):
+        return F.add(other, self)
+
+    def __sub__(self, other):
+        return F.sub(self, other)
+
+    def __rsub__(self, other):
+        return F.sub(other, self)
+
+    def __mul__(self, other):
+        return F.mul(self, other)
+
+    def __rmul__(self, other):
+        return F.mul(other, self)
+
+    def __truediv__(self, other):
+        return F.div(self, other)
+
+    def __rtruediv__(self, other):
+        return F.div(other, self)
+
+    def __neg__(self):
+        return F.neg(self)
+
+    def __matmul__(self, other):
+        return F.matmul(self, other)
+
+    def sum(self, axis=None, keepdims=False):
+        return F.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return F.mean(self, axis, keepdims)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return F.reshape(self, shape)
+
+    def flatten(self, start_dim=1):
+        return F.flatten(self, start_dim)
+
+    @property
+    def T(self):
+        return F.transpose(self)
+
+
+def _zeros_for(tensor):
+    return backend.array_module(tensor.data).zeros_like(tensor.data)
+
+
+def _topological_order(root_fn):
+    """Functions reachable from `root_fn`, each after every function that uses its output.
+
+    Iterative depth-first search: a chain of 10,000 ops would overflow Python's recursion
+    limit in the textbook recursive version.
+    """
+    if root_fn is None:
+        return []
+    order, visited = [], set()
+    stack = [(root_fn, False)]
+    while stack:
+        fn, children_done = stack.pop()
+        if children_done:
+            order.append(fn)
+            continue
+        if id(fn) in visited:
+            continue
+        visited.add(id(fn))
+        stack.append((fn, True))
+        for x in fn.inputs:
+            parent = x.creator
+            if parent is not None and id(parent) not in visited:
+                stack.append((parent, False))
+    order.reverse()  # post-order reversed: consumers before producers
+    return order
+
+
+# ----------------------------------------------------------------------------------------
+# Function: one op = forward on arrays + backward on arrays
+# ----------------------------------------------------------------------------------------
+
+class Function:
+    """Base class of every differentiable op.
+
+    A subclass writes `forward(*arrays) -> array(s)` and, right below it,
+    `backward(*grad_outputs) -> grad_input(s)`, both on raw arrays. Whatever backward needs
+    is stored explicitly in `self.saved` (a tuple) by forward; the core frees it after use.
+    """
+
+    def __call__(self, *inputs):
+        inputs = [as_tensor(x) for x in inputs]
+        self.saved = ()
+        outputs = self.forward(*[x.data for x in inputs])
+        single = not isinstance(outputs, tuple)
+        outputs = [Tensor(y) for y in ((outputs,) if single else outputs)]
+        if _grad_enabled and any(x.requires_grad for x in inputs):
+            import weakref
+            self.inputs = inputs
+            self.outputs = [weakref.ref(y) for y in outputs]
+            for y in outputs:
+                y.requires_grad = True
+                y.creator = self
+        else:
+            self.saved = None
+        return outputs[0] if single else tuple(outputs)
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, *gys):
+        raise NotImplementedError
+
+
+def as_tensor(x):
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+from minivgg import functional as F  # noqa: E402  (functional needs Tensor and Function)

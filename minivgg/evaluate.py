@@ -1,0 +1,327 @@
+"""The paper's testing protocol (Sec. 3.2): dense, multi-crop, multi-scale, flips and fusion.
+
+A trained net is applied to a test image rescaled isotropically so that its smallest side is
+Q (the test scale, not necessarily the training scale S). Three ways to get class posteriors:
+
+* centre crop: one crop of the training size from the middle of the image, no flip; the
+  single-crop baseline that torchvision's reference script reports.
+* dense (Sec. 3.2): the fully-connected layers become convolutions (`to_fully_convolutional`),
+  the net runs on the whole uncropped image, the class score map is averaged spatially, and
+  the soft-max of the image is averaged with that of its horizontal flip.
+* multi-crop: a 5×5 regular grid of training-size crops (`crop_grid`) × 2 flips = 50 crops per
+  scale, soft-max averaged over the crops.
+
+Multi-scale testing averages the soft-max over several Q (Table 4); "dense+multicrop" averages
+the dense and the multi-crop soft-max (Table 5); fusion averages the soft-max of several
+models (Sec. 4.4, Table 6). Every combination is an average of posteriors, so each helper
+here returns an (N, K) array of soft-max probabilities and `average` combines them.
+
+Images enter as uint8 arrays (H, W, 3) in RGB order, as `minivgg.data.load_rgb` returns them.
+Shape legend: N images, K classes, Q test scale, c training crop size.
+"""
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from minivgg import backend
+from minivgg import functional as F
+from minivgg import nn
+from minivgg.models import pooled_size
+from minivgg.tensor import Tensor, no_grad
+
+BASE_METHODS = ("center", "dense", "multicrop")
+PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
+GRID = 5  # the paper's 5×5 crop grid (Sec. 3.2)
+
+
+# ----------------------------------------------------------------------------------------
+# Fully-convolutional conversion (Sec. 3.2)
+# ----------------------------------------------------------------------------------------
+
+class FullyConvolutionalVGG(nn.Sequential):
+    """A VGG whose fc6/fc7/fc8 are convolutions: (N, 3, H, W) -> score map (N, K, h, w).
+
+    With p = pooled_size(c), h = H//32 - p + 1 and w = W//32 - p + 1 (five floor-mode
+    2×2 pools, then fc6 as a p×p valid convolution), so a training-size image gives a 1×1
+    map and needs H, W >= c.
+    """
+
+    def forward(self, x):
+        check_image_size(x.shape[2], x.shape[3], self.input_size)
+        return super().forward(x)
+
+
+def to_fully_convolutional(model):
+    """The fully-convolutional twin of a trained VGG (Sec. 3.2), weights reshaped, not retrained.
+
+    The conv, ReLU, LRN and pool layers are shared with `model` (the same objects, so the
+    two nets always hold the same weights). fc6 (out, C*p*p) becomes a p×p convolution with
+    p = pooled_size(model.input_size) (7 at 224, 2 at 64); fc7 and fc8 become 1×1
+    convolutions. Dropout is left out: at test time it is the identity.
+
+    NOTE: `Flatten` turns pool5's (N, C, p, p) output into features ordered (C, H, W), the
+    same order as a conv weight's (C, KH, KW) axes, so fc6's weight is a plain reshape to
+    (out, C, p, p). Any other order (e.g. HWC) would silently scramble the filters.
+    """
+    p = pooled_size(model.input_size)
+    layers = OrderedDict()
+    for name, layer in model.named_children():
+        if name == "flatten":
+            break
+        layers[name] = layer
+    else:
+        raise ValueError("to_fully_convolutional: expected a VGG with a 'flatten' layer")
+    fc6, fc7, fc8 = model.fc6, model.fc7, model.fc8
+    channels = fc6.in_features // (p * p)
+    if channels * p * p != fc6.in_features:
+        raise ValueError(f"to_fully_convolutional: fc6 has {fc6.in_features} inputs, not a "
+                         f"multiple of the {p}x{p} pool5 map of input size "
+                         f"{model.input_size}")
+    layers["fc6"] = _linear_as_conv(fc6, channels, p)
+    layers["relu6"] = nn.ReLU()
+    layers["fc7"] = _linear_as_conv(fc7, fc7.in_features, 1)
+    layers["relu7"] = nn.ReLU()
+    layers["fc8"] = _linear_as_conv(fc8, fc8.in_features, 1)
+    fcn = FullyConvolutionalVGG(layers)
+    for attr in ("config", "input_size", "width", "fc_width", "num_classes"):
+        object.__setattr__(fcn, attr, getattr(model, attr))
+    return fcn.eval()
+
+
+def _linear_as_conv(linear, in_channels, k):
+    """Linear (out, in_channels*k*k) -> Conv2d(in_channels, out, k), weights reshaped."""
+    W = linear.weight.data
+    conv = nn.Conv2d(in_channels, linear.out_features, k, stride=1, padding=0, dtype=W.dtype)
+    conv.weight.data = W.reshape(linear.out_features, in_channels, k, k)
+    if linear.bias is not None:
+        conv.bias.data = linear.bias.data
+    else:
+        conv.bias = None
+    return conv
+
+
+def score_map_size(height, width, input_size):
+    """(h, w) of the class score map of an H×W image, for a net trained on c×c crops."""
+    p = pooled_size(input_size)
+    return pooled_size(height) - p + 1, pooled_size(width) - p + 1
+
+
+def check_image_size(height, width, crop):
+    """A clear error for an image smaller than the training crop (dense or multi-crop)."""
+    if height < crop or width < crop:
+        raise ValueError(f"image of {height}x{width} pixels is smaller than the {crop}x{crop} "
+                         f"training crop; use a test scale Q >= {crop}")
+
+
+# ----------------------------------------------------------------------------------------
+# Crop positions
+# ----------------------------------------------------------------------------------------
+
+def grid_offsets(size, crop, n=GRID):
+    """n crop offsets along one side: evenly spaced from 0 to size - crop, both included.
+
+    Offset i is round(i * (size - crop) / (n - 1)), rounding halves up, so the first crop
+    touches one edge, the last the other, and neighbours are (size - crop)/(n - 1) apart to
+    within half a pixel. When size == crop all n offsets are 0.
+    """
+    if size < crop:
+        raise ValueError(f"image side of {size} pixels is smaller than the {crop}-pixel "
+                         f"training crop; use a test scale Q >= {crop}")
+    if n < 2:
+        raise ValueError(f"grid_offsets: need n >= 2 crops per side, got {n}")
+    span = size - crop
+    return [(2 * i * span + (n - 1)) // (2 * (n - 1)) for i in range(n)]
+
+
+def crop_grid(height, width, crop, n=GRID):
+    """(top, left) of the n×n crops (Sec. 3.2: 5×5), row by row, corner to corner."""
+    check_image_size(height, width, crop)
+    return [(top, left) for top in grid_offsets(height, crop, n)
+            for left in grid_offsets(width, crop, n)]
+
+
+def center_offset(height, width, crop):
+    """(top, left) of the centre crop; odd leftovers go to the bottom and right."""
+    check_image_size(height, width, crop)
+    return (height - crop) // 2, (width - crop) // 2
+
+
+# ----------------------------------------------------------------------------------------
+# Posteriors of one model for a list of images at one scale
+# ----------------------------------------------------------------------------------------
+
+def _forward(net, batch):
+    """Run `net` on a host float array batch on the net's device; host array out."""
+    device = net.parameters()[0].device
+    with no_grad():
+        return backend.to_numpy(net(Tensor(backend.to_device(batch, device))).data)
+
+
+def _run_in_batches(net, crops, batch_size):
+    """Soft-max of `net` on an (M, 3, c, c) array, `batch_size` crops at a time -> (M, K)."""
+    out = [F.softmax(_forward(net, crops[i:i + batch_size]))
+           for i in range(0, len(crops), batch_size)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def center_posteriors(model, images, batch_size=64):
+    """Single centre crop, no flip. images: list of (3, H, W) float arrays -> (N, K)."""
+    c = model.input_size
+    crops = []
+    for x in images:
+        top, left = center_offset(x.shape[1], x.shape[2], c)
+        crops.append(x[:, top:top + c, left:left + c])
+    return _run_in_batches(model, np.stack(crops), batch_size)
+
+
+def multicrop_posteriors(model, images, batch_size=64, n=GRID):
+    """n×n grid crops × 2 flips per image (Sec. 3.2), soft-max averaged -> (N, K).
+
+    NOTE: each crop is zero-padded at its own borders by the convolutions, while dense
+    evaluation sees the real neighbouring pixels there; this is why the paper finds the
+    two complementary (Sec. 3.2).
+    """
+    c, per_image = model.input_size, 2 * n * n
+    crops = []
+    for x in images:
+        for top, left in crop_grid(x.shape[1], x.shape[2], c, n):
+            crop = x[:, top:top + c, left:left + c]
+            crops.append(crop)
+            crops.append(crop[:, :, ::-1])
+    probs = _run_in_batches(model, np.stack(crops), batch_size)
+    return probs.reshape(len(images), per_image, -1).mean(axis=1)
+
+
+def dense_posteriors(fcn, images, batch_size=64):
+    """Dense evaluation (Sec. 3.2) with the fully-convolutional net -> (N, K).
+
+    Each image and its horizontal flip go through `fcn`; the score map (K, h, w) is averaged
+    over space into one score vector, turned into a soft-max, and the two soft-max vectors
+    are averaged. Images of the same size are batched together.
+
+    NOTE: the paper averages the *scores* over space ("spatially averaged (sum-pooled)") and
+    only then takes the soft-max, which it averages over the flips. Averaging per-location
+    soft-max instead gives different numbers on maps larger than 1×1.
+    """
+    out = np.empty((len(images), fcn.num_classes))
+    by_shape = OrderedDict()
+    for i, x in enumerate(images):
+        by_shape.setdefault(x.shape, []).append(i)
+    for shape, indices in by_shape.items():
+        check_image_size(shape[1], shape[2], fcn.input_size)
+        # Two copies (image, flip) per image; a big image gets a batch of its own.
+        step = max(1, batch_size // 2)
+        for s in range(0, len(indices), step):
+            idx = indices[s:s + step]
+            batch = np.stack([v for i in idx for v in (images[i], images[i][:, :, ::-1])])
+            scores = _forward(fcn, np.ascontiguousarray(batch)).mean(axis=(2, 3))
+            probs = F.softmax(scores.astype(np.float64))
+            out[idx] = probs.reshape(len(idx), 2, -1).mean(axis=1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Combining posteriors: multi-scale, dense+multi-crop, model fusion
+# ----------------------------------------------------------------------------------------
+
+def average(posteriors):
+    """Mean of several (N, K) soft-max arrays: the paper's one way to combine (Sec. 3.2, 4.4).
+
+    Used over test scales (multi-scale, Table 4), over dense and multi-crop (Table 5) and over
+    models (fusion, Table 6). Each input rows sum to 1, so the output rows do too.
+    """
+    posteriors = [np.asarray(p, dtype=np.float64) for p in posteriors]
+    if not posteriors:
+        raise ValueError("average: nothing to average")
+    shapes = {p.shape for p in posteriors}
+    if len(shapes) != 1:
+        raise ValueError(f"average: posteriors have different shapes {sorted(shapes)}")
+    return np.mean(posteriors, axis=0)
+
+
+def topk_errors(probs, labels, ks=(1, 5)):
+    """Number of images whose true class is not among the top-k scores, for each k.
+
+    Returns a dict {k: count}. Ties are broken by class index (argsort is stable on the
+    negated scores), so the count never depends on chance.
+    """
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"topk_errors: expected probs (N, K) and labels (N,), got "
+                         f"{probs.shape} and {labels.shape}")
+    order = np.argsort(-probs, axis=1, kind="stable")
+    hits = order == labels[:, None]
+    return {k: int(len(labels) - hits[:, :k].any(axis=1).sum()) for k in ks}
+
+
+def parse_protocol(protocol):
+    """'dense+multicrop' -> ('dense', 'multicrop'); a clear error for anything else."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of "
+                         f"{', '.join(PROTOCOLS)}")
+    return tuple(protocol.split("+"))
+
+
+def combine(parts, protocol, scales):
+    """Posteriors of one protocol at the scales `scales` from precomputed parts.
+
+    parts[(method, Q)] is an (N, K) soft-max array. Multi-scale averages over Q; then
+    'dense+multicrop' averages its two methods (each already averaged over Q), as Table 5's
+    "dense + multi-crop" rows combine the two protocols' outputs.
+    """
+    methods = parse_protocol(protocol)
+    return average([average([parts[(m, q)] for q in scales]) for m in methods])
+
+
+# ----------------------------------------------------------------------------------------
+# One model at test time
+# ----------------------------------------------------------------------------------------
+
+class TestNet:
+    """A trained model with what testing needs: its FC-as-conv twin and its input recipe.
+
+    `prepare(img, Q)` takes a uint8 (H, W, 3) RGB image and returns the rescaled,
+    mean-subtracted (3, H', W') float array this model was trained on; it is given by the
+    caller (the example script builds it from `minivgg.data` and the checkpoint's stats).
+    `posteriors(images, method, Q)` then returns (N, K) soft-max arrays and the seconds spent.
+    """
+
+    def __init__(self, model, classes=None, name=None, batch_size=64):
+        self.model = model.eval()
+        self.fcn = to_fully_convolutional(model)
+        self.classes = list(classes) if classes is not None else None
+        self.name = name or model.config
+        self.batch_size = batch_size
+
+    @property
+    def input_size(self):
+        return self.model.input_size
+
+    def posteriors(self, images, method):
+        """images: list of (3, H, W) float arrays at one scale -> ((N, K), seconds)."""
+        start = time.perf_counter()
+        if method == "center":
+            probs = center_posteriors(self.model, images, self.batch_size)
+        elif method == "dense":
+            probs = dense_posteriors(self.fcn, images, self.batch_size)
+        elif method == "multicrop":
+            probs = multicrop_posteriors(self.model, images, self.batch_size)
+        else:
+            raise ValueError(f"unknown method {method!r}; expected one of "
+                             f"{', '.join(BASE_METHODS)}")
+        return probs, time.perf_counter() - start
+
+
+def check_same_classes(class_lists, names):
+    """Fusion needs every model to predict the same classes in the same order."""
+    first = list(class_lists[0])
+    for classes, name in zip(class_lists[1:], names[1:]):
+        if list(classes) != first:
+            only_first = sorted(set(first) - set(classes))
+            only_this = sorted(set(classes) - set(first))
+            detail = (f"only in {names[0]}: {only_first[:5]}, only in {name}: {only_this[:5]}"
+                      if only_first or only_this else "same classes in a different order")
+            raise ValueError(f"cannot fuse models with different class sets ({detail})")
+    return first

@@ -1,0 +1,216 @@
+"""The testing protocol of Sec. 3.2: FC-to-conv conversion, crop grid, dense, fusion, errors."""
+
+import numpy as np
+import pytest
+
+from minivgg import functional as F
+from minivgg import models
+from minivgg import evaluate as E
+from minivgg.tensor import Tensor, no_grad
+
+# A small net: VGG-A at 1/16 width, 64-pixel crops (pool5 map 2×2, so fc6 becomes a 2×2 conv).
+SMALL = dict(config="A", num_classes=7, width=1 / 16, fc_width=16, input_size=64)
+
+
+def small_vgg(dtype=np.float64, seed=0, **overrides):
+    kwargs = dict(SMALL, **overrides)
+    model = models.vgg(init="glorot", seed=seed, dtype=dtype, **kwargs).eval()
+    # Non-zero biases, so the test also checks that biases are carried over.
+    rng = np.random.default_rng(seed + 1)
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.data = rng.normal(0, 0.1, p.shape).astype(dtype)
+    return model
+
+
+def logits(net, x):
+    with no_grad():
+        return net(Tensor(x)).data
+
+
+# ----------------------------------------------------------------------------------------
+# Fully-convolutional conversion
+# ----------------------------------------------------------------------------------------
+
+def test_fully_convolutional_net_on_training_size_gives_the_same_logits():
+    model = small_vgg()
+    fcn = E.to_fully_convolutional(model)
+    x = np.random.default_rng(2).normal(0, 50, (3, 3, 64, 64))
+    scores = logits(fcn, x)
+    assert scores.shape == (3, 7, 1, 1)
+    np.testing.assert_allclose(scores[:, :, 0, 0], logits(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_fully_convolutional_conversion_has_the_paper_layer_shapes():
+    fcn = E.to_fully_convolutional(small_vgg())
+    assert fcn.fc6.weight.shape == (16, 32, 2, 2)  # 512/16 channels, 2×2 pool5 map at 64
+    assert fcn.fc7.weight.shape == (16, 16, 1, 1)
+    assert fcn.fc8.weight.shape == (7, 16, 1, 1)
+    names = [name for name, _ in fcn.named_children()]
+    assert "flatten" not in names and "drop6" not in names and "drop7" not in names
+
+
+def test_fully_convolutional_net_shares_conv_weights_with_the_original():
+    model = small_vgg()
+    fcn = E.to_fully_convolutional(model)
+    assert fcn.conv1_1 is model.conv1_1 and fcn.conv5_2 is model.conv5_2
+
+
+def test_fully_convolutional_score_map_on_larger_image_has_pooling_arithmetic_size():
+    # 96 -> 48 -> 24 -> 12 -> 6 -> 3 after five pools, 128 -> 4; the 2×2 fc6 conv leaves
+    # 3 - 2 + 1 = 2 rows and 4 - 2 + 1 = 3 columns.
+    fcn = E.to_fully_convolutional(small_vgg())
+    scores = logits(fcn, np.zeros((1, 3, 96, 128)))
+    assert scores.shape == (1, 7, 2, 3)
+    assert E.score_map_size(96, 128, 64) == (2, 3)
+    assert E.score_map_size(224, 224, 224) == (1, 1)
+    assert E.score_map_size(256, 341, 224) == (2, 4)  # 256 -> 8, 341 -> 10; 7×7 fc6
+
+
+def test_dense_posteriors_average_softmax_of_image_and_flip():
+    model = small_vgg()
+    fcn = E.to_fully_convolutional(model)
+    x = np.random.default_rng(4).normal(0, 50, (3, 96, 128))
+    probs = E.dense_posteriors(fcn, [x])
+    expected = [F.softmax(logits(fcn, v[None]).mean(axis=(2, 3)))[0]
+                for v in (x, x[:, :, ::-1].copy())]
+    np.testing.assert_allclose(probs[0], np.mean(expected, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
+def test_dense_posteriors_batches_images_of_mixed_sizes_in_input_order():
+    fcn = E.to_fully_convolutional(small_vgg())
+    rng = np.random.default_rng(5)
+    images = [rng.normal(0, 50, (3, h, w)) for h, w in [(64, 96), (80, 64), (64, 96)]]
+    together = E.dense_posteriors(fcn, images, batch_size=2)
+    alone = np.concatenate([E.dense_posteriors(fcn, [x]) for x in images])
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# Crops
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height,width", [(64, 64), (64, 65), (72, 96), (100, 64), (81, 333)])
+def test_crop_grid_covers_image_corner_to_corner_evenly(height, width):
+    grid = E.crop_grid(height, width, 64)
+    assert len(grid) == 25
+    tops = sorted({t for t, _ in grid})
+    lefts = sorted({left for _, left in grid})
+    for offsets, size in ((tops, height), (lefts, width)):
+        assert offsets[0] == 0 and offsets[-1] == size - 64  # both edges touched
+        ideal = np.arange(5) * (size - 64) / 4
+        assert np.all(np.abs(np.array(E.grid_offsets(size, 64)) - ideal) <= 0.5)
+    # Row by row: the 5 lefts repeat for each top.
+    assert grid[:5] == [(0, left) for left in E.grid_offsets(width, 64)]
+
+
+def test_crop_grid_of_exact_crop_size_is_25_copies_of_the_image():
+    assert E.crop_grid(64, 64, 64) == [(0, 0)] * 25
+
+
+def test_grid_offsets_rounds_halves_up():
+    # 66 - 64 = 2 pixels of slack: ideal offsets 0, 0.5, 1, 1.5, 2.
+    assert E.grid_offsets(66, 64) == [0, 1, 1, 2, 2]
+
+
+def test_center_offset_is_in_the_middle():
+    assert E.center_offset(72, 96, 64) == (4, 16)
+    assert E.center_offset(65, 64, 64) == (0, 0)
+
+
+def test_multicrop_posteriors_average_50_crops_and_flips():
+    model = small_vgg()
+    x = np.random.default_rng(6).normal(0, 50, (3, 66, 70))
+    probs = E.multicrop_posteriors(model, [x], batch_size=7)
+    crops = []
+    for top, left in E.crop_grid(66, 70, 64):
+        crop = x[:, top:top + 64, left:left + 64]
+        crops += [crop, crop[:, :, ::-1]]
+    expected = F.softmax(logits(model, np.stack(crops))).mean(axis=0)
+    np.testing.assert_allclose(probs[0], expected, rtol=1e-12)
+
+
+def test_multicrop_of_exact_crop_size_image_equals_crop_and_flip_average():
+    model = small_vgg()
+    x = np.random.default_rng(7).normal(0, 50, (3, 64, 64))
+    probs = E.multicrop_posteriors(model, [x])
+    expected = F.softmax(logits(model, np.stack([x, x[:, :, ::-1]]))).mean(axis=0)
+    np.testing.assert_allclose(probs[0], expected, rtol=1e-12)
+    # ... which is also what dense evaluation gives on a training-size image.
+    dense = E.dense_posteriors(E.to_fully_convolutional(model), [x])
+    np.testing.assert_allclose(dense, probs, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------
+# Combining: multi-scale, dense+multi-crop, fusion; error counts
+# ----------------------------------------------------------------------------------------
+
+def test_average_is_the_elementwise_mean_of_posteriors():
+    a = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    b = np.array([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    fused = E.average([a, b])
+    np.testing.assert_allclose(fused, [[0.4, 0.4, 0.2], [0.2, 0.2, 0.6]])
+    np.testing.assert_allclose(fused.sum(axis=1), 1.0)
+
+
+def test_fusion_can_fix_a_mistake_that_one_model_makes():
+    confident_right = np.array([[0.1, 0.9]])
+    slightly_wrong = np.array([[0.6, 0.4]])
+    assert E.topk_errors(slightly_wrong, np.array([1]), ks=(1,)) == {1: 1}
+    assert E.topk_errors(E.average([confident_right, slightly_wrong]), np.array([1]),
+                         ks=(1,)) == {1: 0}
+
+
+def test_combine_dense_multicrop_averages_each_method_over_scales_then_methods():
+    rng = np.random.default_rng(8)
+    parts = {(m, q): rng.dirichlet(np.ones(4), size=3)
+             for m in E.BASE_METHODS for q in (64, 72, 80)}
+    got = E.combine(parts, "dense+multicrop", [64, 72, 80])
+    dense = (parts[("dense", 64)] + parts[("dense", 72)] + parts[("dense", 80)]) / 3
+    crops = (parts[("multicrop", 64)] + parts[("multicrop", 72)]
+             + parts[("multicrop", 80)]) / 3
+    np.testing.assert_allclose(got, (dense + crops) / 2)
+    np.testing.assert_allclose(E.combine(parts, "center", [72]), parts[("center", 72)])
+
+
+def test_topk_errors_counts_misses_and_breaks_ties_by_class_index():
+    probs = np.array([[0.5, 0.3, 0.2],
+                      [0.2, 0.3, 0.5],
+                      [0.4, 0.4, 0.2]])
+    labels = np.array([0, 0, 1])
+    # Image 1: true class ranked last; image 2: tie between 0 and 1, class 0 wins.
+    assert E.topk_errors(probs, labels, ks=(1, 2, 3)) == {1: 2, 2: 1, 3: 0}
+
+
+# ----------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------
+
+def test_image_smaller_than_the_crop_is_a_clear_error():
+    model = small_vgg()
+    small = np.zeros((3, 63, 100))
+    with pytest.raises(ValueError, match="smaller than the 64x64 training crop"):
+        E.dense_posteriors(E.to_fully_convolutional(model), [small])
+    with pytest.raises(ValueError, match="smaller than the 64x64 training crop"):
+        E.multicrop_posteriors(model, [small])
+    with pytest.raises(ValueError, match="smaller than the 64x64 training crop"):
+        E.center_posteriors(model, [small])
+
+
+def test_unknown_protocol_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown protocol 'tencrop'"):
+        E.parse_protocol("tencrop")
+
+
+def test_fusing_models_with_different_class_sets_is_a_clear_error():
+    with pytest.raises(ValueError, match="different class sets"):
+        E.check_same_classes([["n01", "n02"], ["n01", "n03"]], ["a.npz", "b.npz"])
+    with pytest.raises(ValueError, match="different order"):
+        E.check_same_classes([["n01", "n02"], ["n02", "n01"]], ["a.npz", "b.npz"])
+    assert E.check_same_classes([["n01", "n02"]] * 2, ["a", "b"]) == ["n01", "n02"]
+
+
+def test_averaging_posteriors_of_different_shapes_is_a_clear_error():
+    with pytest.raises(ValueError, match="different shapes"):
+        E.average([np.ones((2, 3)), np.ones((2, 4))])

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -65,18 +66,33 @@ def load(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+                raise CheckpointError(f"checkpoint {path!r} is not an .npz archive (empty, "
+                                      "truncated at the start, or another format)")
         with np.load(path, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not an .npz file ({e})")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
+                              f"({type(e).__name__}: {e})") from e
     if "meta" not in files:
         raise CheckpointError(f"checkpoint {path!r} has no 'meta' entry: not a minivgg "
                               "checkpoint")
-    meta = json.loads(str(files["meta"]))
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')!r}, "
+    try:
+        meta = json.loads(str(files["meta"]))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: its 'meta' entry is not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {path!r} has format {found!r}, "
                               f"expected {FORMAT!r}")
-    model_state = {k: files[f"model/{k}"] for k in meta["model_keys"]}
+    missing = [k for k in meta.get("model_keys", []) if f"model/{k}" not in files]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} lists model entries it does not hold: "
+                              f"{missing}")
+    model_state = {k: files[f"model/{k}"] for k in meta.get("model_keys", [])}
     optimizer_state = None
     if "optimizer" in meta:
         opt = dict(meta["optimizer"])

@@ -17,13 +17,12 @@ from minivgg.tensor import Function, Tensor, as_tensor
 # ----------------------------------------------------------------------------------------
 
 def _pair(v, what):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{what} must be an int or a pair, got {v!r}")
-        pair = (int(v[0]), int(v[1]))
-    else:
-        pair = (int(v), int(v))
-    return pair
+    """3 -> (3, 3); (3, 1) -> (3, 1); anything that is not one or two integers is an error."""
+    values = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(values) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+                                   for n in values):
+        raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}")
+    return int(values[0]), int(values[1])
 
 
 def check_float_input(x, where, ndim):
@@ -38,9 +37,12 @@ def check_float_input(x, where, ndim):
 
 def check_conv2d_input(x, W, where="conv2d"):
     """Rank, dtype and channel checks of a convolution input against its weight."""
-    check_float_input(x, where, 4)
     if W.ndim != 4:
         raise ValueError(f"{where}: weight must be (OC, C, KH, KW), got shape {W.shape}")
+    if x.ndim != 4:
+        raise ValueError(f"{where}: expected a 4-d input (N, C, H, W) for weight shape "
+                         f"{W.shape}, got shape {x.shape}")
+    check_float_input(x, where, 4)
     if x.shape[1] != W.shape[1]:
         raise ValueError(f"{where}: input has {x.shape[1]} channels but the weight expects "
                          f"{W.shape[1]} (input shape {x.shape}, weight shape {W.shape})")
@@ -48,7 +50,37 @@ def check_conv2d_input(x, W, where="conv2d"):
         raise TypeError(f"{where}: input dtype {x.dtype} differs from weight dtype {W.dtype}")
 
 
+def check_conv2d_args(x, W, b, stride, padding, where="conv2d"):
+    """All checks of a convolution call -> (stride, padding) as pairs."""
+    check_conv2d_input(x, W, where)
+    _check_bias(b, W, where)
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    if min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"{where}: stride must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}")
+    H, Wd = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+    if H < W.shape[2] or Wd < W.shape[3]:
+        raise ValueError(f"{where}: padded input {H}x{Wd} (input shape {x.shape}) is smaller "
+                         f"than the kernel {W.shape[2]}x{W.shape[3]} (weight shape {W.shape})")
+    return stride, padding
+
+
+def _check_bias(b, W, where):
+    if b is None:
+        return
+    if b.shape != (W.shape[0],):
+        raise ValueError(f"{where}: bias must have shape ({W.shape[0]},) for weight shape "
+                         f"{W.shape}, got {b.shape}")
+    if b.dtype != W.dtype:
+        raise TypeError(f"{where}: bias dtype {b.dtype} differs from weight dtype {W.dtype}")
+
+
 def check_linear_input(x, W, where="linear"):
+    if W.ndim != 2:
+        raise ValueError(f"{where}: weight must be (out, in), got shape {W.shape}")
+    if x.ndim != 2:
+        raise ValueError(f"{where}: expected a 2-d input (N, features) for weight shape "
+                         f"{W.shape}, got shape {x.shape}")
     check_float_input(x, where, 2)
     if x.shape[1] != W.shape[1]:
         raise ValueError(f"{where}: input has {x.shape[1]} features but the weight expects "
@@ -126,7 +158,14 @@ def _like(x, other):
     if isinstance(x, Tensor) or backend.is_array(x):
         return x
     other = other.data if isinstance(other, Tensor) else other
-    return backend.array_module(other).asarray(x, dtype=other.dtype)
+    if not backend.is_array(other):
+        raise TypeError(f"arithmetic needs at least one Tensor or array, got "
+                        f"{type(x).__name__} and {type(other).__name__}")
+    xp = backend.array_module(other)
+    # NOTE: only a floating tensor lends its dtype; 0.5 * an int array must not become 0.
+    if not np.issubdtype(other.dtype, np.floating) and isinstance(x, float):
+        return xp.asarray(x)
+    return xp.asarray(x, dtype=other.dtype)
 
 
 def add(a, b):
@@ -263,15 +302,8 @@ def conv2d(x, W, b=None, stride=1, padding=0):
     OH = (H + 2*padding - KH) // stride + 1. `stride` and `padding` are ints or pairs.
     """
     x, W = as_tensor(x), as_tensor(W)
-    check_conv2d_input(x, W)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    if min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d: stride must be >= 1 and padding >= 0, got stride={stride}, "
-                         f"padding={padding}")
-    H, Wd = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
-    if H < W.shape[2] or Wd < W.shape[3]:
-        raise ValueError(f"conv2d: padded input {H}x{Wd} (input shape {x.shape}) is smaller "
-                         f"than the kernel {W.shape[2]}x{W.shape[3]} (weight shape {W.shape})")
+    b = None if b is None else as_tensor(b)
+    stride, padding = check_conv2d_args(x, W, b, stride, padding)
     fn = Conv2d(stride, padding)
     return fn(x, W) if b is None else fn(x, W, b)
 
@@ -304,6 +336,9 @@ def max_pool2d(x, kernel_size=2, stride=None):
     check_float_input(x, "max_pool2d", 4)
     kernel_size = _pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None else _pair(stride, "stride")
+    if min(kernel_size) < 1 or min(stride) < 1:
+        raise ValueError(f"max_pool2d: kernel_size and stride must be >= 1, got "
+                         f"kernel_size={kernel_size}, stride={stride}")
     if x.shape[2] < kernel_size[0] or x.shape[3] < kernel_size[1]:
         raise ValueError(f"max_pool2d: input shape {x.shape} is smaller than the "
                          f"{kernel_size[0]}x{kernel_size[1]} window")
@@ -388,7 +423,9 @@ class Linear(Function):
 def linear(x, W, b=None):
     """y = x W^T + b.  x (N, in), W (out, in), b (out,) -> (N, out)."""
     x, W = as_tensor(x), as_tensor(W)
+    b = None if b is None else as_tensor(b)
     check_linear_input(x, W)
+    _check_bias(b, W, "linear")
     fn = Linear()
     return fn(x, W) if b is None else fn(x, W, b)
 
@@ -453,12 +490,14 @@ def cross_entropy(logits, labels):
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"cross_entropy: labels must have shape ({logits.shape[0]},) for "
                          f"logits of shape {logits.shape}, got {labels.shape}")
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        if not bool((labels == labels.astype(np.int64)).all()):
-            raise TypeError(f"cross_entropy: labels must be integers, got {labels.dtype}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"cross_entropy: labels must be an integer array (class indices), "
+                        f"got dtype {labels.dtype}")
+    if labels.shape[0] == 0:
+        raise ValueError(f"cross_entropy: empty batch (logits of shape {logits.shape})")
     labels = labels.astype(np.int64)
     K = logits.shape[1]
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= K):
+    if int(labels.min()) < 0 or int(labels.max()) >= K:
         raise ValueError(f"cross_entropy: labels must be in [0, {K}) for logits of shape "
                          f"{logits.shape}, got min {int(labels.min())}, "
                          f"max {int(labels.max())}")

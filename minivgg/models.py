@@ -12,6 +12,7 @@ import numpy as np
 
 from minivgg import backend
 from minivgg import nn
+from minivgg.tensor import as_tensor
 
 # Table 1 (Sec. 2.2). One row per block: 64, 128, 256, 512, 512 channels.
 CONFIGS = {
@@ -123,6 +124,30 @@ class VGG(nn.Sequential):
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "fc_width", fc_width)
         object.__setattr__(self, "num_classes", num_classes)
+
+    def forward(self, x):
+        """Logits (N, num_classes) of images x (N, 3, H, W), checked against fc6 first."""
+        x = as_tensor(x)
+        if x.ndim == 4 and isinstance(getattr(self, "fc6", None), nn.Linear):
+            self._check_fc6_input(x.shape)
+        return super().forward(x)
+
+    def _check_fc6_input(self, shape):
+        """Fail before the conv stack runs when fc6 could not take what it would produce."""
+        H, W = shape[2], shape[3]
+        if min(H, W) < 32:
+            raise ValueError(f"VGG-{self.config}: input shape {tuple(shape)} is smaller than "
+                             f"32x32, the least that five 2x2 max-pools accept")
+        C = self.conv_layers()[-1][1].out_channels
+        h, w = pooled_size(H), pooled_size(W)
+        side = pooled_size(self.input_size)
+        if C * h * w != self.fc6.in_features:
+            raise ValueError(
+                f"fc6: input shape {tuple(shape)} reaches fc6 as {C}x{h}x{w} = {C * h * w} "
+                f"features, but this VGG-{self.config} was built for input_size="
+                f"{self.input_size} (fc6 weight shape {self.fc6.weight.shape} expects "
+                f"{C}x{side}x{side}); resize the images or build the model with "
+                f"input_size={H}")
 
     def conv_layers(self):
         return [(k, m) for k, m in self.named_children() if isinstance(m, nn.Conv2d)]

@@ -10,7 +10,7 @@ import numpy as np
 
 from minivgg import backend
 from minivgg import functional as F
-from minivgg.tensor import Tensor
+from minivgg.tensor import Tensor, as_tensor
 
 
 class Parameter(Tensor):
@@ -143,7 +143,9 @@ class Conv2d(Module):
         self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        F.check_conv2d_input(x, self.weight, where=self.name or "Conv2d")
+        x = as_tensor(x)
+        F.check_conv2d_args(x, self.weight, self.bias, self.stride, self.padding,
+                            where=self.name or "Conv2d")
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def __repr__(self):
@@ -159,6 +161,7 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x):
+        x = as_tensor(x)
         F.check_linear_input(x, self.weight, where=self.name or "Linear")
         return F.linear(x, self.weight, self.bias)
 
@@ -179,7 +182,12 @@ class MaxPool2d(Module):
         self.kernel_size, self.stride = kernel_size, stride
 
     def forward(self, x):
+        x = as_tensor(x)
         F.check_float_input(x, self.name or "MaxPool2d", 4)
+        k = F._pair(self.kernel_size, "kernel_size")
+        if x.shape[2] < k[0] or x.shape[3] < k[1]:
+            raise ValueError(f"{self.name or 'MaxPool2d'}: input shape {x.shape} is smaller "
+                             f"than the {k[0]}x{k[1]} window")
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
     def __repr__(self):
@@ -194,6 +202,7 @@ class LocalResponseNorm(Module):
         self.alpha_over_n = alpha_over_n
 
     def forward(self, x):
+        x = as_tensor(x)
         F.check_float_input(x, self.name or "LocalResponseNorm", 4)
         return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k,
                                      self.alpha_over_n)

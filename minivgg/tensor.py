@@ -14,6 +14,7 @@ Three rules keep it small and safe for VGG-sized graphs:
 """
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -60,6 +61,10 @@ class Tensor:
     def __init__(self, data, requires_grad=False, dtype=None):
         if isinstance(data, Tensor):
             data = data.data
+        if isinstance(data, np.generic):
+            # NOTE: NumPy reductions return scalars (np.float64(3.0)), not arrays; keep
+            # their dtype, or a float64 sum would silently become float32 below.
+            data = np.asarray(data)
         if not backend.is_array(data):
             data = np.asarray(data, dtype=dtype or np.float32)
         elif dtype is not None:
@@ -151,11 +156,14 @@ class Tensor:
             gys = [grads.pop(id(o), (None, None))[1] if o is not None else None
                    for o in outputs]
             if all(gy is None for gy in gys):
-                continue  # no gradient reached this function
+                fn.saved, fn.inputs = None, ()  # no gradient reached it: just free it
+                continue
             if fn.saved is None:
                 raise RuntimeError(f"backward() through {type(fn).__name__} a second time: "
                                    "its saved buffers were already freed")
-            gys = [gy if gy is not None else _zeros_for(o) for gy, o in zip(gys, outputs)]
+            xp = backend.array_module(next(gy for gy in gys if gy is not None))
+            gys = [gy if gy is not None else xp.zeros(shape, dtype)
+                   for gy, (shape, dtype) in zip(gys, fn.output_specs)]
             gxs = fn.backward(*gys)
             if not isinstance(gxs, tuple):
                 gxs = (gxs,)
@@ -163,6 +171,7 @@ class Tensor:
             for x, gx in zip(fn.inputs, gxs):
                 if gx is None or not x.requires_grad:
                     continue
+                gx = _check_grad(fn, x, gx)
                 if x.creator is None:  # a leaf: accumulate into .grad
                     x.grad = gx.copy() if x.grad is None else x.grad + gx
                 elif id(x) in grads:  # used more than once: sum the contributions
@@ -223,8 +232,14 @@ class Tensor:
         return F.transpose(self)
 
 
-def _zeros_for(tensor):
-    return backend.array_module(tensor.data).zeros_like(tensor.data)
+def _check_grad(fn, x, gx):
+    """An input gradient must have its input's shape; it takes the input's dtype."""
+    if gx.shape != x.shape:
+        raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape "
+                           f"{gx.shape} for an input of shape {x.shape}")
+    # NOTE: mixing dtypes (float32 x + float64 array) promotes the forward result; the
+    # gradient of a float32 leaf must still be float32, as in PyTorch.
+    return gx if gx.dtype == x.dtype else gx.astype(x.dtype)
 
 
 def _topological_order(root_fn):
@@ -273,9 +288,9 @@ class Function:
         single = not isinstance(outputs, tuple)
         outputs = [Tensor(y) for y in ((outputs,) if single else outputs)]
         if _grad_enabled and any(x.requires_grad for x in inputs):
-            import weakref
             self.inputs = inputs
             self.outputs = [weakref.ref(y) for y in outputs]
+            self.output_specs = [(y.shape, y.dtype) for y in outputs]
             for y in outputs:
                 y.requires_grad = True
                 y.creator = self

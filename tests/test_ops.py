@@ -1,0 +1,530 @@
+"""Every op in `minivgg.functional`, forward and backward, on every device.
+
+Three independent references:
+* a naive loop, written from the definition, for the conv and pool forward passes;
+* float64 central differences of a random projection sum(y * r) (`minivgg.gradcheck`);
+* `torch.nn.functional`, forward and backward, on seeded random shapes (odd H/W, batch 1,
+  stride 2, padding 0, non-square inputs and kernels).
+"""
+
+import numpy as np
+import pytest
+
+import minivgg
+from minivgg import functional as F
+from conftest import TOLERANCES, assert_close, compare_with_torch, tensor, to_numpy
+
+DTYPES = [np.float32, np.float64]
+GRADCHECK = TOLERANCES["gradcheck"][np.dtype(np.float64)]
+
+
+def gradcheck(fn, inputs, device):
+    return minivgg.gradcheck(fn, inputs, device=device, **GRADCHECK)
+
+
+# ----------------------------------------------------------------------------------------
+# Naive references, straight from the definitions
+# ----------------------------------------------------------------------------------------
+
+def naive_conv2d(x, W, b, stride, padding):
+    """y[n, o, i, j] = b[o] + sum_{c, ky, kx} W[o, c, ky, kx] * xpad[n, c, i*s+ky, j*s+kx]."""
+    (SH, SW), (PH, PW) = stride, padding
+    N, C, H, Wd = x.shape
+    OC, _, KH, KW = W.shape
+    xp = np.zeros((N, C, H + 2 * PH, Wd + 2 * PW), dtype=np.float64)
+    xp[:, :, PH:PH + H, PW:PW + Wd] = x
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (Wd + 2 * PW - KW) // SW + 1
+    y = np.zeros((N, OC, OH, OW))
+    for n in range(N):
+        for o in range(OC):
+            for i in range(OH):
+                for j in range(OW):
+                    patch = xp[n, :, i * SH:i * SH + KH, j * SW:j * SW + KW]
+                    y[n, o, i, j] = (patch * W[o]).sum() + (b[o] if b is not None else 0.0)
+    return y
+
+
+def naive_max_pool2d(x, kernel_size, stride):
+    (KH, KW), (SH, SW) = kernel_size, stride
+    N, C, H, W = x.shape
+    OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+    y = np.zeros((N, C, OH, OW))
+    for n in range(N):
+        for c in range(C):
+            for i in range(OH):
+                for j in range(OW):
+                    y[n, c, i, j] = x[n, c, i * SH:i * SH + KH, j * SW:j * SW + KW].max()
+    return y
+
+
+def naive_lrn(x, size, alpha, beta, k):
+    """The paper's (AlexNet's) formula: b_c = a_c / (k + alpha sum a_c'^2)^beta, window
+    c - size//2 ... c + (size-1)//2 clipped to the channels."""
+    C = x.shape[1]
+    y = np.empty_like(x)
+    for c in range(C):
+        lo, hi = max(0, c - size // 2), min(C, c + (size - 1) // 2 + 1)
+        s = (x[:, lo:hi] ** 2).sum(axis=1)
+        y[:, c] = x[:, c] / (k + alpha * s) ** beta
+    return y
+
+
+# ----------------------------------------------------------------------------------------
+# conv2d
+# ----------------------------------------------------------------------------------------
+
+# (N, C, H, W, OC, kernel (KH, KW), stride, padding, bias)
+CONV_CASES = {
+    "1x1": (2, 3, 5, 5, 4, (1, 1), 1, 0, True),
+    "3x3_p1": (2, 3, 7, 6, 5, (3, 3), 1, 1, True),
+    "7x7_p0": (1, 2, 9, 8, 3, (7, 7), 1, 0, True),
+    "3x3_s2_odd": (2, 3, 9, 7, 4, (3, 3), 2, 1, False),
+    "nonsquare_kernel": (1, 2, 6, 5, 3, (3, 1), (2, 1), (1, 0), True),
+    "batch1_no_bias": (1, 4, 5, 9, 2, (3, 3), 1, 1, False),
+    "2x2_s2_p0": (3, 2, 8, 6, 3, (2, 2), 2, 0, True),
+}
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _conv_arrays(case, rng):
+    N, C, H, W, OC, (KH, KW), stride, padding, bias = case
+    x = rng.normal(size=(N, C, H, W))
+    Wt = rng.normal(size=(OC, C, KH, KW)) / np.sqrt(C * KH * KW)
+    b = rng.normal(size=OC) if bias else None
+    return x, Wt, b, stride, padding
+
+
+@pytest.mark.parametrize("name", ["1x1", "3x3_p1", "3x3_s2_odd", "nonsquare_kernel"])
+def test_conv2d_forward_matches_naive_loop(name, device, rng):
+    x, W, b, stride, padding = _conv_arrays(CONV_CASES[name], rng)
+    y = F.conv2d(tensor(x, device), tensor(W, device),
+                 None if b is None else tensor(b, device), stride, padding)
+    expected = naive_conv2d(x, W, b, _pair(stride), _pair(padding))
+    assert_close(y, expected, "conv2d", np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_matches_torch_forward_and_backward(name, dtype, device, rng, torch):
+    x, W, b, stride, padding = _conv_arrays(CONV_CASES[name], rng)
+    arrays = [x, W] if b is None else [x, W, b]
+    compare_with_torch(
+        "conv2d",
+        lambda *t: F.conv2d(*t[:2], t[2] if len(t) > 2 else None, stride, padding),
+        lambda *t: torch.nn.functional.conv2d(*t[:2], t[2] if len(t) > 2 else None,
+                                              stride=stride, padding=padding),
+        arrays, device, dtype, what=f" [{name}]")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conv2d_matches_torch_on_random_shapes(seed, device, torch):
+    rng = np.random.default_rng(100 + seed)
+    KH, KW = (int(k) for k in rng.integers(1, 5, size=2))
+    stride = tuple(int(s) for s in rng.integers(1, 3, size=2))
+    padding = tuple(int(p) for p in rng.integers(0, 2, size=2))
+    H, W = int(KH + rng.integers(0, 6)), int(KW + rng.integers(0, 6))
+    N, C, OC = (int(v) for v in rng.integers(1, 4, size=3))
+    arrays = [rng.normal(size=(N, C, H, W)), rng.normal(size=(OC, C, KH, KW)),
+              rng.normal(size=OC)]
+    compare_with_torch(
+        "conv2d", lambda x, Wt, b: F.conv2d(x, Wt, b, stride, padding),
+        lambda x, Wt, b: torch.nn.functional.conv2d(x, Wt, b, stride=stride, padding=padding),
+        arrays, device, np.float32, seed=seed,
+        what=f" [x {(N, C, H, W)}, W {(OC, C, KH, KW)}, s {stride}, p {padding}]")
+
+
+@pytest.mark.parametrize("name", ["1x1", "3x3_s2_odd", "nonsquare_kernel", "batch1_no_bias"])
+def test_conv2d_backward_matches_finite_differences(name, device, rng):
+    x, W, b, stride, padding = _conv_arrays(CONV_CASES[name], rng)
+    if b is None:
+        assert gradcheck(lambda x, W: F.conv2d(x, W, None, stride, padding), [x, W], device)
+    else:
+        assert gradcheck(lambda x, W, b: F.conv2d(x, W, b, stride, padding), [x, W, b], device)
+
+
+def test_conv2d_gives_same_result_when_im2col_is_chunked(monkeypatch, rng):
+    """A tiny chunk budget forces one image per chunk; results must not change."""
+    from minivgg.kernels import cpu
+    if not hasattr(cpu, "IM2COL_CHUNK_BYTES"):
+        pytest.skip("the CPU kernels no longer chunk through IM2COL_CHUNK_BYTES")
+    x, W, b = rng.normal(size=(5, 3, 6, 7)), rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4)
+    gy = rng.normal(size=(5, 4, 6, 7))
+    whole = cpu.conv2d_forward(x, W, b, (1, 1), (1, 1))
+    grads = cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1))
+    monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", 1)
+    np.testing.assert_allclose(cpu.conv2d_forward(x, W, b, (1, 1), (1, 1)), whole,
+                               rtol=1e-12, atol=1e-12)
+    for chunked, full in zip(cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1)), grads):
+        np.testing.assert_allclose(chunked, full, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_skips_input_gradient_when_input_needs_none(device, rng):
+    """conv1_1 never needs d loss / d image: the image gets no .grad, W still does."""
+    x = tensor(rng.normal(size=(1, 3, 5, 5)), device, np.float32)
+    W = tensor(rng.normal(size=(2, 3, 3, 3)), device, np.float32, requires_grad=True)
+    F.conv2d(x, W, padding=1).sum().backward()
+    assert x.grad is None
+    assert W.grad is not None and W.grad.shape == (2, 3, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# max_pool2d
+# ----------------------------------------------------------------------------------------
+
+# (N, C, H, W, kernel_size, stride)
+POOL_CASES = {
+    "2x2_s2": (2, 3, 8, 6, (2, 2), (2, 2)),
+    "2x2_s2_odd": (1, 2, 7, 5, (2, 2), (2, 2)),
+    "3x3_s2_overlap": (2, 2, 9, 7, (3, 3), (2, 2)),
+    "3x3_s1": (1, 3, 5, 6, (3, 3), (1, 1)),
+    "nonsquare": (2, 1, 6, 7, (2, 3), (1, 2)),
+}
+
+
+def _distinct(shape, rng):
+    """Values at least 0.01 apart, so that eps-nudges never change a pool's winner."""
+    return rng.permutation(np.arange(int(np.prod(shape)))).reshape(shape) * 0.01
+
+
+@pytest.mark.parametrize("name", list(POOL_CASES))
+def test_max_pool2d_forward_matches_naive_loop(name, device, rng):
+    N, C, H, W, k, s = POOL_CASES[name]
+    x = rng.normal(size=(N, C, H, W))
+    y = F.max_pool2d(tensor(x, device), k, s)
+    assert_close(y, naive_max_pool2d(x, k, s), "max_pool2d", np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(POOL_CASES))
+def test_max_pool2d_matches_torch_forward_and_backward(name, dtype, device, rng, torch):
+    N, C, H, W, k, s = POOL_CASES[name]
+    compare_with_torch("max_pool2d", lambda x: F.max_pool2d(x, k, s),
+                       lambda x: torch.nn.functional.max_pool2d(x, k, s),
+                       [_distinct((N, C, H, W), rng)], device, dtype, what=f" [{name}]")
+
+
+@pytest.mark.parametrize("name", ["2x2_s2_odd", "3x3_s2_overlap", "nonsquare"])
+def test_max_pool2d_backward_matches_finite_differences(name, device, rng):
+    N, C, H, W, k, s = POOL_CASES[name]
+    assert gradcheck(lambda x: F.max_pool2d(x, k, s), [_distinct((N, C, H, W), rng)], device)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(2, 2), (3, 2), (3, 1)])
+def test_max_pool2d_tie_sends_gradient_to_first_maximum_only(kernel_size, stride, device):
+    """A constant image ties every window: each window's gradient goes to exactly one
+    input, the first in row-major order, so the gradient sums to the output gradient."""
+    x = tensor(np.ones((1, 2, 7, 7)), device, requires_grad=True)
+    y = F.max_pool2d(x, kernel_size, stride)
+    gy = np.arange(1.0, y.size + 1).reshape(y.shape)
+    y.backward(gy)
+    expected = np.zeros((1, 2, 7, 7))
+    OH, OW = y.shape[2:]
+    for i in range(OH):
+        for j in range(OW):
+            expected[:, :, i * stride, j * stride] += gy[:, :, i, j]
+    np.testing.assert_array_equal(to_numpy(x.grad), expected)
+    assert to_numpy(x.grad).sum() == gy.sum()
+
+
+# ----------------------------------------------------------------------------------------
+# relu
+# ----------------------------------------------------------------------------------------
+
+def test_relu_at_exact_zero_has_zero_output_and_zero_gradient(device):
+    x = tensor(np.array([-2.0, -0.0, 0.0, 3.0]), device, np.float32, requires_grad=True)
+    y = F.relu(x)
+    y.backward(np.ones(4))
+    np.testing.assert_array_equal(to_numpy(y), [0.0, 0.0, 0.0, 3.0])
+    np.testing.assert_array_equal(to_numpy(x.grad), [0.0, 0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 4), (1, 2, 5, 3), (2, 3, 4, 4)])
+def test_relu_matches_torch_forward_and_backward(shape, dtype, device, rng, torch):
+    x = rng.normal(size=shape)
+    x.flat[0] = 0.0  # an exact zero: torch's gradient there is 0 too
+    compare_with_torch("relu", F.relu, torch.relu, [x], device, dtype)
+
+
+def test_relu_backward_matches_finite_differences(device, rng):
+    x = rng.normal(size=(2, 3, 4))
+    x[np.abs(x) < 1e-3] = 0.5  # keep away from the kink
+    assert gradcheck(F.relu, [x], device)
+
+
+# ----------------------------------------------------------------------------------------
+# local_response_norm (Sec. 2.1: A-LRN)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6])
+def test_lrn_paper_convention_matches_alexnet_formula(size, device, rng):
+    x = rng.normal(size=(2, 7, 3, 2)) * 3
+    y = F.local_response_norm(tensor(x, device), size, alpha=1e-2, beta=0.75, k=2.0)
+    assert_close(y, naive_lrn(x, size, 1e-2, 0.75, 2.0), "local_response_norm", np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size, channels", [(5, 7), (4, 6), (3, 3), (5, 3), (2, 8)])
+def test_lrn_alpha_over_n_matches_torch(size, channels, dtype, device, rng, torch):
+    x = rng.normal(size=(2, channels, 3, 4)) * 3
+    compare_with_torch(
+        "local_response_norm",
+        lambda t: F.local_response_norm(t, size, 1e-2, 0.75, 1.0, alpha_over_n=True),
+        lambda t: torch.nn.functional.local_response_norm(t, size, 1e-2, 0.75, 1.0),
+        [x], device, dtype, what=f" [size {size}, C {channels}]")
+
+
+@pytest.mark.parametrize("size", [5, 4])
+def test_lrn_paper_convention_equals_torch_with_alpha_times_n(size, device, rng, torch):
+    """Paper: k + alpha * sum. Torch: k + alpha/n * sum. So torch's alpha = alpha * n."""
+    alpha = 1e-4
+    x = rng.normal(size=(1, 9, 4, 3)) * 30  # large enough that the sum matters
+    compare_with_torch(
+        "local_response_norm",
+        lambda t: F.local_response_norm(t, size, alpha, 0.75, 2.0),
+        lambda t: torch.nn.functional.local_response_norm(t, size, alpha * size, 0.75, 2.0),
+        [x], device, np.float64)
+
+
+@pytest.mark.parametrize("size, alpha_over_n", [(5, False), (4, False), (3, True), (6, True)])
+def test_lrn_backward_matches_finite_differences(size, alpha_over_n, device, rng):
+    x = rng.normal(size=(2, 7, 2, 3)) * 3
+    assert gradcheck(lambda t: F.local_response_norm(t, size, 0.1, 0.75, 2.0, alpha_over_n),
+                     [x], device)
+
+
+# ----------------------------------------------------------------------------------------
+# linear
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, fin, fout, bias", [(1, 5, 3, True), (4, 7, 2, False),
+                                                (3, 16, 9, True)])
+def test_linear_matches_torch_forward_and_backward(n, fin, fout, bias, dtype, device, rng,
+                                                   torch):
+    arrays = [rng.normal(size=(n, fin)), rng.normal(size=(fout, fin))]
+    if bias:
+        arrays.append(rng.normal(size=fout))
+    compare_with_torch("linear", F.linear, torch.nn.functional.linear, arrays, device, dtype)
+
+
+def test_linear_backward_matches_finite_differences(device, rng):
+    x, W, b = rng.normal(size=(3, 4)), rng.normal(size=(5, 4)), rng.normal(size=5)
+    assert gradcheck(F.linear, [x, W, b], device)
+    assert gradcheck(lambda x, W: F.linear(x, W), [x, W], device)
+
+
+# ----------------------------------------------------------------------------------------
+# dropout (Sec. 3.1: p = 0.5 on fc6 and fc7), inverted
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.5, 0.2, 0.8])
+def test_dropout_zeroes_fraction_p_and_scales_survivors(p, device):
+    minivgg.manual_seed(0)
+    n = 200_000
+    x = tensor(np.full(n, 3.0), device, np.float32)
+    y = to_numpy(F.dropout(x, p, training=True))
+    kept = y != 0
+    # The kept count is Binomial(n, 1-p): allow 5 standard deviations.
+    assert abs(kept.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n)
+    np.testing.assert_allclose(y[kept], 3.0 / (1 - p), rtol=1e-6)
+    assert y.dtype == np.float32
+
+
+def test_dropout_backward_reuses_the_forward_mask(device, rng):
+    minivgg.manual_seed(1)
+    x = tensor(rng.normal(size=(50, 40)) + 10.0, device, requires_grad=True)  # no zeros
+    y = F.dropout(x, 0.5)
+    gy = rng.normal(size=y.shape)
+    y.backward(gy)
+    mask = to_numpy(y) / to_numpy(x)  # 0 or 1/(1-p) = 2, elementwise
+    assert set(np.unique(np.round(mask, 12))) == {0.0, 2.0}
+    assert_close(x.grad, gy * mask, "dropout", np.float64)
+
+
+def test_dropout_backward_matches_finite_differences_for_a_fixed_mask(device, rng):
+    x = rng.normal(size=(4, 6))
+
+    def fn(t):  # the same mask on every evaluation: reseed before each draw
+        minivgg.manual_seed(7)
+        return F.dropout(t, 0.3)
+
+    assert gradcheck(fn, [x], device)
+
+
+@pytest.mark.parametrize("p, training", [(0.5, False), (0.0, True)])
+def test_dropout_is_the_identity_in_eval_mode_and_for_p_zero(p, training, device, rng):
+    x = tensor(rng.normal(size=(3, 5)), device, np.float32, requires_grad=True)
+    y = F.dropout(x, p, training)
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(x))
+    (y * 2.0).sum().backward()
+    np.testing.assert_array_equal(to_numpy(x.grad), np.full((3, 5), 2.0, np.float32))
+
+
+def test_dropout_masks_repeat_after_manual_seed(device):
+    x = tensor(np.ones((20, 30)), device, np.float32)
+    minivgg.manual_seed(42)
+    a = to_numpy(F.dropout(x, 0.5))
+    minivgg.manual_seed(42)
+    b = to_numpy(F.dropout(x, 0.5))
+    c = to_numpy(F.dropout(x, 0.5))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(b, c)
+
+
+# ----------------------------------------------------------------------------------------
+# cross_entropy
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("n, k", [(1, 3), (5, 10), (8, 2)])
+def test_cross_entropy_matches_torch_forward_and_backward(n, k, label_dtype, dtype, device,
+                                                          rng, torch):
+    logits = rng.normal(size=(n, k)) * 3
+    labels = rng.integers(0, k, size=n).astype(label_dtype)
+    compare_with_torch(
+        "cross_entropy", lambda t: F.cross_entropy(t, labels),
+        lambda t: torch.nn.functional.cross_entropy(t, torch.from_numpy(labels.astype(np.int64))),
+        [logits], device, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_stays_finite_for_logits_of_plus_minus_1000(dtype, device, torch):
+    logits = np.array([[1000.0, -1000.0, 0.0], [-1000.0, -1000.0, 1000.0],
+                       [1000.0, 1000.0, -1000.0]])
+    labels = np.array([1, 2, 0])
+    x = tensor(logits, device, dtype, requires_grad=True)
+    loss = F.cross_entropy(x, labels)
+    loss.backward()
+    assert np.isfinite(to_numpy(loss)) and np.isfinite(to_numpy(x.grad)).all()
+    t = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(t, torch.from_numpy(labels))
+    ref.backward()
+    assert_close(loss, ref.item(), "cross_entropy", dtype)
+    assert_close(x.grad, t.grad.numpy(), "cross_entropy", dtype)
+
+
+def test_cross_entropy_backward_matches_finite_differences(device, rng):
+    labels = np.array([2, 0, 3, 3])
+    assert gradcheck(lambda t: F.cross_entropy(t, labels), [rng.normal(size=(4, 5))], device)
+
+
+def test_cross_entropy_of_uniform_logits_is_log_k(device):
+    loss = F.cross_entropy(tensor(np.zeros((4, 10)), device, np.float32), np.arange(4))
+    np.testing.assert_allclose(to_numpy(loss), np.log(10), rtol=1e-6)
+    assert loss.dtype == np.float32 and loss.shape == ()
+
+
+# ----------------------------------------------------------------------------------------
+# Elementwise arithmetic with broadcasting
+# ----------------------------------------------------------------------------------------
+
+BINARY = {
+    "add": (lambda a, b: a + b, lambda a, b: a + b),
+    "sub": (lambda a, b: a - b, lambda a, b: a - b),
+    "mul": (lambda a, b: a * b, lambda a, b: a * b),
+    "div": (lambda a, b: a / b, lambda a, b: a / b),
+}
+BROADCAST_SHAPES = [((2, 3, 4), (2, 3, 4)), ((2, 3, 4), (3, 1)), ((2, 1, 4), (1, 3, 1)),
+                    ((5,), (3, 5)), ((1,), (2, 3))]
+
+
+def _binary_arrays(shape_a, shape_b, rng):
+    # keep the divisor away from 0
+    return rng.normal(size=shape_a), rng.uniform(0.5, 2.0, size=shape_b) * rng.choice(
+        [-1, 1], size=shape_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", BROADCAST_SHAPES)
+@pytest.mark.parametrize("op", list(BINARY))
+def test_elementwise_op_with_broadcasting_matches_torch(op, shapes, dtype, device, rng, torch):
+    mv, th = BINARY[op]
+    compare_with_torch("elementwise", mv, th, list(_binary_arrays(*shapes, rng)), device,
+                       dtype, what=f" [{op} {shapes}]")
+
+
+@pytest.mark.parametrize("shapes", BROADCAST_SHAPES[1:4])
+@pytest.mark.parametrize("op", list(BINARY))
+def test_elementwise_op_backward_matches_finite_differences(op, shapes, device, rng):
+    assert gradcheck(BINARY[op][0], list(_binary_arrays(*shapes, rng)), device)
+
+
+@pytest.mark.parametrize("expr", [lambda x: x * 2.0, lambda x: 2.0 * x, lambda x: x + 1,
+                                  lambda x: 1.0 - x, lambda x: x / 3.0, lambda x: 1.0 / x,
+                                  lambda x: -x, lambda x: x.mean(), lambda x: x.sum(axis=0),
+                                  lambda x: x.mean(axis=(0, 1), keepdims=True)])
+def test_python_scalars_and_reductions_keep_float32(expr, device):
+    x = tensor(np.ones((2, 3), np.float32), device, requires_grad=True)
+    y = expr(x)
+    assert y.dtype == np.float32
+    y.backward(np.ones(y.shape))
+    assert x.grad.dtype == np.float32
+
+
+def test_reductions_keep_float64(device):
+    x = tensor(np.ones((2, 3)), device, np.float64)
+    assert x.sum().dtype == np.float64 and x.mean().dtype == np.float64
+
+
+def test_mixed_precision_gradient_takes_the_leaf_dtype(device):
+    """float32 * float64 computes in float64, but the float32 leaf's .grad is float32."""
+    a = tensor(np.ones(3), device, np.float32, requires_grad=True)
+    b = tensor(np.full(3, 2.0), device, np.float64, requires_grad=True)
+    (a * b).sum().backward()
+    assert a.grad.dtype == np.float32 and b.grad.dtype == np.float64
+    np.testing.assert_array_equal(to_numpy(a.grad), [2.0, 2.0, 2.0])
+
+
+# ----------------------------------------------------------------------------------------
+# Reductions, reshape, flatten
+# ----------------------------------------------------------------------------------------
+
+AXES = [(None, False), (0, False), ((1, 2), False), (-1, True), ((0, 2), True)]
+
+
+def _torch_axes(axis):
+    return tuple(range(3)) if axis is None else axis
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis, keepdims", AXES)
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_reduction_over_axes_matches_torch(op, axis, keepdims, dtype, device, rng, torch):
+    compare_with_torch(
+        "reduction", lambda t: getattr(t, op)(axis=axis, keepdims=keepdims),
+        lambda t: getattr(t, op)(dim=_torch_axes(axis), keepdim=keepdims),
+        [rng.normal(size=(3, 4, 5))], device, dtype, what=f" [{op} axis={axis}]")
+
+
+@pytest.mark.parametrize("axis, keepdims", AXES)
+def test_sum_and_mean_backward_match_finite_differences(axis, keepdims, device, rng):
+    x = rng.normal(size=(2, 3, 4))
+    assert gradcheck(lambda t: t.sum(axis, keepdims), [x], device)
+    assert gradcheck(lambda t: F.mean(t, axis, keepdims), [x], device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_flatten_match_torch(dtype, device, rng, torch):
+    x = rng.normal(size=(2, 3, 4, 5))
+    compare_with_torch("reshape", lambda t: t.reshape(6, -1) * 1.0,
+                       lambda t: t.reshape(6, -1) * 1.0, [x], device, dtype)
+    compare_with_torch("reshape", lambda t: F.flatten(t), lambda t: torch.flatten(t, 1),
+                       [x], device, dtype)
+    compare_with_torch("reshape", lambda t: t.flatten(2), lambda t: torch.flatten(t, 2),
+                       [x], device, dtype)
+
+
+def test_reshape_backward_matches_finite_differences(device, rng):
+    x = rng.normal(size=(2, 3, 2))
+    assert gradcheck(lambda t: t.reshape((3, 4)) * t.reshape((3, 4)), [x], device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_and_transpose_match_torch(dtype, device, rng, torch):
+    compare_with_torch("linear", lambda a, b: a @ b.T, lambda a, b: a @ b.T,
+                       [rng.normal(size=(3, 4)), rng.normal(size=(5, 4))], device, dtype)

@@ -1,0 +1,305 @@
+"""PNG pictures of what a VGG holds and computes.
+
+    python examples/visualize.py filters  --weights vgg16-397923af.pth --out filters.png
+    python examples/visualize.py features cat.jpg --layer conv1_2 --weights ckpt.npz
+    python examples/visualize.py scoremap cat.jpg --weights vgg16.npz --scale 384
+    python examples/visualize.py curves   runs/a/metrics.csv --out curves.png
+
+`--weights` takes a minivgg training checkpoint (`.npz` written by `minivgg.train`), or
+torchvision's `vgg11/13/16/19` weights (`.pth`, or its `.npz` conversion; see
+`minivgg.pretrained`). Without `--weights` the net is freshly initialised (Sec. 3.1,
+N(0, 0.01)), which is useful only to see what "untrained" looks like.
+
+* filters: conv1_1's 64 filters, each 3×3×3 shown as a tiny RGB image (Sec. 2.1);
+* features: every channel of one layer's output for one image, as a grid of grey maps;
+* scoremap: the class score map of dense evaluation (Sec. 3.2): fc6-fc8 become
+  convolutions (`minivgg.evaluate.to_fully_convolutional`), the net runs on the whole image
+  rescaled to smallest side Q, and each location of the map scores one 224-pixel window;
+* curves: loss, error and learning rate per epoch from a `metrics.csv` of `minivgg.train`.
+
+filters and features need only Pillow; scoremap and curves need matplotlib.
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minivgg import functional as F  # noqa: E402
+from minivgg import models, no_grad  # noqa: E402
+from minivgg.data import load_rgb, rescale_smallest_side  # noqa: E402
+
+TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a model and preparing an image the way its weights expect
+# ----------------------------------------------------------------------------------------
+
+def load_model(weights, config="D"):
+    """(model, normalise) where normalise maps uint8 (H, W, 3) -> float32 (3, H, W).
+
+    NOTE: each kind of weights wants its own input scaling: torchvision's were trained on
+    (x/255 - mean) / std, minivgg's on x/255 - the training set's mean RGB (Sec. 2.1).
+    Feeding one the other's input gives plausible-looking but wrong activations.
+    """
+    if weights is None:
+        # Untrained: the FC layers are made narrow (256), since they change neither the
+        # filters nor the feature maps and 120M random FC weights take long to draw.
+        model = models.vgg(config, fc_width=256, seed=0).eval()
+        return model, lambda img: _chw(img.astype(np.float32) / 255.0 - TORCHVISION_MEAN)
+    if weights.endswith(".npz"):
+        with np.load(weights, allow_pickle=False) as f:
+            is_checkpoint = "meta" in f.files
+        if is_checkpoint:
+            from minivgg.train import load_model as load_checkpoint
+            model, meta = load_checkpoint(weights)
+            mean = np.asarray(meta.get("data_stats", {}).get("mean_rgb", TORCHVISION_MEAN),
+                              dtype=np.float32)
+            return model, lambda img: _chw(img.astype(np.float32) / 255.0 - mean)
+    from minivgg.pretrained import load_torchvision_vgg
+    model = load_torchvision_vgg(weights, config)
+    return model, lambda img: _chw(
+        (img.astype(np.float32) / 255.0 - TORCHVISION_MEAN) / TORCHVISION_STD)
+
+
+def _chw(x):
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Image grids (Pillow only)
+# ----------------------------------------------------------------------------------------
+
+def tile(images, columns, pad=1, background=1.0):
+    """(N, h, w) or (N, h, w, 3) floats in [0, 1] -> one grid image, `pad` pixels between."""
+    n, h, w = images.shape[:3]
+    rows = -(-n // columns)
+    shape = (rows * (h + pad) + pad, columns * (w + pad) + pad) + images.shape[3:]
+    grid = np.full(shape, background, dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    return grid
+
+
+def save_png(array, path, scale=1):
+    """Floats in [0, 1], (H, W) or (H, W, 3), to a PNG enlarged `scale` times (nearest)."""
+    from PIL import Image
+    img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+def normalise_each(maps):
+    """Stretch every map (first axis) to [0, 1] on its own; a constant map becomes 0."""
+    axes = tuple(range(1, maps.ndim))
+    lo, hi = maps.min(axis=axes, keepdims=True), maps.max(axis=axes, keepdims=True)
+    return (maps - lo) / np.where(hi > lo, hi - lo, 1.0)
+
+
+def first_layer_filters(model):
+    """conv1_1's weights (OC, 3, 3, 3) as OC RGB images (OC, 3, 3, 3) in [0, 1]."""
+    W = model.conv1_1.weight.numpy()
+    return normalise_each(W.transpose(0, 2, 3, 1))  # (OC, KH, KW, RGB)
+
+
+def layer_output(model, x, layer):
+    """The output of `layer` (e.g. 'conv3_1', 'relu3_1', 'pool3') for input (N, 3, H, W).
+
+    Runs the layers in order and stops there, so only the prefix of the net is computed.
+    """
+    names = [name for name, _ in model.named_children()]
+    if layer not in names or names.index(layer) >= names.index("flatten"):
+        choices = ", ".join(n for n in names[:names.index("flatten")])
+        raise ValueError(f"--layer {layer!r}: choose a convolutional-part layer: {choices}")
+    with no_grad():
+        for name, module in model.named_children():
+            x = module(x)
+            if name == layer:
+                return x.numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# Class score map (Sec. 3.2) and training curves (matplotlib)
+# ----------------------------------------------------------------------------------------
+
+def class_score_map(model, x):
+    """(K, h, w) class scores of the fully-convolutional net on one image (3, H, W)."""
+    from minivgg.evaluate import to_fully_convolutional
+    fcn = to_fully_convolutional(model)
+    with no_grad():
+        return fcn(x[None]).numpy()[0]
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("this picture needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot_score_map(img, scores, class_names, path, top=3):
+    """The image beside the score maps of its top classes, each on its own colour scale.
+
+    The classes are ranked as the paper ranks them: scores averaged over the map (its
+    "sum-pooling"), then the soft-max; that probability is printed above each map.
+    """
+    plt = import_pyplot()
+    mean_scores = scores.mean(axis=(1, 2)).astype(np.float64)
+    probs = F.softmax(mean_scores[None])[0]
+    best = np.argsort(mean_scores)[::-1][:top]
+    fig, axes = plt.subplots(1, top + 1, figsize=(3.2 * (top + 1), 3.6))
+    axes[0].imshow(img)
+    axes[0].set_title(f"input {img.shape[0]}x{img.shape[1]}", fontsize=9)
+    for ax, k in zip(axes[1:], best):
+        im = ax.imshow(scores[k], cmap="magma")
+        ax.set_title(f"{class_names[k]}: p = {probs[k]:.3f}\nscore map "
+                     f"{scores.shape[1]}x{scores.shape[2]}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Dense evaluation (Sec. 3.2): class scores at every location of the map")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return best
+
+
+def read_metrics(path):
+    """metrics.csv -> {column: list of floats}; the columns `minivgg.train` writes."""
+    needed = ("epoch", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
+              "val_top5_err", "lr")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; expected {needed}")
+    return {c: [float(r[c]) if r[c] not in ("", "nan") else np.nan for r in rows]
+            for c in rows[0]}
+
+
+def plot_curves(metrics, path, title=""):
+    """Loss, top-1/top-5 error and the learning rate (log scale) against the epoch."""
+    plt = import_pyplot()
+    epoch = metrics["epoch"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    ax1.plot(epoch, metrics["train_loss"], "o-", label="train")
+    ax1.plot(epoch, metrics["val_loss"], "o-", label="val")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.plot(epoch, 100 * np.array(metrics["train_top1_err"]), "o-", label="train top-1")
+    ax2.plot(epoch, 100 * np.array(metrics["val_top1_err"]), "o-", label="val top-1")
+    ax2.plot(epoch, 100 * np.array(metrics["val_top5_err"]), "o-", label="val top-5")
+    ax2.set(xlabel="epoch", ylabel="error (%)", title="error", ylim=(0, 100))
+    ax3.semilogy(epoch, metrics["lr"], "o-", color="C3")
+    ax3.set(xlabel="epoch", ylabel="learning rate", title="rate (divided by 10 on plateaus)")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    ax1.legend()
+    ax2.legend()
+    fig.suptitle(title or "training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def cmd_filters(args):
+    model, _ = load_model(args.weights, args.config)
+    filters = first_layer_filters(model)
+    print(f"conv1_1: {len(filters)} filters of shape {filters.shape[1:3]} x RGB")
+    return save_png(tile(filters, columns=8), args.out, scale=12)
+
+
+def cmd_features(args):
+    model, normalise = load_model(args.weights, args.config)
+    img = rescale_smallest_side(load_rgb(args.image), args.scale)
+    maps = layer_output(model, normalise(img)[None], args.layer)[0]  # (C, h, w)
+    shown = maps[:args.max_channels]
+    print(f"{args.layer}: output {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}, "
+          f"showing {len(shown)} channels")
+    columns = int(np.ceil(np.sqrt(len(shown))))
+    scale = max(1, 96 // maps.shape[1])
+    return save_png(tile(normalise_each(shown), columns, pad=2), args.out, scale=scale)
+
+
+def cmd_scoremap(args):
+    model, normalise = load_model(args.weights, args.config)
+    img = rescale_smallest_side(load_rgb(args.image), args.scale)
+    scores = class_score_map(model, normalise(img))
+    if scores.shape[0] == 1000:
+        from minivgg.pretrained import imagenet_classes
+        names = imagenet_classes()
+    else:
+        names = [f"class {k}" for k in range(scores.shape[0])]
+    best = plot_score_map(img, scores, names, args.out)
+    print(f"score map {scores.shape[1]}x{scores.shape[2]} for a {img.shape[0]}x"
+          f"{img.shape[1]} image; top classes: {', '.join(names[k] for k in best)}")
+    return args.out
+
+
+def cmd_curves(args):
+    metrics = read_metrics(args.metrics)
+    plot_curves(metrics, args.out, title=args.title or os.path.abspath(args.metrics))
+    print(f"{len(metrics['epoch'])} epochs")
+    return args.out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text, image=False, default_out=None):
+        p = sub.add_parser(name, help=help_text)
+        if image:
+            p.add_argument("image", help="an image file")
+        p.add_argument("--weights", help="minivgg checkpoint or torchvision .pth/.npz")
+        p.add_argument("--config", default="D", help="A-E (default D)")
+        p.add_argument("--out", default=default_out, help="PNG to write")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("filters", cmd_filters, "conv1_1's filters", default_out="filters.png")
+    p = add("features", cmd_features, "one layer's feature maps for an image", image=True,
+            default_out="features.png")
+    p.add_argument("--layer", default="conv1_2", help="e.g. conv1_2, relu3_1, pool4")
+    p.add_argument("--scale", type=int, default=224, help="smallest side of the image")
+    p.add_argument("--max-channels", type=int, default=64)
+    p = add("scoremap", cmd_scoremap, "dense-evaluation class score map (Sec. 3.2)",
+            image=True, default_out="scoremap.png")
+    p.add_argument("--scale", type=int, default=384, help="test scale Q (smallest side)")
+    p = sub.add_parser("curves", help="training curves from a metrics.csv")
+    p.add_argument("metrics", help="metrics.csv written by minivgg.train")
+    p.add_argument("--out", default="curves.png")
+    p.add_argument("--title", default="")
+    p.set_defaults(fn=cmd_curves)
+
+    args = parser.parse_args(argv)
+    try:
+        path = args.fn(args)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Run `kernels/cuda.py` and its CUDA C kernels on the CPU, for machines without a GPU.
+
+CI has no GPU, yet the index arithmetic of the CUDA kernels and the way `kernels/cuda.py`
+launches them (argument order, C types, shapes) are where GPU bugs hide. This module lets the
+tests execute both here:
+
+* each `.cu` file is compiled as ordinary C++ with g++, after a small prelude that turns
+  `__global__`/`__device__` into nothing and `blockIdx`/`threadIdx` into globals;
+* a generated launcher per kernel runs every (block, thread) of the grid one after another.
+  That is exact for these kernels: each thread writes only its own outputs, and none uses
+  shared memory or `__syncthreads`;
+* `kernels/cuda.py` is loaded with a stand-in `cupy` module made of NumPy plus a `RawModule`
+  that hands out those launchers. The launcher checks every argument against the kernel's
+  C parameter list (a NumPy array of the right dtype for a pointer, a NumPy scalar of the
+  exact width for a scalar), so a Python int passed where the kernel wants `int` is caught.
+
+What it cannot show: speed, races between threads, or NVRTC-specific compile errors (the
+nvcc test in test_cuda_compile.py covers the last).
+"""
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_PY = os.path.join(ROOT, "kernels", "cuda.py")
+
+PRELUDE = r"""
+// CUDA C compiled as host C++: every thread of the grid runs in turn (see launchers below).
+#include <algorithm>
+#include <cmath>
+struct Index3 { unsigned x, y, z; };
+static Index3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+using std::exp; using std::log; using std::max; using std::min; using std::pow;
+"""
+
+# C parameter type (after T is replaced) -> NumPy dtype of the argument, or of the array
+# a pointer points to. A pointer to pointers is an array of uint64 device addresses.
+SCALAR_DTYPES = {"int": np.int32, "long long": np.int64, "unsigned long long": np.uint64,
+                 "float": np.float32, "double": np.float64}
+
+KERNEL_RE = re.compile(r"template <typename T>\s*__global__ void (\w+)\(([^)]*)\)")
+
+
+def kernel_signatures(source):
+    """{kernel name: [(C type with T left in, parameter name), ...]} of every template kernel."""
+    signatures = {}
+    for name, params in KERNEL_RE.findall(source):
+        parsed = []
+        for param in params.split(","):
+            param = " ".join(param.split())
+            ctype, pname = re.match(r"(.*?)\s*(\w+)$", param).groups()
+            parsed.append((ctype, pname))
+        signatures[name] = parsed
+    return signatures
+
+
+def _concrete(ctype, t):
+    return re.sub(r"\bT\b", t, ctype)
+
+
+def _launcher_source(name, params, t):
+    args = ", ".join(f"*({_concrete(c, t)}*)args[{i}]" for i, (c, _) in enumerate(params))
+    return f"""
+extern "C" void launch_{name}_{t}(unsigned grid, unsigned block, void** args) {{
+    gridDim.x = grid; blockDim.x = block;
+    for (unsigned b = 0; b < grid; ++b)
+        for (unsigned t = 0; t < block; ++t) {{
+            blockIdx.x = b; threadIdx.x = t;
+            {name}<{t}>({args});
+        }}
+}}
+"""
+
+
+def _expected_dtype(ctype):
+    """(is_pointer, dtype) for a concrete C parameter type."""
+    base = ctype.replace("const", "").strip()
+    if base.count("*") == 2:
+        return True, np.uint64
+    if base.endswith("*"):
+        return True, SCALAR_DTYPES[base[:-1].strip()]
+    return False, SCALAR_DTYPES[base]
+
+
+class EmulatedKernel:
+    """A compiled launcher, called like a `cupy.RawKernel`: kernel(grid, block, args)."""
+
+    def __init__(self, function, name, params, t):
+        self.function, self.name, self.t = function, name, t
+        self.params = [(_concrete(c, t), p) for c, p in params]
+
+    def __call__(self, grid, block, args):
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name}<{self.t}>: {len(args)} arguments for "
+                            f"{len(self.params)} parameters")
+        keep, pointers = [], []
+        for arg, (ctype, pname) in zip(args, self.params):
+            is_pointer, dtype = _expected_dtype(ctype)
+            where = f"{self.name}<{self.t}> parameter {pname} ({ctype})"
+            if is_pointer:
+                if not isinstance(arg, np.ndarray) or arg.dtype != dtype:
+                    raise TypeError(f"{where}: expected a {np.dtype(dtype)} array, got "
+                                    f"{type(arg).__name__} {getattr(arg, 'dtype', '')}")
+                if not arg.flags.c_contiguous:
+                    raise ValueError(f"{where}: array is not C-contiguous")
+                value = ctypes.c_void_p(arg.ctypes.data)
+            else:
+                if not isinstance(arg, np.generic) or arg.dtype != dtype:
+                    raise TypeError(f"{where}: expected a NumPy {np.dtype(dtype)} scalar, "
+                                    f"got {type(arg).__name__} {arg!r}")
+                value = np.array(arg, dtype=dtype)  # a buffer holding the value
+            keep.append(value)
+            pointers.append(ctypes.addressof(value) if is_pointer else value.ctypes.data)
+        argv = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.function(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+
+
+class HostRawModule:
+    """Stands in for `cupy.RawModule(code=..., name_expressions=[...])`."""
+
+    build_dir = None
+
+    def __init__(self, code, name_expressions, options=()):
+        self.signatures = kernel_signatures(code)
+        launchers = "".join(_launcher_source(name, params, t)
+                            for name, params in self.signatures.items()
+                            for t in ("float", "double"))
+        source = PRELUDE + code + launchers
+        digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+        src = os.path.join(self.build_dir, f"k{digest}.cpp")
+        lib = os.path.join(self.build_dir, f"k{digest}.so")
+        if not os.path.exists(lib):
+            with open(src, "w") as f:
+                f.write(source)
+            subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
+                            "-Wno-unused-function", "-o", lib, src],
+                           check=True, capture_output=True, text=True)
+        self.lib = ctypes.CDLL(lib)
+        self.name_expressions = list(name_expressions)
+
+    def get_function(self, expression):
+        if expression not in self.name_expressions:
+            raise KeyError(f"{expression} is not among the module's name_expressions")
+        name, t = re.match(r"(\w+)<(\w+)>$", expression).groups()
+        return EmulatedKernel(getattr(self.lib, f"launch_{name}_{t}"), name,
+                              self.signatures[name], t)
+
+
+def _fake_cupy():
+    """NumPy dressed as CuPy, with the RawModule above."""
+    fake = types.ModuleType("cupy")
+    fake.__getattr__ = lambda name: getattr(np, name)
+    fake.RawModule = HostRawModule
+    return fake
+
+
+def have_compiler():
+    return shutil.which("g++") is not None
+
+
+def load_emulated_cuda_kernels():
+    """`kernels/cuda.py` as a module running on NumPy arrays with host-compiled kernels."""
+    HostRawModule.build_dir = tempfile.mkdtemp(prefix="minivgg-cuda-emulation-")
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = _fake_cupy()
+    try:
+        spec = importlib.util.spec_from_file_location("minivgg_cuda_emulated", CUDA_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved
+    # NumPy arrays have no `.data.ptr`; on the host a device address is the host address.
+    module._pointer_table = lambda arrays: np.array([a.ctypes.data for a in arrays],
+                                                    dtype=np.uint64)
+    return module

@@ -1,0 +1,170 @@
+"""The CUDA half of the kernels, checked without a GPU (this runs in CI).
+
+* Every CUDA source compiles with nvcc for sm_80 (A100) and sm_90 (H100), warnings as errors,
+  with every kernel instantiated for float and double as `kernels/cuda.py` asks NVRTC to.
+  Skipped only where nvcc is absent.
+* `kernels/cuda.py` is a true twin of `kernels/cpu.py`: every kernel-table function the ops
+  call exists in both with the same parameters, and every kernel it names exists in its
+  `.cu` file with the parameter names of the function that launches it. Read from source
+  with `ast`, so CuPy need not be installed.
+"""
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS_DIR = os.path.join(ROOT, "kernels")
+CUDA_DIR = os.path.join(KERNELS_DIR, "cuda")
+ARCHS = ("80", "90")
+
+
+def _parse(path):
+    with open(path) as f:
+        return ast.parse(f.read(), filename=path)
+
+
+def _functions(path):
+    """{name: ast.FunctionDef} of the module-level functions in a Python file."""
+    return {node.name: node for node in _parse(path).body if isinstance(node, ast.FunctionDef)}
+
+
+def _cuda_kernel_table():
+    """The KERNELS dict of kernels/cuda.py: {source file: (kernel names...)}."""
+    for node in _parse(os.path.join(KERNELS_DIR, "cuda.py")).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "KERNELS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("kernels/cuda.py defines no KERNELS table")
+
+
+def _table_functions_used_by_ops():
+    """Names the engine calls on a kernel table: `backend.kernels_for(x).NAME` or `kern.NAME`
+    where `kern = backend.kernels_for(...)`, in every module of minivgg/."""
+    used = set()
+    package = os.path.join(ROOT, "minivgg")
+    for filename in sorted(os.listdir(package)):
+        if not filename.endswith(".py"):
+            continue
+        tree = _parse(os.path.join(package, filename))
+        tables = {node.targets[0].id for node in ast.walk(tree)
+                  if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                  and isinstance(node.value, ast.Call)
+                  and getattr(node.value.func, "attr", None) == "kernels_for"}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            value = node.value
+            if (isinstance(value, ast.Call) and getattr(value.func, "attr", None) == "kernels_for"
+                    or isinstance(value, ast.Name) and value.id in tables):
+                used.add(node.attr)
+    return used
+
+
+def _signature(fn):
+    """Parameter names and default values, as source text."""
+    args = fn.args
+    defaults = [None] * (len(args.args) - len(args.defaults)) + [
+        ast.unparse(d) for d in args.defaults]
+    return [(a.arg, d) for a, d in zip(args.args, defaults)]
+
+
+# ----------------------------------------------------------------------------------------
+# The two kernel tables are twins
+# ----------------------------------------------------------------------------------------
+
+def test_ops_call_a_known_set_of_kernel_table_functions():
+    used = _table_functions_used_by_ops()
+    # conv, pooling, ReLU, LRN, dropout, loss and SGD all go through the table
+    assert {"conv2d_forward", "conv2d_backward", "max_pool2d_forward", "relu_forward",
+            "lrn_backward", "dropout_mask", "softmax_cross_entropy_forward",
+            "sgd_update"} <= used, used
+
+
+def test_every_kernel_table_function_has_a_cuda_twin_with_the_same_signature():
+    cpu = _functions(os.path.join(KERNELS_DIR, "cpu.py"))
+    cuda = _functions(os.path.join(KERNELS_DIR, "cuda.py"))
+    # what the ops call, plus the conv building blocks that issue 4 names
+    table = _table_functions_used_by_ops() | {"im2col", "col2im", "conv_output_size"}
+    for name in sorted(table):
+        assert name in cpu, f"kernels/cpu.py has no {name}()"
+        assert name in cuda, f"kernels/cuda.py has no twin of cpu.{name}()"
+        assert _signature(cuda[name]) == _signature(cpu[name]), (
+            f"{name}: cuda{_signature(cuda[name])} != cpu{_signature(cpu[name])}")
+
+
+def test_functions_in_both_tables_have_the_same_signature():
+    cpu = _functions(os.path.join(KERNELS_DIR, "cpu.py"))
+    cuda = _functions(os.path.join(KERNELS_DIR, "cuda.py"))
+    for name in sorted(set(cpu) & set(cuda)):
+        if not name.startswith("_"):
+            assert _signature(cuda[name]) == _signature(cpu[name]), name
+
+
+def _kernel_parameters(source):
+    """{kernel name: [parameter names]} of every `__global__` function in CUDA source."""
+    kernels = {}
+    for name, params in re.findall(r"__global__ void (\w+)\(([^)]*)\)", source):
+        kernels[name] = [re.search(r"(\w+)\s*$", p).group(1) for p in params.split(",")]
+    return kernels
+
+
+def test_every_cuda_kernel_is_in_the_table_and_shares_the_python_parameter_names():
+    table = _cuda_kernel_table()
+    cuda = _functions(os.path.join(KERNELS_DIR, "cuda.py"))
+    sources = sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
+    assert sorted(table) == sources, "KERNELS must list exactly the .cu files"
+    for filename, names in table.items():
+        with open(os.path.join(CUDA_DIR, filename)) as f:
+            source = f.read()
+        kernels = _kernel_parameters(source)
+        assert sorted(kernels) == sorted(names), f"{filename}: {sorted(kernels)} != {names}"
+        for name in names:
+            assert name in cuda, f"kernel {name} has no launching function in cuda.py"
+            python_params = {a for a, _ in _signature(cuda[name])}
+            # Each argument of the Python function that reaches the kernel keeps its name
+            # (x, cols, gy, argmax, KH, SH, size, alpha, ...); shapes are added as N, C, ...
+            shared = python_params & set(kernels[name])
+            missing = python_params - set(kernels[name]) - {
+                "x_shape", "kernel_size", "stride", "shape", "p", "dtype", "rng"}
+            assert not missing, f"{name}: kernel lacks parameters {missing} (has {shared})"
+            i = source.index(f"__global__ void {name}(")
+            header = source[:i].rstrip().rsplit("\n\n", 1)[-1]
+            assert "Thread index i ->" in header, (
+                f"{filename}: kernel {name} needs a header comment mapping the thread index")
+
+
+# ----------------------------------------------------------------------------------------
+# nvcc
+# ----------------------------------------------------------------------------------------
+
+def _nvcc():
+    found = shutil.which("nvcc")
+    if found is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        found = "/usr/local/cuda/bin/nvcc"
+    return found
+
+
+@pytest.mark.parametrize("filename", sorted(_cuda_kernel_table()))
+def test_cuda_source_compiles_with_nvcc_for_sm80_and_sm90(filename, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (install the CUDA toolkit to compile the kernels)")
+    names = _cuda_kernel_table()[filename]
+    # Taking each instance's address instantiates the template, as NVRTC's name expressions
+    # "im2col<float>" do for cupy.RawModule.
+    instances = ", ".join(f"(void*)&{n}<{t}>" for n in names for t in ("float", "double"))
+    unit = tmp_path / f"instantiate_{filename}"
+    unit.write_text(f'#include "{filename}"\n'
+                    f"extern void* const instances[];\n"
+                    f"void* const instances[] = {{{instances}}};\n")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    result = subprocess.run(
+        [nvcc, *gencode, "-I", CUDA_DIR, "--Werror", "all-warnings", "-fatbin",
+         "-o", str(tmp_path / "out.fatbin"), str(unit)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"nvcc failed on {filename}:\n{result.stderr}"
+    assert (tmp_path / "out.fatbin").stat().st_size > 0

@@ -59,7 +59,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0, raise_exceptio
         lambda *xs: fn(*[Tensor(backend.to_device(a, device)) for a in xs]), arrays, r, eps)
     for i, (a, n) in enumerate(zip(analytic, numeric)):
         if not np.allclose(a, n, atol=atol, rtol=rtol):
-            worst = np.unravel_index(np.argmax(np.abs(a - n)), a.shape)
+            worst = tuple(int(j) for j in np.unravel_index(np.argmax(np.abs(a - n)), a.shape))
             msg = (f"gradcheck: input {i} (shape {a.shape}) differs at {worst}: "
                    f"analytic {a[worst]:.6g}, numerical {n[worst]:.6g}")
             if raise_exception:

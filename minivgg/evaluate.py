@@ -21,6 +21,7 @@ Shape legend: N images, K classes, Q test scale, c training crop size.
 """
 
 import time
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -282,14 +283,15 @@ def combine(parts, protocol, scales):
 class TestNet:
     """A trained model with what testing needs: its FC-as-conv twin and its input recipe.
 
-    `prepare(img, Q)` takes a uint8 (H, W, 3) RGB image and returns the rescaled,
-    mean-subtracted (3, H', W') float array this model was trained on; it is given by the
-    caller (the example script builds it from `minivgg.data` and the checkpoint's stats).
-    `posteriors(images, method, Q)` then returns (N, K) soft-max arrays and the seconds spent.
+    `to_input(img)` turns a rescaled uint8 (H, W, 3) RGB image into the float (3, H, W)
+    array the model was trained on (mean subtraction, layout); the caller builds it from
+    `minivgg.data` and the checkpoint's statistics. `posteriors(images, method)` then
+    returns the (N, K) soft-max array of one method at one scale and the seconds spent.
     """
 
-    def __init__(self, model, classes=None, name=None, batch_size=64):
+    def __init__(self, model, to_input=None, classes=None, name=None, batch_size=64):
         self.model = model.eval()
+        self.to_input = to_input
         self.fcn = to_fully_convolutional(model)
         self.classes = list(classes) if classes is not None else None
         self.name = name or model.config
@@ -325,3 +327,90 @@ def check_same_classes(class_lists, names):
                       if only_first or only_this else "same classes in a different order")
             raise ValueError(f"cannot fuse models with different class sets ({detail})")
     return first
+
+
+# ----------------------------------------------------------------------------------------
+# A whole test set: every (protocol, scales) row of a results table in one pass
+# ----------------------------------------------------------------------------------------
+
+def evaluate_images(nets, load, items, rows, rescale, chunk_size=32, progress=None):
+    """Top-1/top-5 errors of `nets` (fused when several) for every row, in one pass.
+
+    nets: TestNets with a `to_input(uint8 (H, W, 3)) -> float (3, H, W)` callable (mean
+    subtraction and layout, as in training). load(path) -> uint8 RGB image.
+    items: [(path, label)]. rows: [(protocol, scales)], e.g. [("dense", (72,)),
+    ("dense+multicrop", (64, 72, 80))]. rescale(img, Q) -> image with smallest side Q.
+
+    Each image is decoded once and rescaled once per Q; each (model, method, Q) part is
+    computed once and shared by every row that uses it, so a multi-scale row costs no more
+    than its single-scale rows together. A row's images/s counts the seconds of the parts it
+    uses (decoding, rescaling, networks), measured in this run.
+    An image that `load` cannot read (OSError) is skipped with a warning and counted.
+    Returns one dict per row: protocol, scales, images, skipped, top1_err and top5_err (in %),
+    seconds, images_per_s.
+    """
+    rows = [(p, tuple(int(q) for q in scales)) for p, scales in rows]
+    for protocol, scales in rows:
+        parse_protocol(protocol)
+        if not scales:
+            raise ValueError(f"protocol {protocol!r}: no test scales given")
+        for net in nets:
+            if min(scales) < net.input_size:
+                raise ValueError(f"test scale Q={min(scales)} is smaller than the "
+                                 f"{net.input_size}x{net.input_size} training crop of "
+                                 f"{net.name}; every Q must be >= {net.input_size}")
+    scales_used = sorted({q for _, scales in rows for q in scales})
+    needed = sorted({(m, q) for p, scales in rows for m in parse_protocol(p) for q in scales})
+    seconds = {"decode": 0.0}
+    misses = [{1: 0, 5: 0} for _ in rows]
+    done = skipped = 0
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start:start + chunk_size]
+        t = time.perf_counter()
+        images, labels = [], []
+        for path, label in chunk:
+            try:
+                images.append(load(path))
+                labels.append(label)
+            except OSError as e:  # an unreadable file is counted, not fatal
+                warnings.warn(f"skipping unreadable image {path}: {e}")
+                skipped += 1
+        labels = np.array(labels, dtype=np.int64)
+        seconds["decode"] += time.perf_counter() - t
+        if not images:
+            continue
+        parts = [dict() for _ in nets]
+        for q in scales_used:
+            t = time.perf_counter()
+            rescaled = [rescale(img, q) for img in images]
+            key = ("rescale", q)
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
+            for i, net in enumerate(nets):
+                t = time.perf_counter()
+                inputs = [net.to_input(img) for img in rescaled]
+                key = (i, "input", q)
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
+                for method, mq in needed:
+                    if mq == q:
+                        parts[i][(method, q)], s = net.posteriors(inputs, method)
+                        key = (i, method, q)
+                        seconds[key] = seconds.get(key, 0.0) + s
+        for r, (protocol, scales) in enumerate(rows):
+            probs = average([combine(p, protocol, scales) for p in parts])
+            for k, n in topk_errors(probs, labels, ks=(1, 5)).items():
+                misses[r][k] += n
+        done += len(images)
+        if progress is not None:
+            progress(start + len(chunk), len(items))
+    results = []
+    for r, (protocol, scales) in enumerate(rows):
+        methods = parse_protocol(protocol)
+        keys = [("rescale", q) for q in scales]
+        keys += [(i, "input", q) for i in range(len(nets)) for q in scales]
+        keys += [(i, m, q) for i in range(len(nets)) for m in methods for q in scales]
+        spent = seconds["decode"] + sum(seconds.get(k, 0.0) for k in keys)
+        results.append(dict(protocol=protocol, scales=scales, images=done, skipped=skipped,
+                            top1_err=100.0 * misses[r][1] / max(done, 1),
+                            top5_err=100.0 * misses[r][5] / max(done, 1),
+                            seconds=spent, images_per_s=done / spent if spent else float("nan")))
+    return results

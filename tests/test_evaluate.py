@@ -41,6 +41,15 @@ def test_fully_convolutional_net_on_training_size_gives_the_same_logits():
     np.testing.assert_allclose(scores[:, :, 0, 0], logits(model, x), rtol=1e-12, atol=1e-12)
 
 
+def test_fully_convolutional_net_in_float32_agrees_to_rounding_error():
+    model = small_vgg(dtype=np.float32)
+    x = np.random.default_rng(2).normal(0, 1, (2, 3, 64, 64)).astype(np.float32)
+    scores = logits(E.to_fully_convolutional(model), x)
+    reference = logits(model, x)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(scores[:, :, 0, 0], reference, rtol=0, atol=1e-5 * scale)
+
+
 def test_fully_convolutional_conversion_has_the_paper_layer_shapes():
     fcn = E.to_fully_convolutional(small_vgg())
     assert fcn.fc6.weight.shape == (16, 32, 2, 2)  # 512/16 channels, 2×2 pool5 map at 64
@@ -79,9 +88,9 @@ def test_dense_posteriors_average_softmax_of_image_and_flip():
 
 
 def test_dense_posteriors_batches_images_of_mixed_sizes_in_input_order():
-    fcn = E.to_fully_convolutional(small_vgg())
+    fcn = E.to_fully_convolutional(small_vgg(input_size=32))
     rng = np.random.default_rng(5)
-    images = [rng.normal(0, 50, (3, h, w)) for h, w in [(64, 96), (80, 64), (64, 96)]]
+    images = [rng.normal(0, 50, (3, h, w)) for h, w in [(32, 48), (40, 32), (32, 48)]]
     together = E.dense_posteriors(fcn, images, batch_size=2)
     alone = np.concatenate([E.dense_posteriors(fcn, [x]) for x in images])
     np.testing.assert_allclose(together, alone, rtol=1e-12)
@@ -120,20 +129,20 @@ def test_center_offset_is_in_the_middle():
 
 
 def test_multicrop_posteriors_average_50_crops_and_flips():
-    model = small_vgg()
-    x = np.random.default_rng(6).normal(0, 50, (3, 66, 70))
+    model = small_vgg(input_size=32)
+    x = np.random.default_rng(6).normal(0, 50, (3, 34, 38))
     probs = E.multicrop_posteriors(model, [x], batch_size=7)
     crops = []
-    for top, left in E.crop_grid(66, 70, 64):
-        crop = x[:, top:top + 64, left:left + 64]
+    for top, left in E.crop_grid(34, 38, 32):
+        crop = x[:, top:top + 32, left:left + 32]
         crops += [crop, crop[:, :, ::-1]]
     expected = F.softmax(logits(model, np.stack(crops))).mean(axis=0)
     np.testing.assert_allclose(probs[0], expected, rtol=1e-12)
 
 
 def test_multicrop_of_exact_crop_size_image_equals_crop_and_flip_average():
-    model = small_vgg()
-    x = np.random.default_rng(7).normal(0, 50, (3, 64, 64))
+    model = small_vgg(input_size=32)
+    x = np.random.default_rng(7).normal(0, 50, (3, 32, 32))
     probs = E.multicrop_posteriors(model, [x])
     expected = F.softmax(logits(model, np.stack([x, x[:, :, ::-1]]))).mean(axis=0)
     np.testing.assert_allclose(probs[0], expected, rtol=1e-12)
@@ -214,3 +223,80 @@ def test_fusing_models_with_different_class_sets_is_a_clear_error():
 def test_averaging_posteriors_of_different_shapes_is_a_clear_error():
     with pytest.raises(ValueError, match="different shapes"):
         E.average([np.ones((2, 3)), np.ones((2, 4))])
+
+
+# ----------------------------------------------------------------------------------------
+# A whole (tiny, in-memory) test set
+# ----------------------------------------------------------------------------------------
+
+def _nearest_rescale(img, q):
+    """Test-only stand-in for minivgg.data's rescale: nearest neighbour, smallest side q."""
+    h, w = img.shape[:2]
+    oh, ow = (q, round(w * q / h)) if h <= w else (round(h * q / w), q)
+    rows = np.arange(oh) * h // oh
+    cols = np.arange(ow) * w // ow
+    return img[rows][:, cols]
+
+
+def _to_input(img):
+    return (img.astype(np.float64) - 120.0).transpose(2, 0, 1)
+
+
+def _tiny_test_set(n=3, low=30, high=50):
+    rng = np.random.default_rng(9)
+    shapes = rng.integers(low, high, (n, 2))
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    items = [(i, int(rng.integers(0, 7))) for i in range(n)]
+    return images, items
+
+
+def test_evaluate_images_rows_match_the_parts_computed_directly():
+    # Two fused 32-pixel nets keep this fast: 3 images x 2 scales x 50 crops per net.
+    images, items = _tiny_test_set()
+    nets = [E.TestNet(small_vgg(seed=s, input_size=32), _to_input, batch_size=100)
+            for s in (0, 10)]
+    rows = [("center", (32,)), ("dense", (40,)), ("dense+multicrop", (32, 40))]
+    results = E.evaluate_images(nets, images.__getitem__, items, rows, _nearest_rescale,
+                                chunk_size=2)
+    labels = np.array([label for _, label in items])
+
+    def inputs(net, q):
+        return [net.to_input(_nearest_rescale(img, q)) for img in images]
+
+    center = E.average([E.center_posteriors(n.model, inputs(n, 32)) for n in nets])
+    dense = E.average([E.dense_posteriors(n.fcn, inputs(n, 40)) for n in nets])
+    both = E.average([E.average([
+        E.average([E.dense_posteriors(n.fcn, inputs(n, q)) for q in (32, 40)]),
+        E.average([E.multicrop_posteriors(n.model, inputs(n, q), 100) for q in (32, 40)])])
+        for n in nets])
+    for result, probs in zip(results, (center, dense, both)):
+        errors = E.topk_errors(probs, labels)
+        assert result["images"] == 3 and result["skipped"] == 0
+        assert result["top1_err"] == pytest.approx(100 * errors[1] / 3)
+        assert result["top5_err"] == pytest.approx(100 * errors[5] / 3)
+        assert result["images_per_s"] > 0
+    # The multi-scale combined row pays for more network passes than the single-scale rows.
+    assert results[2]["seconds"] > results[1]["seconds"]
+
+
+def test_evaluate_images_skips_and_counts_unreadable_images():
+    images, items = _tiny_test_set()
+
+    def load(i):
+        if i == 1:
+            raise OSError("truncated file")
+        return images[i]
+
+    nets = [E.TestNet(small_vgg(input_size=32), _to_input)]
+    with pytest.warns(UserWarning, match="skipping unreadable image 1"):
+        results = E.evaluate_images(nets, load, items, [("center", (32,))],
+                                    _nearest_rescale)
+    assert results[0]["images"] == 2 and results[0]["skipped"] == 1
+
+
+def test_evaluate_images_rejects_a_test_scale_below_the_crop():
+    images, items = _tiny_test_set(1)
+    nets = [E.TestNet(small_vgg(), _to_input)]
+    with pytest.raises(ValueError, match="Q=56 is smaller than the 64x64 training crop"):
+        E.evaluate_images(nets, images.__getitem__, items, [("dense", (56, 64))],
+                          _nearest_rescale)

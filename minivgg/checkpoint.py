@@ -35,7 +35,7 @@ def save(path, model_state, optimizer_state=None, meta=None):
                 arrays[f"optim/velocity/{i}"] = np.asarray(v)
         meta["optimizer"] = {k: v for k, v in optimizer_state.items() if k != "velocities"}
         meta["optimizer"]["num_velocities"] = len(velocities)
-    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["meta"] = np.array(json.dumps(meta, default=_to_json))
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -51,6 +51,15 @@ def save(path, model_state, optimizer_state=None, meta=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _to_json(value):
+    """NumPy scalars and small arrays in `meta` (a float32 loss, an RNG key) as plain JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"checkpoint meta: {type(value).__name__} is not JSON-serialisable")
 
 
 class CheckpointError(ValueError):

@@ -210,6 +210,8 @@ class Sum(Function):
 
 
 def sum(x, axis=None, keepdims=False):  # noqa: A001  (mirrors Tensor.sum)
+    if isinstance(axis, list):
+        axis = tuple(axis)  # NumPy takes an int or a tuple of axes, not a list
     return Sum(axis, keepdims)(x)
 
 

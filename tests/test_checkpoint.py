@@ -168,3 +168,13 @@ def test_foreign_files_raise_checkpoint_error_naming_the_problem(tmp_path, kind)
 
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_meta_may_hold_numpy_scalars_and_arrays(tmp_path):
+    meta = {"loss": np.float32(0.25), "epoch": np.int64(4), "mean_rgb": np.array([1.5, 2.0])}
+    checkpoint.save(tmp_path / "m.npz", small_model().state_dict(), meta=meta)
+    meta2 = checkpoint.load(tmp_path / "m.npz")[2]
+    assert (meta2["loss"], meta2["epoch"], meta2["mean_rgb"]) == (0.25, 4, [1.5, 2.0])
+    with pytest.raises(TypeError, match="object is not JSON-serialisable"):
+        checkpoint.save(tmp_path / "bad.npz", small_model().state_dict(), meta={"x": object()})
+    assert not (tmp_path / "bad.npz").exists()

@@ -528,3 +528,11 @@ def test_reshape_backward_matches_finite_differences(device, rng):
 def test_matmul_and_transpose_match_torch(dtype, device, rng, torch):
     compare_with_torch("linear", lambda a, b: a @ b.T, lambda a, b: a @ b.T,
                        [rng.normal(size=(3, 4)), rng.normal(size=(5, 4))], device, dtype)
+
+
+def test_sum_accepts_a_list_of_axes(device, rng):
+    x = tensor(rng.normal(size=(2, 3, 4)), device, requires_grad=True)
+    y = x.sum(axis=[0, 2])
+    assert y.shape == (3,)
+    y.backward(np.ones(3))
+    np.testing.assert_array_equal(to_numpy(x.grad), np.ones((2, 3, 4)))

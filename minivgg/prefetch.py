@@ -1,19 +1,90 @@
-"""Moving batches to the training device.
+"""Moving batches to the training device, the next one while the current one trains.
 
 `to_device_batches(batches, device)` takes an iterator of host (images, labels) arrays and
-yields them on `device`. On the CPU it passes them through unchanged. The GPU version (see
-the GPU backend) copies through pinned host buffers on a side stream, one batch ahead, so
-the host-to-device copy overlaps with compute.
+yields them on `device`. On the CPU it passes them through unchanged.
+
+On the GPU a host-to-device copy runs at full speed only from page-locked ("pinned") host
+memory, and only then can it run asynchronously, beside the kernels. So each batch is
+
+1. copied on the host into a pinned buffer (two sets, used in turn, so one batch can be in
+   flight while the next is staged);
+2. sent to the GPU on a side stream, as soon as the previous batch has been handed out;
+3. handed out after the training stream has been told to wait for that copy (an event, no
+   host synchronisation).
+
+So batch k+1 crosses the bus while the GPU computes step k: one batch ahead, which is all
+the overlap a training step needs (a VGG step takes far longer than one batch's copy).
 """
+
+import numpy as np
 
 from minivgg import backend
 
 
 def to_device_batches(batches, device):
-    """Yield (x, y) from `batches` as arrays on `device` ("cpu" or "cuda")."""
+    """Yield (x, y, ...) tuples from `batches` as arrays on `device` ("cpu" or "cuda")."""
     device = backend.check_device(device)
     if device == "cpu":
         yield from batches
         return
-    for x, y in batches:
-        yield backend.to_device(x, device), backend.to_device(y, device)
+    prefetcher = _CudaPrefetcher(backend.require_cuda())
+    pending = None
+    for batch in batches:
+        started = prefetcher.start(batch)
+        if pending is not None:
+            yield prefetcher.finish(pending)
+        pending = started
+    if pending is not None:
+        yield prefetcher.finish(pending)
+
+
+class _CudaPrefetcher:
+    """Host batches to the GPU through pinned buffers on a side stream."""
+
+    def __init__(self, cp):
+        import cupyx
+        self.cp, self.empty_pinned = cp, cupyx.empty_pinned
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.pinned = [{}, {}]  # per slot: (shape, dtype) -> pinned host array
+        self.copied = [None, None]  # per slot: event recorded after the slot's last copy
+        self.slot = 0
+
+    def _stage(self, a, slot):
+        """`a` copied into slot's pinned buffer of its shape and dtype (made on first use)."""
+        key = (a.shape, a.dtype.str)
+        buffers = self.pinned[slot]
+        if key not in buffers:
+            if len(buffers) >= 4:  # shapes change rarely (a short last batch); stay small
+                buffers.clear()
+            buffers[key] = self.empty_pinned(a.shape, a.dtype)
+        np.copyto(buffers[key], a)
+        return buffers[key]
+
+    def start(self, batch):
+        """Begin copying `batch` to the GPU; returns what `finish` needs."""
+        cp, slot = self.cp, self.slot
+        self.slot ^= 1
+        if self.copied[slot] is not None:
+            # NOTE: the copy that last read this slot's pinned buffers must be done before
+            # the host overwrites them.
+            self.copied[slot].synchronize()
+        # NOTE: the device arrays come from the training stream's memory pool and may reuse
+        # memory that its queued kernels still read; the side stream waits for them first.
+        self.stream.wait_event(cp.cuda.get_current_stream().record())
+        arrays = []
+        for a in batch:
+            if backend.device_of(a) == "cuda":
+                arrays.append(a)
+                continue
+            host = self._stage(np.ascontiguousarray(a), slot)
+            device_array = cp.empty(host.shape, dtype=host.dtype)
+            device_array.set(host, stream=self.stream)
+            arrays.append(device_array)
+        self.copied[slot] = self.stream.record()
+        return arrays, self.copied[slot]
+
+    def finish(self, started):
+        """The batch's device arrays, once the training stream is ordered after their copy."""
+        arrays, copied = started
+        self.cp.cuda.get_current_stream().wait_event(copied)
+        return tuple(arrays)

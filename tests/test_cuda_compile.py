@@ -168,3 +168,40 @@ def test_cuda_source_compiles_with_nvcc_for_sm80_and_sm90(filename, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"nvcc failed on {filename}:\n{result.stderr}"
     assert (tmp_path / "out.fatbin").stat().st_size > 0
+
+
+def _load_nvrtc():
+    """CuPy's NVRTC binding with a loadable libnvrtc, or None (then the test skips)."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception:  # no CuPy, or CuPy without libnvrtc (pip install nvidia-cuda-nvrtc)
+        return None
+    return nvrtc
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_sources_compile_with_nvrtc_as_cupy_loads_them(arch):
+    """The path the GPU takes at run time: kernels/cuda.py's source text (header pasted in)
+    and name expressions, through NVRTC, which needs no GPU to compile."""
+    nvrtc = _load_nvrtc()
+    if nvrtc is None:
+        pytest.skip("CuPy's NVRTC binding or libnvrtc is not installed")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cuda_table_source",
+                                                  os.path.join(KERNELS_DIR, "cuda.py"))
+    cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda)  # imports cupy, which is installed if nvrtc loaded
+    for filename, names in cuda.KERNELS.items():
+        program = nvrtc.createProgram(cuda.read_source(filename), filename, [], [])
+        expressions = [f"{n}<{t}>" for n in names for t in cuda.C_TYPES.values()]
+        for expression in expressions:
+            nvrtc.addNameExpression(program, expression)
+        try:
+            nvrtc.compileProgram(program, ["-std=c++17", f"-arch=sm_{arch}"])
+        except Exception:
+            pytest.fail(f"NVRTC failed on {filename}:\n{nvrtc.getProgramLog(program)}")
+        assert nvrtc.getProgramLog(program).strip() == "", nvrtc.getProgramLog(program)
+        assert all(nvrtc.getLoweredName(program, e) for e in expressions)
+        assert len(nvrtc.getCUBIN(program)) > 0
+        nvrtc.destroyProgram(program)

@@ -239,7 +239,7 @@ def init_from_a(model, a_state):
         raise ValueError("init_from_a: " + "; ".join(problems))
     for key, value in copies.items():
         p = own[key]
-        p.data = backend.to_device(np.array(value, dtype=p.dtype), p.device)
+        p.data = backend.to_device(np.array(backend.to_numpy(value), dtype=p.dtype), p.device)
     return list(WARM_START_LAYERS)
 
 

@@ -6,17 +6,17 @@ are those of `kernels/cpu.py` (NCHW; im2col matrix (N, C*KH*KW, OH*OW)).
 
 Three kinds of work:
 
-* memory shuffles and elementwise math (im2col, col2im, pooling, ReLU, LRN, dropout,
+* memory moves and elementwise math (im2col, col2im, pooling, ReLU, LRN, dropout,
   softmax cross-entropy, SGD) are hand-written CUDA C in `kernels/cuda/*.cu`. Each kernel
   carries the name of the function here that launches it and the parameter names of the
   CPU twin, and a header comment saying how a thread index maps to (n, c, y, x);
-* GEMMs go to cuBLAS through CuPy's `matmul`/`tensordot`. TF32 is off unless
-  `minivgg.backend.set_tf32(True)` was called;
-* the rest (bias add, sums, means) is ordinary CuPy array math.
+* GEMMs go to cuBLAS through CuPy's 2-D `matmul`, one per chunk of the batch. TF32 is off
+  unless `minivgg.backend.set_tf32(True)` was called;
+* the rest (bias gradients, the loss's batch mean) is ordinary CuPy array math.
 
 Each `.cu` file is compiled once per process, on first use, by NVRTC through
 `cupy.RawModule` (CuPy also caches the binary on disk across processes). Its kernels are
-C++ templates instantiated for float32 and float64 and fetched by name, e.g. "im2col<float>".
+C++ templates instantiated for float32 and float64 and fetched by name, e.g. "im2col_chunk<float>".
 This module imports CuPy at the top: `backend` imports it only once a CuPy array exists.
 """
 
@@ -25,15 +25,16 @@ import os
 import cupy as cp
 import numpy as np
 
-# Bytes of im2col buffer to build at once. Larger than on the CPU: GEMMs on a GPU want many
-# columns, and the whole buffer lives in device memory only for one chunk of the batch.
+# Bytes of im2col matrix built at once. Larger than on the CPU (no cache to stay near): a
+# GPU GEMM wants many columns. At 224×224 it holds 4 images of conv1_2 (115 MB each), 16
+# and more of every later layer, and one buffer is reused by every layer.
 IM2COL_CHUNK_BYTES = 512 * 2**20
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 
 # The kernels of each source file. Every one is a template over the element type T.
 KERNELS = {
-    "conv.cu": ("im2col", "col2im"),
+    "conv.cu": ("im2col_chunk", "col2im_chunk", "cols_to_nchw", "nchw_to_cols"),
     "pool.cu": ("max_pool2d_forward", "max_pool2d_backward"),
     "activation.cu": ("relu_forward", "relu_backward", "dropout_mask"),
     "lrn.cu": ("lrn_forward", "lrn_backward"),
@@ -96,77 +97,191 @@ def conv_output_size(size, k, s, p):
 
 
 # ----------------------------------------------------------------------------------------
-# im2col / col2im
+# Workspace: big scratch buffers reused from one call (and one training step) to the next
 # ----------------------------------------------------------------------------------------
 
+_workspace = {}
+
+
+def workspace(name, shape, dtype):
+    """An uninitialised device array of `shape` backed by a cached buffer called `name`.
+
+    CuPy's memory pool would recycle the im2col buffers too; named buffers keep the big
+    ones out of the pool's size classes, so a step's peak memory stays predictable.
+    NOTE: two live views of the same name alias each other; every caller uses a distinct
+    name. Reuse is safe across kernels because all of them run in order on one stream.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = _workspace.get(name)
+    if buf is None or buf.nbytes < nbytes:
+        _workspace.pop(name, None)  # let the pool have the old buffer back first
+        buf = _workspace[name] = cp.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def free_workspace():
+    """Release every cached scratch buffer, and the memory pool's unused blocks."""
+    _workspace.clear()
+    cp.get_default_memory_pool().free_all_blocks()
+
+
+# ----------------------------------------------------------------------------------------
+# im2col / col2im on a chunk: images n0..n1-1, output rows oy0..oy1-1 of each (conv.cu)
+# ----------------------------------------------------------------------------------------
+#
+# A chunk's im2col matrix is cols (CKK, P) with P = (n1-n0) * (oy1-oy0) * OW, columns in
+# (image, oy, ox) order. Row r = c*KH*KW + ky*KW + kx matches the (OC, C, KH, KW) weight
+# layout, so the chunk's output is one GEMM, W.reshape(OC, CKK) @ cols.
+
+def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
+    """Fill cols (CKK, P) for a chunk of x (N, C, H, W); padding reads as zero."""
+    N, C, H, W = x.shape
+    OW = conv_output_size(W, KW, SW, PW)
+    _launch("im2col_chunk", x.dtype, cols.size, cp.ascontiguousarray(x), n0, n1, oy0, oy1,
+            KH, KW, SH, SW, PH, PW, cols, C, H, W, OW)
+
+
+def col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
+    """The adjoint of `im2col_chunk`: add every entry of cols (CKK, P) back into gx.
+
+    A gather (conv.cu): one thread per input pixel of the chunk's images sums what the
+    windows copied from it, so no two threads write one pixel and no atomics are needed.
+    """
+    N, C, H, W = gx.shape
+    OW = conv_output_size(W, KW, SW, PW)
+    _launch("col2im_chunk", gx.dtype, (n1 - n0) * C * H * W, cp.ascontiguousarray(cols),
+            n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx, C, H, W, OW)
+
+
 def im2col(x, KH, KW, SH, SW, PH, PW):
-    """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), row c*KH*KW + ky*KW + kx (conv.cu)."""
+    """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests, teaching).
+
+    Row index is c*KH*KW + ky*KW + kx, matching the (OC, C, KH, KW) weight layout, so a
+    convolution is `W.reshape(OC, -1) @ cols[n]`.
+    """
     N, C, H, W = x.shape
     OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(W, KW, SW, PW)
-    x = cp.ascontiguousarray(x)  # NOTE: raw kernels ignore strides
-    cols = cp.empty((N, C * KH * KW, OH * OW), dtype=x.dtype)
-    _launch("im2col", x.dtype, cols.size, x, cols, N, C, H, W, KH, KW, SH, SW, PH, PW, OH, OW)
-    return cols
+    out = cp.empty((N, C * KH * KW, OH * OW), dtype=x.dtype)
+    for n in range(N):
+        im2col_chunk(x, n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, out[n])
+    return out
 
 
 def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
-    """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W), as a gather."""
+    """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W).
+
+    Each input pixel receives the sum of every column entry that copied it.
+    """
     N, C, H, W = x_shape
-    OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(W, KW, SW, PW)
-    cols = cp.ascontiguousarray(cols)
-    gx = cp.empty((N, C, H, W), dtype=cols.dtype)
-    _launch("col2im", cols.dtype, gx.size, cols, gx, N, C, H, W, KH, KW, SH, SW, PH, PW,
-            OH, OW)
+    gx = cp.zeros(x_shape, dtype=cols.dtype)
+    OH = conv_output_size(H, KH, SH, PH)
+    for n in range(N):
+        col2im_chunk(cols[n], n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, gx)
     return gx
 
 
-def _chunks(N, bytes_per_image):
-    """Batch slices whose im2col buffers stay under IM2COL_CHUNK_BYTES."""
-    step = max(1, IM2COL_CHUNK_BYTES // max(1, bytes_per_image))
-    return [slice(i, min(i + step, N)) for i in range(0, N, step)]
+def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None):
+    """Cut the batch into (n0, n1, oy0, oy1) chunks whose im2col matrix fits the budget.
+
+    Small layers take several whole images per chunk (one big GEMM instead of many thin
+    ones); big layers take a band of output rows of one image.
+    """
+    budget = IM2COL_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    row_bytes = CKK * OW * itemsize
+    image_bytes = row_bytes * OH
+    if image_bytes <= budget:
+        step = max(1, budget // image_bytes)
+        return [(n, min(n + step, N), 0, OH) for n in range(0, N, step)]
+    band = max(1, budget // row_bytes)
+    return [(n, n + 1, oy, min(oy + band, OH)) for n in range(N) for oy in range(0, OH, band)]
 
 
 # ----------------------------------------------------------------------------------------
-# Convolution: im2col + cuBLAS GEMM
+# Moving a chunk of outputs between the GEMM's (OC, P) layout and NCHW (conv.cu)
 # ----------------------------------------------------------------------------------------
+
+def cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y):
+    """y[n, oc, oy0:oy1, :] = ycols[oc, chunk columns of n] + b[oc], for n in n0..n1-1."""
+    N, OC, OH, OW = y.shape
+    _launch("cols_to_nchw", y.dtype, (n1 - n0) * OC * (oy1 - oy0) * OW,
+            cp.ascontiguousarray(ycols), cp.ascontiguousarray(b), n0, n1, oy0, oy1, y,
+            OC, OH, OW)
+
+
+def nchw_to_cols(gy, n0, n1, oy0, oy1, gycols):
+    """The inverse move: gycols (OC, P) = the chunk of gy (N, OC, OH, OW)."""
+    N, OC, OH, OW = gy.shape
+    _launch("nchw_to_cols", gy.dtype, gycols.size, cp.ascontiguousarray(gy), n0, n1, oy0,
+            oy1, gycols, OC, OH, OW)
+
+
+# ----------------------------------------------------------------------------------------
+# Convolution: im2col + one cuBLAS GEMM per chunk
+# ----------------------------------------------------------------------------------------
+#
+# NOTE: every GEMM here is 2-D. CuPy sends 2-D products to cublasGemmEx with the compute
+# type that `backend.set_tf32` chooses; its batched (3-D) matmul ignores that setting.
 
 def conv2d_forward(x, W, b, stride, padding):
-    """y = conv(x, W) + b.  x (N, C, H, W), W (OC, C, KH, KW), b (OC,) or None -> (N, OC, OH, OW)."""
+    """y = conv(x, W) + b.  x (N, C, H, W), W (OC, C, KH, KW), b (OC,) or None -> (N, OC, OH, OW).
+
+    Per chunk: im2col into a reused buffer, one GEMM (OC, CKK) @ (CKK, P), one pass that
+    moves the result into y and adds the bias.
+    """
     N, C, H, Wd = x.shape
     OC, _, KH, KW = W.shape
     (SH, SW), (PH, PW) = stride, padding
     OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(Wd, KW, SW, PW)
-    y = cp.empty((N, OC, OH * OW), dtype=x.dtype)
-    Wmat = cp.ascontiguousarray(W).reshape(OC, C * KH * KW)
-    for sl in _chunks(N, C * KH * KW * OH * OW * x.itemsize):
-        cols = im2col(x[sl], KH, KW, SH, SW, PH, PW)
-        cp.matmul(Wmat, cols, out=y[sl])  # (OC, CKK) @ (n, CKK, OHOW) -> (n, OC, OHOW)
-    if b is not None:
-        y += b.reshape(1, OC, 1)
-    return y.reshape(N, OC, OH, OW)
+    CKK = C * KH * KW
+    x = cp.ascontiguousarray(x)
+    Wmat = cp.ascontiguousarray(W).reshape(OC, CKK)
+    b = cp.zeros(OC, dtype=x.dtype) if b is None else cp.ascontiguousarray(b, dtype=x.dtype)
+    y = cp.empty((N, OC, OH, OW), dtype=x.dtype)
+    for n0, n1, oy0, oy1 in conv_chunks(N, OH, OW, CKK, x.itemsize):
+        P = (n1 - n0) * (oy1 - oy0) * OW
+        cols = workspace("cols", (CKK, P), x.dtype)
+        im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+        ycols = workspace("ycols", (OC, P), x.dtype)
+        cp.matmul(Wmat, cols, out=ycols)
+        cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
+    return y
 
 
 def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
     """Gradients of `conv2d_forward` -> (gx or None, gW, gb).
 
-    gW = sum_n gy[n] @ cols[n]^T,   gcols[n] = W^T @ gy[n],   gx = col2im(gcols).
+    Per chunk, with cols rebuilt from x (storing them for backward would cost 9× the
+    activations):  gW += gy_chunk @ cols^T,  gcols = W^T @ gy_chunk,  gx += col2im(gcols).
     """
     N, C, H, Wd = x.shape
     OC, _, KH, KW = W.shape
     (SH, SW), (PH, PW) = stride, padding
     OH, OW = gy.shape[2], gy.shape[3]
-    gy = cp.ascontiguousarray(gy).reshape(N, OC, OH * OW)
-    Wmat = cp.ascontiguousarray(W).reshape(OC, C * KH * KW)
-    gW = cp.zeros((OC, C * KH * KW), dtype=x.dtype)
-    gx = cp.empty_like(x) if need_gx else None
-    for sl in _chunks(N, C * KH * KW * OH * OW * x.itemsize):
-        cols = im2col(x[sl], KH, KW, SH, SW, PH, PW)
-        # one GEMM over the chunk: contract the batch and pixel axes of gy and cols
-        gW += cp.tensordot(gy[sl], cols, axes=([0, 2], [0, 2]))
+    CKK = C * KH * KW
+    x, gy = cp.ascontiguousarray(x), cp.ascontiguousarray(gy)
+    Wmat = cp.ascontiguousarray(W).reshape(OC, CKK)
+    gW = cp.empty((OC, CKK), dtype=x.dtype)
+    # NOTE: zeros, not empty: col2im_chunk adds, and a row band shares input rows with the
+    # neighbouring band.
+    gx = cp.zeros_like(x) if need_gx else None
+    for k, (n0, n1, oy0, oy1) in enumerate(conv_chunks(N, OH, OW, CKK, x.itemsize)):
+        P = (n1 - n0) * (oy1 - oy0) * OW
+        gycols = workspace("ycols", (OC, P), x.dtype)
+        nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
+        cols = workspace("cols", (CKK, P), x.dtype)
+        im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+        if k == 0:
+            cp.matmul(gycols, cols.T, out=gW)
+        else:
+            gW_part = workspace("gW", (OC, CKK), x.dtype)
+            cp.matmul(gycols, cols.T, out=gW_part)
+            gW += gW_part
         if need_gx:
-            gcols = cp.matmul(Wmat.T, gy[sl])  # (CKK, OC) @ (n, OC, OHOW)
-            gx[sl] = col2im(gcols, x[sl].shape, KH, KW, SH, SW, PH, PW)
-    gb = gy.sum(axis=(0, 2))
+            gcols = workspace("cols", (CKK, P), x.dtype)  # cols is spent: reuse its buffer
+            cp.matmul(Wmat.T, gycols, out=gcols)
+            col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
+    gb = gy.sum(axis=(0, 2, 3))
     return gx, gW.reshape(W.shape), gb
 
 

@@ -25,6 +25,7 @@ Datasets (`ImageFolder`, `minivgg.synthetic.SyntheticImages`) share one small in
 import math
 import multiprocessing as mp
 import os
+import sys
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -380,6 +381,10 @@ def sample_rng(seed, epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
 
+def _print_warning(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 # Set in each worker by _init_worker (inherited through fork, or pickled once by spawn).
 _worker_state = None
 
@@ -421,7 +426,7 @@ class Loader:
     """
 
     def __init__(self, dataset, transform, batch_size, shuffle=True, seed=0, workers=0,
-                 drop_last=False, prefetch=None):
+                 drop_last=False, prefetch=None, warn=None):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         self.dataset, self.transform = dataset, transform
@@ -430,6 +435,7 @@ class Loader:
         self.prefetch = prefetch or max(2, 2 * self.workers)
         self.skipped = 0
         self.warned = set()
+        self.warn = warn or _print_warning
         self._pool = None
 
     def __len__(self):
@@ -454,8 +460,7 @@ class Loader:
                 self.skipped += 1
                 if path not in self.warned:  # one warning per file per run
                     self.warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {reason}",
-                                  RuntimeWarning, stacklevel=2)
+                    self.warn(f"skipping unreadable image {path}: {reason}")
             if x is not None:
                 yield x, y
 

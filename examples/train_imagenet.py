@@ -1,0 +1,100 @@
+"""Train VGG with the paper's recipe (Sec. 3.1) on ImageNet-layout folders, or on built-in
+synthetic images when no folder is given.
+
+    python examples/train_imagenet.py                       # synthetic demo, ~2 min on CPU
+    python examples/train_imagenet.py ~/imagenet -a D       # Sec. 3.1's recipe
+    python examples/train_imagenet.py ../shared/data/imagenette2-224 -a A --width 0.25 \\
+        --fc-width 512 --scale 72 --crop 64 -b 64 --init glorot --epochs 12 --cache
+    python examples/train_imagenet.py DIR --resume runs/x/last.npz      # continue a run
+    python examples/train_imagenet.py DIR --resume runs/x/best.npz -e   # evaluate only
+
+The flags follow PyTorch's ImageNet example where they apply. All the work happens in
+`minivgg.train.fit`; this file only turns flags into a `TrainConfig`.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minivgg.checkpoint import CheckpointError  # noqa: E402
+from minivgg.data import DataError  # noqa: E402
+from minivgg.models import ALIASES, CONFIGS  # noqa: E402
+from minivgg.train import (TrainConfig, TrainingDiverged, TrainingError, fit,  # noqa: E402
+                           synthetic_config)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DIR", nargs="?", default=None,
+                   help="ILSVRC-layout folder with train/<wnid>/ and val/<wnid>/; "
+                        "omit it for the synthetic demo")
+    p.add_argument("-a", "--arch", metavar="ARCH", default="A",
+                   choices=list(CONFIGS) + list(ALIASES) + [c.lower() for c in CONFIGS],
+                   help="Table 1 column: A, A-LRN, B, C, D, E or vgg11/13/16/19 (default A)")
+    p.add_argument("-j", "--workers", type=int, help="data loading processes (0 = inline)")
+    p.add_argument("--epochs", type=int, help="total epochs (Sec. 3.1: 74)")
+    p.add_argument("-b", "--batch-size", type=int, help="mini-batch size (Sec. 3.1: 256)")
+    p.add_argument("--lr", "--learning-rate", type=float, dest="lr",
+                   help="initial rate (Sec. 3.1: 0.01); given with --resume it wins over "
+                        "the stored rate")
+    p.add_argument("--momentum", type=float, help="Sec. 3.1: 0.9")
+    p.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay",
+                   help="Sec. 3.1: 5e-4")
+    p.add_argument("--resume", metavar="PATH", help="checkpoint to continue from")
+    p.add_argument("-e", "--evaluate", action="store_true",
+                   help="evaluate the --resume checkpoint on the val set and stop")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-p", "--print-freq", type=int, help="progress figures every N batches")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    # The paper's own flags.
+    p.add_argument("--scale", type=int, metavar="S", help="training scale (Sec. 3.1: 256)")
+    p.add_argument("--scale-jitter", type=int, nargs=2, metavar=("SMIN", "SMAX"),
+                   help="draw S per image from [SMIN, SMAX] (Sec. 3.1: 256 512)")
+    p.add_argument("--test-scale", type=int, metavar="Q",
+                   help="val rescale Q (default S, or (SMIN+SMAX)/2)")
+    p.add_argument("--crop", type=int, metavar="N", help="training crop (Sec. 2.1: 224)")
+    p.add_argument("--init", choices=["gaussian", "glorot"],
+                   help="gaussian N(0, 0.01) (Sec. 3.1; default for A) or glorot (default "
+                        "for deeper nets)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="warm start from a trained A (Sec. 3.1)")
+    p.add_argument("--width", type=float, help="conv width multiplier (1.0 = Table 1)")
+    p.add_argument("--fc-width", type=int, help="fc6/fc7 width (Sec. 2.1: 4096)")
+    p.add_argument("--dropout", type=float, help="fc6/fc7 dropout (Sec. 3.1: 0.5)")
+    p.add_argument("--cache", action="store_true",
+                   help="decode every image once into memory at the largest scale")
+    p.add_argument("--output", metavar="DIR",
+                   help="checkpoints, metrics.csv and metrics.png (default runs/<data>-<arch>)")
+    p.add_argument("--synthetic-train", type=int, help="synthetic training images (2000)")
+    p.add_argument("--synthetic-val", type=int, help="synthetic val images (500)")
+    return p.parse_args(argv)
+
+
+def make_config(args):
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    if args.data is None:
+        return synthetic_config(**overrides)
+    return TrainConfig(**overrides)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        fit(make_config(args))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (TrainingError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,8 @@
 """The testing protocol of Sec. 3.2: FC-to-conv conversion, crop grid, dense, fusion, errors."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -300,3 +303,97 @@ def test_evaluate_images_rejects_a_test_scale_below_the_crop():
     with pytest.raises(ValueError, match="Q=56 is smaller than the 64x64 training crop"):
         E.evaluate_images(nets, images.__getitem__, items, [("dense", (56, 64))],
                           _nearest_rescale)
+
+
+# ----------------------------------------------------------------------------------------
+# examples/evaluate_imagenet.py
+# ----------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_imagenet", REPO / "examples" / "evaluate_imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save_checkpoint(path, classes, seed=0):
+    from minivgg import checkpoint
+    from minivgg.train import model_meta
+    model = small_vgg(dtype=np.float32, seed=seed, input_size=32, num_classes=len(classes))
+    meta = {"model": model_meta(model), "classes": list(classes),
+            "data_stats": {"mean_rgb": [0.5, 0.5, 0.5]},
+            "config": {"scale": 36, "scale_jitter": None, "test_scale": None}}
+    checkpoint.save(path, model.state_dict(), None, meta)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_imagenet(tmp_path):
+    """root/val/<wnid>/*.JPEG with 2 classes of 2 small images, and two checkpoints."""
+    from PIL import Image
+    rng = np.random.default_rng(11)
+    classes = ["n00000001", "n00000002"]
+    for wnid in classes:
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "val" / wnid / f"{i}.JPEG")
+    ckpts = [_save_checkpoint(tmp_path / f"m{s}.npz", classes, seed=s) for s in (0, 1)]
+    return tmp_path, ckpts
+
+
+def test_script_prints_a_row_per_protocol_and_scale_setting(tiny_imagenet, capsys):
+    root, ckpts = tiny_imagenet
+    code = _load_script().cli([*ckpts, "--data", str(root), "--protocol", "center",
+                               "dense", "--scales", "36", "32,36", "-p", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.startswith("A + A")]
+    rows = [r[2:] for r in rows]  # drop "A +"
+    assert [(r[2], r[3]) for r in rows] == [("36", "center"), ("36", "dense"),
+                                            ("32,36", "center"), ("32,36", "dense")]
+    for r in rows:  # top-1 and top-5 errors are percentages of 4 images
+        assert float(r[4]) in (0.0, 25.0, 50.0, 75.0, 100.0) and float(r[5]) == 0.0
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unknown protocol", "invalid choice: 'tencrop'"),
+    ("scale below crop", "Q=30 is smaller than the 32x32 training crop"),
+    ("other classes", "different class sets"),
+    ("missing checkpoint", "does not exist"),
+    ("missing data", "does not exist"),
+])
+def test_script_bad_input_exits_2_with_one_line_error(tiny_imagenet, capsys, case, message):
+    root, ckpts = tiny_imagenet
+    args = [ckpts[0], "--data", str(root)]
+    if case == "unknown protocol":
+        args += ["--protocol", "tencrop"]
+    elif case == "scale below crop":
+        args += ["--scales", "30,36"]
+    elif case == "other classes":
+        args.insert(1, _save_checkpoint(root / "other.npz", ["n00000001", "n00000003"]))
+    elif case == "missing checkpoint":
+        args[0] = str(root / "nope.npz")
+    elif case == "missing data":
+        args[2] = str(root / "nope")
+    try:
+        code = _load_script().cli(args)
+    except SystemExit as e:  # argparse reports bad choices itself, also with code 2
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="Imagenette not in ../shared/data")
+def test_script_limit_takes_an_evenly_spread_subset_with_every_class():
+    script = _load_script()
+    classes = sorted(p.name for p in (SHARED_DATA / "val").iterdir())
+    items = script.val_items(str(SHARED_DATA), classes, 50)
+    assert len(items) == 50
+    assert sorted({label for _, label in items}) == list(range(len(classes)))

@@ -89,6 +89,10 @@ class VGG(nn.Sequential):
     def __init__(self, config="D", num_classes=1000, width=1.0, fc_width=4096,
                  input_size=224, dropout=0.5, dtype=np.float32):
         config = canonical_config(config)
+        for name, value in (("num_classes", num_classes), ("fc_width", fc_width),
+                            ("input_size", input_size)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"vgg: {name} must be an int, got {value!r}")
         if width <= 0 or fc_width < 1 or num_classes < 1:
             raise ValueError(f"vgg: width, fc_width and num_classes must be positive, got "
                              f"width={width}, fc_width={fc_width}, num_classes={num_classes}")

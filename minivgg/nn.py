@@ -214,6 +214,8 @@ class LocalResponseNorm(Module):
 
 class Dropout(Module):
     def __init__(self, p=0.5):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x):

@@ -238,3 +238,16 @@ def test_bad_model_sizes_are_rejected(kwargs, text):
 def test_unknown_device_is_rejected(device):
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         tensor(np.ones(2), device).to("tpu")
+
+
+@pytest.mark.parametrize("kwargs, text", [(dict(input_size=224.0), "input_size must be an int"),
+                                          (dict(fc_width="8"), "fc_width must be an int")])
+def test_non_integer_model_sizes_are_type_errors(kwargs, text):
+    args = dict(width=1 / 16, fc_width=8, input_size=32) | kwargs
+    with pytest.raises(TypeError, match=text):
+        models.VGG("A", **args)
+
+
+def test_dropout_layer_rejects_bad_p_when_built():
+    with pytest.raises(ValueError, match=r"Dropout: p must be in \[0, 1\), got 1.2"):
+        nn.Dropout(1.2)

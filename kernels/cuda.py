@@ -223,11 +223,17 @@ def nchw_to_cols(gy, n0, n1, oy0, oy1, gycols):
 # NOTE: every GEMM here is 2-D. CuPy sends 2-D products to cublasGemmEx with the compute
 # type that `backend.set_tf32` chooses; its batched (3-D) matmul ignores that setting.
 
+def add_bias(ycols, b):
+    """ycols (OC, P) += b[:, None], in place (ycols may be a strided view of y)."""
+    ycols += b[:, None]
+
 def conv2d_forward(x, W, b, stride, padding):
     """y = conv(x, W) + b.  x (N, C, H, W), W (OC, C, KH, KW), b (OC,) or None -> (N, OC, OH, OW).
 
-    Per chunk: im2col into a reused buffer, one GEMM (OC, CKK) @ (CKK, P), one pass that
-    moves the result into y and adds the bias.
+    Per chunk: im2col into a reused buffer, then one GEMM (OC, CKK) @ (CKK, P). A band of
+    one image is written by the GEMM straight into y (CuPy copies through a temporary when
+    the band is not contiguous); a chunk of several images goes through a scratch buffer
+    and one pass that moves it into NCHW order and adds the bias.
     """
     N, C, H, Wd = x.shape
     OC, _, KH, KW = W.shape
@@ -236,15 +242,22 @@ def conv2d_forward(x, W, b, stride, padding):
     CKK = C * KH * KW
     x = cp.ascontiguousarray(x)
     Wmat = cp.ascontiguousarray(W).reshape(OC, CKK)
-    b = cp.zeros(OC, dtype=x.dtype) if b is None else cp.ascontiguousarray(b, dtype=x.dtype)
     y = cp.empty((N, OC, OH, OW), dtype=x.dtype)
     for n0, n1, oy0, oy1 in conv_chunks(N, OH, OW, CKK, x.itemsize):
         P = (n1 - n0) * (oy1 - oy0) * OW
         cols = workspace("cols", (CKK, P), x.dtype)
         im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
-        ycols = workspace("ycols", (OC, P), x.dtype)
-        cp.matmul(Wmat, cols, out=ycols)
-        cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
+        if n1 - n0 == 1:  # a band of one image: the GEMM writes into y itself
+            ycols = y[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
+            cp.matmul(Wmat, cols, out=ycols)
+            if b is not None:
+                add_bias(ycols, b)
+        else:
+            ycols = workspace("ycols", (OC, P), x.dtype)
+            cp.matmul(Wmat, cols, out=ycols)
+            zero = cp.zeros(OC, dtype=x.dtype)
+            cols_to_nchw(ycols, zero if b is None else b.astype(x.dtype, copy=False),
+                         n0, n1, oy0, oy1, y)
     return y
 
 
@@ -267,8 +280,11 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
     gx = cp.zeros_like(x) if need_gx else None
     for k, (n0, n1, oy0, oy1) in enumerate(conv_chunks(N, OH, OW, CKK, x.itemsize)):
         P = (n1 - n0) * (oy1 - oy0) * OW
-        gycols = workspace("ycols", (OC, P), x.dtype)
-        nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
+        if n1 - n0 == 1:  # a band of one image: a strided view, no copy
+            gycols = gy[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
+        else:
+            gycols = workspace("ycols", (OC, P), x.dtype)
+            nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
         cols = workspace("cols", (CKK, P), x.dtype)
         im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
         if k == 0:

@@ -20,7 +20,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(EXAMPLES))  # the checkout, for `import minivgg`
+sys.path.insert(1, EXAMPLES)  # for `import inspect_vgg`
 
 import minivgg  # noqa: E402
 from minivgg import functional as F  # noqa: E402
@@ -106,8 +108,8 @@ def gradcheck():
     except AssertionError as e:
         print("BuggySoftplus raises AssertionError:")
         print(" ", e)
-    x = np.random.default_rng(1).normal(size=(2, 3, 5, 5))
-    W = np.random.default_rng(2).normal(size=(4, 3, 3, 3))
+    x = np.random.default_rng(1).normal(size=(1, 2, 5, 5))
+    W = np.random.default_rng(2).normal(size=(3, 2, 3, 3))
     ok = minivgg.gradcheck(lambda x, W: F.conv2d(x, W, padding=1), [x, W])
     print("conv2d 3x3/s1/p1:", ok)
 
@@ -237,6 +239,18 @@ def table1():
         print(f"  {config:<5} {VGG(config).num_parameters():>12,}")
 
 
+@section
+def receptive_fields():
+    import inspect_vgg  # examples/inspect_vgg.py, beside this file
+    print(inspect_vgg.format_receptive_fields(inspect_vgg.receptive_field_rows(4), 4))
+
+
+@section
+def block_costs():
+    import inspect_vgg
+    print(inspect_vgg.format_block_costs("D", inspect_vgg.block_costs("D")))
+
+
 # ----------------------------------------------------------------------------------------
 # 7. One SGD step (minivgg/optim.py, Sec. 3.1)
 # ----------------------------------------------------------------------------------------
@@ -262,13 +276,15 @@ def sgd():
     labels = np.arange(8) % 10
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.eval()  # no dropout, so the losses below compare like with like
-    for step in range(1, 4):
+    for step in range(1, 3):
         loss = F.cross_entropy(model(x), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
         print(f"VGG-A (1/16 width), batch of 8, step {step}: loss {loss.item():.4f} before "
               "the update")
+    with minivgg.no_grad():
+        print(f"after 2 steps: loss {F.cross_entropy(model(x), labels).item():.4f}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -434,21 +434,20 @@ def _pointer_table(arrays):
 def sgd_update(params, grads, velocities, lr, momentum, weight_decay):
     """In place, for every parameter: g = grad + wd*w; v = momentum*v + g; w -= lr*v.
 
-    One kernel launch for all parameters (sgd.cu): tables of device pointers and the
-    parameters' offsets in one virtual concatenated vector.
+    One kernel launch for all parameters (sgd.cu), through tables of device pointers and
+    the parameters' offsets in one virtual concatenated vector; one launch per dtype when a
+    model mixes float32 and float64 parameters.
     """
-    if not params:
-        return
-    dtype = params[0].dtype
+    groups = {}  # dtype -> (params, grads, velocities)
     for w, g, v in zip(params, grads, velocities):
-        if not (w.dtype == g.dtype == v.dtype == dtype):
-            raise TypeError(f"sgd_update: every parameter, gradient and velocity must be "
-                            f"{dtype}, got {w.dtype}, {g.dtype}, {v.dtype} for shape {w.shape}")
         if not (w.flags.c_contiguous and v.flags.c_contiguous):
-            raise ValueError("sgd_update: parameters and velocities are updated in place and "
-                             "must be C-contiguous")
-    grads = [cp.ascontiguousarray(g) for g in grads]  # read only, so a copy is fine
-    offsets = np.concatenate([[0], np.cumsum([w.size for w in params])]).astype(np.int64)
-    _launch("sgd_update", dtype, int(offsets[-1]), _pointer_table(params),
-            _pointer_table(grads), _pointer_table(velocities), cp.asarray(offsets),
-            len(params), float(lr), float(momentum), float(weight_decay))
+            raise ValueError("sgd_update: parameters and velocities must be contiguous")
+        ws, gs, vs = groups.setdefault(w.dtype, ([], [], []))
+        ws.append(w)
+        gs.append(cp.ascontiguousarray(g, dtype=w.dtype))  # read only: a copy is fine
+        vs.append(v)
+    for dtype, (ws, gs, vs) in groups.items():
+        offsets = np.cumsum([0] + [w.size for w in ws], dtype=np.int64)
+        _launch("sgd_update", dtype, int(offsets[-1]), _pointer_table(ws), _pointer_table(gs),
+                _pointer_table(vs), cp.asarray(offsets), len(ws), float(lr), float(momentum),
+                float(weight_decay))

@@ -204,6 +204,18 @@ def test_cuda_fused_sgd_update_matches_cpu_over_every_parameter(dtype, gpu, rng)
         assert_close(got, want, "sgd", dtype)
 
 
+def test_cuda_sgd_update_handles_mixed_dtypes_and_casts_gradients(gpu, rng):
+    params = [rng.normal(size=4).astype(np.float32), rng.normal(size=3)]
+    grads = [rng.normal(size=4), rng.normal(size=3).astype(np.float32)]  # swapped dtypes
+    velocities = [np.zeros_like(p) for p in params]
+    params_cpu, velocities_cpu = [a.copy() for a in params], [a.copy() for a in velocities]
+    gpu.sgd_update(params, grads, velocities, 0.1, 0.9, 5e-4)
+    cpu.sgd_update(params_cpu, grads, velocities_cpu, 0.1, 0.9, 5e-4)
+    for got, want in zip(params + velocities, params_cpu + velocities_cpu):
+        assert got.dtype == want.dtype
+        assert_close(got, want, "sgd", got.dtype)
+
+
 def test_emulated_launch_rejects_a_python_int_for_an_int_parameter(gpu):
     """The emulator's own check: CuPy would pass 3 as a 64-bit value to an `int`."""
     x = np.zeros((1, 1, 2, 2), np.float32)

@@ -88,7 +88,7 @@ def test_walkthrough_links_point_to_existing_files_and_headings():
             assert target[1:] in anchors, target
         else:
             assert os.path.exists(os.path.join(REPO, "docs", target)), target
-    for png in ("receptive_fields.png", "vgg_blocks.png"):
+    for png in ("receptive_fields.png", "vgg_blocks.png", "feature_maps.png"):
         assert f"]({png})" in doc
         assert_valid_png(os.path.join(REPO, "docs", png))
 

@@ -63,6 +63,17 @@ def test_walkthrough_shows_exactly_what_the_script_prints():
                                   f"{printed}")
 
 
+def test_walkthrough_code_listing_is_the_scripts_code():
+    with open(os.path.join(REPO, "examples", "walkthrough.py"), encoding="utf-8") as f:
+        source = {line.split("#")[0].strip() for line in f}
+    listings = re.findall(r"```python\n(.*?)```", read_doc(), re.DOTALL)
+    assert listings
+    for listing in listings:
+        for line in listing.splitlines():
+            code = line.split("#")[0].strip()
+            assert not code or code in source, f"doc line not in the script: {line!r}"
+
+
 def test_walkthrough_check_mode_reports_a_stale_block(tmp_path):
     walkthrough = load_example("walkthrough")
     doc = "".join(f"Text.\n\n<!-- walkthrough.py: {name} -->\n```text\n"

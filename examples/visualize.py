@@ -146,7 +146,7 @@ def import_pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("this picture needs matplotlib: pip install matplotlib") from None
+        raise ImportError("this picture needs matplotlib: pip install matplotlib") from None
     return plt
 
 

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -274,3 +275,21 @@ def test_visualize_scoremap_and_curves_write_pngs(tmp_path, small_checkpoint, im
     bad.write_text("epoch,loss\n1,2.0\n")
     assert visualize.main(["curves", str(bad), "--out", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_scripts_say_clearly_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    inspect_vgg = load_example("inspect_vgg")
+    assert inspect_vgg.main(["--configs", "A", "--input-size", "32", "--no-tables",
+                             "--channels", "1", "--out-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed" in captured.err
+    assert "VGG A: parameters and multiply-adds per block" in captured.out  # text still there
+    assert not list(tmp_path.iterdir())
+
+    visualize = load_example("visualize")
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,train_loss,train_top1_err,val_loss,val_top1_err,val_top5_err,"
+                       "lr,images_per_s,seconds\n1,2.3,0.9,2.3,0.9,0.5,0.01,10,60\n")
+    assert visualize.main(["curves", str(metrics), "--out", str(tmp_path / "c.png")]) == 2
+    assert "needs matplotlib: pip install matplotlib" in capsys.readouterr().err

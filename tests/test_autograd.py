@@ -245,3 +245,29 @@ def test_function_backward_returning_wrong_shape_is_reported():
     x = Tensor(np.ones(3), requires_grad=True)
     with pytest.raises(RuntimeError, match=r"Broken.*shape \(\).*shape \(3,\)"):
         Broken()(x).sum().backward()
+
+
+# ----------------------------------------------------------------------------------------
+# gradcheck itself must catch a wrong backward, or every check built on it is vacuous
+# ----------------------------------------------------------------------------------------
+
+class Cube(minivgg.Function):
+    def __init__(self, wrong=False):
+        self.wrong = wrong
+
+    def forward(self, x):
+        self.save_for_backward(x)
+        return x ** 3
+
+    def backward(self, gy):
+        (x,) = self.saved
+        return gy * (2.9 if self.wrong else 3.0) * x * x
+
+
+def test_gradcheck_accepts_a_right_backward_and_catches_a_wrong_one(device, rng):
+    x = rng.normal(size=(3, 2))
+    assert minivgg.gradcheck(lambda t: Cube()(t), [x], device=device)
+    assert not minivgg.gradcheck(lambda t: Cube(wrong=True)(t), [x], device=device,
+                                 raise_exception=False)
+    with pytest.raises(AssertionError, match=r"input 0 \(shape \(3, 2\)\) differs at"):
+        minivgg.gradcheck(lambda t: Cube(wrong=True)(t), [x], device=device)

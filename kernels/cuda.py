@@ -46,7 +46,7 @@ THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65536  # kernels loop over the rest (grid-stride loops, see common.cuh)
 
 _modules = {}  # source file -> cupy.RawModule, compiled once per process
-_functions = {}  # "im2col<float>" -> cupy.RawKernel
+_functions = {}  # "im2col_chunk<float>" -> cupy.RawKernel
 
 
 def read_source(filename):

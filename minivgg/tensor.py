@@ -14,6 +14,7 @@ Three rules keep it small and safe for VGG-sized graphs:
 """
 
 import contextlib
+import threading
 import weakref
 
 import numpy as np
@@ -25,22 +26,23 @@ from minivgg import backend
 # Gradient mode
 # ----------------------------------------------------------------------------------------
 
-_grad_enabled = True
+# NOTE: per thread, as in PyTorch: a no_grad() evaluation in one thread must not switch
+# the graph off for a training loop running in another.
+_mode = threading.local()
 
 
 @contextlib.contextmanager
 def no_grad():
     """Context in which ops record no graph (evaluation, SGD updates)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    previous, _mode.enabled = is_grad_enabled(), False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _mode.enabled = previous
 
 
 def is_grad_enabled():
-    return _grad_enabled
+    return getattr(_mode, "enabled", True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ class Function:
         outputs = self.forward(*[x.data for x in inputs])
         single = not isinstance(outputs, tuple)
         outputs = [Tensor(y) for y in ((outputs,) if single else outputs)]
-        if _grad_enabled and any(x.requires_grad for x in inputs):
+        if is_grad_enabled() and any(x.requires_grad for x in inputs):
             self.inputs = inputs
             self.outputs = [weakref.ref(y) for y in outputs]
             self.output_specs = [(y.shape, y.dtype) for y in outputs]

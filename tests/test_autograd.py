@@ -271,3 +271,23 @@ def test_gradcheck_accepts_a_right_backward_and_catches_a_wrong_one(device, rng)
                                  raise_exception=False)
     with pytest.raises(AssertionError, match=r"input 0 \(shape \(3, 2\)\) differs at"):
         minivgg.gradcheck(lambda t: Cube(wrong=True)(t), [x], device=device)
+
+
+def test_no_grad_in_one_thread_leaves_other_threads_recording():
+    import threading
+    inside, release = threading.Event(), threading.Event()
+
+    def evaluate():
+        with no_grad():
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=evaluate)
+    worker.start()
+    inside.wait(10)  # the worker is now inside no_grad()
+    try:
+        assert minivgg.is_grad_enabled()
+        assert (Tensor(np.ones(2), requires_grad=True) * 2.0).requires_grad
+    finally:
+        release.set()
+        worker.join()

@@ -117,7 +117,12 @@ def read_state_dict(path):
                           "the minivgg[torch] extra). Without it, use a .npz made by "
                           "`python -m minivgg.pretrained convert IN.pth OUT.npz` on a "
                           "machine that has torch") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a pickled module, RuntimeError for junk
+        raise ValueError(f"{path}: not a state_dict torch can load safely "
+                         f"({type(e).__name__}); save one with "
+                         "torch.save(model.state_dict(), path)") from e
     if isinstance(state, dict) and "state_dict" in state and not any(
             k.startswith("features.") for k in state):
         state = state["state_dict"]  # a training checkpoint wrapping the weights

@@ -143,6 +143,10 @@ def test_missing_file_and_cli_convert(tmp_path, capsys):
     assert pretrained.main(["convert", str(pth), str(tmp_path / "b.npz"), "--config", "E"]) == 2
     assert "match configuration A" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists()
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a state_dict torch can load"):
+        pretrained.read_state_dict(junk)
 
 
 def test_imagenet_class_names_are_in_weight_order():

@@ -124,6 +124,7 @@ NAMED_IN_WALKTHROUGH = {
                             "max_pool2d_forward", "max_pool2d_backward", "lrn_forward",
                             "lrn_backward", "sgd_update"],
     "minivgg.models": ["CONFIGS", "parse_layer", "VGG", "vgg", "init_weights", "init_from_a"],
+    "minivgg.nn": ["Module", "Parameter", "Sequential", "Conv2d", "Linear"],
     "minivgg.summary": ["layer_table", "format_table"],
     "minivgg.optim": ["SGD", "ReduceLROnPlateau"],
     "minivgg.evaluate": ["to_fully_convolutional"],

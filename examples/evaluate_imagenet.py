@@ -88,7 +88,7 @@ def training_scales(meta):
 
 
 def load_nets(paths, device, batch_size):
-    """TestNets for the checkpoints, checking that they can be fused."""
+    """EvalNets for the checkpoints, checking that they can be fused."""
     nets, metas = [], []
     for path in paths:
         model, meta = load_model(path, device)
@@ -98,7 +98,7 @@ def load_nets(paths, device, batch_size):
         mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
         to_input = (lambda img, mean=mean: data.to_chw_float32(img, mean))
         name = f"{model.config} ({os.path.basename(path)})"
-        nets.append(evaluate.TestNet(model, to_input, meta["classes"], name, batch_size))
+        nets.append(evaluate.EvalNet(model, to_input, meta["classes"], name, batch_size))
         metas.append(meta)
     evaluate.check_same_classes([n.classes for n in nets], list(paths))
     return nets, metas

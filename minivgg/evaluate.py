@@ -160,38 +160,58 @@ def _forward(net, batch):
         return backend.to_numpy(net(Tensor(backend.to_device(batch, device))).data)
 
 
-def _run_in_batches(net, crops, batch_size):
-    """Soft-max of `net` on an (M, 3, c, c) array, `batch_size` crops at a time -> (M, K)."""
-    out = [F.softmax(_forward(net, crops[i:i + batch_size]))
-           for i in range(0, len(crops), batch_size)]
-    return np.concatenate(out).astype(np.float64)
+def _softmax_in_batches(net, crops, count, batch_size):
+    """Soft-max of `net` on `count` crops, built `batch_size` at a time -> (count, K).
+
+    `crops` yields (3, c, c) arrays; only one batch of them is in memory at once (50 crops
+    of 224 pixels per image and scale would otherwise be 30 MB an image).
+    """
+    out, batch = [], []
+    for crop in crops:
+        batch.append(crop)
+        if len(batch) == batch_size:
+            out.append(F.softmax(_forward(net, np.stack(batch)).astype(np.float64)))
+            batch = []
+    if batch:
+        out.append(F.softmax(_forward(net, np.stack(batch)).astype(np.float64)))
+    probs = np.concatenate(out)
+    assert len(probs) == count, (len(probs), count)
+    return probs
 
 
 def center_posteriors(model, images, batch_size=64):
     """Single centre crop, no flip. images: list of (3, H, W) float arrays -> (N, K)."""
     c = model.input_size
-    crops = []
-    for x in images:
-        top, left = center_offset(x.shape[1], x.shape[2], c)
-        crops.append(x[:, top:top + c, left:left + c])
-    return _run_in_batches(model, np.stack(crops), batch_size)
+
+    def crops():
+        for x in images:
+            top, left = center_offset(x.shape[1], x.shape[2], c)
+            yield x[:, top:top + c, left:left + c]
+
+    return _softmax_in_batches(model, crops(), len(images), batch_size)
 
 
 def multicrop_posteriors(model, images, batch_size=64, n=GRID):
     """n×n grid crops × 2 flips per image (Sec. 3.2), soft-max averaged -> (N, K).
+
+    The crops of `crop_grid` come row by row, each followed by its mirror image.
 
     NOTE: each crop is zero-padded at its own borders by the convolutions, while dense
     evaluation sees the real neighbouring pixels there; this is why the paper finds the
     two complementary (Sec. 3.2).
     """
     c, per_image = model.input_size, 2 * n * n
-    crops = []
-    for x in images:
-        for top, left in crop_grid(x.shape[1], x.shape[2], c, n):
-            crop = x[:, top:top + c, left:left + c]
-            crops.append(crop)
-            crops.append(crop[:, :, ::-1])
-    probs = _run_in_batches(model, np.stack(crops), batch_size)
+    for x in images:  # fail before any work is done
+        check_image_size(x.shape[1], x.shape[2], c)
+
+    def crops():
+        for x in images:
+            for top, left in crop_grid(x.shape[1], x.shape[2], c, n):
+                crop = x[:, top:top + c, left:left + c]
+                yield crop
+                yield crop[:, :, ::-1]
+
+    probs = _softmax_in_batches(model, crops(), per_image * len(images), batch_size)
     return probs.reshape(len(images), per_image, -1).mean(axis=1)
 
 
@@ -200,11 +220,16 @@ def dense_posteriors(fcn, images, batch_size=64):
 
     Each image and its horizontal flip go through `fcn`; the score map (K, h, w) is averaged
     over space into one score vector, turned into a soft-max, and the two soft-max vectors
-    are averaged. Images of the same size are batched together.
+    are averaged. Images of the same size are batched together; a large image may get a
+    batch of its own.
 
     NOTE: the paper averages the *scores* over space ("spatially averaged (sum-pooled)") and
     only then takes the soft-max, which it averages over the flips. Averaging per-location
     soft-max instead gives different numbers on maps larger than 1×1.
+
+    NOTE: neighbouring score-map locations are 32 pixels apart (five 2×2 pools), so with a
+    small net the map is tiny: a 64-pixel net at Q = 72 sees a 72×96 image as a 1×2 map,
+    i.e. two 64-pixel windows, where multi-crop uses 25 positions.
     """
     out = np.empty((len(images), fcn.num_classes))
     by_shape = OrderedDict()
@@ -212,8 +237,10 @@ def dense_posteriors(fcn, images, batch_size=64):
         by_shape.setdefault(x.shape, []).append(i)
     for shape, indices in by_shape.items():
         check_image_size(shape[1], shape[2], fcn.input_size)
-        # Two copies (image, flip) per image; a big image gets a batch of its own.
-        step = max(1, batch_size // 2)
+        # Two copies (image, flip) per image; as many as hold about `batch_size` crops'
+        # worth of pixels, so memory stays bounded at large Q.
+        crops_per_image = 2 * shape[1] * shape[2] / fcn.input_size ** 2
+        step = max(1, int(batch_size // crops_per_image))
         for s in range(0, len(indices), step):
             idx = indices[s:s + step]
             batch = np.stack([v for i in idx for v in (images[i], images[i][:, :, ::-1])])
@@ -280,7 +307,7 @@ def combine(parts, protocol, scales):
 # One model at test time
 # ----------------------------------------------------------------------------------------
 
-class TestNet:
+class EvalNet:
     """A trained model with what testing needs: its FC-as-conv twin and its input recipe.
 
     `to_input(img)` turns a rescaled uint8 (H, W, 3) RGB image into the float (3, H, W)
@@ -336,7 +363,7 @@ def check_same_classes(class_lists, names):
 def evaluate_images(nets, load, items, rows, rescale, chunk_size=32, progress=None):
     """Top-1/top-5 errors of `nets` (fused when several) for every row, in one pass.
 
-    nets: TestNets with a `to_input(uint8 (H, W, 3)) -> float (3, H, W)` callable (mean
+    nets: EvalNets with a `to_input(uint8 (H, W, 3)) -> float (3, H, W)` callable (mean
     subtraction and layout, as in training). load(path) -> uint8 RGB image.
     items: [(path, label)]. rows: [(protocol, scales)], e.g. [("dense", (72,)),
     ("dense+multicrop", (64, 72, 80))]. rescale(img, Q) -> image with smallest side Q.

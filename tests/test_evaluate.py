@@ -256,7 +256,7 @@ def _tiny_test_set(n=3, low=30, high=50):
 def test_evaluate_images_rows_match_the_parts_computed_directly():
     # Two fused 32-pixel nets keep this fast: 3 images x 2 scales x 50 crops per net.
     images, items = _tiny_test_set()
-    nets = [E.TestNet(small_vgg(seed=s, input_size=32), _to_input, batch_size=100)
+    nets = [E.EvalNet(small_vgg(seed=s, input_size=32), _to_input, batch_size=100)
             for s in (0, 10)]
     rows = [("center", (32,)), ("dense", (40,)), ("dense+multicrop", (32, 40))]
     results = E.evaluate_images(nets, images.__getitem__, items, rows, _nearest_rescale,
@@ -290,7 +290,7 @@ def test_evaluate_images_skips_and_counts_unreadable_images():
             raise OSError("truncated file")
         return images[i]
 
-    nets = [E.TestNet(small_vgg(input_size=32), _to_input)]
+    nets = [E.EvalNet(small_vgg(input_size=32), _to_input)]
     with pytest.warns(UserWarning, match="skipping unreadable image 1"):
         results = E.evaluate_images(nets, load, items, [("center", (32,))],
                                     _nearest_rescale)
@@ -299,7 +299,7 @@ def test_evaluate_images_skips_and_counts_unreadable_images():
 
 def test_evaluate_images_rejects_a_test_scale_below_the_crop():
     images, items = _tiny_test_set(1)
-    nets = [E.TestNet(small_vgg(), _to_input)]
+    nets = [E.EvalNet(small_vgg(), _to_input)]
     with pytest.raises(ValueError, match="Q=56 is smaller than the 64x64 training crop"):
         E.evaluate_images(nets, images.__getitem__, items, [("dense", (56, 64))],
                           _nearest_rescale)

@@ -209,6 +209,7 @@ def plot_curves(metrics, path, title=""):
     ax3.set(xlabel="epoch", ylabel="learning rate", title="rate (divided by 10 on plateaus)")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs only
     ax1.legend()
     ax2.legend()
     fig.suptitle(title or "training curves")

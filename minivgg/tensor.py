@@ -175,7 +175,7 @@ class Tensor:
                     continue
                 gx = _check_grad(fn, x, gx)
                 if x.creator is None:  # a leaf: accumulate into .grad
-                    x.grad = gx.copy() if x.grad is None else x.grad + gx
+                    x.grad = _owned(gx, gys, gxs) if x.grad is None else x.grad + gx
                 elif id(x) in grads:  # used more than once: sum the contributions
                     grads[id(x)] = (x, grads[id(x)][1] + gx)
                 else:
@@ -232,6 +232,21 @@ class Tensor:
     @property
     def T(self):
         return F.transpose(self)
+
+
+def _owned(gx, gys, gxs):
+    """`gx`, or a copy of it when it may share memory with another gradient.
+
+    NOTE: Add passes its output gradient straight through, so without the copy two leaves
+    (or a leaf and the caller's `grad`) would hold one array, and an in-place change to one
+    `.grad` would change the other. A fresh array (fc6's 400 MB weight gradient) is kept.
+    """
+    xp = backend.array_module(gx)
+    others = [g for g in list(gys) + list(gxs) if g is not None and g is not gx]
+    if any(g is gx for g in gys) or sum(g is gx for g in gxs) > 1 or any(
+            xp.may_share_memory(gx, g) for g in others):
+        return gx.copy()
+    return gx
 
 
 def _check_grad(fn, x, gx):

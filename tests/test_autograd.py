@@ -291,3 +291,13 @@ def test_no_grad_in_one_thread_leaves_other_threads_recording():
     finally:
         release.set()
         worker.join()
+
+
+def test_leaf_gradients_never_alias_each_other_or_the_output_gradient(device):
+    """Add hands its output gradient to both inputs; each leaf must still own its .grad."""
+    a, b = leaf([1.0, 2.0], device), leaf([3.0, 4.0], device)
+    g = tensor(np.array([1.0, 1.0]), device).data
+    (a + b).backward(g)
+    a.grad += 1.0
+    np.testing.assert_array_equal(to_numpy(b.grad), [1.0, 1.0])
+    np.testing.assert_array_equal(to_numpy(g), [1.0, 1.0])

@@ -10,12 +10,14 @@ The pieces, in the order an image meets them:
     to_chw_float32(img, mean_rgb)    uint8 (H, W, 3) -> float32 (3, H, W), mean subtracted
     Loader                           batches, decoded and augmented in worker processes
 
-NOTE: the scale. Pixels go into the network as `x / 255 - mean_rgb`, so every statistic in
-`DataStats` (the mean RGB, and the eigenvalues and eigenvectors of the RGB covariance) is on
-the 0-1 scale. The paper subtracts the mean on the 0-255 scale (Caffe's convention); the two
-differ by a constant factor of 255 only, which on the 0-1 scale keeps Glorot-initialised
-nets stable at lr 1e-2, and with which AlexNet's PCA formula gives shifts of a few grey
-levels, as in the common ports (fb.resnet.torch) rather than shifts of thousands.
+NOTE: the scale. Pixels go into the network on the 0-255 scale with the training set's
+mean RGB subtracted, `x - mean_rgb`, exactly as in the paper (Sec. 2.1) and Caffe, and
+every statistic in `DataStats` (the mean RGB, and the eigenvalues and eigenvectors of the
+RGB covariance) is on that 0-255 scale. Two consequences worth knowing: a 0-1 scale would
+shrink every activation of a BatchNorm-free VGG 255-fold, and Glorot- or N(0, 0.01)-
+initialised nets then sit at loss ln(K) for epochs; and AlexNet's PCA formula
+(`pca_colour_shift`) must be read on the 0-1 scale, where it gives shifts of a few grey
+levels (as in fb.resnet.torch), not on the 0-255 scale, where it would give thousands.
 
 Datasets (`ImageFolder`, `minivgg.synthetic.SyntheticImages`) share one small interface:
 `classes` (names in index order), `labels` (int64 array), `paths` (one name per sample) and
@@ -103,11 +105,11 @@ def center_crop(img, size):
 
 
 def to_chw_float32(img, mean_rgb):
-    """uint8 (H, W, 3) -> float32 (3, H, W) holding x / 255 - mean_rgb (Sec. 2.1).
+    """uint8 (H, W, 3) -> float32 (3, H, W) holding x - mean_rgb, 0-255 scale (Sec. 2.1).
 
-    `mean_rgb` is the training set's mean colour on the 0-1 scale (see the module NOTE).
+    `mean_rgb` is the training set's mean colour on the 0-255 scale (see the module NOTE).
     """
-    x = img.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = img.astype(np.float32)
     x -= np.asarray(mean_rgb, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -118,7 +120,7 @@ def to_chw_float32(img, mean_rgb):
 
 @dataclass
 class DataStats:
-    """Mean colour and RGB covariance eigen-decomposition, all on the 0-1 scale.
+    """Mean colour and RGB covariance eigen-decomposition, all on the 0-255 scale.
 
     `pca_eigval` is sorted in decreasing order; `pca_eigvec[:, i]` (a column) is the
     eigenvector of `pca_eigval[i]`. Stored in checkpoints as `meta["data_stats"]`.
@@ -146,8 +148,8 @@ class DataStats:
 
 
 def rgb_moments(img):
-    """(pixel count, sum of x, sum of x x^T) of one uint8 image on the 0-1 scale, float64."""
-    x = img.reshape(-1, 3).astype(np.float64) / 255.0
+    """(pixel count, sum of x, sum of x x^T) of one uint8 image (0-255 scale), float64."""
+    x = img.reshape(-1, 3).astype(np.float64)
     return x.shape[0], x.sum(axis=0), x.T @ x
 
 
@@ -163,14 +165,19 @@ def stats_from_moments(count, total, outer):
 
 
 def pca_colour_shift(stats, rng, std=0.1):
-    """AlexNet's lighting noise: P @ (alpha * lambda) with alpha ~ N(0, std) (Sec. 3.1).
+    """AlexNet's lighting noise, P @ (alpha * lambda), alpha ~ N(0, std) (Sec. 3.1).
 
     P holds the eigenvectors of the training set's RGB covariance as columns and lambda its
-    eigenvalues (0-1 scale). One shift per image, added to every pixel.
+    eigenvalues. One shift per image, added to every pixel; returned on the 0-255 scale.
+
+    NOTE: the formula is evaluated on the 0-1 scale, lambda_01 = lambda_255 / 255^2, and
+    the shift multiplied back by 255: 255 * P @ (alpha * lambda_255 / 255^2). On ImageNet
+    lambda_01 ~ (0.2, 0.02, 0.004), so the shift is ~5 grey levels (one standard deviation)
+    along the first component.
     """
     alpha = rng.normal(0.0, std, size=3)
-    return (np.asarray(stats.pca_eigvec) @ (alpha * np.asarray(stats.pca_eigval))).astype(
-        np.float32)
+    lam = np.asarray(stats.pca_eigval) / 255.0
+    return (np.asarray(stats.pca_eigvec) @ (alpha * lam)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,7 +211,7 @@ class TrainTransform:
         shift = self.mean.copy()
         if self.pca_std > 0:
             shift -= pca_colour_shift(self.stats, rng, self.pca_std)
-        return to_chw_float32(img, shift)  # x/255 + colour shift - mean
+        return to_chw_float32(img, shift)  # x + colour shift - mean
 
 
 class EvalTransform:
@@ -335,7 +342,7 @@ def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0):
 
     Each image is rescaled to smallest side `side` first: the colour statistics of a
     thumbnail are those of the image, at a fraction of the cost. Unreadable files are
-    skipped. Returns `DataStats` (0-1 scale).
+    skipped. Returns `DataStats` (0-255 scale).
     """
     n = len(dataset)
     rng = np.random.default_rng(seed)

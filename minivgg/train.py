@@ -349,8 +349,8 @@ def fit(cfg, log=print):
     else:
         t = time.perf_counter()
         stats = compute_stats(train_set, seed=cfg.seed, workers=cfg.workers)
-        say(f"training-set mean RGB {np.round(stats.mean_rgb, 4).tolist()} and PCA "
-            f"eigenvalues {np.round(stats.pca_eigval, 5).tolist()} (0-1 scale), "
+        say(f"training-set mean RGB {np.round(stats.mean_rgb, 2).tolist()} and PCA "
+            f"eigenvalues {np.round(stats.pca_eigval, 1).tolist()} (0-255 scale), "
             f"{time.perf_counter() - t:.1f}s")
     init = cfg.default_init()
     model = models.vgg(arch, num_classes=len(train_set.classes), width=cfg.width,

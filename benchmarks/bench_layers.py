@@ -1,0 +1,230 @@
+"""Per-layer benchmark: every distinct VGG-16 layer shape at 224×224 against PyTorch.
+
+Rows: the nine distinct conv shapes of configuration D (Table 1), A-LRN's LRN layer, the
+five pool shapes and fc6/fc7/fc8; each forward (no graph) and forward+backward. The
+reference is PyTorch on the same device: on CPU with the same thread count, on GPU cuDNN,
+once with TF32 off on both sides and once with it on (`--tf32 on`).
+
+    python benchmarks/bench_layers.py                      # CPU, batch 4, print the table
+    python benchmarks/bench_layers.py --only conv --append # conv rows, add to the README
+    python benchmarks/bench_layers.py --device cuda --batch 64 --tf32 off --append
+
+GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`); a
+backward pass costs twice the forward (gx and gW), except for conv1_1, whose gx is never
+needed. Pooling and LRN are memory-bound and get no GFLOP/s.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (puts the repository root on sys.path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per call (default 4 on CPU, 64 on GPU)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="CPU threads for both libraries (default: all cores)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--only", default="", help="comma-separated kinds: conv,lrn,pool,fc, or "
+                   "layer names such as conv3_2")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
+    p.add_argument("--tf32", choices=["off", "on"], default="off",
+                   help="GPU only: TF32 for both minivgg and cuDNN")
+    p.add_argument("--append", action="store_true", help="append the table to the README")
+    return p.parse_args(argv)
+
+
+def vgg16_layers(batch):
+    """[(name, kind, spec)] for every distinct layer shape of D at 224 (plus A-LRN's LRN).
+
+    spec: conv (C, OC, H, K, P); pool (C, H, K); lrn (C, H); fc (in, out). The MACs come
+    from `layer_table`, i.e. from the real layers, for one image.
+    """
+    from minivgg import nn
+    model, rows = common.layer_rows("D", 224)
+    macs = {r.name: r.macs for r in rows}
+    layers, seen, size, in_ch = [], set(), 224, 3
+    for name, layer in model.named_children():
+        if isinstance(layer, nn.Conv2d):
+            spec = (layer.in_channels, layer.out_channels, size, layer.kernel_size[0],
+                    layer.padding)
+            if spec not in seen:
+                seen.add(spec)
+                layers.append((name, "conv", spec, macs[name] * batch))
+            in_ch = layer.out_channels
+        elif isinstance(layer, nn.MaxPool2d):
+            layers.append((name, "pool", (in_ch, size, 2), 0))
+            if name == "pool1":
+                # A-LRN's only LRN sits on conv1's output (Table 1), just before pool1.
+                layers.insert(-1, ("norm1 (A-LRN)", "lrn", (in_ch, size), 0))
+            size //= 2
+        elif isinstance(layer, nn.Linear):
+            layers.append((name, "fc", (layer.in_features, layer.out_features),
+                           macs[name] * batch))
+    return layers
+
+
+# ----------------------------------------------------------------------------------------
+# One layer on each library: returns {"fwd": fn, "fwd+bwd": fn}
+# ----------------------------------------------------------------------------------------
+
+def minivgg_layer(kind, spec, batch, device, rng):
+    import numpy as np
+    from minivgg import Tensor, no_grad, functional as F
+    from minivgg.nn import Parameter
+
+    def arr(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    first = kind == "conv" and spec[0] == 3  # conv1_1: the image needs no gradient
+    if kind == "conv":
+        C, OC, H, K, P = spec
+        x = Tensor(arr(batch, C, H, H), requires_grad=not first)
+        params = [Parameter(arr(OC, C, K, K) * 0.01), Parameter(arr(OC))]
+        op = lambda x: F.conv2d(x, params[0], params[1], 1, P)  # noqa: E731
+    elif kind == "pool":
+        C, H, K = spec
+        x, params = Tensor(arr(batch, C, H, H), requires_grad=True), []
+        op = lambda x: F.max_pool2d(x, K, K)  # noqa: E731
+    elif kind == "lrn":
+        C, H = spec
+        x, params = Tensor(arr(batch, C, H, H), requires_grad=True), []
+        op = lambda x: F.local_response_norm(x, 5, 1e-4, 0.75, 2.0)  # noqa: E731
+    else:
+        n_in, n_out = spec
+        x = Tensor(arr(batch, n_in), requires_grad=True)
+        params = [Parameter(arr(n_out, n_in) * 0.01), Parameter(arr(n_out))]
+        op = lambda x: F.linear(x, params[0], params[1])  # noqa: E731
+    if device == "cuda":
+        x = x.to("cuda")
+        x.requires_grad = not first
+        for p in params:
+            p.data = p.to("cuda").data
+    with no_grad():
+        gy = op(x).data * 0 + 1  # an output gradient of the right shape, on the device
+
+    def fwd():
+        with no_grad():
+            op(x)
+
+    def fwd_bwd():
+        for t in [x] + params:
+            t.grad = None
+        op(x).backward(gy)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def torch_layer(kind, spec, batch, device, seed):
+    import torch
+    import torch.nn.functional as TF
+    g = torch.Generator().manual_seed(seed)
+
+    def arr(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    first = kind == "conv" and spec[0] == 3
+    if kind == "conv":
+        C, OC, H, K, P = spec
+        x = arr(batch, C, H, H).requires_grad_(not first)
+        params = [(arr(OC, C, K, K) * 0.01).requires_grad_(), arr(OC).requires_grad_()]
+        op = lambda x: TF.conv2d(x, params[0], params[1], 1, P)  # noqa: E731
+    elif kind == "pool":
+        C, H, K = spec
+        x, params = arr(batch, C, H, H).requires_grad_(), []
+        op = lambda x: TF.max_pool2d(x, K, K)  # noqa: E731
+    elif kind == "lrn":
+        C, H = spec
+        x, params = arr(batch, C, H, H).requires_grad_(), []
+        # PyTorch divides alpha by size; pass size*alpha so both compute the paper's LRN.
+        op = lambda x: TF.local_response_norm(x, 5, 5 * 1e-4, 0.75, 2.0)  # noqa: E731
+    else:
+        n_in, n_out = spec
+        x = arr(batch, n_in).requires_grad_()
+        params = [(arr(n_out, n_in) * 0.01).requires_grad_(), arr(n_out).requires_grad_()]
+        op = lambda x: TF.linear(x, params[0], params[1])  # noqa: E731
+    with torch.no_grad():
+        gy = torch.ones_like(op(x))
+
+    def fwd():
+        with torch.no_grad():
+            op(x)
+
+    def fwd_bwd():
+        for t in [x] + params:
+            t.grad = None
+        op(x).backward(gy)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    if args.device == "cuda" and args.tf32 == "on":
+        os.environ["CUPY_TF32"] = "1"  # CuPy reads it at import: cuBLAS may use TF32
+    import numpy as np
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        from minivgg import backend
+        backend.require_cuda()
+        if hasattr(backend, "set_tf32"):  # the GPU backend's switch, where it exists
+            backend.set_tf32(args.tf32 == "on")
+    batch = args.batch or (64 if args.device == "cuda" else 4)
+    wanted = [w for w in args.only.split(",") if w]
+    passes = [p for p in args.passes.split(",") if p]
+
+    rows = []
+    print(f"batch {batch}, {args.threads} threads, device {args.device}, load "
+          f"{common.load_average()}")
+    for name, kind, spec, flops_fwd in vgg16_layers(batch):
+        if wanted and kind not in wanted and name not in wanted:
+            continue
+        rng = np.random.default_rng(0)
+        ours = minivgg_layer(kind, spec, batch, args.device, rng)
+        ref = torch_layer(kind, spec, batch, args.device, 0)
+        first = kind == "conv" and spec[0] == 3
+        for pas in passes:
+            t = common.time_interleaved({"minivgg": ours[pas], "torch": ref[pas]},
+                                        args.repeats, args.warmup, args.device)
+            mult = 1 if pas == "fwd" else (2 if first else 3)
+            flops = 2 * flops_fwd * mult
+            row = [name, kind, "x".join(map(str, spec)), pas,
+                   f"{t['minivgg'] * 1e3:.1f}", f"{t['torch'] * 1e3:.1f}",
+                   f"{common.gflops(flops, t['minivgg']):.0f}" if flops else "-",
+                   f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
+                   f"{t['minivgg'] / t['torch']:.2f}"]
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+        del ours, ref
+
+    ref_name = "cuDNN" if args.device == "cuda" else "torch"
+    headers = ["layer", "kind", "shape", "pass", "minivgg ms", f"{ref_name} ms",
+               "minivgg GFLOP/s", f"{ref_name} GFLOP/s", f"time ratio minivgg/{ref_name}"]
+    title = f"Layers, {args.device}, batch {batch}"
+    if args.device == "cuda":
+        title += f", TF32 {args.tf32}"
+    text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
+        headers, rows) + "\n\nShapes: conv C x OC x H x K x padding, pool C x H x K, " \
+        "lrn C x H, fc in x out. Time ratio below 1 means minivgg is faster."
+    print()
+    print(text)
+    if args.append:
+        common.append_to_readme(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""What every benchmark shares: timing, FLOP counts, machine facts and markdown output.
+
+Timing rules (style.md, item 10): every timed function is called `warmup` times first (Numba
+loads its cache, BLAS spins up its threads, PyTorch picks its algorithms), the GPU is
+synchronised before the clock is read, and minivgg and the reference are measured in the
+same run, interleaved (minivgg, reference, minivgg, ...) so a burst of load from another
+process hits both. We report medians, which ignore the odd slow repetition.
+"""
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+# Run from a checkout without installing: put the repository root on the path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+README = os.path.join(ROOT, "benchmarks", "README.md")
+
+
+# ----------------------------------------------------------------------------------------
+# Threads: the same count for minivgg (BLAS + Numba) and PyTorch
+# ----------------------------------------------------------------------------------------
+
+def set_threads(n):
+    """Ask every pool for `n` threads. Call before importing numpy, numba or torch.
+
+    NOTE: OpenBLAS and Numba read these variables once, at import; set them too late and
+    they are silently ignored.
+    """
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------
+
+def cuda_sync(device):
+    """Wait for the GPU (both CuPy's and PyTorch's streams) so the clock sees the work."""
+    if device != "cuda":
+        return
+    try:
+        import cupy
+        cupy.cuda.Device().synchronize()
+    except ImportError:
+        pass
+    try:
+        import torch
+        torch.cuda.synchronize()
+    except ImportError:
+        pass
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def time_interleaved(fns, repeats=5, warmup=1, device="cpu"):
+    """{name: fn} -> {name: median seconds}, the functions taking turns.
+
+    Each `fn()` runs `warmup` times untimed, then `repeats` timed rounds in which every fn
+    runs once, in the order given.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+        cuda_sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            cuda_sync(device)
+            t0 = time.perf_counter()
+            fn()
+            cuda_sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: median(t) for name, t in times.items()}
+
+
+def gflops(flops, seconds):
+    return flops / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs from the Table 1 layers
+# ----------------------------------------------------------------------------------------
+
+def layer_rows(config="D", input_size=224, width=1.0, fc_width=4096, num_classes=1000):
+    """`minivgg.summary.layer_table` of a configuration: shapes and multiply-adds per image.
+
+    Built with `models.VGG` (zero weights, no initialisation) so it is cheap.
+    """
+    from minivgg.models import VGG
+    from minivgg.summary import layer_table
+    model = VGG(config, num_classes, width, fc_width, input_size)
+    return model, layer_table(model, input_size)
+
+
+def training_flops(rows, batch):
+    """FLOPs of one training step: forward 2*MACs, backward 4*MACs (gx and gW), except
+    that the first conv needs no gx (the image is not trained)."""
+    first_conv = next(r.name for r in rows if r.kind.startswith("conv"))
+    total = 0
+    for r in rows:
+        passes = 2 if r.name == first_conv else 3
+        total += 2 * r.macs * passes
+    return total * batch
+
+
+# ----------------------------------------------------------------------------------------
+# Machine facts and markdown
+# ----------------------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average():
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"
+
+
+def versions():
+    import numpy
+    parts = [f"Python {platform.python_version()}", f"NumPy {numpy.__version__}"]
+    try:
+        import numba
+        parts.append(f"Numba {numba.__version__}")
+    except ImportError:
+        pass
+    try:
+        import torch
+        parts.append(f"PyTorch {torch.__version__}")
+    except ImportError:
+        pass
+    try:
+        import cupy
+        parts.append(f"CuPy {cupy.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def gpu_name():
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return None
+
+
+def header(title, threads, device="cpu"):
+    """The lines that open a results section: what, when, where, with what, under what load."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, {threads} threads for both libraries"
+    if device == "cuda":
+        machine += f"; GPU {gpu_name()}"
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    return "\n".join([
+        f"### {title}", "",
+        f"- date: {now}",
+        f"- machine: {machine}",
+        f"- versions: {versions()}",
+        f"- load average (1, 5, 15 min) at start: {load_average()}",
+        f"- command: `{cmd}`", ""])
+
+
+def markdown_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def append_to_readme(text, path=README):
+    with open(path, "a") as f:
+        f.write("\n" + text.rstrip() + "\n")
+    print(f"appended to {os.path.relpath(path, ROOT)}")

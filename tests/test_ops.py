@@ -546,3 +546,24 @@ def test_sum_accepts_a_list_of_axes(device, rng):
     assert y.shape == (3,)
     y.backward(np.ones(3))
     np.testing.assert_array_equal(to_numpy(x.grad), np.ones((2, 3, 4)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_branching_graph_of_convs_and_pools_matches_torch(dtype, device, rng, torch):
+    """Two convolutions read one input and meet again: catches kernels whose outputs alias
+    a reused scratch buffer (invisible in a plain chain, which consumes each at once)."""
+    TF = torch.nn.functional
+
+    def ours(x, W1, W2):
+        a = F.relu(F.conv2d(x, W1, padding=1))
+        b = F.conv2d(x, W2, stride=2, padding=1)
+        return F.max_pool2d(a, 2, 2) * b + F.max_pool2d(F.conv2d(a, W2, padding=1), 2, 2)
+
+    def theirs(x, W1, W2):
+        a = TF.relu(TF.conv2d(x, W1, padding=1))
+        b = TF.conv2d(x, W2, stride=2, padding=1)
+        return TF.max_pool2d(a, 2, 2) * b + TF.max_pool2d(TF.conv2d(a, W2, padding=1), 2, 2)
+
+    arrays = [rng.normal(size=(3, 4, 8, 6)), rng.normal(size=(4, 4, 3, 3)) / 6,
+              rng.normal(size=(4, 4, 3, 3)) / 6]
+    compare_with_torch("conv2d", ours, theirs, arrays, device, dtype)

@@ -46,11 +46,19 @@ def save(path, model_state, optimizer_state=None, meta=None):
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        # NOTE: mkstemp makes the file private (0600); give it the mode open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _to_json(value):

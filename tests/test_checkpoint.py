@@ -178,3 +178,9 @@ def test_meta_may_hold_numpy_scalars_and_arrays(tmp_path):
     with pytest.raises(TypeError, match="object is not JSON-serialisable"):
         checkpoint.save(tmp_path / "bad.npz", small_model().state_dict(), meta={"x": object()})
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_checkpoint_gets_the_same_file_mode_as_a_plainly_opened_file(tmp_path):
+    checkpoint.save(tmp_path / "c.npz", small_model().state_dict())
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "c.npz").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode

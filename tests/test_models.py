@@ -292,3 +292,41 @@ def test_init_from_a_reports_missing_layers():
     model = models.vgg("D", width=1 / 16, fc_width=16, input_size=32, seed=2)
     with pytest.raises(ValueError, match=r"fc7\.bias is missing from net A"):
         models.init_from_a(model, a_state)
+
+
+# ----------------------------------------------------------------------------------------
+# The Module API the models rest on
+# ----------------------------------------------------------------------------------------
+
+def test_named_parameters_use_caffe_names_in_layer_order():
+    model = models.VGG("C", width=1 / 16, fc_width=8, input_size=32)
+    names = [k for k, _ in model.named_parameters()]
+    assert names[:4] == ["conv1_1.weight", "conv1_1.bias", "conv1_2.weight", "conv1_2.bias"]
+    assert names[-2:] == ["fc8.weight", "fc8.bias"] and len(names) == 2 * 16
+    assert [p for _, p in model.named_parameters()] == model.parameters()
+
+
+def test_state_dict_copies_and_load_state_dict_does_not_alias_its_input(device):
+    model = models.vgg("A", width=1 / 16, fc_width=8, input_size=32, seed=0).to(device)
+    state = model.state_dict()
+    state["fc8.bias"] += 1.0  # editing the copy leaves the model alone
+    assert not to_numpy(model.fc8.bias).any()
+    model.load_state_dict(state)
+    state["fc8.bias"] += 1.0  # and the model does not hold the caller's array
+    np.testing.assert_array_equal(to_numpy(model.fc8.bias), np.ones(1000))
+    assert model.fc8.bias.grad is None and model.fc8.bias.device == device
+
+
+def test_nn_layers_equal_their_functional_ops(device, rng):
+    x = tensor(rng.normal(size=(2, 3, 6, 5)), device, np.float32)
+    conv = nn.Conv2d(3, 4, (3, 1), stride=(2, 1), padding=(1, 0), bias=False).to(device)
+    conv.weight.data = tensor(rng.normal(size=(4, 3, 3, 1)), device, np.float32).data
+    np.testing.assert_array_equal(to_numpy(conv(x)),
+                                  to_numpy(F.conv2d(x, conv.weight, None, (2, 1), (1, 0))))
+    assert conv.bias is None and len(conv.parameters()) == 1
+    pool = nn.MaxPool2d(3, 2)
+    np.testing.assert_array_equal(to_numpy(pool(x)), to_numpy(F.max_pool2d(x, 3, 2)))
+    lrn = nn.LocalResponseNorm(3, 1e-2, 0.75, 1.0, alpha_over_n=True)
+    np.testing.assert_array_equal(to_numpy(lrn(x)), to_numpy(
+        F.local_response_norm(x, 3, 1e-2, 0.75, 1.0, alpha_over_n=True)))
+    assert nn.Flatten()(x).shape == (2, 90)

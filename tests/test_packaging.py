@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
+
+import pytest
 
 from conftest import REPO
 
@@ -98,6 +99,7 @@ def test_importing_minivgg_does_not_import_cupy_eagerly(tmp_path):
 
 
 def test_pyproject_installs_kernels_folder_as_minivgg_kernels():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
     setuptools = project["tool"]["setuptools"]

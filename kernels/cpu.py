@@ -10,28 +10,107 @@ so the two can be read side by side. Shape legend, used throughout:
 
 Convolution is im2col + GEMM (Sec. 2.1's 3×3/s1/p1 convs, and C's 1×1 ones). The loops that
 move data (im2col, col2im, pooling, LRN, ReLU, the SGD update) are Numba kernels compiled
-once and cached on disk (`cache=True`); the GEMMs are NumPy's BLAS. Both use every core, but
-never at the same time: a kernel finishes before the next GEMM starts, so the two thread
-pools take turns instead of oversubscribing the cores.
+once and cached on disk (`cache=True`); the GEMMs are NumPy's BLAS. One thread pool of our
+own spreads the work over the cores (see "Threads" below).
 
 Set `NUMBA_DISABLE_JIT=1` to run (and step through) every kernel as plain Python.
 """
 
-import numpy as np
-from numba import njit, prange
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
-# Bytes of im2col matrix built at once. The GEMM streams this buffer, so it should be large
-# enough to keep the GEMM efficient and small enough to stay near the cache and to keep the
-# step's peak memory low: conv1_2's full im2col matrix is 115 MB per 224×224 image.
+import numpy as np
+from numba import njit
+
+# Bytes of im2col matrix built at once, per thread. The GEMM streams this buffer, so it
+# should be large enough to keep the GEMM efficient and small enough to stay near the cache
+# and to keep the step's peak memory low: conv1_2's full im2col matrix is 115 MB per image.
 IM2COL_CHUNK_BYTES = 16 * 2**20
 
-# Numba's options for every kernel. NOTE: fastmath stays off, so float results do not depend
-# on the compiler's reassociation and the tests can compare against plain loops tightly.
-_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+# Numba's options for every kernel. The kernels are serial; `parallel_for` runs pieces of
+# one on several threads (`nogil` lets them run at once). NOTE: fastmath stays off, so float
+# results do not depend on the compiler's reassociation and the tests can compare against
+# plain loops tightly.
+_JIT = dict(cache=True, fastmath=False, nogil=True)
 
 
 def conv_output_size(size, k, s, p):
     return (size + 2 * p - k) // s + 1
+
+
+# ----------------------------------------------------------------------------------------
+# Threads: one pool of our own, single-threaded BLAS and kernels inside it
+# ----------------------------------------------------------------------------------------
+#
+# NOTE: the obvious setup, a multi-threaded BLAS plus Numba's `parallel=True` kernels, is two
+# thread pools that spin-wait and meet at a barrier after every GEMM and every kernel. On a
+# busy 2-core machine one descheduled thread then stalls the other: we measured training
+# steps 5-15x slower than with one thread. Here every piece of work (an im2col chunk and its
+# GEMMs, a range of pooling planes) runs start to finish on one thread of one pool, with a
+# single-threaded BLAS call inside, and the threads only meet when an op is done.
+
+def num_threads():
+    """Threads used by the CPU kernels: NUMBA_NUM_THREADS, else OMP_NUM_THREADS, else all
+    cores (so `torch.set_num_threads`-style comparisons can pin both to the same count)."""
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    return os.cpu_count() or 1
+
+
+def _openblas_set_threads_local():
+    """`openblas_set_num_threads_local` of the OpenBLAS that NumPy loaded, or None.
+
+    It sets the BLAS thread count of the calling thread only (OpenBLAS >= 0.3.27), so the
+    pool's threads run one-thread GEMMs while the main thread keeps BLAS's own threads for
+    NumPy code elsewhere (the FC layers).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+        for path in paths:
+            fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+            if fn is not None:
+                return fn
+    except OSError:
+        pass
+    return None
+
+
+_pool = None
+
+
+def _init_worker():
+    set_local = _openblas_set_threads_local()
+    if set_local is not None:
+        set_local(1)
+
+
+def _get_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix="minivgg",
+                                   initializer=_init_worker)
+    return _pool
+
+
+def run_jobs(job, items):
+    """job(item) for every item, spread over the pool; returns when all are done."""
+    if num_threads() == 1 or len(items) == 1:
+        for item in items:
+            job(item)
+        return
+    for _ in _get_pool().map(job, items):  # iterating re-raises a job's exception here
+        pass
+
+
+def parallel_for(kernel, n_tasks, *args):
+    """kernel(*args, t0, t1) on contiguous ranges of range(n_tasks), one per thread."""
+    T = min(num_threads(), n_tasks)
+    bounds = [n_tasks * k // T for k in range(T + 1)]
+    run_jobs(lambda k: kernel(*args, bounds[k], bounds[k + 1]), list(range(T)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,17 +121,18 @@ _workspace = {}
 
 
 def workspace(name, shape, dtype):
-    """An uninitialised array of `shape` backed by a cached buffer called `name`.
+    """An uninitialised array of `shape` backed by a cached buffer `name` of this thread.
 
     Allocating and page-faulting a fresh 16 MB im2col buffer for every chunk of every layer
     costs more than filling it, so each named buffer is kept and only grows. NOTE: two live
-    views of the same name alias each other; every caller uses a distinct name.
+    views of the same name on one thread alias each other; callers use distinct names.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    buf = _workspace.get(name)
+    key = (name, threading.get_ident())
+    buf = _workspace.get(key)
     if buf is None or buf.nbytes < nbytes:
-        buf = _workspace[name] = np.empty(nbytes, dtype=np.uint8)
+        buf = _workspace[key] = np.empty(nbytes, dtype=np.uint8)
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
@@ -73,15 +153,14 @@ def free_workspace():
 def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
     """Fill cols (CKK, P) for a chunk of x (N, C, H, W); padding reads as zero.
 
-    One parallel task per (image, row r): it writes that row's contiguous segment, one
-    output row (OW columns) at a time: zeros where the window hangs over the padding, a
-    plain copy of an input row (strided by SW) in between.
+    Row by row of cols, one output row (OW columns) at a time: zeros where the window hangs
+    over the padding, a plain copy of an input row (strided by SW) in between.
     """
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     OW = (W + 2 * PW - KW) // SW + 1
     rows = oy1 - oy0
     KK = KH * KW
-    for task in prange((n1 - n0) * C * KK):
+    for task in range((n1 - n0) * C * KK):
         i, r = task // (C * KK), task % (C * KK)
         c, ky, kx = r // KK, (r % KK) // KW, r % KW
         # output columns whose input column ix = ox*SW + kx - PW lies inside 0..W-1
@@ -109,22 +188,23 @@ def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
 def col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
     """The adjoint of `im2col_chunk`: add every entry of cols (CKK, P) back into gx.
 
-    NOTE: neighbouring columns overlap (a pixel is read by up to KH*KW windows), so two
-    writers could race on one pixel. Here one parallel task owns a whole (image, channel)
-    plane of gx and gathers every contribution to it, so no two tasks ever touch the same
-    pixel: no atomics, and the sum is the same for any number of threads.
+    A gather: each input row of gx collects, while it sits in L1, the KH*KW column rows
+    that copied it. It adds into gx, so the rows a band shares with its neighbour band (the
+    KH-1 halo rows) receive both bands' parts.
+    NOTE: two bands next to each other write the same halo rows, so `conv2d_backward` never
+    runs them at the same time (it runs even chunks, then odd ones).
     """
     C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
     OW = (W + 2 * PW - KW) // SW + 1
     rows = oy1 - oy0
     KK = KH * KW
-    for task in prange((n1 - n0) * C):
+    # Input rows that some output row of this band reads (the band's halo included).
+    iy_lo = max(0, oy0 * SH - PH)
+    iy_hi = min(H, (oy1 - 1) * SH - PH + KH)
+    for task in range((n1 - n0) * C):
         i, c = task // C, task % C
-        # Input rows that some output row of this band reads (the band's halo included).
-        iy_lo = max(0, oy0 * SH - PH)
-        iy_hi = min(H, (oy1 - 1) * SH - PH + KH)
         for iy in range(iy_lo, iy_hi):
-            dst = gx[n0 + i, c, iy]  # gathered into while it sits in L1
+            dst = gx[n0 + i, c, iy]
             for ky in range(KH):
                 t = iy + PH - ky  # = oy * SH for the output row oy that reads iy via ky
                 if t % SH != 0 or t // SH < oy0 or t // SH >= oy1:
@@ -152,8 +232,9 @@ def im2col(x, KH, KW, SH, SW, PH, PW):
     N, C, H, W = x.shape
     OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(W, KW, SW, PW)
     out = np.empty((N, C * KH * KW, OH * OW), dtype=x.dtype)
-    for n in range(N):
-        im2col_chunk(x, n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, out[n])
+    x = np.ascontiguousarray(x)
+    run_jobs(lambda n: im2col_chunk(x, n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, out[n]),
+             list(range(N)))
     return out
 
 
@@ -165,20 +246,23 @@ def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
     N, C, H, W = x_shape
     gx = np.zeros(x_shape, dtype=cols.dtype)
     OH = conv_output_size(H, KH, SH, PH)
-    for n in range(N):
-        col2im_chunk(np.ascontiguousarray(cols[n]), n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW,
-                     gx)
+    cols = np.ascontiguousarray(cols)
+    run_jobs(lambda n: col2im_chunk(cols[n], n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, gx),
+             list(range(N)))
     return gx
 
 
-def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None):
+def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None, parts=None):
     """Cut the batch into (n0, n1, oy0, oy1) chunks whose im2col matrix fits the budget.
 
     Small layers take several whole images per chunk (one big GEMM instead of many thin
-    ones); big layers take a band of output rows of one image.
+    ones); big layers take a band of output rows of one image. There are at least `parts`
+    chunks (the thread count) where the layer allows it, so every thread has work.
     """
     budget = IM2COL_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    parts = num_threads() if parts is None else parts
     row_bytes = CKK * OW * itemsize
+    budget = max(row_bytes, min(budget, row_bytes * OH * N // parts))
     image_bytes = row_bytes * OH
     if image_bytes <= budget:
         step = max(1, budget // image_bytes)
@@ -195,17 +279,16 @@ def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None):
 def cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y):
     """y[n, oc, oy0:oy1, :] = ycols[oc, chunk columns of n] + b[oc], for n in n0..n1-1.
 
-    The GEMM writes the chunk as (OC, P); this scatters it into y (N, OC, OH, OW) and adds
-    the bias in the same pass. `b` has length OC (zeros when the conv has no bias).
+    The GEMM writes a chunk of several images as (OC, P); this moves it into y
+    (N, OC, OH, OW) and adds the bias in the same pass.
     """
     OC, OW = y.shape[1], y.shape[3]
     band = (oy1 - oy0) * OW
-    for task in prange((n1 - n0) * OC):
-        i, oc = task // OC, task % OC
-        bias = b[oc]
-        for p in range(band):
-            oy, ox = oy0 + p // OW, p % OW
-            y[n0 + i, oc, oy, ox] = ycols[oc, i * band + p] + bias
+    for i in range(n1 - n0):
+        for oc in range(OC):
+            dst = y[n0 + i, oc].reshape(-1)
+            for p in range(band):
+                dst[oy0 * OW + p] = ycols[oc, i * band + p] + b[oc]
 
 
 @njit(**_JIT)
@@ -213,31 +296,32 @@ def nchw_to_cols(gy, n0, n1, oy0, oy1, gycols):
     """The inverse move: gycols (OC, P) = the chunk of gy (N, OC, OH, OW)."""
     OC, OW = gy.shape[1], gy.shape[3]
     band = (oy1 - oy0) * OW
-    for task in prange((n1 - n0) * OC):
-        i, oc = task // OC, task % OC
-        for p in range(band):
-            gycols[oc, i * band + p] = gy[n0 + i, oc, oy0 + p // OW, p % OW]
+    for i in range(n1 - n0):
+        for oc in range(OC):
+            src = gy[n0 + i, oc].reshape(-1)
+            for p in range(band):
+                gycols[oc, i * band + p] = src[oy0 * OW + p]
+
+
+@njit(**_JIT)
+def add_bias(ycols, b):
+    """ycols (OC, P) += b[:, None], while the GEMM's output is still in cache."""
+    for oc in range(ycols.shape[0]):
+        for p in range(ycols.shape[1]):
+            ycols[oc, p] += b[oc]
 
 
 # ----------------------------------------------------------------------------------------
 # Convolution
 # ----------------------------------------------------------------------------------------
 
-@njit(**_JIT)
-def add_bias(ycols, b):
-    """ycols (OC, P) += b[:, None], one row per task, while the GEMM's output is in cache."""
-    for oc in prange(ycols.shape[0]):
-        for p in range(ycols.shape[1]):
-            ycols[oc, p] += b[oc]
-
-
 def conv2d_forward(x, W, b, stride, padding):
     """y = conv(x, W) + b.  x (N, C, H, W), W (OC, C, KH, KW), b (OC,) or None -> (N, OC, OH, OW).
 
-    Per chunk: im2col into a reused buffer, then one GEMM (OC, CKK) @ (CKK, P). A band of
-    one image is written by the GEMM straight into y (a row-band of y[n] viewed as
-    (OC, OH*OW) is a strided matrix BLAS accepts); a chunk of several images goes through
-    a scratch buffer and one pass that moves it into NCHW order.
+    Per chunk, on one thread: im2col into that thread's buffer, then one GEMM
+    (OC, CKK) @ (CKK, P). A band of one image is written by the GEMM straight into y (a row
+    band of y[n] seen as (OC, OH*OW) is a strided matrix BLAS accepts); a chunk of several
+    images goes through a scratch buffer and one pass that moves it into NCHW order.
     """
     N, C, H, Wd = x.shape
     OC, _, KH, KW = W.shape
@@ -246,22 +330,24 @@ def conv2d_forward(x, W, b, stride, padding):
     CKK = C * KH * KW
     x = np.ascontiguousarray(x)
     Wmat = np.ascontiguousarray(W).reshape(OC, CKK)
+    b = np.zeros(OC, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
     y = np.empty((N, OC, OH, OW), dtype=x.dtype)
-    for n0, n1, oy0, oy1 in conv_chunks(N, OH, OW, CKK, x.itemsize):
+
+    def job(chunk):
+        n0, n1, oy0, oy1 = chunk
         P = (n1 - n0) * (oy1 - oy0) * OW
         cols = workspace("cols", (CKK, P), x.dtype)
         im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
         if n1 - n0 == 1:
             ycols = y[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
             np.matmul(Wmat, cols, out=ycols)
-            if b is not None:
-                add_bias(ycols, b)
+            add_bias(ycols, b)
         else:
             ycols = workspace("ycols", (OC, P), x.dtype)
             np.matmul(Wmat, cols, out=ycols)
-            zero = np.zeros(OC, dtype=x.dtype)
-            cols_to_nchw(ycols, zero if b is None else b.astype(x.dtype, copy=False),
-                         n0, n1, oy0, oy1, y)
+            cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
+
+    run_jobs(job, conv_chunks(N, OH, OW, CKK, x.itemsize))
     return y
 
 
@@ -270,6 +356,8 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
 
     Per chunk, with cols rebuilt from x (storing them for backward would cost 9× the
     activations):  gW += gy_chunk @ cols^T,  gcols = W^T @ gy_chunk,  gx += col2im(gcols).
+    Each thread sums its chunks' gW into its own (OC, CKK) buffer; the buffers are added at
+    the end, so no two threads ever write the same array element.
     """
     N, C, H, Wd = x.shape
     OC, _, KH, KW = W.shape
@@ -278,11 +366,13 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
     CKK = C * KH * KW
     x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
     Wmat = np.ascontiguousarray(W).reshape(OC, CKK)
-    gW = np.empty((OC, CKK), dtype=x.dtype)
-    # NOTE: zeros, not empty: a row band's col2im adds into input rows shared with the
+    # NOTE: zeros, not empty: a band's col2im adds into the halo rows it shares with the
     # neighbouring band.
     gx = np.zeros_like(x) if need_gx else None
-    for k, (n0, n1, oy0, oy1) in enumerate(conv_chunks(N, OH, OW, CKK, x.itemsize)):
+    partial_gW = {}  # thread id -> that thread's sum of gy_chunk @ cols^T
+
+    def job(chunk):
+        n0, n1, oy0, oy1 = chunk
         P = (n1 - n0) * (oy1 - oy0) * OW
         if n1 - n0 == 1:  # a band of one image: a strided view, no copy
             gycols = gy[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
@@ -291,16 +381,25 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
             nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
         cols = workspace("cols", (CKK, P), x.dtype)
         im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
-        if k == 0:
-            np.matmul(gycols, cols.T, out=gW)
+        me = threading.get_ident()
+        if me not in partial_gW:
+            partial_gW[me] = np.matmul(gycols, cols.T)
         else:
-            gW_part = workspace("gW", (OC, CKK), x.dtype)
-            np.matmul(gycols, cols.T, out=gW_part)
-            gW += gW_part
+            part = workspace("gW", (OC, CKK), x.dtype)
+            np.matmul(gycols, cols.T, out=part)
+            partial_gW[me] += part
         if need_gx:
-            gcols = workspace("cols", (CKK, P), x.dtype)  # cols is spent: reuse its buffer
+            gcols = cols  # cols is spent: its buffer takes W^T @ gy
             np.matmul(Wmat.T, gycols, out=gcols)
             col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
+
+    chunks = conv_chunks(N, OH, OW, CKK, x.itemsize)
+    run_jobs(job, chunks[0::2])  # neighbouring bands share halo rows of gx: never
+    run_jobs(job, chunks[1::2])  # run two of them at once
+    parts = list(partial_gW.values())
+    gW = parts[0]
+    for part in parts[1:]:
+        gW += part
     gb = gy.sum(axis=(0, 2, 3))
     return gx, gW.reshape(W.shape), gb
 
@@ -310,10 +409,10 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
 # ----------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax):
-    """One parallel task per (n, c) plane; argmax holds the winner's offset ky*KW + kx."""
-    N, C, OH, OW = y.shape
-    for task in prange(N * C):
+def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1):
+    """Planes t0..t1-1 of the N*C (n, c) planes; argmax gets the winner's ky*KW + kx."""
+    C, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    for task in range(t0, t1):
         n, c = task // C, task % C
         for oy in range(OH):
             for ox in range(OW):
@@ -324,7 +423,7 @@ def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax):
                         v = x[n, c, oy * SH + ky, ox * SW + kx]
                         # NOTE: strict `>`: on a tie the first offset in row-major order
                         # wins, so the gradient goes to exactly one input, as in Caffe and
-                        # cuDNN. A NaN never wins against a number (comparisons are false).
+                        # cuDNN.
                         if v > best:
                             best, best_k = v, ky * KW + kx
                 y[n, c, oy, ox] = best
@@ -341,19 +440,20 @@ def max_pool2d_forward(x, kernel_size, stride):
     OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N, C, OH, OW), dtype=np.int32)
-    _max_pool2d_forward_kernel(np.ascontiguousarray(x), KH, KW, SH, SW, y, argmax)
+    parallel_for(_max_pool2d_forward_kernel, N * C, np.ascontiguousarray(x), KH, KW, SH, SW,
+                 y, argmax)
     return y, argmax
 
 
 @njit(**_JIT)
-def _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx):
-    """Route each output gradient to its window's winner; gx must start at zero.
+def _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1):
+    """Route each output gradient of planes t0..t1-1 to its window's winner.
 
-    NOTE: overlapping windows (stride < kernel) can send two gradients to one pixel. One
-    task owns a whole (n, c) plane, so those += never race.
+    gx must start at zero. NOTE: overlapping windows (stride < kernel) can send two
+    gradients to one pixel; one task owns a whole (n, c) plane, so those += never race.
     """
-    N, C, OH, OW = gy.shape
-    for task in prange(N * C):
+    C, OH, OW = gy.shape[1], gy.shape[2], gy.shape[3]
+    for task in range(t0, t1):
         n, c = task // C, task % C
         for oy in range(OH):
             for ox in range(OW):
@@ -365,7 +465,9 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
     """Route each output gradient to the input that won its window."""
     (KH, KW), (SH, SW) = kernel_size, stride
     gx = np.zeros(x_shape, dtype=gy.dtype)
-    _max_pool2d_backward_kernel(np.ascontiguousarray(gy), argmax, KW, SH, SW, gx)
+    N, C = gy.shape[0], gy.shape[1]
+    parallel_for(_max_pool2d_backward_kernel, N * C, np.ascontiguousarray(gy),
+                 np.ascontiguousarray(argmax), KW, SH, SW, gx)
     return gx
 
 
@@ -374,23 +476,23 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
 # ----------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _relu_forward_kernel(x, y):
-    for i in prange(x.size):
+def _relu_forward_kernel(x, y, t0, t1):
+    for i in range(t0, t1):
         # NOTE: written so that a NaN input stays NaN (visible), as np.maximum and PyTorch
         # do; `x[i] if x[i] > 0 else 0` would silently turn it into 0.
         y[i] = 0 if x[i] <= 0 else x[i]
 
 
 @njit(**_JIT)
-def _relu_backward_kernel(y, gy, gx):
-    for i in prange(y.size):
+def _relu_backward_kernel(y, gy, gx, t0, t1):
+    for i in range(t0, t1):
         gx[i] = gy[i] if y[i] > 0 else 0
 
 
 def relu_forward(x):
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    _relu_forward_kernel(x.reshape(-1), y.reshape(-1))
+    parallel_for(_relu_forward_kernel, x.size, x.reshape(-1), y.reshape(-1))
     return y
 
 
@@ -398,7 +500,7 @@ def relu_backward(y, gy):
     """NOTE: the gradient at exactly 0 is 0 (a dead unit), as in PyTorch; we test y > 0."""
     y, gy = np.ascontiguousarray(y), np.ascontiguousarray(gy)
     gx = np.empty_like(gy)
-    _relu_backward_kernel(y.reshape(-1), gy.reshape(-1), gx.reshape(-1))
+    parallel_for(_relu_backward_kernel, y.size, y.reshape(-1), gy.reshape(-1), gx.reshape(-1))
     return gx
 
 
@@ -407,17 +509,17 @@ def relu_backward(y, gy):
 # ----------------------------------------------------------------------------------------
 #
 # Both passes walk the channels of one pixel with a running window sum, so each costs O(C)
-# per pixel whatever the window size. One parallel task per (n, row).
+# per pixel whatever the window size. One task per (n, row h).
 
 @njit(**_JIT)
-def _lrn_forward_kernel(x, size, alpha, beta, k, y, scale):
-    N, C, H, W = x.shape
+def _lrn_forward_kernel(x, size, alpha, beta, k, y, scale, t0, t1):
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
     before = size // 2  # the window of c is c - before ... c - before + size - 1
     after = size - 1 - before
-    for task in prange(N * H):
+    for task in range(t0, t1):
         n, h = task // H, task % H
         for w in range(W):
-            s = 0.0  # sum of x^2 over the window of channel c, kept as c moves up
+            s = 0.0  # float64 sum of x^2 over the window of channel c, kept as c moves up
             for c in range(min(after, C)):
                 s += x[n, c, h, w] * x[n, c, h, w]
             for c in range(C):
@@ -441,17 +543,18 @@ def lrn_forward(x, size, alpha, beta, k):
     """
     x = np.ascontiguousarray(x)
     y, scale = np.empty_like(x), np.empty_like(x)
-    _lrn_forward_kernel(x, size, alpha, beta, k, y, scale)
+    parallel_for(_lrn_forward_kernel, x.shape[0] * x.shape[2], x, size, alpha, beta, k, y,
+                 scale)
     return y, scale
 
 
 @njit(**_JIT)
-def _lrn_backward_kernel(x, y, scale, gy, size, alpha, beta, gx):
-    N, C, H, W = x.shape
+def _lrn_backward_kernel(x, y, scale, gy, size, alpha, beta, gx, t0, t1):
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
     # c lies in window(c') exactly when c' lies in c - after ... c + before
     before = size // 2
     after = size - 1 - before
-    for task in prange(N * H):
+    for task in range(t0, t1):
         n, h = task // H, task % H
         for w in range(W):
             t = 0.0  # sum over c' with c in window(c') of gy_c' y_c' / scale_c'
@@ -472,7 +575,8 @@ def lrn_backward(x, y, scale, gy, size, alpha, beta):
     """gx_c = gy_c s_c^-b - 2 alpha b x_c sum_{c': c in window(c')} gy_c' y_c' / s_c'."""
     x, y, scale, gy = (np.ascontiguousarray(a) for a in (x, y, scale, gy))
     gx = np.empty_like(x)
-    _lrn_backward_kernel(x, y, scale, gy, size, alpha, beta, gx)
+    parallel_for(_lrn_backward_kernel, x.shape[0] * x.shape[2], x, y, scale, gy, size, alpha,
+                 beta, gx)
     return gx
 
 
@@ -513,10 +617,10 @@ def softmax_cross_entropy_backward(probs, labels, gloss):
 # ----------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _sgd_update_kernel(w, g, v, lr, momentum, weight_decay):
+def _sgd_update_kernel(w, g, v, lr, momentum, weight_decay, t0, t1):
     """One pass over memory: VGG-16's 138M parameters are 553 MB per array, so the four
     NumPy passes this replaces cost more than the arithmetic."""
-    for i in prange(w.size):
+    for i in range(t0, t1):
         vi = momentum * v[i] + (g[i] + weight_decay * w[i])
         v[i] = vi
         w[i] -= lr * vi
@@ -528,5 +632,6 @@ def sgd_update(params, grads, velocities, lr, momentum, weight_decay):
         if not (w.flags.c_contiguous and v.flags.c_contiguous):
             raise ValueError("sgd_update: parameters and velocities must be contiguous")
         g = np.ascontiguousarray(g, dtype=w.dtype)
-        _sgd_update_kernel(w.reshape(-1), g.reshape(-1), v.reshape(-1), w.dtype.type(lr),
-                           w.dtype.type(momentum), w.dtype.type(weight_decay))
+        t = w.dtype.type
+        parallel_for(_sgd_update_kernel, w.size, w.reshape(-1), g.reshape(-1), v.reshape(-1),
+                     t(lr), t(momentum), t(weight_decay))

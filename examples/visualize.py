@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
 from minivgg import models, no_grad  # noqa: E402
-from minivgg.data import load_rgb, rescale_smallest_side  # noqa: E402
+from minivgg.data import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
 
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -45,23 +45,24 @@ def load_model(weights, config="D"):
     """(model, normalise) where normalise maps uint8 (H, W, 3) -> float32 (3, H, W).
 
     NOTE: each kind of weights wants its own input scaling: torchvision's were trained on
-    (x/255 - mean) / std, minivgg's on x/255 - the training set's mean RGB (Sec. 2.1).
-    Feeding one the other's input gives plausible-looking but wrong activations.
+    (x/255 - mean) / std, minivgg's on x - the training set's mean RGB, 0-255 scale
+    (Sec. 2.1, `minivgg.data.to_chw_float32`). Feeding one the other's input gives
+    plausible-looking but wrong activations.
     """
+    imagenet_mean_255 = 255.0 * TORCHVISION_MEAN
     if weights is None:
         # Untrained: the FC layers are made narrow (256), since they change neither the
         # filters nor the feature maps and 120M random FC weights take long to draw.
         model = models.vgg(config, fc_width=256, seed=0).eval()
-        return model, lambda img: _chw(img.astype(np.float32) / 255.0 - TORCHVISION_MEAN)
+        return model, lambda img: to_chw_float32(img, imagenet_mean_255)
     if weights.endswith(".npz"):
         with np.load(weights, allow_pickle=False) as f:
             is_checkpoint = "meta" in f.files
         if is_checkpoint:
             from minivgg.train import load_model as load_checkpoint
             model, meta = load_checkpoint(weights)
-            mean = np.asarray(meta.get("data_stats", {}).get("mean_rgb", TORCHVISION_MEAN),
-                              dtype=np.float32)
-            return model, lambda img: _chw(img.astype(np.float32) / 255.0 - mean)
+            mean = meta.get("data_stats", {}).get("mean_rgb", imagenet_mean_255)
+            return model, lambda img: to_chw_float32(img, mean)
     from minivgg.pretrained import load_torchvision_vgg
     model = load_torchvision_vgg(weights, config)
     return model, lambda img: _chw(

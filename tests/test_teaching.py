@@ -194,7 +194,7 @@ def small_checkpoint(tmp_path):
                        init="glorot")
     path = tmp_path / "small.npz"
     checkpoint.save(path, model.state_dict(),
-                    meta={"model": model_meta(model), "data_stats": {"mean_rgb": [0.5] * 3}})
+                    meta={"model": model_meta(model), "data_stats": {"mean_rgb": [127.5] * 3}})
     return str(path), model
 
 

@@ -96,6 +96,18 @@ def _get_pool():
     return _pool
 
 
+def _forget_pool_after_fork():
+    # NOTE: a forked child (a data-loader worker) inherits the pool object but not its
+    # threads; it must start its own pool, and its own per-thread workspace, when needed.
+    global _pool
+    _pool = None
+    _workspace.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def run_jobs(job, items):
     """job(item) for every item, spread over the pool; returns when all are done."""
     if num_threads() == 1 or len(items) == 1:

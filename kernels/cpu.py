@@ -487,24 +487,20 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
 # ReLU (Sec. 2.1: every hidden layer)
 # ----------------------------------------------------------------------------------------
 
-@njit(**_JIT)
-def _relu_forward_kernel(x, y, t0, t1):
-    for i in range(t0, t1):
-        # NOTE: written so that a NaN input stays NaN (visible), as np.maximum and PyTorch
-        # do; `x[i] if x[i] > 0 else 0` would silently turn it into 0.
-        y[i] = 0 if x[i] <= 0 else x[i]
-
-
-@njit(**_JIT)
-def _relu_backward_kernel(y, gy, gx, t0, t1):
-    for i in range(t0, t1):
-        gx[i] = gy[i] if y[i] > 0 else 0
+def _split(n_items):
+    """Contiguous slices of range(n_items), one per thread."""
+    T = max(1, min(num_threads(), n_items))
+    return [slice(n_items * k // T, n_items * (k + 1) // T) for k in range(T)]
 
 
 def relu_forward(x):
+    # NOTE: NumPy's maximum, not a Numba loop: it is vectorised (a Numba loop that stores to
+    # one array and loads from another is not, since Numba cannot prove they never alias),
+    # and it keeps NaN as NaN, as PyTorch does. The pool runs it on one slice per thread.
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    parallel_for(_relu_forward_kernel, x.size, x.reshape(-1), y.reshape(-1))
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    run_jobs(lambda s: np.maximum(xf[s], 0, out=yf[s]), _split(x.size))
     return y
 
 
@@ -512,7 +508,8 @@ def relu_backward(y, gy):
     """NOTE: the gradient at exactly 0 is 0 (a dead unit), as in PyTorch; we test y > 0."""
     y, gy = np.ascontiguousarray(y), np.ascontiguousarray(gy)
     gx = np.empty_like(gy)
-    parallel_for(_relu_backward_kernel, y.size, y.reshape(-1), gy.reshape(-1), gx.reshape(-1))
+    yf, gyf, gxf = y.reshape(-1), gy.reshape(-1), gx.reshape(-1)
+    run_jobs(lambda s: np.multiply(gyf[s], yf[s] > 0, out=gxf[s]), _split(y.size))
     return gx
 
 

@@ -503,3 +503,54 @@ class Loader:
             self.close()
         except Exception:
             pass
+
+
+# ----------------------------------------------------------------------------------------
+# `python -m minivgg.data DIR`: how fast the loader alone delivers training batches
+# ----------------------------------------------------------------------------------------
+
+def measure_data_rate(loader, batches=50, epoch=0):
+    """Images per second that `loader` delivers with no network consuming them."""
+    import time
+    it = loader.epoch(epoch)
+    next(it)  # start-up (pool, first batch) is not part of the steady rate
+    start, seen = time.perf_counter(), 0
+    for _, (x, _) in zip(range(batches), it):
+        seen += len(x)
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    import argparse
+    import time
+    p = argparse.ArgumentParser(prog="python -m minivgg.data",
+                                description="measure the training loader's data rate")
+    p.add_argument("data", metavar="DIR", help="ILSVRC-layout folder (train/, val/)")
+    p.add_argument("--scale", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("-b", "--batch-size", type=int, default=256)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--cache", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        train, _ = open_imagenet(args.data)
+        if args.cache:
+            t = time.perf_counter()
+            train.cache_in_memory(args.scale, args.workers)
+            print(f"cached {len(train)} images in {time.perf_counter() - t:.1f}s")
+        stats = compute_stats(train, max_images=200, workers=args.workers)
+        loader = Loader(train, TrainTransform(args.scale, args.crop, stats), args.batch_size,
+                        workers=args.workers)
+        rate = measure_data_rate(loader, args.batches)
+        loader.close()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"data rate: {rate:.0f} images/s (S={args.scale}, crop {args.crop}, batch "
+          f"{args.batch_size}, {args.workers} workers, cache {'on' if args.cache else 'off'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

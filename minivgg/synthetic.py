@@ -2,9 +2,9 @@
 
 Ten classes: five shapes (disc, square, triangle, ring, cross) and five textures
 (horizontal, vertical and diagonal stripes, checkerboard, dots), each drawn at a random
-position, scale and rotation over a noisy background of random colour. Every class has a
-characteristic hue, jittered so that neighbouring classes overlap: colour alone does not
-tell the classes apart, the network has to learn the shapes and textures.
+position, scale and rotation over a noisy background of random colour. Each class also has
+its own hue family (hue = class / 10, jittered by +-0.03), so colour and form both carry the
+label; on a 2-core CPU a small VGG learns them within minutes.
 
 Everything is labelled "synthetic" where it is reported; the numbers it gives say that
 the code learns, not how VGG does on photographs.
@@ -70,7 +70,7 @@ def draw(label, size, rng):
     kind = CLASSES[label]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     background = _hsv(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.6))
-    hue = label / len(CLASSES) + rng.uniform(-0.12, 0.12)
+    hue = label / len(CLASSES) + rng.uniform(-0.03, 0.03)
     foreground = _hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
     cy, cx = rng.uniform(0.3, 0.7, size=2) * size
     r = rng.uniform(0.18, 0.34) * size

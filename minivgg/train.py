@@ -107,8 +107,8 @@ def synthetic_config(**overrides):
     Measured on a 2-core CPU: about 2 minutes and over 95% val top-1 accuracy (see the
     README for the figures).
     """
-    settings = dict(data=None, arch="A", epochs=4, batch_size=32, lr=0.01, width=0.25,
-                    fc_width=256, scale=36, crop=32, init="glorot", workers=0)
+    settings = dict(data=None, arch="A", epochs=6, batch_size=16, lr=0.01, width=0.25,
+                    fc_width=256, dropout=0.0, scale=36, crop=32, init="glorot", workers=0)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**settings)
 
@@ -230,9 +230,15 @@ def train_one_epoch(model, optimizer, loader, epoch, device, label, print_freq=1
     tty = sys.stderr.isatty()
     bar = tqdm(total=total, desc=f"{label}epoch {epoch + 1}", unit="batch", leave=False,
                dynamic_ncols=True, mininterval=0.5 if tty else 30, file=sys.stderr)
-    seen, loss_sum, wrong, start = 0, 0.0, 0, time.perf_counter()
-    batches = _to_device(loader.epoch(epoch), device)
-    for step, (x, y) in enumerate(batches):
+    seen, loss_sum, wrong, start, waited = 0, 0.0, 0, time.perf_counter(), 0.0
+    batches = iter(_to_device(loader.epoch(epoch), device))
+    for step in range(total):
+        t = time.perf_counter()
+        batch = next(batches, None)  # time spent here is time the loader kept us waiting
+        waited += time.perf_counter() - t
+        if batch is None:
+            break
+        x, y = batch
         logits = model(Tensor(x))
         loss = F.cross_entropy(logits, y)
         value = float(loss.item())
@@ -262,7 +268,7 @@ def train_one_epoch(model, optimizer, loader, epoch, device, label, print_freq=1
         raise TrainingError("an epoch produced no batch: every training image was skipped")
     return {"train_loss": loss_sum / seen, "train_top1_err": wrong / seen,
             "images_per_s": seen / seconds, "train_seconds": seconds,
-            "skipped": loader.skipped}
+            "data_wait": waited / seconds, "skipped": loader.skipped}
 
 
 def validate(model, loader, device, epoch=0):
@@ -326,7 +332,15 @@ def fit(cfg, log=print):
         device = backend.check_device(cfg.device)
     except (RuntimeError, ValueError) as e:
         raise TrainingError(str(e)) from e
-    arch = models.canonical_config(cfg.arch)
+    if cfg.evaluate and not cfg.resume:
+        raise TrainingError("-e/--evaluate needs a checkpoint: give --resume PATH")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise TrainingError(f"--epochs and --batch-size must be positive, got "
+                            f"{cfg.epochs} and {cfg.batch_size}")
+    try:
+        arch = models.canonical_config(cfg.arch)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     label = "[synthetic] " if cfg.synthetic else ""
     say = (lambda msg: log(label + msg))
 
@@ -353,12 +367,18 @@ def fit(cfg, log=print):
             f"eigenvalues {np.round(stats.pca_eigval, 1).tolist()} (0-255 scale), "
             f"{time.perf_counter() - t:.1f}s")
     init = cfg.default_init()
-    model = models.vgg(arch, num_classes=len(train_set.classes), width=cfg.width,
-                       fc_width=cfg.fc_width, input_size=cfg.crop, init=init,
-                       dropout=cfg.dropout)
+    try:
+        model = models.vgg(arch, num_classes=len(train_set.classes), width=cfg.width,
+                           fc_width=cfg.fc_width, input_size=cfg.crop, init=init,
+                           dropout=cfg.dropout)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     if cfg.init_from and not resumed:
         a_model, a_meta = load_model(cfg.init_from)
-        copied = models.init_from_a(model, a_model.state_dict())
+        try:
+            copied = models.init_from_a(model, a_model.state_dict())
+        except ValueError as e:
+            raise TrainingError(f"--init-from {cfg.init_from}: {e}") from e
         say(f"warm start from {cfg.init_from} (VGG-{a_meta['model']['config']}): "
             f"{', '.join(copied)}")
     model.to(device)
@@ -397,8 +417,6 @@ def fit(cfg, log=print):
         f"device {device}")
     try:
         if cfg.evaluate:
-            if not resumed:
-                raise TrainingError("-e/--evaluate needs a checkpoint: give --resume PATH")
             v = validate(model, val_loader, device)
             say(f"evaluation of {cfg.resume}: val loss {v['val_loss']:.4f}, top-1 error "
                 f"{100 * v['val_top1_err']:.2f}%, top-5 error {100 * v['val_top5_err']:.2f}%")
@@ -418,8 +436,8 @@ def _train(cfg, model, optimizer, scheduler, train_loader, val_loader, stats, cl
     csv_path = os.path.join(output, "metrics.csv")
     rows = read_metrics(csv_path, start_epoch) if start_epoch else []
     last_good = last_path if start_epoch else None
-    title = (f"VGG-{model.config} on {data_name}" + (" (synthetic data)" if cfg.synthetic
-                                                     else ""))
+    title = (f"VGG-{model.config} on synthetic data (drawn shapes and textures)"
+             if cfg.synthetic else f"VGG-{model.config} on {data_name}")
     plotted = False
     for epoch in range(start_epoch, cfg.epochs):
         lr = optimizer.lr
@@ -454,7 +472,8 @@ def _train(cfg, model, optimizer, scheduler, train_loader, val_loader, stats, cl
         say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['train_loss']:.4f} top-1 err "
             f"{100 * tr['train_top1_err']:.2f}% | val loss {va['val_loss']:.4f} top-1 err "
             f"{100 * va['val_top1_err']:.2f}% top-5 err {100 * va['val_top5_err']:.2f}% | "
-            f"lr {lr:g} | {tr['images_per_s']:.1f} img/s | {seconds:.1f}s"
+            f"lr {lr:g} | {tr['images_per_s']:.1f} img/s ({100 * tr['data_wait']:.0f}% "
+            f"waiting for data) | {seconds:.1f}s"
             + (f" | {skipped} unreadable images skipped" if skipped else "")
             + (" | best" if improved else ""))
         if optimizer.lr != lr:

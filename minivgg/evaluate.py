@@ -229,7 +229,10 @@ def dense_posteriors(fcn, images, batch_size=64):
 
     NOTE: neighbouring score-map locations are 32 pixels apart (five 2×2 pools), so with a
     small net the map is tiny: a 64-pixel net at Q = 72 sees a 72×96 image as a 1×2 map,
-    i.e. two 64-pixel windows, where multi-crop uses 25 positions.
+    i.e. two 64-pixel windows, where multi-crop uses 25 positions. The floor-mode pools
+    also leave the last H mod 32 rows and W mod 32 columns out of every window (their
+    pixels only reach the score map through the 3×3 convs' context); the flip puts the
+    left-out columns on the other side.
     """
     out = np.empty((len(images), fcn.num_classes))
     by_shape = OrderedDict()

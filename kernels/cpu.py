@@ -29,7 +29,7 @@ from numba import njit
 # and to keep the step's peak memory low: conv1_2's full im2col matrix is 115 MB per image.
 IM2COL_CHUNK_BYTES = 16 * 2**20
 
-# Numba's options for every kernel. The kernels are serial; `parallel_for` runs pieces of
+# Numba's options for every kernel. The kernels are serial; `_parallel_for` runs pieces of
 # one on several threads (`nogil` lets them run at once). NOTE: fastmath stays off, so float
 # results do not depend on the compiler's reassociation and the tests can compare against
 # plain loops tightly.
@@ -51,7 +51,7 @@ def conv_output_size(size, k, s, p):
 # GEMMs, a range of pooling planes) runs start to finish on one thread of one pool, with a
 # single-threaded BLAS call inside, and the threads only meet when an op is done.
 
-def num_threads():
+def _num_threads():
     """Threads used by the CPU kernels: NUMBA_NUM_THREADS, else OMP_NUM_THREADS, else all
     cores (so `torch.set_num_threads`-style comparisons can pin both to the same count)."""
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -91,7 +91,7 @@ def _init_worker():
 def _get_pool():
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix="minivgg",
+        _pool = ThreadPoolExecutor(_num_threads(), thread_name_prefix="minivgg",
                                    initializer=_init_worker)
     return _pool
 
@@ -108,9 +108,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-def run_jobs(job, items):
+def _run_jobs(job, items):
     """job(item) for every item, spread over the pool; returns when all are done."""
-    if num_threads() == 1 or len(items) == 1:
+    if _num_threads() == 1 or len(items) == 1:
         for item in items:
             job(item)
         return
@@ -118,11 +118,13 @@ def run_jobs(job, items):
         pass
 
 
-def parallel_for(kernel, n_tasks, *args):
+def _parallel_for(kernel, n_tasks, *args):
     """kernel(*args, t0, t1) on contiguous ranges of range(n_tasks), one per thread."""
-    T = min(num_threads(), n_tasks)
+    if n_tasks == 0:
+        return
+    T = min(_num_threads(), n_tasks)
     bounds = [n_tasks * k // T for k in range(T + 1)]
-    run_jobs(lambda k: kernel(*args, bounds[k], bounds[k + 1]), list(range(T)))
+    _run_jobs(lambda k: kernel(*args, bounds[k], bounds[k + 1]), list(range(T)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def im2col(x, KH, KW, SH, SW, PH, PW):
     OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(W, KW, SW, PW)
     out = np.empty((N, C * KH * KW, OH * OW), dtype=x.dtype)
     x = np.ascontiguousarray(x)
-    run_jobs(lambda n: im2col_chunk(x, n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, out[n]),
+    _run_jobs(lambda n: im2col_chunk(x, n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, out[n]),
              list(range(N)))
     return out
 
@@ -259,20 +261,20 @@ def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
     gx = np.zeros(x_shape, dtype=cols.dtype)
     OH = conv_output_size(H, KH, SH, PH)
     cols = np.ascontiguousarray(cols)
-    run_jobs(lambda n: col2im_chunk(cols[n], n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, gx),
+    _run_jobs(lambda n: col2im_chunk(cols[n], n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, gx),
              list(range(N)))
     return gx
 
 
-def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None, parts=None):
+def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None):
     """Cut the batch into (n0, n1, oy0, oy1) chunks whose im2col matrix fits the budget.
 
     Small layers take several whole images per chunk (one big GEMM instead of many thin
-    ones); big layers take a band of output rows of one image. There are at least `parts`
-    chunks (the thread count) where the layer allows it, so every thread has work.
+    ones); big layers take a band of output rows of one image. There are at least as many
+    chunks as threads where the layer allows it, so every thread has work.
     """
     budget = IM2COL_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    parts = num_threads() if parts is None else parts
+    parts = _num_threads()
     row_bytes = CKK * OW * itemsize
     budget = max(row_bytes, min(budget, row_bytes * OH * N // parts))
     image_bytes = row_bytes * OH
@@ -359,7 +361,7 @@ def conv2d_forward(x, W, b, stride, padding):
             np.matmul(Wmat, cols, out=ycols)
             cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
 
-    run_jobs(job, conv_chunks(N, OH, OW, CKK, x.itemsize))
+    _run_jobs(job, conv_chunks(N, OH, OW, CKK, x.itemsize))
     return y
 
 
@@ -406,8 +408,8 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
             col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
 
     chunks = conv_chunks(N, OH, OW, CKK, x.itemsize)
-    run_jobs(job, chunks[0::2])  # neighbouring bands share halo rows of gx: never
-    run_jobs(job, chunks[1::2])  # run two of them at once
+    _run_jobs(job, chunks[0::2])  # neighbouring bands share halo rows of gx: never
+    _run_jobs(job, chunks[1::2])  # run two of them at once
     parts = list(partial_gW.values())
     gW = parts[0]
     for part in parts[1:]:
@@ -452,7 +454,7 @@ def max_pool2d_forward(x, kernel_size, stride):
     OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N, C, OH, OW), dtype=np.int32)
-    parallel_for(_max_pool2d_forward_kernel, N * C, np.ascontiguousarray(x), KH, KW, SH, SW,
+    _parallel_for(_max_pool2d_forward_kernel, N * C, np.ascontiguousarray(x), KH, KW, SH, SW,
                  y, argmax)
     return y, argmax
 
@@ -478,7 +480,7 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
     (KH, KW), (SH, SW) = kernel_size, stride
     gx = np.zeros(x_shape, dtype=gy.dtype)
     N, C = gy.shape[0], gy.shape[1]
-    parallel_for(_max_pool2d_backward_kernel, N * C, np.ascontiguousarray(gy),
+    _parallel_for(_max_pool2d_backward_kernel, N * C, np.ascontiguousarray(gy),
                  np.ascontiguousarray(argmax), KW, SH, SW, gx)
     return gx
 
@@ -489,7 +491,7 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
 
 def _split(n_items):
     """Contiguous slices of range(n_items), one per thread."""
-    T = max(1, min(num_threads(), n_items))
+    T = max(1, min(_num_threads(), n_items))
     return [slice(n_items * k // T, n_items * (k + 1) // T) for k in range(T)]
 
 
@@ -500,7 +502,7 @@ def relu_forward(x):
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
     xf, yf = x.reshape(-1), y.reshape(-1)
-    run_jobs(lambda s: np.maximum(xf[s], 0, out=yf[s]), _split(x.size))
+    _run_jobs(lambda s: np.maximum(xf[s], 0, out=yf[s]), _split(x.size))
     return y
 
 
@@ -509,7 +511,7 @@ def relu_backward(y, gy):
     y, gy = np.ascontiguousarray(y), np.ascontiguousarray(gy)
     gx = np.empty_like(gy)
     yf, gyf, gxf = y.reshape(-1), gy.reshape(-1), gx.reshape(-1)
-    run_jobs(lambda s: np.multiply(gyf[s], yf[s] > 0, out=gxf[s]), _split(y.size))
+    _run_jobs(lambda s: np.multiply(gyf[s], yf[s] > 0, out=gxf[s]), _split(y.size))
     return gx
 
 
@@ -552,7 +554,7 @@ def lrn_forward(x, size, alpha, beta, k):
     """
     x = np.ascontiguousarray(x)
     y, scale = np.empty_like(x), np.empty_like(x)
-    parallel_for(_lrn_forward_kernel, x.shape[0] * x.shape[2], x, size, alpha, beta, k, y,
+    _parallel_for(_lrn_forward_kernel, x.shape[0] * x.shape[2], x, size, alpha, beta, k, y,
                  scale)
     return y, scale
 
@@ -584,7 +586,7 @@ def lrn_backward(x, y, scale, gy, size, alpha, beta):
     """gx_c = gy_c s_c^-b - 2 alpha b x_c sum_{c': c in window(c')} gy_c' y_c' / s_c'."""
     x, y, scale, gy = (np.ascontiguousarray(a) for a in (x, y, scale, gy))
     gx = np.empty_like(x)
-    parallel_for(_lrn_backward_kernel, x.shape[0] * x.shape[2], x, y, scale, gy, size, alpha,
+    _parallel_for(_lrn_backward_kernel, x.shape[0] * x.shape[2], x, y, scale, gy, size, alpha,
                  beta, gx)
     return gx
 
@@ -642,5 +644,5 @@ def sgd_update(params, grads, velocities, lr, momentum, weight_decay):
             raise ValueError("sgd_update: parameters and velocities must be contiguous")
         g = np.ascontiguousarray(g, dtype=w.dtype)
         t = w.dtype.type
-        parallel_for(_sgd_update_kernel, w.size, w.reshape(-1), g.reshape(-1), v.reshape(-1),
+        _parallel_for(_sgd_update_kernel, w.size, w.reshape(-1), g.reshape(-1), v.reshape(-1),
                      t(lr), t(momentum), t(weight_decay))

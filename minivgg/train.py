@@ -104,10 +104,13 @@ class TrainConfig:
 def synthetic_config(**overrides):
     """The no-download default: a small A on 32x32 drawn images (< 5 min on 2 CPU cores).
 
-    Measured on a 2-core CPU: about 2 minutes and over 95% val top-1 accuracy (see the
-    README for the figures).
+    Departures from Sec. 3.1, each measured on this data (2000 images, 10 classes):
+    lr 1e-3, because at the paper's 1e-2 this small net on mean-subtracted 0-255 pixels
+    stalled at 40-55% val error for 5 epochs, while 1e-3 passes 90% accuracy in 3; no
+    dropout (0.5 on a 256-wide fc6/fc7 needed more epochs: 27% vs 16% error after the
+    first); batch 16, for more steps per epoch. Glorot init (A at width 0.25).
     """
-    settings = dict(data=None, arch="A", epochs=6, batch_size=16, lr=0.01, width=0.25,
+    settings = dict(data=None, arch="A", epochs=4, batch_size=16, lr=0.001, width=0.25,
                     fc_width=256, dropout=0.0, scale=36, crop=32, init="glorot", workers=0)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**settings)

@@ -233,3 +233,12 @@ def test_script_reports_bad_input_as_error_lines(tmp_path, capsys, case, message
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert __import__("re").search(message, err), err
+
+
+def test_init_from_a_warm_starts_a_deeper_net_and_checks_shapes(tmp_path, one_epoch):
+    a_ckpt = str(one_epoch[0] / "best.npz")
+    _, lines = run_fit(tmp_path / "b", arch="B", init_from=a_ckpt)
+    assert any("warm start from" in line and "conv3_2" in line and "fc8" in line
+               for line in lines)
+    with pytest.raises(TrainingError, match="--init-from .*fc6.weight"):
+        run_fit(tmp_path / "c", arch="B", init_from=a_ckpt, fc_width=32)

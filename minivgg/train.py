@@ -25,8 +25,8 @@ import numpy as np
 
 from minivgg import backend, checkpoint, models, optim
 from minivgg import functional as F
-from minivgg.data import (DataError, DataStats, EvalTransform, Loader, TrainTransform,
-                          check_crop, compute_stats, open_imagenet)
+from minivgg.data import (DataStats, EvalTransform, Loader, TrainTransform, check_crop,
+                          compute_stats, open_imagenet)
 from minivgg.tensor import Tensor, no_grad
 
 METRICS_COLUMNS = ("epoch", "train_loss", "train_top1_err", "val_loss", "val_top1_err",

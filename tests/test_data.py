@@ -134,15 +134,20 @@ def test_train_transform_flips_half_the_time():
     assert 0.4 < np.mean(flipped) < 0.6
 
 
-def test_scale_jitter_draws_every_integer_scale_in_range():
+def test_scale_jitter_draws_every_integer_scale_in_range_uniformly(monkeypatch):
+    seen = []
+
+    def recording_rescale(img, S):
+        seen.append(S)
+        return rescale_smallest_side(img, S)
+
+    monkeypatch.setattr(data, "rescale_smallest_side", recording_rescale)
     img = np.zeros((40, 80, 3), dtype=np.uint8)
     t = TrainTransform((20, 24), 16, IDENTITY_STATS)
-    seen = set()
-    for i in range(200):
-        rng = np.random.default_rng(i)
-        seen.add(int(rng.integers(20, 25)))
-        t(img, np.random.default_rng(i))
-    assert seen == {20, 21, 22, 23, 24}
+    for i in range(500):
+        assert t(img, np.random.default_rng(i)).shape == (3, 16, 16)
+    counts = np.bincount(seen, minlength=25)[20:]
+    assert counts.sum() == 500 and counts.min() > 70  # each of 5 scales ~100 times
 
 
 def test_crop_larger_than_the_smallest_scale_is_a_clear_error():

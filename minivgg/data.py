@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 # The ILSVRC layout uses ".JPEG"; accept the usual image extensions in any case.
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -54,9 +54,9 @@ def load_rgb(path):
     transparency is dropped (RGBA -> RGB keeps the colour channels). Raises `OSError` for a
     file Pillow cannot read, including a truncated JPEG.
     """
-    # NOTE: Pillow decodes truncated JPEGs "successfully" as grey padding only when
-    # ImageFile.LOAD_TRUNCATED_IMAGES is set; we leave it False so a truncated file raises.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # NOTE: Pillow pads a truncated JPEG with grey, silently, only when the global
+    # ImageFile.LOAD_TRUNCATED_IMAGES is True; at its default (False) `im.load()` raises,
+    # which is what lets the loader skip and count such files.
     try:
         with Image.open(path) as im:
             im.load()

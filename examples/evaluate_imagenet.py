@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="test scale settings: '72' is single-scale, '64,72,80' averages "
                         "three scales (Table 4); default: the checkpoint's test scale")
     p.add_argument("-b", "--batch-size", type=int, default=64,
-                   help="crops (or image+flip pairs x2) per forward pass (default: 64)")
+                   help="crops per forward pass; a dense batch holds about as many "
+                        "pixels (default: 64)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate N images, evenly spaced over the sorted val list, so "
                         "every class is represented (default: all)")

@@ -403,7 +403,8 @@ def fit(cfg, log=print):
         start_epoch, best = int(meta["epoch"]), float(meta["best_val_top1_err"])
         if cfg.lr is not None:  # NOTE: the command line wins over the stored rate
             optimizer.lr = cfg.lr
-        say(f"resumed {cfg.resume} at epoch {start_epoch}, lr {optimizer.lr:g}")
+        if not cfg.evaluate:
+            say(f"resumed {cfg.resume} at epoch {start_epoch}, lr {optimizer.lr:g}")
 
     output = cfg.output or (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume
                             else os.path.join("runs", f"{data_name}-{arch}"))
@@ -413,7 +414,8 @@ def fit(cfg, log=print):
     val_loader = Loader(val_set, EvalTransform(cfg.Q, cfg.crop, stats), cfg.batch_size,
                         shuffle=False, seed=seed, workers=cfg.workers)
     say(f"VGG-{arch} width {cfg.width} fc {cfg.fc_width}, {model.num_parameters():,} "
-        f"parameters, init {init}; {len(train_set)} train / {len(val_set)} val images, "
+        f"parameters, {'weights from ' + cfg.resume if resumed else 'init ' + init}; "
+        f"{len(train_set)} train / {len(val_set)} val images, "
         f"{len(train_set.classes)} classes; S={cfg.scales[0]}"
         + (f"..{cfg.scales[1]}" if cfg.scale_jitter else "")
         + f", crop {cfg.crop}, Q={cfg.Q}; batch {cfg.batch_size}, {cfg.workers} workers, "

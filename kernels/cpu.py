@@ -408,8 +408,11 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
             col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
 
     chunks = conv_chunks(N, OH, OW, CKK, x.itemsize)
-    _run_jobs(job, chunks[0::2])  # neighbouring bands share halo rows of gx: never
-    _run_jobs(job, chunks[1::2])  # run two of them at once
+    if all(oy1 - oy0 == OH for _, _, oy0, oy1 in chunks):
+        _run_jobs(job, chunks)  # whole images: no two chunks touch the same gx row
+    else:
+        _run_jobs(job, chunks[0::2])  # neighbouring bands share halo rows of gx: never
+        _run_jobs(job, chunks[1::2])  # run two of them at once
     parts = list(partial_gW.values())
     gW = parts[0]
     for part in parts[1:]:

@@ -1,12 +1,16 @@
-"""Per-layer benchmark: every distinct VGG-16 layer shape at 224×224 against PyTorch.
+"""Per-layer benchmark: every distinct layer shape of a VGG against PyTorch.
 
-Rows: the nine distinct conv shapes of configuration D (Table 1), A-LRN's LRN layer, the
-five pool shapes and fc6/fc7/fc8; each forward (no graph) and forward+backward. The
-reference is PyTorch on the same device: on CPU with the same thread count, on GPU cuDNN,
-once with TF32 off on both sides and once with it on (`--tf32 on`).
+Rows (`--net vgg16`, the default): the nine distinct conv shapes of configuration D at
+224×224 (Table 1), A-LRN's LRN layer, the five pool shapes and fc6/fc7/fc8; each forward
+(no graph) and forward+backward. `--net small` gives the same rows for the small CPU
+recipe instead (A at width 0.25, fc 512, 10 classes, 64×64, batch 32), so a gap in its
+training step can be read layer by layer. The reference is PyTorch on the same device: on
+CPU with the same thread count, on GPU cuDNN, once with TF32 off on both sides and once with
+it on (`--tf32 on`).
 
     python benchmarks/bench_layers.py                      # CPU, batch 4, print the table
     python benchmarks/bench_layers.py --only conv --append # conv rows, add to the README
+    python benchmarks/bench_layers.py --net small --append # the small recipe, batch 32
     python benchmarks/bench_layers.py --device cuda --batch 64 --tf32 off --append
 
 GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`); a
@@ -27,8 +31,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--net", choices=sorted(NETS), default="vgg16",
+                   help="whose layers: D at 224 (vgg16) or the small CPU recipe (small)")
     p.add_argument("--batch", type=int, default=None,
-                   help="images per call (default 4 on CPU, 64 on GPU)")
+                   help="images per call (default: 4 on CPU, 64 on GPU; small: 32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads for both libraries (default: all cores)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
@@ -42,16 +48,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def vgg16_layers(batch):
-    """[(name, kind, spec)] for every distinct layer shape of D at 224 (plus A-LRN's LRN).
+# name: (config, input size, width, fc_width, classes, with A-LRN's LRN row)
+NETS = {
+    "vgg16": ("D", 224, 1.0, 4096, 1000, True),
+    "small": ("A", 64, 0.25, 512, 10, False),  # the Imagenette recipe of bench_step.py
+}
+
+
+def net_layers(net, batch):
+    """[(name, kind, spec, forward FLOPs)] for every distinct layer shape of a `NETS` net.
 
     spec: conv (C, OC, H, K, P); pool (C, H, K); lrn (C, H); fc (in, out). The MACs come
-    from `layer_table`, i.e. from the real layers, for one image.
+    from `layer_table`, i.e. from the real layers. vgg16 adds A-LRN's LRN (on conv1's
+    output, Table 1), which D itself does not have.
     """
     from minivgg import nn
-    model, rows = common.layer_rows("D", 224)
+    config, size, width, fc_width, classes, with_lrn = NETS[net]
+    model, rows = common.layer_rows(config, size, width, fc_width, classes)
     macs = {r.name: r.macs for r in rows}
-    layers, seen, size, in_ch = [], set(), 224, 3
+    layers, seen, in_ch = [], set(), 3
     for name, layer in model.named_children():
         if isinstance(layer, nn.Conv2d):
             spec = (layer.in_channels, layer.out_channels, size, layer.kernel_size[0],
@@ -62,7 +77,7 @@ def vgg16_layers(batch):
             in_ch = layer.out_channels
         elif isinstance(layer, nn.MaxPool2d):
             layers.append((name, "pool", (in_ch, size, 2), 0))
-            if name == "pool1":
+            if name == "pool1" and with_lrn:
                 # A-LRN's only LRN sits on conv1's output (Table 1), just before pool1.
                 layers.insert(-1, ("norm1 (A-LRN)", "lrn", (in_ch, size), 0))
             size //= 2
@@ -183,14 +198,14 @@ def main(argv=None):
         backend.require_cuda()
         if hasattr(backend, "set_tf32"):  # the GPU backend's switch, where it exists
             backend.set_tf32(args.tf32 == "on")
-    batch = args.batch or (64 if args.device == "cuda" else 4)
+    batch = args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
     wanted = [w for w in args.only.split(",") if w]
     passes = [p for p in args.passes.split(",") if p]
 
     rows = []
     print(f"batch {batch}, {args.threads} threads, device {args.device}, load "
           f"{common.load_average()}")
-    for name, kind, spec, flops_fwd in vgg16_layers(batch):
+    for name, kind, spec, flops_fwd in net_layers(args.net, batch):
         if wanted and kind not in wanted and name not in wanted:
             continue
         rng = np.random.default_rng(0)
@@ -198,15 +213,16 @@ def main(argv=None):
         ref = torch_layer(kind, spec, batch, args.device, 0)
         first = kind == "conv" and spec[0] == 3
         for pas in passes:
-            t = common.time_interleaved({"minivgg": ours[pas], "torch": ref[pas]},
-                                        args.repeats, args.warmup, args.device)
+            raw = common.time_interleaved({"minivgg": ours[pas], "torch": ref[pas]},
+                                          args.repeats, args.warmup, args.device, raw=True)
+            t = {lib: common.median(times) for lib, times in raw.items()}
             mult = 1 if pas == "fwd" else (2 if first else 3)
             flops = 2 * flops_fwd * mult
             row = [name, kind, "x".join(map(str, spec)), pas,
                    f"{t['minivgg'] * 1e3:.1f}", f"{t['torch'] * 1e3:.1f}",
                    f"{common.gflops(flops, t['minivgg']):.0f}" if flops else "-",
                    f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
-                   f"{t['minivgg'] / t['torch']:.2f}"]
+                   f"{common.median_ratio(raw['minivgg'], raw['torch']):.2f}"]
             rows.append(row)
             print(" | ".join(row), flush=True)
         del ours, ref
@@ -215,11 +231,15 @@ def main(argv=None):
     headers = ["layer", "kind", "shape", "pass", "minivgg ms", f"{ref_name} ms",
                "minivgg GFLOP/s", f"{ref_name} GFLOP/s", f"time ratio minivgg/{ref_name}"]
     title = f"Layers, {args.device}, batch {batch}"
+    if args.net != "vgg16":
+        title = f"Layers of the small recipe ({NETS[args.net][0]} w{NETS[args.net][2]:g} " \
+            f"fc{NETS[args.net][3]} {NETS[args.net][1]}px), {args.device}, batch {batch}"
     if args.device == "cuda":
         title += f", TF32 {args.tf32}"
     text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + "\n\nShapes: conv C x OC x H x K x padding, pool C x H x K, " \
-        "lrn C x H, fc in x out. Time ratio below 1 means minivgg is faster."
+        "lrn C x H, fc in x out. Times are medians; the time ratio is the median of the " \
+        "per-round ratios. Time ratio below 1 means minivgg is faster."
     print()
     print(text)
     if args.append:

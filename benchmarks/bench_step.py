@@ -14,7 +14,9 @@ the Imagenette recipe: A at a quarter width, fc 512, 10 classes, 64×64, batch 3
 
 Every measurement runs in a fresh subprocess (a worker), so one library's caches and
 allocator state never help or hurt the other; the workers take turns (minivgg, torch,
-minivgg, ...) for `--rounds` rounds, and we report medians over all timed steps.
+minivgg, ...) for `--rounds` rounds. Times are medians over all timed steps; the speed
+ratio is the median over rounds of each round's ratio (a round's two workers run back to
+back, under about the same load, which a ratio of overall medians would mix).
 
 Peak memory on CPU is the peak resident set size (VmHWM) during the timed steps: the worker
 resets the kernel's high-water mark (`/proc/self/clear_refs`, "5") after its warm-up step
@@ -242,6 +244,12 @@ def main(argv=None):
                       f"peak {r['peak_mb']:.0f} MB", flush=True)
         t = {lib: common.median([s for r in rs for s in r["times"]])
              for lib, rs in results.items()}
+        # The speed ratio of each worker pair (ran back to back, so under about the same
+        # load), then the median over pairs: see `common.median_ratio`.
+        pair_t = {lib: [common.median(r["times"]) for r in rs] for lib, rs in results.items()}
+        speed_ratio = common.median_ratio(pair_t["torch"], pair_t["minivgg"])
+        print(f"  {case} speed ratio per pair: "
+              f"{['%.2f' % (b / a) for a, b in zip(pair_t['minivgg'], pair_t['torch'])]}")
         peak = {lib: max(r["peak_mb"] for r in rs) for lib, rs in results.items()}
         above = {lib: max(r["peak_mb"] - r["base_mb"] for r in rs)
                  for lib, rs in results.items()}
@@ -251,7 +259,7 @@ def main(argv=None):
             f"{config} {size}px"
         rows.append([label, batch, f"{t['minivgg']:.3f}", f"{t['torch']:.3f}",
                      f"{batch / t['minivgg']:.1f}", f"{batch / t['torch']:.1f}",
-                     f"{t['torch'] / t['minivgg']:.2f}",
+                     f"{speed_ratio:.2f}",
                      f"{common.gflops(flops, t['minivgg']):.0f}",
                      f"{common.gflops(flops, t['torch']):.0f}",
                      f"{peak['minivgg']:.0f} / {above['minivgg']:.0f}",
@@ -271,7 +279,8 @@ def main(argv=None):
                 "peak RSS (VmHWM) during the timed steps, reset after warm-up")
     text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + f"\n\nMedians over {args.rounds} worker pairs x {args.steps} " \
-        f"steps. Memory: {mem_note}. Speed ratio above 1 means minivgg is faster."
+        f"steps; the speed ratio is the median over worker pairs of each pair's ratio " \
+        f"of medians. Memory: {mem_note}. Speed ratio above 1 means minivgg is faster."
     print()
     print(text)
     if args.append:

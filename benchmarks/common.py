@@ -63,11 +63,12 @@ def median(values):
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
-def time_interleaved(fns, repeats=5, warmup=1, device="cpu"):
+def time_interleaved(fns, repeats=5, warmup=1, device="cpu", raw=False):
     """{name: fn} -> {name: median seconds}, the functions taking turns.
 
     Each `fn()` runs `warmup` times untimed, then `repeats` timed rounds in which every fn
-    runs once, in the order given.
+    runs once, in the order given. With `raw=True`: {name: [seconds of each round]}, for
+    `median_ratio`.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -81,7 +82,17 @@ def time_interleaved(fns, repeats=5, warmup=1, device="cpu"):
             fn()
             cuda_sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: median(t) for name, t in times.items()}
+    return times if raw else {name: median(t) for name, t in times.items()}
+
+
+def median_ratio(numerators, denominators):
+    """The median of the per-round ratios a_i / b_i of two interleaved timings.
+
+    NOTE: not median(a) / median(b). On a shared machine the load changes between rounds; a
+    round's two measurements share its load, so their ratio cancels it, while a ratio of
+    medians can pair a quiet round of one library with a loaded round of the other.
+    """
+    return median([a / b for a, b in zip(numerators, denominators)])
 
 
 def gflops(flops, seconds):

@@ -168,10 +168,14 @@ def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
     """Fill cols (CKK, P) for a chunk of x (N, C, H, W); padding reads as zero.
 
     Row by row of cols, one output row (OW columns) at a time: zeros where the window hangs
-    over the padding, a plain copy of an input row (strided by SW) in between.
+    over the padding, a plain copy of an input row (strided by SW) in between. "Same"
+    stride-1 convolutions (every VGG conv) take `_im2col_same_chunk` instead.
     """
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     OW = (W + 2 * PW - KW) // SW + 1
+    if SH == 1 and SW == 1 and OW == W:
+        _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols)
+        return
     rows = oy1 - oy0
     KK = KH * KW
     for task in range((n1 - n0) * C * KK):
@@ -196,6 +200,87 @@ def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
                     dst[ox] = src[ox * SW + kx - PW]
             for ox in range(ox_hi, OW):
                 dst[ox] = 0
+
+
+# "Same" convolutions, stride 1 and OW == W (VGG's 3×3/p1 and 1×1/p0): an output row and
+# its input row have the same length W, so a whole band of rows of one (image, c, ky, kx)
+# is one flat copy of the input plane, shifted by (ky - PH) * W + (kx - PW). The shift
+# wraps around the row ends: where the window hangs over the left or right padding, the
+# flat copy reads the neighbouring row's edge instead of a zero, so those columns (at most
+# PW on each side) are zeroed afterwards. On the small recipe's 4-32 pixel rows this is
+# 2-5x faster than copying row by row (each short row costs a slice and its bounds).
+
+@njit(**_JIT)
+def _wrapped_columns(kx, PW, W):
+    """Columns ox whose input column ox + kx - PW falls outside 0..W-1: [0, lo) and [hi, W)."""
+    return min(W, max(0, PW - kx)), max(0, min(W, W + PW - kx))
+
+
+@njit(**_JIT)
+def _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols):
+    """`im2col_chunk` for SH = SW = 1 and OW = W, by flat copies (see above)."""
+    N, C, H, W = x.shape
+    xf = x.reshape(N, C, H * W)
+    block = (oy1 - oy0) * W  # columns of one image in cols
+    KK = KH * KW
+    for r in range(C * KK):
+        c, ky, kx = r // KK, (r % KK) // KW, r % KW
+        # output rows oy0 <= oy < oy1 whose input row oy + ky - PH lies inside 0..H-1
+        oy_lo = min(oy1, max(oy0, PH - ky))
+        oy_hi = max(oy_lo, min(oy1, H + PH - ky))
+        a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
+        shift = oy0 * W + (ky - PH) * W + (kx - PW)  # cols entry p reads xf[..., p + shift]
+        # NOTE: a wrapped entry at either end of the plane would read outside it (index -1
+        # means the last element to NumPy); clip them: they are zeroed below anyway.
+        lo = max(a, -shift)
+        hi = max(lo, min(b, H * W - shift))
+        ox_lo, ox_hi = _wrapped_columns(kx, PW, W)
+        for i in range(n1 - n0):
+            dst = cols[r, i * block:(i + 1) * block]
+            dst[:a] = 0
+            dst[a:lo] = 0
+            dst[lo:hi] = xf[n0 + i, c, lo + shift:hi + shift]
+            dst[hi:b] = 0
+            dst[b:] = 0
+            for q in range(a, b, W):  # scalar loops: a strided slice per column costs more
+                for ox in range(ox_lo):
+                    dst[q + ox] = 0
+                for ox in range(ox_hi, W):
+                    dst[q + ox] = 0
+
+
+@njit(**_JIT)
+def _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx):
+    """`col2im_chunk` for SH = SW = 1 and OW = W, by flat adds.
+
+    NOTE: it zeroes the wrapped entries of cols first (they hold gradients for padding
+    pixels, which have no gx), so cols must be scratch. Every gx pixel then receives its
+    (ky, kx) terms in the same order as in `col2im_chunk`, so the sums are bit for bit equal.
+    """
+    N, C, H, W = gx.shape
+    gxf = gx.reshape(N, C, H * W)
+    block = (oy1 - oy0) * W
+    KK = KH * KW
+    for task in range((n1 - n0) * C):
+        i, c = task // C, task % C
+        dst = gxf[n0 + i, c]
+        for k in range(KK):
+            ky, kx = k // KW, k % KW
+            oy_lo = min(oy1, max(oy0, PH - ky))
+            oy_hi = max(oy_lo, min(oy1, H + PH - ky))
+            a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
+            shift = oy0 * W + (ky - PH) * W + (kx - PW)
+            lo = max(a, -shift)
+            hi = max(lo, min(b, H * W - shift))
+            src = cols[c * KK + k, i * block:(i + 1) * block]
+            ox_lo, ox_hi = _wrapped_columns(kx, PW, W)
+            for q in range(a, b, W):  # scalar loops: a strided slice per column costs more
+                for ox in range(ox_lo):
+                    src[q + ox] = 0
+                for ox in range(ox_hi, W):
+                    src[q + ox] = 0
+            for p in range(lo, hi):
+                dst[p + shift] += src[p]
 
 
 @njit(**_JIT)
@@ -384,6 +469,7 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
     # neighbouring band.
     gx = np.zeros_like(x) if need_gx else None
     partial_gW = {}  # thread id -> that thread's sum of gy_chunk @ cols^T
+    same = SH == 1 and SW == 1 and OW == Wd
 
     def job(chunk):
         n0, n1, oy0, oy1 = chunk
@@ -405,7 +491,10 @@ def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
         if need_gx:
             gcols = cols  # cols is spent: its buffer takes W^T @ gy
             np.matmul(Wmat.T, gycols, out=gcols)
-            col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
+            if same:  # gcols is scratch, as `_col2im_same_chunk` needs
+                _col2im_same_chunk(gcols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx)
+            else:
+                col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
 
     chunks = conv_chunks(N, OH, OW, CKK, x.itemsize)
     if all(oy1 - oy0 == OH for _, _, oy0, oy1 in chunks):

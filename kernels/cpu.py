@@ -293,9 +293,9 @@ def _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx):
                     src[q + ox] = 0
                 for ox in range(ox_hi, W):
                     src[q + ox] = 0
-            # NOTE: indexed through the C-contiguous 3-D and 2-D arrays, not the 1-D slices
-            # `dst` and `src`: Numba types a slice's layout as unknown ("A") and then does
-            # not vectorise the loop (measured 1.3-1.8x slower).
+            # NOTE: indexed through the C-contiguous 3-D and 2-D arrays, not through 1-D
+            # slices of them: measured 1.3-1.6x faster here (the loop is the same; what
+            # Numba knows about the arrays' layout is not).
             r, j, n = c * KK + k, i * block, n0 + i
             for p in range(lo, hi):
                 gxf[n, c, p + shift] += cols[r, j + p]

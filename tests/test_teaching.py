@@ -129,6 +129,7 @@ NAMED_IN_WALKTHROUGH = {
     "minivgg.optim": ["SGD", "ReduceLROnPlateau"],
     "minivgg.evaluate": ["to_fully_convolutional"],
     "minivgg.pretrained": ["load_torchvision_vgg"],
+    "minivgg.kernels.winograd": ["transforms", "conv2d_winograd_forward"],
 }
 
 

@@ -1,4 +1,4 @@
-"""The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu.py.
+"""The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu/.
 
 No GPU needed: `cuda_host_emulator` compiles `kernels/cuda/*.cu` with g++ and loads
 `kernels/cuda.py` on NumPy arrays, so these tests check the CUDA kernels' index arithmetic

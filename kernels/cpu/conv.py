@@ -12,7 +12,9 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels import common
-from minivgg.kernels.cpu.runtime import JIT, map_ranges, num_threads, workspace
+from minivgg.kernels.cpu.runtime import JIT, num_threads
+# NOTE: imported for the shared drivers, which find them in this module's namespace
+from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
 
 xp = np
 

@@ -10,6 +10,8 @@ differ per device:
     im2col_chunk, col2im_chunk               the hand-written data movers
     cols_to_nchw, nchw_to_cols, add_bias
 
+Each table hands them over as `Primitives(globals())`, its own namespace.
+
 Shape legend, used throughout the kernels:
 
     N  batch            C  input channels     H, W    input height, width

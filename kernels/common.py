@@ -45,14 +45,6 @@ def conv_output_size(size, k, s, p):
     return (size + 2 * p - k) // s + 1
 
 
-def same_stride1(SH, SW, PW, KW, W):
-    """True for a "same" stride-1 convolution (OW == W), VGG's 3×3/p1 and 1×1/p0.
-
-    The CPU's flat-copy im2col and col2im serve exactly these (kernels/cpu/conv.py).
-    """
-    return SH == 1 and SW == 1 and conv_output_size(W, KW, SW, PW) == W
-
-
 def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes, parts=1):
     """Cut the batch into (n0, n1, oy0, oy1) chunks whose im2col matrix fits `chunk_bytes`.
 

@@ -33,13 +33,21 @@ def num_parts():
 # im2col / col2im on a chunk: images n0..n1-1, output rows oy0..oy1-1 of each
 # ----------------------------------------------------------------------------------------
 
+def flat_copy_applies(SH, SW, PW, KW, W):
+    """Whether im2col and col2im take the flat-copy kernels: the one place that chooses.
+
+    True for "same" stride-1 convolutions (OW == W): VGG's 3×3/p1 and 1×1/p0.
+    """
+    return SH == 1 and SW == 1 and common.conv_output_size(W, KW, SW, PW) == W
+
+
 def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
     """Fill cols (CKK, P) for a chunk of x (N, C, H, W); padding reads as zero.
 
     "Same" stride-1 convolutions (every VGG conv) take the flat-copy kernel, the rest the
-    general one; `common.same_stride1` makes that choice, for col2im too.
+    general one (`flat_copy_applies`).
     """
-    if common.same_stride1(SH, SW, PW, KW, x.shape[3]):
+    if flat_copy_applies(SH, SW, PW, KW, x.shape[3]):
         _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols)
     else:
         _im2col_general_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
@@ -50,7 +58,7 @@ def col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
 
     NOTE: cols is scratch: the flat-add kernel zeroes some of its entries first.
     """
-    if common.same_stride1(SH, SW, PW, KW, gx.shape[3]):
+    if flat_copy_applies(SH, SW, PW, KW, gx.shape[3]):
         _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx)
     else:
         _col2im_general_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
@@ -144,7 +152,8 @@ def _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx):
 
     NOTE: it zeroes the wrapped entries of cols first (they hold gradients for padding
     pixels, which have no gx), so cols must be scratch. Every gx pixel then receives its
-    (ky, kx) terms in the same order as in `col2im_chunk`, so the sums are bit for bit equal.
+    (ky, kx) terms in the same order as in `_col2im_general_chunk`, so the sums are bit for
+    bit equal.
     """
     N, C, H, W = gx.shape
     gxf = gx.reshape(N, C, H * W)
@@ -175,10 +184,9 @@ def _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx):
                 gxf[n, c, p + shift] += cols[r, j + p]
 
 
-
 @njit(**JIT)
 def _col2im_general_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
-    """The adjoint of `im2col_chunk`: add every entry of cols (CKK, P) back into gx.
+    """`col2im_chunk` for any stride and padding.
 
     A gather: each input row of gx collects, while it sits in L1, the KH*KW column rows
     that copied it. It adds into gx, so the rows a band shares with its neighbour band (the
@@ -213,7 +221,6 @@ def _col2im_general_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
                     else:
                         for ox in range(ox_lo, ox_hi):
                             dst[ox * SW + kx - PW] += src[ox]
-
 
 
 # ----------------------------------------------------------------------------------------

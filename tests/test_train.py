@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from minivgg import checkpoint
-from minivgg.checkpoint import CheckpointError
-from minivgg.train import (METRICS_COLUMNS, TrainingDiverged, TrainingError, fit,
-                           load_model, synthetic_config, topk_errors)
+from minivgg.checkpoint import CheckpointError, load_model
+from minivgg.metrics import METRICS_COLUMNS, topk_errors
+from minivgg.train import TrainingDiverged, TrainingError, fit, synthetic_config
 
 from test_data import make_layout, write_image
 
@@ -48,7 +48,7 @@ def load_script():
 def test_topk_errors_counts_labels_outside_the_k_best_logits():
     logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
     labels = np.array([1, 2, 0])
-    assert topk_errors(logits, labels, (1, 2, 5)) == [2, 1, 0]
+    assert topk_errors(logits, labels, (1, 2, 5)) == {1: 2, 2: 1, 5: 0}
 
 
 # --- a whole run --------------------------------------------------------------------------

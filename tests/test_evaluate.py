@@ -306,6 +306,34 @@ def test_evaluate_images_rejects_a_test_scale_below_the_crop():
                           _nearest_rescale)
 
 
+def test_a_rows_time_counts_decoding_and_the_stages_of_its_scales_and_methods():
+    stages = E.row_stages("dense+multicrop", (32, 40), num_nets=2)
+    assert stages[0] == E.Stage("decode") and len(stages) == 1 + 2 * (1 + 2 * (1 + 2))
+    assert E.Stage("rescale", 40) in stages and E.Stage("input", 32, 1) in stages
+    assert E.Stage("multicrop", 40, 0) in stages and E.Stage("center", 32, 0) not in stages
+    clock = E.Stopwatch()
+    clock.seconds = {E.Stage("decode"): 1.0, E.Stage("dense", 32, 0): 2.0,
+                     E.Stage("dense", 40, 0): 4.0}
+    assert clock.total(E.row_stages("dense", (32,), 1)) == 3.0
+    with clock(E.Stage("decode")):
+        pass
+    assert clock.seconds[E.Stage("decode")] >= 1.0
+
+
+def test_chunk_posteriors_computes_each_method_and_scale_once_per_net():
+    images, items = _tiny_test_set(2)
+    nets = [E.EvalNet(small_vgg(seed=s, input_size=32), _to_input, batch_size=100)
+            for s in (0, 1)]
+    loaded, labels = E.decode(images.__getitem__, items)
+    assert labels.dtype == np.int64 and len(loaded) == 2
+    needed = [("center", 32), ("dense", 32), ("dense", 40)]
+    parts = E.chunk_posteriors(nets, loaded, needed, _nearest_rescale, E.Stopwatch())
+    assert [sorted(p) for p in parts] == [sorted(needed)] * 2
+    direct = E.dense_posteriors(nets[1].fcn, [_to_input(_nearest_rescale(img, 40))
+                                              for img in loaded])
+    np.testing.assert_array_equal(parts[1][("dense", 40)], direct)
+
+
 # ----------------------------------------------------------------------------------------
 # examples/evaluate_imagenet.py
 # ----------------------------------------------------------------------------------------

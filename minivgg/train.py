@@ -166,7 +166,7 @@ class Run:
 
     @property
     def label(self):
-        return "[synthetic] " if self.config.synthetic else ""
+        return _label(self.config)
 
     @property
     def title(self):
@@ -187,7 +187,7 @@ def setup(cfg, log=print):
     are drawn, and a resume then overwrites weights, momentum, schedule and RNG state.
     """
     device, arch = check_config(cfg)
-    say = _with_label(log, "[synthetic] " if cfg.synthetic else "")
+    say = _with_label(log, _label(cfg))
     resumed = read_resume_checkpoint(cfg)  # first: it holds the data statistics
     train_set, val_set, data_name = open_data(cfg, say)
     if resumed and resumed[2].get("classes") not in (None, list(train_set.classes)):
@@ -224,6 +224,11 @@ def setup(cfg, log=print):
     return Run(cfg, model, optimizer, scheduler, train_loader, val_loader, stats,
                list(train_set.classes), data_name, device, paths, seed, say, start_epoch, best,
                last_good=paths.last if start_epoch else None)
+
+
+def _label(cfg):
+    """What starts every message of a synthetic run, so it is never taken for real data."""
+    return "[synthetic] " if cfg.synthetic else ""
 
 
 def _with_label(log, label):

@@ -30,7 +30,7 @@ from minivgg import functional as F  # noqa: E402
 from minivgg import nn, optim  # noqa: E402
 from minivgg.kernels import cpu as kernels  # noqa: E402
 from minivgg.kernels import reference  # noqa: E402
-from minivgg.kernels.cpu import winograd  # noqa: E402
+from minivgg.kernels import winograd  # noqa: E402
 from minivgg.models import CONFIGS, VGG, parse_layer, vgg  # noqa: E402
 from minivgg.summary import layer_table  # noqa: E402
 from minivgg.tensor import Function, Tensor, _topological_order  # noqa: E402
@@ -332,8 +332,8 @@ def winograd_2d():
     x = np.random.default_rng(0).normal(size=(1, 2, 5, 7))  # a whole (odd-sized) layer
     W = np.random.default_rng(1).normal(size=(3, 2, 3, 3))
     y = kernels.conv2d_forward(x, W, None, (1, 1), (1, 1))
-    for m in winograd.TILE_SIZES:
-        ours = winograd.conv2d_winograd_forward(x, W, None, m=m)
+    for algorithm, m in winograd.ALGORITHMS.items():
+        ours = kernels.conv2d_forward(x, W, None, (1, 1), (1, 1), algorithm)
         print(f"F({m}x{m},3x3) on a 5x7 input, 2->3 channels, equals im2col:",
               np.allclose(ours, y, rtol=1e-12, atol=1e-12))
 
@@ -349,7 +349,7 @@ def conv_multiplications(m, size, C, OC):
 @section
 def winograd_cost():
     print("multiplications per output and (input, output) channel pair:")
-    for m in winograd.TILE_SIZES:
+    for m in winograd.ALGORITHMS.values():
         print(f"  F({m}x{m},3x3): {(m + 2) ** 2} for {m * m} outputs = "
               f"{(m + 2) ** 2 / m ** 2:.2f}, {9 * m * m / (m + 2) ** 2:.2f}x fewer than 9")
     convs = [(parse_layer(s), size) for s, size in
@@ -374,8 +374,9 @@ def winograd_accuracy():
     exact = kernels.conv2d_forward(x, W, None, (1, 1), (1, 1))  # float64
     x32, W32 = x.astype(np.float32), W.astype(np.float32)
     results = {"im2col": kernels.conv2d_forward(x32, W32, None, (1, 1), (1, 1))}
-    for m in winograd.TILE_SIZES:
-        results[f"F({m}x{m},3x3)"] = winograd.conv2d_winograd_forward(x32, W32, None, m=m)
+    for algorithm, m in winograd.ALGORITHMS.items():
+        results[f"F({m}x{m},3x3)"] = kernels.conv2d_forward(x32, W32, None, (1, 1), (1, 1),
+                                                            algorithm)
     print("conv4_1 (256 -> 512 channels, 28x28) in float32 against float64,")
     print("max |error| / RMS(output):")
     for name, y in results.items():

@@ -70,6 +70,42 @@ def test_cuda_conv2d_forward_and_backward_match_cpu(case, dtype, gpu, rng):
         assert_close(got, want, "conv2d", dtype)
 
 
+# (N, C, H, W, OC): odd sizes (tiles cut by the edge), non-square, batch 1, one pixel
+WINOGRAD_CASES = {"odd": (2, 3, 7, 5, 4), "batch1-wide": (1, 5, 6, 11, 3),
+                  "one-pixel": (1, 2, 1, 1, 3)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_cuda_winograd_forward_and_backward_match_cpu(case, algorithm, dtype, gpu, rng):
+    """The winograd.cu transforms and the shared drivers on the GPU table, against the CPU's
+    Numba transforms (both against float64 im2col in tests/test_winograd.py)."""
+    N, C, H, W, OC = WINOGRAD_CASES[case]
+    x = rng.normal(size=(N, C, H, W)).astype(dtype)
+    Wt = rng.normal(size=(OC, C, 3, 3)).astype(dtype)
+    b = rng.normal(size=OC).astype(dtype)
+    gy = rng.normal(size=(N, OC, H, W)).astype(dtype)
+    args = ((1, 1), (1, 1))
+    assert_close(gpu.conv2d_forward(x, Wt, b, *args, algorithm),
+                 cpu.conv2d_forward(x, Wt, b, *args, algorithm), "conv2d", dtype)
+    for got, want in zip(gpu.conv2d_backward(x, Wt, gy, *args, True, algorithm),
+                         cpu.conv2d_backward(x, Wt, gy, *args, True, algorithm)):
+        assert_close(got, want, "conv2d", dtype)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2000])  # one tile row per chunk; a few rows
+def test_cuda_winograd_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch, rng):
+    monkeypatch.setattr(gpu, "WINOGRAD_CHUNK_BYTES", chunk_bytes)
+    x = rng.normal(size=(3, 2, 9, 6)).astype(np.float64)
+    Wt = rng.normal(size=(4, 2, 3, 3))
+    gy = rng.normal(size=(3, 4, 9, 6))
+    args = ((1, 1), (1, 1), True, "winograd4")
+    for got, want in zip(gpu.conv2d_backward(x, Wt, gy, *args),
+                         cpu.conv2d_backward(x, Wt, gy, *args)):
+        assert_close(got, want, "conv2d", np.float64)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 18 * 25 * 4 // 2])  # row bands; 1.5 images
 def test_cuda_conv2d_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch, rng):
     x = rng.normal(size=(3, 2, 5, 5)).astype(np.float32)

@@ -131,7 +131,8 @@ NAMED_IN_WALKTHROUGH = {
     "minivgg.optim": ["SGD", "ReduceLROnPlateau"],
     "minivgg.evaluate": ["to_fully_convolutional"],
     "minivgg.pretrained": ["load_torchvision_vgg"],
-    "minivgg.kernels.winograd": ["transforms", "conv2d_winograd_forward"],
+    "minivgg.kernels.winograd": ["transforms", "conv2d_forward", "conv2d_backward"],
+    "minivgg.kernels.reference": ["conv2d_winograd"],
 }
 
 

@@ -1,4 +1,5 @@
-"""Winograd convolution (kernels/winograd.py), F(2×2,3×3) and F(4×4,3×3).
+"""Winograd convolution (kernels/winograd.py, kernels/cpu/winograd.py), F(2×2,3×3) and
+F(4×4,3×3), and choosing the conv algorithm (`minivgg.backend.set_conv_algorithm`).
 
 References: the 1-D definition of F(m, 3) for the transform matrices; a naive loop and the
 twelve-line NumPy version for the forward; float64 central differences (`minivgg.gradcheck`)
@@ -11,16 +12,19 @@ import numpy as np
 import pytest
 
 import minivgg
-from minivgg.kernels import winograd
-from minivgg.tensor import Function
+from minivgg import backend
+from minivgg import functional as F
+from minivgg.kernels import cpu, reference, winograd
+from minivgg.kernels.cpu import winograd as cpu_winograd
 from conftest import TOLERANCES
 from test_ops import naive_conv2d
 
 torch = pytest.importorskip("torch")
 
-TILES = winograd.TILE_SIZES
+TILES = (2, 4)
+ALGORITHM = {m: name for name, m in winograd.ALGORITHMS.items()}  # 2 -> "winograd", ...
 # max |float32 - float64| / RMS(float64): 5× the worst of y, gx, gW over VGG-16's layers
-FLOAT32_ERROR = {2: 5 * 3.6e-6, 4: 5 * 7.8e-5}
+FLOAT32_ERROR = {2: 5 * 3.5e-6, 4: 5 * 7.8e-5}
 
 # (N, C, H, W, OC): odd sizes, non-square, batch 1, a 1×1 image, tiles cut by the edge
 SHAPES = {
@@ -52,6 +56,23 @@ def torch_conv(x, W, b, gy):
 
 def relative_error(result, exact):
     return np.abs(result - exact).max() / np.sqrt((exact ** 2).mean())
+
+
+def forward(x, W, b, m):
+    """The CPU kernel table's conv2d_forward with F(m×m, 3×3)."""
+    return cpu.conv2d_forward(x, W, b, (1, 1), (1, 1), ALGORITHM[m])
+
+
+def backward(x, W, gy, m, need_gx=True):
+    return cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), need_gx, ALGORITHM[m])
+
+
+@pytest.fixture
+def conv_algorithm():
+    """Set backend's conv algorithm for one test and restore it afterwards."""
+    before = backend.get_conv_algorithm()
+    yield backend.set_conv_algorithm
+    backend.set_conv_algorithm(before)
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,14 +107,6 @@ def test_unknown_tile_size_is_rejected():
         winograd.transforms(3)
 
 
-def test_non_3x3_or_strided_convolution_is_rejected():
-    x, W, b, _ = random_case((1, 2, 5, 5, 3))
-    with pytest.raises(ValueError, match="3×3 filters, stride 1, padding 1"):
-        winograd.conv2d_winograd_forward(x, W, b, stride=(2, 2))
-    with pytest.raises(ValueError, match="3×3 filters, stride 1, padding 1"):
-        winograd.conv2d_winograd_forward(x, np.zeros((3, 2, 5, 5)), b, padding=(2, 2))
-
-
 # ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
@@ -103,7 +116,7 @@ def test_non_3x3_or_strided_convolution_is_rejected():
 def test_reference_winograd_matches_naive_loop(shape, m):
     x, W, b, _ = random_case(shape)
     expected = naive_conv2d(x, W, b, (1, 1), (1, 1))
-    np.testing.assert_allclose(winograd.conv2d_winograd_reference(x, W, b, m), expected,
+    np.testing.assert_allclose(reference.conv2d_winograd(x, W, b, m), expected,
                                **TOLERANCES["conv2d"][np.dtype(np.float64)])
 
 
@@ -111,16 +124,16 @@ def test_reference_winograd_matches_naive_loop(shape, m):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_winograd_forward_matches_reference_and_naive_loop(shape, m):
     x, W, b, _ = random_case(shape)
-    y = winograd.conv2d_winograd_forward(x, W, b, m=m)
+    y = forward(x, W, b, m)
     tol = TOLERANCES["conv2d"][np.dtype(np.float64)]
-    np.testing.assert_allclose(y, winograd.conv2d_winograd_reference(x, W, b, m), **tol)
+    np.testing.assert_allclose(y, reference.conv2d_winograd(x, W, b, m), **tol)
     np.testing.assert_allclose(y, naive_conv2d(x, W, b, (1, 1), (1, 1)), **tol)
 
 
 @pytest.mark.parametrize("m", TILES)
 def test_winograd_forward_without_bias(m):
     x, W, _, _ = random_case(SHAPES["odd"])
-    np.testing.assert_allclose(winograd.conv2d_winograd_forward(x, W, None, m=m),
+    np.testing.assert_allclose(forward(x, W, None, m),
                                naive_conv2d(x, W, None, (1, 1), (1, 1)),
                                **TOLERANCES["conv2d"][np.dtype(np.float64)])
 
@@ -129,26 +142,12 @@ def test_winograd_forward_without_bias(m):
 # Gradients
 # ----------------------------------------------------------------------------------------
 
-class WinogradConv(Function):
-    """The Winograd kernels as an autograd op, so `minivgg.gradcheck` can drive them."""
-
-    def __init__(self, m):
-        self.m = m
-
-    def forward(self, x, W, b):
-        self.save_for_backward(x, W)
-        return winograd.conv2d_winograd_forward(x, W, b, m=self.m)
-
-    def backward(self, gy):
-        x, W = self.saved
-        return winograd.conv2d_winograd_backward(x, W, gy, m=self.m)
-
-
 @pytest.mark.parametrize("m", TILES)
 @pytest.mark.parametrize("shape", [(1, 2, 5, 3, 2), (2, 1, 4, 6, 3)], ids=["batch1", "batch2"])
-def test_winograd_gradients_match_finite_differences(shape, m):
+def test_winograd_gradients_match_finite_differences(shape, m, conv_algorithm):
+    conv_algorithm(ALGORITHM[m])
     x, W, b, _ = random_case(shape, seed=3)
-    assert minivgg.gradcheck(lambda x, W, b: WinogradConv(m)(x, W, b), [x, W, b],
+    assert minivgg.gradcheck(lambda x, W, b: F.conv2d(x, W, b, padding=1), [x, W, b],
                              **TOLERANCES["gradcheck"][np.dtype(np.float64)])
 
 
@@ -157,8 +156,8 @@ def test_winograd_gradients_match_finite_differences(shape, m):
 def test_winograd_matches_pytorch_in_float64(shape, m):
     x, W, b, gy = random_case(shape, seed=1)
     y_t, gx_t, gW_t, gb_t = torch_conv(x, W, b, gy)
-    y = winograd.conv2d_winograd_forward(x, W, b, m=m)
-    gx, gW, gb = winograd.conv2d_winograd_backward(x, W, gy, m=m)
+    y = forward(x, W, b, m)
+    gx, gW, gb = backward(x, W, gy, m)
     tol = TOLERANCES["conv2d"][np.dtype(np.float64)]
     for name, ours, theirs in [("y", y, y_t), ("gx", gx, gx_t), ("gW", gW, gW_t),
                                ("gb", gb, gb_t)]:
@@ -170,8 +169,8 @@ def test_winograd_float32_error_within_measured_bound(m):
     """float32 against PyTorch's float64 on the same inputs, relative to the RMS."""
     x, W, b, gy = random_case((2, 32, 13, 10, 24), dtype=np.float32, seed=2)
     y_t, gx_t, gW_t, _ = torch_conv(x, W, b, gy)
-    y = winograd.conv2d_winograd_forward(x, W, b, m=m)
-    gx, gW, _ = winograd.conv2d_winograd_backward(x, W, gy, m=m)
+    y = forward(x, W, b, m)
+    gx, gW, _ = backward(x, W, gy, m)
     for name, ours, theirs in [("y", y, y_t), ("gx", gx, gx_t), ("gW", gW, gW_t)]:
         assert ours.dtype == np.float32, name
         assert relative_error(ours.astype(np.float64), theirs) < FLOAT32_ERROR[m], name
@@ -179,7 +178,7 @@ def test_winograd_float32_error_within_measured_bound(m):
 
 def test_input_gradient_is_skipped_when_not_needed():
     x, W, _, gy = random_case(SHAPES["odd"])
-    gx, gW, gb = winograd.conv2d_winograd_backward(x, W, gy, need_gx=False)
+    gx, gW, gb = backward(x, W, gy, 4, need_gx=False)
     assert gx is None and gW.shape == W.shape and gb.shape == (W.shape[0],)
 
 
@@ -191,12 +190,12 @@ def test_input_gradient_is_skipped_when_not_needed():
 def test_small_chunks_give_the_same_result(m, monkeypatch):
     """Many chunks (one tile row each) agree with one chunk; each tile row is one job."""
     x, W, b, gy = random_case((3, 4, 9, 7, 5), dtype=np.float32, seed=4)
-    y1 = winograd.conv2d_winograd_forward(x, W, b, m=m)
-    g1 = winograd.conv2d_winograd_backward(x, W, gy, m=m)
-    monkeypatch.setattr(winograd, "WINOGRAD_CHUNK_BYTES", 1)
-    assert len(winograd.tile_chunks(3 * 5, 1000)) == 15
-    y2 = winograd.conv2d_winograd_forward(x, W, b, m=m)
-    g2 = winograd.conv2d_winograd_backward(x, W, gy, m=m)
+    y1 = forward(x, W, b, m)
+    g1 = backward(x, W, gy, m)
+    monkeypatch.setattr(cpu_winograd, "WINOGRAD_CHUNK_BYTES", 1)
+    assert len(winograd.tile_chunks(3 * 5, 1000, 1, parts=2)) == 15
+    y2 = forward(x, W, b, m)
+    g2 = backward(x, W, gy, m)
     for a, c in zip((y1,) + g1, (y2,) + g2):  # only the float32 summation order differs
         assert relative_error(c.astype(np.float64), a) < FLOAT32_ERROR[m]
 
@@ -204,10 +203,63 @@ def test_small_chunks_give_the_same_result(m, monkeypatch):
 @pytest.mark.parametrize("m", TILES)
 def test_weight_gradient_is_bitwise_repeatable(m, monkeypatch):
     """The per-thread partial sums are added in a fixed order: same inputs, same bits."""
-    monkeypatch.setattr(winograd, "WINOGRAD_CHUNK_BYTES", 4096)  # several chunks per part
+    monkeypatch.setattr(cpu_winograd, "WINOGRAD_CHUNK_BYTES", 4096)  # chunks per part
     x, W, _, gy = random_case((4, 8, 12, 9, 6), dtype=np.float32, seed=5)
-    first = winograd.conv2d_winograd_backward(x, W, gy, m=m)
+    first = backward(x, W, gy, m)
     for _ in range(3):
-        again = winograd.conv2d_winograd_backward(x, W, gy, m=m)
+        again = backward(x, W, gy, m)
         for a, c in zip(first, again):
             assert np.array_equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing the algorithm
+# ----------------------------------------------------------------------------------------
+
+def test_unknown_conv_algorithm_is_rejected():
+    with pytest.raises(ValueError, match="unknown conv algorithm 'fft'"):
+        backend.set_conv_algorithm("fft")
+
+
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "auto"])
+def test_convolutions_winograd_cannot_run_fall_back_to_im2col(algorithm, conv_algorithm):
+    conv_algorithm(algorithm)
+    x = np.zeros((8, 64, 32, 32), dtype=np.float32)
+    for shape, stride, padding in [((64, 64, 1, 1), (1, 1), (0, 0)),  # config C's 1×1
+                                   ((64, 64, 3, 3), (2, 2), (1, 1)),
+                                   ((64, 64, 3, 3), (1, 1), (0, 0))]:
+        assert backend.conv_algorithm_for(x, np.zeros(shape), stride, padding) == "im2col"
+
+
+def test_auto_rule_by_layer_shape(conv_algorithm):
+    """VGG-16 at batch 8 and the small recipe (width 0.25, 64×64, batch 32)."""
+    conv_algorithm("auto")
+    W3 = np.zeros((8, 8, 3, 3))
+
+    def pick(N, C, H):
+        return backend.conv_algorithm_for(np.zeros((N, C, H, H)), W3, (1, 1), (1, 1))
+
+    assert pick(8, 3, 224) == "im2col"  # conv1_1: C = 3
+    assert [pick(8, 64, s) for s in (224, 112, 56, 28, 14)] == ["winograd4"] * 5
+    assert pick(4, 512, 14) == "winograd"  # 784 output pixels
+    assert pick(1, 512, 14) == "im2col"  # one image's conv5: 196 pixels
+    assert [pick(32, 16, s) for s in (64, 32, 16, 8, 4)] == ["winograd4"] * 4 + ["winograd"]
+
+
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "auto"])
+def test_model_step_matches_im2col(algorithm, conv_algorithm):
+    """A VGG-A forward and backward with every 3×3 conv by Winograd, against im2col."""
+    def step():
+        backend.manual_seed(0)
+        model = minivgg.models.vgg("A", num_classes=5, width=0.125, fc_width=32, input_size=32)
+        model.eval()
+        x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+        loss = F.cross_entropy(model(x), np.array([1, 3]))
+        loss.backward()
+        return [loss.data] + [p.grad for p in model.parameters()]
+
+    conv_algorithm("im2col")
+    expected = step()
+    conv_algorithm(algorithm)
+    for ours, theirs in zip(step(), expected):
+        assert relative_error(ours.astype(np.float64), theirs.astype(np.float64)) < 1e-3

@@ -1,0 +1,228 @@
+"""Winograd convolution on the CPU: the tile and filter transforms (the twin of
+`cuda/winograd.cu`).
+
+The drivers, `conv2d_forward` and `conv2d_backward` of `kernels/winograd.py`, are written
+once for both devices; this module gives them the CPU's primitives through
+`common.Primitives`: the transforms below as serial Numba kernels (compiled once, cached on
+disk), `runtime`'s pool and workspaces. The α² GEMMs between the transforms are NumPy's
+BLAS, one thread each. Shape legend and the algorithm: see `kernels/winograd.py`.
+"""
+
+import numpy as np
+from numba import njit
+
+from minivgg.kernels.cpu.runtime import JIT, num_threads
+# NOTE: imported for the shared drivers, which find them in this module's namespace
+from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
+
+xp = np
+
+# Bytes of transformed tiles (V and M, or V and Z) per chunk: each α² GEMM then streams a
+# slab that stays in L2/L3 while the transforms around it work on it, and the step's peak
+# memory stays bounded whatever the batch.
+WINOGRAD_CHUNK_BYTES = 8 * 2**20
+
+
+def num_parts():
+    """Chunks a layer is cut into at least: one per thread."""
+    return num_threads()
+
+
+# ----------------------------------------------------------------------------------------
+# Tile transforms. A chunk is the tile rows r0..r1-1, r = n*TH + ty; tile (n, ty, tx) is
+# column q = (r - r0)*TW + tx of the chunk's (C, P) matrices.
+# ----------------------------------------------------------------------------------------
+#
+# Every transform is a "sandwich" L d L^T of a small tile d with a small matrix L, done for
+# a whole row of TW tiles at once: the tiles' (i, j) entries lie side by side in a row of
+# TW floats, so each step is `row += coef * other_row`, which LLVM vectorises, and the zero
+# entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output gradient
+# (for the weight gradient): L = A (α×m).
+
+# NOTE: the loops index the whole 3-D/4-D arrays (out[a, bb, ch, q]) rather than 1-D
+# slices or transposed views of them: Numba then knows the innermost axis is contiguous and
+# LLVM vectorises the `q` loops; through a transposed view it does not (measured 3× slower).
+
+@njit(**JIT)
+def _along_rows(L, d, tmp):
+    """tmp[i, bb, q] = sum_j L[bb, j] d[i, j, q]: L applied to each window row (d L^T)."""
+    r, k = L.shape
+    for i in range(d.shape[0]):
+        for bb in range(r):
+            for q in range(d.shape[2]):
+                tmp[i, bb, q] = 0
+            for j in range(k):
+                coef = L[bb, j]
+                if coef != 0:
+                    for q in range(d.shape[2]):
+                        tmp[i, bb, q] += coef * d[i, j, q]
+
+
+@njit(**JIT)
+def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
+    """out[a, b, ch, q] = (L d L^T)[a, b] for the k×k window d of src[n, ch] of every tile q.
+
+    src (N, CH, H, W); L (r, k); out (r, r, CH, P). Tile (n, ty, tx)'s window starts at row
+    ty*m + shift, column tx*m + shift, and reads zeros outside the image. The input
+    transform is (L, shift) = (B^T, -1): α×α windows overlapping by 2 (padding 1); the
+    output-gradient transform is (A, 0): the tile's own m×m block of gy.
+    """
+    CH, H, W = src.shape[1], src.shape[2], src.shape[3]
+    r, k = L.shape
+    P = (r1 - r0) * TW
+    width = (TW - 1) * m + k  # xr[t] = src[n, ch, iy, t + shift], zero outside the row
+    xr = np.zeros(width, dtype=out.dtype)
+    lo, hi = max(0, -shift), max(0, min(width, W - shift))
+    d = np.empty((k, k, P), dtype=out.dtype)
+    tmp = np.empty((k, r, P), dtype=out.dtype)
+    for ch in range(CH):
+        for row in range(r0, r1):  # gather the windows: d[i, j, q] = window q's (i, j)
+            n, ty, q0 = row // TH, row % TH, (row - r0) * TW
+            for i in range(k):
+                iy = ty * m + shift + i
+                if iy < 0 or iy >= H:
+                    d[i, :, q0:q0 + TW] = 0
+                    continue
+                xr[lo:hi] = src[n, ch, iy, lo + shift:hi + shift]
+                for j in range(k):
+                    for tx in range(TW):
+                        d[i, j, q0 + tx] = xr[tx * m + j]
+        _along_rows(L, d, tmp)
+        for a in range(r):  # out = L tmp, along the window columns
+            for bb in range(r):
+                for q in range(P):
+                    out[a, bb, ch, q] = 0
+                for i in range(k):
+                    coef = L[a, i]
+                    if coef != 0:
+                        for q in range(P):
+                            out[a, bb, ch, q] += coef * tmp[i, bb, q]
+
+
+@njit(**JIT)
+def input_transform(x, BT, m, r0, r1, TH, TW, V):
+    """V (α, α, C, P) = B^T d B for the α×α input tile d of every tile and channel."""
+    tile_transform(x, BT, m, -1, r0, r1, TH, TW, V)
+
+
+@njit(**JIT)
+def grad_output_transform(gy, A, m, r0, r1, TH, TW, Z):
+    """Z (α, α, OC, P) = A g A^T for the m×m block g of gy of every tile: the adjoint of
+    `output_transform` (gy outside the image, cropped from y, counts as zero)."""
+    tile_transform(gy, A, m, 0, r0, r1, TH, TW, Z)
+
+
+@njit(**JIT)
+def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
+    """y tile = A^T M[:, :, oc, q] A + b[oc], cropped to the image, for every tile q.
+
+    M (α, α, OC, P), b (OC,), y (N, OC, H, W).
+    """
+    OC, H, W = y.shape[1], y.shape[2], y.shape[3]
+    alpha, P = m + 2, (r1 - r0) * TW
+    tmp = np.empty((alpha, m, P), dtype=M.dtype)
+    o = np.empty((m, m, P), dtype=M.dtype)
+    for oc in range(OC):
+        for a in range(alpha):  # tmp[a, j] = sum_b M[a, b] A[b, j], along the rows
+            for j in range(m):
+                for q in range(P):
+                    tmp[a, j, q] = 0
+                for bb in range(alpha):
+                    coef = AT[j, bb]
+                    if coef != 0:
+                        for q in range(P):
+                            tmp[a, j, q] += coef * M[a, bb, oc, q]
+        for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[a, j], along the columns
+            for j in range(m):
+                for q in range(P):
+                    o[i, j, q] = 0
+                for a in range(alpha):
+                    coef = AT[i, a]
+                    if coef != 0:
+                        for q in range(P):
+                            o[i, j, q] += coef * tmp[a, j, q]
+        for row in range(r0, r1):  # move each tile row's m×m blocks into y, cropped
+            n, ty, q0 = row // TH, row % TH, (row - r0) * TW
+            for i in range(min(m, H - ty * m)):
+                for j in range(m):
+                    for tx in range(min(TW, (W - j + m - 1) // m)):
+                        y[n, oc, ty * m + i, tx * m + j] = o[i, j, q0 + tx] + b[oc]
+
+
+# ----------------------------------------------------------------------------------------
+# Filter transforms: once per call, over all OC*C filters
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _filter_transform_kernel(W, G, rotate, U, t0, t1):
+    """U[a, b, o, i] = (G w G^T)[a, b] for output channels o = t0..t1-1, in float64.
+
+    w = W[o, i], or with `rotate` W[i, o] turned by 180° (the input gradient's filters).
+    U (α, α, O, I); every step runs along the I input channels at once.
+    """
+    alpha, n_in = G.shape[0], U.shape[3]
+    g = np.empty((3, 3, n_in))
+    t = np.empty((alpha, 3, n_in))
+    for o in range(t0, t1):
+        for i in range(n_in):
+            for ky in range(3):
+                for kx in range(3):
+                    g[ky, kx, i] = W[i, o, 2 - ky, 2 - kx] if rotate else W[o, i, ky, kx]
+        for a in range(alpha):  # t = G g, along the filter columns
+            for kx in range(3):
+                for i in range(n_in):
+                    t[a, kx, i] = G[a, 0] * g[0, kx, i] + G[a, 1] * g[1, kx, i] \
+                        + G[a, 2] * g[2, kx, i]
+        for a in range(alpha):  # U = t G^T, along the rows
+            for bb in range(alpha):
+                for i in range(n_in):
+                    U[a, bb, o, i] = G[bb, 0] * t[a, 0, i] + G[bb, 1] * t[a, 1, i] \
+                        + G[bb, 2] * t[a, 2, i]
+
+
+def filter_transform(W, G, rotate, U):
+    """U (α, α, O, I) = G w G^T for every filter w of W (OC, C, 3, 3), summed in float64.
+
+    Without `rotate`, w = W[o, i] (O, I = OC, C); with it, the input gradient's filters,
+    W[i, o] turned by 180° (O, I = C, OC). G (α, 3) float64.
+    """
+    map_ranges(lambda t0, t1: _filter_transform_kernel(W, G, rotate, U, t0, t1), U.shape[2],
+               elements=U.size)
+
+
+@njit(**JIT)
+def _filter_grad_transform_kernel(dU, G, gW, t0, t1):
+    """gW[oc, c] = G^T dU[:, :, oc, c] G for oc = t0..t1-1, summed in float64 (the adjoint
+    of `_filter_transform_kernel`)."""
+    alpha, C = G.shape[0], gW.shape[1]
+    t = np.empty((alpha, 3, C))
+    g = np.empty((3, 3, C))
+    for oc in range(t0, t1):
+        for a in range(alpha):  # t = dU G, along the rows
+            for kx in range(3):
+                for c in range(C):
+                    t[a, kx, c] = 0
+                for bb in range(alpha):
+                    coef = G[bb, kx]
+                    if coef != 0:
+                        for c in range(C):
+                            t[a, kx, c] += coef * dU[a, bb, oc, c]
+        for ky in range(3):  # g = G^T t, along the columns
+            for kx in range(3):
+                for c in range(C):
+                    g[ky, kx, c] = G[0, ky] * t[0, kx, c]
+                for a in range(1, alpha):
+                    coef = G[a, ky]
+                    if coef != 0:
+                        for c in range(C):
+                            g[ky, kx, c] += coef * t[a, kx, c]
+        for c in range(C):
+            for ky in range(3):
+                for kx in range(3):
+                    gW[oc, c, ky, kx] = g[ky, kx, c]
+
+
+def filter_grad_transform(dU, G, gW):
+    """gW (OC, C, 3, 3) = G^T dU[:, :, oc, c] G, from dU (α, α, OC, C), summed in float64."""
+    map_ranges(lambda t0, t1: _filter_grad_transform_kernel(dU, G, gW, t0, t1), gW.shape[0],
+               elements=dU.size)

@@ -151,10 +151,16 @@ def tile_grid(H, W, m):
     return -(-H // m), -(-W // m)
 
 
-def tile_chunks(n_rows, row_bytes, chunk_bytes, parts=1):
-    """Cut range(n_rows) tile rows into (r0, r1) chunks of about `chunk_bytes`, at least
-    `parts` of them when there are enough rows. Depends on the sizes only, never timing."""
-    step = max(1, chunk_bytes // row_bytes)
+# Fewest tiles a chunk holds (when the layer has them): the GEMMs' inner dimension for gW
+# and their column count otherwise; BLAS runs far below its peak on thinner matrices.
+MIN_CHUNK_TILES = 64
+
+
+def tile_chunks(n_rows, row_bytes, chunk_bytes, parts=1, TW=1):
+    """Cut range(n_rows) tile rows (TW tiles each) into (r0, r1) chunks of about
+    `chunk_bytes` but at least MIN_CHUNK_TILES tiles, and at least `parts` chunks when
+    there are enough rows. Depends on the sizes only, never on timing."""
+    step = max(1, chunk_bytes // row_bytes, -(-MIN_CHUNK_TILES // TW))
     step = max(1, min(step, -(-n_rows // parts)))
     return [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
 
@@ -200,7 +206,7 @@ def _convolve(dev, x, U, b, m):
     TH, TW = tile_grid(H, Wd, m)
     y = xp.empty((N, OC, H, Wd), dtype=x.dtype)
     row_bytes = a2 * (C + OC) * TW * x.itemsize
-    chunks = tile_chunks(N * TH, row_bytes, dev.WINOGRAD_CHUNK_BYTES, dev.num_parts())
+    chunks = tile_chunks(N * TH, row_bytes, dev.WINOGRAD_CHUNK_BYTES, dev.num_parts(), TW)
     Umat = U.reshape(a2, OC, C)
 
     def job(t0, t1):
@@ -253,7 +259,7 @@ def _weight_grad(dev, x, gy, m):
     BT, _, A, G = _matrices(dev, m, x.dtype)
     TH, TW = tile_grid(H, Wd, m)
     row_bytes = a2 * (C + OC) * TW * x.itemsize
-    chunks = tile_chunks(N * TH, row_bytes, dev.WINOGRAD_CHUNK_BYTES, dev.num_parts())
+    chunks = tile_chunks(N * TH, row_bytes, dev.WINOGRAD_CHUNK_BYTES, dev.num_parts(), TW)
     T = min(dev.num_parts(), len(chunks))
     bounds = [len(chunks) * k // T for k in range(T + 1)]
     parts = dev.workspace("wino_dU_parts", (T, a2, OC, C), x.dtype)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import assert_close
 from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels
-from minivgg.kernels import common, cpu
+from minivgg.kernels import common, cpu, winograd
 from minivgg.kernels.cpu import conv as cpu_conv
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="g++ not found")
@@ -97,6 +97,7 @@ def test_cuda_winograd_forward_and_backward_match_cpu(case, algorithm, dtype, gp
 @pytest.mark.parametrize("chunk_bytes", [1, 2000])  # one tile row per chunk; a few rows
 def test_cuda_winograd_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch, rng):
     monkeypatch.setattr(gpu, "WINOGRAD_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
     x = rng.normal(size=(3, 2, 9, 6)).astype(np.float64)
     Wt = rng.normal(size=(4, 2, 3, 3))
     gy = rng.normal(size=(3, 4, 9, 6))

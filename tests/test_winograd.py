@@ -193,6 +193,7 @@ def test_small_chunks_give_the_same_result(m, monkeypatch):
     y1 = forward(x, W, b, m)
     g1 = backward(x, W, gy, m)
     monkeypatch.setattr(cpu_winograd, "WINOGRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
     assert len(winograd.tile_chunks(3 * 5, 1000, 1, parts=2)) == 15
     y2 = forward(x, W, b, m)
     g2 = backward(x, W, gy, m)
@@ -204,6 +205,7 @@ def test_small_chunks_give_the_same_result(m, monkeypatch):
 def test_weight_gradient_is_bitwise_repeatable(m, monkeypatch):
     """The per-thread partial sums are added in a fixed order: same inputs, same bits."""
     monkeypatch.setattr(cpu_winograd, "WINOGRAD_CHUNK_BYTES", 4096)  # chunks per part
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
     x, W, _, gy = random_case((4, 8, 12, 9, 6), dtype=np.float32, seed=5)
     first = backward(x, W, gy, m)
     for _ in range(3):

@@ -17,10 +17,16 @@ from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
 
 xp = np
 
-# Bytes of transformed tiles (V and M, or V and Z) per chunk: each α² GEMM then streams a
-# slab that stays in L2/L3 while the transforms around it work on it, and the step's peak
-# memory stays bounded whatever the batch.
-WINOGRAD_CHUNK_BYTES = 8 * 2**20
+# Bytes of transformed tiles (V and M, or V and Z) per chunk, near the size of L2: the α²
+# GEMMs then find their operands in cache right after the transforms wrote them, and peak
+# memory stays small whatever the batch. Deep layers take more (`MIN_CHUNK_TILES` tiles,
+# see kernels/winograd.py), so that their GEMMs are not too thin.
+WINOGRAD_CHUNK_BYTES = 2**20
+
+
+# Tiles transformed at once inside a chunk: their k×k windows and half-transformed tiles
+# (2 × 36 × 128 floats for F(4×4,3×3)) stay in L1 while each channel is done.
+BLOCK_TILES = 128
 
 
 def num_parts():
@@ -44,17 +50,17 @@ def num_parts():
 # LLVM vectorises the `q` loops; through a transposed view it does not (measured 3× slower).
 
 @njit(**JIT)
-def _along_rows(L, d, tmp):
-    """tmp[i, bb, q] = sum_j L[bb, j] d[i, j, q]: L applied to each window row (d L^T)."""
+def _along_rows(L, d, tmp, n):
+    """tmp[i, bb, q] = sum_j L[bb, j] d[i, j, q] for q < n: L on each window row (d L^T)."""
     r, k = L.shape
     for i in range(d.shape[0]):
         for bb in range(r):
-            for q in range(d.shape[2]):
+            for q in range(n):
                 tmp[i, bb, q] = 0
             for j in range(k):
                 coef = L[bb, j]
                 if coef != 0:
-                    for q in range(d.shape[2]):
+                    for q in range(n):
                         tmp[i, bb, q] += coef * d[i, j, q]
 
 
@@ -69,34 +75,37 @@ def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
     """
     CH, H, W = src.shape[1], src.shape[2], src.shape[3]
     r, k = L.shape
-    P = (r1 - r0) * TW
     width = (TW - 1) * m + k  # xr[t] = src[n, ch, iy, t + shift], zero outside the row
     xr = np.zeros(width, dtype=out.dtype)
     lo, hi = max(0, -shift), max(0, min(width, W - shift))
-    d = np.empty((k, k, P), dtype=out.dtype)
-    tmp = np.empty((k, r, P), dtype=out.dtype)
-    for ch in range(CH):
-        for row in range(r0, r1):  # gather the windows: d[i, j, q] = window q's (i, j)
-            n, ty, q0 = row // TH, row % TH, (row - r0) * TW
-            for i in range(k):
-                iy = ty * m + shift + i
-                if iy < 0 or iy >= H:
-                    d[i, :, q0:q0 + TW] = 0
-                    continue
-                xr[lo:hi] = src[n, ch, iy, lo + shift:hi + shift]
-                for j in range(k):
-                    for tx in range(TW):
-                        d[i, j, q0 + tx] = xr[tx * m + j]
-        _along_rows(L, d, tmp)
-        for a in range(r):  # out = L tmp, along the window columns
-            for bb in range(r):
-                for q in range(P):
-                    out[a, bb, ch, q] = 0
+    group = max(1, BLOCK_TILES // TW)  # tile rows per block: d and tmp stay in L1
+    d = np.empty((k, k, group * TW), dtype=out.dtype)
+    tmp = np.empty((k, r, group * TW), dtype=out.dtype)
+    for g0 in range(r0, r1, group):
+        g1 = min(r1, g0 + group)
+        nq, q0 = (g1 - g0) * TW, (g0 - r0) * TW  # the block's tiles: q0 .. q0 + nq - 1
+        for ch in range(CH):
+            for row in range(g0, g1):  # gather the windows: d[i, j, q] = window q's (i, j)
+                n, ty, t0 = row // TH, row % TH, (row - g0) * TW
                 for i in range(k):
-                    coef = L[a, i]
-                    if coef != 0:
-                        for q in range(P):
-                            out[a, bb, ch, q] += coef * tmp[i, bb, q]
+                    iy = ty * m + shift + i
+                    if iy < 0 or iy >= H:
+                        d[i, :, t0:t0 + TW] = 0
+                        continue
+                    xr[lo:hi] = src[n, ch, iy, lo + shift:hi + shift]
+                    for j in range(k):
+                        for tx in range(TW):
+                            d[i, j, t0 + tx] = xr[tx * m + j]
+            _along_rows(L, d, tmp, nq)
+            for a in range(r):  # out = L tmp, along the window columns
+                for bb in range(r):
+                    for q in range(nq):
+                        out[a, bb, ch, q0 + q] = 0
+                    for i in range(k):
+                        coef = L[a, i]
+                        if coef != 0:
+                            for q in range(nq):
+                                out[a, bb, ch, q0 + q] += coef * tmp[i, bb, q]
 
 
 @njit(**JIT)
@@ -119,34 +128,38 @@ def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
     M (α, α, OC, P), b (OC,), y (N, OC, H, W).
     """
     OC, H, W = y.shape[1], y.shape[2], y.shape[3]
-    alpha, P = m + 2, (r1 - r0) * TW
-    tmp = np.empty((alpha, m, P), dtype=M.dtype)
-    o = np.empty((m, m, P), dtype=M.dtype)
-    for oc in range(OC):
-        for a in range(alpha):  # tmp[a, j] = sum_b M[a, b] A[b, j], along the rows
-            for j in range(m):
-                for q in range(P):
-                    tmp[a, j, q] = 0
-                for bb in range(alpha):
-                    coef = AT[j, bb]
-                    if coef != 0:
-                        for q in range(P):
-                            tmp[a, j, q] += coef * M[a, bb, oc, q]
-        for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[a, j], along the columns
-            for j in range(m):
-                for q in range(P):
-                    o[i, j, q] = 0
-                for a in range(alpha):
-                    coef = AT[i, a]
-                    if coef != 0:
-                        for q in range(P):
-                            o[i, j, q] += coef * tmp[a, j, q]
-        for row in range(r0, r1):  # move each tile row's m×m blocks into y, cropped
-            n, ty, q0 = row // TH, row % TH, (row - r0) * TW
-            for i in range(min(m, H - ty * m)):
+    alpha = m + 2
+    group = max(1, BLOCK_TILES // TW)  # tile rows per block, as in `tile_transform`
+    tmp = np.empty((alpha, m, group * TW), dtype=M.dtype)
+    o = np.empty((m, m, group * TW), dtype=M.dtype)
+    for g0 in range(r0, r1, group):
+        g1 = min(r1, g0 + group)
+        nq, q0 = (g1 - g0) * TW, (g0 - r0) * TW  # the block's tiles: q0 .. q0 + nq - 1
+        for oc in range(OC):
+            for a in range(alpha):  # tmp[a, j] = sum_b M[a, b] A[b, j], along the rows
                 for j in range(m):
-                    for tx in range(min(TW, (W - j + m - 1) // m)):
-                        y[n, oc, ty * m + i, tx * m + j] = o[i, j, q0 + tx] + b[oc]
+                    for q in range(nq):
+                        tmp[a, j, q] = 0
+                    for bb in range(alpha):
+                        coef = AT[j, bb]
+                        if coef != 0:
+                            for q in range(nq):
+                                tmp[a, j, q] += coef * M[a, bb, oc, q0 + q]
+            for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[a, j], along the columns
+                for j in range(m):
+                    for q in range(nq):
+                        o[i, j, q] = 0
+                    for a in range(alpha):
+                        coef = AT[i, a]
+                        if coef != 0:
+                            for q in range(nq):
+                                o[i, j, q] += coef * tmp[a, j, q]
+            for row in range(g0, g1):  # move each tile row's m×m blocks into y, cropped
+                n, ty, t0 = row // TH, row % TH, (row - g0) * TW
+                for i in range(min(m, H - ty * m)):
+                    for j in range(m):
+                        for tx in range(min(TW, (W - j + m - 1) // m)):
+                            y[n, oc, ty * m + i, tx * m + j] = o[i, j, t0 + tx] + b[oc]
 
 
 # ----------------------------------------------------------------------------------------

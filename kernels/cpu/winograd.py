@@ -40,9 +40,9 @@ def num_parts():
 # ----------------------------------------------------------------------------------------
 #
 # Every transform is a "sandwich" L d L^T of a small tile d with a small matrix L, done for
-# a whole row of TW tiles at once: the tiles' (i, j) entries lie side by side in a row of
-# TW floats, so each step is `row += coef * other_row`, which LLVM vectorises, and the zero
-# entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output gradient
+# a block of up to BLOCK_TILES tiles at once: the tiles' (i, j) entries are gathered side by
+# side into one row, so each step is `row += coef * other_row`, which LLVM vectorises, and
+# the zero entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output gradient
 # (for the weight gradient): L = A (α×m).
 
 # NOTE: the loops index the whole 3-D/4-D arrays (out[a, bb, ch, q]) rather than 1-D

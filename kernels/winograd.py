@@ -117,16 +117,21 @@ def auto_algorithm(device, N, C, H, W):
     machine is busy, and then a resumed run would not be bit-identical to an uninterrupted
     one. The rule depends only on the shapes, so every run makes the same choices.
 
-    The rule, from per-layer timings of forward + backward on 2 CPU threads (VGG-16 at
-    224 and the small recipe's layers; `benchmarks/bench_layers.py --algo all` re-measures
-    it): the filter transforms cost about α² C·OC per call whatever the batch, the saving
-    grows with the output pixels N·H·W, so
-      * C < 8 (the RGB layer): im2col; the GEMMs' inner dimension would be C = 3;
-      * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications;
-      * 512 <= N·H·W < 1536 (e.g. conv5 at batch 4): F(2×2,3×3), whose filters are 2.25×
-        smaller and whose tiles fit 14 and 7 exactly;
-      * smaller (e.g. 4×4 maps at batch 8): im2col; the transforms would cost more than
-        the multiplications they save.
+    The rule comes from per-layer timings of forward + backward (CPU time of one thread,
+    best of 5, taken on a shared, loaded machine, so rough; `python benchmarks/
+    bench_layers.py --only conv --algo all,auto` re-measures it side by side). The filter
+    transforms cost about α²·C·OC per call whatever the batch, while the saving grows with
+    the output pixels N·H·W, so
+      * C < 8 (the RGB layer): im2col; the GEMMs' inner dimension would be C = 3, and
+        F(4×4,3×3) measured 2-3× slower than im2col on conv1_1;
+      * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications (measured 0.55-0.8× im2col's
+        time on VGG-16's conv1_2 to conv5 at batch 8 and the small recipe's 16-64 channel
+        layers);
+      * 512 <= N·H·W < 1536 (e.g. conv5 at batch 4, 784 pixels): F(2×2,3×3), whose filters
+        are 2.25× smaller and whose tiles fit 14 and 7 exactly (F(4×4,3×3) was slower than
+        im2col there, F(2×2,3×3) about even);
+      * smaller (one image's conv5, 4×4 maps at batch 8): im2col; the transforms cost more
+        than the multiplications they save.
     On the GPU nothing has been measured yet, so "auto" stays with im2col there.
     """
     if device != "cpu" or C < 8:

@@ -195,7 +195,8 @@ def have_compiler():
 
 def load_emulated_cuda_kernels():
     """`kernels/cuda.py` as a module running on NumPy arrays with host-compiled kernels."""
-    HostRawModule.build_dir = tempfile.mkdtemp(prefix="minivgg-cuda-emulation-")
+    if HostRawModule.build_dir is None:  # one per process: each test module loads its own
+        HostRawModule.build_dir = tempfile.mkdtemp(prefix="minivgg-cuda-emulation-")
     standin.RawModule = HostRawModule
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = standin

@@ -52,8 +52,10 @@ class Stream:
 
     null = None  # the default stream, set below
     _current = []  # streams made current by `with stream:` / `use()`
+    all = weakref.WeakSet()  # every stream alive, for Device.synchronize
 
     def __init__(self, null=False, non_blocking=False, ptr=0):
+        Stream.all.add(self)
         self.seq = 0  # operations issued so far
         self.waited = {}  # other stream -> last of its operations this stream is after
         self.queue = []  # deferred (seq, clock at issue, fn)
@@ -481,8 +483,19 @@ def _numpy_function(name):
 
 # --- the pieces of cupy.cuda, cupy._core and cupyx that minivgg touches ------------------
 
+class Device:
+    """The one stand-in GPU; `synchronize` waits for every stream, as cudaDeviceSynchronize."""
+
+    def __init__(self, device=0):
+        self.id = device
+
+    def synchronize(self):
+        for stream in list(Stream.all):
+            stream.synchronize()
+
+
 cuda = types.SimpleNamespace(
-    Stream=Stream, Event=Event, get_current_stream=get_current_stream,
+    Stream=Stream, Event=Event, Device=Device, get_current_stream=get_current_stream,
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
 )
 random = types.SimpleNamespace(seed=lambda seed=None: None)
@@ -514,6 +527,7 @@ def reset():
     _host_clock.clear()
     Stream._current.clear()
     Stream.null.__init__(null=True)
+    _compute_types.clear()
 
 
 def install(monkeypatch):

@@ -4,7 +4,8 @@ test_cuda_kernels_emulated.py compares every CUDA kernel with the CPU on the sta
 file checks that the stand-in would catch the mistakes a GPU punishes (each rule is tried on
 purpose), runs every kernel family with grids of 1 and 3 blocks so the grid-stride loops go
 round, runs the emulated kernels built with AddressSanitizer and UndefinedBehaviorSanitizer,
-and runs `minivgg.prefetch` (two streams, events, pinned buffers) on the stand-in.
+runs `minivgg.prefetch` (two streams, events, pinned buffers) on the stand-in, and checks
+that the step benchmark's `--tf32 on` reaches minivgg's GEMMs.
 """
 
 import os
@@ -270,3 +271,33 @@ def test_emulated_kernels_run_clean_under_address_and_undefined_behavior_sanitiz
         capture_output=True, text=True, env=env, cwd=os.path.dirname(TESTS), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "passed" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# The step benchmark's minivgg worker, on the stand-in
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tf32", ["on", "off"])
+def test_bench_step_worker_runs_minivgg_in_tf32_when_asked(tf32, gpu, monkeypatch):
+    """`bench_step.py --tf32 on` must put minivgg's GEMMs in TF32, as it does PyTorch's:
+    one timed step of the small case on the stand-in "cuda", then CuPy's compute type."""
+    import importlib.util
+    from minivgg import backend
+    use_standin(monkeypatch, gpu)
+    monkeypatch.setattr(backend, "_tf32", False)  # restored after the test
+    path = os.path.join(os.path.dirname(TESTS), "benchmarks", "bench_step.py")
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    bench_step = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds benchmarks/ to it
+    spec.loader.exec_module(bench_step)
+    # NOTE: the real one also waits for PyTorch's CUDA, which a CPU build of torch refuses
+    monkeypatch.setattr(bench_step.common, "cuda_sync",
+                        lambda device: standin.cuda.Device().synchronize())
+    args = bench_step.parse_args(["--device", "cuda", "--tf32", tf32, "--steps", "1",
+                                  "--warmup", "0", "--threads", "1"])
+    result = bench_step.minivgg_worker(args, "small", 1)
+    assert len(result["times"]) == 1
+    linalg = standin._routines_linalg
+    expected = linalg.COMPUTE_TYPE_TF32 if tf32 == "on" else linalg.COMPUTE_TYPE_DEFAULT
+    assert standin._core.get_compute_type(np.float32) == expected
+    assert backend.tf32_enabled() == (tf32 == "on")

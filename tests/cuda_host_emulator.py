@@ -16,7 +16,7 @@ tests execute both here:
   of the exact width for a scalar), so a Python int passed where the kernel wants `int` is
   caught, and passes arrays as bare addresses, strides ignored, as CuPy does;
 * with MINIVGG_EMULATOR_SANITIZE=1 in the environment the kernels are built with
-  AddressSanitizer and UndefinedBehaviorSanitizer (test_cuda_emulator_strict.py runs the
+  AddressSanitizer and UndefinedBehaviorSanitizer (test_cuda_standin.py runs the
   emulated tests so, with libasan preloaded).
 
 What it cannot show: speed, races between threads, or NVRTC-specific compile errors (the
@@ -213,11 +213,15 @@ def load_emulated_cuda_kernels():
 
 
 def use_standin(monkeypatch, module):
-    """Make minivgg's "cuda" device the stand-in for one test: `backend` takes stand-in
-    arrays for CuPy arrays and hands out `module` (the emulated kernels/cuda.py) for them."""
+    """Make minivgg's "cuda" device the stand-in for one test: `backend` imports it as CuPy
+    and registers its arrays, and `module` (the emulated kernels/cuda.py) is the kernel
+    table it hands out for them. Everything is undone after the test."""
     from minivgg import backend
     standin.install(monkeypatch)
-    monkeypatch.setattr(backend, "_cupy", standin)
-    monkeypatch.setattr(backend, "_cupy_error", None)
     monkeypatch.setitem(sys.modules, "minivgg.kernels.cuda", module)
     monkeypatch.setattr(sys.modules["minivgg.kernels"], "cuda", module, raising=False)
+    for name in ("_BACKENDS", "_BY_NAME"):  # a private copy of the registry
+        monkeypatch.setattr(backend, name, dict(getattr(backend, name)))
+    for name in ("_cupy", "_cupy_error", "_tf32_supported"):
+        monkeypatch.setattr(backend, name, None)
+    assert backend.cuda_available()

@@ -459,7 +459,11 @@ def asarray(a, dtype=None, order=None):
     return out
 
 
-array = asarray
+def array(a, dtype=None, copy=True, order="K"):
+    """`asarray`, with a copy of a device array unless `copy=False` (order "C" or "K")."""
+    if isinstance(a, ndarray) and copy:
+        return _call(lambda v: np.array(v, dtype=dtype, order=order), (a,))
+    return asarray(a, dtype)
 
 
 def ascontiguousarray(a, dtype=None):
@@ -484,10 +488,13 @@ def _numpy_function(name):
 # --- the pieces of cupy.cuda, cupy._core and cupyx that minivgg touches ------------------
 
 class Device:
-    """The one stand-in GPU; `synchronize` waits for every stream, as cudaDeviceSynchronize."""
+    """The one stand-in GPU, an H100 (compute capability 9.0); `synchronize` waits for every
+    stream, as cudaDeviceSynchronize does."""
 
-    def __init__(self, device=0):
-        self.id = device
+    compute_capability = "90"
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else device
 
     def synchronize(self):
         for stream in list(Stream.all):
@@ -496,7 +503,7 @@ class Device:
 
 cuda = types.SimpleNamespace(
     Stream=Stream, Event=Event, Device=Device, get_current_stream=get_current_stream,
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0),
 )
 random = types.SimpleNamespace(seed=lambda seed=None: None)
 
@@ -505,7 +512,7 @@ _routines_linalg.COMPUTE_TYPE_DEFAULT, _routines_linalg.COMPUTE_TYPE_TF32 = 0, 3
 _compute_types = {}
 _core = types.ModuleType("cupy._core")
 _core._routines_linalg = _routines_linalg
-_core.set_compute_type = lambda dtype, kind: _compute_types.__setitem__(np.dtype(dtype), kind)
+_core.set_compute_type = lambda dtype, kind: _compute_types.update({np.dtype(dtype): kind})
 _core.get_compute_type = lambda dtype: _compute_types.get(np.dtype(dtype), 0)
 
 cupyx = types.ModuleType("cupyx")

@@ -1,0 +1,96 @@
+"""minivgg.backend: the registry of devices, device names, and the TF32 switch.
+
+The CUDA cases run on the stand-in cupy of the emulation tests (tests/standin_cupy.py: a
+device array type of its own), given here a device count, a current device and a compute
+capability, so no GPU is needed.
+"""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import standin_cupy as standin
+from minivgg import backend
+from minivgg.kernels import cpu
+
+DeviceArray = standin.ndarray  # the stand-in's device array
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry, so a test may add entries."""
+    monkeypatch.setattr(backend, "_BACKENDS", dict(backend._BACKENDS))
+    monkeypatch.setattr(backend, "_BY_NAME", dict(backend._BY_NAME))
+
+
+def stand_in_cupy(monkeypatch, devices=2, current=0, capability="80"):
+    """Install the stand-in cupy with `devices` GPUs of `capability`; returns it. Its
+    `_core.get_compute_type(np.float32)` tells the cuBLAS compute type set for float32."""
+    standin.install(monkeypatch)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: current)
+    monkeypatch.setattr(standin.cuda, "runtime", runtime)
+    monkeypatch.setattr(standin.Device, "compute_capability", capability)
+    monkeypatch.setattr(standin, "_compute_types", {})
+    monkeypatch.setattr(backend, "_cupy", None)
+    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(backend, "_tf32", False)
+    monkeypatch.setattr(backend, "_tf32_supported", None)
+    assert backend.cuda_available()
+    return standin
+
+
+def _float32_compute_type(fake):
+    linalg = fake._core._routines_linalg
+    names = {linalg.COMPUTE_TYPE_DEFAULT: "default", linalg.COMPUTE_TYPE_TF32: "tf32"}
+    return names[fake._core.get_compute_type(np.float32)]
+
+
+def test_a_new_backend_is_one_registry_entry(registry):
+    class OtherArray(np.ndarray):
+        pass
+
+    backend.register(OtherArray, backend.Backend("other", np, "minivgg.kernels.cpu",
+                                                 lambda a: a.view(OtherArray), np.asarray))
+    a = np.zeros(3).view(OtherArray)
+    assert backend.device_of(a) == "other" and backend.is_array(a)
+    assert backend.array_module(a) is np and backend.kernels_for(a) is cpu
+    assert backend.device_of(np.zeros(3)) == "cpu"
+
+
+def test_cuda_arrays_go_to_the_cuda_table_through_the_registry(monkeypatch, registry):
+    stand_in_cupy(monkeypatch)
+    x = backend.to_device(np.ones((2, 3)), "cuda")
+    assert type(x) is DeviceArray and backend.device_of(x) == "cuda"
+    assert backend.array_module(x) is sys.modules["cupy"]
+    assert backend._backend_of(x).kernels_module == "minivgg.kernels.cuda"
+    assert type(backend.to_numpy(x)) is np.ndarray
+    assert backend.to_device(x, "cuda") is x
+
+
+def test_cuda_device_index_is_the_current_gpu_or_a_clear_error(monkeypatch, registry):
+    stand_in_cupy(monkeypatch, devices=2, current=0)
+    assert backend.check_device("cuda:0") == "cuda"
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1"):
+        backend.check_device("cuda:1")  # would silently run on GPU 0
+    with pytest.raises(ValueError, match=r"only 2 GPU\(s\) visible"):
+        backend.check_device("cuda:2")
+    with pytest.raises(ValueError, match="unknown device"):
+        backend.check_device("cuda:x")
+
+
+def test_tf32_on_a_gpu_without_it_warns_and_reports_fp32(monkeypatch, registry):
+    fake = stand_in_cupy(monkeypatch, capability="75")  # Turing: no TF32
+    with pytest.warns(RuntimeWarning, match="compute capability 8.0"):
+        backend.set_tf32(True)
+    assert not backend.tf32_enabled()
+    assert _float32_compute_type(fake) == "default"
+
+
+def test_tf32_on_an_ampere_gpu_is_on_and_off_as_asked(monkeypatch, registry):
+    fake = stand_in_cupy(monkeypatch, capability="80")
+    backend.set_tf32(True)
+    assert backend.tf32_enabled() and _float32_compute_type(fake) == "tf32"
+    backend.set_tf32(False)
+    assert not backend.tf32_enabled() and _float32_compute_type(fake) == "default"

@@ -187,7 +187,8 @@ def _import_mpi(launch):
 
 
 def _mpi_library(MPI):
-    return MPI.Get_library_version().splitlines()[0].strip()
+    """The MPI library's name and version, e.g. "MPICH Version: 5.0.2"."""
+    return " ".join(MPI.Get_library_version().splitlines()[0].split())
 
 
 # ----------------------------------------------------------------------------------------

@@ -163,3 +163,26 @@ def test_a_failing_rank_ends_the_whole_job_with_its_rank_named(scenario, message
     assert "the allreduce returned" not in out.stdout
     if scenario == "raise":
         assert "ValueError: a corrupt file in rank 1's batch" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# benchmarks/scaling_model.py: the arithmetic behind benchmarks/scaling_model.md
+# ----------------------------------------------------------------------------------------
+
+def test_scaling_model_overlap_never_loses_and_infinite_bandwidth_is_perfect():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import scaling_model as sm
+    flops, f_fwd, buckets, _ = sm.vgg16_facts()
+    assert abs(sum(b for b, _ in buckets) - 553.43e6) < 1e5 and buckets[-1][1] == 1.0
+    t_img = flops / 100e12
+    for ranks in (4, 8, 64):
+        for link in sm.LINKS.values():
+            step, compute = sm.step_time(32, t_img, ranks, link, f_fwd, buckets)
+            serial, _ = sm.step_time(32, t_img, ranks, link, f_fwd, buckets, overlap=False)
+            assert compute <= step <= serial
+        step, compute = sm.step_time(32, t_img, ranks, (float("inf"), 0.0), f_fwd, buckets)
+        assert step == pytest.approx(compute)
+    # the ring formula: 2(N-1)/N of the bytes over the link, plus 2(N-1) latencies
+    one = [(1e9, 1.0)]
+    step, compute = sm.step_time(1, 0.0, 4, (1e9, 1e-3), 0.0, one, overlap=False)
+    assert step == pytest.approx(1.5 + 6e-3)

@@ -36,6 +36,7 @@ import os
 import socket
 import sys
 import traceback
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,12 @@ def _threads_from_environment():
     return None
 
 
+def rank_seed(seed, epoch, rank):
+    """A seed for rank `rank`'s random stream in `epoch` (dropout): different on every
+    rank, and the same whenever a run reaches that epoch, resumed or not."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 # ----------------------------------------------------------------------------------------
 # Starting the group
 # ----------------------------------------------------------------------------------------
@@ -216,6 +223,9 @@ class SingleProcess:
         """True on every rank when `flag` is true on at least one."""
         return bool(self.sum([bool(flag)])[0])
 
+    def check_identical(self, arrays, what):
+        """Raise `DistributedError` unless every rank holds bitwise the same `arrays`."""
+
     def gradient_reducer(self, params, bucket_bytes=BUCKET_BYTES, overlap=True):
         return NoReduction()
 
@@ -260,6 +270,18 @@ class MPIGroup(SingleProcess):
     def gradient_reducer(self, params, bucket_bytes=BUCKET_BYTES, overlap=True):
         return GradientReducer(params, _MPITransport(self.comm, self.MPI), bucket_bytes,
                                overlap)
+
+    def check_identical(self, arrays, what):
+        # A CRC-32 of each array's bytes, compared through the smallest and largest over
+        # ranks: one pass over the weights (0.2 s for VGG-16's 553 MB), once an epoch.
+        crcs = np.array([zlib.crc32(backend.to_numpy(a).tobytes()) for a in arrays],
+                        dtype=np.int64)
+        low, high = crcs.copy(), crcs.copy()
+        self.comm.Allreduce(self.MPI.IN_PLACE, low, op=self.MPI.MIN)
+        self.comm.Allreduce(self.MPI.IN_PLACE, high, op=self.MPI.MAX)
+        if (low != high).any():
+            raise DistributedError(f"the ranks' {what} differ ({int((low != high).sum())} "
+                                   f"of {len(crcs)} arrays): data parallelism is broken")
 
     def abort(self, message, code=1):
         """Print `message` naming this rank, then end every rank of the job (MPI_Abort)."""

@@ -115,6 +115,33 @@ def test_backward_hook_sees_each_leaf_once_after_its_gradient_is_final():
     np.testing.assert_allclose(w1.grad, x.data * w2.data + 1)
 
 
+def test_sharded_loaders_cut_every_global_batch_into_equal_step_counts():
+    from minivgg.data import EvalTransform, DataStats, Loader
+    from minivgg.synthetic import SyntheticImages
+    data = SyntheticImages(37, 36, 0, "train")
+    stats = DataStats(np.zeros(3), np.ones(3), np.eye(3))
+    whole = Loader(data, EvalTransform(36, 32, stats), 8, seed=5)
+    shards = [Loader(data, EvalTransform(36, 32, stats), 8, seed=5, shard=(r, 3))
+              for r in range(3)]
+    for epoch in (0, 1):
+        cuts = [s.batch_indices(epoch) for s in shards]
+        assert all(len(c) == len(whole) == 5 for c in cuts)
+        for k, batch in enumerate(whole.batch_indices(epoch)):  # contiguous, +-1 image
+            np.testing.assert_array_equal(np.concatenate([c[k] for c in cuts]), batch)
+            assert max(len(c[k]) for c in cuts) - min(len(c[k]) for c in cuts) <= 1
+    # the last batch holds 37 - 32 = 5 images: slices of 1, 2, 2; an empty one still comes
+    short = Loader(SyntheticImages(9, 36, 0, "train"), EvalTransform(36, 32, stats), 8,
+                   shard=(0, 3))
+    sizes = [len(y) for _, y in short.epoch(0)]
+    assert sizes == [2, 0] and next(short.epoch(0))[0].shape == (2, 3, 32, 32)
+
+
+def test_rank_seeds_differ_between_ranks_and_repeat_for_a_resume():
+    seeds = {distributed.rank_seed(0, epoch, rank) for epoch in range(3) for rank in range(4)}
+    assert len(seeds) == 12
+    assert distributed.rank_seed(0, 2, 1) == distributed.rank_seed(0, 2, 1)
+
+
 # ----------------------------------------------------------------------------------------
 # Two ranks under mpirun
 # ----------------------------------------------------------------------------------------
@@ -186,3 +213,72 @@ def test_scaling_model_overlap_never_loses_and_infinite_bandwidth_is_perfect():
     one = [(1e9, 1.0)]
     step, compute = sm.step_time(1, 0.0, 4, (1e9, 1e-3), 0.0, one, overlap=False)
     assert step == pytest.approx(1.5 + 6e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# examples/train_imagenet.py under mpirun
+# ----------------------------------------------------------------------------------------
+
+TRAIN = os.path.join(REPO, "examples", "train_imagenet.py")
+# 49 images in batches of 16: the last batch has 1 image, so rank 1's slice of it is empty
+TINY = ["--synthetic-train", "49", "--synthetic-val", "21", "-b", "16", "-j", "0",
+        "--width", "0.125", "--fc-width", "16", "--dropout", "0", "--seed", "3"]
+
+
+def train_run(out, epochs, ranks=1, resume=None):
+    args = [TRAIN, *TINY, "--epochs", str(epochs), "--output", str(out)]
+    if resume:
+        args += ["--resume", str(resume)]
+    if ranks > 1:
+        result = run_mpi(*args, n=ranks)
+    else:
+        result = subprocess.run([sys.executable, *args], env=dict(os.environ, PYTHONPATH=REPO),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=240)
+    assert result.returncode == 0, result.stdout
+    return result.stdout
+
+
+def weights(folder):
+    from minivgg import checkpoint
+    return checkpoint.load(os.path.join(folder, "last.npz"))[0]
+
+
+def assert_same_training(folder, reference):
+    a, b = weights(folder), weights(reference)
+    assert a.keys() == b.keys()
+    for k in a:  # float32 sums in another order: rounding only
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Folders of the tiny synthetic run: 1 and 2 ranks for one epoch, 1 rank for two."""
+    pytest.importorskip("mpi4py")
+    root = tmp_path_factory.mktemp("distributed-runs")
+    out = {"1x1": train_run(root / "1x1", 1), "2x1": train_run(root / "2x1", 1, ranks=2),
+           "1x2": train_run(root / "1x2", 2)}
+    return root, out
+
+
+def test_two_ranks_train_like_one_process_into_one_output_folder(runs):
+    root, out = runs
+    assert_same_training(root / "2x1", root / "1x1")
+    assert out["2x1"].count("epoch 1/1: train loss") == 1  # rank 0 alone prints
+    assert "2 processes over MPI" in out["2x1"]
+    written = sorted(os.listdir(root / "2x1"))
+    assert [f for f in written if f != "metrics.png"] == ["best.npz", "last.npz",
+                                                          "metrics.csv"]
+    # the summed metrics are those of the whole batch, as one process computes them
+    line = [ln for ln in out["1x1"].splitlines() if "epoch 1/1: train loss" in ln][0]
+    assert line.split("|")[1] in out["2x1"]  # "val loss ... top-1 err ... top-5 err ..."
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_continues_the_same_run(runs, first, then,
+                                                                   tmp_path):
+    root, _ = runs
+    folder = tmp_path / f"{first}to{then}"
+    shutil.copytree(root / f"{first}x1", folder)
+    train_run(folder, 2, ranks=then, resume=folder / "last.npz")
+    assert_same_training(folder, root / "1x2")

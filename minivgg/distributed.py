@@ -123,9 +123,11 @@ def default_threads(local_size):
 def set_threads(n):
     """Use `n` threads in the CPU kernels and in NumPy's BLAS (the fc layers).
 
-    NOTE: call it before the first training step: the kernels' pool reads
-    NUMBA_NUM_THREADS when it starts. Two ranks that each run 2-thread kernels and a
-    2-thread spin-waiting BLAS on 2 cores are many times slower than 2 x 1 thread.
+    NOTE: call it before the first training step: the kernels' pool
+    (`minivgg.kernels.cpu.runtime`) reads NUMBA_NUM_THREADS when it starts. Left alone,
+    two ranks on 2 cores would each start 2 kernel threads and 2 spin-waiting BLAS
+    threads: 8 busy threads on 2 cores (benchmarks/README.md measures what spinning
+    pools that wait for each other cost).
     """
     os.environ["NUMBA_NUM_THREADS"] = str(int(n))
     try:
@@ -156,6 +158,7 @@ def init(device="cpu", threads=None, environ=None):
     """The process group of this run: one process, or all the ranks of an MPI launch.
 
     `device` "cuda" gives an `NCCLGroup` with one GPU per rank (local rank mod GPUs).
+    A rank that cannot join (no GPU, no NCCL) prints why and ends the job (MPI_Abort).
     `threads`: kernel threads of this rank; default: NUMBA_NUM_THREADS or OMP_NUM_THREADS
     when set, else cores / local ranks (`default_threads`); a single process is left as
     it is unless `threads` is given.
@@ -171,7 +174,13 @@ def init(device="cpu", threads=None, environ=None):
                 f"{MPI.COMM_WORLD.Get_size()}: mpi4py is linked to another MPI than the "
                 f"launcher's (use the mpirun that comes with it: {_mpi_library(MPI)})")
         cuda = str(device).startswith("cuda")
-        group = NCCLGroup(MPI) if cuda else MPIGroup(MPI)
+        try:
+            group = NCCLGroup(MPI) if cuda else MPIGroup(MPI)
+        except DistributedError as e:
+            # NOTE: the other ranks may already wait in a collective (the NCCL id's Bcast)
+            print(f"error: rank {launch.rank} of {launch.size}: {e}", file=sys.stderr,
+                  flush=True)
+            _abort(MPI.COMM_WORLD, 2)
     if threads is None and group.size > 1:
         threads = _threads_from_environment() or default_threads(group.local_size)
     if threads:
@@ -287,7 +296,7 @@ class MPIGroup(SingleProcess):
         """Print `message` naming this rank, then end every rank of the job (MPI_Abort)."""
         print(f"error: rank {self.rank} of {self.size} ({socket.gethostname()}): {message}"
               f"; ending all {self.size} ranks", file=sys.stderr, flush=True)
-        self.comm.Abort(code)
+        _abort(self.comm, code)
 
     @contextlib.contextmanager
     def guard(self):
@@ -309,6 +318,14 @@ class MPIGroup(SingleProcess):
         except BaseException as e:
             traceback.print_exc()
             self.abort(f"{type(e).__name__}: {e}")
+
+
+def _abort(comm, code):
+    """MPI_Abort: the launcher ends every rank of the job. NOTE: MPICH's returns to the
+    caller while the launcher is still on its way; this rank must not run on meanwhile."""
+    sys.stdout.flush()
+    comm.Abort(code)
+    os._exit(code)
 
 
 def _contiguous(a):
@@ -473,10 +490,15 @@ class NCCLGroup(MPIGroup):
 
     def __init__(self, MPI):
         super().__init__(MPI)
-        import cupy
-        from cupy.cuda import nccl
+        try:
+            import cupy
+            from cupy.cuda import nccl
+            gpus = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # ImportError, no driver, no NCCL in this CuPy
+            raise DistributedError(f"device 'cuda' on several ranks needs CuPy with NCCL and "
+                                   f"a GPU (pip install 'minivgg[cuda,mpi]'): "
+                                   f"{type(e).__name__}: {e}") from None
         self.cupy, self.nccl = cupy, nccl
-        gpus = cupy.cuda.runtime.getDeviceCount()
         if gpus < self.local_size:
             # NOTE: NCCL refuses two ranks of one communicator on the same GPU.
             raise DistributedError(f"{self.local_size} ranks on {socket.gethostname()} but "

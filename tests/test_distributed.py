@@ -282,3 +282,22 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(runs, first, t
     shutil.copytree(root / f"{first}x1", folder)
     train_run(folder, 2, ranks=then, resume=folder / "last.npz")
     assert_same_training(folder, root / "1x2")
+
+
+def test_a_training_error_under_mpirun_ends_every_rank_with_its_message(tmp_path):
+    out = run_mpi(TRAIN, "--resume", str(tmp_path / "missing.npz"), timeout=120)
+    assert out.returncode == 2, out.stdout
+    assert "missing.npz' does not exist" in out.stdout
+    assert "ending all 2 ranks" in out.stdout and "Traceback" not in out.stdout
+
+
+def test_gpus_asked_without_cupy_end_every_rank_with_one_line_each():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    out = run_mpi(TRAIN, "--device", "cuda", timeout=120)
+    assert out.returncode == 2, out.stdout
+    assert "needs CuPy with NCCL and a GPU (pip install 'minivgg[cuda,mpi]')" in out.stdout
+    assert "Traceback" not in out.stdout

@@ -35,6 +35,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 import traceback
 import zlib
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ from minivgg import backend
 # step and one for all of them could not start before conv1's gradient is ready; 64 MB
 # gives VGG-16 three buckets (fc8+fc7, fc6, all convs) and the small recipes one.
 BUCKET_BYTES = 64 * 2**20
+
+# Seconds a failing rank waits between printing why and MPI_Abort (see `_abort`).
+ABORT_GRACE_S = 0.5
 
 
 class DistributedError(RuntimeError):
@@ -321,9 +325,15 @@ class MPIGroup(SingleProcess):
 
 
 def _abort(comm, code):
-    """MPI_Abort: the launcher ends every rank of the job. NOTE: MPICH's returns to the
-    caller while the launcher is still on its way; this rank must not run on meanwhile."""
+    """MPI_Abort: the launcher ends every rank of the job.
+
+    NOTE: two races with the launcher. It forwards our output through pipes and may kill
+    everything before it has read what we just printed, so we give it a moment first; and
+    MPICH's Abort can return while the launcher is still on its way, so we exit anyway.
+    """
     sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
     os._exit(code)
 

@@ -100,8 +100,10 @@ def read_safetensors(path):
         with safe_open(os.fspath(path), framework="np") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
-        # TypeError: a dtype NumPy has no type for (bfloat16).
+    except TypeError as e:  # a dtype NumPy has no type for
+        raise ValueError(f"{path}: holds tensors NumPy cannot represent ({e}); save them as "
+                         "float32 (or float16) first") from e
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
     return _floats(state, path), _parse_info(metadata.get(INFO_KEY), path)
 

@@ -189,7 +189,7 @@ def test_bad_files_get_one_clear_error_line(tmp_path, capsys):
     cases = {
         _lying_header(tmp_path): "lies.safetensors: not a readable safetensors file",
         junk: "junk.bin: not a Caffe .caffemodel",
-        tmp_path / "missing.caffemodel": "no such file; the authors' Caffe files are on "
+        tmp_path / "missing.caffemodel": "does not exist; the authors' Caffe files are on "
                                          "the VGG project page",
     }
     for path, message in cases.items():
@@ -220,3 +220,58 @@ def test_nothing_is_unpickled_from_a_pth_holding_objects(tmp_path):
     torch.save({"features.0.weight": torch.zeros(1), "hook": print}, path)
     with pytest.raises(ValueError, match="not a state_dict torch can load safely"):
         models.load_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------
+# The scripts take any of them
+# ----------------------------------------------------------------------------------------
+
+def test_init_from_warm_starts_from_a_safetensors_export(tmp_path):
+    from minivgg.train import fit, synthetic_config
+    a = models.vgg("A", width=0.125, fc_width=16, num_classes=10, input_size=32, seed=8)
+    path = tmp_path / "a.safetensors"
+    pretrained.save_pretrained(a, path)
+    lines = []
+    fit(synthetic_config(output=str(tmp_path / "b"), arch="B", epochs=1, batch_size=10,
+                         width=0.125, fc_width=16, synthetic_train=20, synthetic_val=10,
+                         init_from=str(path)), log=lines.append)
+    assert any("warm start from" in line and "VGG-A" in line for line in lines)
+
+
+def test_imagenette_classes_sit_at_their_ilsvrc_indices():
+    names = pretrained.imagenet_classes()
+    found = {names[k] for k in pretrained.IMAGENETTE_INDEX.values()}
+    assert found == {"tench", "English springer", "cassette player", "chain saw", "church",
+                     "French horn", "garbage truck", "gas pump", "golf ball", "parachute"}
+    classes = pretrained.ilsvrc_classes(["n03888257", "n01440764"])
+    assert len(classes) == 1000 and classes[701] == "n03888257" and classes[0] == "n01440764"
+    full = [f"n{i:08d}" for i in range(1000)][::-1]
+    assert pretrained.ilsvrc_classes(full) == sorted(full)
+    with pytest.raises(ValueError, match="not among the ten Imagenette classes"):
+        pretrained.ilsvrc_classes(["n99999999"])
+
+
+def test_evaluate_script_scores_caffe_weights_on_imagenette_wnids(tmp_path, capsys):
+    """fc8's bias makes 'tench' (class 0) win every image: half of 2+2 images are right."""
+    import importlib.util
+    import pathlib
+    from PIL import Image
+    net = make_torch_vgg("D", width=8, fc_width=32, num_classes=1000)
+    with torch.no_grad():
+        net.classifier[6].bias[0] = 1e3
+    caffemodel, _ = write_vgg(tmp_path / "vgg16.caffemodel", net, "D", "layers")
+    rng = np.random.default_rng(9)
+    for wnid in ("n01440764", "n03888257"):  # tench, parachute
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(
+                tmp_path / "val" / wnid / f"{i}.JPEG")
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "evaluate_imagenet.py"
+    spec = importlib.util.spec_from_file_location("evaluate_imagenet", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.cli([str(caffemodel), "--data", str(tmp_path), "--protocol", "center",
+                       "--scales", "224", "-p", "0"]) == 0
+    row = [line.split() for line in capsys.readouterr().out.splitlines()
+           if line.startswith("D ")][0]
+    assert row[3:6] == ["center", "50.00", "50.00"]  # top-5 too: parachute is not in it

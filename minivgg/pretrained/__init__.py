@@ -28,17 +28,18 @@ import numpy as np
 
 from minivgg import backend
 from minivgg.pretrained import caffe, files, layouts  # noqa: F401  (submodules)
-from minivgg.pretrained.caffe import VGG_PROJECT_PAGE, load_caffe_vgg
-from minivgg.pretrained.layouts import (TIMM_HUB_NAMES, TORCHVISION_NAMES, TORCHVISION_URLS,
-                                        from_state_dict, from_torchvision_state_dict,
-                                        guess_config, timm_key_map, to_state_dict,
-                                        torchvision_key_map)
+from minivgg.pretrained.caffe import CAFFE_INPUT, VGG_PROJECT_PAGE, load_caffe_vgg
+from minivgg.pretrained.layouts import (TIMM_HUB_NAMES, TORCHVISION_INPUT, TORCHVISION_NAMES,
+                                        TORCHVISION_URLS, from_state_dict,
+                                        from_torchvision_state_dict, guess_config,
+                                        timm_key_map, to_state_dict, torchvision_key_map)
 
 __all__ = ["load_pretrained", "save_pretrained", "convert", "load_caffe_vgg",
            "load_torchvision_vgg", "read_state_dict", "from_torchvision_state_dict",
            "from_state_dict", "to_state_dict", "torchvision_key_map", "timm_key_map",
-           "guess_config", "imagenet_classes", "TORCHVISION_URLS", "TORCHVISION_NAMES",
-           "TIMM_HUB_NAMES", "VGG_PROJECT_PAGE", "main"]
+           "guess_config", "imagenet_classes", "input_transform", "ilsvrc_classes",
+           "TORCHVISION_URLS", "TORCHVISION_NAMES", "TIMM_HUB_NAMES", "VGG_PROJECT_PAGE",
+           "TORCHVISION_INPUT", "CAFFE_INPUT", "main"]
 
 WHERE_TO_GET = (f"the authors' Caffe files are on the VGG project page ({VGG_PROJECT_PAGE}), "
                 f"torchvision's at {TORCHVISION_URLS['D']} (and vgg11/13/19), timm's as "
@@ -58,7 +59,7 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
     path = os.fspath(path)
     device = backend.check_device(device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; {WHERE_TO_GET}")
+        raise FileNotFoundError(f"{path}: does not exist; {WHERE_TO_GET}")
     kind = files.sniff_format(path)
     if kind == "prototxt":
         raise ValueError(f"{path}: a text prototxt describes a net but holds no weights; "
@@ -95,7 +96,7 @@ def _load_checkpoint(path, config, device):
     stats = meta.get("data_stats") or {}
     model.pretrained_meta = {"layout": "checkpoint", "mean_rgb": stats.get("mean_rgb"),
                              "std_rgb": None, "pool_ceil_mode": False,
-                             "classes": meta.get("classes")}
+                             "classes": meta.get("classes"), "train_config": meta.get("config")}
     return model
 
 
@@ -143,6 +144,50 @@ def load_torchvision_vgg(state_dict_path, config, dtype=np.float32, device="cpu"
     """
     return from_torchvision_state_dict(read_state_dict(state_dict_path), config, dtype,
                                        backend.check_device(device))
+
+
+def input_transform(meta):
+    """uint8 RGB (H, W, 3) -> float32 (3, H, W) as the weights expect, from `pretrained_meta`.
+
+    x = (pixel - mean_rgb) / std_rgb on the 0-255 scale: the paper's mean subtraction
+    (Sec. 2.1) for Caffe weights and minivgg checkpoints, torchvision's normalisation for
+    torchvision and timm weights.
+    """
+    from minivgg.data import to_chw_float32
+    mean = np.asarray(meta["mean_rgb"], dtype=np.float32)
+    if meta.get("std_rgb") is None:
+        return lambda img: to_chw_float32(img, mean)
+    std = np.asarray(meta["std_rgb"], dtype=np.float32)[:, None, None]
+    return lambda img: to_chw_float32(img, mean) / std
+
+
+# The ten Imagenette classes (a subset of ILSVRC-2012) and their index among the 1000, which
+# is the wnid's place in the sorted list of ILSVRC-2012 wnids (a test checks the names).
+IMAGENETTE_INDEX = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 491,
+                    "n03028079": 497, "n03394916": 566, "n03417042": 569, "n03425413": 571,
+                    "n03445777": 574, "n03888257": 701}
+
+
+def ilsvrc_classes(val_wnids, where="weights"):
+    """The 1000 class ids of ImageNet weights, in output order, for a val folder's wnids.
+
+    ILSVRC-2012's class k is the k-th wnid in sorted order: a full val folder (1000
+    wnids) gives them all; Imagenette's ten are placed by `IMAGENETTE_INDEX`; the other
+    entries are placeholders "ilsvrc-k" that no folder matches.
+    """
+    val_wnids = sorted(val_wnids)
+    if len(val_wnids) == 1000:
+        return val_wnids
+    unknown = [w for w in val_wnids if w not in IMAGENETTE_INDEX]
+    if unknown:
+        raise ValueError(f"{where}: ImageNet weights index the 1000 ILSVRC-2012 classes; the "
+                         f"val folder's {unknown[:3]} are not among the ten Imagenette "
+                         "classes minivgg knows the index of, and the folder has not all "
+                         "1000 wnids (whose sorted order gives the index)")
+    classes = [f"ilsvrc-{k}" for k in range(1000)]
+    for wnid, k in IMAGENETTE_INDEX.items():
+        classes[k] = wnid
+    return classes
 
 
 def imagenet_classes():

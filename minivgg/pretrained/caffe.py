@@ -181,10 +181,10 @@ def build_schema(float_data_as_bytes=True):
 
 def read_net(path):
     """The binary `NetParameter` of a `.caffemodel`, or a one-line error for anything else."""
+    net = build_schema()["NetParameter"]()  # first: it says how to install protobuf
     from google.protobuf.message import DecodeError
     with open(path, "rb") as f:
         data = f.read()
-    net = build_schema()["NetParameter"]()
     try:
         net.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
@@ -198,8 +198,8 @@ def read_net(path):
 
 def read_prototxt(path):
     """The text `NetParameter` of a `deploy.prototxt` (fields outside `SCHEMA` are skipped)."""
-    from google.protobuf import text_format
     net = build_schema()["NetParameter"]()
+    from google.protobuf import text_format
     try:
         with open(path, encoding="utf-8") as f:
             text_format.Parse(f.read(), net, allow_unknown_field=True)

@@ -88,7 +88,7 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
 def _load_checkpoint(path, config, device):
     """A minivgg training checkpoint, with its classes and mean RGB as `pretrained_meta`."""
     from minivgg.models import canonical_config
-    from minivgg.train import load_model
+    from minivgg.checkpoint import load_model
     model, meta = load_model(path, device)
     if config is not None and canonical_config(config) != model.config:
         raise ValueError(f"{path}: the checkpoint holds configuration {model.config}, not "

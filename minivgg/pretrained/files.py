@@ -56,7 +56,7 @@ def sniff_format(path):
         return _zip_format(path)
     if head[0] == 0x80 and head[1] in range(2, 6):
         return "pth"
-    if _looks_like_text(head) and (b"layer" in head or b"name:" in head or b"input" in head):
+    if _looks_like_text(head):  # a .caffemodel's first bytes hold field tags and lengths
         return "prototxt"
     return "caffe"
 

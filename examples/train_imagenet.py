@@ -64,8 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--init", choices=["gaussian", "glorot"],
                    help="gaussian N(0, 0.01) (Sec. 3.1; default for A) or glorot (default "
                         "for deeper nets)")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="warm start from a trained A (Sec. 3.1)")
+    p.add_argument("--init-from", metavar="WEIGHTS",
+                   help="warm start from a trained A (Sec. 3.1): a checkpoint or any file "
+                        "minivgg.pretrained reads")
     p.add_argument("--width", type=float, help="conv width multiplier (1.0 = Table 1)")
     p.add_argument("--fc-width", type=int, help="fc6/fc7 width (Sec. 2.1: 4096)")
     p.add_argument("--dropout", type=float, help="fc6/fc7 dropout (Sec. 3.1: 0.5)")

@@ -67,7 +67,7 @@ class TrainConfig:
     crop: int = 224              # Sec. 2.1: 224x224 input
     test_scale: int = None       # Q; None: S, or (Smin+Smax)/2 when jittering (Sec. 4.1)
     init: str = None             # None: "gaussian" for A (Sec. 3.1), "glorot" deeper
-    init_from: str = None        # checkpoint of a trained A to warm-start from (Sec. 3.1)
+    init_from: str = None        # weights of a trained A to warm-start from (Sec. 3.1)
     width: float = 1.0           # conv width multiplier (1.0 = Table 1)
     fc_width: int = 4096         # fc6/fc7 width (Sec. 2.1)
     workers: int = 2             # loader processes; 0 decodes in the training process
@@ -334,12 +334,12 @@ def build_model(cfg, arch, num_classes, resumed, log):
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if cfg.init_from and not resumed:
-        a_model, a_meta = checkpoint.load_model(cfg.init_from)
-        try:
+        try:  # a minivgg checkpoint or published weights (Caffe, safetensors, .pth, .npz)
+            a_model = models.load_pretrained(cfg.init_from)
             copied = models.init_from_a(model, a_model.state_dict())
-        except ValueError as e:
+        except (ValueError, FileNotFoundError, ImportError) as e:
             raise TrainingError(f"--init-from {cfg.init_from}: {e}") from e
-        log(f"warm start from {cfg.init_from} (VGG-{a_meta['model']['config']}): "
+        log(f"warm start from {cfg.init_from} (VGG-{a_model.config}): "
             f"{', '.join(copied)}")
     return model
 

@@ -16,6 +16,12 @@ loader seed (the loader's randomness is a function of (seed, epoch, index) only)
 statistics and the best error so far. The files are written by `minivgg.checkpoint`
 (`load_model` rebuilds a trained net), metrics.csv by `minivgg.metrics` and its curves by
 `minivgg.plots`.
+
+Started by an MPI launcher (`mpirun -n 4 python examples/train_imagenet.py ...`), the same
+loop trains one model on every process (`minivgg.distributed`, Sec. 3.3): each rank takes
+its slice of every global batch, the gradients are averaged across ranks inside backward,
+the step's loss and error counts are summed across ranks, and rank 0 alone prints and
+writes. The checkpoint is the same for any number of ranks.
 """
 
 import math
@@ -26,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minivgg import backend, checkpoint, metrics, models, optim, plots
+from minivgg import backend, checkpoint, distributed, metrics, models, optim, plots
 from minivgg import functional as F
 from minivgg.data import (DataStats, EvalTransform, Loader, TrainTransform, check_crop,
                           compute_stats, open_imagenet)
@@ -61,7 +67,7 @@ class TrainConfig:
     crop: int = 224              # Sec. 2.1: 224x224 input
     test_scale: int = None       # Q; None: S, or (Smin+Smax)/2 when jittering (Sec. 4.1)
     init: str = None             # None: "gaussian" for A (Sec. 3.1), "glorot" deeper
-    init_from: str = None        # checkpoint of a trained A to warm-start from (Sec. 3.1)
+    init_from: str = None        # weights of a trained A to warm-start from (Sec. 3.1)
     width: float = 1.0           # conv width multiplier (1.0 = Table 1)
     fc_width: int = 4096         # fc6/fc7 width (Sec. 2.1)
     workers: int = 2             # loader processes; 0 decodes in the training process
@@ -72,6 +78,8 @@ class TrainConfig:
     # 3×3 convs by im2col, Winograd ("winograd", "winograd4"), or "auto": a fixed rule per
     # layer shape (kernels/winograd.py), so a resume with the same flag stays bit-identical
     conv_algo: str = "auto"
+    threads: int = None          # kernel threads; None: all cores, or under MPI
+                                 # cores / ranks on the machine (distributed.init)
     output: str = None           # None: runs/<data name>-<arch>, or the --resume folder
     resume: str = None           # checkpoint to continue from
     evaluate: bool = False       # only evaluate the --resume checkpoint on val
@@ -166,6 +174,8 @@ class Run:
     start_epoch: int = 0        # epochs already done (a resume)
     best: float = math.inf      # best val top-1 error so far
     last_good: str = None       # the checkpoint a divergence message points to
+    group: object = distributed.SingleProcess()  # the processes training together
+    reducer: object = distributed.NoReduction()  # averages their gradients (Sec. 3.3)
 
     @property
     def label(self):
@@ -183,14 +193,16 @@ class Run:
         self.val_loader.close()
 
 
-def setup(cfg, log=print):
+def setup(cfg, log=print, group=None):
     """Check `cfg`, open the data, build or restore the model, optimizer and schedule -> Run.
 
     The order matters for a bit-identical resume: the host RNG is seeded before the weights
     are drawn, and a resume then overwrites weights, momentum, schedule and RNG state.
+    `group` (`minivgg.distributed`): the processes training together; one by default.
     """
+    group = group or distributed.SingleProcess()
     device, arch = check_config(cfg)
-    say = _with_label(log, _label(cfg))
+    say = _with_label(log if group.is_root else _quiet, _label(cfg))
     resumed = read_resume_checkpoint(cfg)  # first: it holds the data statistics
     train_set, val_set, data_name = open_data(cfg, say)
     if resumed and resumed[2].get("classes") not in (None, list(train_set.classes)):
@@ -208,14 +220,20 @@ def setup(cfg, log=print):
     start_epoch, best = 0, math.inf
     if resumed:
         start_epoch, best = restore(cfg, resumed, model, optimizer, scheduler, say)
+    # Sec. 3.3: every rank starts from rank 0's weights (and momentum, after a resume), so
+    # ranks can never drift apart, whatever the initialisation did on each.
+    group.broadcast_([p.data for p in model.parameters()] +
+                     [v for v in optimizer.velocities if v is not None])
 
     output = cfg.output or (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume
                             else os.path.join("runs", f"{data_name}-{arch}"))
     seed = int(resumed[2]["rng"]["loader_seed"]) if resumed else cfg.seed
+    shard = (group.rank, group.size)  # -b is the global batch; each rank takes its slice
     train_loader = Loader(train_set, TrainTransform(cfg.scales, cfg.crop, stats),
-                          cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
+                          cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers,
+                          shard=shard)
     val_loader = Loader(val_set, EvalTransform(cfg.Q, cfg.crop, stats), cfg.batch_size,
-                        shuffle=False, seed=seed, workers=cfg.workers)
+                        shuffle=False, seed=seed, workers=cfg.workers, shard=shard)
     paths = RunPaths(output)
     say(f"VGG-{arch} width {cfg.width} fc {cfg.fc_width}, {model.num_parameters():,} "
         f"parameters, {'weights from ' + cfg.resume if resumed else 'init ' + cfg.default_init()}"
@@ -223,10 +241,12 @@ def setup(cfg, log=print):
         f"{len(train_set.classes)} classes; S={cfg.scales[0]}"
         + (f"..{cfg.scales[1]}" if cfg.scale_jitter else "")
         + f", crop {cfg.crop}, Q={cfg.Q}; batch {cfg.batch_size}, {cfg.workers} workers, "
-        f"device {device}, conv {cfg.conv_algo}")
+        f"device {device}, conv {cfg.conv_algo}"
+        + (f"; {group.description}" if group.size > 1 else ""))
     return Run(cfg, model, optimizer, scheduler, train_loader, val_loader, stats,
                list(train_set.classes), data_name, device, paths, seed, say, start_epoch, best,
-               last_good=paths.last if start_epoch else None)
+               last_good=paths.last if start_epoch else None, group=group,
+               reducer=group.gradient_reducer(model.parameters()))
 
 
 def _label(cfg):
@@ -236,6 +256,10 @@ def _label(cfg):
 
 def _with_label(log, label):
     return lambda msg: log(label + msg)
+
+
+def _quiet(msg):
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def check_config(cfg):
@@ -318,12 +342,12 @@ def build_model(cfg, arch, num_classes, resumed, log):
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if cfg.init_from and not resumed:
-        a_model, a_meta = checkpoint.load_model(cfg.init_from)
-        try:
+        try:  # a minivgg checkpoint or published weights (Caffe, safetensors, .pth, .npz)
+            a_model = models.load_pretrained(cfg.init_from)
             copied = models.init_from_a(model, a_model.state_dict())
-        except ValueError as e:
+        except (ValueError, FileNotFoundError, ImportError) as e:
             raise TrainingError(f"--init-from {cfg.init_from}: {e}") from e
-        log(f"warm start from {cfg.init_from} (VGG-{a_meta['model']['config']}): "
+        log(f"warm start from {cfg.init_from} (VGG-{a_model.config}): "
             f"{', '.join(copied)}")
     return model
 
@@ -360,13 +384,16 @@ def _check_same_model(meta, model, path):
 # A whole run: the epoch loop
 # ----------------------------------------------------------------------------------------
 
-def fit(cfg, log=print):
+def fit(cfg, log=print, group=None):
     """Run (or resume, or only evaluate) training as `cfg` says; returns the metrics rows.
 
     Raises `TrainingError` (and `DataError`, `CheckpointError`) with a message meant for
-    the user; `TrainingDiverged` when the loss stops being finite.
+    the user; `TrainingDiverged` when the loss stops being finite. `group`: the processes
+    training together (`distributed.init`, called here when not given).
     """
-    run = setup(cfg, log)
+    if group is None:
+        group = distributed.init(cfg.device, cfg.threads)
+    run = setup(cfg, log, group)
     try:
         if cfg.evaluate:
             return [evaluate_only(run)]
@@ -377,7 +404,7 @@ def fit(cfg, log=print):
 
 def evaluate_only(run):
     """-e/--evaluate: validate the --resume checkpoint once and report it."""
-    v = validate(run.model, run.val_loader, run.device)
+    v = validate(run.model, run.val_loader, run.device, group=run.group)
     run.log(f"evaluation of {run.config.resume}: val loss {v['val_loss']:.4f}, top-1 error "
             f"{100 * v['val_top1_err']:.2f}%, top-5 error {100 * v['val_top5_err']:.2f}%")
     return v
@@ -389,23 +416,27 @@ def train(run):
     Each epoch: train, validate, step the plateau schedule on val top-1 error, write
     last.npz (and best.npz), append a metrics.csv row and redraw metrics.png.
     """
-    cfg, say, paths = run.config, run.log, run.paths
-    os.makedirs(paths.folder, exist_ok=True)
+    cfg, say, paths, root = run.config, run.log, run.paths, run.group.is_root
+    if root:
+        os.makedirs(paths.folder, exist_ok=True)
     rows = earlier_rows(run)
     plotted = False
     for epoch in range(run.start_epoch, cfg.epochs):
         lr = run.optimizer.lr
         t0 = time.perf_counter()
         tr = train_one_epoch(run, epoch)
-        va = validate(run.model, run.val_loader, run.device)
+        va = validate(run.model, run.val_loader, run.device, group=run.group)
         seconds = time.perf_counter() - t0
         improved = va["val_top1_err"] < run.best
         run.best = min(run.best, va["val_top1_err"])
         run.scheduler.step(va["val_top1_err"])
-        save_checkpoints(run, epoch + 1, va, improved)
+        # NOTE: a cheap guard of the promise that ranks hold identical weights
+        run.group.check_identical([p.data for p in run.model.parameters()], "weights")
         rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
-        metrics.write_metrics(paths.metrics_csv, rows)
-        plotted = plot_run(run, rows)
+        if root:  # one writer: the files do not depend on the number of ranks
+            save_checkpoints(run, epoch + 1, va, improved)
+            metrics.write_metrics(paths.metrics_csv, rows)
+            plotted = plot_run(run, rows)
         say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
         if run.optimizer.lr != lr:
             say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
@@ -467,27 +498,39 @@ def epoch_summary(run, epochs_done, tr, va, lr, seconds, improved):
 # One epoch
 # ----------------------------------------------------------------------------------------
 
-def train_step(model, optimizer, x, y):
-    """Forward, softmax cross-entropy, backward, SGD step (Sec. 3.1) -> (loss, logits).
+def train_step(run, x, y):
+    """Forward, softmax cross-entropy, backward, SGD step (Sec. 3.1) -> (summed loss, top-1
+    errors, images) of the global batch: this rank's `x, y` and every other rank's slice.
 
+    With several ranks (Sec. 3.3) the step's sums are added across ranks before backward,
+    so every rank takes the same decision on a non-finite loss, and `run.reducer` averages
+    the gradients while backward runs. A rank whose slice is empty still takes part.
     NOTE: when the loss is not finite the weights are left as they were (no backward, no
     step), so the last checkpoint and the model in memory stay usable.
     """
-    logits = model(Tensor(x))
-    loss = F.cross_entropy(logits, y)
-    value = float(loss.item())
-    if math.isfinite(value):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return value, logits
+    n, loss, local = len(y), None, [0.0, 0, 0]
+    if n:
+        logits = run.model(Tensor(x))
+        loss = F.cross_entropy(logits, y)
+        local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
+    loss_sum, wrong, seen = run.group.sum(local)
+    if seen and math.isfinite(loss_sum):
+        run.optimizer.zero_grad()
+        run.reducer.start(n)
+        if loss is not None:
+            loss.backward(on_leaf_done=run.reducer.grad_ready)
+        run.reducer.finish()
+        run.optimizer.step()
+    return loss_sum, int(wrong), int(seen)
 
 
 def train_one_epoch(run, epoch):
     """One pass over the training set -> dict of loss, top-1 error, images/s, skipped."""
     run.model.train()
+    if run.group.size > 1:  # dropout: a stream per rank and epoch, the same on a resume
+        backend.manual_seed(distributed.rank_seed(run.loader_seed, epoch, run.group.rank))
     total = len(run.train_loader)
-    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total)
+    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, run.group.is_root)
     seen, loss_sum, wrong, start, waited = 0, 0.0, 0, time.perf_counter(), 0.0
     batches = iter(to_device_batches(run.train_loader.epoch(epoch), run.device))
     for step in range(total):
@@ -497,13 +540,13 @@ def train_one_epoch(run, epoch):
         if batch is None:
             break
         x, y = batch
-        value, logits = train_step(run.model, run.optimizer, x, y)
-        if not math.isfinite(value):
+        step_loss, step_wrong, step_seen = train_step(run, x, y)
+        if not math.isfinite(step_loss):
             bar.close()
-            raise _diverged(run, value, epoch, step)
-        seen += len(y)
-        loss_sum += value * len(y)
-        wrong += metrics.topk_errors(logits.data, y, (1,))[1]
+            raise _diverged(run, step_loss / step_seen, epoch, step)
+        seen += step_seen
+        loss_sum += step_loss
+        wrong += step_wrong
         bar.update(1)
         if (step + 1) % max(1, run.config.print_freq) == 0 or step + 1 == total:
             rate = seen / (time.perf_counter() - start)
@@ -513,17 +556,18 @@ def train_one_epoch(run, epoch):
     seconds = time.perf_counter() - start
     if seen == 0:
         raise TrainingError("an epoch produced no batch: every training image was skipped")
+    skipped = int(run.group.sum([run.train_loader.skipped])[0])
     return {"train_loss": loss_sum / seen, "train_top1_err": wrong / seen,
             "images_per_s": seen / seconds, "train_seconds": seconds,
-            "data_wait": waited / seconds, "skipped": run.train_loader.skipped}
+            "data_wait": waited / seconds, "skipped": skipped}
 
 
-def _progress_bar(desc, total):
+def _progress_bar(desc, total, show=True):
     """tqdm on stderr; refreshed at most every 30 s when stderr is a log file, not a tty."""
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                mininterval=0.5 if tty else 30, file=sys.stderr)
+                mininterval=0.5 if tty else 30, file=sys.stderr, disable=not show)
 
 
 def _diverged(run, value, epoch, step):
@@ -535,18 +579,26 @@ def _diverged(run, value, epoch, step):
         f"{where}.")
 
 
-def validate(model, loader, device, epoch=0):
-    """Loss, top-1 and top-5 error of single centre crops (Sec. 3.2) over `loader`."""
+def validate(model, loader, device, epoch=0, group=None):
+    """Loss, top-1 and top-5 error of single centre crops (Sec. 3.2) over `loader`; with a
+    `group` of ranks, each validates its slices and the sums are added across ranks."""
     model.eval()
     seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
     with no_grad():
         for x, y in to_device_batches(loader.epoch(epoch), device):
-            logits = model(Tensor(x))
             n = len(y)
+            if n == 0:  # this rank's slice of a short last batch
+                continue
+            logits = model(Tensor(x))
             loss_sum += float(F.cross_entropy(logits, y).item()) * n
             errors = metrics.topk_errors(logits.data, y, (1, 5))
             seen, wrong1, wrong5 = seen + n, wrong1 + errors[1], wrong5 + errors[5]
+    skipped = loader.skipped
+    if group is not None:
+        loss_sum, wrong1, wrong5, seen, skipped = group.sum(
+            [loss_sum, wrong1, wrong5, seen, skipped])
+        seen, skipped = int(seen), int(skipped)
     if seen == 0:
         raise TrainingError("validation produced no batch: every val image was skipped")
     return {"val_loss": loss_sum / seen, "val_top1_err": wrong1 / seen,
-            "val_top5_err": wrong5 / seen, "val_skipped": loader.skipped}
+            "val_top5_err": wrong5 / seen, "val_skipped": skipped}

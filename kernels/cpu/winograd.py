@@ -42,8 +42,8 @@ def num_parts():
 # Every transform is a "sandwich" L d L^T of a small tile d with a small matrix L, done for
 # a block of up to BLOCK_TILES tiles at once: the tiles' (i, j) entries are gathered side by
 # side into one row, so each step is `row += coef * other_row`, which LLVM vectorises, and
-# the zero entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output gradient
-# (for the weight gradient): L = A (α×m).
+# the zero entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output
+# gradient (for the weight gradient): L = A (α×m).
 
 # NOTE: the loops index the whole 3-D/4-D arrays (out[a, bb, ch, q]) rather than 1-D
 # slices or transposed views of them: Numba then knows the innermost axis is contiguous and

@@ -117,19 +117,19 @@ def auto_algorithm(device, N, C, H, W):
     machine is busy, and then a resumed run would not be bit-identical to an uninterrupted
     one. The rule depends only on the shapes, so every run makes the same choices.
 
-    The rule comes from per-layer timings of forward + backward (CPU time of one thread,
-    best of 5, taken on a shared, loaded machine, so rough; `python benchmarks/
-    bench_layers.py --only conv --algo all,auto` re-measures it side by side). The filter
-    transforms cost about α²·C·OC per call whatever the batch, while the saving grows with
-    the output pixels N·H·W, so
+    The rule comes from rough per-layer checks of forward + backward (CPU time of one
+    thread, on a shared, loaded machine: they guided the design and are not figures to
+    quote; `python benchmarks/bench_layers.py --only conv --algo all,auto` measures the
+    algorithms side by side on a quiet one). The filter transforms cost about α²·C·OC per
+    call whatever the batch, while the saving grows with the output pixels N·H·W, so
       * C < 8 (the RGB layer): im2col; the GEMMs' inner dimension would be C = 3, and
-        F(4×4,3×3) measured 2-3× slower than im2col on conv1_1;
-      * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications (measured 0.55-0.8× im2col's
-        time on VGG-16's conv1_2 to conv5 at batch 8 and the small recipe's 16-64 channel
-        layers);
+        Winograd was clearly slower than im2col on conv1_1;
+      * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications; it was the fastest of the
+        three from VGG-16's conv1_2 to conv5 at batch 8, and on the small recipe's 16-64
+        channel layers;
       * 512 <= N·H·W < 1536 (e.g. conv5 at batch 4, 784 pixels): F(2×2,3×3), whose filters
-        are 2.25× smaller and whose tiles fit 14 and 7 exactly (F(4×4,3×3) was slower than
-        im2col there, F(2×2,3×3) about even);
+        are 2.25× smaller and whose tiles fit 14 and 7 exactly; F(4×4,3×3) was slower than
+        im2col there and F(2×2,3×3) about even;
       * smaller (one image's conv5, 4×4 maps at batch 8): im2col; the transforms cost more
         than the multiplications they save.
     On the GPU nothing has been measured yet, so "auto" stays with im2col there.

@@ -264,7 +264,11 @@ def _weight_grad(dev, x, gy, m):
     BT, _, A, G = _matrices(dev, m, x.dtype)
     TH, TW = tile_grid(H, Wd, m)
     row_bytes = a2 * (C + OC) * TW * x.itemsize
-    chunks = tile_chunks(N * TH, row_bytes, dev.WINOGRAD_CHUNK_BYTES, dev.num_parts(), TW)
+    # NOTE: chunks as big as the (α², OC, C) product, when that is larger: every chunk after
+    # a part's first costs one pass over it (`parts[k] += prod`), which on deep layers took
+    # as long as a GEMM when the chunks were the forward's 1 MB.
+    chunk_bytes = max(dev.WINOGRAD_CHUNK_BYTES, a2 * OC * C * x.itemsize)
+    chunks = tile_chunks(N * TH, row_bytes, chunk_bytes, dev.num_parts(), TW)
     T = min(dev.num_parts(), len(chunks))
     bounds = [len(chunks) * k // T for k in range(T + 1)]
     parts = dev.workspace("wino_dU_parts", (T, a2, OC, C), x.dtype)

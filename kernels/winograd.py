@@ -211,7 +211,10 @@ def _convolve(dev, x, U, b, m):
     TH, TW = tile_grid(H, Wd, m)
     y = xp.empty((N, OC, H, Wd), dtype=x.dtype)
     row_bytes = a2 * (C + OC) * TW * x.itemsize
-    chunks = tile_chunks(N * TH, row_bytes, dev.WINOGRAD_CHUNK_BYTES, dev.num_parts(), TW)
+    # NOTE: every chunk's GEMMs read all of U; chunks at least as big as U keep that to
+    # half the traffic (deep layers' U is 38 MB, and their tiles miss L2 anyway).
+    chunk_bytes = max(dev.WINOGRAD_CHUNK_BYTES, U.nbytes)
+    chunks = tile_chunks(N * TH, row_bytes, chunk_bytes, dev.num_parts(), TW)
     Umat = U.reshape(a2, OC, C)
 
     def job(t0, t1):

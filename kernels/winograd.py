@@ -29,8 +29,8 @@ max |float32 - float64| / RMS(float64), is
 
                  y        gx       gW
     im2col       2.4e-06  2.5e-06  2.2e-06
-    F(2×2,3×3)   3.3e-06  3.5e-06  3.0e-06
-    F(4×4,3×3)   6.0e-05  7.8e-05  2.9e-05
+    F(2×2,3×3)   3.3e-06  3.5e-06  3.1e-06
+    F(4×4,3×3)   6.0e-05  7.8e-05  2.6e-05
 
 F(2×2,3×3) only adds, subtracts and halves, and is as accurate as im2col. F(4×4,3×3) loses
 about 5 bits (its transforms multiply by up to 8 and divide by 24, and large terms cancel),

@@ -12,10 +12,17 @@ it on (`--tf32 on`).
     python benchmarks/bench_layers.py --only conv --append # conv rows, add to the README
     python benchmarks/bench_layers.py --net small --append # the small recipe, batch 32
     python benchmarks/bench_layers.py --device cuda --batch 64 --tf32 off --append
+    python benchmarks/bench_layers.py --only conv --algo all   # im2col, F(2,3), F(4,3), torch
 
-GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`); a
-backward pass costs twice the forward (gx and gW), except for conv1_1, whose gx is never
-needed. Pooling and LRN are memory-bound and get no GFLOP/s.
+`--algo` puts minivgg's conv algorithms side by side on every conv row (`all`: im2col,
+winograd = F(2×2,3×3), winograd4 = F(4×4,3×3), and `auto`'s pick), timed interleaved with
+PyTorch in one run. Convolutions Winograd cannot run (1×1) run im2col whatever is asked.
+
+GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`), i.e.
+of the direct algorithm, whichever algorithm ran: Winograd does fewer multiplications, so
+its rates are *effective* rates and may exceed the machine's BLAS peak. A backward pass
+costs twice the forward (gx and gW), except for conv1_1, whose gx is never needed. Pooling
+and LRN are memory-bound and get no GFLOP/s.
 """
 
 import argparse
@@ -44,8 +51,25 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     p.add_argument("--tf32", choices=["off", "on"], default="off",
                    help="GPU only: TF32 for both minivgg and cuDNN")
+    p.add_argument("--algo", default="im2col",
+                   help="comma-separated conv algorithms of minivgg to time side by side: "
+                        f"{', '.join(ALGOS)}, or all (default: im2col)")
     p.add_argument("--append", action="store_true", help="append the table to the README")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.algos = []
+    for a in args.algo.split(","):
+        for name in (ALGOS[:3] if a == "all" else [a] if a else []):
+            if name not in args.algos:
+                args.algos.append(name)
+    unknown = [a for a in args.algos if a not in ALGOS]
+    if unknown or not args.algos:
+        p.error(f"--algo: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                f"{', '.join(ALGOS)} or all")
+    return args
+
+
+# minivgg's conv algorithms (minivgg.backend.CONV_ALGORITHMS), in table order
+ALGOS = ("im2col", "winograd", "winograd4", "auto")
 
 
 # name: (config, input size, width, fc_width, classes, with A-LRN's LRN row)
@@ -181,6 +205,29 @@ def torch_layer(kind, spec, batch, device, seed):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+def with_conv_algorithm(algorithm, fn):
+    """fn, run with minivgg's conv algorithm set to `algorithm` (a cheap global switch)."""
+    from minivgg import backend
+
+    def run():
+        backend.set_conv_algorithm(algorithm)
+        fn()
+    return run
+
+
+def picked_by_auto(kind, spec, batch, device):
+    """What "auto" runs for this conv layer ("-" for other layers)."""
+    import numpy as np
+    from minivgg import backend
+    if kind != "conv":
+        return "-"
+    C, OC, H, K, P = spec
+    backend.set_conv_algorithm("auto")
+    x = np.empty((batch, C, H, H), dtype=np.float32)
+    picked = backend.conv_algorithm_for(x, np.empty((OC, C, K, K)), (1, 1), (P, P))
+    return picked if device == "cpu" else "im2col"
+
+
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -200,8 +247,10 @@ def main(argv=None):
     passes = [p for p in args.passes.split(",") if p]
 
     rows = []
-    print(f"batch {batch}, {args.threads} threads, device {args.device}, load "
-          f"{common.load_average()}")
+    print(f"batch {batch}, {args.threads} threads, device {args.device}, conv "
+          f"{','.join(args.algos)}, load {common.load_average()}")
+    if common.load_warning():
+        print(common.load_warning(), file=sys.stderr)
     for name, kind, spec, flops_fwd in net_layers(args.net, batch):
         if wanted and kind not in wanted and name not in wanted:
             continue
@@ -209,24 +258,37 @@ def main(argv=None):
         ours = minivgg_layer(kind, spec, batch, args.device, rng)
         ref = torch_layer(kind, spec, batch, args.device, 0)
         first = kind == "conv" and spec[0] == 3
+        algos = args.algos if kind == "conv" else args.algos[:1]
         for pas in passes:
-            raw = common.time_interleaved({"minivgg": ours[pas], "torch": ref[pas]},
-                                          args.repeats, args.warmup, args.device, raw=True)
+            fns = {a: with_conv_algorithm(a, ours[pas]) for a in algos}
+            raw = common.time_interleaved({**fns, "torch": ref[pas]}, args.repeats,
+                                          args.warmup, args.device, raw=True)
             t = {lib: common.median(times) for lib, times in raw.items()}
             mult = 1 if pas == "fwd" else (2 if first else 3)
             flops = 2 * flops_fwd * mult
-            row = [name, kind, "x".join(map(str, spec)), pas,
-                   f"{t['minivgg'] * 1e3:.1f}", f"{t['torch'] * 1e3:.1f}",
-                   f"{common.gflops(flops, t['minivgg']):.0f}" if flops else "-",
-                   f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
-                   f"{common.median_ratio(raw['minivgg'], raw['torch']):.2f}"]
+            cells = [[f"{t[a] * 1e3:.1f}" if a in t else "-" for a in args.algos],
+                     [f"{common.gflops(flops, t[a]):.0f}" if a in t and flops else "-"
+                      for a in args.algos],
+                     [f"{common.median_ratio(raw[a], raw['torch']):.2f}" if a in t else "-"
+                      for a in args.algos]]
+            row = [name, kind, "x".join(map(str, spec)), pas, *cells[0], f"{t['torch'] * 1e3:.1f}",
+                   *cells[1], f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
+                   *cells[2]]
+            if "auto" in args.algos:
+                row.insert(4, picked_by_auto(kind, spec, batch, args.device))
             rows.append(row)
             print(" | ".join(row), flush=True)
         del ours, ref
 
     ref_name = "cuDNN" if args.device == "cuda" else "torch"
-    headers = ["layer", "kind", "shape", "pass", "minivgg ms", f"{ref_name} ms",
-               "minivgg GFLOP/s", f"{ref_name} GFLOP/s", f"time ratio minivgg/{ref_name}"]
+    # a single algorithm keeps the old column names; several get one column each
+    names = ["minivgg"] if args.algos == ["im2col"] else [f"minivgg {a}" for a in args.algos]
+    effective = "" if args.algos == ["im2col"] else " (effective)"
+    headers = (["layer", "kind", "shape", "pass"]
+               + (["auto runs"] if "auto" in args.algos else [])
+               + [f"{n} ms" for n in names] + [f"{ref_name} ms"]
+               + [f"{n} GFLOP/s{effective}" for n in names] + [f"{ref_name} GFLOP/s"]
+               + [f"time ratio {n}/{ref_name}" for n in names])
     title = f"Layers, {args.device}, batch {batch}"
     if args.net != "vgg16":
         title = f"Layers of the small recipe ({NETS[args.net][0]} w{NETS[args.net][2]:g} " \
@@ -236,7 +298,8 @@ def main(argv=None):
     text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + "\n\nShapes: conv C x OC x H x K x padding, pool C x H x K, " \
         "lrn C x H, fc in x out. Times are medians; the time ratio is the median of the " \
-        "per-round ratios. Time ratio below 1 means minivgg is faster."
+        "per-round ratios. Time ratio below 1 means minivgg is faster. GFLOP/s count the " \
+        "direct algorithm's FLOPs, so Winograd's are effective rates."
     print()
     print(text)
     if args.append:

@@ -8,6 +8,7 @@ dropout 0.5 on fc6 and fc7). The PyTorch model is the same net written the torch
     python benchmarks/bench_step.py                    # the three CPU cases below
     python benchmarks/bench_step.py --cases small --rounds 3 --append
     python benchmarks/bench_step.py --device cuda      # A and D at 224, batch 64
+    python benchmarks/bench_step.py --conv-algo im2col # minivgg without Winograd
 
 Cases: "A" and "D" are the paper's nets at 224×224 (batch 8 on CPU, 64 on GPU); "small" is
 the Imagenette recipe: A at a quarter width, fc 512, 10 classes, 64×64, batch 32.
@@ -54,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per worker")
     p.add_argument("--tf32", choices=["off", "on"], default="off", help="GPU only")
+    p.add_argument("--conv-algo", default="auto",
+                   choices=["auto", "im2col", "winograd", "winograd4"],
+                   help="minivgg's 3x3 conv algorithm (minivgg.backend.set_conv_algorithm; "
+                        "default auto: Winograd per layer by a fixed shape rule)")
     p.add_argument("--append", action="store_true", help="append the table to the README")
     p.add_argument("--worker", choices=["minivgg", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -108,6 +113,7 @@ def minivgg_worker(args, case, batch):
         # NOTE: minivgg's one TF32 switch; CuPy's CUPY_TF32 variable is overridden by it.
         minivgg.backend.set_tf32(args.tf32 == "on")
     base = rss_mb()
+    minivgg.backend.set_conv_algorithm(args.conv_algo)
     config, width, fc_width, classes, size, _, _ = CASES[case]
     model = models.vgg(config, classes, width, fc_width, size, init="glorot", seed=0)
     if args.device == "cuda":
@@ -212,7 +218,8 @@ def run_worker(args, lib, case, batch):
     """Run one worker in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--case", case,
            "--batch", str(batch), "--device", args.device, "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--tf32", args.tf32]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--tf32", args.tf32,
+           "--conv-algo", args.conv_algo]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{lib} worker for {case} failed:\n{out.stderr[-3000:]}")
@@ -231,7 +238,10 @@ def main(argv=None):
         return
 
     rows = []
-    print(f"{args.threads} threads, device {args.device}, load {common.load_average()}")
+    print(f"{args.threads} threads, device {args.device}, conv {args.conv_algo}, load "
+          f"{common.load_average()}")
+    if common.load_warning():
+        print(common.load_warning(), file=sys.stderr)
     for case in [c for c in args.cases.split(",") if c]:
         config, width, fc_width, classes, size, cpu_batch, gpu_batch = CASES[case]
         batch = args.batch or (gpu_batch if args.device == "cuda" else cpu_batch)
@@ -272,7 +282,7 @@ def main(argv=None):
                f"{ref} img/s", "speed ratio (img/s minivgg / torch)", "minivgg GFLOP/s",
                f"{ref} GFLOP/s", "minivgg peak MB (total / above imports)",
                f"{ref} peak MB (total / above imports)", "memory ratio (above imports)"]
-    title = f"Training step, {args.device}"
+    title = f"Training step, {args.device}, minivgg conv {args.conv_algo}"
     if args.device == "cuda":
         title += f", TF32 {args.tf32}"
     mem_note = ("GPU memory pool high-water mark" if args.device == "cuda" else

@@ -140,11 +140,40 @@ def cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-def load_average():
+def _getloadavg():
     try:
-        return "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "n/a"
+        return os.getloadavg()
+    except OSError:  # not available on this platform
+        return None
+
+
+# The load when the benchmark started (this module is imported first thing), before our own
+# threads add to it.
+START_LOAD = _getloadavg()
+
+
+def load_average():
+    """The (1, 5, 15 min) load averages at the start, as text."""
+    return "n/a" if START_LOAD is None else "%.2f %.2f %.2f" % START_LOAD
+
+
+# Above this 1-minute load average the machine is not quiet enough for timings on record.
+QUIET_LOAD = 0.5
+
+
+def load_warning():
+    """A warning when the 1-minute load average at the start was above QUIET_LOAD, else "".
+
+    NOTE: a loaded machine does not slow both libraries alike: PyTorch's OpenMP threads
+    spin and wait at barriers, so one descheduled thread stalls the rest, while minivgg's
+    pool degrades more gracefully. Timings under load flatter minivgg.
+    """
+    if START_LOAD is None or START_LOAD[0] <= QUIET_LOAD:
+        return ""
+    load = START_LOAD[0]
+    return (f"WARNING: 1-minute load average {load:.2f} > {QUIET_LOAD} at start: other "
+            "processes share the cores, and a loaded machine flatters minivgg against "
+            "PyTorch; do not quote these timings")
 
 
 def versions():
@@ -191,7 +220,8 @@ def header(title, threads, device="cpu"):
         f"- machine: {machine}",
         f"- versions: {versions()}",
         f"- load average (1, 5, 15 min) at start: {load_average()}",
-        f"- command: `{cmd}`", ""])
+        f"- command: `{cmd}`", ""]
+        + ([f"**{load_warning()}**", ""] if load_warning() else []))
 
 
 def markdown_table(headers, rows):

@@ -61,6 +61,10 @@ def parse_args(argv=None):
                    help="evaluate N images, evenly spaced over the sorted val list, so "
                         "every class is represented (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--conv-algo", choices=backend.CONV_ALGORITHMS, default="auto",
+                   help="how 3x3 convs run (default: auto, Winograd where it was measured "
+                        "faster, by a fixed rule of the layer shape; or im2col, winograd, "
+                        "winograd4)")
     p.add_argument("-p", "--print-freq", type=int, default=1,
                    help="progress line every N chunks of 32 images (0: none)")
     return p.parse_args(argv)
@@ -150,6 +154,7 @@ def main(argv=None):
         raise UsageError(f"--batch-size must be at least 2 (an image and its flip), got "
                          f"{args.batch_size}")
     backend.check_device(args.device)
+    backend.set_conv_algorithm(args.conv_algo)
     nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.data)
     s_texts, default_qs = zip(*(training_scales(m) for m in metas))
     settings = parse_scales(args.scales) if args.scales else [(default_qs[0],)]

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from minivgg import backend  # noqa: E402
 from minivgg import distributed  # noqa: E402
 from minivgg.checkpoint import CheckpointError  # noqa: E402
 from minivgg.data import DataError  # noqa: E402
@@ -51,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-p", "--print-freq", type=int, help="progress figures every N batches")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--conv-algo", choices=backend.CONV_ALGORITHMS, dest="conv_algo",
+                   help="how 3x3 convs run: auto (default: Winograd F(4x4,3x3) or F(2x2,3x3) "
+                   "where it was measured faster, by a fixed rule of the layer shape), "
+                   "im2col, winograd (F(2x2,3x3)) or winograd4 (F(4x4,3x3))")
     p.add_argument("--threads", type=int,
                    help="kernel threads per process (default: all cores; under mpirun: "
                         "cores / processes on the machine)")

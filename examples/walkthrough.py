@@ -30,6 +30,7 @@ from minivgg import functional as F  # noqa: E402
 from minivgg import nn, optim  # noqa: E402
 from minivgg.kernels import cpu as kernels  # noqa: E402
 from minivgg.kernels import reference  # noqa: E402
+from minivgg.kernels import winograd  # noqa: E402
 from minivgg.models import CONFIGS, VGG, parse_layer, vgg  # noqa: E402
 from minivgg.summary import layer_table  # noqa: E402
 from minivgg.tensor import Function, Tensor, _topological_order  # noqa: E402
@@ -294,6 +295,94 @@ def sgd():
               "the update")
     with minivgg.no_grad():
         print(f"after 2 steps: loss {F.cross_entropy(model(x), labels).item():.4f}")
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Winograd: fewer multiplications for 3×3 (kernels/winograd.py)
+# ----------------------------------------------------------------------------------------
+
+@section
+def winograd_1d():
+    d = np.array([1.0, 2.0, 4.0, 7.0])  # four inputs
+    g = np.array([1.0, 2.0, 3.0])  # a 3-tap filter
+    print("direct, 6 multiplications:", [float(d[0:3] @ g), float(d[1:4] @ g)])
+    m1 = (d[0] - d[2]) * g[0]  # Winograd's four products (Lavin & Gray, F(2,3))
+    m2 = (d[1] + d[2]) * (g[0] + g[1] + g[2]) / 2
+    m3 = (d[2] - d[1]) * (g[0] - g[1] + g[2]) / 2
+    m4 = (d[1] - d[3]) * g[2]
+    print("F(2,3), 4 multiplications:", [float(m1 + m2 + m3), float(m2 - m3 - m4)])
+    BT, G, AT = winograd.transforms(2)  # the same four products as matrices
+    show("B^T d  (the input at the points 0, 1, -1, inf)", BT @ d)
+    show("G g    (the filter at the same points)", G @ g)
+    show("A^T [(G g) * (B^T d)]", AT @ ((G @ g) * (BT @ d)))
+
+
+@section
+def winograd_2d():
+    d = np.arange(16, dtype=np.float64).reshape(4, 4)  # one 4×4 input tile
+    g = SOBEL_X.astype(np.float64)
+    BT, G, AT = winograd.transforms(2)
+    V = BT @ d @ BT.T  # input transform
+    U = G @ g @ G.T  # filter transform, once per filter
+    M = U * V  # 16 multiplications
+    show("V = B^T d B", V)
+    show("U = G g G^T", U)
+    show("Y = A^T (U * V) A", AT @ M @ AT.T)
+    show("direct", [[(d[i:i + 3, j:j + 3] * g).sum() for j in range(2)] for i in range(2)])
+    x = np.random.default_rng(0).normal(size=(1, 2, 5, 7))  # a whole (odd-sized) layer
+    W = np.random.default_rng(1).normal(size=(3, 2, 3, 3))
+    y = kernels.conv2d_forward(x, W, None, (1, 1), (1, 1))
+    for algorithm, m in winograd.ALGORITHMS.items():
+        ours = kernels.conv2d_forward(x, W, None, (1, 1), (1, 1), algorithm)
+        print(f"F({m}x{m},3x3) on a 5x7 input, 2->3 channels, equals im2col:",
+              np.allclose(ours, y, rtol=1e-12, atol=1e-12))
+
+
+def conv_multiplications(m, size, C, OC):
+    """Multiplications of one 3×3/s1/p1 layer on a size×size input: direct (m = 1) or
+    F(m×m, 3×3), whose tiles cover ceil(size/m)² blocks."""
+    if m == 1:
+        return 9 * size * size * C * OC
+    return (m + 2) ** 2 * (-(-size // m)) ** 2 * C * OC
+
+
+@section
+def winograd_cost():
+    print("multiplications per output and (input, output) channel pair:")
+    for m in winograd.ALGORITHMS.values():
+        print(f"  F({m}x{m},3x3): {(m + 2) ** 2} for {m * m} outputs = "
+              f"{(m + 2) ** 2 / m ** 2:.2f}, {9 * m * m / (m + 2) ** 2:.2f}x fewer than 9")
+    convs = [(parse_layer(s), size) for s, size in
+             [("conv3-64", 224), ("conv3-64", 224), ("conv3-128", 112), ("conv3-128", 112)]
+             + [("conv3-256", 56)] * 3 + [("conv3-512", 28)] * 3 + [("conv3-512", 14)] * 3]
+    totals = {1: 0, 2: 0, 4: 0}
+    C = 3
+    for (_, _, OC), size in convs:
+        for m in totals:
+            totals[m] += conv_multiplications(m, size, C, OC)
+        C = OC
+    print("VGG-16's 13 conv layers, one 224x224 image, in billions of multiplications:")
+    for m, name in [(1, "direct / im2col"), (2, "F(2x2,3x3)"), (4, "F(4x4,3x3)")]:
+        print(f"  {name:16s} {totals[m] / 1e9:6.2f}  ({totals[1] / totals[m]:.2f}x fewer)")
+
+
+@section
+def winograd_accuracy():
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(2, 256, 28, 28)), 0)  # ReLU'd inputs of conv4_1
+    W = rng.normal(size=(512, 256, 3, 3)) * np.sqrt(2 / (9 * 256))
+    exact = kernels.conv2d_forward(x, W, None, (1, 1), (1, 1))  # float64
+    x32, W32 = x.astype(np.float32), W.astype(np.float32)
+    results = {"im2col": kernels.conv2d_forward(x32, W32, None, (1, 1), (1, 1))}
+    for algorithm, m in winograd.ALGORITHMS.items():
+        results[f"F({m}x{m},3x3)"] = kernels.conv2d_forward(x32, W32, None, (1, 1), (1, 1),
+                                                            algorithm)
+    print("conv4_1 (256 -> 512 channels, 28x28) in float32 against float64,")
+    print("max |error| / RMS(output):")
+    for name, y in results.items():
+        error = np.abs(y - exact).max() / np.sqrt((exact ** 2).mean())
+        bound = next(b for b in (1e-6, 1e-5, 1e-4, 1e-3) if error < b)
+        print(f"  {name:12s} below {bound:.0e}")
 
 
 # ----------------------------------------------------------------------------------------

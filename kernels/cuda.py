@@ -27,7 +27,7 @@ import os
 import cupy as cp
 import numpy as np
 
-from minivgg.kernels import common
+from minivgg.kernels import common, winograd
 
 xp = cp
 
@@ -46,6 +46,8 @@ KERNELS = {
     "lrn.cu": ("lrn_forward", "lrn_backward"),
     "loss.cu": ("softmax_cross_entropy_forward", "softmax_cross_entropy_backward"),
     "sgd.cu": ("sgd_update",),
+    "winograd.cu": ("tile_transform", "output_transform", "filter_transform",
+                    "filter_grad_transform"),
 }
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 THREADS_PER_BLOCK = 256
@@ -167,6 +169,53 @@ def add_bias(ycols, b):
 
 
 # ----------------------------------------------------------------------------------------
+# Winograd transforms (winograd.cu), for the drivers of kernels/winograd.py
+# ----------------------------------------------------------------------------------------
+
+# Bytes of transformed tiles per chunk: as for im2col, a GPU GEMM wants many columns.
+WINOGRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
+    """out (r, r, CH, P) = L d L^T for the k×k window d of src[n, ch] of every tile q."""
+    N, CH, H, W = src.shape
+    r, k = L.shape
+    _launch("tile_transform", out.dtype, CH * (r1 - r0) * TW, cp.ascontiguousarray(src),
+            cp.ascontiguousarray(L), m, shift, r0, r1, TH, TW, out, CH, H, W, r, k)
+
+
+def input_transform(x, BT, m, r0, r1, TH, TW, V):
+    """V (α, α, C, P) = B^T d B for the α×α input tile d of every tile and channel."""
+    tile_transform(x, BT, m, -1, r0, r1, TH, TW, V)
+
+
+def grad_output_transform(gy, A, m, r0, r1, TH, TW, Z):
+    """Z (α, α, OC, P) = A g A^T for the m×m block g of gy of every tile."""
+    tile_transform(gy, A, m, 0, r0, r1, TH, TW, Z)
+
+
+def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
+    """y tile = A^T M[:, :, oc, q] A + b[oc], cropped to the image, for every tile q."""
+    N, OC, H, W = y.shape
+    _launch("output_transform", y.dtype, OC * (r1 - r0) * TW, cp.ascontiguousarray(M),
+            cp.ascontiguousarray(AT), m, r0, r1, TH, TW, cp.ascontiguousarray(b), y, OC, H, W)
+
+
+def filter_transform(W, G, rotate, U):
+    """U (α, α, O, I) = G w G^T for every filter (rotated and swapped with `rotate`)."""
+    alpha, O, I = U.shape[0], U.shape[2], U.shape[3]
+    _launch("filter_transform", U.dtype, O * I, cp.ascontiguousarray(W),
+            cp.ascontiguousarray(G, dtype=np.float64), int(rotate), U, O, I, alpha)
+
+
+def filter_grad_transform(dU, G, gW):
+    """gW (OC, C, 3, 3) = G^T dU[:, :, oc, c] G, from dU (α, α, OC, C)."""
+    alpha, OC, C = dU.shape[0], dU.shape[2], dU.shape[3]
+    _launch("filter_grad_transform", gW.dtype, OC * C, cp.ascontiguousarray(dU),
+            cp.ascontiguousarray(G, dtype=np.float64), gW, OC, C, alpha)
+
+
+# ----------------------------------------------------------------------------------------
 # Entry points: whole-batch im2col / col2im and the convolution drivers (kernels/common.py)
 # ----------------------------------------------------------------------------------------
 
@@ -183,14 +232,19 @@ def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
     return common.col2im(_this, cols, x_shape, KH, KW, SH, SW, PH, PW)
 
 
-def conv2d_forward(x, W, b, stride, padding):
-    """y = conv(x, W) + b -> (N, OC, OH, OW); see `common.conv2d_forward`."""
-    return common.conv2d_forward(_this, x, W, b, stride, padding)
+def conv2d_forward(x, W, b, stride, padding, algorithm="im2col"):
+    """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col"
+    (`common.conv2d_forward`), or "winograd"/"winograd4" (`kernels/winograd.py`)."""
+    if algorithm == "im2col":
+        return common.conv2d_forward(_this, x, W, b, stride, padding)
+    return winograd.conv2d_forward(_this, x, W, b, winograd.ALGORITHMS[algorithm])
 
 
-def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
-    """(gx or None, gW, gb); see `common.conv2d_backward`."""
-    return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
+def conv2d_backward(x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
+    """(gx or None, gW, gb) by the forward's `algorithm`; see `common.conv2d_backward`."""
+    if algorithm == "im2col":
+        return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
+    return winograd.conv2d_backward(_this, x, W, gy, need_gx, winograd.ALGORITHMS[algorithm])
 
 
 # ----------------------------------------------------------------------------------------

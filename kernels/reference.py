@@ -4,10 +4,13 @@ A dozen lines each of NumPy slicing, as Chainer's `im2col_cpu`: pad the input, t
 kernel offset (ky, kx) take one strided slice of it, which holds that offset's input pixel
 for every output pixel at once. Whole batch, any stride and padding; no chunks, no threads,
 no speed. The fast versions are `kernels/cpu/conv.py` and `kernels/cuda/conv.cu`; the
-walkthrough (docs/walkthrough.md, section 3) shows this one first.
+walkthrough (docs/walkthrough.md, section 3) shows this one first. `conv2d_winograd` is
+the same for Winograd's algorithm (section 8; fast versions in `kernels/winograd.py`).
 """
 
 import numpy as np
+
+from minivgg.kernels import winograd
 
 
 def im2col(x, KH, KW, SH, SW, PH, PW):
@@ -38,3 +41,25 @@ def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
         for kx in range(KW):
             gx[:, :, ky:ky + SH * OH:SH, kx:kx + SW * OW:SW] += cols[:, :, ky, kx]
     return gx[:, :, PH:PH + H, PW:PW + W]
+
+
+def conv2d_winograd(x, W, b, m):
+    """y = conv(x, W) + b, 3×3, stride 1, padding 1, by F(m×m, 3×3) on all tiles at once.
+
+    x (N, C, H, W), W (OC, C, 3, 3), b (OC,) or None -> (N, OC, H, W). A dozen lines of
+    NumPy, every tile at once, that the chunked kernels are tested against.
+    """
+    BT, G, AT = winograd.transforms(m)
+    N, C, H, Wd = x.shape
+    TH, TW = winograd.tile_grid(H, Wd, m)
+    xp = np.zeros((N, C, TH * m + 2, TW * m + 2), dtype=x.dtype)
+    xp[:, :, 1:H + 1, 1:Wd + 1] = x                    # padding 1, plus the overhang
+    d = np.lib.stride_tricks.sliding_window_view(xp, (m + 2, m + 2), axis=(2, 3))
+    d = d[:, :, ::m, ::m]                              # (N, C, TH, TW, α, α), overlap 2
+    V = np.einsum("ai,nctuij,bj->nctuab", BT, d, BT)   # input transform  B^T d B
+    U = np.einsum("ai,ocij,bj->ocab", G, W, G)         # filter transform G g G^T
+    M = np.einsum("ocab,nctuab->notuab", U, V)         # α² products, summed over c
+    Y = np.einsum("ia,notuab,jb->notuij", AT, M, AT)   # output transform A^T M A
+    y = Y.transpose(0, 1, 2, 4, 3, 5).reshape(N, -1, TH * m, TW * m)[:, :, :H, :Wd]
+    y = y + b[None, :, None, None] if b is not None else y
+    return y.astype(x.dtype)

@@ -175,6 +175,49 @@ def as_array_like(a, like):
 
 
 # ----------------------------------------------------------------------------------------
+# Convolution algorithm: im2col + GEMM, or Winograd for 3×3/s1/p1 (kernels/winograd.py)
+# ----------------------------------------------------------------------------------------
+
+# "im2col": every conv by im2col + GEMM (section 3 of the walkthrough), the default.
+# "winograd", "winograd4": Winograd F(2×2,3×3) / F(4×4,3×3) for every 3×3/s1/p1 conv.
+# "auto": per layer, by a fixed rule of the shapes (`kernels/winograd.py: auto_algorithm`).
+# Convolutions Winograd cannot run (config C's 1×1, strides, other paddings) use im2col.
+CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4")
+
+_conv_algorithm = "im2col"
+
+
+def set_conv_algorithm(name):
+    """Choose how convolutions run from now on: one of `CONV_ALGORITHMS`.
+
+    Every choice gives the same results up to float rounding (benchmarks/
+    winograd_accuracy.md); "auto" depends only on the layer shapes, never on a timing, so
+    a run and its resume make the same choices and stay bit-identical (with the same
+    thread count, which, as for im2col, sets how the weight gradient's sums are split).
+    """
+    global _conv_algorithm
+    if name not in CONV_ALGORITHMS:
+        raise ValueError(f"unknown conv algorithm {name!r}: expected one of "
+                         f"{', '.join(CONV_ALGORITHMS)}")
+    _conv_algorithm = name
+
+
+def get_conv_algorithm():
+    return _conv_algorithm
+
+
+def conv_algorithm_for(x, W, stride, padding):
+    """The algorithm that runs conv(x, W): "im2col", "winograd" or "winograd4"."""
+    from minivgg.kernels import winograd
+    if _conv_algorithm == "im2col" or not winograd.applies(W.shape, stride, padding):
+        return "im2col"
+    if _conv_algorithm == "auto":
+        N, C, H, Wd = x.shape
+        return winograd.auto_algorithm(device_of(x), N, C, H, Wd)
+    return _conv_algorithm
+
+
+# ----------------------------------------------------------------------------------------
 # TF32: float32 GEMMs on tensor cores with 10-bit mantissas (Ampere and later)
 # ----------------------------------------------------------------------------------------
 

@@ -282,21 +282,25 @@ def matmul(a, b):
 # ----------------------------------------------------------------------------------------
 
 class Conv2d(Function):
-    """y = x * W + b by im2col + GEMM, any kernel size, stride and padding."""
+    """y = x * W + b by im2col + GEMM, any kernel size, stride and padding; 3×3/s1/p1 convs
+    by Winograd's algorithm instead when `backend.set_conv_algorithm` asks for it."""
 
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
 
     def forward(self, x, W, b=None):
-        self.save_for_backward(x, W, b is not None)
+        # NOTE: chosen once here and saved: backward must run the same algorithm.
+        algorithm = backend.conv_algorithm_for(x, W, self.stride, self.padding)
+        self.save_for_backward(x, W, b is not None, algorithm)
         kern = backend.kernels_for(x)
-        return kern.conv2d_forward(x, W, b, self.stride, self.padding)
+        return kern.conv2d_forward(x, W, b, self.stride, self.padding, algorithm)
 
     def backward(self, gy):
-        x, W, has_bias = self.saved
+        x, W, has_bias, algorithm = self.saved
         kern = backend.kernels_for(x)
         need_gx = self.inputs[0].requires_grad  # conv1_1 never needs d loss / d image
-        gx, gW, gb = kern.conv2d_backward(x, W, gy, self.stride, self.padding, need_gx)
+        gx, gW, gb = kern.conv2d_backward(x, W, gy, self.stride, self.padding, need_gx,
+                                          algorithm)
         return (gx, gW, gb) if has_bias else (gx, gW)
 
 

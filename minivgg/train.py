@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     print_freq: int = 10         # refresh the progress bar's figures every N batches
     device: str = "cpu"
+    # 3×3 convs by im2col, Winograd ("winograd", "winograd4"), or "auto": a fixed rule per
+    # layer shape (kernels/winograd.py), so a resume with the same flag stays bit-identical
+    conv_algo: str = "auto"
     threads: int = None          # kernel threads; None: all cores, or under MPI
                                  # cores / ranks on the machine (distributed.init)
     output: str = None           # None: runs/<data name>-<arch>, or the --resume folder
@@ -238,7 +241,8 @@ def setup(cfg, log=print, group=None):
         f"{len(train_set.classes)} classes; S={cfg.scales[0]}"
         + (f"..{cfg.scales[1]}" if cfg.scale_jitter else "")
         + f", crop {cfg.crop}, Q={cfg.Q}; batch {cfg.batch_size}, {cfg.workers} workers, "
-        f"device {device}" + (f"; {group.description}" if group.size > 1 else ""))
+        f"device {device}, conv {cfg.conv_algo}"
+        + (f"; {group.description}" if group.size > 1 else ""))
     return Run(cfg, model, optimizer, scheduler, train_loader, val_loader, stats,
                list(train_set.classes), data_name, device, paths, seed, say, start_epoch, best,
                last_good=paths.last if start_epoch else None, group=group,
@@ -269,6 +273,10 @@ def check_config(cfg):
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise TrainingError(f"--epochs and --batch-size must be positive, got "
                             f"{cfg.epochs} and {cfg.batch_size}")
+    try:
+        backend.set_conv_algorithm(cfg.conv_algo)
+    except ValueError as e:
+        raise TrainingError(f"--conv-algo: {e}") from e
     try:
         return device, models.canonical_config(cfg.arch)
     except ValueError as e:

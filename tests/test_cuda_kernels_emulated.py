@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_close
 import standin_cupy as standin
 from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels, use_standin
-from minivgg.kernels import common, cpu
+from minivgg.kernels import common, cpu, winograd
 from minivgg.kernels.cpu import conv as cpu_conv
 from standin_cupy import asarray as dev, asnumpy as host
 
@@ -80,6 +80,43 @@ def test_cuda_conv2d_forward_and_backward_match_cpu(case, dtype, gpu, rng):
     for got, want in zip(gpu.conv2d_backward(dev(x), dev(W), dev(gy), stride, padding, True),
                          cpu.conv2d_backward(x, W, gy, stride, padding, True)):
         assert_close(host(got), want, "conv2d", dtype)
+
+
+# (N, C, H, W, OC): odd sizes (tiles cut by the edge), non-square, batch 1, one pixel
+WINOGRAD_CASES = {"odd": (2, 3, 7, 5, 4), "batch1-wide": (1, 5, 6, 11, 3),
+                  "one-pixel": (1, 2, 1, 1, 3)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_cuda_winograd_forward_and_backward_match_cpu(case, algorithm, dtype, gpu, rng):
+    """The winograd.cu transforms and the shared drivers on the GPU table, against the CPU's
+    Numba transforms (both against float64 im2col in tests/test_winograd.py)."""
+    N, C, H, W, OC = WINOGRAD_CASES[case]
+    x = rng.normal(size=(N, C, H, W)).astype(dtype)
+    Wt = rng.normal(size=(OC, C, 3, 3)).astype(dtype)
+    b = rng.normal(size=OC).astype(dtype)
+    gy = rng.normal(size=(N, OC, H, W)).astype(dtype)
+    args = ((1, 1), (1, 1))
+    assert_close(host(gpu.conv2d_forward(dev(x), dev(Wt), dev(b), *args, algorithm)),
+                 cpu.conv2d_forward(x, Wt, b, *args, algorithm), "conv2d", dtype)
+    for got, want in zip(gpu.conv2d_backward(dev(x), dev(Wt), dev(gy), *args, True, algorithm),
+                         cpu.conv2d_backward(x, Wt, gy, *args, True, algorithm)):
+        assert_close(host(got), want, "conv2d", dtype)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2000])  # one tile row per chunk; a few rows
+def test_cuda_winograd_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch, rng):
+    monkeypatch.setattr(gpu, "WINOGRAD_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    x = rng.normal(size=(3, 2, 9, 6)).astype(np.float64)
+    Wt = rng.normal(size=(4, 2, 3, 3))
+    gy = rng.normal(size=(3, 4, 9, 6))
+    args = ((1, 1), (1, 1), True, "winograd4")
+    for got, want in zip(gpu.conv2d_backward(dev(x), dev(Wt), dev(gy), *args),
+                         cpu.conv2d_backward(x, Wt, gy, *args)):
+        assert_close(host(got), want, "conv2d", np.float64)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 18 * 25 * 4 // 2])  # row bands; 1.5 images

@@ -131,6 +131,8 @@ NAMED_IN_WALKTHROUGH = {
     "minivgg.optim": ["SGD", "ReduceLROnPlateau"],
     "minivgg.evaluate": ["to_fully_convolutional"],
     "minivgg.pretrained": ["load_torchvision_vgg", "load_caffe_vgg", "save_pretrained"],
+    "minivgg.kernels.winograd": ["transforms", "conv2d_forward", "conv2d_backward"],
+    "minivgg.kernels.reference": ["conv2d_winograd"],
 }
 
 

@@ -11,7 +11,8 @@ of im2col that these are tested against is `kernels/reference.py`.
 import numpy as np
 from numba import njit
 
-from minivgg.kernels import common
+from minivgg.kernels import common, winograd
+from minivgg.kernels.cpu import winograd as cpu_winograd
 from minivgg.kernels.cpu.runtime import JIT, num_threads
 # NOTE: imported for the shared drivers, which find them in this module's namespace
 from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
@@ -268,6 +269,7 @@ def add_bias(ycols, b):
 # ----------------------------------------------------------------------------------------
 
 _this = common.Primitives(globals())  # what the shared drivers receive
+_winograd = common.Primitives(vars(cpu_winograd))  # what the Winograd drivers receive
 
 
 def im2col(x, KH, KW, SH, SW, PH, PW):
@@ -280,11 +282,18 @@ def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
     return common.col2im(_this, cols, x_shape, KH, KW, SH, SW, PH, PW)
 
 
-def conv2d_forward(x, W, b, stride, padding):
-    """y = conv(x, W) + b -> (N, OC, OH, OW); see `common.conv2d_forward`."""
-    return common.conv2d_forward(_this, x, W, b, stride, padding)
+def conv2d_forward(x, W, b, stride, padding, algorithm="im2col"):
+    """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col"
+    (`common.conv2d_forward`), or "winograd"/"winograd4" (`kernels/winograd.py`)."""
+    if algorithm == "im2col":
+        return common.conv2d_forward(_this, x, W, b, stride, padding)
+    return winograd.conv2d_forward(_winograd, x, W, b, winograd.ALGORITHMS[algorithm])
 
 
-def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
-    """(gx or None, gW, gb); see `common.conv2d_backward` (its sums' fixed order)."""
-    return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
+def conv2d_backward(x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
+    """(gx or None, gW, gb) by the forward's `algorithm`; see `common.conv2d_backward` (its
+    sums' fixed order) and `kernels/winograd.py`."""
+    if algorithm == "im2col":
+        return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
+    return winograd.conv2d_backward(_winograd, x, W, gy, need_gx,
+                                    winograd.ALGORITHMS[algorithm])

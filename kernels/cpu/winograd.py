@@ -1,0 +1,267 @@
+"""Winograd convolution on the CPU: the tile and filter transforms (the twin of
+`cuda/winograd.cu`).
+
+The drivers, `conv2d_forward` and `conv2d_backward` of `kernels/winograd.py`, are written
+once for both devices; this module gives them the CPU's primitives through
+`common.Primitives`: the transforms below as serial Numba kernels (compiled once, cached on
+disk), `runtime`'s pool and workspaces. The α² GEMMs between the transforms are NumPy's
+BLAS, one thread each. Shape legend and the algorithm: see `kernels/winograd.py`.
+"""
+
+import numpy as np
+from numba import njit
+
+from minivgg.kernels.cpu.runtime import JIT, num_threads
+# NOTE: imported for the shared drivers, which find them in this module's namespace
+from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
+
+xp = np
+
+# Bytes of transformed tiles (V and M, or V and Z) per chunk, near the size of L2: the α²
+# GEMMs then find their operands in cache right after the transforms wrote them, and peak
+# memory stays small whatever the batch. Deep layers take more (`MIN_CHUNK_TILES` tiles,
+# see kernels/winograd.py), so that their GEMMs are not too thin.
+WINOGRAD_CHUNK_BYTES = 2**20
+
+
+# Tiles transformed at once inside a chunk: their k×k windows and half-transformed tiles
+# (2 × 36 × 128 floats for F(4×4,3×3)) stay in L1 while each channel is done.
+BLOCK_TILES = 128
+
+
+def num_parts():
+    """Chunks a layer is cut into at least: one per thread."""
+    return num_threads()
+
+
+# ----------------------------------------------------------------------------------------
+# Tile transforms. A chunk is the tile rows r0..r1-1, r = n*TH + ty; tile (n, ty, tx) is
+# column q = (r - r0)*TW + tx of the chunk's (C, P) matrices.
+# ----------------------------------------------------------------------------------------
+#
+# Every transform is a "sandwich" L d L^T of a small tile d with a small matrix L, done for
+# a block of up to BLOCK_TILES tiles at once: the tiles' (i, j) entries are gathered side by
+# side into one row, so each step is `row += coef * other_row`, which LLVM vectorises, and
+# the zero entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output
+# gradient (for the weight gradient): L = A (α×m).
+
+# NOTE: the loops index the whole 3-D/4-D arrays (out[a, bb, ch, q]) rather than 1-D
+# slices or transposed views of them: Numba then knows the innermost axis is contiguous and
+# LLVM vectorises the `q` loops; through a transposed view it does not (measured 3× slower).
+
+@njit(**JIT)
+def _along_rows(L, d, tmp, n):
+    """tmp[i, bb, q] = sum_j L[bb, j] d[i, j, q] for q < n: L on each window row (d L^T)."""
+    r, k = L.shape
+    for i in range(d.shape[0]):
+        for bb in range(r):
+            for q in range(n):
+                tmp[i, bb, q] = 0
+            for j in range(k):
+                coef = L[bb, j]
+                if coef != 0:
+                    for q in range(n):
+                        tmp[i, bb, q] += coef * d[i, j, q]
+
+
+@njit(**JIT)
+def _inside(c0, m, W, TW):
+    """(lo, hi): the tiles tx whose column tx*m + c0 lies inside 0..W-1 are lo..hi-1."""
+    lo = 0 if c0 >= 0 else (m - 1 - c0) // m
+    hi = 0 if c0 > W - 1 else min(TW, (W - 1 - c0) // m + 1)
+    return min(lo, TW), max(min(lo, TW), hi)
+
+
+@njit(**JIT)
+def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
+    """out[a, b, ch, q] = (L d L^T)[a, b] for the k×k window d of src[n, ch] of every tile q.
+
+    src (N, CH, H, W); L (r, k); out (r, r, CH, P). Tile (n, ty, tx)'s window starts at row
+    ty*m + shift, column tx*m + shift, and reads zeros outside the image. The input
+    transform is (L, shift) = (B^T, -1): α×α windows overlapping by 2 (padding 1); the
+    output-gradient transform is (A, 0): the tile's own m×m block of gy.
+    """
+    CH, H, W = src.shape[1], src.shape[2], src.shape[3]
+    r, k = L.shape
+    lo, hi = np.empty(k, np.int64), np.empty(k, np.int64)
+    for j in range(k):  # the tiles whose column j lies inside the image: lo[j] .. hi[j]-1
+        lo[j], hi[j] = _inside(j + shift, m, W, TW)
+    group = max(1, BLOCK_TILES // TW)  # tile rows per block: d and tmp stay in L1
+    d = np.empty((k, k, group * TW), dtype=out.dtype)
+    tmp = np.empty((k, r, group * TW), dtype=out.dtype)
+    acc = np.empty(group * TW, dtype=out.dtype)
+    for g0 in range(r0, r1, group):
+        g1 = min(r1, g0 + group)
+        nq, q0 = (g1 - g0) * TW, (g0 - r0) * TW  # the block's tiles: q0 .. q0 + nq - 1
+        for ch in range(CH):
+            for row in range(g0, g1):  # gather the windows: d[i, j, q] = window q's (i, j)
+                n, ty, t0 = row // TH, row % TH, (row - g0) * TW
+                for i in range(k):
+                    iy = ty * m + shift + i
+                    if iy < 0 or iy >= H:
+                        for j in range(k):
+                            for tx in range(TW):
+                                d[i, j, t0 + tx] = 0
+                        continue
+                    for j in range(k):  # tile tx reads column tx*m + j + shift
+                        for tx in range(lo[j]):
+                            d[i, j, t0 + tx] = 0
+                        for tx in range(lo[j], hi[j]):
+                            d[i, j, t0 + tx] = src[n, ch, iy, tx * m + j + shift]
+                        for tx in range(hi[j], TW):
+                            d[i, j, t0 + tx] = 0
+            _along_rows(L, d, tmp, nq)
+            for a in range(r):  # out = L tmp, along the window columns
+                for bb in range(r):
+                    # NOTE: summed in a small local row, then stored once: adding into
+                    # `out` directly measured 2× slower (its rows lie far apart)
+                    for q in range(nq):
+                        acc[q] = 0
+                    for i in range(k):
+                        coef = L[a, i]
+                        if coef != 0:
+                            for q in range(nq):
+                                acc[q] += coef * tmp[i, bb, q]
+                    for q in range(nq):
+                        out[a, bb, ch, q0 + q] = acc[q]
+
+
+@njit(**JIT)
+def input_transform(x, BT, m, r0, r1, TH, TW, V):
+    """V (α, α, C, P) = B^T d B for the α×α input tile d of every tile and channel."""
+    tile_transform(x, BT, m, -1, r0, r1, TH, TW, V)
+
+
+@njit(**JIT)
+def grad_output_transform(gy, A, m, r0, r1, TH, TW, Z):
+    """Z (α, α, OC, P) = A g A^T for the m×m block g of gy of every tile: the adjoint of
+    `output_transform` (gy outside the image, cropped from y, counts as zero)."""
+    tile_transform(gy, A, m, 0, r0, r1, TH, TW, Z)
+
+
+@njit(**JIT)
+def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
+    """y tile = A^T M[:, :, oc, q] A + b[oc], cropped to the image, for every tile q.
+
+    M (α, α, OC, P), b (OC,), y (N, OC, H, W).
+    """
+    OC, H, W = y.shape[1], y.shape[2], y.shape[3]
+    alpha = m + 2
+    group = max(1, BLOCK_TILES // TW)  # tile rows per block, as in `tile_transform`
+    d = np.empty((alpha, alpha, group * TW), dtype=M.dtype)
+    tmp = np.empty((alpha, m, group * TW), dtype=M.dtype)
+    o = np.empty((m, m, group * TW), dtype=M.dtype)
+    yrow = np.empty(TW * m, dtype=M.dtype)
+    for g0 in range(r0, r1, group):
+        g1 = min(r1, g0 + group)
+        nq, q0 = (g1 - g0) * TW, (g0 - r0) * TW  # the block's tiles: q0 .. q0 + nq - 1
+        for oc in range(OC):
+            for a in range(alpha):  # the block's products, copied close together first
+                for bb in range(alpha):
+                    for q in range(nq):
+                        d[a, bb, q] = M[a, bb, oc, q0 + q]
+            for a in range(alpha):  # tmp[a, j] = sum_b M[a, b] A[b, j], along the rows
+                for j in range(m):
+                    for q in range(nq):
+                        tmp[a, j, q] = 0
+                    for bb in range(alpha):
+                        coef = AT[j, bb]
+                        if coef != 0:
+                            for q in range(nq):
+                                tmp[a, j, q] += coef * d[a, bb, q]
+            for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[a, j], along the columns
+                for j in range(m):
+                    for q in range(nq):
+                        o[i, j, q] = 0
+                    for a in range(alpha):
+                        coef = AT[i, a]
+                        if coef != 0:
+                            for q in range(nq):
+                                o[i, j, q] += coef * tmp[a, j, q]
+            for row in range(g0, g1):  # move each tile row's m×m blocks into y, cropped
+                n, ty, t0 = row // TH, row % TH, (row - g0) * TW
+                for i in range(min(m, H - ty * m)):
+                    for tx in range(TW):  # one image row: the tiles' row i side by side
+                        for j in range(m):
+                            yrow[tx * m + j] = o[i, j, t0 + tx]
+                    for t in range(W):
+                        y[n, oc, ty * m + i, t] = yrow[t] + b[oc]
+
+
+# ----------------------------------------------------------------------------------------
+# Filter transforms: once per call, over all OC*C filters
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _filter_transform_kernel(W, G, rotate, U, t0, t1):
+    """U[a, b, o, i] = (G w G^T)[a, b] for output channels o = t0..t1-1, in float64.
+
+    w = W[o, i], or with `rotate` W[i, o] turned by 180° (the input gradient's filters).
+    U (α, α, O, I); every step runs along the I input channels at once.
+    """
+    alpha, n_in = G.shape[0], U.shape[3]
+    g = np.empty((3, 3, n_in))
+    t = np.empty((alpha, 3, n_in))
+    for o in range(t0, t1):
+        for i in range(n_in):
+            for ky in range(3):
+                for kx in range(3):
+                    g[ky, kx, i] = W[i, o, 2 - ky, 2 - kx] if rotate else W[o, i, ky, kx]
+        for a in range(alpha):  # t = G g, along the filter columns
+            for kx in range(3):
+                for i in range(n_in):
+                    t[a, kx, i] = G[a, 0] * g[0, kx, i] + G[a, 1] * g[1, kx, i] \
+                        + G[a, 2] * g[2, kx, i]
+        for a in range(alpha):  # U = t G^T, along the rows
+            for bb in range(alpha):
+                for i in range(n_in):
+                    U[a, bb, o, i] = G[bb, 0] * t[a, 0, i] + G[bb, 1] * t[a, 1, i] \
+                        + G[bb, 2] * t[a, 2, i]
+
+
+def filter_transform(W, G, rotate, U):
+    """U (α, α, O, I) = G w G^T for every filter w of W (OC, C, 3, 3), summed in float64.
+
+    Without `rotate`, w = W[o, i] (O, I = OC, C); with it, the input gradient's filters,
+    W[i, o] turned by 180° (O, I = C, OC). G (α, 3) float64.
+    """
+    map_ranges(lambda t0, t1: _filter_transform_kernel(W, G, rotate, U, t0, t1), U.shape[2],
+               elements=U.size)
+
+
+@njit(**JIT)
+def _filter_grad_transform_kernel(dU, G, gW, t0, t1):
+    """gW[oc, c] = G^T dU[:, :, oc, c] G for oc = t0..t1-1, summed in float64 (the adjoint
+    of `_filter_transform_kernel`)."""
+    alpha, C = G.shape[0], gW.shape[1]
+    t = np.empty((alpha, 3, C))
+    g = np.empty((3, 3, C))
+    for oc in range(t0, t1):
+        for a in range(alpha):  # t = dU G, along the rows
+            for kx in range(3):
+                for c in range(C):
+                    t[a, kx, c] = 0
+                for bb in range(alpha):
+                    coef = G[bb, kx]
+                    if coef != 0:
+                        for c in range(C):
+                            t[a, kx, c] += coef * dU[a, bb, oc, c]
+        for ky in range(3):  # g = G^T t, along the columns
+            for kx in range(3):
+                for c in range(C):
+                    g[ky, kx, c] = G[0, ky] * t[0, kx, c]
+                for a in range(1, alpha):
+                    coef = G[a, ky]
+                    if coef != 0:
+                        for c in range(C):
+                            g[ky, kx, c] += coef * t[a, kx, c]
+        for c in range(C):
+            for ky in range(3):
+                for kx in range(3):
+                    gW[oc, c, ky, kx] = g[ky, kx, c]
+
+
+def filter_grad_transform(dU, G, gW):
+    """gW (OC, C, 3, 3) = G^T dU[:, :, oc, c] G, from dU (α, α, OC, C), summed in float64."""
+    map_ranges(lambda t0, t1: _filter_grad_transform_kernel(dU, G, gW, t0, t1), gW.shape[0],
+               elements=dU.size)

@@ -8,11 +8,20 @@ Layout of the archive (every entry a plain array, so `np.load(allow_pickle=False
 
 The file is written to a temporary name in the same folder, flushed to disk, then renamed
 over the target, so a run killed at any moment leaves either the old or the new checkpoint,
-never half of one.
+never half of one. A run that starts removes the temporary files such a kill leaves
+(`remove_stale_temporaries`); a full disk is reported in one line that says the previous
+checkpoint is intact (`CheckpointWriteError`).
+
+Reading checks every member's `.npy` header against the member's size before any array
+is allocated, so a damaged or hostile file is a `CheckpointError`, never a MemoryError or
+an object array; `check_resumable` checks what a resume needs before any training starts.
 """
 
+import errno
 import json
+import math
 import os
+import re
 import tempfile
 import zipfile
 import zlib
@@ -20,6 +29,20 @@ import zlib
 import numpy as np
 
 FORMAT = "minivgg-checkpoint-v1"
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".npz"
+# What tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX) names: 8 characters
+# from [a-z0-9_] in between. Nothing else in a run folder can match it.
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or not a minivgg checkpoint."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (full disk, read-only folder); the old one is kept.
+
+    Also an `OSError`, so code that treats failed writes as such keeps working."""
 
 
 def save(path, model_state, optimizer_state=None, meta=None):
@@ -39,9 +62,11 @@ def save(path, model_state, optimizer_state=None, meta=None):
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    existed = os.path.exists(path)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -49,10 +74,47 @@ def save(path, model_state, optimizer_state=None, meta=None):
         # NOTE: mkstemp makes the file private (0600); give it the mode open() would.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            _remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(_write_failure(e, path, folder, existed)) from None
         raise
+
+
+def _write_failure(error, path, folder, existed):
+    """One line for a failed write: what went wrong, where, and what is still there."""
+    kept = (f"the previous checkpoint {path} is intact" if existed
+            else f"no earlier checkpoint was at {path}")
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"no space left on the disk holding {folder} while writing {path}; {kept}"
+    return f"cannot write {path} ({error.strerror or error}); {kept}"
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary checkpoint files a killed run left in `folder` -> their paths.
+
+    Only names `save` itself makes (`.tmp-XXXXXXXX.npz`) are touched; call it when a run
+    starts in its own folder, where no other run writes at the same time.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed  # no folder (yet): nothing stale
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if _TEMP_NAME.fullmatch(name) and os.path.isfile(path):
+            _remove_quietly(path)
+            removed.append(path)
+    return removed
 
 
 def _umask():
@@ -70,8 +132,60 @@ def _to_json(value):
     raise TypeError(f"checkpoint meta: {type(value).__name__} is not JSON-serialisable")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or not a minivgg checkpoint."""
+def read_npz(path, what="checkpoint"):
+    """{name: array} of an `.npz`, with no pickle and no allocation the file cannot back.
+
+    Raises `CheckpointError` (naming `what` and the path) for a missing file, a folder, a
+    damaged archive, a member whose header claims more data than it holds (a header can
+    claim 10^11 elements in a few bytes), and a member of Python objects.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+                raise CheckpointError(f"{what} {path!r} is not an .npz archive (empty, "
+                                      "truncated at the start, or another format)")
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                _check_member(archive, info, path, what)
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except CheckpointError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"{what} {path!r} is too large to read into memory") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, zlib.error) as e:
+        # NOTE: never pass on NumPy's own text here: for an object array it suggests
+        # allow_pickle=True, i.e. running whatever code the file carries.
+        reason = ("it holds Python objects, which minivgg never unpickles"
+                  if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+        raise CheckpointError(f"{what} {path!r} is corrupt or truncated ({reason})") from None
+
+
+def _check_member(archive, info, path, what):
+    """Check one `.npy` member's header against its size before NumPy allocates it."""
+    if not info.filename.endswith(".npy"):
+        return
+    name = info.filename[:-4]
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        header_bytes = f.tell()
+    if dtype.hasobject:
+        raise CheckpointError(f"{what} {path!r}: member {name!r} holds Python objects "
+                              f"(dtype {dtype}), which minivgg never unpickles")
+    claimed = math.prod(shape) * dtype.itemsize
+    held = info.file_size - header_bytes
+    if claimed != held:
+        raise CheckpointError(f"{what} {path!r}: member {name!r} claims shape {shape} of "
+                              f"{dtype} ({claimed:,} bytes) but holds {held:,} bytes; the "
+                              f"file is damaged")
 
 
 def load(path):
@@ -80,20 +194,7 @@ def load(path):
     Raises `CheckpointError` with the reason for a missing, truncated or foreign file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
-                raise CheckpointError(f"checkpoint {path!r} is not an .npz archive (empty, "
-                                      "truncated at the start, or another format)")
-        with np.load(path, allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
-                              f"({type(e).__name__}: {e})") from e
+    files = read_npz(path)
     if "meta" not in files:
         raise CheckpointError(f"checkpoint {path!r} has no 'meta' entry: not a minivgg "
                               "checkpoint")
@@ -105,15 +206,129 @@ def load(path):
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"checkpoint {path!r} has format {found!r}, "
                               f"expected {FORMAT!r}")
-    missing = [k for k in meta.get("model_keys", []) if f"model/{k}" not in files]
+    keys, opt = meta.get("model_keys", []), meta.get("optimizer")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CheckpointError(f"checkpoint {path!r}: 'model_keys' is not a list of names")
+    missing = [k for k in keys if f"model/{k}" not in files]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lists model entries it does not hold: "
                               f"{missing}")
-    model_state = {k: files[f"model/{k}"] for k in meta.get("model_keys", [])}
+    model_state = {k: files[f"model/{k}"] for k in keys}
     optimizer_state = None
-    if "optimizer" in meta:
-        opt = dict(meta["optimizer"])
-        n = opt.pop("num_velocities")
-        opt["velocities"] = [files.get(f"optim/velocity/{i}") for i in range(n)]
-        optimizer_state = opt
+    if opt is not None:
+        n = opt.get("num_velocities") if isinstance(opt, dict) else None
+        if not isinstance(n, int) or n < 0:
+            raise CheckpointError(f"checkpoint {path!r}: the optimizer entry has no valid "
+                                  f"'num_velocities' (got {opt!r:.80})")
+        optimizer_state = {k: v for k, v in opt.items() if k != "num_velocities"}
+        optimizer_state["velocities"] = [files.get(f"optim/velocity/{i}") for i in range(n)]
     return model_state, optimizer_state, meta
+
+
+# ----------------------------------------------------------------------------------------
+# What a resume needs, checked when the file is opened
+# ----------------------------------------------------------------------------------------
+
+def nonfinite(state):
+    """Names of the arrays in {name: array} that hold a NaN or an Inf."""
+    return [k for k, v in state.items()
+            if v is not None and np.issubdtype(np.asarray(v).dtype, np.inexact)
+            and not np.isfinite(v).all()]
+
+
+def check_resumable(path, model_state, optimizer_state, meta, model=None):
+    """Raise one `CheckpointError` listing whatever would stop a resume of this checkpoint.
+
+    Checked before any training, so a damaged file costs seconds, not an epoch: the
+    epoch, best error, scheduler and RNG state, data statistics and classes in `meta`;
+    finite weights; momentum buffers that match their weights in number, shape and
+    finiteness; and, given the `model` that will be trained, every weight's name and shape.
+    """
+    problems = _meta_problems(meta)
+    bad = nonfinite(model_state)
+    if bad:
+        problems.append(f"weights {', '.join(bad[:3])}{'...' if len(bad) > 3 else ''} "
+                        f"hold NaN or Inf")
+    if model is not None:
+        own = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        got = {k: tuple(np.shape(v)) for k, v in model_state.items()}
+        if own != got:
+            diff = [f"{k}: file {got.get(k)}, model {own.get(k)}" for k in {**own, **got}
+                    if own.get(k) != got.get(k)]
+            problems.append(f"weights do not fit the network ({'; '.join(diff[:3])}"
+                            f"{'...' if len(diff) > 3 else ''})")
+    if optimizer_state is not None:
+        problems += _optimizer_problems(optimizer_state, model_state)
+    if problems:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} cannot be resumed: "
+                              + "; ".join(problems))
+
+
+def _is_number(v, integer=False):
+    kinds = (int,) if integer else (int, float)
+    return isinstance(v, kinds) and not isinstance(v, bool)
+
+
+def _meta_problems(meta):
+    from minivgg.data import DataError, DataStats
+    from minivgg.optim import ReduceLROnPlateau
+    problems = []
+    needed = ("model", "epoch", "best_val_top1_err", "scheduler", "rng", "data_stats",
+              "classes")
+    absent = [k for k in needed if k not in meta]
+    if absent:
+        problems.append(f"no {', '.join(repr(k) for k in absent)} entry")
+    if "epoch" in meta and not (_is_number(meta["epoch"], True) and meta["epoch"] >= 0):
+        problems.append(f"epoch {meta['epoch']!r} is not a count")
+    if "best_val_top1_err" in meta and not _is_number(meta["best_val_top1_err"]):
+        problems.append(f"best_val_top1_err {meta['best_val_top1_err']!r} is not a number")
+    if "scheduler" in meta:
+        wanted = ReduceLROnPlateau(None).state_dict()
+        sched = meta["scheduler"] if isinstance(meta["scheduler"], dict) else {}
+        wrong = [k for k, v in wanted.items()
+                 if k not in sched or type(sched[k]) is not type(v) and not (
+                     _is_number(v) and _is_number(sched[k]))]
+        if wrong:
+            problems.append(f"scheduler state lacks or garbles {wrong}")
+    if "rng" in meta:
+        rng = meta["rng"] if isinstance(meta["rng"], dict) else {}
+        try:
+            np.random.default_rng().bit_generator.state = rng["host"]
+            if not _is_number(rng["loader_seed"], True):
+                raise TypeError("loader_seed")
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"RNG state is damaged ({type(e).__name__}: {e})")
+    if "data_stats" in meta:
+        try:
+            DataStats.from_dict(meta["data_stats"])
+        except DataError as e:
+            problems.append(str(e))
+    if "classes" in meta:
+        classes, spec = meta["classes"], meta.get("model")
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            problems.append("'classes' is not a list of names")
+        elif isinstance(spec, dict) and spec.get("num_classes") != len(classes):
+            problems.append(f"{len(classes)} class names for {spec.get('num_classes')!r} "
+                            f"outputs")
+    return problems
+
+
+def _optimizer_problems(optimizer_state, model_state):
+    problems = []
+    for key in ("lr", "momentum", "weight_decay"):
+        value = optimizer_state.get(key)
+        if not (_is_number(value) and math.isfinite(value) and value >= 0):
+            problems.append(f"optimizer {key} {value!r} is not a finite number >= 0")
+    velocities, weights = optimizer_state["velocities"], list(model_state.items())
+    if len(velocities) != len(weights):
+        problems.append(f"{len(velocities)} momentum buffers for {len(weights)} weights")
+        return problems
+    for i, (v, (name, w)) in enumerate(zip(velocities, weights)):
+        if v is None:
+            continue
+        if v.shape != np.shape(w) or not np.issubdtype(v.dtype, np.floating):
+            problems.append(f"momentum buffer {i} ({name}) is {v.dtype} {v.shape}, the "
+                            f"weight is {np.shape(w)}")
+        elif not np.isfinite(v).all():
+            problems.append(f"momentum buffer {i} ({name}) holds NaN or Inf")
+    return problems

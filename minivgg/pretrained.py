@@ -34,7 +34,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minivgg import backend
+from minivgg import backend, checkpoint
 from minivgg.models import ALIASES, CONFIGS, VGG, canonical_config, parse_layer
 
 # The configurations torchvision publishes weights for (torchvision.models.vgg11 ... vgg19).
@@ -107,9 +107,8 @@ def read_state_dict(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file. Download torchvision's weights "
                                 f"(for example {TORCHVISION_URLS['D']}) and pass its path")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return OrderedDict((k, f[k]) for k in f.files)
+    if path.endswith(".npz"):  # no pickle, and a damaged file is one clear error
+        return OrderedDict(checkpoint.read_npz(path, what="weights file"))
     try:
         import torch
     except ImportError:

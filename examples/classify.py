@@ -24,16 +24,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import no_grad, pretrained  # noqa: E402
+from minivgg import checkpoint, data, no_grad, pretrained  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def preprocess(path, resize=256, crop=224):
-    """An image file -> (1, 3, crop, crop) float32, torchvision's ImageNet evaluation recipe."""
+    """An image file -> (1, 3, crop, crop) float32, torchvision's ImageNet evaluation recipe.
+
+    Decoding is minivgg's (`data.load_rgb`: every Pillow mode, EXIF orientation applied);
+    raises `OSError` "cannot read image PATH: why" for a file that is not a readable image.
+    """
     from PIL import Image
-    img = Image.open(path).convert("RGB")
+    img = Image.fromarray(data.load_rgb(path))
     w, h = img.size
     # Isotropic: the shorter side becomes `resize`, the longer one is truncated to an int,
     # exactly as torchvision's Resize(256) computes it.
@@ -65,24 +69,39 @@ def main(argv=None):
                         help="A, B, D or E (= vgg11, vgg13, vgg16, vgg19); default D")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print")
     args = parser.parse_args(argv)
-
     try:
-        model = pretrained.load_torchvision_vgg(args.weights, args.config)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+        if args.top < 1:
+            raise ValueError(f"--top must be at least 1, got {args.top}")
+        logits, model = classify(args.image, args.weights, args.config)
+    except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    x = preprocess(args.image)
-    with no_grad():
-        logits = model(x).numpy()[0]
     probs = F.softmax(logits[None])[0]
     if len(probs) == 1000:
         names = pretrained.imagenet_classes()
     else:
         names = [f"class {i}" for i in range(len(probs))]
-    print(f"{args.image}: VGG {model.config}, top-{args.top}")
+    print(f"{args.image}: VGG {model.config}, top-{min(args.top, len(probs))}")
     for rank, (i, p) in enumerate(zip(*top_k(probs, args.top)), start=1):
         print(f"{rank}. {p * 100:6.2f}%  {names[i]} ({i})")
     return 0
+
+
+def classify(image, weights, config):
+    """(logits of the image, model). The image is read first: a bad one costs no time
+    loading weights. Weights or scores holding NaN or Inf are an error, not a ranking."""
+    x = preprocess(image)
+    model = pretrained.load_torchvision_vgg(weights, config)
+    bad = checkpoint.nonfinite(model.state_dict())
+    if bad:
+        raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
+                         f"refusing to classify with them")
+    with no_grad():
+        logits = model(x).numpy()[0]
+    if not np.isfinite(logits).all():
+        raise ValueError(f"{weights}: the network's scores for {image} are not finite "
+                         f"(NaN or Inf); refusing to rank them")
+    return logits, model
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 # Run from a checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import backend, data, evaluate  # noqa: E402
+from minivgg import backend, checkpoint, data, evaluate  # noqa: E402
 from minivgg.checkpoint import CheckpointError  # noqa: E402
 from minivgg.train import load_model  # noqa: E402
 
@@ -93,6 +93,10 @@ def load_nets(paths, device, batch_size):
     nets, metas = [], []
     for path in paths:
         model, meta = load_model(path, device)
+        bad = checkpoint.nonfinite(model.state_dict())
+        if bad:
+            raise UsageError(f"checkpoint {path!r}: weights {', '.join(bad[:3])} hold NaN "
+                             f"or Inf (a diverged run?); refusing to evaluate them")
         if "classes" not in meta or "data_stats" not in meta:
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")

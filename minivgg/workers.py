@@ -13,9 +13,10 @@ process then waits for the lock forever. So here:
 - Nothing is shared. Each worker has a pipe of its own for jobs and one for results; job
   k goes to worker k % n and results are read back in the same round-robin order, so they
   come out in submission order without any reordering buffer.
-- Workers ignore SIGINT and SIGTERM. Only the main process decides to stop; `close()`
-  closes the pipes, waits a moment, and kills what is left (safe: a worker owns no lock
-  and no file anyone else needs).
+- Workers ignore SIGINT, SIGTERM and SIGUSR1 (the "checkpoint now" signal). Only the
+  main process decides to stop (`minivgg.interrupts`); `close()` closes the pipes, waits
+  a moment, and kills what is left (safe: a worker owns no lock and no file anyone else
+  needs).
 - A worker whose main process has gone (SIGKILL, a crash) notices within `POLL_SECONDS`
   and exits, so none is left orphaned. A main process that goes away while a worker is
   sending makes that worker exit quietly, never with a BrokenPipe traceback.
@@ -30,7 +31,9 @@ import time
 from itertools import islice
 
 POLL_SECONDS = 0.5  # how often an idle worker checks that its main process is still there
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Signals meant for the main process (minivgg.interrupts); workers ignore them.
+_IGNORED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                         if hasattr(signal, name))
 
 
 class WorkerError(RuntimeError):
@@ -55,10 +58,10 @@ class WorkerPool:
         self._workers = []  # (process, job pipe's sending end, result pipe's receiving end)
         self._submitted = self._received = 0
         parent_ends = []
-        # NOTE: with SIGINT/SIGTERM blocked while a worker starts, it inherits the block
+        # NOTE: with those signals blocked while a worker starts, it inherits the block
         # and installs SIG_IGN before it unblocks: no signal can reach a half-started
         # worker and print a KeyboardInterrupt traceback from it.
-        blocked = _block(_STOP_SIGNALS)
+        blocked = _block(_IGNORED_SIGNALS)
         try:
             for i in range(n):
                 job_recv, job_send = ctx.Pipe(duplex=False)
@@ -67,7 +70,7 @@ class WorkerPool:
                 process = ctx.Process(
                     target=_serve, name=f"{name}-{i}", daemon=True,
                     args=(fn, state, job_recv, result_send, os.getpid(),
-                          parent_ends if forked else []))
+                          parent_ends if forked else [], blocked))
                 process.start()
                 job_recv.close()
                 result_send.close()
@@ -184,11 +187,11 @@ def _unblock(previous):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _serve(fn, state, jobs, results, parent_pid, parent_ends):
+def _serve(fn, state, jobs, results, parent_pid, parent_ends, signal_mask):
     """A worker's life: jobs in, (ok, result or exception) out, until told or orphaned."""
-    for sig in _STOP_SIGNALS:
+    for sig in _IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    _unblock(set())  # the start-up block above was inherited; signals now find SIG_IGN
+    _unblock(signal_mask)  # the start-up block was inherited; signals now find SIG_IGN
     # NOTE: a forked worker inherits the main process's ends of every pipe made so far;
     # while it holds them, closing them in the main process would not reach the others.
     for end in parent_ends:

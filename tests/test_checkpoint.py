@@ -347,3 +347,47 @@ def test_damaged_training_metadata_is_one_clear_line_when_the_file_is_opened(tmp
         _open_for_resume(path)
     assert str(info.value).startswith(f"checkpoint {str(path)!r} cannot be resumed: ")
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------
+# The run folder
+# ----------------------------------------------------------------------------------------
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_naming_resume_and_overwrite(
+        tmp_path):
+    run = tmp_path / "run"
+    checkpoint.prepare_run_folder(run)  # a new, empty folder is fine
+    (run / "last.npz").write_bytes(b"earlier run")
+    (run / "metrics.csv").write_text("epoch\n1\n")
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.prepare_run_folder(run)
+    message = str(info.value)
+    assert f"--resume {run / 'last.npz'}" in message and "--overwrite" in message
+    assert (run / "last.npz").read_bytes() == b"earlier run"  # nothing touched
+    checkpoint.prepare_run_folder(run, resume=str(run / "last.npz"))  # its own resume: fine
+    assert (run / "last.npz").exists()
+    with pytest.raises(CheckpointError, match="already holds a run"):  # another run's resume
+        checkpoint.prepare_run_folder(run, resume=str(tmp_path / "other" / "last.npz"))
+    checkpoint.prepare_run_folder(run, overwrite=True)
+    assert os.listdir(run) == []
+
+
+def test_an_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(checkpoint.CheckpointWriteError, match="is a file, not a folder"):
+        checkpoint.prepare_run_folder(tmp_path / "file")
+    with pytest.raises(checkpoint.CheckpointWriteError, match="not a folder minivgg can write"):
+        checkpoint.prepare_run_folder(tmp_path / "file" / "run")
+
+    def read_only(*args, **kwargs):  # a read-only folder, as root cannot make one with chmod
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="Read-only file system"):
+        checkpoint.prepare_run_folder(tmp_path / "ro")
+
+
+def test_preparing_a_run_folder_removes_its_stale_temporary_files(tmp_path):
+    (tmp_path / ".tmp-k1ll3d__.npz").write_bytes(b"half a checkpoint")
+    removed = checkpoint.prepare_run_folder(tmp_path)
+    assert [os.path.basename(p) for p in removed] == [".tmp-k1ll3d__.npz"]

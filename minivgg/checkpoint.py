@@ -233,35 +233,44 @@ RUN_FILES = ("last.npz", "best.npz", "metrics.csv", "metrics.png")
 
 
 def prepare_run_folder(folder, resume=None, overwrite=False):
-    """Make `folder` ready for a run before any data is read -> stale temporaries removed.
+    """Check `folder` for a run before any data is read -> the stale temporaries removed.
 
-    Raises `CheckpointWriteError` when the folder cannot be written (read-only, a file in
-    the way), and `CheckpointError` when it holds another run's files and this is neither
-    a resume of that run nor `overwrite` (which deletes them first).
+    Raises `CheckpointError`, in one line, when the folder cannot be written (read-only,
+    a file in the way), or when it holds another run's files and this is neither a resume
+    of that run nor `overwrite` (`remove_run_files` then clears them, once the new run has
+    passed its own checks, so a mistyped flag never costs the earlier run).
     """
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise CheckpointWriteError(f"--output {folder!r} is a file, not a folder")
+        raise CheckpointError(f"--output {folder!r} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise CheckpointWriteError(f"--output {folder!r} is not a folder minivgg can write "
-                                   f"to ({e.strerror or e})") from None
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+        raise CheckpointError(f"--output {folder!r} is not a folder minivgg can write to "
+                              f"({e.strerror or e})") from None
+    held = run_files(folder)
     own_folder = resume is not None and (os.path.realpath(os.path.dirname(
         os.path.abspath(resume))) == os.path.realpath(folder))
-    if held and not own_folder:
-        if not overwrite:
-            last = os.path.join(folder, "last.npz")
-            raise CheckpointError(
-                f"{folder} already holds a run ({', '.join(held)}); to continue it use "
-                f"--resume {last}, to replace it add --overwrite, or choose another --output")
-        for name in held:
-            os.remove(os.path.join(folder, name))
+    if held and not own_folder and not overwrite:
+        last = os.path.join(folder, "last.npz")
+        raise CheckpointError(
+            f"{folder} already holds a run ({', '.join(held)}); to continue it use "
+            f"--resume {last}, to replace it add --overwrite, or choose another --output")
     return remove_stale_temporaries(folder)
+
+
+def run_files(folder):
+    """The names of `RUN_FILES` present in `folder`."""
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(folder, name))]
+
+
+def remove_run_files(folder):
+    """Delete an earlier run's files from `folder` (what --overwrite asked for)."""
+    for name in run_files(folder):
+        os.remove(os.path.join(folder, name))
 
 
 # ----------------------------------------------------------------------------------------

@@ -368,22 +368,24 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_naming_resume_and_over
     assert (run / "last.npz").exists()
     with pytest.raises(CheckpointError, match="already holds a run"):  # another run's resume
         checkpoint.prepare_run_folder(run, resume=str(tmp_path / "other" / "last.npz"))
-    checkpoint.prepare_run_folder(run, overwrite=True)
+    checkpoint.prepare_run_folder(run, overwrite=True)  # allowed, nothing deleted yet
+    assert sorted(os.listdir(run)) == ["last.npz", "metrics.csv"]
+    checkpoint.remove_run_files(run)
     assert os.listdir(run) == []
 
 
 def test_an_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(checkpoint.CheckpointWriteError, match="is a file, not a folder"):
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
         checkpoint.prepare_run_folder(tmp_path / "file")
-    with pytest.raises(checkpoint.CheckpointWriteError, match="not a folder minivgg can write"):
+    with pytest.raises(CheckpointError, match="not a folder minivgg can write"):
         checkpoint.prepare_run_folder(tmp_path / "file" / "run")
 
     def read_only(*args, **kwargs):  # a read-only folder, as root cannot make one with chmod
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
-    with pytest.raises(checkpoint.CheckpointWriteError, match="Read-only file system"):
+    with pytest.raises(CheckpointError, match="Read-only file system"):
         checkpoint.prepare_run_folder(tmp_path / "ro")
 
 

@@ -4,11 +4,15 @@ Layout of the archive (every entry a plain array, so `np.load(allow_pickle=False
 
     model/<name>        one array per parameter, e.g. model/conv1_1.weight
     optim/velocity/<i>  the SGD momentum buffers that exist
-    meta                a JSON string: config, epoch, lr, scheduler, RNG state, anything else
+    meta                a JSON string: config, epoch, lr, scheduler, RNG state, anything else;
+                        meta["model"] = model_meta(model) for a training checkpoint
 
 The file is written to a temporary name in the same folder, flushed to disk, then renamed
 over the target, so a run killed at any moment leaves either the old or the new checkpoint,
 never half of one.
+
+`load_model` rebuilds the network a training checkpoint describes (`model_meta`), for the
+scripts that only need the trained net: evaluation, visualisation, a warm start.
 """
 
 import json
@@ -18,6 +22,8 @@ import zipfile
 import zlib
 
 import numpy as np
+
+from minivgg.models import VGG
 
 FORMAT = "minivgg-checkpoint-v1"
 
@@ -117,3 +123,36 @@ def load(path):
         opt["velocities"] = [files.get(f"optim/velocity/{i}") for i in range(n)]
         optimizer_state = opt
     return model_state, optimizer_state, meta
+
+
+# ----------------------------------------------------------------------------------------
+# The model a training checkpoint holds
+# ----------------------------------------------------------------------------------------
+
+MODEL_KEYS = ("config", "num_classes", "width", "fc_width", "input_size")
+
+
+def model_meta(model):
+    """What rebuilds `model`'s architecture: meta["model"] of a training checkpoint."""
+    return {k: getattr(model, k) for k in MODEL_KEYS}
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model saved in a training checkpoint -> (model, meta), in eval mode.
+
+    Raises `CheckpointError` for a missing or corrupt file, or one that is not a minivgg
+    training checkpoint (no model description, or weights that do not fit it).
+    """
+    state, _, meta = load(path)
+    spec = meta.get("model")
+    if not isinstance(spec, dict) or any(k not in spec for k in MODEL_KEYS):
+        raise CheckpointError(
+            f"checkpoint {path!r} does not describe a model (meta['model'] needs "
+            f"{MODEL_KEYS}); was it written by minivgg.train?")
+    try:
+        model = VGG(spec["config"], spec["num_classes"], spec["width"], spec["fc_width"],
+                    spec["input_size"])
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {e}") from e
+    return model.to(device).eval(), meta

@@ -184,3 +184,16 @@ def test_checkpoint_gets_the_same_file_mode_as_a_plainly_opened_file(tmp_path):
     checkpoint.save(tmp_path / "c.npz", small_model().state_dict())
     (tmp_path / "plain.txt").write_text("x")
     assert (tmp_path / "c.npz").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_model_meta_describes_the_network_load_model_rebuilds(tmp_path):
+    model = small_model(seed=3)
+    meta = checkpoint.model_meta(model)
+    assert meta == {"config": "A", "num_classes": 4, "width": 1 / 16, "fc_width": 8,
+                    "input_size": 32}
+    path = tmp_path / "model.npz"
+    checkpoint.save(path, model.state_dict(), meta={"model": meta})
+    rebuilt, read_meta = checkpoint.load_model(path)
+    assert read_meta["model"] == meta and rebuilt.training is False
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(rebuilt.state_dict()[k], v, err_msg=k)

@@ -29,8 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import backend, checkpoint, data, evaluate  # noqa: E402
-from minivgg.checkpoint import CheckpointError  # noqa: E402
-from minivgg.train import load_model  # noqa: E402
+from minivgg.checkpoint import CheckpointError, load_model  # noqa: E402
 
 
 class UsageError(Exception):

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import nn  # noqa: E402
 from minivgg.models import CONFIGS, VGG  # noqa: E402
+from minivgg.plots import import_pyplot  # noqa: E402
 from minivgg.summary import layer_table, summary  # noqa: E402
 from minivgg.tensor import Tensor  # noqa: E402
 
@@ -137,19 +138,6 @@ def format_block_costs(config, costs, input_size=224):
 # PNGs (matplotlib optional)
 # ----------------------------------------------------------------------------------------
 
-def import_pyplot():
-    """matplotlib.pyplot with a file-only backend, or None (and a message) if missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the PNGs (pip install matplotlib)",
-              file=sys.stderr)
-        return None
-    return plt
-
-
 def plot_block_costs(all_costs, path, plt, input_size=224):
     """Grouped bars: parameters (millions) and GMACs per block, one bar per config."""
     blocks = list(next(iter(all_costs.values())))
@@ -224,8 +212,12 @@ def main(argv=None):
         print(format_block_costs(config, costs, args.input_size))
         print()
 
-    plt = import_pyplot()
-    if plt is not None:
+    try:
+        plt = import_pyplot()
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNGs (pip install matplotlib)",
+              file=sys.stderr)
+    else:
         os.makedirs(args.out_dir, exist_ok=True)
         path = os.path.join(args.out_dir, "vgg_blocks.png")
         plot_block_costs(all_costs, path, plt, args.input_size)

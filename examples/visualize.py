@@ -21,7 +21,6 @@ filters and features need only Pillow; scoremap and curves need matplotlib.
 """
 
 import argparse
-import csv
 import os
 import sys
 
@@ -31,7 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
 from minivgg import models, no_grad  # noqa: E402
+from minivgg.checkpoint import load_model  # noqa: E402
 from minivgg.data import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
+from minivgg.metrics import read_metrics  # noqa: E402
+from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
+from minivgg.pretrained import imagenet_classes, load_torchvision_vgg  # noqa: E402
 
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -41,7 +44,7 @@ TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Loading a model and preparing an image the way its weights expect
 # ----------------------------------------------------------------------------------------
 
-def load_model(weights, config="D"):
+def load_weights(weights, config="D"):
     """(model, normalise) where normalise maps uint8 (H, W, 3) -> float32 (3, H, W).
 
     NOTE: each kind of weights wants its own input scaling: torchvision's were trained on
@@ -59,11 +62,9 @@ def load_model(weights, config="D"):
         with np.load(weights, allow_pickle=False) as f:
             is_checkpoint = "meta" in f.files
         if is_checkpoint:
-            from minivgg.train import load_model as load_checkpoint
-            model, meta = load_checkpoint(weights)
+            model, meta = load_model(weights)
             mean = meta.get("data_stats", {}).get("mean_rgb", imagenet_mean_255)
             return model, lambda img: to_chw_float32(img, mean)
-    from minivgg.pretrained import load_torchvision_vgg
     model = load_torchvision_vgg(weights, config)
     return model, lambda img: _chw(
         (img.astype(np.float32) / 255.0 - TORCHVISION_MEAN) / TORCHVISION_STD)
@@ -130,7 +131,7 @@ def layer_output(model, x, layer):
 
 
 # ----------------------------------------------------------------------------------------
-# Class score map (Sec. 3.2) and training curves (matplotlib)
+# Class score map (Sec. 3.2; matplotlib)
 # ----------------------------------------------------------------------------------------
 
 def class_score_map(model, x):
@@ -139,16 +140,6 @@ def class_score_map(model, x):
     fcn = to_fully_convolutional(model)
     with no_grad():
         return fcn(x[None]).numpy()[0]
-
-
-def import_pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("this picture needs matplotlib: pip install matplotlib") from None
-    return plt
 
 
 def plot_score_map(img, scores, class_names, path, top=3):
@@ -179,59 +170,19 @@ def plot_score_map(img, scores, class_names, path, top=3):
     return best
 
 
-def read_metrics(path):
-    """metrics.csv -> {column: list of floats}; the columns `minivgg.train` writes."""
-    needed = ("epoch", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
-              "val_top5_err", "lr")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [c for c in needed if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}; expected {needed}")
-    return {c: [float(r[c]) if r[c] not in ("", "nan") else np.nan for r in rows]
-            for c in rows[0]}
-
-
-def plot_curves(metrics, path, title=""):
-    """Loss, top-1/top-5 error and the learning rate (log scale) against the epoch."""
-    plt = import_pyplot()
-    epoch = metrics["epoch"]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
-    ax1.plot(epoch, metrics["train_loss"], "o-", label="train")
-    ax1.plot(epoch, metrics["val_loss"], "o-", label="val")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.plot(epoch, 100 * np.array(metrics["train_top1_err"]), "o-", label="train top-1")
-    ax2.plot(epoch, 100 * np.array(metrics["val_top1_err"]), "o-", label="val top-1")
-    ax2.plot(epoch, 100 * np.array(metrics["val_top5_err"]), "o-", label="val top-5")
-    ax2.set(xlabel="epoch", ylabel="error (%)", title="error", ylim=(0, 100))
-    ax3.semilogy(epoch, metrics["lr"], "o-", color="C3")
-    ax3.set(xlabel="epoch", ylabel="learning rate", title="rate (divided by 10 on plateaus)")
-    for ax in (ax1, ax2, ax3):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs only
-    ax1.legend()
-    ax2.legend()
-    fig.suptitle(title or "training curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
 
 def cmd_filters(args):
-    model, _ = load_model(args.weights, args.config)
+    model, _ = load_weights(args.weights, args.config)
     filters = first_layer_filters(model)
     print(f"conv1_1: {len(filters)} filters of shape {filters.shape[1:3]} x RGB")
     return save_png(tile(filters, columns=8), args.out, scale=12)
 
 
 def cmd_features(args):
-    model, normalise = load_model(args.weights, args.config)
+    model, normalise = load_weights(args.weights, args.config)
     img = rescale_smallest_side(load_rgb(args.image), args.scale)
     maps = layer_output(model, normalise(img)[None], args.layer)[0]  # (C, h, w)
     shown = maps[:args.max_channels]
@@ -243,11 +194,10 @@ def cmd_features(args):
 
 
 def cmd_scoremap(args):
-    model, normalise = load_model(args.weights, args.config)
+    model, normalise = load_weights(args.weights, args.config)
     img = rescale_smallest_side(load_rgb(args.image), args.scale)
     scores = class_score_map(model, normalise(img))
     if scores.shape[0] == 1000:
-        from minivgg.pretrained import imagenet_classes
         names = imagenet_classes()
     else:
         names = [f"class {k}" for k in range(scores.shape[0])]
@@ -258,9 +208,9 @@ def cmd_scoremap(args):
 
 
 def cmd_curves(args):
-    metrics = read_metrics(args.metrics)
-    plot_curves(metrics, args.out, title=args.title or os.path.abspath(args.metrics))
-    print(f"{len(metrics['epoch'])} epochs")
+    rows = read_metrics(args.metrics)
+    plot_curves(rows, args.out, title=args.title or os.path.abspath(args.metrics))
+    print(f"{len(rows)} epochs")
     return args.out
 
 

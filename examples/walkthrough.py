@@ -12,6 +12,7 @@ cannot drift from the code. Each section is a plain function: read it beside the
 
 import argparse
 import contextlib
+import inspect
 import io
 import os
 import re
@@ -28,6 +29,7 @@ import minivgg  # noqa: E402
 from minivgg import functional as F  # noqa: E402
 from minivgg import nn, optim  # noqa: E402
 from minivgg.kernels import cpu as kernels  # noqa: E402
+from minivgg.kernels import reference  # noqa: E402
 from minivgg.models import CONFIGS, VGG, parse_layer, vgg  # noqa: E402
 from minivgg.summary import layer_table  # noqa: E402
 from minivgg.tensor import Function, Tensor, _topological_order  # noqa: E402
@@ -115,7 +117,7 @@ def gradcheck():
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Convolution by im2col + GEMM (kernels/cpu.py)
+# 3. Convolution by im2col + GEMM (kernels/reference.py, kernels/cpu/conv.py)
 # ----------------------------------------------------------------------------------------
 
 SOBEL_X = np.array([[-1, 0, 1],
@@ -124,10 +126,15 @@ SOBEL_X = np.array([[-1, 0, 1],
 
 
 @section
+def im2col_reference():
+    print(inspect.getsource(reference.im2col).rstrip())
+
+
+@section
 def im2col():
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)  # (N, C, H, W)
     show("x[0, 0]", x[0, 0])
-    cols = kernels.im2col(x, 3, 3, 1, 1, 0, 0)  # KH, KW, SH, SW, PH, PW
+    cols = reference.im2col(x, 3, 3, 1, 1, 0, 0)  # KH, KW, SH, SW, PH, PW
     print(f"cols: shape {cols.shape} = (N, C*KH*KW, OH*OW); column j is output pixel j's "
           "3x3 patch")
     for r in range(9):
@@ -136,8 +143,10 @@ def im2col():
     W = SOBEL_X.reshape(1, 1, 3, 3)  # (OC, C, KH, KW): a horizontal-gradient filter
     y = (W.reshape(1, 9) @ cols[0]).reshape(2, 2)  # the whole convolution is one GEMM
     show("W.reshape(1, 9) @ cols, reshaped to (OH, OW)", y)
+    fast = kernels.im2col(x, 3, 3, 1, 1, 0, 0)  # the chunked Numba kernels, same matrix
+    print("kernels.im2col gives the same matrix:", np.array_equal(fast, cols))
     show("F.conv2d(x, W)[0, 0]", F.conv2d(x, W).numpy()[0, 0])
-    cols_p = kernels.im2col(x, 3, 3, 1, 1, 1, 1)
+    cols_p = reference.im2col(x, 3, 3, 1, 1, 1, 1)
     print(f"with padding 1: cols shape {cols_p.shape}; output 4x4, the border sees zeros:")
     show("F.conv2d(x, W, padding=1)[0, 0]", F.conv2d(x, W, padding=1).numpy()[0, 0])
 
@@ -156,7 +165,7 @@ def col2im():
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Max-pooling and its argmax backward (kernels/cpu.py)
+# 4. Max-pooling and its argmax backward (kernels/cpu/pool.py)
 # ----------------------------------------------------------------------------------------
 
 @section

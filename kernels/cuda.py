@@ -1,8 +1,10 @@
-"""CUDA kernels: the GPU twin of `kernels/cpu.py`, function for function.
+"""The CUDA kernel table: the GPU twin of the `kernels/cpu/` package.
 
-Every public function here has the name, signature and parameter names of its CPU twin, so
-`minivgg.backend.kernels_for(x)` can hand either module to an op. Shape legend and layouts
-are those of `kernels/cpu.py` (NCHW; im2col matrix (N, C*KH*KW, OH*OW)).
+Its entry points (`common.ENTRY_POINTS`) have the names and parameters of the CPU's, so
+`minivgg.backend.kernels_for(x)` can hand either table to an op. The conv drivers and the
+whole-batch im2col/col2im are written once in `kernels/common.py`; this module gives them
+the GPU's primitives (a serial `map_ranges`, one workspace, the conv.cu launchers) and is
+handed to them through `common.Primitives`. Shape legend and layouts: see `kernels/common.py`.
 
 Three kinds of work:
 
@@ -24,6 +26,10 @@ import os
 
 import cupy as cp
 import numpy as np
+
+from minivgg.kernels import common
+
+xp = cp
 
 # Bytes of im2col matrix built at once. Larger than on the CPU (no cache to stay near): a
 # GPU GEMM wants many columns. At 224×224 it holds 4 images of conv1_2 (115 MB each), 16
@@ -92,52 +98,34 @@ def _launch(name, dtype, count, *args):
     _kernel(name, dtype)((blocks,), (THREADS_PER_BLOCK,), tuple(typed))
 
 
-def conv_output_size(size, k, s, p):
-    return (size + 2 * p - k) // s + 1
-
-
 # ----------------------------------------------------------------------------------------
-# Workspace: big scratch buffers reused from one call (and one training step) to the next
+# The primitives the shared drivers (kernels/common.py) ask of a device
 # ----------------------------------------------------------------------------------------
 
-_workspace = {}
+# NOTE: reuse of a workspace buffer across kernels is safe because all of them run in order
+# on one stream. Named buffers keep the big im2col matrices out of CuPy's pool size classes,
+# so a step's peak memory stays predictable.
+workspace = common.Workspace(cp, per_thread=False)
 
 
-def workspace(name, shape, dtype):
-    """An uninitialised device array of `shape` backed by a cached buffer called `name`.
-
-    CuPy's memory pool would recycle the im2col buffers too; named buffers keep the big
-    ones out of the pool's size classes, so a step's peak memory stays predictable.
-    NOTE: two live views of the same name alias each other; every caller uses a distinct
-    name. Reuse is safe across kernels because all of them run in order on one stream.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    buf = _workspace.get(name)
-    if buf is None or buf.nbytes < nbytes:
-        _workspace.pop(name, None)  # let the pool have the old buffer back first
-        buf = _workspace[name] = cp.empty(nbytes, dtype=np.uint8)
-    return buf[:nbytes].view(dtype).reshape(shape)
+def num_parts():
+    """One stream runs the chunks one after another: no need to cut more of them."""
+    return 1
 
 
-def free_workspace():
-    """Release every cached scratch buffer, and the memory pool's unused blocks."""
-    _workspace.clear()
-    cp.get_default_memory_pool().free_all_blocks()
+def map_ranges(job, n_items):
+    """[job(0, n_items)]: the GPU parallelises inside each kernel, not across chunks."""
+    return [job(0, n_items)] if n_items else []
 
 
 # ----------------------------------------------------------------------------------------
 # im2col / col2im on a chunk: images n0..n1-1, output rows oy0..oy1-1 of each (conv.cu)
 # ----------------------------------------------------------------------------------------
-#
-# A chunk's im2col matrix is cols (CKK, P) with P = (n1-n0) * (oy1-oy0) * OW, columns in
-# (image, oy, ox) order. Row r = c*KH*KW + ky*KW + kx matches the (OC, C, KH, KW) weight
-# layout, so the chunk's output is one GEMM, W.reshape(OC, CKK) @ cols.
 
 def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
     """Fill cols (CKK, P) for a chunk of x (N, C, H, W); padding reads as zero."""
     N, C, H, W = x.shape
-    OW = conv_output_size(W, KW, SW, PW)
+    OW = common.conv_output_size(W, KW, SW, PW)
     _launch("im2col_chunk", x.dtype, cols.size, cp.ascontiguousarray(x), n0, n1, oy0, oy1,
             KH, KW, SH, SW, PH, PW, cols, C, H, W, OW)
 
@@ -149,52 +137,9 @@ def col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
     windows copied from it, so no two threads write one pixel and no atomics are needed.
     """
     N, C, H, W = gx.shape
-    OW = conv_output_size(W, KW, SW, PW)
+    OW = common.conv_output_size(W, KW, SW, PW)
     _launch("col2im_chunk", gx.dtype, (n1 - n0) * C * H * W, cp.ascontiguousarray(cols),
             n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx, C, H, W, OW)
-
-
-def im2col(x, KH, KW, SH, SW, PH, PW):
-    """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests, teaching).
-
-    Row index is c*KH*KW + ky*KW + kx, matching the (OC, C, KH, KW) weight layout, so a
-    convolution is `W.reshape(OC, -1) @ cols[n]`.
-    """
-    N, C, H, W = x.shape
-    OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(W, KW, SW, PW)
-    out = cp.empty((N, C * KH * KW, OH * OW), dtype=x.dtype)
-    for n in range(N):
-        im2col_chunk(x, n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, out[n])
-    return out
-
-
-def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
-    """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W).
-
-    Each input pixel receives the sum of every column entry that copied it.
-    """
-    N, C, H, W = x_shape
-    gx = cp.zeros(x_shape, dtype=cols.dtype)
-    OH = conv_output_size(H, KH, SH, PH)
-    for n in range(N):
-        col2im_chunk(cols[n], n, n + 1, 0, OH, KH, KW, SH, SW, PH, PW, gx)
-    return gx
-
-
-def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes=None):
-    """Cut the batch into (n0, n1, oy0, oy1) chunks whose im2col matrix fits the budget.
-
-    Small layers take several whole images per chunk (one big GEMM instead of many thin
-    ones); big layers take a band of output rows of one image.
-    """
-    budget = IM2COL_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    row_bytes = CKK * OW * itemsize
-    image_bytes = row_bytes * OH
-    if image_bytes <= budget:
-        step = max(1, budget // image_bytes)
-        return [(n, min(n + step, N), 0, OH) for n in range(0, N, step)]
-    band = max(1, budget // row_bytes)
-    return [(n, n + 1, oy, min(oy + band, OH)) for n in range(N) for oy in range(0, OH, band)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,89 +161,36 @@ def nchw_to_cols(gy, n0, n1, oy0, oy1, gycols):
             oy1, gycols, OC, OH, OW)
 
 
-# ----------------------------------------------------------------------------------------
-# Convolution: im2col + one cuBLAS GEMM per chunk
-# ----------------------------------------------------------------------------------------
-#
-# NOTE: every GEMM here is 2-D. CuPy sends 2-D products to cublasGemmEx with the compute
-# type that `backend.set_tf32` chooses; its batched (3-D) matmul ignores that setting.
-
 def add_bias(ycols, b):
     """ycols (OC, P) += b[:, None], in place (ycols may be a strided view of y)."""
     ycols += b[:, None]
 
-def conv2d_forward(x, W, b, stride, padding):
-    """y = conv(x, W) + b.  x (N, C, H, W), W (OC, C, KH, KW), b (OC,) or None -> (N, OC, OH, OW).
 
-    Per chunk: im2col into a reused buffer, then one GEMM (OC, CKK) @ (CKK, P). A band of
-    one image is written by the GEMM straight into y (CuPy copies through a temporary when
-    the band is not contiguous); a chunk of several images goes through a scratch buffer
-    and one pass that moves it into NCHW order and adds the bias.
-    """
-    N, C, H, Wd = x.shape
-    OC, _, KH, KW = W.shape
-    (SH, SW), (PH, PW) = stride, padding
-    OH, OW = conv_output_size(H, KH, SH, PH), conv_output_size(Wd, KW, SW, PW)
-    CKK = C * KH * KW
-    x = cp.ascontiguousarray(x)
-    Wmat = cp.ascontiguousarray(W).reshape(OC, CKK)
-    y = cp.empty((N, OC, OH, OW), dtype=x.dtype)
-    for n0, n1, oy0, oy1 in conv_chunks(N, OH, OW, CKK, x.itemsize):
-        P = (n1 - n0) * (oy1 - oy0) * OW
-        cols = workspace("cols", (CKK, P), x.dtype)
-        im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
-        if n1 - n0 == 1:  # a band of one image: the GEMM writes into y itself
-            ycols = y[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
-            cp.matmul(Wmat, cols, out=ycols)
-            if b is not None:
-                add_bias(ycols, b)
-        else:
-            ycols = workspace("ycols", (OC, P), x.dtype)
-            cp.matmul(Wmat, cols, out=ycols)
-            zero = cp.zeros(OC, dtype=x.dtype)
-            cols_to_nchw(ycols, zero if b is None else b.astype(x.dtype, copy=False),
-                         n0, n1, oy0, oy1, y)
-    return y
+# ----------------------------------------------------------------------------------------
+# Entry points: whole-batch im2col / col2im and the convolution drivers (kernels/common.py)
+# ----------------------------------------------------------------------------------------
+
+_this = common.Primitives(globals())  # what the shared drivers receive
+
+
+def im2col(x, KH, KW, SH, SW, PH, PW):
+    """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests, teaching)."""
+    return common.im2col(_this, x, KH, KW, SH, SW, PH, PW)
+
+
+def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
+    """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W)."""
+    return common.col2im(_this, cols, x_shape, KH, KW, SH, SW, PH, PW)
+
+
+def conv2d_forward(x, W, b, stride, padding):
+    """y = conv(x, W) + b -> (N, OC, OH, OW); see `common.conv2d_forward`."""
+    return common.conv2d_forward(_this, x, W, b, stride, padding)
 
 
 def conv2d_backward(x, W, gy, stride, padding, need_gx=True):
-    """Gradients of `conv2d_forward` -> (gx or None, gW, gb).
-
-    Per chunk, with cols rebuilt from x (storing them for backward would cost 9× the
-    activations):  gW += gy_chunk @ cols^T,  gcols = W^T @ gy_chunk,  gx += col2im(gcols).
-    """
-    N, C, H, Wd = x.shape
-    OC, _, KH, KW = W.shape
-    (SH, SW), (PH, PW) = stride, padding
-    OH, OW = gy.shape[2], gy.shape[3]
-    CKK = C * KH * KW
-    x, gy = cp.ascontiguousarray(x), cp.ascontiguousarray(gy)
-    Wmat = cp.ascontiguousarray(W).reshape(OC, CKK)
-    gW = cp.empty((OC, CKK), dtype=x.dtype)
-    # NOTE: zeros, not empty: col2im_chunk adds, and a row band shares input rows with the
-    # neighbouring band.
-    gx = cp.zeros_like(x) if need_gx else None
-    for k, (n0, n1, oy0, oy1) in enumerate(conv_chunks(N, OH, OW, CKK, x.itemsize)):
-        P = (n1 - n0) * (oy1 - oy0) * OW
-        if n1 - n0 == 1:  # a band of one image: a strided view, no copy
-            gycols = gy[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
-        else:
-            gycols = workspace("ycols", (OC, P), x.dtype)
-            nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
-        cols = workspace("cols", (CKK, P), x.dtype)
-        im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
-        if k == 0:
-            cp.matmul(gycols, cols.T, out=gW)
-        else:
-            gW_part = workspace("gW", (OC, CKK), x.dtype)
-            cp.matmul(gycols, cols.T, out=gW_part)
-            gW += gW_part
-        if need_gx:
-            gcols = workspace("cols", (CKK, P), x.dtype)  # cols is spent: reuse its buffer
-            cp.matmul(Wmat.T, gycols, out=gcols)
-            col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
-    gb = gy.sum(axis=(0, 2, 3))
-    return gx, gW.reshape(W.shape), gb
+    """(gx or None, gW, gb); see `common.conv2d_backward`."""
+    return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
 
 
 # ----------------------------------------------------------------------------------------

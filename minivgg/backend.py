@@ -4,15 +4,57 @@ Ops never ask "is this a CuPy array?". They ask this module for
 
 * `array_module(a)`: `numpy` or `cupy`, the "xp" that does ordinary array math on `a`;
 * `kernels_for(a)`: the kernel table for `a`'s device, `minivgg.kernels.cpu` or
-  `minivgg.kernels.cuda`, whose functions have identical signatures.
+  `minivgg.kernels.cuda`, which offer the same entry points (`kernels/common.py`).
 
-CuPy is optional. Without it (or without a GPU) everything runs on the CPU, and asking for
-"cuda" raises a `RuntimeError` that says what is missing.
+Both come from one registry, {array type: Backend}, so a new backend (or another kernel
+table for a device) is one `register` call. CuPy is optional: its entry is added when CuPy
+imports and sees a GPU. Without it everything runs on the CPU, and asking for "cuda" raises
+a `RuntimeError` that says what is missing.
 """
 
+import importlib
+import re
 import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
+
+
+@dataclass
+class Backend:
+    """One device: its name, array module, kernel table (a module name, imported on first
+    use) and how arrays get there from the host."""
+    name: str
+    xp: Any
+    kernels_module: str
+    from_host: Callable
+    to_host: Callable
+    _kernels: Any = None
+
+    def kernels(self):
+        if self._kernels is None:
+            self._kernels = importlib.import_module(self.kernels_module)
+        return self._kernels
+
+
+_BACKENDS = {}  # array type -> Backend
+_BY_NAME = {}  # device name -> Backend
+
+
+def register(array_type, backend):
+    """Make `backend` the one for arrays of `array_type` and for the device `backend.name`."""
+    _BACKENDS[array_type] = backend
+    _BY_NAME[backend.name] = backend
+
+
+register(np.ndarray, Backend("cpu", np, "minivgg.kernels.cpu", np.asarray, np.asarray))
+
+
+# ----------------------------------------------------------------------------------------
+# CuPy: imported when asked for, or when the caller hands us CuPy arrays
+# ----------------------------------------------------------------------------------------
 
 _cupy = None
 _cupy_error = None
@@ -28,16 +70,11 @@ def _import_cupy():
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("CuPy found no CUDA device")
         _cupy = cupy
+        register(cupy.ndarray, Backend("cuda", cupy, "minivgg.kernels.cuda", cupy.asarray,
+                                       cupy.asnumpy))
         _apply_tf32(cupy)
     except Exception as e:  # ImportError, CUDARuntimeError, driver errors...
         _cupy_error = f"{type(e).__name__}: {e}"
-    return _cupy
-
-
-def _loaded_cupy():
-    """CuPy if it is in use: imported by us, or by the caller who hands us CuPy arrays."""
-    if _cupy is None and _cupy_error is None and "cupy" in sys.modules:
-        _import_cupy()
     return _cupy
 
 
@@ -57,56 +94,76 @@ def require_cuda():
 
 
 def check_device(device):
-    """Validate a device name ("cpu", "cuda" or "cuda:0") and return its canonical form."""
+    """Validate a device name ("cpu", "cuda" or "cuda:N") and return its canonical form.
+
+    NOTE: minivgg runs on one GPU, CuPy's current device (the first visible one unless the
+    caller selects another). "cuda:N" is accepted only for that device, since kernels,
+    cuBLAS handles and the memory pool all follow the current device; choose another GPU
+    with CUDA_VISIBLE_DEVICES=N.
+    """
     device = str(device)
     if device == "cpu":
         return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        require_cuda()
-        return "cuda"
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    cp = require_cuda()
+    if match.group(1) is not None:
+        index, current = int(match.group(1)), cp.cuda.runtime.getDevice()
+        count = cp.cuda.runtime.getDeviceCount()
+        if index >= count:
+            raise ValueError(f"device {device!r}: only {count} GPU(s) visible "
+                             f"(cuda:0 ... cuda:{count - 1})")
+        if index != current:
+            raise ValueError(f"device {device!r}: minivgg runs on one GPU, the current one "
+                             f"(cuda:{current}); to use GPU {index}, run with "
+                             f"CUDA_VISIBLE_DEVICES={index} and device 'cuda'")
+    return "cuda"
 
 
-def _is_device_array(a):
-    cp = _loaded_cupy()
-    return cp is not None and isinstance(a, cp.ndarray)
+def _backend_of(a):
+    """The registered Backend of `a`'s array type, or None for anything else."""
+    found = _BACKENDS.get(type(a))
+    if found is None:
+        if _cupy is None and _cupy_error is None and "cupy" in sys.modules:
+            _import_cupy()  # the caller imported CuPy: its arrays may be coming
+        found = next((b for t, b in _BACKENDS.items() if isinstance(a, t)), None)
+    return found
 
 
 def is_array(a):
-    return isinstance(a, np.ndarray) or _is_device_array(a)
+    return _backend_of(a) is not None
 
 
 def device_of(a):
-    return "cuda" if _is_device_array(a) else "cpu"
+    """"cpu", "cuda", ...: the device that holds `a` (a host array for anything else)."""
+    found = _backend_of(a)
+    return "cpu" if found is None else found.name
 
 
 def array_module(a):
     """`numpy` for host arrays, `cupy` for device arrays."""
-    return _cupy if _is_device_array(a) else np
+    found = _backend_of(a)
+    return np if found is None else found.xp
 
 
 def kernels_for(a):
     """The kernel table (module) for the device that holds `a`."""
-    if _is_device_array(a):
-        from minivgg.kernels import cuda
-        return cuda
-    from minivgg.kernels import cpu
-    return cpu
+    found = _backend_of(a)
+    return (found or _BY_NAME["cpu"]).kernels()
 
 
 def to_numpy(a):
-    if _is_device_array(a):
-        return _cupy.asnumpy(a)
-    return np.asarray(a)
+    found = _backend_of(a)
+    return np.asarray(a) if found is None else found.to_host(a)
 
 
 def to_device(a, device):
     """`a` on `device`; the same object when it is already there."""
     device = check_device(device)
-    if device == "cpu":
-        return to_numpy(a)
-    cp = require_cuda()
-    return a if isinstance(a, cp.ndarray) else cp.asarray(a)
+    if device_of(a) == device:
+        return a if device != "cpu" else np.asarray(a)
+    return _BY_NAME[device].from_host(to_numpy(a))
 
 
 def as_array_like(a, like):
@@ -121,7 +178,8 @@ def as_array_like(a, like):
 # TF32: float32 GEMMs on tensor cores with 10-bit mantissas (Ampere and later)
 # ----------------------------------------------------------------------------------------
 
-_tf32 = False
+_tf32 = False  # asked for with set_tf32
+_tf32_supported = None  # whether the GPU has TF32 tensor cores; None until CuPy loads
 
 
 def set_tf32(enabled):
@@ -131,6 +189,8 @@ def set_tf32(enabled):
     times faster on A100/H100 tensor cores with inputs rounded to 10 mantissa bits
     (relative error about 1e-3, harmless for training, as PyTorch's `allow_tf32` assumes).
     Takes effect at once when CuPy is loaded, otherwise when it is. No effect on the CPU.
+    A GPU older than Ampere (compute capability 8.0) has no TF32: a warning says so and
+    GEMMs stay FP32, as `tf32_enabled()` then reports.
     """
     global _tf32
     _tf32 = bool(enabled)
@@ -139,15 +199,23 @@ def set_tf32(enabled):
 
 
 def tf32_enabled():
-    return _tf32
+    """True when float32 GEMMs run (or, before CuPy loads, are asked to run) in TF32."""
+    return _tf32 and _tf32_supported is not False
 
 
 def _apply_tf32(cupy):
     # CuPy picks the cuBLAS compute type per dtype; TF32 is "COMPUTE_TYPE_TF32" for float32.
     # NOTE: set it explicitly either way, so the CUPY_TF32 environment variable (read once
     # by CuPy) cannot turn TF32 on behind this switch.
+    global _tf32_supported
     from cupy._core import _routines_linalg as linalg
-    compute_type = linalg.COMPUTE_TYPE_TF32 if _tf32 else linalg.COMPUTE_TYPE_DEFAULT
+    _tf32_supported = int(cupy.cuda.Device().compute_capability) >= 80
+    if _tf32 and not _tf32_supported:
+        warnings.warn(f"TF32 needs a GPU of compute capability 8.0 or later; this one is "
+                      f"{cupy.cuda.Device().compute_capability}: float32 GEMMs stay FP32",
+                      RuntimeWarning, stacklevel=3)
+    use_tf32 = _tf32 and _tf32_supported
+    compute_type = linalg.COMPUTE_TYPE_TF32 if use_tf32 else linalg.COMPUTE_TYPE_DEFAULT
     cupy._core.set_compute_type(np.float32, compute_type)
 
 

@@ -4,7 +4,8 @@ Layout of the archive (every entry a plain array, so `np.load(allow_pickle=False
 
     model/<name>        one array per parameter, e.g. model/conv1_1.weight
     optim/velocity/<i>  the SGD momentum buffers that exist
-    meta                a JSON string: config, epoch, lr, scheduler, RNG state, anything else
+    meta                a JSON string: config, epoch, lr, scheduler, RNG state, anything else;
+                        meta["model"] = model_meta(model) for a training checkpoint
 
 The file is written to a temporary name in the same folder, flushed to disk, then renamed
 over the target, so a run killed at any moment leaves either the old or the new checkpoint,
@@ -15,6 +16,9 @@ checkpoint is intact (`CheckpointWriteError`).
 Reading checks every member's `.npy` header against the member's size before any array
 is allocated, so a damaged or hostile file is a `CheckpointError`, never a MemoryError or
 an object array; `check_resumable` checks what a resume needs before any training starts.
+
+`load_model` rebuilds the network a training checkpoint describes (`model_meta`), for the
+scripts that only need the trained net: evaluation, visualisation, a warm start.
 """
 
 import errno
@@ -27,6 +31,10 @@ import zipfile
 import zlib
 
 import numpy as np
+
+from minivgg.data import DataError, DataStats
+from minivgg.models import VGG
+from minivgg.optim import ReduceLROnPlateau
 
 FORMAT = "minivgg-checkpoint-v1"
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".npz"
@@ -318,14 +326,15 @@ def _is_number(v, integer=False):
 
 
 def _meta_problems(meta):
-    from minivgg.data import DataError, DataStats
-    from minivgg.optim import ReduceLROnPlateau
     problems = []
     needed = ("model", "epoch", "best_val_top1_err", "scheduler", "rng", "data_stats",
               "classes")
     absent = [k for k in needed if k not in meta]
     if absent:
         problems.append(f"no {', '.join(repr(k) for k in absent)} entry")
+    spec = meta.get("model")
+    if "model" in meta and not (isinstance(spec, dict) and all(k in spec for k in MODEL_KEYS)):
+        problems.append(f"the model entry needs {MODEL_KEYS}, got {spec!r:.80}")
     if "epoch" in meta and not (_is_number(meta["epoch"], True) and meta["epoch"] >= 0):
         problems.append(f"epoch {meta['epoch']!r} is not a count")
     if "best_val_top1_err" in meta and not _is_number(meta["best_val_top1_err"]):
@@ -380,3 +389,36 @@ def _optimizer_problems(optimizer_state, model_state):
         elif not np.isfinite(v).all():
             problems.append(f"momentum buffer {i} ({name}) holds NaN or Inf")
     return problems
+
+
+# ----------------------------------------------------------------------------------------
+# The model a training checkpoint holds
+# ----------------------------------------------------------------------------------------
+
+MODEL_KEYS = ("config", "num_classes", "width", "fc_width", "input_size")
+
+
+def model_meta(model):
+    """What rebuilds `model`'s architecture: meta["model"] of a training checkpoint."""
+    return {k: getattr(model, k) for k in MODEL_KEYS}
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model saved in a training checkpoint -> (model, meta), in eval mode.
+
+    Raises `CheckpointError` for a missing or corrupt file, or one that is not a minivgg
+    training checkpoint (no model description, or weights that do not fit it).
+    """
+    state, _, meta = load(path)
+    spec = meta.get("model")
+    if not isinstance(spec, dict) or any(k not in spec for k in MODEL_KEYS):
+        raise CheckpointError(
+            f"checkpoint {path!r} does not describe a model (meta['model'] needs "
+            f"{MODEL_KEYS}); was it written by minivgg.train?")
+    try:
+        model = VGG(spec["config"], spec["num_classes"], spec["width"], spec["fc_width"],
+                    spec["input_size"])
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {e}") from e
+    return model.to(device).eval(), meta

@@ -20,15 +20,17 @@ Images enter as uint8 arrays (H, W, 3) in RGB order, as `minivgg.data.load_rgb` 
 Shape legend: N images, K classes, Q test scale, c training crop size.
 """
 
+import contextlib
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 
 from minivgg import backend
 from minivgg import functional as F
 from minivgg import nn
+from minivgg.metrics import topk_errors
 from minivgg.models import pooled_size
 from minivgg.tensor import Tensor, no_grad
 
@@ -87,7 +89,7 @@ def to_fully_convolutional(model):
     layers["fc8"] = _linear_as_conv(fc8, fc8.in_features, 1)
     fcn = FullyConvolutionalVGG(layers)
     for attr in ("config", "input_size", "width", "fc_width", "num_classes"):
-        object.__setattr__(fcn, attr, getattr(model, attr))
+        setattr(fcn, attr, getattr(model, attr))
     return fcn.eval()
 
 
@@ -272,21 +274,6 @@ def average(posteriors):
     return np.mean(posteriors, axis=0)
 
 
-def topk_errors(probs, labels, ks=(1, 5)):
-    """Number of images whose true class is not among the top-k scores, for each k.
-
-    Returns a dict {k: count}. Ties are broken by class index (argsort is stable on the
-    negated scores), so the count never depends on chance.
-    """
-    probs, labels = np.asarray(probs), np.asarray(labels)
-    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
-        raise ValueError(f"topk_errors: expected probs (N, K) and labels (N,), got "
-                         f"{probs.shape} and {labels.shape}")
-    order = np.argsort(-probs, axis=1, kind="stable")
-    hits = order == labels[:, None]
-    return {k: int(len(labels) - hits[:, :k].any(axis=1).sum()) for k in ks}
-
-
 def parse_protocol(protocol):
     """'dense+multicrop' -> ('dense', 'multicrop'); a clear error for anything else."""
     if protocol not in PROTOCOLS:
@@ -316,7 +303,7 @@ class EvalNet:
     `to_input(img)` turns a rescaled uint8 (H, W, 3) RGB image into the float (3, H, W)
     array the model was trained on (mean subtraction, layout); the caller builds it from
     `minivgg.data` and the checkpoint's statistics. `posteriors(images, method)` then
-    returns the (N, K) soft-max array of one method at one scale and the seconds spent.
+    returns the (N, K) soft-max array of one method at one scale.
     """
 
     def __init__(self, model, to_input=None, classes=None, name=None, batch_size=64):
@@ -339,18 +326,15 @@ class EvalNet:
             self.posteriors([blank], method)
 
     def posteriors(self, images, method):
-        """images: list of (3, H, W) float arrays at one scale -> ((N, K), seconds)."""
-        start = time.perf_counter()
+        """images: list of (3, H, W) float arrays at one scale -> (N, K) soft-max."""
         if method == "center":
-            probs = center_posteriors(self.model, images, self.batch_size)
-        elif method == "dense":
-            probs = dense_posteriors(self.fcn, images, self.batch_size)
-        elif method == "multicrop":
-            probs = multicrop_posteriors(self.model, images, self.batch_size)
-        else:
-            raise ValueError(f"unknown method {method!r}; expected one of "
-                             f"{', '.join(BASE_METHODS)}")
-        return probs, time.perf_counter() - start
+            return center_posteriors(self.model, images, self.batch_size)
+        if method == "dense":
+            return dense_posteriors(self.fcn, images, self.batch_size)
+        if method == "multicrop":
+            return multicrop_posteriors(self.model, images, self.batch_size)
+        raise ValueError(f"unknown method {method!r}; expected one of "
+                         f"{', '.join(BASE_METHODS)}")
 
 
 def check_same_classes(class_lists, names):
@@ -380,12 +364,46 @@ def evaluate_images(nets, load, items, rows, rescale, chunk_size=32, progress=No
 
     Each image is decoded once and rescaled once per Q; each (model, method, Q) part is
     computed once and shared by every row that uses it, so a multi-scale row costs no more
-    than its single-scale rows together. A row's images/s counts the seconds of the parts it
+    than its single-scale rows together. A row's images/s counts the seconds of the stages it
     uses (decoding, rescaling, networks), measured in this run.
     An image that `load` cannot read (OSError) is skipped with a warning and counted.
     Returns one dict per row: protocol, scales, images, skipped, top1_err and top5_err (in %),
     seconds, images_per_s.
     """
+    rows = check_rows(nets, rows)
+    needed = sorted({(m, q) for p, scales in rows for m in parse_protocol(p) for q in scales})
+    for net in nets:  # NOTE: the first call JIT-compiles kernels; keep it out of images/s
+        net.warm_up(sorted({m for m, _ in needed}))
+    clock = Stopwatch()
+    misses = [{1: 0, 5: 0} for _ in rows]
+    done = skipped = 0
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start:start + chunk_size]
+        with clock(Stage("decode")):
+            images, labels = decode(load, chunk)
+        skipped += len(chunk) - len(images)
+        if not images:
+            continue
+        parts = chunk_posteriors(nets, images, needed, rescale, clock)
+        for r, (protocol, scales) in enumerate(rows):
+            probs = average([combine(p, protocol, scales) for p in parts])
+            for k, n in topk_errors(probs, labels, ks=(1, 5)).items():
+                misses[r][k] += n
+        done += len(images)
+        if progress is not None:
+            progress(start + len(chunk), len(items))
+    results = []
+    for (protocol, scales), miss in zip(rows, misses):
+        spent = clock.total(row_stages(protocol, scales, len(nets)))
+        results.append(dict(protocol=protocol, scales=scales, images=done, skipped=skipped,
+                            top1_err=100.0 * miss[1] / max(done, 1),
+                            top5_err=100.0 * miss[5] / max(done, 1),
+                            seconds=spent, images_per_s=done / spent if spent else float("nan")))
+    return results
+
+
+def check_rows(nets, rows):
+    """Rows as (protocol, tuple of int Q), each protocol known and every Q >= every crop."""
     rows = [(p, tuple(int(q) for q in scales)) for p, scales in rows]
     for protocol, scales in rows:
         parse_protocol(protocol)
@@ -396,60 +414,73 @@ def evaluate_images(nets, load, items, rows, rescale, chunk_size=32, progress=No
                 raise ValueError(f"test scale Q={min(scales)} is smaller than the "
                                  f"{net.input_size}x{net.input_size} training crop of "
                                  f"{net.name}; every Q must be >= {net.input_size}")
-    scales_used = sorted({q for _, scales in rows for q in scales})
-    needed = sorted({(m, q) for p, scales in rows for m in parse_protocol(p) for q in scales})
-    for net in nets:  # NOTE: the first call JIT-compiles kernels; keep it out of images/s
-        net.warm_up(sorted({m for m, _ in needed}))
-    seconds = {"decode": 0.0}
-    misses = [{1: 0, 5: 0} for _ in rows]
-    done = skipped = 0
-    for start in range(0, len(items), chunk_size):
-        chunk = items[start:start + chunk_size]
-        t = time.perf_counter()
-        images, labels = [], []
-        for path, label in chunk:
-            try:
-                images.append(load(path))
-                labels.append(label)
-            except OSError as e:  # an unreadable file is counted, not fatal
-                warnings.warn(f"skipping unreadable image {path}: {e}")
-                skipped += 1
-        labels = np.array(labels, dtype=np.int64)
-        seconds["decode"] += time.perf_counter() - t
-        if not images:
-            continue
-        parts = [dict() for _ in nets]
-        for q in scales_used:
-            t = time.perf_counter()
+    return rows
+
+
+def decode(load, chunk):
+    """Images and int64 labels of the readable [(path, label)] in `chunk`."""
+    images, labels = [], []
+    for path, label in chunk:
+        try:
+            images.append(load(path))
+            labels.append(label)
+        except OSError as e:  # an unreadable file is counted, not fatal
+            warnings.warn(f"skipping unreadable image {path}: {e}")
+    return images, np.array(labels, dtype=np.int64)
+
+
+def chunk_posteriors(nets, images, needed, rescale, clock):
+    """parts[i][(method, Q)]: net i's (N, K) soft-max of `images` for each (method, Q) needed.
+
+    Each Q's rescaled images are shared by the nets, each net's inputs by its methods.
+    """
+    parts = [dict() for _ in nets]
+    for q in sorted({q for _, q in needed}):
+        with clock(Stage("rescale", q)):
             rescaled = [rescale(img, q) for img in images]
-            key = ("rescale", q)
-            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
-            for i, net in enumerate(nets):
-                t = time.perf_counter()
+        for i, net in enumerate(nets):
+            with clock(Stage("input", q, i)):
                 inputs = [net.to_input(img) for img in rescaled]
-                key = (i, "input", q)
-                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
-                for method, mq in needed:
-                    if mq == q:
-                        parts[i][(method, q)], s = net.posteriors(inputs, method)
-                        key = (i, method, q)
-                        seconds[key] = seconds.get(key, 0.0) + s
-        for r, (protocol, scales) in enumerate(rows):
-            probs = average([combine(p, protocol, scales) for p in parts])
-            for k, n in topk_errors(probs, labels, ks=(1, 5)).items():
-                misses[r][k] += n
-        done += len(images)
-        if progress is not None:
-            progress(start + len(chunk), len(items))
-    results = []
-    for r, (protocol, scales) in enumerate(rows):
-        methods = parse_protocol(protocol)
-        keys = [("rescale", q) for q in scales]
-        keys += [(i, "input", q) for i in range(len(nets)) for q in scales]
-        keys += [(i, m, q) for i in range(len(nets)) for m in methods for q in scales]
-        spent = seconds["decode"] + sum(seconds.get(k, 0.0) for k in keys)
-        results.append(dict(protocol=protocol, scales=scales, images=done, skipped=skipped,
-                            top1_err=100.0 * misses[r][1] / max(done, 1),
-                            top5_err=100.0 * misses[r][5] / max(done, 1),
-                            seconds=spent, images_per_s=done / spent if spent else float("nan")))
-    return results
+            for method in [m for m, mq in needed if mq == q]:
+                with clock(Stage(method, q, i)):
+                    parts[i][(method, q)] = net.posteriors(inputs, method)
+    return parts
+
+
+# ----------------------------------------------------------------------------------------
+# Timing: seconds per stage, so each row can count the stages it uses
+# ----------------------------------------------------------------------------------------
+
+Stage = namedtuple("Stage", "step q net", defaults=(None, None))
+Stage.__doc__ = """One timed stage of `evaluate_images`: step is "decode", "rescale",
+"input" or a method; q the test scale; net the index of the model (None: shared by all)."""
+
+
+class Stopwatch:
+    """Seconds spent in each stage, added up over the chunks: `with clock(stage): ...`."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def total(self, stages):
+        return sum(self.seconds.get(stage, 0.0) for stage in stages)
+
+
+def row_stages(protocol, scales, num_nets):
+    """The stages a row of the table uses: decoding, and per Q the rescale, each net's
+    inputs and each net's methods."""
+    stages = [Stage("decode")]
+    for q in scales:
+        stages.append(Stage("rescale", q))
+        for i in range(num_nets):
+            stages.append(Stage("input", q, i))
+            stages += [Stage(method, q, i) for method in parse_protocol(protocol)]
+    return stages

@@ -1,9 +1,12 @@
 """Differentiable ops: each is a `Function` with forward directly above backward.
 
 The heavy lifting (im2col, pooling windows, LRN sums) lives in the device kernel tables,
-`kernels/cpu.py` and `kernels/cuda.py`; `backend.kernels_for(x)` picks one, so no op here
-knows which device it runs on. Layout is NCHW; conv weights are (OC, C, KH, KW) and linear
-weights (out, in), as in PyTorch. Shape legend: see `kernels/cpu.py`.
+the `kernels/cpu/` package and `kernels/cuda.py`; `backend.kernels_for(x)` picks one, so no
+op here knows which device it runs on. Layout is NCHW; conv weights are (OC, C, KH, KW) and
+linear weights (out, in), as in PyTorch. Shape legend: see `kernels/common.py`.
+
+Every op checks its arguments once; a layer passes its name as `where=`, so the message
+names it ("conv3_2: input has 64 channels but ...").
 """
 
 import numpy as np
@@ -16,7 +19,7 @@ from minivgg.tensor import Function, Tensor, as_tensor
 # Input checks: errors that name the op (or layer) and the shapes involved
 # ----------------------------------------------------------------------------------------
 
-def _pair(v, what):
+def pair(v, what):
     """3 -> (3, 3); (3, 1) -> (3, 1); anything that is not one or two integers is an error."""
     values = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     if len(values) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
@@ -54,7 +57,7 @@ def check_conv2d_args(x, W, b, stride, padding, where="conv2d"):
     """All checks of a convolution call -> (stride, padding) as pairs."""
     check_conv2d_input(x, W, where)
     _check_bias(b, W, where)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
     if min(stride) < 1 or min(padding) < 0:
         raise ValueError(f"{where}: stride must be >= 1 and padding >= 0, got "
                          f"stride={stride}, padding={padding}")
@@ -297,15 +300,16 @@ class Conv2d(Function):
         return (gx, gW, gb) if has_bias else (gx, gW)
 
 
-def conv2d(x, W, b=None, stride=1, padding=0):
+def conv2d(x, W, b=None, stride=1, padding=0, where="conv2d"):
     """2-D convolution (cross-correlation, as every framework computes it).
 
     x (N, C, H, W), W (OC, C, KH, KW), b (OC,) -> (N, OC, OH, OW), with
     OH = (H + 2*padding - KH) // stride + 1. `stride` and `padding` are ints or pairs.
+    `where` names the caller in error messages (a layer passes its name, "conv3_2").
     """
     x, W = as_tensor(x), as_tensor(W)
     b = None if b is None else as_tensor(b)
-    stride, padding = check_conv2d_args(x, W, b, stride, padding)
+    stride, padding = check_conv2d_args(x, W, b, stride, padding, where)
     fn = Conv2d(stride, padding)
     return fn(x, W) if b is None else fn(x, W, b)
 
@@ -329,20 +333,21 @@ class MaxPool2d(Function):
             gy, argmax, x_shape, self.kernel_size, self.stride)
 
 
-def max_pool2d(x, kernel_size=2, stride=None):
+def max_pool2d(x, kernel_size=2, stride=None, where="max_pool2d"):
     """Max over KH×KW windows, no padding, floor mode; `stride` defaults to the kernel size.
 
-    NOTE: a tie sends the whole gradient to the first maximum in the window.
+    NOTE: a tie sends the whole gradient to the first maximum in the window. `where` names
+    the caller in error messages.
     """
     x = as_tensor(x)
-    check_float_input(x, "max_pool2d", 4)
-    kernel_size = _pair(kernel_size, "kernel_size")
-    stride = kernel_size if stride is None else _pair(stride, "stride")
+    check_float_input(x, where, 4)
+    kernel_size = pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None else pair(stride, "stride")
     if min(kernel_size) < 1 or min(stride) < 1:
-        raise ValueError(f"max_pool2d: kernel_size and stride must be >= 1, got "
+        raise ValueError(f"{where}: kernel_size and stride must be >= 1, got "
                          f"kernel_size={kernel_size}, stride={stride}")
     if x.shape[2] < kernel_size[0] or x.shape[3] < kernel_size[1]:
-        raise ValueError(f"max_pool2d: input shape {x.shape} is smaller than the "
+        raise ValueError(f"{where}: input shape {x.shape} is smaller than the "
                          f"{kernel_size[0]}x{kernel_size[1]} window")
     return MaxPool2d(kernel_size, stride)(x)
 
@@ -386,19 +391,21 @@ class LocalResponseNorm(Function):
                                                    self.beta)
 
 
-def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=2.0, alpha_over_n=False):
+def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=2.0, alpha_over_n=False,
+                        where="local_response_norm"):
     """b_c = a_c / (k + alpha * sum_{c'} a_c'^2)^beta over `size` neighbouring channels.
 
     The defaults are the paper's (AlexNet's) k=2, n=5, alpha=1e-4, beta=0.75 (Sec. 2.1),
     with alpha multiplying the plain sum, as the AlexNet paper writes it.
     NOTE: Caffe and PyTorch divide alpha by n. Pass `alpha_over_n=True` for that convention
     (then this equals `torch.nn.functional.local_response_norm(x, size, alpha, beta, k)`).
-    The window spans channels c - size//2 ... c + (size-1)//2, as in PyTorch.
+    The window spans channels c - size//2 ... c + (size-1)//2, as in PyTorch. `where` names
+    the caller in error messages.
     """
     x = as_tensor(x)
-    check_float_input(x, "local_response_norm", 4)
+    check_float_input(x, where, 4)
     if size < 1:
-        raise ValueError(f"local_response_norm: size must be >= 1, got {size}")
+        raise ValueError(f"{where}: size must be >= 1, got {size}")
     a = alpha / size if alpha_over_n else alpha
     return LocalResponseNorm(int(size), float(a), float(beta), float(k))(x)
 
@@ -422,12 +429,13 @@ class Linear(Function):
         return (gx, gW, gy.sum(axis=0)) if has_bias else (gx, gW)
 
 
-def linear(x, W, b=None):
-    """y = x W^T + b.  x (N, in), W (out, in), b (out,) -> (N, out)."""
+def linear(x, W, b=None, where="linear"):
+    """y = x W^T + b.  x (N, in), W (out, in), b (out,) -> (N, out). `where` names the caller
+    in error messages."""
     x, W = as_tensor(x), as_tensor(W)
     b = None if b is None else as_tensor(b)
-    check_linear_input(x, W)
-    _check_bias(b, W, "linear")
+    check_linear_input(x, W, where)
+    _check_bias(b, W, where)
     fn = Linear()
     return fn(x, W) if b is None else fn(x, W, b)
 
@@ -451,11 +459,15 @@ class Dropout(Function):
         return gy * mask
 
 
+def check_dropout_p(p, where="dropout"):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{where}: p must be in [0, 1), got {p}")
+
+
 def dropout(x, p=0.5, training=True):
     """Inverted dropout: zero each unit with probability p and scale the rest by 1/(1-p),
     so evaluation needs no rescaling. The identity when not training or p == 0."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    check_dropout_p(p)
     x = as_tensor(x)
     if not training or p == 0.0:
         return x

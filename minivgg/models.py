@@ -123,16 +123,13 @@ class VGG(nn.Sequential):
         layers["drop7"] = nn.Dropout(dropout)
         layers["fc8"] = nn.Linear(fc_width, num_classes, dtype=dtype)
         super().__init__(layers)
-        object.__setattr__(self, "config", config)
-        object.__setattr__(self, "input_size", input_size)
-        object.__setattr__(self, "width", width)
-        object.__setattr__(self, "fc_width", fc_width)
-        object.__setattr__(self, "num_classes", num_classes)
+        self.config, self.input_size, self.num_classes = config, input_size, num_classes
+        self.width, self.fc_width = width, fc_width
 
     def forward(self, x):
         """Logits (N, num_classes) of images x (N, 3, H, W), checked against fc6 first."""
         x = as_tensor(x)
-        if x.ndim == 4 and isinstance(getattr(self, "fc6", None), nn.Linear):
+        if x.ndim == 4:
             self._check_fc6_input(x.shape)
         return super().forward(x)
 
@@ -246,8 +243,3 @@ def init_from_a(model, a_state):
         p.data = backend.to_device(np.array(backend.to_numpy(value), dtype=p.dtype), p.device)
     return list(WARM_START_LAYERS)
 
-
-def load_torchvision_vgg(state_dict_path, config, **kwargs):
-    """Import torchvision's published VGG-11/13/16/19 weights; see `minivgg.pretrained`."""
-    from minivgg.pretrained import load_torchvision_vgg as load
-    return load(state_dict_path, config, **kwargs)

@@ -10,7 +10,7 @@ import numpy as np
 
 from minivgg import backend
 from minivgg import functional as F
-from minivgg.tensor import Tensor, as_tensor
+from minivgg.tensor import Tensor
 
 
 class Parameter(Tensor):
@@ -35,8 +35,8 @@ class Module:
 
     def __setattr__(self, key, value):
         if isinstance(value, Module) and value.name is None:
-            object.__setattr__(value, "name", key)
-        object.__setattr__(self, key, value)
+            value.name = key  # a plain attribute: no recursion into this method
+        super().__setattr__(key, value)
 
     # --- traversal ---------------------------------------------------------------------
     def named_children(self):
@@ -70,7 +70,7 @@ class Module:
     # --- modes and devices ---------------------------------------------------------------
     def train(self, mode=True):
         for _, m in self.named_modules():
-            object.__setattr__(m, "training", mode)
+            m.training = mode
         return self
 
     def eval(self):
@@ -135,7 +135,7 @@ class Conv2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  bias=True, dtype=np.float32):
-        kh, kw = F._pair(kernel_size, "kernel_size")
+        kh, kw = F.pair(kernel_size, "kernel_size")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
         # Real initial values come from minivgg.models.init_weights (Sec. 3.1).
@@ -143,10 +143,8 @@ class Conv2d(Module):
         self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        x = as_tensor(x)
-        F.check_conv2d_args(x, self.weight, self.bias, self.stride, self.padding,
-                            where=self.name or "Conv2d")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                        where=self.name or "Conv2d")
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, "
@@ -161,9 +159,7 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        x = as_tensor(x)
-        F.check_linear_input(x, self.weight, where=self.name or "Linear")
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias, where=self.name or "Linear")
 
     def __repr__(self):
         return f"Linear({self.in_features}, {self.out_features})"
@@ -182,13 +178,7 @@ class MaxPool2d(Module):
         self.kernel_size, self.stride = kernel_size, stride
 
     def forward(self, x):
-        x = as_tensor(x)
-        F.check_float_input(x, self.name or "MaxPool2d", 4)
-        k = F._pair(self.kernel_size, "kernel_size")
-        if x.shape[2] < k[0] or x.shape[3] < k[1]:
-            raise ValueError(f"{self.name or 'MaxPool2d'}: input shape {x.shape} is smaller "
-                             f"than the {k[0]}x{k[1]} window")
-        return F.max_pool2d(x, self.kernel_size, self.stride)
+        return F.max_pool2d(x, self.kernel_size, self.stride, where=self.name or "MaxPool2d")
 
     def __repr__(self):
         return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride})"
@@ -202,10 +192,8 @@ class LocalResponseNorm(Module):
         self.alpha_over_n = alpha_over_n
 
     def forward(self, x):
-        x = as_tensor(x)
-        F.check_float_input(x, self.name or "LocalResponseNorm", 4)
         return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k,
-                                     self.alpha_over_n)
+                                     self.alpha_over_n, where=self.name or "LocalResponseNorm")
 
     def __repr__(self):
         return (f"LocalResponseNorm(size={self.size}, alpha={self.alpha}, beta={self.beta}, "
@@ -214,8 +202,7 @@ class LocalResponseNorm(Module):
 
 class Dropout(Module):
     def __init__(self, p=0.5):
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        F.check_dropout_p(p, "Dropout")  # now, not at the first forward
         self.p = p
 
     def forward(self, x):
@@ -245,7 +232,6 @@ class Sequential(Module):
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential: {key!r} is a {type(layer).__name__}, "
                                 f"not a Module")
-            object.__setattr__(layer, "name", layer.name or key)
             setattr(self, key, layer)
 
     def __iter__(self):

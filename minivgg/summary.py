@@ -8,7 +8,7 @@ from a copy of the paper's numbers.
 from dataclasses import dataclass
 
 from minivgg import nn
-from minivgg.models import canonical_config, pooled_size, vgg
+from minivgg.models import VGG, canonical_config, pooled_size
 
 
 @dataclass
@@ -81,11 +81,10 @@ def summary(config="D", input_size=224, num_classes=1000, width=1.0, fc_width=40
     name = canonical_config(config)
     if pooled_size(input_size) < 1:
         raise ValueError(f"summary: input_size must be at least 32, got {input_size}")
-    from minivgg.models import VGG
     model = VGG(name, num_classes, width, fc_width, input_size)
     title = (f"VGG {name} (Table 1), input 3x{input_size}x{input_size}, width {width}, "
              f"fc {fc_width}, {num_classes} classes")
     return format_table(layer_table(model, input_size), title)
 
 
-__all__ = ["LayerInfo", "layer_table", "format_table", "summary", "vgg"]
+__all__ = ["LayerInfo", "layer_table", "format_table", "summary"]

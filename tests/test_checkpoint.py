@@ -393,3 +393,16 @@ def test_preparing_a_run_folder_removes_its_stale_temporary_files(tmp_path):
     (tmp_path / ".tmp-k1ll3d__.npz").write_bytes(b"half a checkpoint")
     removed = checkpoint.prepare_run_folder(tmp_path)
     assert [os.path.basename(p) for p in removed] == [".tmp-k1ll3d__.npz"]
+
+
+def test_model_meta_describes_the_network_load_model_rebuilds(tmp_path):
+    model = small_model(seed=3)
+    meta = checkpoint.model_meta(model)
+    assert meta == {"config": "A", "num_classes": 4, "width": 1 / 16, "fc_width": 8,
+                    "input_size": 32}
+    path = tmp_path / "model.npz"
+    checkpoint.save(path, model.state_dict(), meta={"model": meta})
+    rebuilt, read_meta = checkpoint.load_model(path)
+    assert read_meta["model"] == meta and rebuilt.training is False
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(rebuilt.state_dict()[k], v, err_msg=k)

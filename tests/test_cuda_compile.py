@@ -3,13 +3,15 @@
 * Every CUDA source compiles with nvcc for sm_80 (A100) and sm_90 (H100), warnings as errors,
   with every kernel instantiated for float and double as `kernels/cuda.py` asks NVRTC to.
   Skipped only where nvcc is absent.
-* `kernels/cuda.py` is a true twin of `kernels/cpu.py`: every kernel-table function the ops
-  call exists in both with the same parameters, and every kernel it names exists in its
-  `.cu` file with the parameter names of the function that launches it. Read from source
-  with `ast`, so CuPy need not be installed.
+* `kernels/cuda.py` is a true twin of the `kernels/cpu/` package: both offer the entry points
+  of `kernels/common.py`'s ENTRY_POINTS (all the ops call) with the same parameters, and
+  every kernel cuda.py names exists in its `.cu` file with the parameter names of the
+  function that launches it. CuPy need not be installed (the stand-in cupy of
+  cuda_host_emulator, and `ast`).
 """
 
 import ast
+import inspect
 import os
 import re
 import shutil
@@ -84,16 +86,22 @@ def test_ops_call_a_known_set_of_kernel_table_functions():
             "sgd_update"} <= used, used
 
 
-def test_every_public_cpu_kernel_function_has_a_cuda_twin_with_the_same_signature():
-    cpu = _functions(os.path.join(KERNELS_DIR, "cpu.py"))
-    cuda = _functions(os.path.join(KERNELS_DIR, "cuda.py"))
-    # every public function of the CPU table, and in any case what the ops call on it
-    table = {name for name in cpu if not name.startswith("_")} | _table_functions_used_by_ops()
-    for name in sorted(table):
-        assert name in cpu, f"kernels/cpu.py has no {name}()"
-        assert name in cuda, f"kernels/cuda.py has no twin of cpu.{name}()"
-        assert _signature(cuda[name]) == _signature(cpu[name]), (
-            f"{name}: cuda{_signature(cuda[name])} != cpu{_signature(cpu[name])}")
+def test_both_kernel_tables_offer_the_same_entry_points_with_the_same_signatures():
+    """The CPU table (the kernels/cpu package) and the CUDA one (kernels/cuda.py, loaded on
+    the stand-in cupy; nothing is compiled) each offer every entry point, with the same
+    parameters, and the ops call nothing else."""
+    from cuda_host_emulator import load_emulated_cuda_kernels
+
+    import minivgg  # noqa: F401  (mounts minivgg.kernels from a checkout)
+    from minivgg.kernels import common, cpu
+    cuda = load_emulated_cuda_kernels()
+    assert _table_functions_used_by_ops() <= set(common.ENTRY_POINTS)
+    assert sorted(cpu.__all__) == sorted(common.ENTRY_POINTS)
+    for name in common.ENTRY_POINTS:
+        assert callable(getattr(cpu, name, None)), f"the CPU table has no {name}()"
+        assert callable(getattr(cuda, name, None)), f"kernels/cuda.py has no {name}()"
+        want, got = inspect.signature(getattr(cpu, name)), inspect.signature(getattr(cuda, name))
+        assert got == want, f"{name}: cuda{got} != cpu{want}"
 
 
 def _kernel_parameters(source):

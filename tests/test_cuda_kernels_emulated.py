@@ -1,4 +1,4 @@
-"""The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu.py.
+"""The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu/.
 
 No GPU needed: `cuda_host_emulator` compiles `kernels/cuda/*.cu` with g++ and loads
 `kernels/cuda.py` on NumPy arrays, so these tests check the CUDA kernels' index arithmetic
@@ -11,7 +11,8 @@ import pytest
 
 from conftest import assert_close
 from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels
-from minivgg.kernels import cpu
+from minivgg.kernels import common, cpu
+from minivgg.kernels.cpu import conv as cpu_conv
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="g++ not found")
 
@@ -76,7 +77,7 @@ def test_cuda_conv2d_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch,
     b = rng.normal(size=4).astype(np.float32)
     gy = rng.normal(size=(3, 4, 5, 5)).astype(np.float32)
     monkeypatch.setattr(gpu, "IM2COL_CHUNK_BYTES", chunk_bytes)
-    assert len(gpu.conv_chunks(3, 5, 5, 18, 4)) > 1
+    assert len(common.conv_chunks(3, 5, 5, 18, 4, gpu.IM2COL_CHUNK_BYTES)) > 1
     assert_close(gpu.conv2d_forward(x, W, b, (1, 1), (1, 1)),
                  cpu.conv2d_forward(x, W, b, (1, 1), (1, 1)), "conv2d", np.float32)
     for got, want in zip(gpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), True),
@@ -89,24 +90,24 @@ def test_cuda_chunk_moves_match_cpu(n0, n1, oy0, oy1, gpu, rng):
     """im2col_chunk, col2im_chunk, cols_to_nchw and nchw_to_cols on a band of rows."""
     x = rng.normal(size=(2, 3, 8, 7))
     KH, KW, SH, SW, PH, PW = 3, 2, 2, 1, 1, 0
-    OW = cpu.conv_output_size(7, KW, SW, PW)  # OH = 4
+    OW = common.conv_output_size(7, KW, SW, PW)  # OH = 4
     P = (n1 - n0) * (oy1 - oy0) * OW
     cols, cols_cpu = np.empty((3 * KH * KW, P)), np.empty((3 * KH * KW, P))
     gpu.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
-    cpu.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols_cpu)
+    cpu_conv.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols_cpu)
     np.testing.assert_array_equal(cols, cols_cpu)
     gx, gx_cpu = np.ones(x.shape), np.ones(x.shape)  # both add into what is there
     gpu.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
-    cpu.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx_cpu)
+    cpu_conv.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx_cpu)
     assert_close(gx, gx_cpu, "conv2d", np.float64)
     ycols, b = rng.normal(size=(5, P)), rng.normal(size=5)
     y, y_cpu = np.zeros((2, 5, 4, OW)), np.zeros((2, 5, 4, OW))
     gpu.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
-    cpu.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y_cpu)
+    cpu_conv.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y_cpu)
     np.testing.assert_array_equal(y, y_cpu)
     back, back_cpu = np.empty((5, P)), np.empty((5, P))
     gpu.nchw_to_cols(y, n0, n1, oy0, oy1, back)
-    cpu.nchw_to_cols(y, n0, n1, oy0, oy1, back_cpu)
+    cpu_conv.nchw_to_cols(y, n0, n1, oy0, oy1, back_cpu)
     np.testing.assert_array_equal(back, back_cpu)
 
 

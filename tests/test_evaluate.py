@@ -9,6 +9,7 @@ import pytest
 from minivgg import functional as F
 from minivgg import models
 from minivgg import evaluate as E
+from minivgg.metrics import topk_errors
 from minivgg.tensor import Tensor, no_grad
 
 # A small net: VGG-A at 1/16 width, 64-pixel crops (pool5 map 2×2, so fc6 becomes a 2×2 conv).
@@ -169,8 +170,8 @@ def test_average_is_the_elementwise_mean_of_posteriors():
 def test_fusion_can_fix_a_mistake_that_one_model_makes():
     confident_right = np.array([[0.1, 0.9]])
     slightly_wrong = np.array([[0.6, 0.4]])
-    assert E.topk_errors(slightly_wrong, np.array([1]), ks=(1,)) == {1: 1}
-    assert E.topk_errors(E.average([confident_right, slightly_wrong]), np.array([1]),
+    assert topk_errors(slightly_wrong, np.array([1]), ks=(1,)) == {1: 1}
+    assert topk_errors(E.average([confident_right, slightly_wrong]), np.array([1]),
                          ks=(1,)) == {1: 0}
 
 
@@ -192,7 +193,7 @@ def test_topk_errors_counts_misses_and_breaks_ties_by_class_index():
                       [0.4, 0.4, 0.2]])
     labels = np.array([0, 0, 1])
     # Image 1: true class ranked last; image 2: tie between 0 and 1, class 0 wins.
-    assert E.topk_errors(probs, labels, ks=(1, 2, 3)) == {1: 2, 2: 1, 3: 0}
+    assert topk_errors(probs, labels, ks=(1, 2, 3)) == {1: 2, 2: 1, 3: 0}
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_evaluate_images_rows_match_the_parts_computed_directly():
         E.average([E.multicrop_posteriors(n.model, inputs(n, q), 100) for q in (32, 40)])])
         for n in nets])
     for result, probs in zip(results, (center, dense, both)):
-        errors = E.topk_errors(probs, labels)
+        errors = topk_errors(probs, labels)
         assert result["images"] == 3 and result["skipped"] == 0
         assert result["top1_err"] == pytest.approx(100 * errors[1] / 3)
         assert result["top5_err"] == pytest.approx(100 * errors[5] / 3)
@@ -305,6 +306,34 @@ def test_evaluate_images_rejects_a_test_scale_below_the_crop():
                           _nearest_rescale)
 
 
+def test_a_rows_time_counts_decoding_and_the_stages_of_its_scales_and_methods():
+    stages = E.row_stages("dense+multicrop", (32, 40), num_nets=2)
+    assert stages[0] == E.Stage("decode") and len(stages) == 1 + 2 * (1 + 2 * (1 + 2))
+    assert E.Stage("rescale", 40) in stages and E.Stage("input", 32, 1) in stages
+    assert E.Stage("multicrop", 40, 0) in stages and E.Stage("center", 32, 0) not in stages
+    clock = E.Stopwatch()
+    clock.seconds = {E.Stage("decode"): 1.0, E.Stage("dense", 32, 0): 2.0,
+                     E.Stage("dense", 40, 0): 4.0}
+    assert clock.total(E.row_stages("dense", (32,), 1)) == 3.0
+    with clock(E.Stage("decode")):
+        pass
+    assert clock.seconds[E.Stage("decode")] >= 1.0
+
+
+def test_chunk_posteriors_computes_each_method_and_scale_once_per_net():
+    images, items = _tiny_test_set(2)
+    nets = [E.EvalNet(small_vgg(seed=s, input_size=32), _to_input, batch_size=100)
+            for s in (0, 1)]
+    loaded, labels = E.decode(images.__getitem__, items)
+    assert labels.dtype == np.int64 and len(loaded) == 2
+    needed = [("center", 32), ("dense", 32), ("dense", 40)]
+    parts = E.chunk_posteriors(nets, loaded, needed, _nearest_rescale, E.Stopwatch())
+    assert [sorted(p) for p in parts] == [sorted(needed)] * 2
+    direct = E.dense_posteriors(nets[1].fcn, [_to_input(_nearest_rescale(img, 40))
+                                              for img in loaded])
+    np.testing.assert_array_equal(parts[1][("dense", 40)], direct)
+
+
 # ----------------------------------------------------------------------------------------
 # examples/evaluate_imagenet.py
 # ----------------------------------------------------------------------------------------
@@ -323,7 +352,7 @@ def _load_script():
 
 def _save_checkpoint(path, classes, seed=0):
     from minivgg import checkpoint
-    from minivgg.train import model_meta
+    from minivgg.checkpoint import model_meta
     model = small_vgg(dtype=np.float32, seed=seed, input_size=32, num_classes=len(classes))
     meta = {"model": model_meta(model), "classes": list(classes),
             "data_stats": {"mean_rgb": [0.5, 0.5, 0.5]},

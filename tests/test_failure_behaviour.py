@@ -4,6 +4,11 @@ subprocess; image and weight problems through the scripts' own `main`."""
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -129,3 +134,229 @@ def test_evaluate_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
     line = one_error_line(capsys)
     assert str(path) in line and "fc8.weight hold NaN or Inf" in line
     assert capsys.readouterr().out == ""
+
+
+# --- training: interrupts, preemption, earlier runs, divergence, bad flags ------------------
+#
+# Real runs of examples/train_imagenet.py at the tiny size of the issue on a generated
+# 2-class folder. `DRIVER` wraps the script so that a signal is sent to the whole process
+# group (as a terminal's Ctrl-C, or a scheduler) during a chosen training step: the stop
+# point is exact, so a resume can be compared bit for bit with an uninterrupted run.
+
+TINY = ["-a", "A", "--width", "0.125", "--fc-width", "64", "--scale", "40", "--crop", "32",
+        "-b", "16", "--init", "glorot", "--lr", "0.001"]
+STEPS_PER_EPOCH = 5  # 80 training images, batch 16
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    sys.path.insert(0, os.path.join({repo!r}, "examples"))
+    from minivgg import train
+    import train_imagenet
+    plan = {plan!r}  # training step (1-based, counted over the run) -> signals to send
+    count = [0]
+    real_step = train.train_step
+    def train_step(*args):
+        count[0] += 1
+        for name in plan.get(count[0], []):
+            os.killpg(0, getattr(signal, name))  # to the whole group, workers included
+        return real_step(*args)
+    train.train_step = train_step
+    sys.exit(train_imagenet.main(sys.argv[1:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("val", 8)):
+        for name, colour in (("n01", (200, 60, 60)), ("n02", (60, 60, 200))):
+            os.makedirs(root / split / name)
+            for i in range(n):
+                img = np.clip(rng.normal(colour, 40, (44, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / name / f"{i}.JPEG")
+    return str(root)
+
+
+def train_run(tmp_path, args, plan=None, timeout=180):
+    """Run the training script (through DRIVER when `plan` is given) in a new process
+    group -> (return code, stdout, stderr); fails on a hang and on leftover processes."""
+    script = os.path.join(REPO, "examples", "train_imagenet.py")
+    if plan is not None:
+        script = tmp_path / f"driver_{abs(hash(repr(plan)))}.py"
+        script.write_text(DRIVER.format(repo=REPO, plan=plan))
+    proc = subprocess.Popen([sys.executable, str(script)] + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    out, err = _communicate(proc, timeout)
+    assert _wait_group_gone(proc.pid) == [], f"processes left behind\n{err}"
+    return proc.returncode, out, err
+
+
+def _communicate(proc, timeout):
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"hung for {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+
+
+def _group_members(pgid):
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def _wait_group_gone(pgid, seconds=5):
+    if not os.path.isdir("/proc"):
+        return []
+    deadline = time.monotonic() + seconds
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _group_members(pgid)
+
+
+def weights(path):
+    state, _, meta = checkpoint.load(path)
+    return state, meta
+
+
+def assert_same_weights(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def metric_rows(folder):
+    """metrics.csv without its timing columns."""
+    import csv
+    with open(os.path.join(folder, "metrics.csv"), newline="") as f:
+        return [{k: v for k, v in row.items() if k not in ("images_per_s", "seconds")}
+                for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """Two epochs without any signal: the reference a resumed run must equal."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    rc, out, err = train_run(out_dir, [tiny_data, *TINY, "--epochs", "2", "--output",
+                                       str(out_dir / "run")])
+    assert rc == 0, err
+    return str(out_dir / "run")
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_signal_mid_epoch_saves_a_checkpoint_that_resumes_bit_identically(
+        tiny_data, tmp_path, uninterrupted, sig, code):
+    run = str(tmp_path / "run")
+    step = STEPS_PER_EPOCH + 2  # the second step of epoch 2
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "2", "--output", run],
+                             plan={step: [sig]})
+    assert rc == code, err
+    last = os.path.join(run, "last.npz")
+    assert f"{sig} received" in err
+    assert f"{last} holds epoch 2 up to batch 2 of {STEPS_PER_EPOCH}" in err
+    assert "--resume" in err and "Traceback" not in err and "BrokenPipe" not in err
+    assert weights(last)[1]["batch"] == 2
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "2", "--resume", last])
+    assert rc == 0, err
+    assert_same_weights(weights(last)[0], weights(os.path.join(uninterrupted, "last.npz"))[0])
+    assert metric_rows(run) == metric_rows(uninterrupted)
+
+
+def test_ctrl_c_in_the_first_epoch_does_not_claim_a_finished_epoch(tiny_data, tmp_path):
+    run = str(tmp_path / "run")
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "2", "--output", run],
+                             plan={2: ["SIGINT"]})
+    assert rc == 130, err
+    assert "last finished epoch" not in err and "no epoch has finished yet" in err
+    assert weights(os.path.join(run, "last.npz"))[1]["epoch"] == 0
+
+
+def test_a_second_ctrl_c_exits_at_once_and_the_earlier_checkpoint_survives(tiny_data,
+                                                                         tmp_path):
+    run = str(tmp_path / "run")
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "3", "--output", run],
+                             plan={STEPS_PER_EPOCH + 2: ["SIGINT", "SIGINT"]})
+    assert rc == -signal.SIGINT, err  # ended by the signal itself, at once
+    state, meta = weights(os.path.join(run, "last.npz"))
+    assert (meta["epoch"], meta.get("batch", 0)) == (1, 0)  # epoch 1's, intact
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "2", "--resume",
+                                        os.path.join(run, "last.npz")])
+    assert rc == 0, err
+
+
+def test_sigusr1_saves_a_checkpoint_and_training_goes_on(tiny_data, tmp_path):
+    run = str(tmp_path / "run")
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "1", "--output", run],
+                             plan={3: ["SIGUSR1"]})
+    assert rc == 0, err
+    assert f"saved {os.path.join(run, 'last.npz')} (epoch 1 up to batch 3" in err
+    assert weights(os.path.join(run, "last.npz"))[1]["epoch"] == 1
+
+
+def test_ctrl_c_from_outside_at_any_moment_stops_within_seconds(tiny_data, tmp_path):
+    run = str(tmp_path / "run")
+    script = os.path.join(REPO, "examples", "train_imagenet.py")
+    proc = subprocess.Popen([sys.executable, script, tiny_data, *TINY, "--epochs", "100",
+                             "--output", run], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    while "epoch 1/100" not in proc.stdout.readline():  # the first epoch has finished
+        assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.monotonic()
+    out, err = _communicate(proc, 30)
+    assert time.monotonic() - start < 10 and proc.returncode == 130, err
+    assert _wait_group_gone(proc.pid) == [] and "Traceback" not in err
+    assert "--resume" in err and checkpoint.load(os.path.join(run, "last.npz"))
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tiny_data, tmp_path, uninterrupted):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, run)
+    before = {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run)}
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--lr", "0.01", "--output", run])
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"--resume {os.path.join(run, 'last.npz')}" in err and "--overwrite" in err
+    assert {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run)} == before
+    rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "1", "--output", run,
+                                        "--overwrite"])
+    assert rc == 0, err
+    assert weights(os.path.join(run, "last.npz"))[1]["epoch"] == 1
+    assert len(metric_rows(run)) == 1
+
+
+@pytest.mark.parametrize("kind", ["file", "inside a file"])
+def test_an_unwritable_output_is_an_error_before_any_data_is_read(tmp_path, capsys, kind):
+    train_imagenet = load_example("train_imagenet")
+    (tmp_path / "file").write_text("x")
+    output = tmp_path / "file" if kind == "file" else tmp_path / "file" / "run"
+    # The data folder does not exist: an error about --output shows it came first.
+    assert train_imagenet.main([str(tmp_path / "no-data"), "--output", str(output)]) == 2
+    assert "--output" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "0"), ("--lr", "-0.1"), ("--lr", "nan"),
+                                         ("--momentum", "-0.5"), ("--momentum", "1.5"),
+                                         ("--wd", "-1e-4"), ("--dropout", "1"),
+                                         ("-j", "-1"), ("--width", "0"), ("--fc-width", "0"),
+                                         ("-p", "0"), ("--epochs", "0")])
+def test_bad_training_flags_are_one_error_line_with_exit_status_2(tmp_path, capsys, flag,
+                                                                   value):
+    train_imagenet = load_example("train_imagenet")
+    assert train_imagenet.main([flag, value, "--output", str(tmp_path / "run")]) == 2
+    line = one_error_line(capsys)
+    assert flag in line and value in line
+    assert not os.path.exists(tmp_path / "run")  # checked before anything was written

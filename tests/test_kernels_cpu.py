@@ -8,12 +8,16 @@ tests through the plain-Python kernel bodies.
 """
 
 import itertools
+import os
 
 import numpy as np
 import pytest
 
 import minivgg  # noqa: F401  (mounts minivgg.kernels from a checkout)
-from minivgg.kernels import cpu
+from minivgg.kernels import common, cpu
+from minivgg.kernels.cpu import conv as cpu_conv
+from minivgg.kernels import reference
+from minivgg.kernels.cpu import runtime
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -130,6 +134,51 @@ def test_col2im_is_the_adjoint_of_im2col(case, dtype):
     assert lhs == pytest.approx(rhs, rel=1e-5 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_reference_im2col_matches_naive_loops(case, dtype):
+    N, C, H, W, _, K, s, p = case
+    x = rand(np.random.default_rng(0), (N, C, H, W), dtype)
+    np.testing.assert_array_equal(reference.im2col(x, K, K, s, s, p, p),
+                                  naive_im2col(x, K, s, p))
+
+
+# (N, C, H, W, KH, KW, SH, SW, PH, PW): both fast paths (flat-copy "same" and general),
+# non-square kernels, strides and paddings, a kernel wider than the padded row's overlap.
+FAST_IM2COL_CASES = [(2, 3, 7, 9, 3, 3, 1, 1, 1, 1), (1, 2, 5, 4, 1, 1, 1, 1, 0, 0),
+                     (2, 2, 6, 5, 2, 3, 1, 1, 0, 1), (1, 3, 9, 7, 3, 2, 2, 1, 1, 0),
+                     (2, 1, 8, 8, 5, 5, 1, 1, 2, 2), (1, 2, 6, 7, 3, 3, 2, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FAST_IM2COL_CASES)
+def test_fast_im2col_and_col2im_match_the_numpy_reference(case, dtype):
+    N, C, H, W, *args = case
+    rng = np.random.default_rng(11)
+    x = rand(rng, (N, C, H, W), dtype)
+    cols = reference.im2col(x, *args)
+    np.testing.assert_array_equal(cpu.im2col(x, *args), cols)
+    g = rand(rng, cols.shape, dtype)
+    g_before = g.copy()
+    np.testing.assert_allclose(cpu.col2im(g, x.shape, *args),
+                               reference.col2im(g, x.shape, *args), **TOL[dtype])
+    np.testing.assert_array_equal(g, g_before)  # the whole-batch col2im leaves cols alone
+
+
+@pytest.mark.parametrize("case", FAST_IM2COL_CASES)
+def test_im2col_chunk_on_row_bands_matches_the_numpy_reference(case):
+    """Chunks of one or two images and bands of rows, as the conv drivers cut them."""
+    N, C, H, W, KH, KW, SH, SW, PH, PW = case
+    x = rand(np.random.default_rng(12), (N, C, H, W), np.float64)
+    whole = reference.im2col(x, KH, KW, SH, SW, PH, PW)
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    for n0, n1, oy0, oy1 in [(0, N, 0, OH), (N - 1, N, 1, OH), (0, 1, 0, max(1, OH // 2))]:
+        cols = np.full((C * KH * KW, (n1 - n0) * (oy1 - oy0) * OW), np.nan)
+        cpu_conv.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+        want = whole[n0:n1].reshape(n1 - n0, -1, OH, OW)[:, :, oy0:oy1]
+        np.testing.assert_array_equal(cols, want.transpose(1, 0, 2, 3).reshape(cols.shape))
+
+
 # ----------------------------------------------------------------------------------------
 # Convolution
 # ----------------------------------------------------------------------------------------
@@ -169,7 +218,7 @@ def test_conv2d_backward_matches_naive_loops(case, dtype):
 @pytest.mark.parametrize("chunk_bytes", [1, 200, 10**9])
 def test_conv2d_gives_the_same_result_for_any_chunking(monkeypatch, chunk_bytes):
     # 1 byte: one output row per chunk (bands whose col2im halos overlap); 1 GB: one chunk.
-    monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cpu_conv, "IM2COL_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(4)
     x, Wt, b = rand(rng, (3, 3, 9, 7), np.float64), rand(rng, (5, 3, 3, 3), np.float64), \
         rand(rng, (5,), np.float64)
@@ -185,7 +234,7 @@ def test_conv_chunks_cover_every_output_row_exactly_once(monkeypatch):
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
     for N, OH in [(1, 7), (3, 5), (8, 14)]:
         for budget in (1, 3 * 40, 10**9):
-            chunks = cpu.conv_chunks(N, OH, 4, 10, 1, chunk_bytes=budget)
+            chunks = common.conv_chunks(N, OH, 4, 10, 1, budget, parts=2)
             covered = [(n, oy) for n0, n1, oy0, oy1 in chunks
                        for n in range(n0, n1) for oy in range(oy0, oy1)]
             assert sorted(covered) == [(n, oy) for n in range(N) for oy in range(OH)]
@@ -195,7 +244,7 @@ def test_conv2d_result_does_not_depend_on_the_thread_count(monkeypatch):
     rng = np.random.default_rng(5)
     x, Wt = rand(rng, (2, 4, 11, 9), np.float32), rand(rng, (6, 4, 3, 3), np.float32)
     gy = rand(rng, (2, 6, 11, 9), np.float32)
-    monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", 4 * 36 * 9 * 3)  # bands of 3 rows
+    monkeypatch.setattr(cpu_conv, "IM2COL_CHUNK_BYTES", 4 * 36 * 9 * 3)  # bands of 3 rows
     results = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
@@ -207,14 +256,77 @@ def test_conv2d_result_does_not_depend_on_the_thread_count(monkeypatch):
         np.testing.assert_array_equal(gx, results[0][1])  # gathers in a fixed order
 
 
-def test_workspace_reuses_its_buffer_and_can_be_freed():
-    a = cpu.workspace("test", (4, 5), np.float32)
-    b = cpu.workspace("test", (2, 3), np.float32)  # smaller: same memory
+# The small Imagenette recipe's conv shapes (VGG-A at width 0.25, 64×64 crops, batch 64):
+# (input shape, output channels). Big enough that every layer is cut into several chunks
+# spread over the threads.
+RECIPE_CONV_SHAPES = [((64, 3, 64, 64), 16), ((64, 16, 32, 32), 32), ((64, 32, 16, 16), 64)]
+
+
+# NOTE: as plain Python (NUMBA_DISABLE_JIT=1) these sizes would take many minutes.
+recipe_size = pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0",
+                                 reason="recipe-size shapes are too slow without the JIT")
+
+
+@recipe_size
+@pytest.mark.parametrize("shape, OC", RECIPE_CONV_SHAPES)
+def test_conv2d_is_bitwise_repeatable_with_two_threads(monkeypatch, shape, OC):
+    """Issue 15: the weight gradient once followed the threads' timing. Every sum across
+    threads now runs in a fixed order, so identical calls give identical bits."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    rng = np.random.default_rng(6)
+    x, Wt = rand(rng, shape, np.float32), rand(rng, (OC, shape[1], 3, 3), np.float32) * 0.1
+    b = rand(rng, (OC,), np.float32)
+    gy = rand(rng, (shape[0], OC, shape[2], shape[3]), np.float32)
+    assert len(common.conv_chunks(shape[0], shape[2], shape[3], shape[1] * 9, 4,
+                                  cpu_conv.IM2COL_CHUNK_BYTES, parts=2)) >= 2
+    first = None
+    for _ in range(4):
+        y = cpu.conv2d_forward(x, Wt, b, (1, 1), (1, 1))
+        got = (y, *cpu.conv2d_backward(x, Wt, gy, (1, 1), (1, 1)))
+        if first is None:
+            first = got
+        for a, want in zip(got, first):
+            np.testing.assert_array_equal(a, want)
+    # One thread instead of two: y, gx and gb keep their bits (each element is summed in
+    # one fixed order); gW may not, as the batch is cut into other chunks (see
+    # common.conv2d_backward).
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    y = cpu.conv2d_forward(x, Wt, b, (1, 1), (1, 1))
+    gx, _, gb = cpu.conv2d_backward(x, Wt, gy, (1, 1), (1, 1))
+    for a, want in zip((y, gx, gb), (first[0], first[1], first[3])):
+        np.testing.assert_array_equal(a, want)
+
+
+@recipe_size
+def test_every_threaded_kernel_is_bitwise_repeatable_with_two_threads(monkeypatch):
+    """Pooling, ReLU, LRN and the SGD update over ranges of threads: same bits every call."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    rng = np.random.default_rng(7)
+    x = rand(rng, (64, 32, 16, 16), np.float32)
+    gy = rand(rng, (64, 32, 8, 8), np.float32)
+
+    def run():
+        y, argmax = cpu.max_pool2d_forward(x, (2, 2), (2, 2))
+        gx = cpu.max_pool2d_backward(gy, argmax, x.shape, (2, 2), (2, 2))
+        r = cpu.relu_forward(x)
+        ly, scale = cpu.lrn_forward(x, 5, 1e-4, 0.75, 2.0)
+        lg = cpu.lrn_backward(x, ly, scale, x, 5, 1e-4, 0.75)
+        w, v = x.copy(), np.ones_like(x)
+        cpu.sgd_update([w], [x], [v], 0.01, 0.9, 5e-4)
+        return y, gx, r, cpu.relu_backward(r, x), ly, lg, w, v
+
+    first = run()
+    for _ in range(2):
+        for a, want in zip(run(), first):
+            np.testing.assert_array_equal(a, want)
+
+
+def test_workspace_reuses_its_buffer_and_grows():
+    a = runtime.workspace("test", (4, 5), np.float32)
+    b = runtime.workspace("test", (2, 3), np.float32)  # smaller: same memory
     assert np.shares_memory(a, b)
-    c = cpu.workspace("test", (100, 100), np.float64)  # larger: a new buffer
+    c = runtime.workspace("test", (100, 100), np.float64)  # larger: a new buffer
     assert c.shape == (100, 100) and c.dtype == np.float64
-    cpu.free_workspace()
-    assert not any(key[0] == "test" for key in cpu._workspace)
 
 
 # ----------------------------------------------------------------------------------------

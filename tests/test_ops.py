@@ -156,7 +156,7 @@ def test_conv2d_backward_matches_finite_differences(name, device, rng):
 
 def test_conv2d_gives_same_result_when_im2col_is_chunked(monkeypatch, rng):
     """A tiny chunk budget forces one image per chunk; results must not change."""
-    from minivgg.kernels import cpu
+    from minivgg.kernels.cpu import conv as cpu
     if not hasattr(cpu, "IM2COL_CHUNK_BYTES"):
         pytest.skip("the CPU kernels no longer chunk through IM2COL_CHUNK_BYTES")
     x, W, b = rng.normal(size=(5, 3, 6, 7)), rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4)

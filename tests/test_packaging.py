@@ -45,7 +45,7 @@ def test_kernels_import_as_minivgg_kernels_not_pypi_kernels(tmp_path):
     """, tmp_path)
     names, path, top_level, callables = out.splitlines()
     assert names == "minivgg.kernels minivgg.kernels.cpu"
-    assert path == os.path.realpath(os.path.join(REPO, "kernels", "cpu.py"))
+    assert path == os.path.realpath(os.path.join(REPO, "kernels", "cpu", "__init__.py"))
     assert top_level == "False"  # no top-level `kernels` module was created or imported
     assert callables == "True"
 
@@ -105,6 +105,11 @@ def test_pyproject_installs_kernels_folder_as_minivgg_kernels():
     setuptools = project["tool"]["setuptools"]
     assert "minivgg.kernels" in setuptools["packages"]
     assert setuptools["package-dir"]["minivgg.kernels"] == "kernels"
+    # every subpackage of kernels/ (a folder with an __init__.py) is installed too
+    for sub in sorted(os.listdir(os.path.join(REPO, "kernels"))):
+        if os.path.exists(os.path.join(REPO, "kernels", sub, "__init__.py")):
+            assert setuptools["package-dir"][f"minivgg.kernels.{sub}"] == f"kernels/{sub}"
+            assert f"minivgg.kernels.{sub}" in setuptools["packages"]
     assert "kernels" not in setuptools["packages"]
     deps = " ".join(project["project"]["dependencies"])
     assert "cupy" not in deps and "torch" not in deps  # both optional

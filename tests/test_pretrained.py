@@ -68,14 +68,14 @@ def test_imported_weights_give_pytorch_logits_at_224(config, tmp_path):
     x = np.random.default_rng(1).normal(size=(1, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
-    model = models.load_torchvision_vgg(str(pth), config)
+    model = pretrained.load_torchvision_vgg(str(pth), config)
     with no_grad():
         logits = model(x).numpy()
     assert logits.shape == (1, NUM_CLASSES)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5 * scale)
     # The .npz holds the same arrays, so it builds the same model (hence the same logits).
-    from_npz = models.load_torchvision_vgg(str(npz), config).state_dict()
+    from_npz = pretrained.load_torchvision_vgg(str(npz), config).state_dict()
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(from_npz[key], value)
 

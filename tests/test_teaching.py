@@ -119,8 +119,10 @@ NAMED_IN_WALKTHROUGH = {
     "minivgg.gradcheck": ["gradcheck", "numerical_grad"],
     "minivgg.functional": ["conv2d", "max_pool2d", "MaxPool2d", "local_response_norm",
                            "cross_entropy"],
-    "minivgg.kernels.cpu": ["im2col", "col2im", "im2col_chunk", "col2im_chunk",
-                            "conv_chunks", "conv2d_forward", "conv2d_backward",
+    "minivgg.kernels.reference": ["im2col", "col2im"],
+    "minivgg.kernels.common": ["conv_chunks", "conv2d_forward", "conv2d_backward"],
+    "minivgg.kernels.cpu.conv": ["im2col_chunk", "col2im_chunk"],
+    "minivgg.kernels.cpu": ["im2col", "col2im", "conv2d_forward", "conv2d_backward",
                             "max_pool2d_forward", "max_pool2d_backward", "lrn_forward",
                             "lrn_backward", "sgd_update"],
     "minivgg.models": ["CONFIGS", "parse_layer", "VGG", "vgg", "init_weights", "init_from_a"],
@@ -189,7 +191,7 @@ def test_block_costs_add_up_to_the_layer_table():
 @pytest.fixture
 def small_checkpoint(tmp_path):
     """A minivgg training checkpoint of a small VGG-A (as minivgg.train writes it)."""
-    from minivgg.train import model_meta
+    from minivgg.checkpoint import model_meta
     model = models.vgg("A", num_classes=10, width=0.125, fc_width=32, input_size=32, seed=0,
                        init="glorot")
     path = tmp_path / "small.npz"

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from minivgg import checkpoint
-from minivgg.checkpoint import CheckpointError
-from minivgg.train import (METRICS_COLUMNS, TrainingDiverged, TrainingError, fit,
-                           load_model, synthetic_config, topk_errors)
+from minivgg.checkpoint import CheckpointError, load_model
+from minivgg.metrics import METRICS_COLUMNS, topk_errors
+from minivgg.train import (Run, TrainingDiverged, TrainingError, fit, setup,
+                           synthetic_config)
 
 from test_data import make_layout, write_image
 
@@ -48,7 +49,29 @@ def load_script():
 def test_topk_errors_counts_labels_outside_the_k_best_logits():
     logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
     labels = np.array([1, 2, 0])
-    assert topk_errors(logits, labels, (1, 2, 5)) == [2, 1, 0]
+    assert topk_errors(logits, labels, (1, 2, 5)) == {1: 2, 2: 1, 5: 0}
+
+
+# --- set-up -------------------------------------------------------------------------------
+
+def test_setup_builds_the_run_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    lines = []
+    run = setup(tiny_config(out), log=lines.append)
+    try:
+        assert isinstance(run, Run) and run.start_epoch == 0 and run.last_good is None
+        assert run.model.config == "A" and run.model.num_classes == len(run.classes) == 10
+        assert run.optimizer.lr == 0.001 and run.scheduler.optimizer is run.optimizer
+        assert len(run.train_loader) == 4 and len(run.val_loader) == 2  # 40 / 20 images, b 10
+        assert len(run.stats.mean_rgb) == 3 and run.device == "cpu"
+        assert run.paths.last == str(out / "last.npz")
+        assert run.paths.metrics_png == str(out / "metrics.png")
+        assert run.title == "VGG-A on synthetic data (drawn shapes and textures)"
+        assert any("VGG-A width 0.125 fc 16" in line for line in lines)
+        assert all(line.startswith("[synthetic] ") for line in lines)
+    finally:
+        run.close()
+    assert not out.exists()  # the folder is made when training starts
 
 
 # --- a whole run --------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""Max-pooling on the CPU (Sec. 2.1: 2×2 windows, stride 2), the twin of `cuda/pool.cu`.
+
+One task per (n, c) plane; `runtime.map_ranges` gives each thread a range of planes.
+"""
+
+import numpy as np
+from numba import njit
+
+from minivgg.kernels.cpu.runtime import JIT, map_ranges
+
+
+@njit(**JIT)
+def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1):
+    """Planes t0..t1-1 of the N*C (n, c) planes; argmax gets the winner's ky*KW + kx."""
+    C, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    for task in range(t0, t1):
+        n, c = task // C, task % C
+        for oy in range(OH):
+            for ox in range(OW):
+                best = x[n, c, oy * SH, ox * SW]
+                best_k = 0
+                for ky in range(KH):
+                    for kx in range(KW):
+                        v = x[n, c, oy * SH + ky, ox * SW + kx]
+                        # NOTE: strict `>`: on a tie the first offset in row-major order
+                        # wins, so the gradient goes to exactly one input, as in Caffe and
+                        # cuDNN.
+                        if v > best:
+                            best, best_k = v, ky * KW + kx
+                y[n, c, oy, ox] = best
+                argmax[n, c, oy, ox] = best_k
+
+
+def max_pool2d_forward(x, kernel_size, stride):
+    """(N, C, H, W) -> y (N, C, OH, OW) and argmax (N, C, OH, OW), no padding, floor mode.
+
+    argmax (int32) holds the winner's offset ky*KW + kx inside its window.
+    """
+    (KH, KW), (SH, SW) = kernel_size, stride
+    N, C, H, W = x.shape
+    OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+    y = np.empty((N, C, OH, OW), dtype=x.dtype)
+    argmax = np.empty((N, C, OH, OW), dtype=np.int32)
+    x = np.ascontiguousarray(x)
+    map_ranges(lambda t0, t1: _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1),
+               N * C, elements=x.size)
+    return y, argmax
+
+
+@njit(**JIT)
+def _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1):
+    """Route each output gradient of planes t0..t1-1 to its window's winner.
+
+    gx must start at zero. NOTE: overlapping windows (stride < kernel) can send two
+    gradients to one pixel; one task owns a whole (n, c) plane, so those += never race.
+    """
+    C, OH, OW = gy.shape[1], gy.shape[2], gy.shape[3]
+    for task in range(t0, t1):
+        n, c = task // C, task % C
+        for oy in range(OH):
+            for ox in range(OW):
+                k = argmax[n, c, oy, ox]
+                gx[n, c, oy * SH + k // KW, ox * SW + k % KW] += gy[n, c, oy, ox]
+
+
+def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
+    """Route each output gradient to the input that won its window."""
+    (KH, KW), (SH, SW) = kernel_size, stride
+    gx = np.zeros(x_shape, dtype=gy.dtype)
+    N, C = gy.shape[0], gy.shape[1]
+    gy, argmax = np.ascontiguousarray(gy), np.ascontiguousarray(argmax)
+    map_ranges(lambda t0, t1: _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1),
+               N * C, elements=gx.size)
+    return gx

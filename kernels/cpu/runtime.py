@@ -1,0 +1,112 @@
+"""The CPU runtime: one thread pool of our own, single-threaded BLAS inside it, workspaces.
+
+NOTE: the obvious setup, a multi-threaded BLAS plus Numba's `parallel=True` kernels, is two
+thread pools that spin-wait and meet at a barrier after every GEMM and every kernel. On a
+busy 2-core machine one descheduled thread then stalls the other: we measured training
+steps 5-15x slower than with one thread. Here every piece of work (a range of im2col chunks
+and their GEMMs, a range of pooling planes) runs start to finish on one thread of one pool,
+with a single-threaded BLAS call inside, and the threads only meet when an op is done.
+
+`map_ranges` is the one way work is spread: contiguous ranges fixed by the sizes and the
+thread count, never by timing, so every result (and every sum across ranges, taken in range
+order by the caller) is the same from one call to the next.
+"""
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from minivgg.kernels.common import Workspace
+
+# Numba's options for every kernel. The kernels are serial; `map_ranges` runs pieces of one
+# on several threads (`nogil` lets them run at once). NOTE: fastmath stays off, so float
+# results do not depend on the compiler's reassociation and the tests can compare against
+# plain loops tightly.
+JIT = dict(cache=True, fastmath=False, nogil=True)
+
+# Below this many array elements, a memory-bound kernel (ReLU, pooling, the SGD update of one
+# parameter) runs on the calling thread. NOTE: handing work to the pool and waiting for it
+# costs about 0.1 ms (more on a loaded machine), while a pass over 64K floats takes tens of
+# microseconds; the small recipe's fc layers, late pools and most of its parameters are
+# below it.
+INLINE_ELEMENTS = 1 << 16
+
+
+def num_threads():
+    """Threads used by the CPU kernels: NUMBA_NUM_THREADS, else OMP_NUM_THREADS, else all
+    cores (so `torch.set_num_threads`-style comparisons can pin both to the same count)."""
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    return os.cpu_count() or 1
+
+
+def _openblas_set_threads_local():
+    """`openblas_set_num_threads_local` of the OpenBLAS that NumPy loaded, or None.
+
+    It sets the BLAS thread count of the calling thread only (OpenBLAS >= 0.3.27), so the
+    pool's threads run one-thread GEMMs while the main thread keeps BLAS's own threads for
+    NumPy code elsewhere (the FC layers). Found through the libraries mapped into this
+    process, since NumPy does not expose the handle.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+        for path in paths:
+            fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+            if fn is not None:
+                return fn
+    except OSError:
+        pass
+    return None
+
+
+def _init_worker():
+    set_local = _openblas_set_threads_local()
+    if set_local is not None:
+        set_local(1)
+
+
+_pool = None
+
+
+def _get_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix="minivgg",
+                                   initializer=_init_worker)
+    return _pool
+
+
+workspace = Workspace(np, per_thread=True)
+
+
+def _forget_pool_after_fork():
+    # NOTE: a forked child (a data-loader worker) inherits the pool object but not its
+    # threads; it must start its own pool, and its own per-thread workspace, when needed.
+    global _pool
+    _pool = None
+    workspace.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def map_ranges(job, n_items, elements=None):
+    """[job(t0, t1) for contiguous ranges covering range(n_items)], one range per thread.
+
+    The ranges depend on n_items and the thread count only; the results come back in range
+    order. `elements`, the number of array elements the whole call touches: below
+    `INLINE_ELEMENTS` one job covers everything, on this thread.
+    """
+    if n_items == 0:
+        return []
+    T = min(num_threads(), n_items)
+    if T == 1 or (elements is not None and elements < INLINE_ELEMENTS):
+        return [job(0, n_items)]
+    bounds = [n_items * k // T for k in range(T + 1)]
+    # iterating re-raises a job's exception here
+    return list(_get_pool().map(lambda k: job(bounds[k], bounds[k + 1]), range(T)))

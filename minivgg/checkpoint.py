@@ -260,14 +260,18 @@ def prepare_run_folder(folder, resume=None, overwrite=False):
         raise CheckpointError(f"--output {folder!r} is not a folder minivgg can write to "
                               f"({e.strerror or e})") from None
     held = run_files(folder)
-    own_folder = resume is not None and (os.path.realpath(os.path.dirname(
-        os.path.abspath(resume))) == os.path.realpath(folder))
-    if held and not own_folder and not overwrite:
+    if held and not holds(folder, resume) and not overwrite:
         last = os.path.join(folder, "last.npz")
         raise CheckpointError(
             f"{folder} already holds a run ({', '.join(held)}); to continue it use "
             f"--resume {last}, to replace it add --overwrite, or choose another --output")
     return remove_stale_temporaries(folder)
+
+
+def holds(folder, path):
+    """True when the file `path` (None: no file) lies directly in `folder`."""
+    return path is not None and (os.path.realpath(os.path.dirname(os.path.abspath(path)))
+                                 == os.path.realpath(folder))
 
 
 def run_files(folder):

@@ -28,6 +28,15 @@ def load_example(name):
     return module
 
 
+def last_error_line(capsys):
+    """For training: stderr also holds the progress bars; the one `error:` line ends it."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0][errors[0].index("error:"):]
+
+
 def one_error_line(capsys):
     """The captured stderr, checked to be exactly one line starting with 'error: '."""
     err = capsys.readouterr().err
@@ -279,7 +288,7 @@ def test_ctrl_c_in_the_first_epoch_does_not_claim_a_finished_epoch(tiny_data, tm
     rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "2", "--output", run],
                              plan={2: ["SIGINT"]})
     assert rc == 130, err
-    assert "last finished epoch" not in err and "no epoch has finished yet" in err
+    assert "last finished epoch" not in err and "no epoch has finished yet" in err.lower()
     assert weights(os.path.join(run, "last.npz"))[1]["epoch"] == 0
 
 
@@ -301,7 +310,7 @@ def test_sigusr1_saves_a_checkpoint_and_training_goes_on(tiny_data, tmp_path):
     rc, out, err = train_run(tmp_path, [tiny_data, *TINY, "--epochs", "1", "--output", run],
                              plan={3: ["SIGUSR1"]})
     assert rc == 0, err
-    assert f"saved {os.path.join(run, 'last.npz')} (epoch 1 up to batch 3" in err
+    assert f"saved {os.path.join(run, 'last.npz')} (epoch 1 up to batch 3" in out
     assert weights(os.path.join(run, "last.npz"))[1]["epoch"] == 1
 
 
@@ -350,7 +359,7 @@ def test_an_unwritable_output_is_an_error_before_any_data_is_read(tmp_path, caps
 
 @pytest.mark.parametrize("flag, value", [("--lr", "0"), ("--lr", "-0.1"), ("--lr", "nan"),
                                          ("--momentum", "-0.5"), ("--momentum", "1.5"),
-                                         ("--wd", "-1e-4"), ("--dropout", "1"),
+                                         ("--wd", "-0.001"), ("--dropout", "1"),
                                          ("-j", "-1"), ("--width", "0"), ("--fc-width", "0"),
                                          ("-p", "0"), ("--epochs", "0")])
 def test_bad_training_flags_are_one_error_line_with_exit_status_2(tmp_path, capsys, flag,
@@ -360,3 +369,91 @@ def test_bad_training_flags_are_one_error_line_with_exit_status_2(tmp_path, caps
     line = one_error_line(capsys)
     assert flag in line and value in line
     assert not os.path.exists(tmp_path / "run")  # checked before anything was written
+
+
+def test_a_huge_learning_rate_stops_before_any_checkpoint_of_nan_weights(tiny_data,
+                                                                          tmp_path, capsys):
+    train_imagenet = load_example("train_imagenet")
+    run = tmp_path / "run"
+    args = [tiny_data, *TINY, "--lr", "1e9", "-j", "0", "--output", str(run)]
+    assert train_imagenet.main(args) == 1
+    line = last_error_line(capsys)
+    assert "loss became" in line and "no checkpoint had been written yet" in line
+    assert not (run / "last.npz").exists() and not (run / "best.npz").exists()
+
+
+def test_a_nan_validation_loss_stops_the_run_and_last_good_is_finite_and_resumable(
+        tiny_data, tmp_path, capsys, monkeypatch):
+    from minivgg import train
+    train_imagenet = load_example("train_imagenet")
+    run = tmp_path / "run"
+    real_validate, calls = train.validate, []
+
+    def validate(*args, **kwargs):  # epoch 2's validation loss is NaN
+        result = real_validate(*args, **kwargs)
+        calls.append(1)
+        return dict(result, val_loss=float("nan")) if len(calls) == 2 else result
+
+    monkeypatch.setattr(train, "validate", validate)
+    args = [tiny_data, *TINY, "--epochs", "3", "-j", "0", "--output", str(run)]
+    assert train_imagenet.main(args) == 1
+    line = last_error_line(capsys)
+    assert "the validation loss became nan at epoch 2" in line
+    assert f"the last good checkpoint is {run / 'last.npz'} (epoch 1)" in line
+    state, opt_state, meta = checkpoint.load(run / "last.npz")
+    assert meta["epoch"] == 1 and checkpoint.nonfinite(state) == []
+    checkpoint.check_resumable(run / "last.npz", state, opt_state, meta)
+    monkeypatch.undo()
+    assert train_imagenet.main([tiny_data, *TINY, "--epochs", "2", "-j", "0", "--resume",
+                                str(run / "last.npz")]) == 0
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_the_last_checkpoint_survives(
+        tiny_data, tmp_path, capsys, monkeypatch):
+    import errno
+    train_imagenet = load_example("train_imagenet")
+    run = tmp_path / "run"
+    real_savez, calls = np.savez, []
+
+    def savez(file, **arrays):  # epoch 1 writes last.npz and best.npz; then the disk is full
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    args = [tiny_data, *TINY, "--epochs", "2", "-j", "0", "--output", str(run)]
+    assert train_imagenet.main(args) == 1
+    line = last_error_line(capsys)
+    last = run / "last.npz"
+    assert line == (f"error: no space left on the disk holding {run} while writing {last}; "
+                    f"the previous checkpoint {last} is intact")
+    monkeypatch.undo()
+    assert checkpoint.load(last)[2]["epoch"] == 1
+    assert sorted(os.listdir(run)) == ["best.npz", "last.npz", "metrics.csv", "metrics.png"]
+
+
+def test_a_damaged_checkpoint_is_refused_before_any_training(tiny_data, tmp_path, capsys,
+                                                              uninterrupted):
+    train_imagenet = load_example("train_imagenet")
+    state, opt_state, meta = checkpoint.load(os.path.join(uninterrupted, "last.npz"))
+    del meta["scheduler"]
+    opt_state["velocities"][0] = np.zeros(3, np.float32)
+    damaged = tmp_path / "damaged" / "last.npz"
+    checkpoint.save(damaged, state, opt_state, meta)
+    assert train_imagenet.main([tiny_data, *TINY, "--epochs", "3", "--resume",
+                                str(damaged)]) == 2
+    line = one_error_line(capsys)
+    assert "cannot be resumed: no 'scheduler' entry; momentum buffer 0" in line
+    assert capsys.readouterr().out == ""  # nothing was read or trained
+
+
+def test_a_run_removes_the_temporary_files_of_a_killed_write(tiny_data, tmp_path, capsys):
+    train_imagenet = load_example("train_imagenet")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".tmp-abcd_123.npz").write_bytes(b"half a checkpoint from a SIGKILL")
+    assert train_imagenet.main([tiny_data, *TINY, "--epochs", "1", "-j", "0", "--output",
+                                str(run)]) == 0
+    assert f"removed {run / '.tmp-abcd_123.npz'}" in capsys.readouterr().out
+    assert sorted(os.listdir(run)) == ["best.npz", "last.npz", "metrics.csv", "metrics.png"]

@@ -144,6 +144,9 @@ def main(argv=None):
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 (an image and its flip), got "
                          f"{args.batch_size}")
+    if args.print_freq < 0:
+        raise UsageError(f"-p/--print-freq must be 0 (no progress) or more, got "
+                         f"{args.print_freq}")
     backend.check_device(args.device)
     nets, metas = load_nets(args.checkpoints, args.device, args.batch_size)
     s_texts, default_qs = zip(*(training_scales(m) for m in metas))

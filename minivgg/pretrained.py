@@ -142,8 +142,13 @@ def convert(in_path, out_path):
     if not out_path.endswith(".npz"):
         raise ValueError(f"convert: the output must end in .npz, got {out_path!r}")
     tmp = out_path[:-4] + ".tmp.npz"  # np.savez would append .npz to any other suffix
-    np.savez(tmp, **state)
-    os.replace(tmp, out_path)
+    try:
+        np.savez(tmp, **state)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk or Ctrl-C leaves no half-written file behind
+        raise
     return len(state)
 
 
@@ -248,7 +253,7 @@ def main(argv=None):
             state = read_state_dict(args.input)
             from_torchvision_state_dict(state, args.config)
         n = convert(args.input, args.output)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+    except (ValueError, ImportError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {n} arrays to {args.output}")

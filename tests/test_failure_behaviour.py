@@ -4,6 +4,7 @@ subprocess; image and weight problems through the scripts' own `main`."""
 
 import importlib.util
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -320,9 +321,17 @@ def test_ctrl_c_from_outside_at_any_moment_stops_within_seconds(tiny_data, tmp_p
     proc = subprocess.Popen([sys.executable, script, tiny_data, *TINY, "--epochs", "100",
                              "--output", run], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=REPO))
-    while "epoch 1/100" not in proc.stdout.readline():  # the first epoch has finished
-        assert proc.poll() is None, proc.stderr.read()
+                            env=dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:  # until the first epoch has finished, at most 2 minutes
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                _communicate(proc, 0.1)  # fails the test, killing the group
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+            if "epoch 1/100" in line:
+                break
     os.killpg(proc.pid, signal.SIGINT)
     start = time.monotonic()
     out, err = _communicate(proc, 30)
@@ -457,3 +466,82 @@ def test_a_run_removes_the_temporary_files_of_a_killed_write(tiny_data, tmp_path
                                 str(run)]) == 0
     assert f"removed {run / '.tmp-abcd_123.npz'}" in capsys.readouterr().out
     assert sorted(os.listdir(run)) == ["best.npz", "last.npz", "metrics.csv", "metrics.png"]
+
+
+# --- the same class of mistake in the other tools -------------------------------------------
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """A tiny training checkpoint and an image, for the evaluation and drawing tools."""
+    model = models.vgg("A", num_classes=2, width=1 / 16, fc_width=8, input_size=32)
+    meta = {"model": checkpoint.model_meta(model), "classes": ["a", "b"],
+            "data_stats": {"mean_rgb": [0, 0, 0], "pca_eigval": [0, 0, 0],
+                           "pca_eigvec": np.eye(3).tolist()}}
+    checkpoint.save(tmp_path / "ckpt.npz", model.state_dict(), meta=meta)
+    Image.new("RGB", (48, 40), (90, 120, 30)).save(tmp_path / "img.png")
+    return str(tmp_path / "ckpt.npz"), str(tmp_path / "img.png"), model, meta
+
+
+@pytest.mark.parametrize("args, message", [
+    (["features", "IMG", "--scale", "0"], "--scale must be at least 1, got 0"),
+    (["scoremap", "IMG", "--scale", "-5"], "--scale must be at least 1, got -5"),
+    (["features", "IMG", "--max-channels", "-2"], "--max-channels must be at least 1"),
+    (["features", "missing.png"], "cannot read image missing.png: no such file"),
+    (["filters", "--weights", "missing.npz"], "missing.npz"),
+])
+def test_visualize_reports_bad_flags_and_files_in_one_line(small_checkpoint, capsys, args,
+                                                           message):
+    visualize = load_example("visualize")
+    ckpt, img, _, _ = small_checkpoint
+    args = [img if a == "IMG" else a for a in args]
+    if "--weights" not in args:
+        args += ["--weights", ckpt]
+    assert visualize.main(args) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_visualize_refuses_nan_weights_and_damaged_files_without_the_pickle_hint(
+        small_checkpoint, tmp_path, capsys):
+    visualize = load_example("visualize")
+    ckpt, img, model, meta = small_checkpoint
+    state = model.state_dict()
+    state["conv1_1.weight"][0] = np.nan
+    checkpoint.save(tmp_path / "nan.npz", state, meta=meta)
+    assert visualize.main(["filters", "--weights", str(tmp_path / "nan.npz")]) == 2
+    assert "hold NaN or Inf; refusing to draw them" in one_error_line(capsys)
+    np.savez(tmp_path / "objects.npz", w=np.array([{"code": 1}], dtype=object))
+    assert visualize.main(["filters", "--weights", str(tmp_path / "objects.npz")]) == 2
+    assert "Python objects" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "-1"], "-p/--print-freq must be 0 (no progress) or more, got -1"),
+    (["-b", "1"], "--batch-size must be at least 2"),
+    (["--scales", "0"], "test scales must be positive"),
+    (["--device", "tpu"], "tpu"),
+])
+def test_evaluate_reports_bad_flags_in_one_line(small_checkpoint, tmp_path, capsys, args,
+                                                message):
+    evaluate_imagenet = load_example("evaluate_imagenet")
+    ckpt = small_checkpoint[0]
+    assert evaluate_imagenet.cli([ckpt, "--data", str(tmp_path), *args]) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing input", "no such file"),
+    ("not .npz", "the output must end in .npz"),
+    ("missing folder", "No such file or directory"),
+    ("bad config", "unknown VGG configuration 'Z'"),
+])
+def test_pretrained_convert_reports_mistakes_in_one_line(small_checkpoint, tmp_path, capsys,
+                                                         case, message):
+    from minivgg import pretrained
+    ckpt = small_checkpoint[0]
+    args = {"missing input": ["convert", str(tmp_path / "none.pth"), str(tmp_path / "o.npz")],
+            "not .npz": ["convert", ckpt, str(tmp_path / "o.txt")],
+            "missing folder": ["convert", ckpt, str(tmp_path / "no" / "o.npz")],
+            "bad config": ["convert", ckpt, str(tmp_path / "o.npz"), "--config", "Z"]}[case]
+    assert pretrained.main(args) == 2
+    assert message in one_error_line(capsys)
+    assert not any(name.endswith(".tmp.npz") for name in os.listdir(tmp_path))

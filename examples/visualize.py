@@ -197,8 +197,8 @@ def cmd_filters(args):
 
 
 def cmd_features(args):
+    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
     model, normalise = load_weights(args.weights, args.config)
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)
     maps = layer_output(model, normalise(img)[None], args.layer)[0]  # (C, h, w)
     shown = maps[:args.max_channels]
     print(f"{args.layer}: output {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}, "
@@ -209,8 +209,8 @@ def cmd_features(args):
 
 
 def cmd_scoremap(args):
+    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
     model, normalise = load_weights(args.weights, args.config)
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)
     scores = class_score_map(model, normalise(img))
     if scores.shape[0] == 1000:
         names = imagenet_classes()

@@ -486,7 +486,8 @@ def small_checkpoint(tmp_path):
     (["features", "IMG", "--scale", "0"], "--scale must be at least 1, got 0"),
     (["scoremap", "IMG", "--scale", "-5"], "--scale must be at least 1, got -5"),
     (["features", "IMG", "--max-channels", "-2"], "--max-channels must be at least 1"),
-    (["features", "missing.png"], "cannot read image missing.png: no such file"),
+    (["features", "missing.png", "--weights", "none.npz"],  # the image is read first
+     "cannot read image missing.png: no such file"),
     (["filters", "--weights", "missing.npz"], "missing.npz"),
 ])
 def test_visualize_reports_bad_flags_and_files_in_one_line(small_checkpoint, capsys, args,

@@ -186,8 +186,6 @@ def torch_layer(kind, spec, batch, device, seed):
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads)
-    if args.device == "cuda" and args.tf32 == "on":
-        os.environ["CUPY_TF32"] = "1"  # CuPy reads it at import: cuBLAS may use TF32
     import numpy as np
     import torch
     torch.set_num_threads(args.threads)
@@ -196,8 +194,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
         from minivgg import backend
         backend.require_cuda()
-        if hasattr(backend, "set_tf32"):  # the GPU backend's switch, where it exists
-            backend.set_tf32(args.tf32 == "on")
+        backend.set_tf32(args.tf32 == "on")  # minivgg's switch; it overrides CUPY_TF32
     batch = args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
     wanted = [w for w in args.only.split(",") if w]
     passes = [p for p in args.passes.split(",") if p]

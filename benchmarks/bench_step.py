@@ -104,6 +104,9 @@ def minivgg_worker(args, case, batch):
     import numpy as np
     import minivgg
     from minivgg import Tensor, functional as F, models, optim
+    if args.device == "cuda":
+        # NOTE: minivgg's one TF32 switch; CuPy's CUPY_TF32 variable is overridden by it.
+        minivgg.backend.set_tf32(args.tf32 == "on")
     base = rss_mb()
     config, width, fc_width, classes, size, _, _ = CASES[case]
     model = models.vgg(config, classes, width, fc_width, size, init="glorot", seed=0)
@@ -210,10 +213,7 @@ def run_worker(args, lib, case, batch):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--case", case,
            "--batch", str(batch), "--device", args.device, "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--tf32", args.tf32]
-    env = dict(os.environ)
-    if args.device == "cuda" and args.tf32 == "on":
-        env["CUPY_TF32"] = "1"
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{lib} worker for {case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,6 +14,7 @@ memory, and only then can it run asynchronously, beside the kernels. So each bat
 
 So batch k+1 crosses the bus while the GPU computes step k: one batch ahead, which is all
 the overlap a training step needs (a VGG step takes far longer than one batch's copy).
+A consumer that stops early costs one wait for the copy in flight (see the `finally`).
 """
 
 import numpy as np
@@ -29,13 +30,20 @@ def to_device_batches(batches, device):
         return
     prefetcher = _CudaPrefetcher(backend.require_cuda())
     pending = None
-    for batch in batches:
-        started = prefetcher.start(batch)
+    try:
+        for batch in batches:
+            started = prefetcher.start(batch)
+            if pending is not None:
+                yield prefetcher.finish(pending)
+            pending = started
         if pending is not None:
             yield prefetcher.finish(pending)
-        pending = started
-    if pending is not None:
-        yield prefetcher.finish(pending)
+    finally:
+        # NOTE: a consumer that stops early (`break`, TrainingDiverged) leaves the next
+        # batch's copy in flight. Its device arrays go back to the memory pool when this
+        # generator dies, and the pool may hand them out while the copy still writes into
+        # them: wait for the side stream first.
+        prefetcher.stream.synchronize()
 
 
 class _CudaPrefetcher:

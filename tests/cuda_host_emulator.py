@@ -9,13 +9,18 @@ tests execute both here:
 * a generated launcher per kernel runs every (block, thread) of the grid one after another.
   That is exact for these kernels: each thread writes only its own outputs, and none uses
   shared memory or `__syncthreads`;
-* `kernels/cuda.py` is loaded with a stand-in `cupy` module made of NumPy plus a `RawModule`
-  that hands out those launchers. The launcher checks every argument against the kernel's
-  C parameter list (a NumPy array of the right dtype for a pointer, a NumPy scalar of the
-  exact width for a scalar), so a Python int passed where the kernel wants `int` is caught.
+* `kernels/cuda.py` is loaded with `standin_cupy` in place of `cupy` (device arrays of
+  their own type, a poisoning memory pool, a stream checker: see that module) plus a
+  `RawModule` that hands out those launchers. The launcher checks every argument against the
+  kernel's C parameter list (a device array of the right dtype for a pointer, a NumPy scalar
+  of the exact width for a scalar), so a Python int passed where the kernel wants `int` is
+  caught, and passes arrays as bare addresses, strides ignored, as CuPy does;
+* with MINIVGG_EMULATOR_SANITIZE=1 in the environment the kernels are built with
+  AddressSanitizer and UndefinedBehaviorSanitizer (test_cuda_standin.py runs the
+  emulated tests so, with libasan preloaded).
 
 What it cannot show: speed, races between threads, or NVRTC-specific compile errors (the
-nvcc test in test_cuda_compile.py covers the last).
+nvcc and NVRTC tests in test_cuda_compile.py cover the last).
 """
 
 import ctypes
@@ -27,9 +32,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 
 import numpy as np
+
+import standin_cupy as standin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_PY = os.path.join(ROOT, "kernels", "cuda.py")
@@ -45,6 +51,12 @@ static Index3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 using std::exp; using std::log; using std::max; using std::min; using std::pow;
 """
+
+# Sanitizers for the host build, when asked for; errors abort the process, so they cannot
+# pass unnoticed.
+SANITIZE = (["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+             "-fno-omit-frame-pointer", "-g"]
+            if os.environ.get("MINIVGG_EMULATOR_SANITIZE") == "1" else [])
 
 # C parameter type (after T is replaced) -> NumPy dtype of the argument, or of the array
 # a pointer points to. A pointer to pointers is an array of uint64 device addresses.
@@ -96,7 +108,13 @@ def _expected_dtype(ctype):
 
 
 class EmulatedKernel:
-    """A compiled launcher, called like a `cupy.RawKernel`: kernel(grid, block, args)."""
+    """A compiled launcher, called like a `cupy.RawKernel`: kernel(grid, block, args).
+
+    As CuPy does, it passes each device array as the address of its first element, strides
+    ignored. It also checks what CuPy cannot: every argument against the kernel's C type,
+    and, for the stand-in's stream checker, which blocks the launch reads (`const T*`) and
+    writes (`T*`), including the blocks a table of pointers (`T* const*`) points to.
+    """
 
     def __init__(self, function, name, params, t):
         self.function, self.name, self.t = function, name, t
@@ -106,26 +124,38 @@ class EmulatedKernel:
         if len(args) != len(self.params):
             raise TypeError(f"{self.name}<{self.t}>: {len(args)} arguments for "
                             f"{len(self.params)} parameters")
-        keep, pointers = [], []
+        values, reads, writes = [], [], []
         for arg, (ctype, pname) in zip(args, self.params):
             is_pointer, dtype = _expected_dtype(ctype)
             where = f"{self.name}<{self.t}> parameter {pname} ({ctype})"
             if is_pointer:
-                if not isinstance(arg, np.ndarray) or arg.dtype != dtype:
-                    raise TypeError(f"{where}: expected a {np.dtype(dtype)} array, got "
-                                    f"{type(arg).__name__} {getattr(arg, 'dtype', '')}")
-                if not arg.flags.c_contiguous:
-                    raise ValueError(f"{where}: array is not C-contiguous")
-                value = ctypes.c_void_p(arg.ctypes.data)
+                if not isinstance(arg, standin.ndarray) or arg.dtype != dtype:
+                    raise TypeError(f"{where}: expected a {np.dtype(dtype)} device array, "
+                                    f"got {type(arg).__name__} {getattr(arg, 'dtype', '')}")
+                value = ctypes.c_void_p(arg.data.ptr)
+                touched = [arg._mem]
+                if ctype.count("*") == 2:  # a table of device pointers, read by the kernel
+                    reads.append(arg._mem)
+                    touched = [_block_at(address, where) for address in arg._a]
+                (reads if ctype.startswith("const") else writes).extend(touched)
             else:
                 if not isinstance(arg, np.generic) or arg.dtype != dtype:
                     raise TypeError(f"{where}: expected a NumPy {np.dtype(dtype)} scalar, "
                                     f"got {type(arg).__name__} {arg!r}")
                 value = np.array(arg, dtype=dtype)  # a buffer holding the value
-            keep.append(value)
-            pointers.append(ctypes.addressof(value) if is_pointer else value.ctypes.data)
+            values.append(value)
+        pointers = [ctypes.addressof(v) if isinstance(v, ctypes.c_void_p) else v.ctypes.data
+                    for v in values]
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
-        self.function(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+        standin._issue(reads, writes, lambda: self.function(
+            ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv))
+
+
+def _block_at(address, where):
+    memory = standin.get_default_memory_pool().find(int(address))
+    if memory is None:
+        raise TypeError(f"{where}: table entry {int(address):#x} is not a device address")
+    return memory
 
 
 class HostRawModule:
@@ -146,7 +176,7 @@ class HostRawModule:
             with open(src, "w") as f:
                 f.write(source)
             subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
-                            "-Wno-unused-function", "-o", lib, src],
+                            "-Wno-unused-function", *SANITIZE, "-o", lib, src],
                            check=True, capture_output=True, text=True)
         self.lib = ctypes.CDLL(lib)
         self.name_expressions = list(name_expressions)
@@ -159,23 +189,17 @@ class HostRawModule:
                               self.signatures[name], t)
 
 
-def _fake_cupy():
-    """NumPy dressed as CuPy, with the RawModule above."""
-    fake = types.ModuleType("cupy")
-    fake.__getattr__ = lambda name: getattr(np, name)
-    fake.RawModule = HostRawModule
-    return fake
-
-
 def have_compiler():
     return shutil.which("g++") is not None
 
 
 def load_emulated_cuda_kernels():
     """`kernels/cuda.py` as a module running on NumPy arrays with host-compiled kernels."""
-    HostRawModule.build_dir = tempfile.mkdtemp(prefix="minivgg-cuda-emulation-")
+    if HostRawModule.build_dir is None:  # one per process: each test module loads its own
+        HostRawModule.build_dir = tempfile.mkdtemp(prefix="minivgg-cuda-emulation-")
+    standin.RawModule = HostRawModule
     saved = sys.modules.get("cupy")
-    sys.modules["cupy"] = _fake_cupy()
+    sys.modules["cupy"] = standin
     try:
         spec = importlib.util.spec_from_file_location("minivgg_cuda_emulated", CUDA_PY)
         module = importlib.util.module_from_spec(spec)
@@ -185,7 +209,19 @@ def load_emulated_cuda_kernels():
             del sys.modules["cupy"]
         else:
             sys.modules["cupy"] = saved
-    # NumPy arrays have no `.data.ptr`; on the host a device address is the host address.
-    module._pointer_table = lambda arrays: np.array([a.ctypes.data for a in arrays],
-                                                    dtype=np.uint64)
     return module
+
+
+def use_standin(monkeypatch, module):
+    """Make minivgg's "cuda" device the stand-in for one test: `backend` imports it as CuPy
+    and registers its arrays, and `module` (the emulated kernels/cuda.py) is the kernel
+    table it hands out for them. Everything is undone after the test."""
+    from minivgg import backend
+    standin.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "minivgg.kernels.cuda", module)
+    monkeypatch.setattr(sys.modules["minivgg.kernels"], "cuda", module, raising=False)
+    for name in ("_BACKENDS", "_BY_NAME"):  # a private copy of the registry
+        monkeypatch.setattr(backend, name, dict(getattr(backend, name)))
+    for name in ("_cupy", "_cupy_error", "_tf32_supported"):
+        monkeypatch.setattr(backend, name, None)
+    assert backend.cuda_available()

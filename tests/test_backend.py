@@ -1,8 +1,8 @@
 """minivgg.backend: the registry of devices, device names, and the TF32 switch.
 
-The CUDA cases run on the stand-in cupy of the emulation tests (NumPy dressed as CuPy,
-cuda_host_emulator._fake_cupy), given here a device array type of its own, a device count,
-a current device and a compute capability, so no GPU is needed.
+The CUDA cases run on the stand-in cupy of the emulation tests (tests/standin_cupy.py: a
+device array type of its own), given here a device count, a current device and a compute
+capability, so no GPU is needed.
 """
 
 import sys
@@ -11,13 +11,11 @@ import types
 import numpy as np
 import pytest
 
-from cuda_host_emulator import _fake_cupy
+import standin_cupy as standin
 from minivgg import backend
 from minivgg.kernels import cpu
 
-
-class DeviceArray(np.ndarray):
-    """The stand-in's device array: a NumPy array of a type of its own."""
+DeviceArray = standin.ndarray  # the stand-in's device array
 
 
 @pytest.fixture
@@ -28,33 +26,25 @@ def registry(monkeypatch):
 
 
 def stand_in_cupy(monkeypatch, devices=2, current=0, capability="80"):
-    """Install the stand-in cupy with `devices` GPUs of `capability`; returns it. Records
-    the cuBLAS compute type set for float32 in `fake.compute_types`."""
-    fake = _fake_cupy()
-    fake.ndarray = DeviceArray
-    fake.asarray = lambda a, dtype=None: np.asarray(a, dtype=dtype).view(DeviceArray)
-    fake.asnumpy = lambda a: np.asarray(a).view(np.ndarray)
-    fake.random = types.SimpleNamespace(seed=lambda seed: None)
+    """Install the stand-in cupy with `devices` GPUs of `capability`; returns it. Its
+    `_core.get_compute_type(np.float32)` tells the cuBLAS compute type set for float32."""
+    standin.install(monkeypatch)
     runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: current)
-    fake.cuda = types.SimpleNamespace(
-        runtime=runtime,
-        Device=lambda i=None: types.SimpleNamespace(compute_capability=capability))
-    linalg = types.ModuleType("cupy._core._routines_linalg")
-    linalg.COMPUTE_TYPE_DEFAULT, linalg.COMPUTE_TYPE_TF32 = "default", "tf32"
-    fake.compute_types = []
-    core = types.ModuleType("cupy._core")
-    core._routines_linalg = linalg
-    core.set_compute_type = lambda dtype, t: fake.compute_types.append((np.dtype(dtype), t))
-    fake._core = core
-    for name, module in (("cupy", fake), ("cupy._core", core),
-                         ("cupy._core._routines_linalg", linalg)):
-        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(standin.cuda, "runtime", runtime)
+    monkeypatch.setattr(standin.Device, "compute_capability", capability)
+    monkeypatch.setattr(standin, "_compute_types", {})
     monkeypatch.setattr(backend, "_cupy", None)
     monkeypatch.setattr(backend, "_cupy_error", None)
     monkeypatch.setattr(backend, "_tf32", False)
     monkeypatch.setattr(backend, "_tf32_supported", None)
     assert backend.cuda_available()
-    return fake
+    return standin
+
+
+def _float32_compute_type(fake):
+    linalg = fake._core._routines_linalg
+    names = {linalg.COMPUTE_TYPE_DEFAULT: "default", linalg.COMPUTE_TYPE_TF32: "tf32"}
+    return names[fake._core.get_compute_type(np.float32)]
 
 
 def test_a_new_backend_is_one_registry_entry(registry):
@@ -95,12 +85,12 @@ def test_tf32_on_a_gpu_without_it_warns_and_reports_fp32(monkeypatch, registry):
     with pytest.warns(RuntimeWarning, match="compute capability 8.0"):
         backend.set_tf32(True)
     assert not backend.tf32_enabled()
-    assert fake.compute_types[-1] == (np.dtype(np.float32), "default")
+    assert _float32_compute_type(fake) == "default"
 
 
 def test_tf32_on_an_ampere_gpu_is_on_and_off_as_asked(monkeypatch, registry):
     fake = stand_in_cupy(monkeypatch, capability="80")
     backend.set_tf32(True)
-    assert backend.tf32_enabled() and fake.compute_types[-1][1] == "tf32"
+    assert backend.tf32_enabled() and _float32_compute_type(fake) == "tf32"
     backend.set_tf32(False)
-    assert not backend.tf32_enabled() and fake.compute_types[-1][1] == "default"
+    assert not backend.tf32_enabled() and _float32_compute_type(fake) == "default"

@@ -3,6 +3,9 @@
 * Every CUDA source compiles with nvcc for sm_80 (A100) and sm_90 (H100), warnings as errors,
   with every kernel instantiated for float and double as `kernels/cuda.py` asks NVRTC to.
   Skipped only where nvcc is absent.
+* The same sources compile through NVRTC the way `cupy.RawModule` compiles them at run time,
+  with CuPy's own compiler options (CuPy and nvidia-cuda-nvrtc installed; no GPU needed).
+  CI installs both for this test; elsewhere it skips without them.
 * `kernels/cuda.py` is a true twin of the `kernels/cpu/` package: both offer the entry points
   of `kernels/common.py`'s ENTRY_POINTS (all the ops call) with the same parameters, and
   every kernel cuda.py names exists in its `.cu` file with the parameter names of the
@@ -170,38 +173,68 @@ def test_cuda_source_compiles_with_nvcc_for_sm80_and_sm90(filename, tmp_path):
     assert (tmp_path / "out.fatbin").stat().st_size > 0
 
 
-def _load_nvrtc():
-    """CuPy's NVRTC binding with a loadable libnvrtc, or None (then the test skips)."""
+def _cupy_compiler():
+    """CuPy's compiler module with a loadable libnvrtc, or None (then the test skips).
+
+    CI sets MINIVGG_REQUIRE_NVRTC=1 after installing cupy-cuda13x and nvidia-cuda-nvrtc, so
+    a broken install fails there instead of skipping.
+    """
     try:
+        from cupy.cuda import compiler
         from cupy_backends.cuda.libs import nvrtc
         nvrtc.getVersion()
     except Exception:  # no CuPy, or CuPy without libnvrtc (pip install nvidia-cuda-nvrtc)
+        if os.environ.get("MINIVGG_REQUIRE_NVRTC") == "1":
+            raise
         return None
-    return nvrtc
+    return compiler
+
+
+class _Compiled(Exception):
+    """Raised by the spy below with NVRTC's result, before CuPy would load it on a GPU."""
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_sources_compile_with_nvrtc_as_cupy_loads_them(arch):
-    """The path the GPU takes at run time: kernels/cuda.py's source text (header pasted in)
-    and name expressions, through NVRTC, which needs no GPU to compile."""
-    nvrtc = _load_nvrtc()
-    if nvrtc is None:
+def test_cuda_sources_compile_with_nvrtc_as_cupy_rawmodule_does(arch, monkeypatch):
+    """The path the GPU takes at run time, run up to the GPU: kernels/cuda.py's source text
+    and name expressions go through `cupy._core.core.compile_with_cache` with the arguments
+    `cupy.RawModule` gives it, so CuPy adds its own options (its include paths, --std=c++17,
+    -ftz=true, -arch, --device-as-default-execution-space) and calls NVRTC, which needs no
+    GPU. Two things are stubbed: the GPU's architecture (`arch` instead), and loading the
+    compiled binary on it (a spy stops there with NVRTC's result).
+    """
+    compiler = _cupy_compiler()
+    if compiler is None:
         pytest.skip("CuPy's NVRTC binding or libnvrtc is not installed")
     import importlib.util
+    import io
+    import cupy
     spec = importlib.util.spec_from_file_location("cuda_table_source",
                                                   os.path.join(KERNELS_DIR, "cuda.py"))
     cuda = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda)  # imports cupy, which is installed if nvrtc loaded
+
+    nvrtc = compiler._compile_using_nvrtc_no_warning
+
+    def spy(source, options, *args, **kwargs):
+        raise _Compiled(options, nvrtc(source, options, *args, **kwargs))
+
+    monkeypatch.setattr(compiler, "_compile_using_nvrtc_no_warning", spy)
+    monkeypatch.setattr(compiler, "_get_arch", lambda: arch)
+    # NOTE: CuPy asks the driver for the newest arch it supports to choose a cubin over PTX
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc",
+                        lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
+    monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")  # no cached binary to load
     for filename, names in cuda.KERNELS.items():
-        program = nvrtc.createProgram(cuda.read_source(filename), filename, [], [])
-        expressions = [f"{n}<{t}>" for n in names for t in cuda.C_TYPES.values()]
-        for expression in expressions:
-            nvrtc.addNameExpression(program, expression)
-        try:
-            nvrtc.compileProgram(program, ["-std=c++17", f"-arch=sm_{arch}"])
-        except Exception:
-            pytest.fail(f"NVRTC failed on {filename}:\n{nvrtc.getProgramLog(program)}")
-        assert nvrtc.getProgramLog(program).strip() == "", nvrtc.getProgramLog(program)
-        assert all(nvrtc.getLoweredName(program, e) for e in expressions)
-        assert len(nvrtc.getCUBIN(program)) > 0
-        nvrtc.destroyProgram(program)
+        expressions = tuple(f"{n}<{t}>" for n in names for t in cuda.C_TYPES.values())
+        log = io.StringIO()
+        with pytest.raises(_Compiled) as compiled:
+            cupy._core.core.compile_with_cache(
+                cuda.read_source(filename), (), prepend_cupy_headers=False, backend="nvrtc",
+                translate_cucomplex=False, enable_cooperative_groups=False,
+                name_expressions=expressions, log_stream=log, jitify=False)
+        options, (cubin, mapping) = compiled.value.args
+        assert "-ftz=true" in options  # CuPy's own options were used
+        assert log.getvalue().strip() == "", f"NVRTC on {filename}:\n{log.getvalue()}"
+        assert all(mapping.get(e) for e in expressions), (filename, mapping)
+        assert len(cubin) > 0

@@ -1,18 +1,22 @@
 """The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu/.
 
 No GPU needed: `cuda_host_emulator` compiles `kernels/cuda/*.cu` with g++ and loads
-`kernels/cuda.py` on NumPy arrays, so these tests check the CUDA kernels' index arithmetic
-and the launch code (argument order and C types) in CI. On a GPU machine, test_gpu.py runs
-the same comparisons on the real device.
+`kernels/cuda.py` on the stand-in CuPy (`standin_cupy`), so these tests check the CUDA
+kernels' index arithmetic and the launch code (argument order and C types) in CI. Inputs go
+to the "device" with `dev` and come back with `host`, as they would with CuPy. On a GPU
+machine, test_gpu.py runs the same comparisons on the real device.
+test_cuda_standin.py holds the checks of the stand-in's own strictness.
 """
 
 import numpy as np
 import pytest
 
 from conftest import assert_close
-from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels
+import standin_cupy as standin
+from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels, use_standin
 from minivgg.kernels import common, cpu
 from minivgg.kernels.cpu import conv as cpu_conv
+from standin_cupy import asarray as dev, asnumpy as host
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="g++ not found")
 
@@ -39,8 +43,16 @@ POOL_CASES = {
 
 @pytest.fixture(scope="module")
 def gpu():
-    """`kernels/cuda.py` running on NumPy arrays with host-compiled CUDA kernels."""
+    """`kernels/cuda.py` running on the stand-in CuPy with host-compiled CUDA kernels."""
     return load_emulated_cuda_kernels()
+
+
+@pytest.fixture(autouse=True)
+def no_stream_hazards():
+    """Every test starts with fresh streams and ends with no hazard reported by the pool."""
+    standin.reset()
+    yield
+    assert not standin.hazards, standin.hazards
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -48,10 +60,10 @@ def gpu():
 def test_cuda_im2col_and_col2im_match_cpu(case, dtype, gpu, rng):
     shape, (KH, KW), (SH, SW), (PH, PW) = CONV_CASES[case]
     x = rng.normal(size=shape).astype(dtype)
-    cols = gpu.im2col(x, KH, KW, SH, SW, PH, PW)
+    cols = host(gpu.im2col(dev(x), KH, KW, SH, SW, PH, PW))
     np.testing.assert_array_equal(cols, cpu.im2col(x, KH, KW, SH, SW, PH, PW))
     g = rng.normal(size=cols.shape).astype(dtype)
-    assert_close(gpu.col2im(g, shape, KH, KW, SH, SW, PH, PW),
+    assert_close(host(gpu.col2im(dev(g), shape, KH, KW, SH, SW, PH, PW)),
                  cpu.col2im(g, shape, KH, KW, SH, SW, PH, PW), "conv2d", dtype)
 
 
@@ -62,12 +74,12 @@ def test_cuda_conv2d_forward_and_backward_match_cpu(case, dtype, gpu, rng):
     x = rng.normal(size=shape).astype(dtype)
     W = rng.normal(size=(5, shape[1], KH, KW)).astype(dtype)
     b = rng.normal(size=5).astype(dtype)
-    y = gpu.conv2d_forward(x, W, b, stride, padding)
+    y = host(gpu.conv2d_forward(dev(x), dev(W), dev(b), stride, padding))
     assert_close(y, cpu.conv2d_forward(x, W, b, stride, padding), "conv2d", dtype)
     gy = rng.normal(size=y.shape).astype(dtype)
-    for got, want in zip(gpu.conv2d_backward(x, W, gy, stride, padding, True),
+    for got, want in zip(gpu.conv2d_backward(dev(x), dev(W), dev(gy), stride, padding, True),
                          cpu.conv2d_backward(x, W, gy, stride, padding, True)):
-        assert_close(got, want, "conv2d", dtype)
+        assert_close(host(got), want, "conv2d", dtype)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 18 * 25 * 4 // 2])  # row bands; 1.5 images
@@ -78,11 +90,11 @@ def test_cuda_conv2d_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch,
     gy = rng.normal(size=(3, 4, 5, 5)).astype(np.float32)
     monkeypatch.setattr(gpu, "IM2COL_CHUNK_BYTES", chunk_bytes)
     assert len(common.conv_chunks(3, 5, 5, 18, 4, gpu.IM2COL_CHUNK_BYTES)) > 1
-    assert_close(gpu.conv2d_forward(x, W, b, (1, 1), (1, 1)),
+    assert_close(host(gpu.conv2d_forward(dev(x), dev(W), dev(b), (1, 1), (1, 1))),
                  cpu.conv2d_forward(x, W, b, (1, 1), (1, 1)), "conv2d", np.float32)
-    for got, want in zip(gpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), True),
+    for got, want in zip(gpu.conv2d_backward(dev(x), dev(W), dev(gy), (1, 1), (1, 1), True),
                          cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), True)):
-        assert_close(got, want, "conv2d", np.float32)
+        assert_close(host(got), want, "conv2d", np.float32)
 
 
 @pytest.mark.parametrize("n0, n1, oy0, oy1", [(0, 2, 0, 4), (1, 2, 1, 3), (0, 1, 3, 4)])
@@ -92,23 +104,23 @@ def test_cuda_chunk_moves_match_cpu(n0, n1, oy0, oy1, gpu, rng):
     KH, KW, SH, SW, PH, PW = 3, 2, 2, 1, 1, 0
     OW = common.conv_output_size(7, KW, SW, PW)  # OH = 4
     P = (n1 - n0) * (oy1 - oy0) * OW
-    cols, cols_cpu = np.empty((3 * KH * KW, P)), np.empty((3 * KH * KW, P))
-    gpu.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+    cols, cols_cpu = standin.empty((3 * KH * KW, P)), np.empty((3 * KH * KW, P))
+    gpu.im2col_chunk(dev(x), n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
     cpu_conv.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols_cpu)
-    np.testing.assert_array_equal(cols, cols_cpu)
-    gx, gx_cpu = np.ones(x.shape), np.ones(x.shape)  # both add into what is there
+    np.testing.assert_array_equal(host(cols), cols_cpu)
+    gx, gx_cpu = standin.ones(x.shape), np.ones(x.shape)  # both add into what is there
     gpu.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
-    cpu_conv.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx_cpu)
-    assert_close(gx, gx_cpu, "conv2d", np.float64)
+    cpu_conv.col2im_chunk(cols_cpu, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx_cpu)
+    assert_close(host(gx), gx_cpu, "conv2d", np.float64)
     ycols, b = rng.normal(size=(5, P)), rng.normal(size=5)
-    y, y_cpu = np.zeros((2, 5, 4, OW)), np.zeros((2, 5, 4, OW))
-    gpu.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
+    y, y_cpu = standin.zeros((2, 5, 4, OW)), np.zeros((2, 5, 4, OW))
+    gpu.cols_to_nchw(dev(ycols), dev(b), n0, n1, oy0, oy1, y)
     cpu_conv.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y_cpu)
-    np.testing.assert_array_equal(y, y_cpu)
-    back, back_cpu = np.empty((5, P)), np.empty((5, P))
+    np.testing.assert_array_equal(host(y), y_cpu)
+    back, back_cpu = standin.empty((5, P)), np.empty((5, P))
     gpu.nchw_to_cols(y, n0, n1, oy0, oy1, back)
-    cpu_conv.nchw_to_cols(y, n0, n1, oy0, oy1, back_cpu)
-    np.testing.assert_array_equal(back, back_cpu)
+    cpu_conv.nchw_to_cols(y_cpu, n0, n1, oy0, oy1, back_cpu)
+    np.testing.assert_array_equal(host(back), back_cpu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,12 +129,12 @@ def test_cuda_max_pool2d_forward_and_backward_match_cpu(case, dtype, gpu, rng):
     shape, kernel_size, stride = POOL_CASES[case]
     # NOTE: values from a small set, so windows hold ties and the tie rule is exercised
     x = rng.integers(-3, 4, size=shape).astype(dtype)
-    y, argmax = gpu.max_pool2d_forward(x, kernel_size, stride)
+    y, argmax = gpu.max_pool2d_forward(dev(x), kernel_size, stride)
     y_cpu, argmax_cpu = cpu.max_pool2d_forward(x, kernel_size, stride)
-    np.testing.assert_array_equal(y, y_cpu)
-    np.testing.assert_array_equal(argmax, argmax_cpu)
+    np.testing.assert_array_equal(host(y), y_cpu)
+    np.testing.assert_array_equal(host(argmax), argmax_cpu)
     gy = rng.normal(size=y.shape).astype(dtype)
-    assert_close(gpu.max_pool2d_backward(gy, argmax, shape, kernel_size, stride),
+    assert_close(host(gpu.max_pool2d_backward(dev(gy), argmax, shape, kernel_size, stride)),
                  cpu.max_pool2d_backward(gy, argmax_cpu, shape, kernel_size, stride),
                  "max_pool2d", dtype)
 
@@ -131,10 +143,11 @@ def test_cuda_max_pool2d_forward_and_backward_match_cpu(case, dtype, gpu, rng):
 def test_cuda_relu_forward_and_backward_match_cpu(dtype, gpu, rng):
     x = rng.normal(size=(2, 3, 4, 5)).astype(dtype)
     x[0, 0, 0, :3] = [0.0, -0.0, np.nan]  # the NOTE cases: exact zeros and a NaN
-    y = gpu.relu_forward(x)
-    np.testing.assert_array_equal(y, cpu.relu_forward(x))
+    y = gpu.relu_forward(dev(x))
+    np.testing.assert_array_equal(host(y), cpu.relu_forward(x))
     gy = rng.normal(size=x.shape).astype(dtype)
-    np.testing.assert_array_equal(gpu.relu_backward(y, gy), cpu.relu_backward(y, gy))
+    np.testing.assert_array_equal(host(gpu.relu_backward(y, dev(gy))),
+                                  cpu.relu_backward(host(y), gy))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,12 +155,12 @@ def test_cuda_relu_forward_and_backward_match_cpu(dtype, gpu, rng):
 def test_cuda_lrn_forward_and_backward_match_cpu(size, channels, dtype, gpu, rng):
     x = rng.normal(size=(2, channels, 3, 4)).astype(dtype)
     alpha, beta, k = 1e-2, 0.75, 2.0  # alpha large enough that the sum matters
-    y, scale = gpu.lrn_forward(x, size, alpha, beta, k)
+    y, scale = gpu.lrn_forward(dev(x), size, alpha, beta, k)
     y_cpu, scale_cpu = cpu.lrn_forward(x, size, alpha, beta, k)
-    assert_close(y, y_cpu, "local_response_norm", dtype)
-    assert_close(scale, scale_cpu, "local_response_norm", dtype)
+    assert_close(host(y), y_cpu, "local_response_norm", dtype)
+    assert_close(host(scale), scale_cpu, "local_response_norm", dtype)
     gy = rng.normal(size=x.shape).astype(dtype)
-    assert_close(gpu.lrn_backward(x, y, scale, gy, size, alpha, beta),
+    assert_close(host(gpu.lrn_backward(dev(x), y, scale, dev(gy), size, alpha, beta)),
                  cpu.lrn_backward(x, y_cpu, scale_cpu, gy, size, alpha, beta),
                  "local_response_norm", dtype)
 
@@ -157,13 +170,13 @@ def test_cuda_softmax_cross_entropy_matches_cpu(dtype, gpu, rng):
     logits = (rng.normal(size=(4, 7)) * 3).astype(dtype)
     logits[1] = [1000, -1000, 0, 999, 3, -2, 1]  # stays finite
     labels = np.array([0, 3, 6, 2], dtype=np.int64)
-    loss, probs = gpu.softmax_cross_entropy_forward(logits, labels)
+    loss, probs = gpu.softmax_cross_entropy_forward(dev(logits), dev(labels))
     loss_cpu, probs_cpu = cpu.softmax_cross_entropy_forward(logits, labels)
-    assert loss.dtype == dtype and np.isfinite(loss)
-    assert_close(loss, loss_cpu, "cross_entropy", dtype)
-    assert_close(probs, probs_cpu, "cross_entropy", dtype)
+    assert loss.dtype == dtype and np.isfinite(host(loss))
+    assert_close(host(loss), loss_cpu, "cross_entropy", dtype)
+    assert_close(host(probs), probs_cpu, "cross_entropy", dtype)
     gloss = np.asarray(0.5, dtype=dtype)
-    assert_close(gpu.softmax_cross_entropy_backward(probs, labels, gloss),
+    assert_close(host(gpu.softmax_cross_entropy_backward(probs, dev(labels), dev(gloss))),
                  cpu.softmax_cross_entropy_backward(probs_cpu, labels, gloss),
                  "cross_entropy", dtype)
 
@@ -181,14 +194,14 @@ def _splitmix64(seed, i):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_dropout_mask_is_splitmix64_thresholded_and_repeats_per_seed(dtype, gpu):
     p, shape = 0.3, (64, 50)
-    mask = gpu.dropout_mask(shape, p, np.dtype(dtype), np.random.default_rng(7))
+    mask = host(gpu.dropout_mask(shape, p, np.dtype(dtype), np.random.default_rng(7)))
     seed = np.random.default_rng(7).integers(0, 2**64, dtype=np.uint64)
     u = (_splitmix64(seed, np.arange(64 * 50)) >> np.uint64(40)).astype(np.float32) / 2**24
     expected = np.where(u >= np.float32(p), dtype(1 / (1 - p)), dtype(0)).reshape(shape)
     np.testing.assert_array_equal(mask, expected)
     assert mask.dtype == dtype
     assert abs((mask == 0).mean() - p) < 0.03
-    again = gpu.dropout_mask(shape, p, np.dtype(dtype), np.random.default_rng(7))
+    again = host(gpu.dropout_mask(shape, p, np.dtype(dtype), np.random.default_rng(7)))
     np.testing.assert_array_equal(mask, again)
 
 
@@ -199,10 +212,11 @@ def test_cuda_fused_sgd_update_matches_cpu_over_every_parameter(dtype, gpu, rng)
     grads = [rng.normal(size=s).astype(dtype) for s in shapes]
     velocities = [rng.normal(size=s).astype(dtype) for s in shapes]
     params_cpu, velocities_cpu = [a.copy() for a in params], [a.copy() for a in velocities]
-    gpu.sgd_update(params, grads, velocities, 0.1, 0.9, 5e-4)
+    params, velocities = [dev(a) for a in params], [dev(a) for a in velocities]
+    gpu.sgd_update(params, [dev(g) for g in grads], velocities, 0.1, 0.9, 5e-4)
     cpu.sgd_update(params_cpu, grads, velocities_cpu, 0.1, 0.9, 5e-4)
     for got, want in zip(params + velocities, params_cpu + velocities_cpu):
-        assert_close(got, want, "sgd", dtype)
+        assert_close(host(got), want, "sgd", dtype)
 
 
 def test_cuda_sgd_update_handles_mixed_dtypes_and_casts_gradients(gpu, rng):
@@ -210,50 +224,74 @@ def test_cuda_sgd_update_handles_mixed_dtypes_and_casts_gradients(gpu, rng):
     grads = [rng.normal(size=4), rng.normal(size=3).astype(np.float32)]  # swapped dtypes
     velocities = [np.zeros_like(p) for p in params]
     params_cpu, velocities_cpu = [a.copy() for a in params], [a.copy() for a in velocities]
-    gpu.sgd_update(params, grads, velocities, 0.1, 0.9, 5e-4)
+    params, velocities = [dev(a) for a in params], [dev(a) for a in velocities]
+    gpu.sgd_update(params, [dev(g) for g in grads], velocities, 0.1, 0.9, 5e-4)
     cpu.sgd_update(params_cpu, grads, velocities_cpu, 0.1, 0.9, 5e-4)
     for got, want in zip(params + velocities, params_cpu + velocities_cpu):
         assert got.dtype == want.dtype
-        assert_close(got, want, "sgd", got.dtype)
+        assert_close(host(got), want, "sgd", got.dtype)
 
 
 def test_emulated_launch_rejects_a_python_int_for_an_int_parameter(gpu):
     """The emulator's own check: CuPy would pass 3 as a 64-bit value to an `int`."""
-    x = np.zeros((1, 1, 2, 2), np.float32)
+    x = standin.zeros((1, 1, 2, 2), np.float32)
     kernel = gpu._kernel("relu_forward", np.float32)
     with pytest.raises(TypeError, match="count"):
         kernel((1,), (32,), (x, x, 4))
 
 
-def test_vgg_training_steps_through_the_cuda_kernel_table_match_cpu(gpu, monkeypatch, rng):
-    """Two SGD steps of a small VGG A-LRN (conv, LRN, pool, ReLU, fc, loss, fused SGD) with
-    every kernel call routed to the CUDA table."""
+def _train_steps(device, config, x, labels, steps=2, **vgg_args):
+    """`steps` SGD steps of `models.vgg(config, **vgg_args)` on `device`, dropout off (the
+    two devices draw different masks by design) -> (losses, state dict)."""
     import minivgg
     from minivgg import backend, functional as F, models, nn, optim
+    model = models.vgg(config, seed=0, **vgg_args).to(device)
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x = minivgg.Tensor(backend.to_device(x, device))
+    labels = backend.to_device(labels, device)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.item()))
+    return losses, model.state_dict()
 
-    x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
-    labels = np.array([1, 7])
 
-    def train(kernels_for):
-        monkeypatch.setattr(backend, "kernels_for", kernels_for)
-        model = models.vgg("A-LRN", num_classes=10, width=1 / 16, fc_width=16, input_size=32,
-                           seed=0)
-        for _, m in model.named_modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0  # the two tables draw different masks by design
-        opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        losses = []
-        for _ in range(2):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(minivgg.Tensor(x)), labels)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.item()))
-        return losses, model.state_dict()
-
-    cpu_kernels_for = backend.kernels_for
-    losses_gpu, state_gpu = train(lambda a: gpu)
-    losses_cpu, state_cpu = train(cpu_kernels_for)
+def _assert_same_training(got, want):
+    (losses_gpu, state_gpu), (losses_cpu, state_cpu) = got, want
     assert_close(np.array(losses_gpu), np.array(losses_cpu), "model", np.float32)
+    assert state_gpu.keys() == state_cpu.keys()
     for k in state_cpu:
         assert_close(state_gpu[k], state_cpu[k], "model", np.float32, k)
+
+
+def test_vgg_training_steps_through_the_cuda_kernel_table_match_cpu(gpu, monkeypatch, rng):
+    """Two SGD steps of a small VGG A-LRN (conv, LRN, pool, ReLU, fc, loss, fused SGD) with
+    the whole model on the stand-in "cuda" device."""
+    x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+    labels = np.array([1, 7])
+    small = dict(num_classes=10, width=1 / 16, fc_width=16, input_size=32)
+    want = _train_steps("cpu", "A-LRN", x, labels, **small)
+    use_standin(monkeypatch, gpu)
+    _assert_same_training(_train_steps("cuda", "A-LRN", x, labels, **small), want)
+
+
+@pytest.mark.slow
+def test_vgg16_training_steps_at_full_width_in_row_bands_match_cpu(gpu, monkeypatch, rng):
+    """VGG-16 (config D) at full width (64..512 channels, 4096-wide fc layers) on 32x32
+    inputs: two SGD steps on the stand-in, with an im2col budget so small that every conv
+    layer runs in bands of one to four output rows, against the CPU."""
+    x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+    labels = np.array([3, 8])
+    want = _train_steps("cpu", "D", x, labels, num_classes=10, input_size=32)
+    use_standin(monkeypatch, gpu)
+    monkeypatch.setattr(gpu, "IM2COL_CHUNK_BYTES", 16 * 2**10)
+    assert all(len(common.conv_chunks(2, s, s, c * 9, 4, gpu.IM2COL_CHUNK_BYTES)) > 2
+               for s, c in [(32, 3), (32, 64), (16, 128), (8, 256), (4, 512), (2, 512)])
+    _assert_same_training(_train_steps("cuda", "D", x, labels, num_classes=10,
+                                       input_size=32), want)

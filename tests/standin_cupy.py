@@ -1,0 +1,544 @@
+"""A stand-in `cupy` for CI: NumPy underneath, CuPy's rules on top, and a stream checker.
+
+`cuda_host_emulator.py` loads `kernels/cuda.py` (and, through `use_standin`, the whole of
+minivgg's "cuda" device) with this module in place of `cupy`. It is only as useful as it is
+strict, so it refuses what real CuPy refuses and reproduces what a GPU silently gets wrong:
+
+* device arrays are a type of their own (`ndarray`). `np.asarray(device_array)` raises
+  TypeError, as in CuPy; so does arithmetic that mixes a device and a NumPy array. `get()`,
+  `asnumpy` and `asarray` are the explicit copies. Reductions give 0-d device arrays.
+* memory comes from a pool (`MemoryPool`) that reuses blocks of the same size on the same
+  stream, as CuPy's does. Fresh and freed blocks are filled with 0xFF bytes, a NaN in float32
+  and float64 (-1 in integers): `empty` hands out NaNs, and a read of freed memory shows.
+* a raw kernel gets the address of an array's first element and nothing else (the launcher
+  is in cuda_host_emulator.py): strides are ignored, so a non-contiguous view passed to a
+  kernel is read as its raw memory, as on the GPU.
+* streams and events. Work issued to the current stream runs at once; a copy issued to
+  another stream (`a.set(host, stream=s)`) waits in that stream's queue until something is
+  ordered after it (a `synchronize`, or a `wait_event` followed by work on the waiting
+  stream): the latest a GPU may run it. Each stream keeps a vector clock of what it has
+  waited for. Every operation records which blocks it reads and writes on which stream, and
+  touching a block whose last write (or, for a write, last read) on another stream is not
+  ordered before it raises `StreamOrderError`. A block freed while such work is unordered
+  is reported in `hazards` (a destructor cannot raise); tests assert that list stays empty.
+
+NOTE: stricter than CUDA in one place: the null stream does not synchronise implicitly with
+other streams (CUDA's legacy default stream does, with blocking streams). minivgg only uses
+`non_blocking=True` side streams, for which the two agree.
+"""
+
+import sys
+import types
+import weakref
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+POISON = 0xFF  # every byte of a fresh or freed block: NaN as float32/float64, -1 as int
+
+hazards = []  # errors found while freeing blocks (see MemoryPool.free)
+
+
+class StreamOrderError(RuntimeError):
+    """Memory touched on one stream while work on another stream is not ordered before."""
+
+
+# ----------------------------------------------------------------------------------------
+# Streams and events: vector clocks
+# ----------------------------------------------------------------------------------------
+
+class Stream:
+    """A CUDA stream: a queue of deferred work and a clock {stream: ops it waited for}."""
+
+    null = None  # the default stream, set below
+    _current = []  # streams made current by `with stream:` / `use()`
+    all = weakref.WeakSet()  # every stream alive, for Device.synchronize
+
+    def __init__(self, null=False, non_blocking=False, ptr=0):
+        Stream.all.add(self)
+        self.seq = 0  # operations issued so far
+        self.waited = {}  # other stream -> last of its operations this stream is after
+        self.queue = []  # deferred (seq, clock at issue, fn)
+        self.non_blocking = non_blocking
+
+    def clock(self):
+        """What work on this stream is ordered after: its waits, the host's, its own ops."""
+        clock = _merge(dict(self.waited), _host_clock)
+        clock[self] = self.seq
+        return clock
+
+    def record(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        if event.clock is not None:
+            _merge(self.waited, event.clock)
+
+    def synchronize(self):
+        self.run_until(self.seq)
+        _merge(_host_clock, self.clock())
+
+    def run_until(self, seq):
+        """Run the deferred work numbered up to `seq`, after what each item waited for."""
+        while self.queue and self.queue[0][0] <= seq:
+            _, clock, fn = self.queue.pop(0)
+            _run_dependencies(self, clock)
+            fn()
+
+    def use(self):
+        Stream._current[:] = [self]
+        return self
+
+    def __enter__(self):
+        Stream._current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        Stream._current.pop()
+
+    def __repr__(self):
+        return "<null stream>" if self is Stream.null else f"<stream {id(self):#x}>"
+
+
+Stream.null = Stream(null=True)
+_host_clock = {}  # stream -> last of its operations the host has synchronised with
+
+
+def _merge(into, other):
+    for stream, seq in other.items():
+        if seq > into.get(stream, 0):
+            into[stream] = seq
+    return into
+
+
+def _run_dependencies(stream, clock):
+    for other, seq in clock.items():
+        if other is not stream:
+            other.run_until(seq)
+
+
+def get_current_stream():
+    return Stream._current[-1] if Stream._current else Stream.null
+
+
+class Event:
+    """A point in a stream's work; `wait_event` orders another stream after it."""
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.stream, self.clock = None, None
+
+    def record(self, stream=None):
+        self.stream = stream or get_current_stream()
+        self.clock = self.stream.clock()
+
+    def synchronize(self):
+        if self.stream is not None:
+            self.stream.run_until(self.clock[self.stream])
+            _merge(_host_clock, self.clock)
+
+    @property
+    def done(self):
+        self.synchronize()
+        return True
+
+
+def _ordered(stream, seq, after):
+    """Is operation `seq` of `stream` ordered before work now issued on stream `after`?"""
+    return stream is after or seq <= after.clock().get(stream, 0)
+
+
+def _issue(reads, writes, fn, stream=None):
+    """Check and record an operation on `stream` (the current one by default) and run it:
+    now on the current stream, deferred on any other. Returns fn's result when run now."""
+    current = get_current_stream()
+    stream = stream or current
+    for memory in set(reads) | set(writes):
+        memory.check_access(stream, memory in writes)
+    stream.seq += 1
+    for memory in reads:
+        memory.reads[stream] = stream.seq
+    for memory in writes:
+        memory.last_write = (stream, stream.seq)
+    if stream is not current:
+        stream.queue.append((stream.seq, stream.clock(), fn))
+        return None
+    _run_dependencies(stream, stream.clock())
+    stream.run_until(stream.seq)
+    return fn()
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: blocks from a pool, poisoned when fresh and when freed
+# ----------------------------------------------------------------------------------------
+
+class Memory:
+    """One pool block: a host buffer standing for device memory, and who touched it when."""
+
+    def __init__(self, pool, buffer, stream):
+        self.pool, self.buffer, self.stream = pool, buffer, stream
+        self.ptr = buffer.ctypes.data
+        self.last_write = None  # (stream, seq)
+        self.reads = {}  # stream -> seq of its last read
+        pool.live[id(self)] = self
+
+    def check_access(self, stream, write):
+        if write:
+            for other, seq in self.reads.items():
+                if not _ordered(other, seq, stream):
+                    raise StreamOrderError(
+                        f"{stream} overwrites device memory that {other} may still be "
+                        f"reading (wait_event on an event recorded after the read)")
+        if self.last_write is not None and not _ordered(*self.last_write, stream):
+            raise StreamOrderError(
+                f"{stream} {'writes' if write else 'reads'} device memory written on "
+                f"{self.last_write[0]} without waiting for it (stream.wait_event)")
+
+    def __del__(self):
+        self.pool.free(self)
+
+
+class MemoryPool:
+    """CuPy's pool in miniature: freed blocks wait for an allocation of their exact size on
+    the stream that allocated them."""
+
+    def __init__(self):
+        self.free_blocks = {}  # (stream, nbytes) -> [buffer, ...]
+        self.live = weakref.WeakValueDictionary()  # id -> Memory, not kept alive by this
+
+    def malloc(self, nbytes):
+        stream = get_current_stream()
+        blocks = self.free_blocks.get((stream, nbytes))
+        if blocks:
+            buffer = blocks.pop()
+        else:
+            buffer = np.full(max(nbytes, 1), POISON, dtype=np.uint8)
+        return Memory(self, buffer, stream)
+
+    def free(self, memory):
+        """Take a block back: check that no other stream's work on it is unordered, then
+        poison it. NOTE: the pool reuses it at once on its stream, as CuPy's does."""
+        self.live.pop(id(memory), None)
+        touched = list(memory.reads.items())
+        if memory.last_write is not None:
+            touched.append(memory.last_write)
+        for stream, seq in touched:
+            if not _ordered(stream, seq, memory.stream):
+                hazards.append(f"a block was freed to the pool of {memory.stream} while work "
+                               f"on {stream} may still use it (synchronize that stream first)")
+        memory.buffer.fill(POISON)
+        self.free_blocks.setdefault((memory.stream, memory.buffer.nbytes), []).append(
+            memory.buffer)
+
+    def find(self, address):
+        """The live block holding a device address, or None (a host address)."""
+        for memory in list(self.live.values()):
+            if memory.ptr <= address < memory.ptr + memory.buffer.nbytes:
+                return memory
+        return None
+
+    def free_all_blocks(self):
+        self.free_blocks.clear()
+
+    def used_bytes(self):
+        return sum(m.buffer.nbytes for m in list(self.live.values()))
+
+    def total_bytes(self):
+        return self.used_bytes() + sum(b.nbytes for bs in self.free_blocks.values() for b in bs)
+
+
+_pool = MemoryPool()
+
+
+def get_default_memory_pool():
+    return _pool
+
+
+# ----------------------------------------------------------------------------------------
+# Device arrays
+# ----------------------------------------------------------------------------------------
+
+class _Pointer:
+    def __init__(self, ptr, memory):
+        self.ptr, self.mem = ptr, memory
+
+
+class ndarray(NDArrayOperatorsMixin):
+    """A device array: a NumPy view (`_a`) into a pool block (`_mem`)."""
+
+    def __init__(self, view, memory):
+        self._a, self._mem = view, memory
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. "
+                        "Please use `.get()` to construct a NumPy array explicitly.")
+
+    # --- facts that need no device access --------------------------------------------
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    itemsize = property(lambda self: self._a.itemsize)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    T = property(lambda self: ndarray(self._a.T, self._mem))
+    data = property(lambda self: _Pointer(self._a.__array_interface__["data"][0], self._mem))
+
+    def __len__(self):
+        return len(self._a)
+
+    # --- host <-> device ---------------------------------------------------------------
+    def get(self, stream=None, out=None):
+        return _issue([self._mem], [], lambda: self._a.copy(), stream)
+
+    def set(self, arr, stream=None):
+        if not isinstance(arr, np.ndarray) or arr.shape != self.shape:
+            raise ValueError("set: expects a NumPy array of the same shape")
+        # NOTE: on another stream the host buffer is read when the copy runs, not now; and
+        # the queued copy holds the memory, not this array, which may be freed meanwhile
+        view = self._a
+        return _issue([], [self._mem], lambda: np.copyto(view, arr), stream)
+
+    def item(self):
+        return _issue([self._mem], [], lambda: self._a.item())
+
+    __float__ = lambda self: float(self.item())  # noqa: E731
+    __int__ = lambda self: int(self.item())  # noqa: E731
+    __bool__ = lambda self: bool(self.item())  # noqa: E731
+    __index__ = lambda self: int(self._a.__index__())  # noqa: E731
+
+    def __repr__(self):
+        return f"standin.ndarray({self.get()!r})"
+
+    # --- everything else is NumPy on the block, recorded on the current stream ----------
+    def __getitem__(self, key):
+        return _call(lambda k, a: a[k], (_key(key), self))
+
+    def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray):
+            value = asarray(value)  # CuPy copies a host value to the device first
+        args, arrays = _unwrap((self, _key(key), value))
+        view, key, value = args
+
+        def assign():
+            view[key] = value
+        _issue([a._mem for a in arrays[1:]], [self._mem], assign)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            # NOTE: never lend out `__array_interface__` and friends, or np.asarray would
+            # read the device array without a word, which CuPy refuses
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if not callable(attr):
+            return attr
+        writes = name in ("fill", "sort", "put", "partition")
+        return lambda *args, **kwargs: _call(
+            lambda a, *args, **kwargs: getattr(a, name)(*args, **kwargs),
+            (self, *args), kwargs, in_place=writes)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if not all(isinstance(i, _ALLOWED + (np.ndarray,)) for i in inputs):
+            return NotImplemented  # e.g. a Tensor: let its reflected operator run
+        out = kwargs.get("out")
+        result = _call(getattr(ufunc, method), inputs, kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return result
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _call(func, args, kwargs)
+
+
+_ALLOWED = (ndarray, int, float, complex, bool, np.generic, type(None))
+
+
+def _key(key):
+    """An index with NumPy index arrays allowed (CuPy accepts them), device arrays kept."""
+    if isinstance(key, np.ndarray):
+        return asarray(key)
+    if isinstance(key, tuple):
+        return tuple(asarray(k) if isinstance(k, np.ndarray) else k for k in key)
+    return key
+
+
+def _unwrap(obj, arrays=None):
+    """obj with device arrays replaced by their NumPy views -> (obj, [device arrays])."""
+    arrays = [] if arrays is None else arrays
+    if isinstance(obj, ndarray):
+        arrays.append(obj)
+        return obj._a, arrays
+    if isinstance(obj, np.ndarray):
+        raise TypeError(f"Unsupported type {type(obj)}: a NumPy array where a device array "
+                        "is needed (use cupy.asarray)")
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(o, arrays)[0] for o in obj), arrays
+    if isinstance(obj, dict):
+        return {k: _unwrap(v, arrays)[0] for k, v in obj.items()}, arrays
+    return obj, arrays
+
+
+def _owner(result, arrays):
+    """The block of the device array that `result` (a NumPy view) points into, or None."""
+    start = result.__array_interface__["data"][0]
+    for a in arrays:
+        if a._mem.ptr <= start < a._mem.ptr + a._mem.buffer.nbytes or (
+                result.size == 0 and start == a._mem.ptr):
+            return a._mem
+    return None
+
+
+def _call(fn, args, kwargs=None, in_place=False):
+    """fn on the NumPy views of args, recorded as reading every device argument and writing
+    its outputs (new blocks, `out=`, or the first argument when `in_place`)."""
+    (args, kwargs), arrays = _unwrap((tuple(args), kwargs or {}))
+    outs = kwargs.get("out")
+    outs = (outs,) if isinstance(outs, np.ndarray) else outs or ()
+    written = [_owner(o, arrays) for o in outs] + ([arrays[0]._mem] if in_place else [])
+    result = _issue([a._mem for a in arrays], [w for w in written if w], lambda: fn(
+        *args, **kwargs))
+    return _wrap(result, arrays)
+
+
+def _wrap(result, arrays):
+    """NumPy results as device arrays: views of an argument's block stay views; anything
+    new is copied into a pool block."""
+    if isinstance(result, (list, tuple)):
+        return type(result)(_wrap(r, arrays) for r in result)
+    if isinstance(result, np.generic):
+        result = np.asarray(result)  # CuPy's reductions return 0-d arrays
+    if not isinstance(result, np.ndarray):
+        return result
+    owner = _owner(result, arrays)
+    if owner is not None:
+        return ndarray(result, owner)
+    out = empty(result.shape, result.dtype)
+    _issue([], [out._mem], lambda: np.copyto(out._a, result))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The functions kernels/cuda.py and minivgg call by name; the rest come from NumPy
+# ----------------------------------------------------------------------------------------
+
+def empty(shape, dtype=float, order="C"):
+    dtype = np.dtype(dtype)
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    memory = _pool.malloc(nbytes)
+    return ndarray(memory.buffer[:nbytes].view(dtype).reshape(shape), memory)
+
+
+def empty_like(a, dtype=None):
+    return empty(a.shape, dtype or a.dtype)
+
+
+def zeros(shape, dtype=float):
+    out = empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def zeros_like(a, dtype=None):
+    return zeros(a.shape, dtype or a.dtype)
+
+
+def asarray(a, dtype=None, order=None):
+    """A device array: `a` itself when it is one already (cast if asked), else a copy of
+    the host value into a new block."""
+    if isinstance(a, ndarray):
+        return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+    host = np.asarray(a, dtype=dtype)
+    out = empty(host.shape, host.dtype)
+    out.set(host)
+    return out
+
+
+def array(a, dtype=None, copy=True, order="K"):
+    """`asarray`, with a copy of a device array unless `copy=False` (order "C" or "K")."""
+    if isinstance(a, ndarray) and copy:
+        return _call(lambda v: np.array(v, dtype=dtype, order=order), (a,))
+    return asarray(a, dtype)
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"ascontiguousarray: a device array is needed, got {type(a)}")
+    if a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return _call(lambda v: np.ascontiguousarray(v, dtype=dtype), (a,))
+
+
+def asnumpy(a, stream=None):
+    return a.get(stream) if isinstance(a, ndarray) else np.asarray(a)
+
+
+def _numpy_function(name):
+    fn = getattr(np, name)
+    if isinstance(fn, type) or not callable(fn):
+        return fn  # dtypes (cupy.float32), constants
+    return lambda *args, **kwargs: _call(fn, args, kwargs)
+
+
+# --- the pieces of cupy.cuda, cupy._core and cupyx that minivgg touches ------------------
+
+class Device:
+    """The one stand-in GPU, an H100 (compute capability 9.0); `synchronize` waits for every
+    stream, as cudaDeviceSynchronize does."""
+
+    compute_capability = "90"
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else device
+
+    def synchronize(self):
+        for stream in list(Stream.all):
+            stream.synchronize()
+
+
+cuda = types.SimpleNamespace(
+    Stream=Stream, Event=Event, Device=Device, get_current_stream=get_current_stream,
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0),
+)
+random = types.SimpleNamespace(seed=lambda seed=None: None)
+
+_routines_linalg = types.ModuleType("cupy._core._routines_linalg")
+_routines_linalg.COMPUTE_TYPE_DEFAULT, _routines_linalg.COMPUTE_TYPE_TF32 = 0, 3
+_compute_types = {}
+_core = types.ModuleType("cupy._core")
+_core._routines_linalg = _routines_linalg
+_core.set_compute_type = lambda dtype, kind: _compute_types.update({np.dtype(dtype): kind})
+_core.get_compute_type = lambda dtype: _compute_types.get(np.dtype(dtype), 0)
+
+cupyx = types.ModuleType("cupyx")
+cupyx.empty_pinned = lambda shape, dtype=float: np.empty(shape, dtype)
+
+MODULES = {"cupy._core": _core, "cupy._core._routines_linalg": _routines_linalg,
+           "cupyx": cupyx}
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _numpy_function(name)
+
+
+def reset():
+    """Forget every stream's state and every reported hazard (between tests)."""
+    hazards.clear()
+    _host_clock.clear()
+    Stream._current.clear()
+    Stream.null.__init__(null=True)
+    _compute_types.clear()
+
+
+def install(monkeypatch):
+    """Put this module in sys.modules as `cupy` (and its pieces), undone after the test."""
+    monkeypatch.setitem(sys.modules, "cupy", sys.modules[__name__])
+    for name, module in MODULES.items():
+        monkeypatch.setitem(sys.modules, name, module)

@@ -1,18 +1,17 @@
-"""Classify an image with torchvision's pretrained VGG weights, imported into minivgg.
+"""Classify an image with pretrained VGG weights imported into minivgg.
 
-    python examples/classify.py cat.jpg --weights vgg16-397923af.pth            # needs torch
-    python examples/classify.py cat.jpg --weights vgg16.npz --config D          # NumPy only
+    python examples/classify.py cat.jpg --weights VGG_ILSVRC_16_layers.caffemodel  # authors'
+    python examples/classify.py cat.jpg --weights model.safetensors      # timm vgg16.tv_in1k
+    python examples/classify.py cat.jpg --weights vgg16-397923af.pth     # needs torch
 
-Get the weights from torchvision's published URLs (see `minivgg.pretrained.TORCHVISION_URLS`,
-e.g. https://download.pytorch.org/models/vgg16-397923af.pth for D) on a machine with
-internet access, and optionally convert them once with
-`python -m minivgg.pretrained convert vgg16-397923af.pth vgg16.npz`.
+Any file `minivgg.pretrained.load_pretrained` reads works: the authors' Caffe release (from
+the VGG project page), safetensors (timm's, or minivgg's export), torchvision's `.pth` or its
+`.npz`; the configuration is read from the file. See the README for where to get each one.
 
-Preprocessing is torchvision's, because these weights were trained with it: resize the
-shorter side to 256 (bilinear), centre-crop 224×224, scale to [0, 1], normalise with
-mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). The paper instead subtracts the
-mean RGB of the training set from 0-255 pixels (Sec. 2.1) and tests on the whole image
-(Sec. 3.2); the original Caffe weights expect that, torchvision's do not.
+The image is resized so that its shorter side is 256 (bilinear) and centre-cropped to
+224×224, then normalised as the weights expect (`model.pretrained_meta`): the Caffe weights
+take 0-255 pixels minus the mean RGB, as the paper does (Sec. 2.1); torchvision's and timm's
+take [0, 1] pixels normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
 """
 
 import argparse
@@ -26,12 +25,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minivgg import functional as F  # noqa: E402
 from minivgg import checkpoint, data, no_grad, pretrained  # noqa: E402
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+def preprocess(path, resize=256, crop=224, meta=pretrained.TORCHVISION_INPUT):
+    """An image file -> (1, 3, crop, crop) float32, normalised as `meta` says."""
+    return pretrained.input_transform(meta)(read_crop(path, resize, crop))[None]  # NCHW
 
 
-def preprocess(path, resize=256, crop=224):
-    """An image file -> (1, 3, crop, crop) float32, torchvision's ImageNet evaluation recipe.
+def read_crop(path, resize=256, crop=224):
+    """An image file -> uint8 (crop, crop, 3): torchvision's ImageNet evaluation resize and
+    centre crop.
 
     Decoding is minivgg's (`data.load_rgb`: every Pillow mode, EXIF orientation applied);
     raises `OSError` "cannot read image PATH: why" for a file that is not a readable image.
@@ -49,9 +51,7 @@ def preprocess(path, resize=256, crop=224):
     w, h = img.size
     left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))  # CenterCrop
     img = img.crop((left, top, left + crop, top + crop))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
-    x = (x - MEAN) / STD
-    return x.transpose(2, 0, 1)[None].copy()  # NCHW
+    return np.asarray(img)
 
 
 def top_k(probs, k=5):
@@ -64,9 +64,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("image", help="an image file (JPEG, PNG, ...)")
     parser.add_argument("--weights", required=True,
-                        help="torchvision state_dict (.pth, needs torch) or its .npz")
-    parser.add_argument("--config", default="D",
-                        help="A, B, D or E (= vgg11, vgg13, vgg16, vgg19); default D")
+                        help=".caffemodel, .safetensors, .pth (needs torch) or .npz")
+    parser.add_argument("--config", help="check the file holds this configuration (A-E or "
+                                         "vgg11/13/16/19); default: read from the file")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print")
     args = parser.parse_args(argv)
     try:
@@ -90,12 +90,13 @@ def main(argv=None):
 def classify(image, weights, config):
     """(logits of the image, model). The image is read first: a bad one costs no time
     loading weights. Weights or scores holding NaN or Inf are an error, not a ranking."""
-    x = preprocess(image)
-    model = pretrained.load_torchvision_vgg(weights, config)
+    img = read_crop(image)
+    model = pretrained.load_pretrained(weights, config)
     bad = checkpoint.nonfinite(model.state_dict())
     if bad:
         raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
                          f"refusing to classify with them")
+    x = pretrained.input_transform(model.pretrained_meta)(img)[None]
     with no_grad():
         logits = model(x).numpy()[0]
     if not np.isfinite(logits).all():

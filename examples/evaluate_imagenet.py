@@ -3,6 +3,12 @@
     python examples/evaluate_imagenet.py runs/imagenette-A/best.npz \\
         --data ../shared/data/imagenette2-224 \\
         --protocol center dense multicrop dense+multicrop --scales 72 64,72,80
+    python examples/evaluate_imagenet.py VGG_ILSVRC_16_layers.caffemodel \\
+        --data /path/to/ILSVRC2012 --protocol dense --scales 256 384
+
+A CHECKPOINT may also be published weights (the authors' Caffe release, safetensors, .pth,
+.npz: anything `minivgg.pretrained.load_pretrained` reads); their 1000 outputs are matched
+to DIR/val's wnid folders by `minivgg.pretrained.ilsvrc_classes`.
 
 Each `--scales` argument is one test setting: a single Q, or a comma-separated list of Q
 whose soft-max outputs are averaged (multi-scale testing, Table 4). Each `--protocol` is
@@ -28,8 +34,8 @@ import numpy as np
 # Run from a checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import backend, checkpoint, data, evaluate  # noqa: E402
-from minivgg.checkpoint import CheckpointError, load_model  # noqa: E402
+from minivgg import backend, checkpoint, data, evaluate, pretrained  # noqa: E402
+from minivgg.checkpoint import CheckpointError  # noqa: E402
 
 
 class UsageError(Exception):
@@ -39,7 +45,8 @@ class UsageError(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="minivgg training checkpoint(s); several are fused (Sec. 4.4)")
+                   help="minivgg training checkpoint(s) or published weights; several "
+                        "are fused (Sec. 4.4)")
     p.add_argument("--data", metavar="DIR", required=True,
                    help="ILSVRC-layout root; images are read from DIR/val/<wnid>/*")
     p.add_argument("--protocol", nargs="+", default=["dense"], choices=evaluate.PROTOCOLS,
@@ -76,33 +83,35 @@ def parse_scales(settings):
 
 def training_scales(meta):
     """(S text for the table, default Q) from a checkpoint's training config."""
-    cfg = meta.get("config") or {}
+    cfg = meta.get("train_config") or {}
     jitter, scale, q = cfg.get("scale_jitter"), cfg.get("scale"), cfg.get("test_scale")
     if jitter:
         s_text, default_q = f"[{jitter[0]};{jitter[1]}]", round((jitter[0] + jitter[1]) / 2)
     elif scale:
         s_text, default_q = str(scale), scale
     else:
-        s_text, default_q = "?", meta["model"]["input_size"]
+        s_text, default_q = "?", meta["input_size"]
     return s_text, int(q or default_q)
 
 
-def load_nets(paths, device, batch_size):
-    """EvalNets for the checkpoints, checking that they can be fused."""
+def load_nets(paths, device, batch_size, root):
+    """EvalNets for the weight files, checking that they can be fused."""
     nets, metas = [], []
     for path in paths:
-        model, meta = load_model(path, device)
+        model = pretrained.load_pretrained(path, device=device)
+        meta = dict(model.pretrained_meta, input_size=model.input_size)
         bad = checkpoint.nonfinite(model.state_dict())
         if bad:
             raise UsageError(f"checkpoint {path!r}: weights {', '.join(bad[:3])} hold NaN "
                              f"or Inf (a diverged run?); refusing to evaluate them")
-        if "classes" not in meta or "data_stats" not in meta:
+        if meta["mean_rgb"] is None or (meta["layout"] == "checkpoint" and not meta["classes"]):
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")
-        mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
-        to_input = (lambda img, mean=mean: data.to_chw_float32(img, mean))
+        classes = meta.get("classes") or pretrained.ilsvrc_classes(
+            data.ImageFolder(os.path.join(root, "val")).classes, path)
         name = f"{model.config} ({os.path.basename(path)})"
-        nets.append(evaluate.EvalNet(model, to_input, meta["classes"], name, batch_size))
+        nets.append(evaluate.EvalNet(model, pretrained.input_transform(meta), classes, name,
+                                     batch_size))
         metas.append(meta)
     evaluate.check_same_classes([n.classes for n in nets], list(paths))
     return nets, metas
@@ -148,7 +157,7 @@ def main(argv=None):
         raise UsageError(f"-p/--print-freq must be 0 (no progress) or more, got "
                          f"{args.print_freq}")
     backend.check_device(args.device)
-    nets, metas = load_nets(args.checkpoints, args.device, args.batch_size)
+    nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.data)
     s_texts, default_qs = zip(*(training_scales(m) for m in metas))
     settings = parse_scales(args.scales) if args.scales else [(default_qs[0],)]
     crop = max(n.input_size for n in nets)
@@ -180,7 +189,8 @@ def cli(argv=None):
     """main() with the errors a user can cause reported in one line: exit code 2."""
     try:
         main(argv)
-    except (UsageError, CheckpointError, data.DataError, ValueError, RuntimeError) as e:
+    except (UsageError, CheckpointError, data.DataError, ValueError, RuntimeError,
+            FileNotFoundError, ImportError) as e:
         # ValueError: evaluate's checks (class sets, image sizes); RuntimeError: no CUDA.
         print(f"error: {e}", file=sys.stderr)
         return 2

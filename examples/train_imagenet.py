@@ -7,6 +7,7 @@ synthetic images when no folder is given.
         --fc-width 512 --scale 72 --crop 64 -b 64 --init glorot --epochs 12 --cache
     python examples/train_imagenet.py DIR --resume runs/x/last.npz      # continue a run
     python examples/train_imagenet.py DIR --resume runs/x/best.npz -e   # evaluate only
+    mpirun -n 4 python examples/train_imagenet.py DIR -a D    # 4 processes, -b split 4 ways
 
 The flags follow PyTorch's ImageNet example where they apply. All the work happens in
 `minivgg.train.fit`; this file only turns flags into a `TrainConfig`.
@@ -19,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from minivgg import distributed  # noqa: E402
 from minivgg.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from minivgg.data import DataError  # noqa: E402
 from minivgg.models import ALIASES, CONFIGS  # noqa: E402
@@ -51,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-p", "--print-freq", type=int, help="progress figures every N batches")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int,
+                   help="kernel threads per process (default: all cores; under mpirun: "
+                        "cores / processes on the machine)")
     # The paper's own flags.
     p.add_argument("--scale", type=int, metavar="S", help="training scale (Sec. 3.1: 256)")
     p.add_argument("--scale-jitter", type=int, nargs=2, metavar=("SMIN", "SMAX"),
@@ -61,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--init", choices=["gaussian", "glorot"],
                    help="gaussian N(0, 0.01) (Sec. 3.1; default for A) or glorot (default "
                         "for deeper nets)")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="warm start from a trained A (Sec. 3.1)")
+    p.add_argument("--init-from", metavar="WEIGHTS",
+                   help="warm start from a trained A (Sec. 3.1): a checkpoint or any file "
+                        "minivgg.pretrained reads")
     p.add_argument("--width", type=float, help="conv width multiplier (1.0 = Table 1)")
     p.add_argument("--fc-width", type=int, help="fc6/fc7 width (Sec. 2.1: 4096)")
     p.add_argument("--dropout", type=float, help="fc6/fc7 dropout (Sec. 3.1: 0.5)")
@@ -89,24 +95,53 @@ def main(argv=None):
     1 a failure during the run, 128 + N when signal N stopped it (README, "Failure
     behaviour")."""
     args = parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads must be positive, got {args.threads}", file=sys.stderr)
+        return 2
+    # NOTE: before anything that can fail on one rank only: from here on a failing rank
+    # ends the whole job (MPI_Abort) instead of leaving the others waiting for it.
     try:
-        fit(make_config(args))
+        group = distributed.init(args.device, args.threads)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with group.guard():
+        return train(args, group)
+
+
+def train(args, group):
+    try:
+        fit(make_config(args), group=group)
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + signal.Signals[e.signal_name].value
-    except (TrainingDiverged, CheckpointWriteError, WorkerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingDiverged as e:
+        # NOTE: every rank saw the same summed loss and stopped at the same step, so the
+        # job ends cleanly on all of them, with rank 0's message alone
+        if group.is_root:
+            print(f"error: {e}", file=sys.stderr)
         return 1
+    except (CheckpointWriteError, WorkerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return stop_all(group, 1)
     except (TrainingError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return stop_all(group, 2)
     except OSError as e:  # e.g. a full disk while writing metrics.csv
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return stop_all(group, 1)
     except KeyboardInterrupt:  # during set-up, before training (and its handler) started
         print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+        return stop_all(group, 130)
     return 0
+
+
+def stop_all(group, code):
+    """`code`; with several ranks the failure may be this rank's alone (its images, its
+    disk), and the others would wait for it forever: end every rank (MPI_Abort)."""
+    if group.size > 1:
+        group.abort(f"stopped with exit status {code}", code)
+    return code
 
 
 if __name__ == "__main__":

@@ -560,12 +560,22 @@ class Loader:
     `self.skipped` for the epoch summary. The worker processes ignore Ctrl-C and SIGTERM
     and are stopped by `close()`, which cannot hang (`minivgg.workers`); an interrupted
     epoch can be continued exactly with `epoch(e, start=k)`.
+
+    Data parallelism (Sec. 3.3): with `shard=(rank, ranks)` every batch of `batch_size` (the
+    global batch) is cut into `ranks` contiguous slices that differ by at most one image,
+    and this loader yields slice `rank`. The permutation is the same for every number of
+    ranks, so a run resumed on another number of processes continues the same sequence
+    (also from batch `start` part-way through an epoch); the last, shorter batch is kept
+    and cut the same way. Every rank yields exactly
+    `len(self)` batches: a slice left empty (fewer images than ranks, or all unreadable)
+    comes as an empty batch rather than none, so no rank skips a step the others take.
     """
 
     def __init__(self, dataset, transform, batch_size, shuffle=True, seed=0, workers=0,
-                 drop_last=False, prefetch=None, warn=None):
+                 drop_last=False, prefetch=None, warn=None, shard=(0, 1)):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        self.rank, self.ranks = shard
         self.dataset, self.transform = dataset, transform
         self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
         self.workers, self.drop_last = int(workers), drop_last
@@ -584,8 +594,10 @@ class Loader:
         n = len(self.dataset)
         order = (np.random.default_rng([self.seed, epoch, 2**31]).permutation(n)
                  if self.shuffle else np.arange(n))
-        return [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size,
-                                                               self.batch_size)]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size,
+                                                                  self.batch_size)]
+        r, R = self.rank, self.ranks
+        return [b[len(b) * r // R:len(b) * (r + 1) // R] for b in batches] if R > 1 else batches
 
     def epoch(self, epoch, start=0):
         """Iterate over the batches of `epoch` (0-based) from batch `start` on; they are
@@ -601,6 +613,9 @@ class Loader:
                     self.warn(f"{reason}; skipping it")
             if x is not None:
                 yield x, y
+            elif self.ranks > 1:  # NOTE: keep in step with the other ranks
+                crop = self.transform.crop
+                yield np.zeros((0, 3, crop, crop), np.float32), np.zeros(0, np.int64)
 
     def _run(self, jobs):
         state = (self.dataset, self.transform)

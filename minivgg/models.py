@@ -86,6 +86,10 @@ class VGG(nn.Sequential):
     before the soft-max; `minivgg.functional.cross_entropy` applies it.
     """
 
+    # Caffe's max-pools round their output size up; weights trained that way (the authors'
+    # release, see minivgg.pretrained.caffe) set this to True when loaded.
+    pool_ceil_mode = False
+
     def __init__(self, config="D", num_classes=1000, width=1.0, fc_width=4096,
                  input_size=224, dropout=0.5, dtype=np.float32):
         config = canonical_config(config)
@@ -243,3 +247,14 @@ def init_from_a(model, a_state):
         p.data = backend.to_device(np.array(backend.to_numpy(value), dtype=p.dtype), p.device)
     return list(WARM_START_LAYERS)
 
+
+def load_pretrained(path, config=None, **kwargs):
+    """Load published VGG weights (Caffe, safetensors, .pth, .npz); see `minivgg.pretrained`."""
+    from minivgg.pretrained import load_pretrained as load
+    return load(path, config, **kwargs)
+
+
+def load_caffe_vgg(caffemodel, prototxt=None, **kwargs):
+    """Load the authors' Caffe release (Sec. 1) without Caffe; see `minivgg.pretrained.caffe`."""
+    from minivgg.pretrained import load_caffe_vgg as load
+    return load(caffemodel, prototxt, **kwargs)

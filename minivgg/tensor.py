@@ -129,11 +129,16 @@ class Tensor:
         return Tensor(self.data)
 
     # --- backward ----------------------------------------------------------------------
-    def backward(self, grad=None):
+    def backward(self, grad=None, on_leaf_done=None):
         """Fill `.grad` of every leaf that requires it, by reverse-mode differentiation.
 
         `grad` is the gradient of some scalar with respect to this tensor. It defaults to 1
         for a one-element tensor and must be given otherwise, as in PyTorch.
+        `on_leaf_done(leaf)`, if given, is called once for each leaf that requires a
+        gradient, as soon as its `.grad` is final (after the last op that uses it), in the
+        order backward reaches them: the output layer's weights first. Data-parallel
+        training uses it to start averaging gradients while backward goes on (as
+        PyTorch's post-accumulate-grad hooks do).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
@@ -153,12 +158,16 @@ class Tensor:
         # Gradients of non-leaf tensors, keyed by id. Each entry keeps its tensor alive
         # until its creator has consumed the gradient, then both are dropped.
         grads = {id(self): (self, grad)}
-        for fn in _topological_order(self.creator):
+        order = _topological_order(self.creator)
+        leaf_uses = _leaf_uses(order) if on_leaf_done is not None else {}
+        for fn in order:
+            leaves = [x for x in fn.inputs if id(x) in leaf_uses]
             outputs = [out() for out in fn.outputs]  # weak references
             gys = [grads.pop(id(o), (None, None))[1] if o is not None else None
                    for o in outputs]
             if all(gy is None for gy in gys):
                 fn.saved, fn.inputs = None, ()  # no gradient reached it: just free it
+                _count_down(leaves, leaf_uses, on_leaf_done)
                 continue
             if fn.saved is None:
                 raise RuntimeError(f"backward() through {type(fn).__name__} a second time: "
@@ -181,6 +190,7 @@ class Tensor:
                 else:
                     grads[id(x)] = (x, gx)
             fn.inputs = ()
+            _count_down(leaves, leaf_uses, on_leaf_done)
         if self.creator is None:  # backward() called on a leaf itself
             self.grad = grad.copy() if self.grad is None else self.grad + grad
 
@@ -257,6 +267,24 @@ def _check_grad(fn, x, gx):
     # NOTE: mixing dtypes (float32 x + float64 array) promotes the forward result; the
     # gradient of a float32 leaf must still be float32, as in PyTorch.
     return gx if gx.dtype == x.dtype else gx.astype(x.dtype)
+
+
+def _leaf_uses(order):
+    """{id(leaf): how many of the functions in `order` take it} for leaves needing grad."""
+    uses = {}
+    for fn in order:
+        for x in fn.inputs:
+            if x.creator is None and x.requires_grad:
+                uses[id(x)] = uses.get(id(x), 0) + 1
+    return uses
+
+
+def _count_down(leaves, leaf_uses, on_leaf_done):
+    """One use of each leaf is done; call `on_leaf_done` for those with none left."""
+    for x in leaves:
+        leaf_uses[id(x)] -= 1
+        if leaf_uses[id(x)] == 0:
+            on_leaf_done(x)
 
 
 def _topological_order(root_fn):

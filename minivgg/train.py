@@ -23,6 +23,12 @@ resume continues as if nothing had happened; SIGUSR1 writes it and goes on
 (`minivgg.interrupts`). A NaN/Inf loss or validation loss stops the run before any
 checkpoint of those weights is written. A run never starts in a folder holding another
 run's files unless told to (`checkpoint.prepare_run_folder`).
+
+Started by an MPI launcher (`mpirun -n 4 python examples/train_imagenet.py ...`), the same
+loop trains one model on every process (`minivgg.distributed`, Sec. 3.3): each rank takes
+its slice of every global batch, the gradients are averaged across ranks inside backward,
+the step's loss and error counts are summed across ranks, and rank 0 alone prints and
+writes. The checkpoint is the same for any number of ranks.
 """
 
 import math
@@ -33,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minivgg import backend, checkpoint, metrics, models, optim, plots
+from minivgg import backend, checkpoint, distributed, metrics, models, optim, plots
 from minivgg import functional as F
 from minivgg.data import (DataStats, EvalTransform, Loader, TrainTransform, check_crop,
                           compute_stats, open_imagenet)
@@ -77,7 +83,7 @@ class TrainConfig:
     crop: int = 224              # Sec. 2.1: 224x224 input
     test_scale: int = None       # Q; None: S, or (Smin+Smax)/2 when jittering (Sec. 4.1)
     init: str = None             # None: "gaussian" for A (Sec. 3.1), "glorot" deeper
-    init_from: str = None        # checkpoint of a trained A to warm-start from (Sec. 3.1)
+    init_from: str = None        # weights of a trained A to warm-start from (Sec. 3.1)
     width: float = 1.0           # conv width multiplier (1.0 = Table 1)
     fc_width: int = 4096         # fc6/fc7 width (Sec. 2.1)
     workers: int = 2             # loader processes; 0 decodes in the training process
@@ -85,6 +91,8 @@ class TrainConfig:
     seed: int = 0
     print_freq: int = 10         # refresh the progress bar's figures every N batches
     device: str = "cpu"
+    threads: int = None          # kernel threads; None: all cores, or under MPI
+                                 # cores / ranks on the machine (distributed.init)
     output: str = None           # None: runs/<data name>-<arch>, or the --resume folder
     resume: str = None           # checkpoint to continue from
     overwrite: bool = False      # replace the run already in `output` (else: an error)
@@ -182,6 +190,8 @@ class Run:
     last_good: str = None       # the checkpoint a divergence message points to
     resume_progress: "EpochProgress" = None  # how far into `start_epoch` the resume is
     progress: "EpochProgress" = None         # how far the epoch in progress has come
+    group: object = distributed.SingleProcess()  # the processes training together
+    reducer: object = distributed.NoReduction()  # averages their gradients (Sec. 3.3)
 
     @property
     def label(self):
@@ -199,17 +209,20 @@ class Run:
         self.val_loader.close()
 
 
-def setup(cfg, log=print):
+def setup(cfg, log=print, group=None):
     """Check `cfg`, open the data, build or restore the model, optimizer and schedule -> Run.
 
     The order matters for a bit-identical resume: the host RNG is seeded before the weights
     are drawn, and a resume then overwrites weights, momentum, schedule and RNG state.
+    `group` (`minivgg.distributed`): the processes training together; one by default.
     """
+    group = group or distributed.SingleProcess()
     device, arch = check_config(cfg)
-    say = _with_label(log, _label(cfg))
+    say = _with_label(log if group.is_root else _quiet, _label(cfg))
     resumed = read_resume_checkpoint(cfg)  # first: it holds the data statistics
     paths = RunPaths(output_folder(cfg, arch))
-    if not cfg.evaluate:  # before any data is read: a bad --output costs nothing
+    # Before any data is read, so a bad --output costs nothing; rank 0 alone writes there.
+    if not cfg.evaluate and group.is_root:
         for stale in checkpoint.prepare_run_folder(paths.folder, cfg.resume, cfg.overwrite):
             say(f"removed {stale}, left by a run killed while writing a checkpoint")
     train_set, val_set, data_name = open_data(cfg, say)
@@ -228,22 +241,29 @@ def setup(cfg, log=print):
     start_epoch, best, progress = 0, math.inf, None
     if resumed:
         start_epoch, best, progress = restore(cfg, resumed, model, optimizer, scheduler, say)
+    # Sec. 3.3: every rank starts from rank 0's weights (and momentum, after a resume), so
+    # ranks can never drift apart, whatever the initialisation did on each.
+    group.broadcast_([p.data for p in model.parameters()] +
+                     [v for v in optimizer.velocities if v is not None])
 
     seed = int(resumed[2]["rng"]["loader_seed"]) if resumed else cfg.seed
+    shard = (group.rank, group.size)  # -b is the global batch; each rank takes its slice
     train_loader = Loader(train_set, TrainTransform(cfg.scales, cfg.crop, stats),
-                          cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
+                          cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers,
+                          shard=shard)
     val_loader = Loader(val_set, EvalTransform(cfg.Q, cfg.crop, stats), cfg.batch_size,
-                        shuffle=False, seed=seed, workers=cfg.workers)
+                        shuffle=False, seed=seed, workers=cfg.workers, shard=shard)
     say(f"VGG-{arch} width {cfg.width} fc {cfg.fc_width}, {model.num_parameters():,} "
         f"parameters, {'weights from ' + cfg.resume if resumed else 'init ' + cfg.default_init()}"
         f"; {len(train_set)} train / {len(val_set)} val images, "
         f"{len(train_set.classes)} classes; S={cfg.scales[0]}"
         + (f"..{cfg.scales[1]}" if cfg.scale_jitter else "")
         + f", crop {cfg.crop}, Q={cfg.Q}; batch {cfg.batch_size}, {cfg.workers} workers, "
-        f"device {device}")
+        f"device {device}" + (f"; {group.description}" if group.size > 1 else ""))
     return Run(cfg, model, optimizer, scheduler, train_loader, val_loader, stats,
                list(train_set.classes), data_name, device, paths, seed, say, start_epoch, best,
-               last_good=cfg.resume, resume_progress=progress)
+               last_good=cfg.resume, resume_progress=progress, group=group,
+               reducer=group.gradient_reducer(model.parameters()))
 
 
 def _label(cfg):
@@ -253,6 +273,10 @@ def _label(cfg):
 
 def _with_label(log, label):
     return lambda msg: log(label + msg)
+
+
+def _quiet(msg):
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def data_name(cfg):
@@ -397,12 +421,12 @@ def build_model(cfg, arch, num_classes, resumed, log):
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if cfg.init_from and not resumed:
-        a_model, a_meta = checkpoint.load_model(cfg.init_from)
-        try:
+        try:  # a minivgg checkpoint or published weights (Caffe, safetensors, .pth, .npz)
+            a_model = models.load_pretrained(cfg.init_from)
             copied = models.init_from_a(model, a_model.state_dict())
-        except ValueError as e:
+        except (ValueError, FileNotFoundError, ImportError) as e:
             raise TrainingError(f"--init-from {cfg.init_from}: {e}") from e
-        log(f"warm start from {cfg.init_from} (VGG-{a_meta['model']['config']}): "
+        log(f"warm start from {cfg.init_from} (VGG-{a_model.config}): "
             f"{', '.join(copied)}")
     return model
 
@@ -445,13 +469,16 @@ def _check_same_model(meta, model, path):
 # A whole run: the epoch loop
 # ----------------------------------------------------------------------------------------
 
-def fit(cfg, log=print):
+def fit(cfg, log=print, group=None):
     """Run (or resume, or only evaluate) training as `cfg` says; returns the metrics rows.
 
     Raises `TrainingError` (and `DataError`, `CheckpointError`) with a message meant for
-    the user; `TrainingDiverged` when the loss stops being finite.
+    the user; `TrainingDiverged` when the loss stops being finite. `group`: the processes
+    training together (`distributed.init`, called here when not given).
     """
-    run = setup(cfg, log)
+    if group is None:
+        group = distributed.init(cfg.device, cfg.threads)
+    run = setup(cfg, log, group)
     try:
         if cfg.evaluate:
             return [evaluate_only(run)]
@@ -462,7 +489,7 @@ def fit(cfg, log=print):
 
 def evaluate_only(run):
     """-e/--evaluate: validate the --resume checkpoint once and report it."""
-    v = validate(run.model, run.val_loader, run.device)
+    v = validate(run.model, run.val_loader, run.device, group=run.group)
     run.log(f"evaluation of {run.config.resume}: val loss {v['val_loss']:.4f}, top-1 error "
             f"{100 * v['val_top1_err']:.2f}%, top-5 error {100 * v['val_top5_err']:.2f}%")
     return v
@@ -475,8 +502,8 @@ def train(run):
     last.npz (and best.npz), append a metrics.csv row and redraw metrics.png. A stop
     signal ends it with a resumable last.npz (`TrainingInterrupted`).
     """
-    cfg, say, paths = run.config, run.log, run.paths
-    if cfg.overwrite and not checkpoint.holds(paths.folder, cfg.resume):
+    cfg, say, paths, root = run.config, run.log, run.paths, run.group.is_root
+    if root and cfg.overwrite and not checkpoint.holds(paths.folder, cfg.resume):
         checkpoint.remove_run_files(paths.folder)  # asked for, and every check has passed
     rows = earlier_rows(run)
     plotted = False
@@ -485,7 +512,8 @@ def train(run):
             lr = run.optimizer.lr
             t0 = time.perf_counter()
             tr = train_one_epoch(run, epoch, signals)
-            va = validate(run.model, run.val_loader, run.device, signals=signals)
+            va = validate(run.model, run.val_loader, run.device, group=run.group,
+                          signals=signals)
             if signals.stop:  # part-way through the epoch or its validation
                 raise stopped_mid_epoch(run, epoch, signals.stop)
             if not math.isfinite(va["val_loss"]):
@@ -494,10 +522,13 @@ def train(run):
             improved = va["val_top1_err"] < run.best
             run.best = min(run.best, va["val_top1_err"])
             run.scheduler.step(va["val_top1_err"])
+            # NOTE: a cheap guard of the promise that ranks hold identical weights
+            run.group.check_identical([p.data for p in run.model.parameters()], "weights")
             save_checkpoints(run, epoch + 1, va, improved)
             rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
-            metrics.write_metrics(paths.metrics_csv, rows)
-            plotted = plot_run(run, rows)
+            if root:  # one writer: the files do not depend on the number of ranks
+                metrics.write_metrics(paths.metrics_csv, rows)
+                plotted = plot_run(run, rows)
             say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
             if run.optimizer.lr != lr:
                 say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
@@ -540,10 +571,11 @@ def save_checkpoints(run, epochs_done, val, improved):
     """last.npz after every epoch, best.npz when val top-1 error improved (atomic writes)."""
     meta = checkpoint_meta(run, epochs_done)
     meta.update(val_top1_err=val["val_top1_err"], val_top5_err=val["val_top5_err"])
-    state, opt_state = finite_state(run, f"after epoch {epochs_done}")
-    checkpoint.save(run.paths.last, state, opt_state, meta)
-    if improved:
-        checkpoint.save(run.paths.best, state, opt_state, meta)
+    state, opt_state = finite_state(run, f"after epoch {epochs_done}")  # on every rank
+    if run.group.is_root:  # one writer: the files do not depend on the number of ranks
+        checkpoint.save(run.paths.last, state, opt_state, meta)
+        if improved:
+            checkpoint.save(run.paths.best, state, opt_state, meta)
     run.last_good = f"{run.paths.last} (epoch {epochs_done})"
 
 
@@ -552,7 +584,8 @@ def save_progress(run, epoch):
     meta = checkpoint_meta(run, epoch)
     meta.update(batch=run.progress.batch, progress=asdict(run.progress))
     state, opt_state = finite_state(run, f"at epoch {epoch + 1}, batch {run.progress.batch}")
-    checkpoint.save(run.paths.last, state, opt_state, meta)
+    if run.group.is_root:
+        checkpoint.save(run.paths.last, state, opt_state, meta)
     run.last_good = f"{run.paths.last} (epoch {epoch + 1}, batch {run.progress.batch})"
 
 
@@ -602,20 +635,30 @@ def epoch_summary(run, epochs_done, tr, va, lr, seconds, improved):
 # One epoch
 # ----------------------------------------------------------------------------------------
 
-def train_step(model, optimizer, x, y):
-    """Forward, softmax cross-entropy, backward, SGD step (Sec. 3.1) -> (loss, logits).
+def train_step(run, x, y):
+    """Forward, softmax cross-entropy, backward, SGD step (Sec. 3.1) -> (summed loss, top-1
+    errors, images) of the global batch: this rank's `x, y` and every other rank's slice.
 
+    With several ranks (Sec. 3.3) the step's sums are added across ranks before backward,
+    so every rank takes the same decision on a non-finite loss, and `run.reducer` averages
+    the gradients while backward runs. A rank whose slice is empty still takes part.
     NOTE: when the loss is not finite the weights are left as they were (no backward, no
     step), so the last checkpoint and the model in memory stay usable.
     """
-    logits = model(Tensor(x))
-    loss = F.cross_entropy(logits, y)
-    value = float(loss.item())
-    if math.isfinite(value):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return value, logits
+    n, loss, local = len(y), None, [0.0, 0, 0]
+    if n:
+        logits = run.model(Tensor(x))
+        loss = F.cross_entropy(logits, y)
+        local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
+    loss_sum, wrong, seen = run.group.sum(local)
+    if seen and math.isfinite(loss_sum):
+        run.optimizer.zero_grad()
+        run.reducer.start(n)
+        if loss is not None:
+            loss.backward(on_leaf_done=run.reducer.grad_ready)
+        run.reducer.finish()
+        run.optimizer.step()
+    return loss_sum, int(wrong), int(seen)
 
 
 def train_one_epoch(run, epoch, signals=None):
@@ -625,10 +668,13 @@ def train_one_epoch(run, epoch, signals=None):
     signal it returns after the batch in progress; `run.progress` says how far it came.
     """
     run.model.train()
+    if run.group.size > 1:  # dropout: a stream per rank and epoch, the same on a resume
+        backend.manual_seed(distributed.rank_seed(run.loader_seed, epoch, run.group.rank))
     total = len(run.train_loader)
     p = run.progress = run.resume_progress or EpochProgress()
     run.resume_progress = None
-    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, p.batch)
+    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, p.batch,
+                        run.group.is_root)
     start, waited, skipped_before, seen_before = time.perf_counter(), 0.0, p.skipped, p.seen
     batches = iter(to_device_batches(run.train_loader.epoch(epoch, start=p.batch), run.device))
     for step in range(p.batch, total):
@@ -638,12 +684,13 @@ def train_one_epoch(run, epoch, signals=None):
         if batch is None:
             break
         x, y = batch
-        value, logits = train_step(run.model, run.optimizer, x, y)
-        if not math.isfinite(value):
+        step_loss, step_wrong, step_seen = train_step(run, x, y)
+        if not math.isfinite(step_loss):
             bar.close()
-            raise _diverged(run, f"the training loss became {value}", epoch, step)
-        p.batch, p.seen, p.loss_sum = step + 1, p.seen + len(y), p.loss_sum + value * len(y)
-        p.wrong += metrics.topk_errors(logits.data, y, (1,))[1]
+            raise _diverged(run, f"the training loss became {step_loss / step_seen}", epoch,
+                            step)
+        p.batch, p.seen, p.loss_sum = step + 1, p.seen + step_seen, p.loss_sum + step_loss
+        p.wrong += step_wrong
         p.skipped = skipped_before + run.train_loader.skipped
         bar.update(1)
         if (step + 1) % max(1, run.config.print_freq) == 0 or step + 1 == total:
@@ -660,17 +707,19 @@ def train_one_epoch(run, epoch, signals=None):
     seconds = max(time.perf_counter() - start, 1e-9)  # a resume can start at the end
     if p.seen == 0:
         raise TrainingError("an epoch produced no batch: every training image was skipped")
+    skipped = int(run.group.sum([p.skipped])[0])
     return {"train_loss": p.loss_sum / p.seen, "train_top1_err": p.wrong / p.seen,
             "images_per_s": (p.seen - seen_before) / seconds, "train_seconds": seconds,
-            "data_wait": waited / seconds, "skipped": p.skipped}
+            "data_wait": waited / seconds, "skipped": skipped}
 
 
-def _progress_bar(desc, total, initial=0):
+def _progress_bar(desc, total, initial=0, show=True):
     """tqdm on stderr; refreshed at most every 30 s when stderr is a log file, not a tty."""
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
-                dynamic_ncols=True, mininterval=0.5 if tty else 30, file=sys.stderr)
+                dynamic_ncols=True, mininterval=0.5 if tty else 30, file=sys.stderr,
+                disable=not show)
 
 
 def _diverged(run, what, epoch=None, step=None):
@@ -684,8 +733,9 @@ def _diverged(run, what, epoch=None, step=None):
         f"learning rate ({run.optimizer.lr:g}) is probably too high; {where}.")
 
 
-def validate(model, loader, device, epoch=0, signals=None):
-    """Loss, top-1 and top-5 error of single centre crops (Sec. 3.2) over `loader`;
+def validate(model, loader, device, epoch=0, group=None, signals=None):
+    """Loss, top-1 and top-5 error of single centre crops (Sec. 3.2) over `loader`; with a
+    `group` of ranks, each validates its slices and the sums are added across ranks.
     None when a stop signal came first (see `train`)."""
     model.eval()
     seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
@@ -693,14 +743,21 @@ def validate(model, loader, device, epoch=0, signals=None):
         for x, y in to_device_batches(loader.epoch(epoch), device):
             if signals and signals.stop:
                 return None
-            logits = model(Tensor(x))
             n = len(y)
+            if n == 0:  # this rank's slice of a short last batch
+                continue
+            logits = model(Tensor(x))
             loss_sum += float(F.cross_entropy(logits, y).item()) * n
             errors = metrics.topk_errors(logits.data, y, (1, 5))
             seen, wrong1, wrong5 = seen + n, wrong1 + errors[1], wrong5 + errors[5]
     if signals and signals.stop:
         return None
+    skipped = loader.skipped
+    if group is not None:
+        loss_sum, wrong1, wrong5, seen, skipped = group.sum(
+            [loss_sum, wrong1, wrong5, seen, skipped])
+        seen, skipped = int(seen), int(skipped)
     if seen == 0:
         raise TrainingError("validation produced no batch: every val image was skipped")
     return {"val_loss": loss_sum / seen, "val_top1_err": wrong1 / seen,
-            "val_top5_err": wrong5 / seen, "val_skipped": loader.skipped}
+            "val_top5_err": wrong5 / seen, "val_skipped": skipped}

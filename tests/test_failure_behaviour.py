@@ -120,7 +120,7 @@ def test_classify_refuses_to_rank_with_nan_weights(tmp_path, capsys, monkeypatch
     Image.new("RGB", (40, 30), (10, 20, 30)).save(image)
     model = models.vgg("A", num_classes=3, width=1 / 16, fc_width=8, input_size=224)
     model.parameters()[4].data[...] = np.nan
-    monkeypatch.setattr(classify.pretrained, "load_torchvision_vgg", lambda *a: model)
+    monkeypatch.setattr(classify.pretrained, "load_pretrained", lambda *a: model)
     assert classify.main([str(image), "--weights", "w.npz", "--config", "A"]) == 2
     line = one_error_line(capsys)
     assert "hold NaN or Inf" in line and "refusing" in line

@@ -113,3 +113,45 @@ def test_pyproject_installs_kernels_folder_as_minivgg_kernels():
     assert "kernels" not in setuptools["packages"]
     deps = " ".join(project["project"]["dependencies"])
     assert "cupy" not in deps and "torch" not in deps  # both optional
+
+
+def test_weight_readers_without_the_weights_extra_say_what_to_install(tmp_path):
+    """protobuf and safetensors are the optional `weights` extra; .npz needs NumPy only."""
+    out = run_python("""
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("google", "safetensors"):
+                    raise ImportError(f"No module named {name!r} (blocked by the test)")
+        sys.meta_path.insert(0, _Block())
+        import numpy as np
+        from minivgg import models, pretrained
+        model = models.vgg("A", width=1 / 16, fc_width=8, input_size=32)
+        pretrained.save_pretrained(model, "a.npz")
+        print(models.load_pretrained("a.npz").config)
+        open("net.caffemodel", "wb").write(b"\\x0a\\x03VGG\\x12\\x09\\x22\\x07conv1_1")
+        for path in ("net.caffemodel", "a.safetensors"):
+            try:
+                if path.endswith(".safetensors"):
+                    pretrained.save_pretrained(model, path)
+                else:
+                    models.load_pretrained(path)
+            except ImportError as e:
+                print("ImportError:", e)
+    """, tmp_path)
+    lines = out.splitlines()
+    assert lines[0] == "A" and len(lines) == 3
+    for line, package in zip(lines[1:], ("protobuf", "safetensors")):
+        assert line.startswith("ImportError:") and f"pip install {package}" in line
+        assert "minivgg[weights]" in line
+
+
+def test_pyproject_declares_the_weights_extra_and_tests_install_it():
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    extras = project["project"]["optional-dependencies"]
+    names = {spec.split(">")[0].split("=")[0] for spec in extras["weights"]}
+    assert names == {"protobuf", "safetensors"}
+    assert names <= {spec.split(">")[0].split("=")[0] for spec in extras["test"]}
+    assert "minivgg.pretrained" in project["tool"]["setuptools"]["packages"]

@@ -2,7 +2,7 @@
 
 The published files cannot be downloaded here, so each test builds the same layout in
 torch (torchvision's `features` / `avgpool` / `classifier`, from torchvision's own `cfgs`
-notation, written out below independently of minivgg's Table 1 data), with random weights,
+notation, in tests/torch_vgg.py, independently of minivgg's Table 1 data), with random weights,
 and saves it as `.pth` and `.npz`. fc6/fc7 are 64 wide instead of 4096 to keep the files
 small; the loader reads the widths from the arrays.
 """
@@ -14,44 +14,14 @@ from minivgg import models, no_grad, pretrained
 
 torch = pytest.importorskip("torch")
 
-# torchvision.models.vgg.cfgs: numbers are conv3 output channels, "M" a 2x2 max-pool.
-TORCHVISION_CFGS = {
-    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-          512, 512, 512, "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-          512, 512, 512, 512, "M"],
-}
+from torch_vgg import TorchvisionLayoutVGG  # noqa: E402
+
 FC_WIDTH, NUM_CLASSES = 64, 1000
-
-
-class TorchvisionLayoutVGG(torch.nn.Module):
-    """torchvision's VGG module structure, so that its state_dict keys are the same."""
-
-    def __init__(self, config, fc_width=FC_WIDTH, num_classes=NUM_CLASSES):
-        super().__init__()
-        layers, in_ch = [], 3
-        for v in TORCHVISION_CFGS[config]:
-            if v == "M":
-                layers.append(torch.nn.MaxPool2d(2, 2))
-            else:
-                layers += [torch.nn.Conv2d(in_ch, v, 3, padding=1), torch.nn.ReLU()]
-                in_ch = v
-        self.features = torch.nn.Sequential(*layers)
-        self.avgpool = torch.nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = torch.nn.Sequential(
-            torch.nn.Linear(512 * 7 * 7, fc_width), torch.nn.ReLU(), torch.nn.Dropout(),
-            torch.nn.Linear(fc_width, fc_width), torch.nn.ReLU(), torch.nn.Dropout(),
-            torch.nn.Linear(fc_width, num_classes))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def make_torch_vgg(config, seed=0):
     torch.manual_seed(seed)
-    return TorchvisionLayoutVGG(config).eval()
+    return TorchvisionLayoutVGG(config, FC_WIDTH, NUM_CLASSES).eval()
 
 
 def save_pth_and_npz(net, tmp_path, stem):

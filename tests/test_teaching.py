@@ -130,7 +130,7 @@ NAMED_IN_WALKTHROUGH = {
     "minivgg.summary": ["layer_table", "format_table"],
     "minivgg.optim": ["SGD", "ReduceLROnPlateau"],
     "minivgg.evaluate": ["to_fully_convolutional"],
-    "minivgg.pretrained": ["load_torchvision_vgg"],
+    "minivgg.pretrained": ["load_torchvision_vgg", "load_caffe_vgg", "save_pretrained"],
 }
 
 

@@ -113,7 +113,10 @@ def train(args, group):
     try:
         fit(make_config(args), group=group)
     except TrainingInterrupted as e:
-        print(e, file=sys.stderr)
+        # NOTE: the ranks agreed to stop after the same batch (minivgg.interrupts) and
+        # rank 0 wrote the checkpoint: every rank ends cleanly, with rank 0's message
+        if group.is_root:
+            print(e, file=sys.stderr)
         return 128 + signal.Signals[e.signal_name].value
     except TrainingDiverged as e:
         # NOTE: every rank saw the same summed loss and stopped at the same step, so the

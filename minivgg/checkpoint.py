@@ -29,6 +29,7 @@ import re
 import tempfile
 import zipfile
 import zlib
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -238,6 +239,77 @@ def load(path):
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ("last.npz", "best.npz", "metrics.csv", "metrics.png")
+
+
+@dataclass
+class RunPaths:
+    """Where a run writes: its output folder and the files in it."""
+    folder: str
+
+    @property
+    def last(self):         # every epoch: what a resume continues from
+        return os.path.join(self.folder, "last.npz")
+
+    @property
+    def best(self):         # when val top-1 error improves
+        return os.path.join(self.folder, "best.npz")
+
+    @property
+    def metrics_csv(self):  # one row per epoch (`minivgg.metrics`)
+        return os.path.join(self.folder, "metrics.csv")
+
+    @property
+    def metrics_png(self):  # its curves (`minivgg.plots`)
+        return os.path.join(self.folder, "metrics.png")
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has come; a mid-epoch checkpoint stores it to continue exactly.
+    The counts are those of the global batches (every rank's images), so they do not
+    depend on the number of ranks."""
+    batch: int = 0              # training batches done
+    seen: int = 0               # images trained on
+    loss_sum: float = 0.0       # sum of their losses
+    wrong: int = 0              # top-1 mistakes among them
+    skipped: int = 0            # unreadable images skipped (in the train loop: before the
+                                # resume; `train.skipped_so_far` adds the rest)
+
+
+def epoch_progress(meta, path):
+    """The EpochProgress a checkpoint stopped at, or None when it is an epoch's end."""
+    if not meta.get("batch"):
+        return None
+    try:
+        return EpochProgress(**meta["progress"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path!r} cannot be resumed: it stopped at batch "
+                              f"{meta['batch']!r} but its progress entry is damaged "
+                              f"({e})") from None
+
+
+def run_folder(output, resume, default_name):
+    """Where a run writes: --output, else the --resume checkpoint's folder, else
+    runs/<default_name> (the data folder's name and the configuration, e.g.
+    runs/imagenette2-224-A)."""
+    if output:
+        return output
+    if resume:
+        return os.path.dirname(os.path.abspath(resume))
+    return os.path.join("runs", default_name)
+
+
+def training_meta(run, epochs_done):
+    """Everything but the arrays that a resume of `run` (a `minivgg.train.Run`) needs
+    after `epochs_done` epochs: the entries `check_resumable` checks on the way back."""
+    from minivgg import backend
+    cfg = run.config
+    return {"model": model_meta(run.model), "classes": list(run.classes),
+            "data_stats": run.stats.to_dict(), "epoch": epochs_done,
+            "scheduler": run.scheduler.state_dict(),
+            "rng": {"host": backend.get_rng_state(), "loader_seed": run.loader_seed},
+            "best_val_top1_err": run.best, "synthetic": cfg.synthetic,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
 
 
 def prepare_run_folder(folder, resume=None, overwrite=False):

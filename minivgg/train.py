@@ -28,7 +28,9 @@ Started by an MPI launcher (`mpirun -n 4 python examples/train_imagenet.py ...`)
 loop trains one model on every process (`minivgg.distributed`, Sec. 3.3): each rank takes
 its slice of every global batch, the gradients are averaged across ranks inside backward,
 the step's loss and error counts are summed across ranks, and rank 0 alone prints and
-writes. The checkpoint is the same for any number of ranks.
+writes. The checkpoint is the same for any number of ranks. A signal reaches the ranks at
+different moments, so they agree on it in the step's sum (`StopSignals.votes`): every rank
+stops, or saves, after the same batch, and rank 0 writes the mid-epoch checkpoint.
 """
 
 import math
@@ -41,6 +43,7 @@ import numpy as np
 
 from minivgg import backend, checkpoint, distributed, metrics, models, optim, plots
 from minivgg import functional as F
+from minivgg.checkpoint import EpochProgress, RunPaths, epoch_progress
 from minivgg.data import (DataStats, EvalTransform, Loader, TrainTransform, check_crop,
                           compute_stats, open_imagenet)
 from minivgg.interrupts import StopSignals
@@ -147,28 +150,6 @@ def synthetic_config(**overrides):
 # ----------------------------------------------------------------------------------------
 
 @dataclass
-class RunPaths:
-    """Where a run writes: its output folder and the files in it."""
-    folder: str
-
-    @property
-    def last(self):         # every epoch: what a resume continues from
-        return os.path.join(self.folder, "last.npz")
-
-    @property
-    def best(self):         # when val top-1 error improves
-        return os.path.join(self.folder, "best.npz")
-
-    @property
-    def metrics_csv(self):  # one row per epoch (`minivgg.metrics`)
-        return os.path.join(self.folder, "metrics.csv")
-
-    @property
-    def metrics_png(self):  # its curves (`minivgg.plots`)
-        return os.path.join(self.folder, "metrics.png")
-
-
-@dataclass
 class Run:
     """What `setup` builds and the epoch loop uses; `start_epoch`, `best` and `last_good`
     change as the run goes on."""
@@ -220,7 +201,8 @@ def setup(cfg, log=print, group=None):
     device, arch = check_config(cfg)
     say = _with_label(log if group.is_root else _quiet, _label(cfg))
     resumed = read_resume_checkpoint(cfg)  # first: it holds the data statistics
-    paths = RunPaths(output_folder(cfg, arch))
+    name = "synthetic" if cfg.synthetic else os.path.basename(os.path.normpath(cfg.data))
+    paths = RunPaths(checkpoint.run_folder(cfg.output, cfg.resume, f"{name}-{arch}"))
     # Before any data is read, so a bad --output costs nothing; rank 0 alone writes there.
     if not cfg.evaluate and group.is_root:
         for stale in checkpoint.prepare_run_folder(paths.folder, cfg.resume, cfg.overwrite):
@@ -277,20 +259,6 @@ def _with_label(log, label):
 
 def _quiet(msg):
     """The log of ranks other than 0: rank 0 speaks for the run."""
-
-
-def data_name(cfg):
-    """The data folder's name, or "synthetic": part of the default output folder."""
-    return "synthetic" if cfg.synthetic else os.path.basename(os.path.normpath(cfg.data))
-
-
-def output_folder(cfg, arch):
-    """--output, else the --resume checkpoint's folder, else runs/<data name>-<arch>."""
-    if cfg.output:
-        return cfg.output
-    if cfg.resume:
-        return os.path.dirname(os.path.abspath(cfg.resume))
-    return os.path.join("runs", f"{data_name(cfg)}-{arch}")
 
 
 def check_config(cfg):
@@ -351,28 +319,6 @@ def read_resume_checkpoint(cfg):
         checkpoint.check_resumable(cfg.resume, *resumed)
         epoch_progress(resumed[2], cfg.resume)
     return resumed
-
-
-@dataclass
-class EpochProgress:
-    """How far an epoch has come; a mid-epoch checkpoint stores it to continue exactly."""
-    batch: int = 0              # training batches done
-    seen: int = 0               # images trained on
-    loss_sum: float = 0.0       # sum of their losses
-    wrong: int = 0              # top-1 mistakes among them
-    skipped: int = 0            # unreadable images skipped
-
-
-def epoch_progress(meta, path):
-    """The EpochProgress a checkpoint stopped at, or None when it is an epoch's end."""
-    if not meta.get("batch"):
-        return None
-    try:
-        return EpochProgress(**meta["progress"])
-    except (KeyError, TypeError) as e:
-        raise checkpoint.CheckpointError(f"checkpoint {path!r} cannot be resumed: it stopped "
-                                         f"at batch {meta['batch']!r} but its progress "
-                                         f"entry is damaged ({e})") from None
 
 
 def open_data(cfg, log):
@@ -507,15 +453,15 @@ def train(run):
         checkpoint.remove_run_files(paths.folder)  # asked for, and every check has passed
     rows = earlier_rows(run)
     plotted = False
-    with StopSignals() as signals:
+    with StopSignals(verbose=root) as signals:  # rank 0 says "SIGINT received" for all
         for epoch in range(run.start_epoch, cfg.epochs):
             lr = run.optimizer.lr
             t0 = time.perf_counter()
             tr = train_one_epoch(run, epoch, signals)
             va = validate(run.model, run.val_loader, run.device, group=run.group,
                           signals=signals)
-            if signals.stop:  # part-way through the epoch or its validation
-                raise stopped_mid_epoch(run, epoch, signals.stop)
+            if signals.agreed_stop:  # part-way through the epoch or its validation
+                raise stopped_mid_epoch(run, epoch, signals.agreed_stop)
             if not math.isfinite(va["val_loss"]):
                 raise _diverged(run, f"the validation loss became {va['val_loss']}", epoch)
             seconds = time.perf_counter() - t0
@@ -532,11 +478,11 @@ def train(run):
             say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
             if run.optimizer.lr != lr:
                 say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
-            if signals.stop and epoch + 1 < cfg.epochs:
+            if signals.agree(run.group) and epoch + 1 < cfg.epochs:
                 raise TrainingInterrupted(
-                    f"stopped by {signals.stop} after epoch {epoch + 1}: {paths.last} holds "
-                    f"it; --resume {paths.last} continues with epoch {epoch + 2}",
-                    signals.stop)
+                    f"stopped by {signals.agreed_stop} after epoch {epoch + 1}: {paths.last} "
+                    f"holds it; --resume {paths.last} continues with epoch {epoch + 2}",
+                    signals.agreed_stop)
     say(f"done: best val top-1 error {100 * run.best:.2f}%; checkpoints and metrics.csv"
         f"{' and metrics.png' if rows and plotted else ''} in {paths.folder}")
     return rows
@@ -569,7 +515,7 @@ def earlier_rows(run):
 
 def save_checkpoints(run, epochs_done, val, improved):
     """last.npz after every epoch, best.npz when val top-1 error improved (atomic writes)."""
-    meta = checkpoint_meta(run, epochs_done)
+    meta = checkpoint.training_meta(run, epochs_done)
     meta.update(val_top1_err=val["val_top1_err"], val_top5_err=val["val_top5_err"])
     state, opt_state = finite_state(run, f"after epoch {epochs_done}")  # on every rank
     if run.group.is_root:  # one writer: the files do not depend on the number of ranks
@@ -581,23 +527,13 @@ def save_checkpoints(run, epochs_done, val, improved):
 
 def save_progress(run, epoch):
     """last.npz part-way through epoch `epoch` (0-based): `run.progress` says how far."""
-    meta = checkpoint_meta(run, epoch)
-    meta.update(batch=run.progress.batch, progress=asdict(run.progress))
+    meta = checkpoint.training_meta(run, epoch)
+    progress = dict(asdict(run.progress), skipped=skipped_so_far(run))
+    meta.update(batch=run.progress.batch, progress=progress)
     state, opt_state = finite_state(run, f"at epoch {epoch + 1}, batch {run.progress.batch}")
     if run.group.is_root:
         checkpoint.save(run.paths.last, state, opt_state, meta)
     run.last_good = f"{run.paths.last} (epoch {epoch + 1}, batch {run.progress.batch})"
-
-
-def checkpoint_meta(run, epochs_done):
-    """Everything but the arrays that a resume needs (see the module docstring)."""
-    cfg = run.config
-    return {"model": checkpoint.model_meta(run.model), "classes": list(run.classes),
-            "data_stats": run.stats.to_dict(), "epoch": epochs_done,
-            "scheduler": run.scheduler.state_dict(),
-            "rng": {"host": backend.get_rng_state(), "loader_seed": run.loader_seed},
-            "best_val_top1_err": run.best, "synthetic": cfg.synthetic,
-            "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
 
 
 def finite_state(run, when):
@@ -635,13 +571,15 @@ def epoch_summary(run, epochs_done, tr, va, lr, seconds, improved):
 # One epoch
 # ----------------------------------------------------------------------------------------
 
-def train_step(run, x, y):
+def train_step(run, x, y, signals=None):
     """Forward, softmax cross-entropy, backward, SGD step (Sec. 3.1) -> (summed loss, top-1
     errors, images) of the global batch: this rank's `x, y` and every other rank's slice.
 
     With several ranks (Sec. 3.3) the step's sums are added across ranks before backward,
     so every rank takes the same decision on a non-finite loss, and `run.reducer` averages
     the gradients while backward runs. A rank whose slice is empty still takes part.
+    `signals` (`StopSignals`): this rank's stop and save requests join the same sum, so
+    every rank settles on them after this step (`signals.agreed_stop`, `agreed_save`).
     NOTE: when the loss is not finite the weights are left as they were (no backward, no
     step), so the last checkpoint and the model in memory stay usable.
     """
@@ -650,7 +588,10 @@ def train_step(run, x, y):
         logits = run.model(Tensor(x))
         loss = F.cross_entropy(logits, y)
         local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
-    loss_sum, wrong, seen = run.group.sum(local)
+    totals = run.group.sum(local + (signals.votes() if signals else []))
+    loss_sum, wrong, seen = totals[:3]
+    if signals:
+        signals.settle(totals[3:])
     if seen and math.isfinite(loss_sum):
         run.optimizer.zero_grad()
         run.reducer.start(n)
@@ -668,14 +609,12 @@ def train_one_epoch(run, epoch, signals=None):
     signal it returns after the batch in progress; `run.progress` says how far it came.
     """
     run.model.train()
-    if run.group.size > 1:  # dropout: a stream per rank and epoch, the same on a resume
-        backend.manual_seed(distributed.rank_seed(run.loader_seed, epoch, run.group.rank))
     total = len(run.train_loader)
     p = run.progress = run.resume_progress or EpochProgress()
     run.resume_progress = None
     bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, p.batch,
                         run.group.is_root)
-    start, waited, skipped_before, seen_before = time.perf_counter(), 0.0, p.skipped, p.seen
+    start, waited, seen_before = time.perf_counter(), 0.0, p.seen
     batches = iter(to_device_batches(run.train_loader.epoch(epoch, start=p.batch), run.device))
     for step in range(p.batch, total):
         t = time.perf_counter()
@@ -684,33 +623,39 @@ def train_one_epoch(run, epoch, signals=None):
         if batch is None:
             break
         x, y = batch
-        step_loss, step_wrong, step_seen = train_step(run, x, y)
+        distributed.seed_dropout(run.group, run.loader_seed, epoch, step)
+        step_loss, step_wrong, step_seen = train_step(run, x, y, signals)
         if not math.isfinite(step_loss):
             bar.close()
             raise _diverged(run, f"the training loss became {step_loss / step_seen}", epoch,
                             step)
         p.batch, p.seen, p.loss_sum = step + 1, p.seen + step_seen, p.loss_sum + step_loss
         p.wrong += step_wrong
-        p.skipped = skipped_before + run.train_loader.skipped
         bar.update(1)
         if (step + 1) % max(1, run.config.print_freq) == 0 or step + 1 == total:
             rate = (p.seen - seen_before) / (time.perf_counter() - start)
             bar.set_postfix_str(f"loss={p.loss_sum / p.seen:.3f} top1_err={p.wrong / p.seen:.3f}"
                                 f" img/s={rate:.1f}", refresh=False)
-        if signals and signals.take_save_request():  # SIGUSR1: checkpoint now, go on
+        if signals and signals.take_agreed_save():  # SIGUSR1: checkpoint now, go on
             save_progress(run, epoch)
             run.log(f"saved {run.paths.last} (epoch {epoch + 1} up to batch {p.batch} of "
                     f"{total}); training goes on")
-        if signals and signals.stop:
+        if signals and signals.agreed_stop:
             break
     bar.close()
     seconds = max(time.perf_counter() - start, 1e-9)  # a resume can start at the end
     if p.seen == 0:
         raise TrainingError("an epoch produced no batch: every training image was skipped")
-    skipped = int(run.group.sum([p.skipped])[0])
     return {"train_loss": p.loss_sum / p.seen, "train_top1_err": p.wrong / p.seen,
             "images_per_s": (p.seen - seen_before) / seconds, "train_seconds": seconds,
-            "data_wait": waited / seconds, "skipped": skipped}
+            "data_wait": waited / seconds, "skipped": skipped_so_far(run)}
+
+
+def skipped_so_far(run):
+    """Unreadable training images skipped in this epoch, on every rank and before a
+    resume. NOTE: a collective: every rank calls it at the same point."""
+    here = run.train_loader.skipped
+    return run.progress.skipped + int(run.group.sum([here])[0])
 
 
 def _progress_bar(desc, total, initial=0, show=True):
@@ -736,13 +681,15 @@ def _diverged(run, what, epoch=None, step=None):
 def validate(model, loader, device, epoch=0, group=None, signals=None):
     """Loss, top-1 and top-5 error of single centre crops (Sec. 3.2) over `loader`; with a
     `group` of ranks, each validates its slices and the sums are added across ranks.
-    None when a stop signal came first (see `train`)."""
+    None when a stop signal came first (see `train`): agreed by the ranks in that sum."""
+    if signals and signals.agreed_stop:
+        return None
     model.eval()
     seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
     with no_grad():
         for x, y in to_device_batches(loader.epoch(epoch), device):
-            if signals and signals.stop:
-                return None
+            if signals and signals.stop:  # this rank's own; the others learn it below
+                break
             n = len(y)
             if n == 0:  # this rank's slice of a short last batch
                 continue
@@ -750,13 +697,13 @@ def validate(model, loader, device, epoch=0, group=None, signals=None):
             loss_sum += float(F.cross_entropy(logits, y).item()) * n
             errors = metrics.topk_errors(logits.data, y, (1, 5))
             seen, wrong1, wrong5 = seen + n, wrong1 + errors[1], wrong5 + errors[5]
-    if signals and signals.stop:
+    group = group or distributed.SingleProcess()
+    totals = group.sum([loss_sum, wrong1, wrong5, seen, loader.skipped]
+                       + (signals.votes() if signals else []))
+    if signals and signals.settle(totals[5:]):
         return None
-    skipped = loader.skipped
-    if group is not None:
-        loss_sum, wrong1, wrong5, seen, skipped = group.sum(
-            [loss_sum, wrong1, wrong5, seen, skipped])
-        seen, skipped = int(seen), int(skipped)
+    loss_sum, wrong1, wrong5, seen, skipped = totals[:5]
+    seen, skipped = int(seen), int(skipped)
     if seen == 0:
         raise TrainingError("validation produced no batch: every val image was skipped")
     return {"val_loss": loss_sum / seen, "val_top1_err": wrong1 / seen,

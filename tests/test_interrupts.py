@@ -68,3 +68,17 @@ def test_a_second_ctrl_c_ends_the_process_at_once(tmp_path):
     assert proc.returncode == -signal.SIGINT
     err = proc.stderr.read()
     assert "SIGINT received: stopping after this batch" in err and "Traceback" not in err
+
+
+def test_ranks_settle_on_the_same_stop_and_save_from_their_summed_votes():
+    a, b = StopSignals(), StopSignals()  # two ranks' flags (no handlers installed)
+    a.stop, b.save_requested = "SIGINT", True
+    totals = [x + y for x, y in zip(a.votes(), b.votes())]  # what group.sum gives both
+    assert a.settle(totals) == b.settle(totals) == "SIGINT"
+    assert a.take_agreed_save() and b.take_agreed_save()
+    assert not a.take_agreed_save() and not b.votes()[2]  # a request counts once
+    b.stop = "SIGTERM"
+    assert b.settle([x + y for x, y in zip(a.votes(), b.votes())]) == "SIGINT"  # it stays
+    c = StopSignals()
+    c.stop = "SIGTERM"
+    assert c.settle([x + y for x, y in zip(a.votes(), c.votes())]) == "SIGTERM"  # preemption

@@ -2,7 +2,9 @@
 hook, and real multi-process runs under mpirun (skipped without mpi4py and an mpiexec).
 
 The multi-process tests start `mpiexec -n 2` on tests/distributed_worker.py, whose every
-check raises on failure, so a failing check ends the job with the rank's message.
+check raises on failure, so a failing check ends the job with the rank's message, and on
+examples/train_imagenet.py, also through small drivers that send Ctrl-C, SIGTERM or
+SIGUSR1 at an exact batch.
 """
 
 import os
@@ -401,3 +403,31 @@ def test_a_signal_stops_every_rank_after_the_same_batch_with_a_resumable_checkpo
     # the resume, on another number of ranks or the same, ends where the whole run does
     train_run(folder, 1, ranks=resume_ranks, resume=folder / "last.npz")
     assert_same_training(folder, runs[0] / "1x1")
+
+
+SAVE_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path[:0] = [{repo!r}, os.path.join({repo!r}, "examples")]
+    from minivgg import train
+    import train_imagenet
+    real_step, count = train.train_step, [0]
+    def train_step(run, *args):
+        count[0] += 1
+        if count[0] == {step} and run.group.rank == 1:  # rank 1 alone gets it
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(run, *args)
+    train.train_step = train_step
+    sys.exit(train_imagenet.main(sys.argv[1:]))
+""")
+
+
+def test_sigusr1_to_one_rank_makes_rank_0_save_after_that_batch_and_go_on(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SAVE_DRIVER.format(repo=REPO, step=STOP_STEP))
+    last = tmp_path / "run" / "last.npz"
+    out = run_mpi(str(driver), *TINY, "--epochs", "1", "--output", str(last.parent),
+                  timeout=120)
+    assert out.returncode == 0, out.stdout
+    saved = f"saved {last} (epoch 1 up to batch {STOP_STEP} of 4); training goes on"
+    assert out.stdout.count(saved) == 1, out.stdout
+    assert "epoch 1/1: train loss" in out.stdout

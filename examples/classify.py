@@ -23,13 +23,23 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import no_grad, pretrained  # noqa: E402
+from minivgg import checkpoint, data, no_grad, pretrained  # noqa: E402
 
 
 def preprocess(path, resize=256, crop=224, meta=pretrained.TORCHVISION_INPUT):
     """An image file -> (1, 3, crop, crop) float32, normalised as `meta` says."""
+    return pretrained.input_transform(meta)(read_crop(path, resize, crop))[None]  # NCHW
+
+
+def read_crop(path, resize=256, crop=224):
+    """An image file -> uint8 (crop, crop, 3): torchvision's ImageNet evaluation resize and
+    centre crop.
+
+    Decoding is minivgg's (`data.load_rgb`: every Pillow mode, EXIF orientation applied);
+    raises `OSError` "cannot read image PATH: why" for a file that is not a readable image.
+    """
     from PIL import Image
-    img = Image.open(path).convert("RGB")
+    img = Image.fromarray(data.load_rgb(path))
     w, h = img.size
     # Isotropic: the shorter side becomes `resize`, the longer one is truncated to an int,
     # exactly as torchvision's Resize(256) computes it.
@@ -41,7 +51,7 @@ def preprocess(path, resize=256, crop=224, meta=pretrained.TORCHVISION_INPUT):
     w, h = img.size
     left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))  # CenterCrop
     img = img.crop((left, top, left + crop, top + crop))
-    return pretrained.input_transform(meta)(np.asarray(img))[None]  # NCHW
+    return np.asarray(img)
 
 
 def top_k(probs, k=5):
@@ -59,24 +69,40 @@ def main(argv=None):
                                          "vgg11/13/16/19); default: read from the file")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print")
     args = parser.parse_args(argv)
-
     try:
-        model = pretrained.load_pretrained(args.weights, args.config)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+        if args.top < 1:
+            raise ValueError(f"--top must be at least 1, got {args.top}")
+        logits, model = classify(args.image, args.weights, args.config)
+    except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    x = preprocess(args.image, meta=model.pretrained_meta)
-    with no_grad():
-        logits = model(x).numpy()[0]
     probs = F.softmax(logits[None])[0]
     if len(probs) == 1000:
         names = pretrained.imagenet_classes()
     else:
         names = [f"class {i}" for i in range(len(probs))]
-    print(f"{args.image}: VGG {model.config}, top-{args.top}")
+    print(f"{args.image}: VGG {model.config}, top-{min(args.top, len(probs))}")
     for rank, (i, p) in enumerate(zip(*top_k(probs, args.top)), start=1):
         print(f"{rank}. {p * 100:6.2f}%  {names[i]} ({i})")
     return 0
+
+
+def classify(image, weights, config):
+    """(logits of the image, model). The image is read first: a bad one costs no time
+    loading weights. Weights or scores holding NaN or Inf are an error, not a ranking."""
+    img = read_crop(image)
+    model = pretrained.load_pretrained(weights, config)
+    bad = checkpoint.nonfinite(model.state_dict())
+    if bad:
+        raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
+                         f"refusing to classify with them")
+    x = pretrained.input_transform(model.pretrained_meta)(img)[None]
+    with no_grad():
+        logits = model(x).numpy()[0]
+    if not np.isfinite(logits).all():
+        raise ValueError(f"{weights}: the network's scores for {image} are not finite "
+                         f"(NaN or Inf); refusing to rank them")
+    return logits, model
 
 
 if __name__ == "__main__":

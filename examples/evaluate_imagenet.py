@@ -34,7 +34,7 @@ import numpy as np
 # Run from a checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import backend, data, evaluate, pretrained  # noqa: E402
+from minivgg import backend, checkpoint, data, evaluate, pretrained  # noqa: E402
 from minivgg.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -104,6 +104,10 @@ def load_nets(paths, device, batch_size, root):
     for path in paths:
         model = pretrained.load_pretrained(path, device=device)
         meta = dict(model.pretrained_meta, input_size=model.input_size)
+        bad = checkpoint.nonfinite(model.state_dict())
+        if bad:
+            raise UsageError(f"checkpoint {path!r}: weights {', '.join(bad[:3])} hold NaN "
+                             f"or Inf (a diverged run?); refusing to evaluate them")
         if meta["mean_rgb"] is None or (meta["layout"] == "checkpoint" and not meta["classes"]):
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")
@@ -153,6 +157,9 @@ def main(argv=None):
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 (an image and its flip), got "
                          f"{args.batch_size}")
+    if args.print_freq < 0:
+        raise UsageError(f"-p/--print-freq must be 0 (no progress) or more, got "
+                         f"{args.print_freq}")
     backend.check_device(args.device)
     backend.set_conv_algorithm(args.conv_algo)
     nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.data)

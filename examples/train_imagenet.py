@@ -15,17 +15,19 @@ The flags follow PyTorch's ImageNet example where they apply. All the work happe
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import backend  # noqa: E402
 from minivgg import distributed  # noqa: E402
-from minivgg.checkpoint import CheckpointError  # noqa: E402
+from minivgg.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from minivgg.data import DataError  # noqa: E402
 from minivgg.models import ALIASES, CONFIGS  # noqa: E402
-from minivgg.train import (TrainConfig, TrainingDiverged, TrainingError, fit,  # noqa: E402
-                           synthetic_config)
+from minivgg.train import (TrainConfig, TrainingDiverged, TrainingError,  # noqa: E402
+                           TrainingInterrupted, fit, synthetic_config)
+from minivgg.workers import WorkerError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,6 +81,8 @@ def parse_args(argv=None):
                    help="decode every image once into memory at the largest scale")
     p.add_argument("--output", metavar="DIR",
                    help="checkpoints, metrics.csv and metrics.png (default runs/<data>-<arch>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the output folder (else an error)")
     p.add_argument("--synthetic-train", type=int, help="synthetic training images (2000)")
     p.add_argument("--synthetic-val", type=int, help="synthetic val images (500)")
     return p.parse_args(argv)
@@ -92,6 +96,9 @@ def make_config(args):
 
 
 def main(argv=None):
+    """Train as the flags say -> exit status: 0 done, 2 bad input (one `error:` line),
+    1 a failure during the run, 128 + N when signal N stopped it (README, "Failure
+    behaviour")."""
     args = parse_args(argv)
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be positive, got {args.threads}", file=sys.stderr)
@@ -110,17 +117,29 @@ def main(argv=None):
 def train(args, group):
     try:
         fit(make_config(args), group=group)
+    except TrainingInterrupted as e:
+        # NOTE: the ranks agreed to stop after the same batch (minivgg.interrupts) and
+        # rank 0 wrote the checkpoint: every rank ends cleanly, with rank 0's message
+        if group.is_root:
+            print(e, file=sys.stderr)
+        return 128 + signal.Signals[e.signal_name].value
     except TrainingDiverged as e:
         # NOTE: every rank saw the same summed loss and stopped at the same step, so the
         # job ends cleanly on all of them, with rank 0's message alone
         if group.is_root:
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except (CheckpointWriteError, WorkerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return stop_all(group, 1)
     except (TrainingError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return stop_all(group, 2)
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+    except OSError as e:  # e.g. a full disk while writing metrics.csv
+        print(f"error: {e}", file=sys.stderr)
+        return stop_all(group, 1)
+    except KeyboardInterrupt:  # during set-up, before training (and its handler) started
+        print("interrupted before training started; nothing was written", file=sys.stderr)
         return stop_all(group, 130)
     return 0
 

@@ -23,6 +23,7 @@ filters and features need only Pillow; scoremap and curves need matplotlib.
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
 from minivgg import models, no_grad  # noqa: E402
-from minivgg.checkpoint import load_model  # noqa: E402
+from minivgg.checkpoint import load_model, nonfinite  # noqa: E402
 from minivgg.data import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
 from minivgg.metrics import read_metrics  # noqa: E402
 from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
@@ -58,16 +59,30 @@ def load_weights(weights, config="D"):
         # filters nor the feature maps and 120M random FC weights take long to draw.
         model = models.vgg(config, fc_width=256, seed=0).eval()
         return model, lambda img: to_chw_float32(img, imagenet_mean_255)
-    if weights.endswith(".npz"):
-        with np.load(weights, allow_pickle=False) as f:
-            is_checkpoint = "meta" in f.files
-        if is_checkpoint:
-            model, meta = load_model(weights)
-            mean = meta.get("data_stats", {}).get("mean_rgb", imagenet_mean_255)
-            return model, lambda img: to_chw_float32(img, mean)
-    model = load_torchvision_vgg(weights, config)
-    return model, lambda img: _chw(
-        (img.astype(np.float32) / 255.0 - TORCHVISION_MEAN) / TORCHVISION_STD)
+    if _is_training_checkpoint(weights):
+        model, meta = load_model(weights)
+        mean = meta.get("data_stats", {}).get("mean_rgb", imagenet_mean_255)
+        normalise = (lambda img: to_chw_float32(img, mean))
+    else:
+        model = load_torchvision_vgg(weights, config)
+        normalise = (lambda img: _chw(
+            (img.astype(np.float32) / 255.0 - TORCHVISION_MEAN) / TORCHVISION_STD))
+    bad = nonfinite(model.state_dict())
+    if bad:
+        raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
+                         f"refusing to draw them")
+    return model, normalise
+
+
+def _is_training_checkpoint(path):
+    """True for a minivgg training checkpoint (an .npz with a meta entry), False for
+    torchvision's weights and their .npz conversion. A damaged file is left to the
+    loaders, which say what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "meta.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _chw(x):
@@ -182,8 +197,8 @@ def cmd_filters(args):
 
 
 def cmd_features(args):
+    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
     model, normalise = load_weights(args.weights, args.config)
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)
     maps = layer_output(model, normalise(img)[None], args.layer)[0]  # (C, h, w)
     shown = maps[:args.max_channels]
     print(f"{args.layer}: output {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}, "
@@ -194,8 +209,8 @@ def cmd_features(args):
 
 
 def cmd_scoremap(args):
+    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
     model, normalise = load_weights(args.weights, args.config)
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)
     scores = class_score_map(model, normalise(img))
     if scores.shape[0] == 1000:
         names = imagenet_classes()
@@ -245,6 +260,10 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
+        for flag, value in (("--scale", getattr(args, "scale", 1)),
+                            ("--max-channels", getattr(args, "max_channels", 1))):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
         path = args.fn(args)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

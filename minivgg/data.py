@@ -2,13 +2,16 @@
 
 The pieces, in the order an image meets them:
 
-    load_rgb(path)                   decode with Pillow, any mode -> uint8 (H, W, 3) RGB
+    load_rgb(path)                   decode with Pillow, any mode -> uint8 (H, W, 3) RGB,
+                                     upright (EXIF orientation), 16-bit/float scaled
     rescale_smallest_side(img, S)    isotropic rescale, smallest side S (Pillow bilinear)
     TrainTransform                   random S in [Smin, Smax], random crop, random flip,
                                      AlexNet's PCA colour shift, mean subtraction
     EvalTransform                    rescale to smallest side Q, centre crop
     to_chw_float32(img, mean_rgb)    uint8 (H, W, 3) -> float32 (3, H, W), mean subtracted
+    compute_stats(train)             mean RGB and colour PCA, every image weighing the same
     Loader                           batches, decoded and augmented in worker processes
+                                     (minivgg.workers: Ctrl-C and SIGTERM cannot hang them)
 
 NOTE: the scale. Pixels go into the network on the 0-255 scale with the training set's
 mean RGB subtracted, `x - mean_rgb`, exactly as in the paper (Sec. 2.1) and Caffe, and
@@ -25,15 +28,15 @@ Datasets (`ImageFolder`, `minivgg.synthetic.SyntheticImages`) share one small in
 """
 
 import math
-import multiprocessing as mp
 import os
 import sys
 import warnings
-from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from minivgg.workers import WorkerPool
 
 # The ILSVRC layout uses ".JPEG"; accept the usual image extensions in any case.
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -48,27 +51,102 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 def load_rgb(path):
-    """Decode an image file into a uint8 array (H, W, 3) in RGB order.
+    """Decode an image file into a uint8 array (H, W, 3) in RGB order, upright.
 
-    Grayscale ("L", "I;16"...), CMYK, palette ("P") and RGBA images are converted to RGB;
-    transparency is dropped (RGBA -> RGB keeps the colour channels). Raises `OSError` for a
-    file Pillow cannot read, including a truncated JPEG.
+    Every Pillow mode is handled (`to_rgb8`), and the EXIF orientation tag is applied (see
+    `upright`). Raises `OSError` "cannot read image PATH: why" for anything Pillow cannot
+    read: a missing, empty, truncated or foreign file, a folder, a decompression bomb.
     """
     # NOTE: Pillow pads a truncated JPEG with grey, silently, only when the global
     # ImageFile.LOAD_TRUNCATED_IMAGES is True; at its default (False) `im.load()` raises,
     # which is what lets the loader skip and count such files.
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            # Between 89M and 179M pixels Pillow only warns (above, it raises): a large
+            # scan is a legitimate image, and a warning per worker per file is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.load()
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8).copy()
-    except OSError:
-        raise
-    except Exception as e:  # Pillow raises e.g. ValueError or SyntaxError for odd files
-        raise OSError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
+            return to_rgb8(upright(im))
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBomb
+        raise OSError(f"cannot read image {path}: {_read_failure(path, e)}") from None
+
+
+def _read_failure(path, error):
+    """Why an image could not be read, in words (the path is named by the caller)."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError) or os.path.isdir(path):
+        return "it is a folder, not an image file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, UnidentifiedImageError):
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        return "the file is empty" if empty else "not an image format Pillow can read"
+    return f"{type(error).__name__}: {error}"
+
+
+def upright(im):
+    """The image as a viewer shows it: the EXIF orientation tag (1-8) applied.
+
+    NOTE: the choice. A phone photo is stored sideways with a tag saying "rotate 90";
+    every viewer, and so the person who sorted it into a class folder, sees it upright.
+    torchvision's ImageFolder ignores the tag (Pillow does not apply it) and the paper says
+    nothing; ILSVRC's JPEGs carry almost no orientation tags, so the paper's numbers do not
+    depend on it, while on a folder of phone photos ignoring it would train on sideways
+    images and evaluate differently from what the user looked at. So minivgg applies it,
+    in training and at test time alike. A damaged EXIF block counts as no tag.
+    """
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF: the pixels are still fine, keep them as stored
+        return im
+
+
+# Nominal range of each integer mode: the value that means full white.
+_UINT16_MAX = 65535
+
+
+def to_rgb8(im):
+    """Any Pillow image -> uint8 (H, W, 3) RGB.
+
+    - 8-bit modes (L, P, 1, CMYK, YCbCr, LAB, HSV, RGBX...) go through Pillow's own
+      conversion; transparency (RGBA, LA, PA, P with a transparent colour) is dropped,
+      keeping the colour channels, as torchvision's `convert("RGB")` does.
+    - 16-bit integer grey (I;16, I;16B, I;16L, I;16N) is scaled by its nominal range,
+      0..65535 -> 0..255 (rounded), not stretched from the image's own min..max: a dark
+      photo must stay dark, and the same value must mean the same grey in every image.
+      NOTE: Pillow's own `convert` clips instead, so a 0-65535 ramp comes out 99.6% white.
+    - 32-bit integer grey (I) holds 16-bit data when Pillow reads a 16-bit PNG or TIFF
+      this way, so values within 0..65535 get the same 16-bit scale. Values outside it
+      have no nominal range worth using (2^31 would leave every image black), so such an
+      image is stretched from its own min..max to 0..255.
+    - 32-bit float grey (F) is read as 0..1 (the convention of float image files and of
+      torchvision's ToTensor): clipped to [0, 1], then scaled to 0..255; NaN becomes 0.
+    """
+    mode = im.mode
+    if mode.startswith(("I", "F")):
+        grey = _grey_to_uint8(np.asarray(im), mode)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts RGBa, not La
+        im = im.convert("RGBA") if mode == "RGBa" else Image.merge("L", im.split()[:1])
+    elif mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _grey_to_uint8(x, mode):
+    """One-channel 16/32-bit integer or float pixels -> uint8, as `to_rgb8` documents."""
+    x = x.astype(np.float64)
+    if mode.startswith("F"):
+        x = np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * 255.0
+    elif x.size and (x.min() < 0 or x.max() > _UINT16_MAX):
+        low, high = x.min(), x.max()
+        x = (x - low) * (255.0 / (high - low))  # high > low: one of them is outside 0..65535
+    else:
+        x = x * (255.0 / _UINT16_MAX)
+    return np.rint(x).astype(np.uint8)
 
 
 def rescaled_size(height, width, S):
@@ -153,8 +231,26 @@ def rgb_moments(img):
     return x.shape[0], x.sum(axis=0), x.T @ x
 
 
+def image_moments(img):
+    """One image's share of the training-set statistics: (1, mean x, mean x x^T).
+
+    NOTE: per image, not per pixel. Summing these over N images gives the mean of the
+    per-image mean colours and the covariance of a pixel drawn by first drawing an image
+    uniformly: every image weighs the same whatever its size, so one 5000x20 panorama
+    (a million pixels once its smallest side is rescaled) cannot outweigh ninety photos.
+    The paper's "mean RGB value, computed on the training set" (Sec. 2.1) leaves the
+    weighting open; Caffe's ImageNet mean is likewise an average over images of one size.
+    """
+    n, total, outer = rgb_moments(img)
+    return 1, total / n, outer / n
+
+
 def stats_from_moments(count, total, outer):
-    """Mean and covariance eigen-decomposition from summed moments -> `DataStats`."""
+    """Mean and covariance eigen-decomposition from summed moments -> `DataStats`.
+
+    `count` is what the moments were summed over: pixels (`rgb_moments`) or images
+    (`image_moments`).
+    """
     mean = total / count
     cov = outer / count - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov)        # ascending; columns are eigenvectors
@@ -241,28 +337,40 @@ def check_crop(crop, smallest_scale):
 # ----------------------------------------------------------------------------------------
 
 class ImageFolder:
-    """The images of one split, e.g. root/train/<wnid>/*.JPEG; class index = sorted wnid."""
+    """The images of one split, e.g. root/train/<wnid>/*.JPEG; class index = sorted wnid.
 
-    def __init__(self, folder):
+    A sub-folder is a class when its name does not start with "." and it holds at least
+    one image file (by extension; hidden files such as macOS's "._x.jpg" do not count).
+    Hidden folders (`.ipynb_checkpoints`, `.git`) and folders without images are left out
+    and listed in `self.ignored`; `warn` (default: print to stderr; False: say nothing)
+    names them once, and `open_imagenet` names both splits' in one warning. A folder
+    that cannot be listed (no permission) is a `DataError`, never a silently lost class.
+    """
+
+    def __init__(self, folder, warn=None):
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise DataError(f"image folder {folder!r} does not exist")
         self.root = folder
-        self.classes = sorted(d for d in os.listdir(folder)
-                              if os.path.isdir(os.path.join(folder, d)))
+        self.classes, self.ignored, paths, labels = [], [], [], []
+        for name in sorted(_list_folder(folder)):
+            class_dir = os.path.join(folder, name)
+            if not os.path.isdir(class_dir):
+                continue
+            images = [] if name.startswith(".") else _image_files(class_dir)
+            if not images:
+                self.ignored.append(name)
+                continue
+            paths += images
+            labels += [len(self.classes)] * len(images)
+            self.classes.append(name)
         if not self.classes:
-            raise DataError(f"{folder!r} has no class sub-folders; expected the ILSVRC "
-                            f"layout {folder}/<wnid>/*.JPEG")
-        paths, labels = [], []
-        for label, wnid in enumerate(self.classes):
-            class_dir = os.path.join(folder, wnid)
-            for name in sorted(os.listdir(class_dir)):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(class_dir, name))
-                    labels.append(label)
-        if not paths:
-            raise DataError(f"{folder!r} has class folders but no images "
-                            f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"{folder!r} has no images: no class sub-folder holds image "
+                            f"files ({', '.join(IMAGE_EXTENSIONS)}); expected the ILSVRC layout "
+                            f"{folder}/<wnid>/*.JPEG"
+                            + (f" (ignored: {', '.join(self.ignored)})" if self.ignored else ""))
+        if self.ignored and warn is not False:
+            (warn or _print_warning)(ignored_message([(folder, self.ignored)]))
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.cache = None  # filled by cache_in_memory()
@@ -274,7 +382,8 @@ class ImageFolder:
         if self.cache is not None:
             img = self.cache[i]
             if img is None:
-                raise OSError(f"{self.paths[i]} could not be decoded when it was cached")
+                raise OSError(f"cannot read image {self.paths[i]}: it could not be decoded "
+                              f"when it was cached")
             return img
         return load_rgb(self.paths[i])
 
@@ -290,7 +399,27 @@ class ImageFolder:
         return sum(img is None for img in self.cache)
 
 
-def _decode_for_cache(job):
+def _list_folder(folder):
+    try:
+        return os.listdir(folder)
+    except OSError as e:
+        raise DataError(f"cannot read folder {folder!r}: {e.strerror or e}") from None
+
+
+def _image_files(class_dir):
+    """Sorted paths of the (non-hidden) image files directly inside `class_dir`."""
+    return [os.path.join(class_dir, name) for name in sorted(_list_folder(class_dir))
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+
+
+def ignored_message(ignored):
+    """One warning line for [(split folder, [ignored sub-folder names])]."""
+    parts = [f"{folder}: {', '.join(names)}" for folder, names in ignored if names]
+    return ("ignoring sub-folders that are hidden or hold no images (not classes): "
+            + "; ".join(parts))
+
+
+def _decode_for_cache(job, state=None):
     path, side = job
     try:
         img = load_rgb(path)
@@ -301,24 +430,24 @@ def _decode_for_cache(job):
     return img
 
 
-def _map(fn, items, workers, chunksize=16):
-    """map(fn, items) in order, over a pool of `workers` processes (0 = here)."""
+def _map(fn, items, workers):
+    """[fn(item) for item in items], in order, over `workers` processes (0 = here)."""
     if workers <= 0:
-        return map(fn, items)
-    with _pool(workers) as pool:
-        return pool.map(fn, items, chunksize=chunksize)
+        return [fn(item) for item in items]
+    pool = WorkerPool(workers, fn)
+    try:
+        return list(pool.map(items, ahead=4 * workers))
+    finally:
+        pool.close()
 
 
-def _pool(workers, initializer=None, initargs=()):
-    # NOTE: "fork" shares an in-memory cache with the workers copy-on-write, for free;
-    # "spawn" (the default on macOS and Windows) would pickle it to every worker.
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    return ctx.Pool(workers, initializer=initializer, initargs=initargs)
+def open_imagenet(root, warn=None):
+    """(train, val) `ImageFolder`s of root/train and root/val, with the same classes.
 
-
-def open_imagenet(root):
-    """(train, val) `ImageFolder`s of root/train and root/val, with the same classes."""
+    Both splits ignore the same kinds of sub-folder (see `ImageFolder`), so a hidden
+    folder in both cannot become class 0 and shift every label; one warning names what
+    was ignored in either.
+    """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"data directory {root!r} does not exist")
@@ -326,23 +455,27 @@ def open_imagenet(root):
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{root!r} has no {split!r} folder; expected the ILSVRC layout "
                             f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG")
-    train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(
-        os.path.join(root, "val"))
+    train = ImageFolder(os.path.join(root, "train"), warn=False)
+    val = ImageFolder(os.path.join(root, "val"), warn=False)
+    if train.ignored or val.ignored:
+        (warn or _print_warning)(ignored_message([(train.root, train.ignored),
+                                                  (val.root, val.ignored)]))
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise DataError(f"train and val class sets differ: only in train {only_train[:5]}"
                         f"{'...' if len(only_train) > 5 else ''}, only in val "
-                        f"{only_val[:5]}{'...' if len(only_val) > 5 else ''}")
+                        f"{only_val[:5]}{'...' if len(only_val) > 5 else ''} (a class "
+                        f"needs a folder holding images in both splits)")
     return train, val
 
 
-def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0):
+def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0, warn=None):
     """Mean RGB and RGB-covariance PCA of (a seeded sample of) a training set.
 
-    Each image is rescaled to smallest side `side` first: the colour statistics of a
-    thumbnail are those of the image, at a fraction of the cost. Unreadable files are
-    skipped. Returns `DataStats` (0-255 scale).
+    Each image counts once (`image_moments`), rescaled to smallest side `side` first: the
+    colour statistics of a thumbnail are those of the image, at a fraction of the cost.
+    Unreadable files are skipped and counted in one warning. Returns `DataStats` (0-255).
     """
     n = len(dataset)
     rng = np.random.default_rng(seed)
@@ -351,19 +484,24 @@ def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0):
         moments = _map(_file_moments, [(dataset.paths[i], side) for i in index], workers)
     else:
         moments = (_image_moments(dataset, i, side) for i in index)
-    count, total, outer = 0, np.zeros(3), np.zeros((3, 3))
+    count, total, outer, bad = 0, np.zeros(3), np.zeros((3, 3)), 0
     for m in moments:
-        if m is not None:
+        if m is None:
+            bad += 1
+        else:
             count, total, outer = count + m[0], total + m[1], outer + m[2]
     if count == 0:
         raise DataError("no readable training image to compute the mean colour from")
+    if bad:
+        (warn or _print_warning)(f"{bad} of {len(index)} sampled training images are "
+                                 f"unreadable; the mean colour comes from the other {count}")
     return stats_from_moments(count, total, outer)
 
 
-def _file_moments(job):
+def _file_moments(job, state=None):
     path, side = job
     try:
-        return rgb_moments(rescale_smallest_side(load_rgb(path), side))
+        return image_moments(rescale_smallest_side(load_rgb(path), side))
     except OSError:
         return None
 
@@ -375,7 +513,7 @@ def _image_moments(dataset, i, side):
         return None
     if min(img.shape[:2]) > side:
         img = rescale_smallest_side(img, side)
-    return rgb_moments(img)
+    return image_moments(img)
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,19 +530,9 @@ def _print_warning(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-# Set in each worker by _init_worker (inherited through fork, or pickled once by spawn).
-_worker_state = None
-
-
-def _init_worker(dataset, transform):
-    global _worker_state
-    _worker_state = (dataset, transform)
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-
-def _make_batch(job, state=None):
+def _make_batch(job, state):
     """Decode and transform the samples of one batch -> (x, y, bad paths with reasons)."""
-    dataset, transform = state or _worker_state
+    dataset, transform = state
     seed, epoch, indices = job
     xs, ys, bad = [], [], []
     for i in indices:
@@ -429,13 +557,16 @@ class Loader:
     index), so an epoch's batches are bit-identical for any number of workers.
 
     Unreadable files are skipped (the batch is one shorter) with a warning, and counted in
-    `self.skipped` for the epoch summary.
+    `self.skipped` for the epoch summary. The worker processes ignore Ctrl-C and SIGTERM
+    and are stopped by `close()`, which cannot hang (`minivgg.workers`); an interrupted
+    epoch can be continued exactly with `epoch(e, start=k)`.
 
     Data parallelism (Sec. 3.3): with `shard=(rank, ranks)` every batch of `batch_size` (the
     global batch) is cut into `ranks` contiguous slices that differ by at most one image,
     and this loader yields slice `rank`. The permutation is the same for every number of
-    ranks, so a run resumed on another number of processes continues the same sequence;
-    the last, shorter batch is kept and cut the same way. Every rank yields exactly
+    ranks, so a run resumed on another number of processes continues the same sequence
+    (also from batch `start` part-way through an epoch); the last, shorter batch is kept
+    and cut the same way. Every rank yields exactly
     `len(self)` batches: a slice left empty (fewer images than ranks, or all unreadable)
     comes as an empty batch rather than none, so no rank skips a step the others take.
     """
@@ -468,17 +599,18 @@ class Loader:
         r, R = self.rank, self.ranks
         return [b[len(b) * r // R:len(b) * (r + 1) // R] for b in batches] if R > 1 else batches
 
-    def epoch(self, epoch):
-        """Iterate over the batches of `epoch` (0-based). Resets `self.skipped`."""
+    def epoch(self, epoch, start=0):
+        """Iterate over the batches of `epoch` (0-based) from batch `start` on; they are
+        the same batches a whole epoch gives from there. Resets `self.skipped`."""
         self.skipped = 0
-        jobs = [(self.seed, epoch, idx) for idx in self.batch_indices(epoch)]
+        jobs = [(self.seed, epoch, idx) for idx in self.batch_indices(epoch)[start:]]
         results = self._run(jobs)
         for x, y, bad in results:
             for path, reason in bad:
                 self.skipped += 1
                 if path not in self.warned:  # one warning per file per run
                     self.warned.add(path)
-                    self.warn(f"skipping unreadable image {path}: {reason}")
+                    self.warn(f"{reason}; skipping it")
             if x is not None:
                 yield x, y
             elif self.ranks > 1:  # NOTE: keep in step with the other ranks
@@ -486,30 +618,25 @@ class Loader:
                 yield np.zeros((0, 3, crop, crop), np.float32), np.zeros(0, np.int64)
 
     def _run(self, jobs):
+        state = (self.dataset, self.transform)
         if self.workers <= 0:
-            state = (self.dataset, self.transform)
             for job in jobs:
                 yield _make_batch(job, state)
             return
-        if self._pool is None:
-            self._pool = _pool(self.workers, _init_worker, (self.dataset, self.transform))
-        pending = deque()
-        jobs = iter(jobs)
-        for job in jobs:  # NOTE: bounded look-ahead; Pool.imap would run the whole epoch
-            pending.append(self._pool.apply_async(_make_batch, (job,)))
-            if len(pending) >= self.prefetch:
-                break
-        for job in jobs:
-            result = pending.popleft().get()
-            pending.append(self._pool.apply_async(_make_batch, (job,)))
-            yield result
-        while pending:
-            yield pending.popleft().get()
+        if self._pool is None or self._pool.closed:  # closed: an epoch was abandoned
+            self._pool = WorkerPool(self.workers, _make_batch, state, "minivgg-loader")
+        # NOTE: bounded look-ahead; mapping the whole epoch at once would decode it all.
+        yield from self._pool.map(jobs, ahead=self.prefetch)
+
+    @property
+    def worker_pids(self):
+        """Process ids of the running worker processes (none before the first batch)."""
+        return self._pool.pids if self._pool is not None else []
 
     def close(self):
+        """Stop the worker processes (quickly, and never waiting on a lock; see workers.py)."""
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.close()
             self._pool = None
 
     def __del__(self):

@@ -148,10 +148,21 @@ def _threads_from_environment():
     return None
 
 
-def rank_seed(seed, epoch, rank):
-    """A seed for rank `rank`'s random stream in `epoch` (dropout): different on every
-    rank, and the same whenever a run reaches that epoch, resumed or not."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def rank_seed(seed, epoch, rank, step=None):
+    """A seed for rank `rank`'s random stream in `epoch` (dropout), or in one `step` of
+    it: different on every rank, and the same whenever a run reaches that point, resumed
+    or not (also resumed part-way through the epoch, when seeded per step)."""
+    key = [seed, epoch, rank] + ([] if step is None else [step])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+def seed_dropout(group, seed, epoch, step):
+    """With several ranks, seed this rank's host RNG (dropout) for training step `step`
+    of `epoch`: ranks draw differently, and a run resumed at any batch draws what the
+    uninterrupted run drew (a checkpoint holds rank 0's generator only). One process
+    keeps its single stream, which the checkpoint holds."""
+    if group.size > 1:
+        backend.manual_seed(rank_seed(seed, epoch, group.rank, step))
 
 
 # ----------------------------------------------------------------------------------------

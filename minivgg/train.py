@@ -17,11 +17,20 @@ statistics and the best error so far. The files are written by `minivgg.checkpoi
 (`load_model` rebuilds a trained net), metrics.csv by `minivgg.metrics` and its curves by
 `minivgg.plots`.
 
+When things go wrong (README, "Failure behaviour"): Ctrl-C or SIGTERM stops the run after
+the batch in progress and writes last.npz at that exact point (epoch and batch), so a
+resume continues as if nothing had happened; SIGUSR1 writes it and goes on
+(`minivgg.interrupts`). A NaN/Inf loss or validation loss stops the run before any
+checkpoint of those weights is written. A run never starts in a folder holding another
+run's files unless told to (`checkpoint.prepare_run_folder`).
+
 Started by an MPI launcher (`mpirun -n 4 python examples/train_imagenet.py ...`), the same
 loop trains one model on every process (`minivgg.distributed`, Sec. 3.3): each rank takes
 its slice of every global batch, the gradients are averaged across ranks inside backward,
 the step's loss and error counts are summed across ranks, and rank 0 alone prints and
-writes. The checkpoint is the same for any number of ranks.
+writes. The checkpoint is the same for any number of ranks. A signal reaches the ranks at
+different moments, so they agree on it in the step's sum (`StopSignals.votes`): every rank
+stops, or saves, after the same batch, and rank 0 writes the mid-epoch checkpoint.
 """
 
 import math
@@ -34,8 +43,10 @@ import numpy as np
 
 from minivgg import backend, checkpoint, distributed, metrics, models, optim, plots
 from minivgg import functional as F
+from minivgg.checkpoint import EpochProgress, RunPaths, epoch_progress
 from minivgg.data import (DataStats, EvalTransform, Loader, TrainTransform, check_crop,
                           compute_stats, open_imagenet)
+from minivgg.interrupts import StopSignals
 from minivgg.prefetch import to_device_batches
 from minivgg.tensor import Tensor, no_grad
 
@@ -46,6 +57,14 @@ class TrainingError(Exception):
 
 class TrainingDiverged(TrainingError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run; the message says which file holds what."""
+
+    def __init__(self, message, signal_name):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -82,6 +101,7 @@ class TrainConfig:
                                  # cores / ranks on the machine (distributed.init)
     output: str = None           # None: runs/<data name>-<arch>, or the --resume folder
     resume: str = None           # checkpoint to continue from
+    overwrite: bool = False      # replace the run already in `output` (else: an error)
     evaluate: bool = False       # only evaluate the --resume checkpoint on val
     # The synthetic data set (used when `data` is None).
     synthetic_train: int = 2000
@@ -133,28 +153,6 @@ def synthetic_config(**overrides):
 # ----------------------------------------------------------------------------------------
 
 @dataclass
-class RunPaths:
-    """Where a run writes: its output folder and the files in it."""
-    folder: str
-
-    @property
-    def last(self):         # every epoch: what a resume continues from
-        return os.path.join(self.folder, "last.npz")
-
-    @property
-    def best(self):         # when val top-1 error improves
-        return os.path.join(self.folder, "best.npz")
-
-    @property
-    def metrics_csv(self):  # one row per epoch (`minivgg.metrics`)
-        return os.path.join(self.folder, "metrics.csv")
-
-    @property
-    def metrics_png(self):  # its curves (`minivgg.plots`)
-        return os.path.join(self.folder, "metrics.png")
-
-
-@dataclass
 class Run:
     """What `setup` builds and the epoch loop uses; `start_epoch`, `best` and `last_good`
     change as the run goes on."""
@@ -174,6 +172,8 @@ class Run:
     start_epoch: int = 0        # epochs already done (a resume)
     best: float = math.inf      # best val top-1 error so far
     last_good: str = None       # the checkpoint a divergence message points to
+    resume_progress: "EpochProgress" = None  # how far into `start_epoch` the resume is
+    progress: "EpochProgress" = None         # how far the epoch in progress has come
     group: object = distributed.SingleProcess()  # the processes training together
     reducer: object = distributed.NoReduction()  # averages their gradients (Sec. 3.3)
 
@@ -204,6 +204,12 @@ def setup(cfg, log=print, group=None):
     device, arch = check_config(cfg)
     say = _with_label(log if group.is_root else _quiet, _label(cfg))
     resumed = read_resume_checkpoint(cfg)  # first: it holds the data statistics
+    name = "synthetic" if cfg.synthetic else os.path.basename(os.path.normpath(cfg.data))
+    paths = RunPaths(checkpoint.run_folder(cfg.output, cfg.resume, f"{name}-{arch}"))
+    # Before any data is read, so a bad --output costs nothing; rank 0 alone writes there.
+    if not cfg.evaluate and group.is_root:
+        for stale in checkpoint.prepare_run_folder(paths.folder, cfg.resume, cfg.overwrite):
+            say(f"removed {stale}, left by a run killed while writing a checkpoint")
     train_set, val_set, data_name = open_data(cfg, say)
     if resumed and resumed[2].get("classes") not in (None, list(train_set.classes)):
         raise TrainingError(f"{cfg.resume} was trained on other classes than {data_name}'s")
@@ -217,16 +223,14 @@ def setup(cfg, log=print, group=None):
     scheduler = optim.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                         patience=cfg.lr_patience,
                                         max_decreases=cfg.lr_decreases)
-    start_epoch, best = 0, math.inf
+    start_epoch, best, progress = 0, math.inf, None
     if resumed:
-        start_epoch, best = restore(cfg, resumed, model, optimizer, scheduler, say)
+        start_epoch, best, progress = restore(cfg, resumed, model, optimizer, scheduler, say)
     # Sec. 3.3: every rank starts from rank 0's weights (and momentum, after a resume), so
     # ranks can never drift apart, whatever the initialisation did on each.
     group.broadcast_([p.data for p in model.parameters()] +
                      [v for v in optimizer.velocities if v is not None])
 
-    output = cfg.output or (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume
-                            else os.path.join("runs", f"{data_name}-{arch}"))
     seed = int(resumed[2]["rng"]["loader_seed"]) if resumed else cfg.seed
     shard = (group.rank, group.size)  # -b is the global batch; each rank takes its slice
     train_loader = Loader(train_set, TrainTransform(cfg.scales, cfg.crop, stats),
@@ -234,7 +238,6 @@ def setup(cfg, log=print, group=None):
                           shard=shard)
     val_loader = Loader(val_set, EvalTransform(cfg.Q, cfg.crop, stats), cfg.batch_size,
                         shuffle=False, seed=seed, workers=cfg.workers, shard=shard)
-    paths = RunPaths(output)
     say(f"VGG-{arch} width {cfg.width} fc {cfg.fc_width}, {model.num_parameters():,} "
         f"parameters, {'weights from ' + cfg.resume if resumed else 'init ' + cfg.default_init()}"
         f"; {len(train_set)} train / {len(val_set)} val images, "
@@ -245,7 +248,7 @@ def setup(cfg, log=print, group=None):
         + (f"; {group.description}" if group.size > 1 else ""))
     return Run(cfg, model, optimizer, scheduler, train_loader, val_loader, stats,
                list(train_set.classes), data_name, device, paths, seed, say, start_epoch, best,
-               last_good=paths.last if start_epoch else None, group=group,
+               last_good=cfg.resume, resume_progress=progress, group=group,
                reducer=group.gradient_reducer(model.parameters()))
 
 
@@ -273,6 +276,7 @@ def check_config(cfg):
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise TrainingError(f"--epochs and --batch-size must be positive, got "
                             f"{cfg.epochs} and {cfg.batch_size}")
+    check_numbers(cfg)
     try:
         backend.set_conv_algorithm(cfg.conv_algo)
     except ValueError as e:
@@ -281,6 +285,27 @@ def check_config(cfg):
         return device, models.canonical_config(cfg.arch)
     except ValueError as e:
         raise TrainingError(str(e)) from e
+
+
+def check_numbers(cfg):
+    """Rates, widths and counts in their ranges; one error line naming flag and value."""
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+    rules = [("--lr", cfg.lr, cfg.lr is None or finite(cfg.lr) and cfg.lr > 0,
+              "a positive number"),
+             ("--momentum", cfg.momentum, finite(cfg.momentum) and 0 <= cfg.momentum < 1,
+              "in [0, 1)"),
+             ("--wd", cfg.weight_decay, finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+              "a number >= 0"),
+             ("--dropout", cfg.dropout, finite(cfg.dropout) and 0 <= cfg.dropout < 1,
+              "in [0, 1)"),
+             ("--width", cfg.width, finite(cfg.width) and cfg.width > 0, "positive"),
+             ("--fc-width", cfg.fc_width, cfg.fc_width >= 1, "at least 1"),
+             ("-j/--workers", cfg.workers, cfg.workers >= 0, "0 or more"),
+             ("-p/--print-freq", cfg.print_freq, cfg.print_freq >= 1, "at least 1")]
+    for flag, value, ok, wanted in rules:
+        if not ok:
+            raise TrainingError(f"{flag} must be {wanted}, got {value}")
 
 
 def read_resume_checkpoint(cfg):
@@ -293,6 +318,14 @@ def read_resume_checkpoint(cfg):
         kind = "synthetic" if synthetic else "real"
         raise TrainingError(f"{cfg.resume} was trained on {kind} data; give the same "
                             f"data source to resume it")
+    if cfg.evaluate:
+        bad = checkpoint.nonfinite(resumed[0])
+        if bad:
+            raise TrainingError(f"{cfg.resume}: weights {', '.join(bad[:3])} hold NaN or "
+                                f"Inf; refusing to evaluate them")
+    else:  # a damaged file is found now, not after the data is read or an epoch is run
+        checkpoint.check_resumable(cfg.resume, *resumed)
+        epoch_progress(resumed[2], cfg.resume)
     return resumed
 
 
@@ -353,20 +386,26 @@ def build_model(cfg, arch, num_classes, resumed, log):
 
 
 def restore(cfg, resumed, model, optimizer, scheduler, log):
-    """Load --resume's weights, momentum, schedule and RNG -> (epochs done, best error)."""
+    """Load --resume's weights, momentum, schedule and RNG
+    -> (epochs done, best error, progress into the next epoch or None)."""
     state, opt_state, meta = resumed
     _check_same_model(meta, model, cfg.resume)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"checkpoint {cfg.resume!r}: {e}") from None
+    if cfg.evaluate:
+        return 0, math.inf, None
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(meta["scheduler"])
     backend.set_rng_state(meta["rng"]["host"])
     if cfg.lr is not None:  # NOTE: the command line wins over the stored rate
         optimizer.lr = cfg.lr
-    start_epoch = int(meta["epoch"])
-    if not cfg.evaluate:
-        log(f"resumed {cfg.resume} at epoch {start_epoch}, lr {optimizer.lr:g}")
-    return start_epoch, float(meta["best_val_top1_err"])
+    start_epoch, progress = int(meta["epoch"]), epoch_progress(meta, cfg.resume)
+    log(f"resumed {cfg.resume} at epoch {start_epoch}"
+        + (f" + {progress.batch} batches" if progress else "") + f", lr {optimizer.lr:g}")
+    return start_epoch, float(meta["best_val_top1_err"]), progress
 
 
 def _check_same_model(meta, model, path):
@@ -414,35 +453,61 @@ def train(run):
     """Epochs `run.start_epoch` to `config.epochs` (Sec. 3.1) -> all metrics rows of the run.
 
     Each epoch: train, validate, step the plateau schedule on val top-1 error, write
-    last.npz (and best.npz), append a metrics.csv row and redraw metrics.png.
+    last.npz (and best.npz), append a metrics.csv row and redraw metrics.png. A stop
+    signal ends it with a resumable last.npz (`TrainingInterrupted`).
     """
     cfg, say, paths, root = run.config, run.log, run.paths, run.group.is_root
-    if root:
-        os.makedirs(paths.folder, exist_ok=True)
+    if root and cfg.overwrite and not checkpoint.holds(paths.folder, cfg.resume):
+        checkpoint.remove_run_files(paths.folder)  # asked for, and every check has passed
     rows = earlier_rows(run)
     plotted = False
-    for epoch in range(run.start_epoch, cfg.epochs):
-        lr = run.optimizer.lr
-        t0 = time.perf_counter()
-        tr = train_one_epoch(run, epoch)
-        va = validate(run.model, run.val_loader, run.device, group=run.group)
-        seconds = time.perf_counter() - t0
-        improved = va["val_top1_err"] < run.best
-        run.best = min(run.best, va["val_top1_err"])
-        run.scheduler.step(va["val_top1_err"])
-        # NOTE: a cheap guard of the promise that ranks hold identical weights
-        run.group.check_identical([p.data for p in run.model.parameters()], "weights")
-        rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
-        if root:  # one writer: the files do not depend on the number of ranks
+    with StopSignals(verbose=root) as signals:  # rank 0 says "SIGINT received" for all
+        for epoch in range(run.start_epoch, cfg.epochs):
+            lr = run.optimizer.lr
+            t0 = time.perf_counter()
+            tr = train_one_epoch(run, epoch, signals)
+            va = validate(run.model, run.val_loader, run.device, group=run.group,
+                          signals=signals)
+            if signals.agreed_stop:  # part-way through the epoch or its validation
+                raise stopped_mid_epoch(run, epoch, signals.agreed_stop)
+            if not math.isfinite(va["val_loss"]):
+                raise _diverged(run, f"the validation loss became {va['val_loss']}", epoch)
+            seconds = time.perf_counter() - t0
+            improved = va["val_top1_err"] < run.best
+            run.best = min(run.best, va["val_top1_err"])
+            run.scheduler.step(va["val_top1_err"])
+            # NOTE: a cheap guard of the promise that ranks hold identical weights
+            run.group.check_identical([p.data for p in run.model.parameters()], "weights")
             save_checkpoints(run, epoch + 1, va, improved)
-            metrics.write_metrics(paths.metrics_csv, rows)
-            plotted = plot_run(run, rows)
-        say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
-        if run.optimizer.lr != lr:
-            say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
+            rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
+            if root:  # one writer: the files do not depend on the number of ranks
+                metrics.write_metrics(paths.metrics_csv, rows)
+                plotted = plot_run(run, rows)
+            say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
+            if run.optimizer.lr != lr:
+                say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
+            if signals.agree(run.group) and epoch + 1 < cfg.epochs:
+                raise TrainingInterrupted(
+                    f"stopped by {signals.agreed_stop} after epoch {epoch + 1}: {paths.last} "
+                    f"holds it; --resume {paths.last} continues with epoch {epoch + 2}",
+                    signals.agreed_stop)
     say(f"done: best val top-1 error {100 * run.best:.2f}%; checkpoints and metrics.csv"
         f"{' and metrics.png' if rows and plotted else ''} in {paths.folder}")
     return rows
+
+
+def stopped_mid_epoch(run, epoch, signal_name):
+    """Write last.npz where epoch `epoch` stopped -> the TrainingInterrupted to raise."""
+    progress, total, last = run.progress, len(run.train_loader), run.paths.last
+    save_progress(run, epoch)
+    where = ("" if progress.batch < total else " (its validation had not finished)")
+    best = (f"{run.paths.best} holds the best epoch so far (val top-1 error "
+            f"{100 * run.best:.2f}%)" if os.path.isfile(run.paths.best)
+            else "no epoch has finished yet, so there is no best.npz")
+    return TrainingInterrupted(
+        f"stopped by {signal_name}: {last} holds epoch {epoch + 1} up to batch "
+        f"{progress.batch} of {total}{where}; --resume {last} continues exactly from there. "
+        f"{best[0].upper() + best[1:]}.", signal_name)
 
 
 def earlier_rows(run):
@@ -458,19 +523,35 @@ def earlier_rows(run):
 
 def save_checkpoints(run, epochs_done, val, improved):
     """last.npz after every epoch, best.npz when val top-1 error improved (atomic writes)."""
-    cfg = run.config
-    meta = {"model": checkpoint.model_meta(run.model), "classes": list(run.classes),
-            "data_stats": run.stats.to_dict(), "epoch": epochs_done,
-            "scheduler": run.scheduler.state_dict(),
-            "rng": {"host": backend.get_rng_state(), "loader_seed": run.loader_seed},
-            "best_val_top1_err": run.best, "synthetic": cfg.synthetic,
-            "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
-            "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"]}
-    state, opt_state = run.model.state_dict(), run.optimizer.state_dict()
-    checkpoint.save(run.paths.last, state, opt_state, meta)
-    if improved:
-        checkpoint.save(run.paths.best, state, opt_state, meta)
+    meta = checkpoint.training_meta(run, epochs_done)
+    meta.update(val_top1_err=val["val_top1_err"], val_top5_err=val["val_top5_err"])
+    state, opt_state = finite_state(run, f"after epoch {epochs_done}")  # on every rank
+    if run.group.is_root:  # one writer: the files do not depend on the number of ranks
+        checkpoint.save(run.paths.last, state, opt_state, meta)
+        if improved:
+            checkpoint.save(run.paths.best, state, opt_state, meta)
     run.last_good = f"{run.paths.last} (epoch {epochs_done})"
+
+
+def save_progress(run, epoch):
+    """last.npz part-way through epoch `epoch` (0-based): `run.progress` says how far."""
+    meta = checkpoint.training_meta(run, epoch)
+    progress = dict(asdict(run.progress), skipped=skipped_so_far(run))
+    meta.update(batch=run.progress.batch, progress=progress)
+    state, opt_state = finite_state(run, f"at epoch {epoch + 1}, batch {run.progress.batch}")
+    if run.group.is_root:
+        checkpoint.save(run.paths.last, state, opt_state, meta)
+    run.last_good = f"{run.paths.last} (epoch {epoch + 1}, batch {run.progress.batch})"
+
+
+def finite_state(run, when):
+    """(model state, optimizer state), checked finite: "last good" never means NaN."""
+    state, opt_state = run.model.state_dict(), run.optimizer.state_dict()
+    velocities = {f"momentum of {k}": v for k, v in zip(state, opt_state["velocities"])}
+    bad = checkpoint.nonfinite(state) + checkpoint.nonfinite(velocities)
+    if bad:
+        raise _diverged(run, f"{', '.join(bad[:3])} became NaN or Inf {when}")
+    return state, opt_state
 
 
 def plot_run(run, rows):
@@ -498,13 +579,15 @@ def epoch_summary(run, epochs_done, tr, va, lr, seconds, improved):
 # One epoch
 # ----------------------------------------------------------------------------------------
 
-def train_step(run, x, y):
+def train_step(run, x, y, signals=None):
     """Forward, softmax cross-entropy, backward, SGD step (Sec. 3.1) -> (summed loss, top-1
     errors, images) of the global batch: this rank's `x, y` and every other rank's slice.
 
     With several ranks (Sec. 3.3) the step's sums are added across ranks before backward,
     so every rank takes the same decision on a non-finite loss, and `run.reducer` averages
     the gradients while backward runs. A rank whose slice is empty still takes part.
+    `signals` (`StopSignals`): this rank's stop and save requests join the same sum, so
+    every rank settles on them after this step (`signals.agreed_stop`, `agreed_save`).
     NOTE: when the loss is not finite the weights are left as they were (no backward, no
     step), so the last checkpoint and the model in memory stay usable.
     """
@@ -513,7 +596,10 @@ def train_step(run, x, y):
         logits = run.model(Tensor(x))
         loss = F.cross_entropy(logits, y)
         local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
-    loss_sum, wrong, seen = run.group.sum(local)
+    totals = run.group.sum(local + (signals.votes() if signals else []))
+    loss_sum, wrong, seen = totals[:3]
+    if signals:
+        signals.settle(totals[3:])
     if seen and math.isfinite(loss_sum):
         run.optimizer.zero_grad()
         run.reducer.start(n)
@@ -524,68 +610,94 @@ def train_step(run, x, y):
     return loss_sum, int(wrong), int(seen)
 
 
-def train_one_epoch(run, epoch):
-    """One pass over the training set -> dict of loss, top-1 error, images/s, skipped."""
+def train_one_epoch(run, epoch, signals=None):
+    """One pass over the training set -> dict of loss, top-1 error, images/s, skipped.
+
+    A resumed epoch starts where its checkpoint stopped (`run.resume_progress`). On a stop
+    signal it returns after the batch in progress; `run.progress` says how far it came.
+    """
     run.model.train()
-    if run.group.size > 1:  # dropout: a stream per rank and epoch, the same on a resume
-        backend.manual_seed(distributed.rank_seed(run.loader_seed, epoch, run.group.rank))
     total = len(run.train_loader)
-    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, run.group.is_root)
-    seen, loss_sum, wrong, start, waited = 0, 0.0, 0, time.perf_counter(), 0.0
-    batches = iter(to_device_batches(run.train_loader.epoch(epoch), run.device))
-    for step in range(total):
+    p = run.progress = run.resume_progress or EpochProgress()
+    run.resume_progress = None
+    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, p.batch,
+                        run.group.is_root)
+    start, waited, seen_before = time.perf_counter(), 0.0, p.seen
+    batches = iter(to_device_batches(run.train_loader.epoch(epoch, start=p.batch), run.device))
+    for step in range(p.batch, total):
         t = time.perf_counter()
         batch = next(batches, None)  # time spent here is time the loader kept us waiting
         waited += time.perf_counter() - t
         if batch is None:
             break
         x, y = batch
-        step_loss, step_wrong, step_seen = train_step(run, x, y)
+        distributed.seed_dropout(run.group, run.loader_seed, epoch, step)
+        step_loss, step_wrong, step_seen = train_step(run, x, y, signals)
         if not math.isfinite(step_loss):
             bar.close()
-            raise _diverged(run, step_loss / step_seen, epoch, step)
-        seen += step_seen
-        loss_sum += step_loss
-        wrong += step_wrong
+            raise _diverged(run, f"the training loss became {step_loss / step_seen}", epoch,
+                            step)
+        p.batch, p.seen, p.loss_sum = step + 1, p.seen + step_seen, p.loss_sum + step_loss
+        p.wrong += step_wrong
         bar.update(1)
         if (step + 1) % max(1, run.config.print_freq) == 0 or step + 1 == total:
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix_str(f"loss={loss_sum / seen:.3f} top1_err={wrong / seen:.3f} "
-                                f"img/s={rate:.1f}", refresh=False)
+            rate = (p.seen - seen_before) / (time.perf_counter() - start)
+            bar.set_postfix_str(f"loss={p.loss_sum / p.seen:.3f} top1_err={p.wrong / p.seen:.3f}"
+                                f" img/s={rate:.1f}", refresh=False)
+        if signals and signals.take_agreed_save():  # SIGUSR1: checkpoint now, go on
+            save_progress(run, epoch)
+            run.log(f"saved {run.paths.last} (epoch {epoch + 1} up to batch {p.batch} of "
+                    f"{total}); training goes on")
+        if signals and signals.agreed_stop:
+            break
     bar.close()
-    seconds = time.perf_counter() - start
-    if seen == 0:
+    seconds = max(time.perf_counter() - start, 1e-9)  # a resume can start at the end
+    if p.seen == 0:
         raise TrainingError("an epoch produced no batch: every training image was skipped")
-    skipped = int(run.group.sum([run.train_loader.skipped])[0])
-    return {"train_loss": loss_sum / seen, "train_top1_err": wrong / seen,
-            "images_per_s": seen / seconds, "train_seconds": seconds,
-            "data_wait": waited / seconds, "skipped": skipped}
+    return {"train_loss": p.loss_sum / p.seen, "train_top1_err": p.wrong / p.seen,
+            "images_per_s": (p.seen - seen_before) / seconds, "train_seconds": seconds,
+            "data_wait": waited / seconds, "skipped": skipped_so_far(run)}
 
 
-def _progress_bar(desc, total, show=True):
+def skipped_so_far(run):
+    """Unreadable training images skipped in this epoch, on every rank and before a
+    resume. NOTE: a collective: every rank calls it at the same point."""
+    here = run.train_loader.skipped
+    return run.progress.skipped + int(run.group.sum([here])[0])
+
+
+def _progress_bar(desc, total, initial=0, show=True):
     """tqdm on stderr; refreshed at most every 30 s when stderr is a log file, not a tty."""
     from tqdm import tqdm
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                mininterval=0.5 if tty else 30, file=sys.stderr, disable=not show)
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
+                dynamic_ncols=True, mininterval=0.5 if tty else 30, file=sys.stderr,
+                disable=not show)
 
 
-def _diverged(run, value, epoch, step):
+def _diverged(run, what, epoch=None, step=None):
+    """The TrainingDiverged error for `what`, pointing to the last good checkpoint."""
+    at = "" if epoch is None else f" at epoch {epoch + 1}" + (
+        "" if step is None else f", batch {step + 1}")
     where = (f"the last good checkpoint is {run.last_good}" if run.last_good
              else "no checkpoint had been written yet")
     return TrainingDiverged(
-        f"the training loss became {value} at epoch {epoch + 1}, batch {step + 1}; "
-        f"stopping. The learning rate ({run.optimizer.lr:g}) is probably too high; "
-        f"{where}.")
+        f"{what}{at}; stopping without writing a checkpoint of these weights. The "
+        f"learning rate ({run.optimizer.lr:g}) is probably too high; {where}.")
 
 
-def validate(model, loader, device, epoch=0, group=None):
+def validate(model, loader, device, epoch=0, group=None, signals=None):
     """Loss, top-1 and top-5 error of single centre crops (Sec. 3.2) over `loader`; with a
-    `group` of ranks, each validates its slices and the sums are added across ranks."""
+    `group` of ranks, each validates its slices and the sums are added across ranks.
+    None when a stop signal came first (see `train`): agreed by the ranks in that sum."""
+    if signals and signals.agreed_stop:
+        return None
     model.eval()
     seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
     with no_grad():
         for x, y in to_device_batches(loader.epoch(epoch), device):
+            if signals and signals.stop:  # this rank's own; the others learn it below
+                break
             n = len(y)
             if n == 0:  # this rank's slice of a short last batch
                 continue
@@ -593,11 +705,13 @@ def validate(model, loader, device, epoch=0, group=None):
             loss_sum += float(F.cross_entropy(logits, y).item()) * n
             errors = metrics.topk_errors(logits.data, y, (1, 5))
             seen, wrong1, wrong5 = seen + n, wrong1 + errors[1], wrong5 + errors[5]
-    skipped = loader.skipped
-    if group is not None:
-        loss_sum, wrong1, wrong5, seen, skipped = group.sum(
-            [loss_sum, wrong1, wrong5, seen, skipped])
-        seen, skipped = int(seen), int(skipped)
+    group = group or distributed.SingleProcess()
+    totals = group.sum([loss_sum, wrong1, wrong5, seen, loader.skipped]
+                       + (signals.votes() if signals else []))
+    if signals and signals.settle(totals[5:]):
+        return None
+    loss_sum, wrong1, wrong5, seen, skipped = totals[:5]
+    seen, skipped = int(seen), int(skipped)
     if seen == 0:
         raise TrainingError("validation produced no batch: every val image was skipped")
     return {"val_loss": loss_sum / seen, "val_top1_err": wrong1 / seen,

@@ -327,3 +327,210 @@ def test_imagenette_has_the_ilsvrc_layout():
     train, val = open_imagenet(IMAGENETTE)
     assert len(train.classes) == 10 and train.classes == val.classes
     assert load_rgb(train.paths[0]).shape[2] == 3
+
+
+# --- every Pillow mode, 16/32-bit and float images, EXIF orientation ------------------------
+
+def _mode_image(mode):
+    """A 3x4 image of `mode` made from a mid-grey RGB image (or its own array type)."""
+    grey = Image.new("RGB", (4, 3), (128, 128, 128))
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return Image.new(mode, (4, 3), 32896)  # 128.5 * 257: the 16-bit mid grey
+    if mode == "La":
+        return Image.new("La", (4, 3), (128, 255))
+    if mode == "RGBa":
+        return Image.new("RGBa", (4, 3), (128, 128, 128, 255))
+    if mode in ("P", "PA"):  # an adaptive palette holds the grey exactly (no dithering)
+        return grey.convert("P", palette=Image.Palette.ADAPTIVE).convert(mode)
+    return grey.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa",
+                                  "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16",
+                                  "I;16B", "I;16L", "I;16N", "F"])
+def test_to_rgb8_gives_uint8_rgb_for_every_pillow_mode(mode):
+    img = data.to_rgb8(_mode_image(mode))
+    assert img.dtype == np.uint8 and img.shape == (3, 4, 3)
+    if mode not in ("1", "I", "F"):  # "1" is black or white; I and F have their own tests
+        assert np.abs(img.astype(int) - 128).max() <= 2, (mode, img[0, 0])
+
+
+def test_a_16_bit_ramp_is_scaled_by_the_nominal_range_not_clipped(tmp_path):
+    # The issue's example: Pillow's own convert() made this ramp 99.6% pure white.
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    img = load_rgb(str(tmp_path / "ramp16.png"))
+    expected = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    np.testing.assert_array_equal(img, np.repeat(expected[..., None], 3, axis=2))
+    counts = np.bincount(img[..., 0].ravel(), minlength=256)
+    assert (counts > 0).all() and counts.max() <= 258   # every grey level, evenly
+    assert (img == 255).mean() < 0.01
+
+
+def test_32_bit_integer_images_use_the_16_bit_scale_or_their_own_range(tmp_path):
+    sixteen = np.array([[0, 257, 65535]], dtype=np.int32)
+    Image.fromarray(sixteen).save(tmp_path / "i32.tif")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
+    assert load_rgb(str(tmp_path / "i32.tif"))[0, :, 0].tolist() == [0, 1, 255]
+    wide = np.array([[-1000, 500, 1000000]], dtype=np.int32)  # outside 0..65535: min..max
+    out = data.to_rgb8(Image.fromarray(wide))[0, :, 0]
+    assert out.tolist() == [0, round(1500 * 255 / 1001000), 255]
+
+
+def test_float_images_are_read_as_0_to_1_and_clipped(tmp_path):
+    values = np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    assert load_rgb(str(tmp_path / "f.tif"))[0, :, 1].tolist() == [0, 0, 128, 255, 255, 0]
+
+
+def test_exif_orientation_is_applied_so_images_come_out_as_viewers_show_them(tmp_path):
+    # Stored 40 wide x 20 high, left half red, right half blue, tagged "rotate 90 degrees
+    # clockwise to display" (orientation 6): upright it is 20 wide x 40 high, red on top.
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    img = load_rgb(str(tmp_path / "phone.jpg")).astype(int)
+    assert img.shape == (40, 20, 3)
+    assert img[:15, :, 0].mean() > 200 and img[:15, :, 2].mean() < 50    # red on top
+    assert img[25:, :, 2].mean() > 200 and img[25:, :, 0].mean() < 50    # blue below
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)     # no tag: as stored
+    assert load_rgb(str(tmp_path / "plain.jpg")).shape == (20, 40, 3)
+
+
+@pytest.mark.parametrize("case, reason", [("missing", "no such file"),
+                                          ("empty", "the file is empty"),
+                                          ("folder", "it is a folder"),
+                                          ("text", "not an image format"),
+                                          ("truncated", "truncated")])
+def test_unreadable_images_raise_oserror_naming_the_file_and_why(tmp_path, case, reason):
+    path = tmp_path / f"{case}.png"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "folder":
+        path.mkdir()
+    elif case == "text":
+        path.write_text("hello")
+    elif case == "truncated":
+        write_image(str(tmp_path / "ok.png"), "RGB", size=(64, 64))
+        path.write_bytes((tmp_path / "ok.png").read_bytes()[:300])
+    with pytest.raises(OSError) as info:
+        load_rgb(str(path))
+    assert str(info.value).startswith(f"cannot read image {path}: ") and reason in str(info.value)
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch):
+    write_image(str(tmp_path / "big.png"), "RGB", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels > 2 x 1000
+    with pytest.raises(OSError, match="cannot read image .*big.png: DecompressionBomb"):
+        load_rgb(str(tmp_path / "big.png"))
+
+
+# --- statistics: every image weighs the same ------------------------------------------------
+
+def test_one_huge_odd_image_cannot_dominate_the_mean_colour_or_covariance(tmp_path):
+    # 90 ordinary images and one 5000x20 strip of another colour. Per pixel, the strip
+    # (a million pixels at smallest side 64) would outweigh the rest ~3:1.
+    usual, odd = np.array([116.0, 112.0, 97.0]), np.array([0.0, 255.0, 0.0])
+    for i in range(90):
+        write_image(str(tmp_path / "a" / f"{i:02d}.png"), "RGB", size=(32, 24),
+                    colour=tuple(usual.astype(int)))
+    write_image(str(tmp_path / "a" / "strip.png"), "RGB", size=(5000, 20),
+                colour=tuple(odd.astype(int)))
+    stats = data.compute_stats(ImageFolder(str(tmp_path)))
+    w = 1 / 91  # the strip's weight: one image of 91
+    np.testing.assert_allclose(stats.mean_rgb, (1 - w) * usual + w * odd, atol=1e-9)
+    # Two flat colours weighted (1-w, w): all variance w(1-w)|d|^2 along d = odd - usual.
+    d = odd - usual
+    np.testing.assert_allclose(stats.pca_eigval, [w * (1 - w) * d @ d, 0, 0], atol=1e-6)
+    assert np.abs(np.asarray(stats.mean_rgb) - usual).max() < 2
+
+
+def test_compute_stats_counts_unreadable_images_in_one_warning(tmp_path):
+    write_image(str(tmp_path / "a" / "ok.png"), "RGB")
+    (tmp_path / "a" / "bad.png").write_bytes(b"junk")
+    (tmp_path / "a" / "worse.png").write_bytes(b"")
+    warnings = []
+    data.compute_stats(ImageFolder(str(tmp_path)), warn=warnings.append)
+    assert len(warnings) == 1 and "2 of 3" in warnings[0]
+
+
+# --- folders that are not classes -----------------------------------------------------------
+
+def test_hidden_and_empty_folders_are_ignored_in_both_splits_with_one_warning(tmp_path):
+    make_layout(str(tmp_path), ("n01", "n02"), 2)
+    for split in ("train", "val"):  # would sort first and become class 0
+        write_image(str(tmp_path / split / ".ipynb_checkpoints" / "x.JPEG"), "RGB")
+        os.makedirs(tmp_path / split / "aaa_empty")
+        (tmp_path / split / "aaa_empty" / "notes.txt").write_text("no images here")
+        write_image(str(tmp_path / split / "n01" / "._n01_0.JPEG"), "RGB")  # macOS junk
+    warnings = []
+    train, val = open_imagenet(str(tmp_path), warn=warnings.append)
+    assert train.classes == val.classes == ["n01", "n02"]
+    assert train.labels.tolist() == val.labels.tolist() == [0, 0, 1, 1]
+    assert all("._" not in p for p in train.paths + val.paths)
+    assert len(warnings) == 1
+    assert all(name in warnings[0] for name in (".ipynb_checkpoints", "aaa_empty", "train",
+                                                "val"))
+
+
+def test_image_folder_warns_once_about_the_folders_it_ignores(tmp_path, capsys):
+    write_image(str(tmp_path / "n01" / "a.JPEG"), "RGB")
+    os.makedirs(tmp_path / ".hidden")
+    os.makedirs(tmp_path / "empty")
+    assert ImageFolder(str(tmp_path)).classes == ["n01"]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and ".hidden" in err and "empty" in err
+
+
+def test_an_unreadable_class_folder_is_a_clear_error(tmp_path, monkeypatch):
+    make_layout(str(tmp_path), ("n01", "n02"), 1)
+    locked = str(tmp_path / "train" / "n02")
+    real_listdir = os.listdir
+
+    def listdir(path):  # as for a folder without read permission (tests may run as root)
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(DataError, match=f"cannot read folder '{locked}': Permission denied"):
+        open_imagenet(str(tmp_path))
+
+
+def test_a_class_with_images_in_one_split_only_is_a_clear_error(tmp_path):
+    make_layout(str(tmp_path), ("n01", "n02"), 1)
+    os.remove(tmp_path / "val" / "n02" / "n02_0.JPEG")  # an empty folder is no class
+    with pytest.raises(DataError, match=r"only in train \['n02'\]"):
+        open_imagenet(str(tmp_path), warn=lambda message: None)
+
+
+def test_loader_can_start_an_epoch_part_way_with_the_same_batches():
+    ds = SyntheticImages(30, 20, seed=0)
+    loader = Loader(ds, TrainTransform(20, 16, IDENTITY_STATS), 4, seed=3)
+    whole = list(loader.epoch(2))
+    rest = list(loader.epoch(2, start=5))
+    assert len(rest) == len(whole) - 5
+    for (x, y), (x2, y2) in zip(whole[5:], rest):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+
+
+def test_loader_abandoned_mid_epoch_gives_clean_batches_next_epoch():
+    ds = SyntheticImages(40, 20, seed=0)
+    t = EvalTransform(20, 16, IDENTITY_STATS)
+    reference = [y for _, y in Loader(ds, t, 4, seed=1).epoch(1)]
+    loader = Loader(ds, t, 4, seed=1, workers=2)
+    try:
+        for step, _ in enumerate(loader.epoch(0)):
+            if step == 2:
+                break  # results of batches in flight must not leak into the next epoch
+        got = [y for _, y in loader.epoch(1)]
+    finally:
+        loader.close()
+    assert len(got) == len(reference)
+    for a, b in zip(got, reference):
+        np.testing.assert_array_equal(a, b)

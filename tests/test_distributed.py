@@ -2,14 +2,18 @@
 hook, and real multi-process runs under mpirun (skipped without mpi4py and an mpiexec).
 
 The multi-process tests start `mpiexec -n 2` on tests/distributed_worker.py, whose every
-check raises on failure, so a failing check ends the job with the rank's message.
+check raises on failure, so a failing check ends the job with the rank's message, and on
+examples/train_imagenet.py, also through small drivers that send Ctrl-C, SIGTERM or
+SIGUSR1 at an exact batch.
 """
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -301,3 +305,129 @@ def test_gpus_asked_without_cupy_end_every_rank_with_one_line_each():
     assert out.returncode == 2, out.stdout
     assert "needs CuPy with NCCL and a GPU (pip install 'minivgg[cuda,mpi]')" in out.stdout
     assert "Traceback" not in out.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# Ctrl-C and preemption of a 2-rank job: every rank stops after the same batch
+# ----------------------------------------------------------------------------------------
+
+# Each rank runs the training script through this wrapper. At training step STEP it writes
+# its pid and its loader workers' pids to PIDS/<pid>, and rank 0 writes PIDS/ready and
+# holds the step until a stop signal has reached it (StopSignals then gives SIGINT its
+# default action back): the test sends the signal once it sees the file, so the stop
+# point is exact whatever the machine's load. Rank 1 meanwhile waits in the step's sum.
+SIGNAL_DRIVER = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path[:0] = [{repo!r}, os.path.join({repo!r}, "examples")]
+    from minivgg import train
+    import train_imagenet
+    real_step, count = train.train_step, [0]
+    def train_step(run, *args):
+        count[0] += 1
+        if count[0] == {step}:
+            with open(os.path.join({pids!r}, str(os.getpid())), "w") as f:
+                f.write(" ".join(map(str, [os.getpid()] + run.train_loader.worker_pids)))
+            if run.group.rank == 0:
+                open(os.path.join({pids!r}, "ready"), "w").close()
+                deadline = time.monotonic() + 60
+                while (signal.getsignal(signal.SIGINT) is not signal.SIG_DFL
+                       and time.monotonic() < deadline):
+                    time.sleep(0.01)
+        return real_step(run, *args)
+    train.train_step = train_step
+    sys.exit(train_imagenet.main(sys.argv[1:]))
+""")
+STOP_STEP = 2  # of the 4 batches of TINY's 49 images
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def interrupted_run(tmp_path, send):
+    """A 2-rank, 1-epoch run (a loader worker per rank) stopped by `send(launcher)` at
+    STOP_STEP -> (exit status, output, pids of every rank and worker)."""
+    pytest.importorskip("mpi4py")
+    if _mpiexec() is None or not os.path.isdir("/proc"):
+        pytest.skip("needs mpiexec and /proc")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_DRIVER.format(repo=REPO, step=STOP_STEP, pids=str(pids)))
+    args = [*TINY, "-j", "1", "--epochs", "1", "--output", str(tmp_path / "run")]
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, str(driver), *args],
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids / "ready").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run never reached the step"
+            time.sleep(0.05)
+        send(proc.pid)
+        out, _ = proc.communicate(timeout=60)  # a rank left waiting would hang here
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    started = [int(p) for f in pids.iterdir() if f.name != "ready"
+               for p in f.read_text().split()]
+    return proc.returncode, out, started
+
+
+@pytest.mark.parametrize("send, name, resume_ranks", [
+    (lambda pid: os.killpg(pid, signal.SIGINT), "SIGINT", 1),  # Ctrl-C in the terminal
+    (lambda pid: os.kill(pid, signal.SIGTERM), "SIGTERM", 2),  # Slurm preempting mpirun
+])
+def test_a_signal_stops_every_rank_after_the_same_batch_with_a_resumable_checkpoint(
+        runs, tmp_path, send, name, resume_ranks):
+    code, out, started = interrupted_run(tmp_path, send)
+    assert code != 0 and "Traceback" not in out, out
+    assert len(started) == 4, started  # two ranks, each with its loader worker
+    deadline = time.monotonic() + 5
+    while any(map(_alive, started)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in started if _alive(p)], "processes left behind\n" + out
+    # one message, from rank 0, naming the exact point; no rank aborted the job
+    assert out.count(f"stopped by {name}: ") == 1, out
+    assert f"holds epoch 1 up to batch {STOP_STEP} of 4" in out, out
+    assert "ending all 2 ranks" not in out, out
+    folder = tmp_path / "run"
+    from minivgg import checkpoint
+    state, _, meta = checkpoint.load(folder / "last.npz")
+    assert meta["epoch"] == 0 and meta["batch"] == STOP_STEP
+    assert not checkpoint.nonfinite(state)
+    # the resume, on another number of ranks or the same, ends where the whole run does
+    train_run(folder, 1, ranks=resume_ranks, resume=folder / "last.npz")
+    assert_same_training(folder, runs[0] / "1x1")
+
+
+SAVE_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path[:0] = [{repo!r}, os.path.join({repo!r}, "examples")]
+    from minivgg import train
+    import train_imagenet
+    real_step, count = train.train_step, [0]
+    def train_step(run, *args):
+        count[0] += 1
+        if count[0] == {step} and run.group.rank == 1:  # rank 1 alone gets it
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(run, *args)
+    train.train_step = train_step
+    sys.exit(train_imagenet.main(sys.argv[1:]))
+""")
+
+
+def test_sigusr1_to_one_rank_makes_rank_0_save_after_that_batch_and_go_on(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SAVE_DRIVER.format(repo=REPO, step=STOP_STEP))
+    last = tmp_path / "run" / "last.npz"
+    out = run_mpi(str(driver), *TINY, "--epochs", "1", "--output", str(last.parent),
+                  timeout=120)
+    assert out.returncode == 0, out.stdout
+    saved = f"saved {last} (epoch 1 up to batch {STOP_STEP} of 4); training goes on"
+    assert out.stdout.count(saved) == 1, out.stdout
+    assert "epoch 1/1: train loss" in out.stdout

@@ -71,7 +71,9 @@ def test_setup_builds_the_run_and_writes_nothing(tmp_path):
         assert all(line.startswith("[synthetic] ") for line in lines)
     finally:
         run.close()
-    assert not out.exists()  # the folder is made when training starts
+    # The folder is made (and its writability proved) before any data is read; nothing
+    # is written into it until training starts.
+    assert list(out.iterdir()) == []
 
 
 # --- a whole run --------------------------------------------------------------------------

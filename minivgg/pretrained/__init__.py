@@ -59,7 +59,7 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
     path = os.fspath(path)
     device = backend.check_device(device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: does not exist; {WHERE_TO_GET}")
+        raise FileNotFoundError(f"{path}: no such file, it does not exist; {WHERE_TO_GET}")
     kind = files.sniff_format(path)
     if kind == "prototxt":
         raise ValueError(f"{path}: a text prototxt describes a net but holds no weights; "

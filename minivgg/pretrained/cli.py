@@ -40,7 +40,7 @@ def main(argv=None):
             print(_describe(model, args.input))
             return 0
         n = pretrained.save_pretrained(model, args.output, args.layout)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+    except (ValueError, ImportError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {n} arrays to {args.output} ({args.layout} keys, VGG {model.config})")

@@ -2,7 +2,7 @@
 
     sniff_format(path)      "safetensors", "npz", "checkpoint", "pth", "prototxt" or "caffe"
     read_safetensors(path)  ({key: array}, info)   with the `safetensors` package's NumPy API
-    read_npz(path)          ({key: array}, info)   np.load(allow_pickle=False)
+    read_npz(path)          ({key: array}, info)   checkpoint.read_npz: no pickle
     read_pth(path)          {key: array}           torch.load(weights_only=True), needs torch
     write_weights(path, state, info)   .safetensors or .npz, written atomically
 
@@ -66,7 +66,8 @@ def _zip_format(path):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path}: a zip archive that cannot be read ({e}); truncated?") from e
+        raise ValueError(f"weights file {path!r}: a zip archive that cannot be read ({e}); "
+                         "truncated?") from e
     if any(n.endswith("data.pkl") for n in names):
         return "pth"
     if "meta.npy" in names and any(n.startswith("model/") for n in names):
@@ -110,11 +111,8 @@ def read_safetensors(path):
 
 def read_npz(path):
     """({key: array}, info) of an .npz of weight arrays (no pickle inside)."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            state = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: a corrupt or truncated .npz ({type(e).__name__}: {e})") from e
+    from minivgg import checkpoint  # no pickle, no allocation the file cannot back
+    state = checkpoint.read_npz(path, what="weights file")  # CheckpointError: a ValueError
     info = state.pop(INFO_KEY, None)
     return _floats(state, path), _parse_info(None if info is None else str(info), path)
 
@@ -178,7 +176,7 @@ def write_weights(path, state, info=None):
     """
     path = os.fspath(path)
     if not path.endswith((".safetensors", ".npz")):
-        raise ValueError(f"convert: the output must end in .safetensors or .npz, got {path!r}")
+        raise ValueError(f"convert: the output must end in .npz or .safetensors, got {path!r}")
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
     text = json.dumps(info or {})
     folder = os.path.dirname(os.path.abspath(path))

@@ -147,7 +147,7 @@ def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
     alpha = m + 2
     group = max(1, BLOCK_TILES // TW)  # tile rows per block, as in `tile_transform`
     d = np.empty((alpha, alpha, group * TW), dtype=M.dtype)
-    tmp = np.empty((alpha, m, group * TW), dtype=M.dtype)
+    tmp = np.empty((m, alpha, group * TW), dtype=M.dtype)
     o = np.empty((m, m, group * TW), dtype=M.dtype)
     yrow = np.empty(TW * m, dtype=M.dtype)
     for g0 in range(r0, r1, group):
@@ -158,24 +158,12 @@ def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
                 for bb in range(alpha):
                     for q in range(nq):
                         d[a, bb, q] = M[a, bb, oc, q0 + q]
-            for a in range(alpha):  # tmp[a, j] = sum_b M[a, b] A[b, j], along the rows
+            for j in range(m):  # tmp[j, a] = sum_b M[a, b] A[b, j], along the rows
+                for a in range(alpha):
+                    _combine(AT, j, d, a, tmp, j, a, 0, nq)
+            for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[j, a], along the columns
                 for j in range(m):
-                    for q in range(nq):
-                        tmp[a, j, q] = 0
-                    for bb in range(alpha):
-                        coef = AT[j, bb]
-                        if coef != 0:
-                            for q in range(nq):
-                                tmp[a, j, q] += coef * d[a, bb, q]
-            for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[a, j], along the columns
-                for j in range(m):
-                    for q in range(nq):
-                        o[i, j, q] = 0
-                    for a in range(alpha):
-                        coef = AT[i, a]
-                        if coef != 0:
-                            for q in range(nq):
-                                o[i, j, q] += coef * tmp[a, j, q]
+                    _combine(AT, i, tmp, j, o, i, j, 0, nq)
             for row in range(g0, g1):  # move each tile row's m×m blocks into y, cropped
                 n, ty, t0 = row // TH, row % TH, (row - g0) * TW
                 for i in range(min(m, H - ty * m)):

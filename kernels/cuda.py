@@ -176,6 +176,16 @@ def add_bias(ycols, b):
 WINOGRAD_CHUNK_BYTES = 256 * 2**20
 
 
+def point_gemms(A, B, out):
+    """out[t] = A[t] @ B[t] for every transform point t: A (α², I, J), B (α², J, K).
+
+    NOTE: 2-D products, one per point: CuPy's batched matmul ignores the TF32 setting
+    (see kernels/common.py).
+    """
+    for t in range(A.shape[0]):
+        cp.matmul(A[t], B[t], out=out[t])
+
+
 def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
     """out (r, r, CH, P) = L d L^T for the k×k window d of src[n, ch] of every tile q."""
     N, CH, H, W = src.shape

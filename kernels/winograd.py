@@ -173,6 +173,7 @@ def tile_chunks(n_rows, row_bytes, chunk_bytes, parts=1, TW=1):
 # ----------------------------------------------------------------------------------------
 # Drivers: the same for both devices. `dev` is a device's Winograd primitives:
 #   xp, map_ranges, workspace, num_parts(), WINOGRAD_CHUNK_BYTES,
+#   point_gemms(A, B, out): out[t] = A[t] @ B[t] for each of the α² transform points,
 #   input_transform, grad_output_transform, output_transform (tile rows r0..r1-1),
 #   filter_transform, filter_grad_transform
 # ----------------------------------------------------------------------------------------
@@ -223,9 +224,8 @@ def _convolve(dev, x, U, b, m):
             V = dev.workspace("wino_V", (m + 2, m + 2, C, P), x.dtype)
             M = dev.workspace("wino_M", (m + 2, m + 2, OC, P), x.dtype)
             dev.input_transform(x, BT, m, r0, r1, TH, TW, V)
-            Vmat, Mmat = V.reshape(a2, C, P), M.reshape(a2, OC, P)
-            for t in range(a2):  # one GEMM (OC, C) @ (C, P) per transform point
-                xp.matmul(Umat[t], Vmat[t], out=Mmat[t])
+            # one GEMM (OC, C) @ (C, P) per transform point
+            dev.point_gemms(Umat, V.reshape(a2, C, P), M.reshape(a2, OC, P))
             dev.output_transform(M, AT, m, r0, r1, TH, TW, b, y)
 
     dev.map_ranges(job, len(chunks))
@@ -284,9 +284,8 @@ def _weight_grad(dev, x, gy, m):
             dev.input_transform(x, BT, m, r0, r1, TH, TW, V)
             dev.grad_output_transform(gy, A, m, r0, r1, TH, TW, Z)
             prod = parts[k] if i == 0 else dev.workspace("wino_dU", (a2, OC, C), x.dtype)
-            Vmat, Zmat = V.reshape(a2, C, P), Z.reshape(a2, OC, P)
-            for t in range(a2):  # one GEMM (OC, P) @ (P, C) per transform point
-                xp.matmul(Zmat[t], Vmat[t].T, out=prod[t])
+            # one GEMM (OC, P) @ (P, C) per transform point
+            dev.point_gemms(Z.reshape(a2, OC, P), V.reshape(a2, C, P).transpose(0, 2, 1), prod)
             if i > 0:
                 parts[k] += prod
 

@@ -142,20 +142,6 @@ def auto_algorithm(device, N, C, H, W):
     return "winograd" if pixels >= 512 else "im2col"
 
 
-def transforms(m):
-    """(B^T, G, A^T) of F(m×m, 3×3), m = 2 or 4, in float64."""
-    if m == 2:
-        return BT2, G2, AT2
-    if m == 4:
-        return BT4, G4, AT4
-    raise ValueError(f"Winograd tile size must be 2 or 4, got {m}")
-
-
-def tile_grid(H, W, m):
-    """(TH, TW): m×m output tiles that cover an H×W output (the last ones hang over)."""
-    return -(-H // m), -(-W // m)
-
-
 # Fewest tiles a chunk holds (when the layer has them): the GEMMs' inner dimension for gW
 # and their column count otherwise; BLAS runs far below its peak on thinner matrices.
 MIN_CHUNK_TILES = 64

@@ -93,6 +93,37 @@ def _combine(L, a, src, i, dst, u, v, q0, n):
 
 
 @njit(**JIT)
+def _split_row(xr, m, k, TW, d, i, t0):
+    """d[i, j, t0 + tx] = xr[tx*m + j]: row i of every window of one tile row, j < k.
+
+    NOTE: with m and k known (F(4×4,3×3)'s input transform, m = 4, k = 6, and its output
+    gradient, k = 4) the stride is a constant and LLVM vectorises the strided loads, one
+    tile per iteration; the general loop (runtime stride) stays scalar. The constant
+    branch took about a fifth less CPU time for the whole input transform (single thread).
+    """
+    if m == 4 and k == 6:
+        for tx in range(TW):
+            p = tx * 4
+            d[i, 0, t0 + tx] = xr[p]
+            d[i, 1, t0 + tx] = xr[p + 1]
+            d[i, 2, t0 + tx] = xr[p + 2]
+            d[i, 3, t0 + tx] = xr[p + 3]
+            d[i, 4, t0 + tx] = xr[p + 4]
+            d[i, 5, t0 + tx] = xr[p + 5]
+    elif m == 4 and k == 4:
+        for tx in range(TW):
+            p = tx * 4
+            d[i, 0, t0 + tx] = xr[p]
+            d[i, 1, t0 + tx] = xr[p + 1]
+            d[i, 2, t0 + tx] = xr[p + 2]
+            d[i, 3, t0 + tx] = xr[p + 3]
+    else:
+        for j in range(k):
+            for tx in range(TW):
+                d[i, j, t0 + tx] = xr[tx * m + j]
+
+
+@njit(**JIT)
 def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
     """out[a, b, ch, q] = (L d L^T)[a, b] for the k×k window d of src[n, ch] of every tile q.
 
@@ -123,9 +154,7 @@ def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
                         continue
                     for t in range(W):
                         xr[t - shift] = src[n, ch, iy, t]
-                    for j in range(k):
-                        for tx in range(TW):
-                            d[i, j, t0 + tx] = xr[tx * m + j]
+                    _split_row(xr, m, k, TW, d, i, t0)
             for i in range(k):  # tmp = d L^T, along the window rows
                 for bb in range(r):
                     _combine(L, bb, d, i, tmp, bb, i, 0, nq)

@@ -30,6 +30,8 @@ import threading
 
 import numpy as np
 
+from minivgg.kernels import winograd
+
 # The entry points every device's kernel table offers, with the same parameters
 # (tests/test_cuda_compile.py checks it). `minivgg.functional` calls nothing else.
 ENTRY_POINTS = (
@@ -258,3 +260,51 @@ def conv2d_backward(dev, x, W, gy, stride, padding, need_gx=True):
         gW += part
     gb = gy.sum(axis=(0, 2, 3))
     return gx, gW.reshape(W.shape), gb
+
+
+# ----------------------------------------------------------------------------------------
+# A device's conv entry points, built once from its primitives
+# ----------------------------------------------------------------------------------------
+
+class ConvEntryPoints:
+    """The conv entry points of one device's kernel table, written once for both devices.
+
+    `dev` holds the device's im2col primitives, `winograd_dev` its Winograd ones (both
+    `Primitives`); each table exports the bound methods under the entry-point names:
+
+        im2col, col2im, conv2d_forward, conv2d_backward = ConvEntryPoints(...).methods()
+
+    Their parameters are the table's: `tests/test_cuda_compile.py` checks both tables agree.
+    """
+
+    def __init__(self, dev, winograd_dev):
+        self.dev, self.winograd_dev = dev, winograd_dev
+
+    def im2col(self, x, KH, KW, SH, SW, PH, PW):
+        """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests,
+        teaching)."""
+        return im2col(self.dev, x, KH, KW, SH, SW, PH, PW)
+
+    def col2im(self, cols, x_shape, KH, KW, SH, SW, PH, PW):
+        """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W)."""
+        return col2im(self.dev, cols, x_shape, KH, KW, SH, SW, PH, PW)
+
+    def conv2d_forward(self, x, W, b, stride, padding, algorithm="im2col"):
+        """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col" (the driver
+        `conv2d_forward` above), or "winograd"/"winograd4" (`kernels/winograd.py`)."""
+        if algorithm == "im2col":
+            return conv2d_forward(self.dev, x, W, b, stride, padding)
+        return winograd.conv2d_forward(self.winograd_dev, x, W, b,
+                                       winograd.ALGORITHMS[algorithm])
+
+    def conv2d_backward(self, x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
+        """(gx or None, gW, gb) by the forward's `algorithm`; see the driver
+        `conv2d_backward` above (its sums' fixed order) and `kernels/winograd.py`."""
+        if algorithm == "im2col":
+            return conv2d_backward(self.dev, x, W, gy, stride, padding, need_gx)
+        return winograd.conv2d_backward(self.winograd_dev, x, W, gy, need_gx,
+                                        winograd.ALGORITHMS[algorithm])
+
+    def methods(self):
+        """(im2col, col2im, conv2d_forward, conv2d_backward), bound to this device."""
+        return self.im2col, self.col2im, self.conv2d_forward, self.conv2d_backward

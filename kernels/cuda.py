@@ -27,7 +27,7 @@ import os
 import cupy as cp
 import numpy as np
 
-from minivgg.kernels import common, winograd
+from minivgg.kernels import common
 
 xp = cp
 
@@ -176,6 +176,16 @@ def add_bias(ycols, b):
 WINOGRAD_CHUNK_BYTES = 256 * 2**20
 
 
+def point_gemms(A, B, out):
+    """out[t] = A[t] @ B[t] for every transform point t: A (α², I, J), B (α², J, K).
+
+    NOTE: 2-D products, one per point: CuPy's batched matmul ignores the TF32 setting
+    (see kernels/common.py).
+    """
+    for t in range(A.shape[0]):
+        cp.matmul(A[t], B[t], out=out[t])
+
+
 def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
     """out (r, r, CH, P) = L d L^T for the k×k window d of src[n, ch] of every tile q."""
     N, CH, H, W = src.shape
@@ -222,29 +232,11 @@ def filter_grad_transform(dU, G, gW):
 _this = common.Primitives(globals())  # what the shared drivers receive
 
 
-def im2col(x, KH, KW, SH, SW, PH, PW):
-    """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests, teaching)."""
-    return common.im2col(_this, x, KH, KW, SH, SW, PH, PW)
-
-
-def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
-    """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W)."""
-    return common.col2im(_this, cols, x_shape, KH, KW, SH, SW, PH, PW)
-
-
-def conv2d_forward(x, W, b, stride, padding, algorithm="im2col"):
-    """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col"
-    (`common.conv2d_forward`), or "winograd"/"winograd4" (`kernels/winograd.py`)."""
-    if algorithm == "im2col":
-        return common.conv2d_forward(_this, x, W, b, stride, padding)
-    return winograd.conv2d_forward(_this, x, W, b, winograd.ALGORITHMS[algorithm])
-
-
-def conv2d_backward(x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
-    """(gx or None, gW, gb) by the forward's `algorithm`; see `common.conv2d_backward`."""
-    if algorithm == "im2col":
-        return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
-    return winograd.conv2d_backward(_this, x, W, gy, need_gx, winograd.ALGORITHMS[algorithm])
+# The conv entry points of this table (`common.ConvEntryPoints`, written once for both
+# devices): whole-batch im2col / col2im and conv2d_forward / conv2d_backward by the chosen
+# algorithm, im2col + GEMM (`common.conv2d_forward`) or Winograd (`kernels/winograd.py`).
+im2col, col2im, conv2d_forward, conv2d_backward = common.ConvEntryPoints(
+    _this, _this).methods()
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ of im2col that these are tested against is `kernels/reference.py`.
 import numpy as np
 from numba import njit
 
-from minivgg.kernels import common, winograd
+from minivgg.kernels import common
 from minivgg.kernels.cpu import winograd as cpu_winograd
 from minivgg.kernels.cpu.runtime import JIT, num_threads
 # NOTE: imported for the shared drivers, which find them in this module's namespace
@@ -272,28 +272,8 @@ _this = common.Primitives(globals())  # what the shared drivers receive
 _winograd = common.Primitives(vars(cpu_winograd))  # what the Winograd drivers receive
 
 
-def im2col(x, KH, KW, SH, SW, PH, PW):
-    """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests, teaching)."""
-    return common.im2col(_this, x, KH, KW, SH, SW, PH, PW)
-
-
-def col2im(cols, x_shape, KH, KW, SH, SW, PH, PW):
-    """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W)."""
-    return common.col2im(_this, cols, x_shape, KH, KW, SH, SW, PH, PW)
-
-
-def conv2d_forward(x, W, b, stride, padding, algorithm="im2col"):
-    """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col"
-    (`common.conv2d_forward`), or "winograd"/"winograd4" (`kernels/winograd.py`)."""
-    if algorithm == "im2col":
-        return common.conv2d_forward(_this, x, W, b, stride, padding)
-    return winograd.conv2d_forward(_winograd, x, W, b, winograd.ALGORITHMS[algorithm])
-
-
-def conv2d_backward(x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
-    """(gx or None, gW, gb) by the forward's `algorithm`; see `common.conv2d_backward` (its
-    sums' fixed order) and `kernels/winograd.py`."""
-    if algorithm == "im2col":
-        return common.conv2d_backward(_this, x, W, gy, stride, padding, need_gx)
-    return winograd.conv2d_backward(_winograd, x, W, gy, need_gx,
-                                    winograd.ALGORITHMS[algorithm])
+# The conv entry points of this table (`common.ConvEntryPoints`, written once for both
+# devices): whole-batch im2col / col2im and conv2d_forward / conv2d_backward by the chosen
+# algorithm, im2col + GEMM (`common.conv2d_forward`) or Winograd (`kernels/winograd.py`).
+im2col, col2im, conv2d_forward, conv2d_backward = common.ConvEntryPoints(
+    _this, _winograd).methods()

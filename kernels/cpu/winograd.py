@@ -34,6 +34,16 @@ def num_parts():
     return num_threads()
 
 
+def point_gemms(A, B, out):
+    """out[t] = A[t] @ B[t] for every transform point t: A (α², I, J), B (α², J, K).
+
+    One NumPy call for the whole stack: NumPy runs one BLAS GEMM per point, in C, so the
+    results equal α² separate calls bit for bit, without α² trips through Python (about
+    1 µs each, which on the small recipe's thin layers is a third of a GEMM's time).
+    """
+    np.matmul(A, B, out=out)
+
+
 # ----------------------------------------------------------------------------------------
 # Tile transforms. A chunk is the tile rows r0..r1-1, r = n*TH + ty; tile (n, ty, tx) is
 # column q = (r - r0)*TW + tx of the chunk's (C, P) matrices.
@@ -41,35 +51,76 @@ def num_parts():
 #
 # Every transform is a "sandwich" L d L^T of a small tile d with a small matrix L, done for
 # a block of up to BLOCK_TILES tiles at once: the tiles' (i, j) entries are gathered side by
-# side into one row, so each step is `row += coef * other_row`, which LLVM vectorises, and
-# the zero entries of L are skipped. Input: L = B^T (α×α); output: L = A^T (m×α); output
-# gradient (for the weight gradient): L = A (α×m).
+# side into one row, so each step computes a whole row of outputs, dst[q] = sum_j L[a, j]
+# src[j, q], which LLVM vectorises along q. Input: L = B^T (α×α); output: L = A^T (m×α);
+# output gradient (for the weight gradient): L = A (α×m).
 
 # NOTE: the loops index the whole 3-D/4-D arrays (out[a, bb, ch, q]) rather than 1-D
 # slices or transposed views of them: Numba then knows the innermost axis is contiguous and
 # LLVM vectorises the `q` loops; through a transposed view it does not (measured 3× slower).
 
+
 @njit(**JIT)
-def _along_rows(L, d, tmp, n):
-    """tmp[i, bb, q] = sum_j L[bb, j] d[i, j, q] for q < n: L on each window row (d L^T)."""
-    r, k = L.shape
-    for i in range(d.shape[0]):
-        for bb in range(r):
-            for q in range(n):
-                tmp[i, bb, q] = 0
-            for j in range(k):
-                coef = L[bb, j]
-                if coef != 0:
-                    for q in range(n):
-                        tmp[i, bb, q] += coef * d[i, j, q]
+def _combine(L, a, src, i, dst, u, v, q0, n):
+    """dst[u, v, q0:q0+n] = sum_j L[a, j] src[i, j, :n], over the k = L.shape[1] rows j.
+
+    NOTE: the k = 6 and k = 4 branches have a constant trip count for j, so LLVM unrolls
+    it and keeps the sum in a vector register while it runs along q: one load per term and
+    one store per output, against a load and a store per term when each term is added into
+    dst in its own pass (which took about 1.5× the CPU time of the whole input transform,
+    single thread). The terms are summed in order of j, zeros included, so the result is
+    the same for every k branch.
+    """
+    k = L.shape[1]
+    if k == 6:
+        for q in range(n):
+            s = L[a, 0] * src[i, 0, q]
+            for j in range(1, 6):
+                s += L[a, j] * src[i, j, q]
+            dst[u, v, q0 + q] = s
+    elif k == 4:
+        for q in range(n):
+            s = L[a, 0] * src[i, 0, q]
+            for j in range(1, 4):
+                s += L[a, j] * src[i, j, q]
+            dst[u, v, q0 + q] = s
+    else:
+        for q in range(n):
+            s = L[a, 0] * src[i, 0, q]
+            for j in range(1, k):
+                s += L[a, j] * src[i, j, q]
+            dst[u, v, q0 + q] = s
 
 
 @njit(**JIT)
-def _inside(c0, m, W, TW):
-    """(lo, hi): the tiles tx whose column tx*m + c0 lies inside 0..W-1 are lo..hi-1."""
-    lo = 0 if c0 >= 0 else (m - 1 - c0) // m
-    hi = 0 if c0 > W - 1 else min(TW, (W - 1 - c0) // m + 1)
-    return min(lo, TW), max(min(lo, TW), hi)
+def _split_row(xr, m, k, TW, d, i, t0):
+    """d[i, j, t0 + tx] = xr[tx*m + j]: row i of every window of one tile row, j < k.
+
+    NOTE: with m and k known (F(4×4,3×3)'s input transform, m = 4, k = 6, and its output
+    gradient, k = 4) the stride is a constant and LLVM vectorises the strided loads, one
+    tile per iteration; the general loop (runtime stride) stays scalar. The constant
+    branch took about a fifth less CPU time for the whole input transform (single thread).
+    """
+    if m == 4 and k == 6:
+        for tx in range(TW):
+            p = tx * 4
+            d[i, 0, t0 + tx] = xr[p]
+            d[i, 1, t0 + tx] = xr[p + 1]
+            d[i, 2, t0 + tx] = xr[p + 2]
+            d[i, 3, t0 + tx] = xr[p + 3]
+            d[i, 4, t0 + tx] = xr[p + 4]
+            d[i, 5, t0 + tx] = xr[p + 5]
+    elif m == 4 and k == 4:
+        for tx in range(TW):
+            p = tx * 4
+            d[i, 0, t0 + tx] = xr[p]
+            d[i, 1, t0 + tx] = xr[p + 1]
+            d[i, 2, t0 + tx] = xr[p + 2]
+            d[i, 3, t0 + tx] = xr[p + 3]
+    else:
+        for j in range(k):
+            for tx in range(TW):
+                d[i, j, t0 + tx] = xr[tx * m + j]
 
 
 @njit(**JIT)
@@ -83,18 +134,16 @@ def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
     """
     CH, H, W = src.shape[1], src.shape[2], src.shape[3]
     r, k = L.shape
-    lo, hi = np.empty(k, np.int64), np.empty(k, np.int64)
-    for j in range(k):  # the tiles whose column j lies inside the image: lo[j] .. hi[j]-1
-        lo[j], hi[j] = _inside(j + shift, m, W, TW)
     group = max(1, BLOCK_TILES // TW)  # tile rows per block: d and tmp stay in L1
-    d = np.empty((k, k, group * TW), dtype=out.dtype)
-    tmp = np.empty((k, r, group * TW), dtype=out.dtype)
-    acc = np.empty(group * TW, dtype=out.dtype)
+    d = np.empty((k, k, group * TW), dtype=out.dtype)  # d[i, j, q]: window q's (i, j)
+    tmp = np.empty((r, k, group * TW), dtype=out.dtype)  # tmp[b, i, q] = (d L^T)[i, b]
+    # one image row with the window's overhang as zeros: tile tx's column j is xr[tx*m + j]
+    xr = np.zeros(TW * m + k, dtype=out.dtype)
     for g0 in range(r0, r1, group):
         g1 = min(r1, g0 + group)
         nq, q0 = (g1 - g0) * TW, (g0 - r0) * TW  # the block's tiles: q0 .. q0 + nq - 1
         for ch in range(CH):
-            for row in range(g0, g1):  # gather the windows: d[i, j, q] = window q's (i, j)
+            for row in range(g0, g1):  # gather the windows
                 n, ty, t0 = row // TH, row % TH, (row - g0) * TW
                 for i in range(k):
                     iy = ty * m + shift + i
@@ -103,27 +152,15 @@ def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
                             for tx in range(TW):
                                 d[i, j, t0 + tx] = 0
                         continue
-                    for j in range(k):  # tile tx reads column tx*m + j + shift
-                        for tx in range(lo[j]):
-                            d[i, j, t0 + tx] = 0
-                        for tx in range(lo[j], hi[j]):
-                            d[i, j, t0 + tx] = src[n, ch, iy, tx * m + j + shift]
-                        for tx in range(hi[j], TW):
-                            d[i, j, t0 + tx] = 0
-            _along_rows(L, d, tmp, nq)
+                    for t in range(W):
+                        xr[t - shift] = src[n, ch, iy, t]
+                    _split_row(xr, m, k, TW, d, i, t0)
+            for i in range(k):  # tmp = d L^T, along the window rows
+                for bb in range(r):
+                    _combine(L, bb, d, i, tmp, bb, i, 0, nq)
             for a in range(r):  # out = L tmp, along the window columns
                 for bb in range(r):
-                    # NOTE: summed in a small local row, then stored once: adding into
-                    # `out` directly measured 2× slower (its rows lie far apart)
-                    for q in range(nq):
-                        acc[q] = 0
-                    for i in range(k):
-                        coef = L[a, i]
-                        if coef != 0:
-                            for q in range(nq):
-                                acc[q] += coef * tmp[i, bb, q]
-                    for q in range(nq):
-                        out[a, bb, ch, q0 + q] = acc[q]
+                    _combine(L, a, tmp, bb, out[a], bb, ch, q0, nq)
 
 
 @njit(**JIT)
@@ -149,7 +186,7 @@ def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
     alpha = m + 2
     group = max(1, BLOCK_TILES // TW)  # tile rows per block, as in `tile_transform`
     d = np.empty((alpha, alpha, group * TW), dtype=M.dtype)
-    tmp = np.empty((alpha, m, group * TW), dtype=M.dtype)
+    tmp = np.empty((m, alpha, group * TW), dtype=M.dtype)
     o = np.empty((m, m, group * TW), dtype=M.dtype)
     yrow = np.empty(TW * m, dtype=M.dtype)
     for g0 in range(r0, r1, group):
@@ -160,24 +197,12 @@ def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
                 for bb in range(alpha):
                     for q in range(nq):
                         d[a, bb, q] = M[a, bb, oc, q0 + q]
-            for a in range(alpha):  # tmp[a, j] = sum_b M[a, b] A[b, j], along the rows
+            for j in range(m):  # tmp[j, a] = sum_b M[a, b] A[b, j], along the rows
+                for a in range(alpha):
+                    _combine(AT, j, d, a, tmp, j, a, 0, nq)
+            for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[j, a], along the columns
                 for j in range(m):
-                    for q in range(nq):
-                        tmp[a, j, q] = 0
-                    for bb in range(alpha):
-                        coef = AT[j, bb]
-                        if coef != 0:
-                            for q in range(nq):
-                                tmp[a, j, q] += coef * d[a, bb, q]
-            for i in range(m):  # o[i, j] = sum_a A^T[i, a] tmp[a, j], along the columns
-                for j in range(m):
-                    for q in range(nq):
-                        o[i, j, q] = 0
-                    for a in range(alpha):
-                        coef = AT[i, a]
-                        if coef != 0:
-                            for q in range(nq):
-                                o[i, j, q] += coef * tmp[a, j, q]
+                    _combine(AT, i, tmp, j, o, i, j, 0, nq)
             for row in range(g0, g1):  # move each tile row's m×m blocks into y, cropped
                 n, ty, t0 = row // TH, row % TH, (row - g0) * TW
                 for i in range(min(m, H - ty * m)):

@@ -2,7 +2,7 @@
 
     python examples/evaluate_imagenet.py runs/imagenette-A/best.npz \\
         --data ../shared/data/imagenette2-224 \\
-        --protocol center dense multicrop dense+multicrop --scales 72 64,72,80
+        --protocol center center-flip dense multicrop dense+multicrop --scales 72 64,72,80
 
 Each `--scales` argument is one test setting: a single Q, or a comma-separated list of Q
 whose soft-max outputs are averaged (multi-scale testing, Table 4). Each `--protocol` is
@@ -10,10 +10,18 @@ evaluated at each setting, and the results come out as one table shaped like the
 Tables 3-6: top-1 and top-5 validation error and images/s. Several checkpoints are fused by
 averaging their soft-max outputs (Sec. 4.4, Table 6); they must predict the same classes.
 
-Protocols: "center" (one centre crop, the single-crop baseline), "dense" (the net made
-fully convolutional, whole image + flip), "multicrop" (5×5 crops × 2 flips per scale) and
-"dense+multicrop" (the two averaged, Table 5). Every image and every crop is decoded and
-computed once and shared by all the rows that use it.
+Protocols: "center" (one centre crop, the single-crop baseline), "center-flip" (the centre
+crop and its mirror image: the fair baseline beside dense and multi-crop, which also average
+over flips), "dense" (the net made fully convolutional, whole image + flip), "multicrop"
+(5×5 crops × 2 flips per scale) and "dense+multicrop" (the two averaged, Table 5). The paper
+itself reports no centre-crop result. Every image and every crop is decoded and computed once
+and shared by all the rows that use it.
+
+Dense evaluation puts its windows on a 32-pixel grid (five 2×2 pools). By default the grid
+is centred on the image (`--dense-align center`); `--dense-align top-left` keeps the plain
+fully-convolutional layout, whose windows miss the last Q mod 32 rows and columns.
+`--ceil-mode` runs the pools in Caffe's ceil mode (for nets trained that way; a checkpoint
+that records ceil-mode pooling uses it anyway): the partial windows then cover every pixel.
 
 Flags follow PyTorch's ImageNet example where they apply (--batch-size, --device,
 --print-freq). DIR is the ILSVRC-layout root: the images are read from DIR/val/<wnid>/.
@@ -42,8 +50,15 @@ def parse_args(argv=None):
                    help="minivgg training checkpoint(s); several are fused (Sec. 4.4)")
     p.add_argument("--data", metavar="DIR", required=True,
                    help="ILSVRC-layout root; images are read from DIR/val/<wnid>/*")
-    p.add_argument("--protocol", nargs="+", default=["dense"], choices=evaluate.PROTOCOLS,
-                   help="test protocol(s), one table row each (default: dense, Table 3)")
+    p.add_argument("--protocol", nargs="+", default=["center", "center-flip", "dense"],
+                   choices=evaluate.PROTOCOLS,
+                   help="test protocol(s), one table row each (default: center, "
+                        "center-flip, dense; dense is Table 3's)")
+    p.add_argument("--dense-align", choices=evaluate.DENSE_ALIGNS, default="center",
+                   help="where dense evaluation's 32-pixel window grid sits: centred on "
+                        "the image (default) or in its top-left corner")
+    p.add_argument("--ceil-mode", action="store_true",
+                   help="max-pool in Caffe's ceil mode (nets trained with it)")
     p.add_argument("--scales", nargs="+", default=None, metavar="Q[,Q...]",
                    help="test scale settings: '72' is single-scale, '64,72,80' averages "
                         "three scales (Table 4); default: the checkpoint's test scale")
@@ -87,18 +102,21 @@ def training_scales(meta):
     return s_text, int(q or default_q)
 
 
-def load_nets(paths, device, batch_size):
+def load_nets(paths, device, batch_size, dense_align="center", ceil_mode=False):
     """EvalNets for the checkpoints, checking that they can be fused."""
     nets, metas = [], []
     for path in paths:
         model, meta = load_model(path, device)
+        if ceil_mode:
+            model.ceil_mode = True
         if "classes" not in meta or "data_stats" not in meta:
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")
         mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
         to_input = (lambda img, mean=mean: data.to_chw_float32(img, mean))
         name = f"{model.config} ({os.path.basename(path)})"
-        nets.append(evaluate.EvalNet(model, to_input, meta["classes"], name, batch_size))
+        nets.append(evaluate.EvalNet(model, to_input, meta["classes"], name, batch_size,
+                                     dense_align))
         metas.append(meta)
     evaluate.check_same_classes([n.classes for n in nets], list(paths))
     return nets, metas
@@ -141,7 +159,8 @@ def main(argv=None):
         raise UsageError(f"--batch-size must be at least 2 (an image and its flip), got "
                          f"{args.batch_size}")
     backend.check_device(args.device)
-    nets, metas = load_nets(args.checkpoints, args.device, args.batch_size)
+    nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.dense_align,
+                            args.ceil_mode)
     s_texts, default_qs = zip(*(training_scales(m) for m in metas))
     settings = parse_scales(args.scales) if args.scales else [(default_qs[0],)]
     crop = max(n.input_size for n in nets)

@@ -73,7 +73,7 @@ def to_fully_convolutional(model):
     same order as a conv weight's (C, KH, KW) axes, so fc6's weight is a plain reshape to
     (out, C, p, p). Any other order (e.g. HWC) would silently scramble the filters.
     """
-    p = pooled_size(model.input_size)
+    p = pooled_size(model.input_size, ceil_mode=getattr(model, "ceil_mode", False))
     layers = OrderedDict()
     for name, layer in model.named_children():
         if name == "flatten":

@@ -106,7 +106,7 @@ class VGG(nn.Sequential):
         if width <= 0 or fc_width < 1 or num_classes < 1:
             raise ValueError(f"vgg: width, fc_width and num_classes must be positive, got "
                              f"width={width}, fc_width={fc_width}, num_classes={num_classes}")
-        side = pooled_size(input_size)
+        side = pooled_size(input_size, ceil_mode=ceil_mode)
         if side < 1:
             raise ValueError(f"vgg: input_size must be at least 32 (five 2×2 pools), "
                              f"got {input_size}")

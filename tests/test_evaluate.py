@@ -155,6 +155,15 @@ def test_ceil_mode_dense_map_covers_the_whole_image():
     assert all(p.ceil_mode for p in floor.pools())
 
 
+def test_ceil_mode_net_trained_at_a_size_not_a_multiple_of_32_sizes_fc6_by_ceil():
+    # 72 -> 36 -> 18 -> 9 -> 5 -> 3 in ceil mode (2 in floor mode): fc6 takes 3×3 maps.
+    model = small_vgg(ceil_mode=True, input_size=72)
+    assert model.fc6.weight.shape == (16, 32 * 3 * 3)
+    fcn = E.to_fully_convolutional(model)
+    x = np.random.default_rng(13).normal(0, 50, (2, 3, 72, 72))
+    np.testing.assert_allclose(logits(fcn, x)[:, :, 0, 0], logits(model, x), rtol=1e-10)
+
+
 def test_unknown_dense_alignment_is_rejected():
     with pytest.raises(ValueError, match="unknown dense alignment 'middle'"):
         E.EvalNet(small_vgg(), dense_align="middle")

@@ -292,7 +292,11 @@ def table5(res):
     half = binomial_half_width(30.0, n)
     lines = [f"Top-1 / top-5 error % on {n} evenly spaced val images (the 95% interval of a "
              f"30% error is ±{half:.1f} points at this size); one-scale rows at each net's "
-             "single Q, the others averaged over its Q set.",
+             "single Q, the others averaged over its Q set. NOTE: a 1×1 score map (Q = 64..95) "
+             "makes centred dense evaluation the centre crop + flip exactly "
+             "(`minivgg.evaluate.dense_crop`), so for the fixed-S nets, tested at "
+             "{64, 72, 80}, dense adds nothing here; the jittered net's Q = 96 and 128 give "
+             "2×2 and 3×3 maps, where it does.",
              "", "| protocol | " + " | ".join(r.name for r in nets) + " | paper (D) |",
              "|---|" + "---|" * (len(nets) + 1)]
     keyed = {}

@@ -250,7 +250,10 @@ def dense_crop(x, stride=32, align="center", ceil_mode=False):
 
     NOTE: at Q = 72 a 64-pixel net has one window: top-left it sees rows 0..63 (8 pixels
     off-centre) and never the bottom 8 rows; centred it sees rows 4..67, like the centre
-    crop.
+    crop. Because the leftover rows are cut off, not just left out of the windows, their
+    context goes too: with a 1×1 score map centred dense evaluation *is* the centre crop +
+    flip (to rounding; tests/test_evaluate.py checks it), and the real-neighbour context
+    that the paper credits dense evaluation with (Sec. 3.2) only appears on larger maps.
     """
     if ceil_mode or align == "top-left":
         return x

@@ -354,6 +354,17 @@ def test_max_pool2d_forward_matches_naive_loops(case, dtype, ceil_mode):
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("case", POOL_CASES + [(1, 1, 7, 8, 2, 3)])
+def test_max_pool2d_forward_matches_the_numpy_reference(case, ceil_mode):
+    N, C, H, W, K, s = case
+    x = rand(np.random.default_rng(8), (N, C, H, W), np.float64)
+    y, arg = cpu.max_pool2d_forward(x, (K, K), (s, s), ceil_mode)
+    ry, rarg = reference.max_pool2d(x, K, K, s, s, ceil_mode)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(arg, rarg)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
 def test_max_pool2d_backward_sums_over_overlapping_windows(case, dtype, ceil_mode):

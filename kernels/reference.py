@@ -10,6 +10,8 @@ walkthrough (docs/walkthrough.md, section 3) shows this one first.
 
 import numpy as np
 
+from minivgg.kernels.common import pool_output_size
+
 
 def im2col(x, KH, KW, SH, SW, PH, PW):
     """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW); row c*KH*KW + ky*KW + kx, column oy*OW + ox.
@@ -49,7 +51,6 @@ def max_pool2d(x, KH, KW, SH, SW, ceil_mode=False):
     input, where inputs are left over. Pixels outside a clipped window are padded with -inf,
     so they never win; on a tie the first offset in row-major order wins (np.argmax).
     """
-    from minivgg.kernels.common import pool_output_size
     N, C, H, W = x.shape
     OH, OW = pool_output_size(H, KH, SH, ceil_mode), pool_output_size(W, KW, SW, ceil_mode)
     pad_h, pad_w = max(0, (OH - 1) * SH + KH - H), max(0, (OW - 1) * SW + KW - W)

@@ -2,7 +2,7 @@
 
     python examples/evaluate_imagenet.py runs/imagenette-A/best.npz \\
         --data ../shared/data/imagenette2-224 \\
-        --protocol center dense multicrop dense+multicrop --scales 72 64,72,80
+        --protocol center center-flip dense multicrop dense+multicrop --scales 72 64,72,80
     python examples/evaluate_imagenet.py VGG_ILSVRC_16_layers.caffemodel \\
         --data /path/to/ILSVRC2012 --protocol dense --scales 256 384
 
@@ -16,10 +16,18 @@ evaluated at each setting, and the results come out as one table shaped like the
 Tables 3-6: top-1 and top-5 validation error and images/s. Several checkpoints are fused by
 averaging their soft-max outputs (Sec. 4.4, Table 6); they must predict the same classes.
 
-Protocols: "center" (one centre crop, the single-crop baseline), "dense" (the net made
-fully convolutional, whole image + flip), "multicrop" (5×5 crops × 2 flips per scale) and
-"dense+multicrop" (the two averaged, Table 5). Every image and every crop is decoded and
-computed once and shared by all the rows that use it.
+Protocols: "center" (one centre crop, the single-crop baseline), "center-flip" (the centre
+crop and its mirror image: the fair baseline beside dense and multi-crop, which also average
+over flips), "dense" (the net made fully convolutional, whole image + flip), "multicrop"
+(5×5 crops × 2 flips per scale) and "dense+multicrop" (the two averaged, Table 5). The paper
+itself reports no centre-crop result. Every image and every crop is decoded and computed once
+and shared by all the rows that use it.
+
+Dense evaluation puts its windows on a 32-pixel grid (five 2×2 pools). By default the grid
+is centred on the image (`--dense-align center`); `--dense-align top-left` keeps the plain
+fully-convolutional layout, whose windows miss the last Q mod 32 rows and columns.
+`--ceil-mode` runs the pools in Caffe's ceil mode (for nets trained that way; a checkpoint
+that records ceil-mode pooling uses it anyway): the partial windows then cover every pixel.
 
 Flags follow PyTorch's ImageNet example where they apply (--batch-size, --device,
 --print-freq). DIR is the ILSVRC-layout root: the images are read from DIR/val/<wnid>/.
@@ -49,8 +57,15 @@ def parse_args(argv=None):
                         "are fused (Sec. 4.4)")
     p.add_argument("--data", metavar="DIR", required=True,
                    help="ILSVRC-layout root; images are read from DIR/val/<wnid>/*")
-    p.add_argument("--protocol", nargs="+", default=["dense"], choices=evaluate.PROTOCOLS,
-                   help="test protocol(s), one table row each (default: dense, Table 3)")
+    p.add_argument("--protocol", nargs="+", default=["center", "center-flip", "dense"],
+                   choices=evaluate.PROTOCOLS,
+                   help="test protocol(s), one table row each (default: center, "
+                        "center-flip, dense; dense is Table 3's)")
+    p.add_argument("--dense-align", choices=evaluate.DENSE_ALIGNS, default="center",
+                   help="where dense evaluation's 32-pixel window grid sits: centred on "
+                        "the image (default) or in its top-left corner")
+    p.add_argument("--ceil-mode", action="store_true",
+                   help="max-pool in Caffe's ceil mode (nets trained with it)")
     p.add_argument("--scales", nargs="+", default=None, metavar="Q[,Q...]",
                    help="test scale settings: '72' is single-scale, '64,72,80' averages "
                         "three scales (Table 4); default: the checkpoint's test scale")
@@ -98,11 +113,13 @@ def training_scales(meta):
     return s_text, int(q or default_q)
 
 
-def load_nets(paths, device, batch_size, root):
+def load_nets(paths, device, batch_size, root, dense_align="center", ceil_mode=False):
     """EvalNets for the weight files, checking that they can be fused."""
     nets, metas = [], []
     for path in paths:
         model = pretrained.load_pretrained(path, device=device)
+        if ceil_mode:
+            model.ceil_mode = True
         meta = dict(model.pretrained_meta, input_size=model.input_size)
         bad = checkpoint.nonfinite(model.state_dict())
         if bad:
@@ -115,7 +132,7 @@ def load_nets(paths, device, batch_size, root):
             data.ImageFolder(os.path.join(root, "val")).classes, path)
         name = f"{model.config} ({os.path.basename(path)})"
         nets.append(evaluate.EvalNet(model, pretrained.input_transform(meta), classes, name,
-                                     batch_size))
+                                     batch_size, dense_align))
         metas.append(meta)
     evaluate.check_same_classes([n.classes for n in nets], list(paths))
     return nets, metas
@@ -162,7 +179,8 @@ def main(argv=None):
                          f"{args.print_freq}")
     backend.check_device(args.device)
     backend.set_conv_algorithm(args.conv_algo)
-    nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.data)
+    nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.data,
+                            args.dense_align, args.ceil_mode)
     s_texts, default_qs = zip(*(training_scales(m) for m in metas))
     settings = parse_scales(args.scales) if args.scales else [(default_qs[0],)]
     crop = max(n.input_size for n in nets)

@@ -47,6 +47,24 @@ def conv_output_size(size, k, s, p):
     return (size + 2 * p - k) // s + 1
 
 
+def pool_output_size(size, k, s, ceil_mode=False):
+    """Number of k-wide, stride-s pooling windows over `size` inputs, no padding.
+
+    Floor mode (the default, and minivgg's training layout) keeps only whole windows and
+    leaves the last (size - k) % s inputs out. Ceil mode (Caffe's only mode, PyTorch's
+    `ceil_mode=True`) adds one partial window at the end when inputs are left over, so every
+    input is covered; the partial window is clipped to the input, as in PyTorch.
+    NOTE: PyTorch drops a last window that would *start* past the input; with no padding
+    that can only happen when s > k, and we follow it.
+    """
+    if not ceil_mode:
+        return (size - k) // s + 1
+    out = -(-(size - k) // s) + 1
+    if (out - 1) * s >= size:
+        out -= 1
+    return out
+
+
 def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes, parts=1):
     """Cut the batch into (n0, n1, oy0, oy1) chunks whose im2col matrix fits `chunk_bytes`.
 

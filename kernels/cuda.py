@@ -243,14 +243,16 @@ im2col, col2im, conv2d_forward, conv2d_backward = common.ConvEntryPoints(
 # Max-pooling
 # ----------------------------------------------------------------------------------------
 
-def max_pool2d_forward(x, kernel_size, stride):
+def max_pool2d_forward(x, kernel_size, stride, ceil_mode=False):
     """(N, C, H, W) -> y (N, C, OH, OW) and int32 argmax (offset ky*KW + kx in the window).
 
+    OH = `pool_output_size(H, KH, SH, ceil_mode)`, as on the CPU.
     NOTE: on a tie the first offset in row-major order wins, as on the CPU (pool.cu).
     """
     (KH, KW), (SH, SW) = kernel_size, stride
     N, C, H, W = x.shape
-    OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+    OH = common.pool_output_size(H, KH, SH, ceil_mode)
+    OW = common.pool_output_size(W, KW, SW, ceil_mode)
     x = cp.ascontiguousarray(x)
     y = cp.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = cp.empty((N, C, OH, OW), dtype=np.int32)

@@ -1,4 +1,5 @@
-"""Plain NumPy im2col / col2im: the definition the fast kernels are tested against.
+"""Plain NumPy im2col / col2im and max-pooling: the definitions the fast kernels are tested
+against.
 
 A dozen lines each of NumPy slicing, as Chainer's `im2col_cpu`: pad the input, then for each
 kernel offset (ky, kx) take one strided slice of it, which holds that offset's input pixel
@@ -11,6 +12,7 @@ the same for Winograd's algorithm (section 8; fast versions in `kernels/winograd
 import numpy as np
 
 from minivgg.kernels import winograd
+from minivgg.kernels.common import pool_output_size
 
 
 def im2col(x, KH, KW, SH, SW, PH, PW):
@@ -63,3 +65,22 @@ def conv2d_winograd(x, W, b, m):
     y = Y.transpose(0, 1, 2, 4, 3, 5).reshape(N, -1, TH * m, TW * m)[:, :, :H, :Wd]
     y = y + b[None, :, None, None] if b is not None else y
     return y.astype(x.dtype)
+
+
+def max_pool2d(x, KH, KW, SH, SW, ceil_mode=False):
+    """(N, C, H, W) -> y (N, C, OH, OW) and argmax (offset ky*KW + kx in the window).
+
+    Window (oy, ox) holds rows oy*SH .. oy*SH+KH-1 and columns ox*SW .. ox*SW+KW-1. Floor
+    mode keeps whole windows only; ceil mode (Caffe's) adds a last window, clipped to the
+    input, where inputs are left over. Pixels outside a clipped window are padded with -inf,
+    so they never win; on a tie the first offset in row-major order wins (np.argmax).
+    """
+    N, C, H, W = x.shape
+    OH, OW = pool_output_size(H, KH, SH, ceil_mode), pool_output_size(W, KW, SW, ceil_mode)
+    pad_h, pad_w = max(0, (OH - 1) * SH + KH - H), max(0, (OW - 1) * SW + KW - W)
+    xp = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), constant_values=-np.inf)
+    windows = np.empty((N, C, KH * KW, OH, OW), dtype=x.dtype)
+    for ky in range(KH):
+        for kx in range(KW):
+            windows[:, :, ky * KW + kx] = xp[:, :, ky:ky + SH * OH:SH, kx:kx + SW * OW:SW]
+    return windows.max(axis=2), windows.argmax(axis=2).astype(np.int32)

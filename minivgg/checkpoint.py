@@ -475,8 +475,15 @@ MODEL_KEYS = ("config", "num_classes", "width", "fc_width", "input_size")
 
 
 def model_meta(model):
-    """What rebuilds `model`'s architecture: meta["model"] of a training checkpoint."""
-    return {k: getattr(model, k) for k in MODEL_KEYS}
+    """What rebuilds `model`'s architecture: meta["model"] of a training checkpoint.
+
+    "ceil_mode" is written only when True (Caffe-style pools), so older checkpoints, which
+    lack it, still describe the same (floor-mode) nets.
+    """
+    meta = {k: getattr(model, k) for k in MODEL_KEYS}
+    if getattr(model, "ceil_mode", False):
+        meta["ceil_mode"] = True
+    return meta
 
 
 def load_model(path, device="cpu"):
@@ -493,7 +500,7 @@ def load_model(path, device="cpu"):
             f"{MODEL_KEYS}); was it written by minivgg.train?")
     try:
         model = VGG(spec["config"], spec["num_classes"], spec["width"], spec["fc_width"],
-                    spec["input_size"])
+                    spec["input_size"], ceil_mode=bool(spec.get("ceil_mode", False)))
         model.load_state_dict(state)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path!r}: {e}") from e

@@ -4,10 +4,14 @@ A trained net is applied to a test image rescaled isotropically so that its smal
 Q (the test scale, not necessarily the training scale S). Three ways to get class posteriors:
 
 * centre crop: one crop of the training size from the middle of the image, no flip; the
-  single-crop baseline that torchvision's reference script reports.
+  single-crop baseline that torchvision's reference script reports. "center-flip" averages
+  it with its mirror image, the fair baseline beside dense and multi-crop, which both
+  average over flips. (The paper reports neither: its Table 5 compares dense, multi-crop
+  and both.)
 * dense (Sec. 3.2): the fully-connected layers become convolutions (`to_fully_convolutional`),
   the net runs on the whole uncropped image, the class score map is averaged spatially, and
-  the soft-max of the image is averaged with that of its horizontal flip.
+  the soft-max of the image is averaged with that of its horizontal flip. The score map's
+  windows sit on a 32-pixel grid; `dense_crop` centres that grid on the image (see there).
 * multi-crop: a 5×5 regular grid of training-size crops (`crop_grid`) × 2 flips = 50 crops per
   scale, soft-max averaged over the crops.
 
@@ -34,9 +38,10 @@ from minivgg.metrics import topk_errors
 from minivgg.models import pooled_size
 from minivgg.tensor import Tensor, no_grad
 
-BASE_METHODS = ("center", "dense", "multicrop")
-PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
+BASE_METHODS = ("center", "center-flip", "dense", "multicrop")
+PROTOCOLS = ("center", "center-flip", "dense", "multicrop", "dense+multicrop")
 GRID = 5  # the paper's 5×5 crop grid (Sec. 3.2)
+DENSE_ALIGNS = ("center", "top-left")  # where dense evaluation's window grid sits
 
 
 # ----------------------------------------------------------------------------------------
@@ -48,7 +53,7 @@ class FullyConvolutionalVGG(nn.Sequential):
 
     With p = pooled_size(c), h = H//32 - p + 1 and w = W//32 - p + 1 (five floor-mode
     2×2 pools, then fc6 as a p×p valid convolution), so a training-size image gives a 1×1
-    map and needs H, W >= c.
+    map and needs H, W >= c. In ceil mode h = ceil(H/32) - p + 1 (`score_map_size`).
     """
 
     def forward(self, x):
@@ -68,7 +73,7 @@ def to_fully_convolutional(model):
     same order as a conv weight's (C, KH, KW) axes, so fc6's weight is a plain reshape to
     (out, C, p, p). Any other order (e.g. HWC) would silently scramble the filters.
     """
-    p = pooled_size(model.input_size)
+    p = pooled_size(model.input_size, ceil_mode=getattr(model, "ceil_mode", False))
     layers = OrderedDict()
     for name, layer in model.named_children():
         if name == "flatten":
@@ -88,7 +93,7 @@ def to_fully_convolutional(model):
     layers["relu7"] = nn.ReLU()
     layers["fc8"] = _linear_as_conv(fc8, fc8.in_features, 1)
     fcn = FullyConvolutionalVGG(layers)
-    for attr in ("config", "input_size", "width", "fc_width", "num_classes"):
+    for attr in ("config", "input_size", "width", "fc_width", "num_classes", "ceil_mode"):
         setattr(fcn, attr, getattr(model, attr))
     return fcn.eval()
 
@@ -105,10 +110,15 @@ def _linear_as_conv(linear, in_channels, k):
     return conv
 
 
-def score_map_size(height, width, input_size):
-    """(h, w) of the class score map of an H×W image, for a net trained on c×c crops."""
-    p = pooled_size(input_size)
-    return pooled_size(height) - p + 1, pooled_size(width) - p + 1
+def score_map_size(height, width, input_size, ceil_mode=False):
+    """(h, w) of the class score map of an H×W image, for a net trained on c×c crops.
+
+    E.g. c = 64 (p = 2): a 72×72 image gives 1×1 in floor mode (72 -> 2 after the pools)
+    and 2×2 in ceil mode (72 -> 3); a 96×128 image gives 2×3 in either.
+    """
+    p = pooled_size(input_size, ceil_mode=ceil_mode)
+    return (pooled_size(height, ceil_mode=ceil_mode) - p + 1,
+            pooled_size(width, ceil_mode=ceil_mode) - p + 1)
 
 
 def check_image_size(height, width, crop):
@@ -181,16 +191,25 @@ def _softmax_in_batches(net, crops, count, batch_size):
     return probs
 
 
-def center_posteriors(model, images, batch_size=64):
-    """Single centre crop, no flip. images: list of (3, H, W) float arrays -> (N, K)."""
-    c = model.input_size
+def center_posteriors(model, images, batch_size=64, flip=False):
+    """Single centre crop -> (N, K); with `flip`, averaged with the crop's mirror image.
+
+    images: list of (3, H, W) float arrays. Without the flip this is the usual single-crop
+    baseline; with it, it is the baseline to set beside dense and multi-crop, which both
+    average over flips (the flip alone is worth about a point on Imagenette).
+    """
+    c, per_image = model.input_size, 2 if flip else 1
 
     def crops():
         for x in images:
             top, left = center_offset(x.shape[1], x.shape[2], c)
-            yield x[:, top:top + c, left:left + c]
+            crop = x[:, top:top + c, left:left + c]
+            yield crop
+            if flip:
+                yield crop[:, :, ::-1]
 
-    return _softmax_in_batches(model, crops(), len(images), batch_size)
+    probs = _softmax_in_batches(model, crops(), per_image * len(images), batch_size)
+    return probs.reshape(len(images), per_image, -1).mean(axis=1)
 
 
 def multicrop_posteriors(model, images, batch_size=64, n=GRID):
@@ -217,10 +236,40 @@ def multicrop_posteriors(model, images, batch_size=64, n=GRID):
     return probs.reshape(len(images), per_image, -1).mean(axis=1)
 
 
-def dense_posteriors(fcn, images, batch_size=64):
+def dense_crop(x, stride=32, align="center", ceil_mode=False):
+    """The part of a (3, H, W) image that dense evaluation's window grid covers.
+
+    Five floor-mode 2×2 pools put the score map's windows on a `stride` = 32-pixel grid
+    that starts at the top-left corner and covers the first H - H % 32 rows and W - W % 32
+    columns; the last H % 32 rows and W % 32 columns fall in no window (they reach the
+    scores only through the 3×3 convs' context). align="center" drops (H % 32) // 2 rows
+    and (W % 32) // 2 columns at the top-left and the rest at the bottom-right, so the
+    grid sits in the middle of the image, as the centre crop does; "top-left" keeps the
+    image whole (the grid in the corner, where the plain fully-convolutional net puts it).
+    In ceil mode the pools' partial windows cover every pixel: the image is kept whole.
+
+    NOTE: at Q = 72 a 64-pixel net has one window: top-left it sees rows 0..63 (8 pixels
+    off-centre) and never the bottom 8 rows; centred it sees rows 4..67, like the centre
+    crop. Because the leftover rows are cut off, not just left out of the windows, their
+    context goes too: with a 1×1 score map centred dense evaluation *is* the centre crop +
+    flip (to rounding; tests/test_evaluate.py checks it), and the real-neighbour context
+    that the paper credits dense evaluation with (Sec. 3.2) only appears on larger maps.
+    """
+    if ceil_mode or align == "top-left":
+        return x
+    if align != "center":
+        raise ValueError(f"unknown dense alignment {align!r}; expected one of "
+                         f"{', '.join(DENSE_ALIGNS)}")
+    H, W = x.shape[1], x.shape[2]
+    top, left = (H % stride) // 2, (W % stride) // 2
+    return x[:, top:top + H - H % stride, left:left + W - W % stride]
+
+
+def dense_posteriors(fcn, images, batch_size=64, align="center"):
     """Dense evaluation (Sec. 3.2) with the fully-convolutional net -> (N, K).
 
-    Each image and its horizontal flip go through `fcn`; the score map (K, h, w) is averaged
+    Each image and its horizontal flip go through `fcn`, each cut by `dense_crop(align)` so
+    that the 32-pixel window grid is centred on it; the score map (K, h, w) is averaged
     over space into one score vector, turned into a soft-max, and the two soft-max vectors
     are averaged. Images of the same size are batched together; a large image may get a
     batch of its own.
@@ -230,25 +279,30 @@ def dense_posteriors(fcn, images, batch_size=64):
     soft-max instead gives different numbers on maps larger than 1×1.
 
     NOTE: neighbouring score-map locations are 32 pixels apart (five 2×2 pools), so with a
-    small net the map is tiny: a 64-pixel net at Q = 72 sees a 72×96 image as a 1×2 map,
-    i.e. two 64-pixel windows, where multi-crop uses 25 positions. The floor-mode pools
-    also leave the last H mod 32 rows and W mod 32 columns out of every window (their
-    pixels only reach the score map through the 3×3 convs' context); the flip puts the
-    left-out columns on the other side.
+    small net the map is tiny: a 64-pixel net sees a Q×Q image (Imagenette-224 is square)
+    as a 1×1 map for Q = 64..95, i.e. one 64-pixel window, where multi-crop uses 25
+    positions; 96..127 gives 2×2. With align="top-left" that one window sits in the
+    top-left corner of the image (and top-right of the flip); centred, it sits in the
+    middle of both. The paper's scales (256, 384, 512 for 224-pixel crops) are multiples
+    of 32, where the two alignments agree.
     """
     out = np.empty((len(images), fcn.num_classes))
     by_shape = OrderedDict()
+    ceil_mode = getattr(fcn, "ceil_mode", False)
     for i, x in enumerate(images):
         by_shape.setdefault(x.shape, []).append(i)
     for shape, indices in by_shape.items():
         check_image_size(shape[1], shape[2], fcn.input_size)
+        crop = (lambda v: dense_crop(v, align=align, ceil_mode=ceil_mode))
         # Two copies (image, flip) per image; as many as hold about `batch_size` crops'
         # worth of pixels, so memory stays bounded at large Q.
         crops_per_image = 2 * shape[1] * shape[2] / fcn.input_size ** 2
         step = max(1, int(batch_size // crops_per_image))
         for s in range(0, len(indices), step):
             idx = indices[s:s + step]
-            batch = np.stack([v for i in idx for v in (images[i], images[i][:, :, ::-1])])
+            # NOTE: the flip is cut on its own, so with an odd leftover each view drops
+            # the larger half on its own right: between them both edges are seen.
+            batch = np.stack([crop(v) for i in idx for v in (images[i], images[i][:, :, ::-1])])
             scores = _forward(fcn, np.ascontiguousarray(batch)).mean(axis=(2, 3))
             probs = F.softmax(scores.astype(np.float64))
             out[idx] = probs.reshape(len(idx), 2, -1).mean(axis=1)
@@ -306,13 +360,18 @@ class EvalNet:
     returns the (N, K) soft-max array of one method at one scale.
     """
 
-    def __init__(self, model, to_input=None, classes=None, name=None, batch_size=64):
+    def __init__(self, model, to_input=None, classes=None, name=None, batch_size=64,
+                 dense_align="center"):
         self.model = model.eval()
         self.to_input = to_input
         self.fcn = to_fully_convolutional(model)
         self.classes = list(classes) if classes is not None else None
         self.name = name or model.config
         self.batch_size = batch_size
+        if dense_align not in DENSE_ALIGNS:
+            raise ValueError(f"unknown dense alignment {dense_align!r}; expected one of "
+                             f"{', '.join(DENSE_ALIGNS)}")
+        self.dense_align = dense_align
 
     @property
     def input_size(self):
@@ -327,10 +386,11 @@ class EvalNet:
 
     def posteriors(self, images, method):
         """images: list of (3, H, W) float arrays at one scale -> (N, K) soft-max."""
-        if method == "center":
-            return center_posteriors(self.model, images, self.batch_size)
+        if method in ("center", "center-flip"):
+            return center_posteriors(self.model, images, self.batch_size,
+                                     flip=method == "center-flip")
         if method == "dense":
-            return dense_posteriors(self.fcn, images, self.batch_size)
+            return dense_posteriors(self.fcn, images, self.batch_size, self.dense_align)
         if method == "multicrop":
             return multicrop_posteriors(self.model, images, self.batch_size)
         raise ValueError(f"unknown method {method!r}; expected one of "

@@ -323,11 +323,12 @@ def conv2d(x, W, b=None, stride=1, padding=0, where="conv2d"):
 # ----------------------------------------------------------------------------------------
 
 class MaxPool2d(Function):
-    def __init__(self, kernel_size, stride):
-        self.kernel_size, self.stride = kernel_size, stride
+    def __init__(self, kernel_size, stride, ceil_mode=False):
+        self.kernel_size, self.stride, self.ceil_mode = kernel_size, stride, ceil_mode
 
     def forward(self, x):
-        y, argmax = backend.kernels_for(x).max_pool2d_forward(x, self.kernel_size, self.stride)
+        y, argmax = backend.kernels_for(x).max_pool2d_forward(x, self.kernel_size, self.stride,
+                                                              self.ceil_mode)
         self.save_for_backward(x.shape, argmax)
         return y
 
@@ -337,8 +338,14 @@ class MaxPool2d(Function):
             gy, argmax, x_shape, self.kernel_size, self.stride)
 
 
-def max_pool2d(x, kernel_size=2, stride=None, where="max_pool2d"):
-    """Max over KH×KW windows, no padding, floor mode; `stride` defaults to the kernel size.
+def max_pool2d(x, kernel_size=2, stride=None, ceil_mode=False, where="max_pool2d"):
+    """Max over KH×KW windows, no padding; `stride` defaults to the kernel size.
+
+    Floor mode (default): OH = (H - KH) // SH + 1 whole windows, so the last (H - KH) % SH
+    rows and columns are in no window (a 2×2/s2 pool drops the last row of an odd H).
+    `ceil_mode=True` (Caffe's pooling, PyTorch's flag of the same name): one more, partial
+    window at the bottom/right when inputs are left over, so every pixel is in a window;
+    the partial window takes the max of the pixels it holds.
 
     NOTE: a tie sends the whole gradient to the first maximum in the window. `where` names
     the caller in error messages.
@@ -353,7 +360,7 @@ def max_pool2d(x, kernel_size=2, stride=None, where="max_pool2d"):
     if x.shape[2] < kernel_size[0] or x.shape[3] < kernel_size[1]:
         raise ValueError(f"{where}: input shape {x.shape} is smaller than the "
                          f"{kernel_size[0]}x{kernel_size[1]} window")
-    return MaxPool2d(kernel_size, stride)(x)
+    return MaxPool2d(kernel_size, stride, bool(ceil_mode))(x)
 
 
 # ----------------------------------------------------------------------------------------

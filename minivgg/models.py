@@ -71,10 +71,14 @@ def parse_layer(spec):
     return "conv", int(kind[4:]), int(channels)
 
 
-def pooled_size(size, blocks=5):
-    """Spatial size after `blocks` 2×2/s2 max-pools (floor), e.g. 224 -> 7, 64 -> 2."""
+def pooled_size(size, blocks=5, ceil_mode=False):
+    """Spatial size after `blocks` 2×2/s2 max-pools, e.g. 224 -> 7, 64 -> 2, 72 -> 2.
+
+    Floor mode (default) drops an odd last row at each pool; ceil mode (Caffe) keeps it as
+    a half window, e.g. 72 -> 36 -> 18 -> 9 -> 5 -> 3.
+    """
     for _ in range(blocks):
-        size //= 2
+        size = (size + 1) // 2 if ceil_mode else size // 2
     return size
 
 
@@ -84,14 +88,16 @@ class VGG(nn.Sequential):
     `config` names the column of Table 1; `width` scales every conv's channel count and
     `fc_width` sets fc6/fc7's width (the paper: 1.0 and 4096). The logits are returned
     before the soft-max; `minivgg.functional.cross_entropy` applies it.
+
+    `ceil_mode` switches all five max-pools to Caffe's ceil mode (a partial window at the
+    bottom/right when a side is odd), for nets trained that way, such as the authors' Caffe
+    release; minivgg trains in floor mode. It is a settable attribute: `model.ceil_mode =
+    True` switches every pool at once. At the training crop (a multiple of 32) the two modes
+    give the same result; they differ on other image sizes (dense evaluation, Sec. 3.2).
     """
 
-    # Caffe's max-pools round their output size up; weights trained that way (the authors'
-    # release, see minivgg.pretrained.caffe) set this to True when loaded.
-    pool_ceil_mode = False
-
     def __init__(self, config="D", num_classes=1000, width=1.0, fc_width=4096,
-                 input_size=224, dropout=0.5, dtype=np.float32):
+                 input_size=224, dropout=0.5, dtype=np.float32, ceil_mode=False):
         config = canonical_config(config)
         for name, value in (("num_classes", num_classes), ("fc_width", fc_width),
                             ("input_size", input_size)):
@@ -100,7 +106,7 @@ class VGG(nn.Sequential):
         if width <= 0 or fc_width < 1 or num_classes < 1:
             raise ValueError(f"vgg: width, fc_width and num_classes must be positive, got "
                              f"width={width}, fc_width={fc_width}, num_classes={num_classes}")
-        side = pooled_size(input_size)
+        side = pooled_size(input_size, ceil_mode=ceil_mode)
         if side < 1:
             raise ValueError(f"vgg: input_size must be at least 32 (five 2×2 pools), "
                              f"got {input_size}")
@@ -129,6 +135,20 @@ class VGG(nn.Sequential):
         super().__init__(layers)
         self.config, self.input_size, self.num_classes = config, input_size, num_classes
         self.width, self.fc_width = width, fc_width
+        self.ceil_mode = ceil_mode
+
+    @property
+    def ceil_mode(self):
+        """True when the max-pools run in Caffe's ceil mode (see the class docstring)."""
+        return self.pools()[0].ceil_mode
+
+    @ceil_mode.setter
+    def ceil_mode(self, value):
+        for pool in self.pools():
+            pool.ceil_mode = bool(value)
+
+    def pools(self):
+        return [m for _, m in self.named_children() if isinstance(m, nn.MaxPool2d)]
 
     def forward(self, x):
         """Logits (N, num_classes) of images x (N, 3, H, W), checked against fc6 first."""
@@ -144,8 +164,9 @@ class VGG(nn.Sequential):
             raise ValueError(f"VGG-{self.config}: input shape {tuple(shape)} is smaller than "
                              f"32x32, the least that five 2x2 max-pools accept")
         C = self.conv_layers()[-1][1].out_channels
-        h, w = pooled_size(H), pooled_size(W)
-        side = pooled_size(self.input_size)
+        ceil = self.ceil_mode
+        h, w = pooled_size(H, ceil_mode=ceil), pooled_size(W, ceil_mode=ceil)
+        side = pooled_size(self.input_size, ceil_mode=ceil)
         if C * h * w != self.fc6.in_features:
             raise ValueError(
                 f"fc6: input shape {tuple(shape)} reaches fc6 as {C}x{h}x{w} = {C * h * w} "
@@ -162,13 +183,14 @@ class VGG(nn.Sequential):
 
 
 def vgg(config, num_classes=1000, width=1.0, fc_width=4096, input_size=224, init="gaussian",
-        dropout=0.5, dtype=np.float32, seed=None):
+        dropout=0.5, dtype=np.float32, seed=None, ceil_mode=False):
     """Build configuration `config` ("A", "A-LRN", "B", "C", "D", "E" or vgg11/13/16/19).
 
     With the defaults `num_parameters()` equals Table 2 exactly (D: 138,357,544).
     `init` is "gaussian" (Sec. 3.1, sigma = 0.01) or "glorot"; see `init_weights`.
+    `ceil_mode`: Caffe-style pooling, see `VGG`.
     """
-    model = VGG(config, num_classes, width, fc_width, input_size, dropout, dtype)
+    model = VGG(config, num_classes, width, fc_width, input_size, dropout, dtype, ceil_mode)
     init_weights(model, init, seed=seed)
     return model
 

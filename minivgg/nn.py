@@ -174,14 +174,18 @@ class ReLU(Module):
 
 
 class MaxPool2d(Module):
-    def __init__(self, kernel_size=2, stride=None):
-        self.kernel_size, self.stride = kernel_size, stride
+    """Max-pooling (Sec. 2.1: 2×2, stride 2); `ceil_mode` as in `F.max_pool2d` (Caffe's)."""
+
+    def __init__(self, kernel_size=2, stride=None, ceil_mode=False):
+        self.kernel_size, self.stride, self.ceil_mode = kernel_size, stride, ceil_mode
 
     def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride, where=self.name or "MaxPool2d")
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.ceil_mode,
+                            where=self.name or "MaxPool2d")
 
     def __repr__(self):
-        return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride})"
+        ceil = ", ceil_mode=True" if self.ceil_mode else ""
+        return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride}{ceil})"
 
 
 class LocalResponseNorm(Module):

@@ -71,7 +71,7 @@ def test_conv1_1_filters_are_reversed_to_rgb_and_the_mean_with_them(tmp_path):
                                   net.features[2].weight.detach().numpy())
     meta = model.pretrained_meta
     assert meta["mean_rgb"] == [123.68, 116.779, 103.939] and meta["std_rgb"] is None
-    assert model.pool_ceil_mode and meta["pool_ceil_mode"] and meta["layout"] == "caffe"
+    assert model.ceil_mode and meta["pool_ceil_mode"] and meta["layout"] == "caffe"
 
 
 def test_blob_bytes_view_reads_what_caffe_proto_writes():

@@ -130,9 +130,10 @@ def test_every_cuda_kernel_is_in_the_table_and_shares_the_python_parameter_names
             python_params = {a for a, _ in _signature(cuda[name])}
             # Each argument of the Python function that reaches the kernel keeps its name
             # (x, cols, gy, argmax, KH, SH, size, alpha, ...); shapes are added as N, C, ...
+            # (pooling's ceil_mode reaches its kernel as the output size OH, OW).
             shared = python_params & set(kernels[name])
             missing = python_params - set(kernels[name]) - {
-                "x_shape", "kernel_size", "stride", "shape", "p", "dtype", "rng"}
+                "x_shape", "kernel_size", "stride", "shape", "p", "dtype", "rng", "ceil_mode"}
             assert not missing, f"{name}: kernel lacks parameters {missing} (has {shared})"
             i = source.index(f"__global__ void {name}(")
             header = source[:i].rstrip().rsplit("\n\n", 1)[-1]

@@ -160,14 +160,15 @@ def test_cuda_chunk_moves_match_cpu(n0, n1, oy0, oy1, gpu, rng):
     np.testing.assert_array_equal(host(back), back_cpu)
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
-def test_cuda_max_pool2d_forward_and_backward_match_cpu(case, dtype, gpu, rng):
+def test_cuda_max_pool2d_forward_and_backward_match_cpu(case, dtype, ceil_mode, gpu, rng):
     shape, kernel_size, stride = POOL_CASES[case]
     # NOTE: values from a small set, so windows hold ties and the tie rule is exercised
     x = rng.integers(-3, 4, size=shape).astype(dtype)
-    y, argmax = gpu.max_pool2d_forward(dev(x), kernel_size, stride)
-    y_cpu, argmax_cpu = cpu.max_pool2d_forward(x, kernel_size, stride)
+    y, argmax = gpu.max_pool2d_forward(dev(x), kernel_size, stride, ceil_mode)
+    y_cpu, argmax_cpu = cpu.max_pool2d_forward(x, kernel_size, stride, ceil_mode)
     np.testing.assert_array_equal(host(y), y_cpu)
     np.testing.assert_array_equal(host(argmax), argmax_cpu)
     gy = rng.normal(size=y.shape).astype(dtype)

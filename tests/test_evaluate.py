@@ -100,6 +100,75 @@ def test_dense_posteriors_batches_images_of_mixed_sizes_in_input_order():
     np.testing.assert_allclose(together, alone, rtol=1e-12)
 
 
+@pytest.mark.parametrize("height,width,rows,cols", [(72, 80, (4, 68), (8, 72)),
+                                                    (64, 64, (0, 64), (0, 64)),
+                                                    (75, 96, (5, 69), (0, 96))])
+def test_dense_crop_centres_the_32_pixel_window_grid(height, width, rows, cols):
+    x = np.arange(height * width, dtype=np.float64).reshape(1, height, width)
+    np.testing.assert_array_equal(E.dense_crop(x), x[:, rows[0]:rows[1], cols[0]:cols[1]])
+    assert E.dense_crop(x, align="top-left") is x
+    assert E.dense_crop(x, ceil_mode=True) is x  # ceil-mode pools cover every pixel
+
+
+def test_dense_with_one_window_sees_the_centre_crop_not_the_top_left_corner():
+    """At Q = 72 a 64-pixel net's score map is 1×1: centred, its window is the centre crop
+    (rows and columns 4..67) and its flip, so dense equals "center-flip" exactly. The
+    evidence in the bottom 4 rows / right 4 columns of that window (60..67) is outside a
+    top-left window (0..63), which therefore gives other posteriors."""
+    model = small_vgg()
+    fcn = E.to_fully_convolutional(model)
+    rng = np.random.default_rng(9)
+    x = np.zeros((3, 72, 72))
+    x[:, 60:68, :] = rng.normal(0, 50, (3, 8, 72))   # a bottom strip ...
+    x[:, :, 60:68] = rng.normal(0, 50, (3, 72, 8))   # ... and a right strip of evidence
+    centre = E.center_posteriors(model, [x], flip=True)
+    np.testing.assert_allclose(E.dense_posteriors(fcn, [x]), centre, rtol=1e-10)
+    top_left = E.dense_posteriors(fcn, [x], align="top-left")
+    assert np.abs(top_left - centre).max() > 1e-3
+
+
+def test_center_flip_averages_the_centre_crop_and_its_mirror():
+    model = small_vgg()
+    x = np.random.default_rng(10).normal(0, 50, (3, 70, 90))
+    crop = x[:, 3:67, 13:77]
+    want = np.mean([F.softmax(logits(model, v[None].copy()))[0]
+                    for v in (crop, crop[:, :, ::-1])], axis=0)
+    np.testing.assert_allclose(E.center_posteriors(model, [x], flip=True)[0], want,
+                               rtol=1e-12)
+    net = E.EvalNet(model)
+    np.testing.assert_allclose(net.posteriors([x], "center-flip")[0], want, rtol=1e-12)
+
+
+def test_ceil_mode_dense_map_covers_the_whole_image():
+    model = small_vgg(ceil_mode=True)
+    fcn = E.to_fully_convolutional(model)
+    assert fcn.ceil_mode and model.pool5.ceil_mode
+    assert E.score_map_size(72, 72, 64) == (1, 1)
+    assert E.score_map_size(72, 72, 64, ceil_mode=True) == (2, 2)
+    x = np.random.default_rng(11).normal(0, 50, (1, 3, 72, 72))
+    assert logits(fcn, x).shape == (1, 7, 2, 2)
+    # At the training size (a multiple of 32) the two modes agree.
+    y = np.random.default_rng(12).normal(0, 50, (2, 3, 64, 64))
+    floor = small_vgg()
+    np.testing.assert_allclose(logits(model, y), logits(floor, y), rtol=1e-12)
+    floor.ceil_mode = True  # the settable switch reaches every pool
+    assert all(p.ceil_mode for p in floor.pools())
+
+
+def test_ceil_mode_net_trained_at_a_size_not_a_multiple_of_32_sizes_fc6_by_ceil():
+    # 72 -> 36 -> 18 -> 9 -> 5 -> 3 in ceil mode (2 in floor mode): fc6 takes 3×3 maps.
+    model = small_vgg(ceil_mode=True, input_size=72)
+    assert model.fc6.weight.shape == (16, 32 * 3 * 3)
+    fcn = E.to_fully_convolutional(model)
+    x = np.random.default_rng(13).normal(0, 50, (2, 3, 72, 72))
+    np.testing.assert_allclose(logits(fcn, x)[:, :, 0, 0], logits(model, x), rtol=1e-10)
+
+
+def test_unknown_dense_alignment_is_rejected():
+    with pytest.raises(ValueError, match="unknown dense alignment 'middle'"):
+        E.EvalNet(small_vgg(), dense_align="middle")
+
+
 # ----------------------------------------------------------------------------------------
 # Crops
 # ----------------------------------------------------------------------------------------
@@ -388,6 +457,15 @@ def test_script_prints_a_row_per_protocol_and_scale_setting(tiny_imagenet, capsy
                                             ("32,36", "center"), ("32,36", "dense")]
     for r in rows:  # top-1 and top-5 errors are percentages of 4 images
         assert float(r[4]) in (0.0, 25.0, 50.0, 75.0, 100.0) and float(r[5]) == 0.0
+
+
+def test_script_default_report_shows_centre_crop_with_and_without_flip(tiny_imagenet, capsys):
+    root, ckpts = tiny_imagenet
+    for extra in ([], ["--dense-align", "top-left", "--ceil-mode"]):
+        assert _load_script().cli([ckpts[0], "--data", str(root), "-p", "0", *extra]) == 0
+        out = capsys.readouterr().out
+        protocols = [line.split()[3] for line in out.splitlines() if line.startswith("A ")]
+        assert protocols == ["center", "center-flip", "dense"]
 
 
 @pytest.mark.parametrize("case,message", [

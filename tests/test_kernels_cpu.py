@@ -84,14 +84,19 @@ def naive_im2col(x, K, s, p):
     return cols
 
 
-def naive_max_pool(x, K, s):
+def naive_max_pool(x, K, s, ceil_mode=False):
     N, C, H, W = x.shape
     OH, OW = (H - K) // s + 1, (W - K) // s + 1
+    if ceil_mode:  # one more, clipped window where inputs are left over (PyTorch's rule)
+        OH, OW = -(-(H - K) // s) + 1, -(-(W - K) // s) + 1
+        OH, OW = OH - ((OH - 1) * s >= H), OW - ((OW - 1) * s >= W)
     y = np.zeros((N, C, OH, OW), dtype=x.dtype)
     arg = np.zeros((N, C, OH, OW), dtype=np.int64)
     for n, c, oy, ox in itertools.product(range(N), range(C), range(OH), range(OW)):
         best, best_k = None, 0
         for ky, kx in itertools.product(range(K), range(K)):  # row-major: first max wins
+            if oy * s + ky >= H or ox * s + kx >= W:
+                continue  # outside a clipped ceil-mode window
             v = x[n, c, oy * s + ky, ox * s + kx]
             if best is None or v > best:
                 best, best_k = v, ky * K + kx
@@ -336,24 +341,37 @@ def test_workspace_reuses_its_buffer_and_grows():
 POOL_CASES = [(1, 2, 7, 9, 2, 2), (2, 3, 6, 6, 2, 2), (2, 2, 7, 8, 3, 2), (1, 1, 5, 5, 3, 1)]
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
-def test_max_pool2d_forward_matches_naive_loops(case, dtype):
+def test_max_pool2d_forward_matches_naive_loops(case, dtype, ceil_mode):
     N, C, H, W, K, s = case
     x = rand(np.random.default_rng(6), (N, C, H, W), dtype)
-    y, arg = cpu.max_pool2d_forward(x, (K, K), (s, s))
-    ry, rarg = naive_max_pool(x, K, s)
+    y, arg = cpu.max_pool2d_forward(x, (K, K), (s, s), ceil_mode)
+    ry, rarg = naive_max_pool(x, K, s, ceil_mode)
     np.testing.assert_array_equal(y, ry)
     np.testing.assert_array_equal(arg, rarg)
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("case", POOL_CASES + [(1, 1, 7, 8, 2, 3)])
+def test_max_pool2d_forward_matches_the_numpy_reference(case, ceil_mode):
+    N, C, H, W, K, s = case
+    x = rand(np.random.default_rng(8), (N, C, H, W), np.float64)
+    y, arg = cpu.max_pool2d_forward(x, (K, K), (s, s), ceil_mode)
+    ry, rarg = reference.max_pool2d(x, K, K, s, s, ceil_mode)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(arg, rarg)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
-def test_max_pool2d_backward_sums_over_overlapping_windows(case, dtype):
+def test_max_pool2d_backward_sums_over_overlapping_windows(case, dtype, ceil_mode):
     N, C, H, W, K, s = case
     rng = np.random.default_rng(7)
     x = rand(rng, (N, C, H, W), dtype)
-    y, arg = cpu.max_pool2d_forward(x, (K, K), (s, s))
+    y, arg = cpu.max_pool2d_forward(x, (K, K), (s, s), ceil_mode)
     gy = rand(rng, y.shape, dtype)
     gx = cpu.max_pool2d_backward(gy, arg, x.shape, (K, K), (s, s))
     want = np.zeros(x.shape)

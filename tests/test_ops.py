@@ -44,10 +44,15 @@ def naive_conv2d(x, W, b, stride, padding):
     return y
 
 
-def naive_max_pool2d(x, kernel_size, stride):
+def naive_max_pool2d(x, kernel_size, stride, ceil_mode=False):
+    """Floor mode: whole windows only. Ceil mode: ceil((H - KH) / SH) + 1 windows (minus one
+    that would start past the input, PyTorch's rule), the last clipped by the slice."""
     (KH, KW), (SH, SW) = kernel_size, stride
     N, C, H, W = x.shape
     OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+    if ceil_mode:
+        OH, OW = -(-(H - KH) // SH) + 1, -(-(W - KW) // SW) + 1
+        OH, OW = OH - ((OH - 1) * SH >= H), OW - ((OW - 1) * SW >= W)
     y = np.zeros((N, C, OH, OW))
     for n in range(N):
         for c in range(C):
@@ -220,6 +225,55 @@ def test_max_pool2d_matches_torch_forward_and_backward(name, dtype, device, rng,
                                          ((2, 1, 4, 5), (2, 3), (1, 2))])
 def test_max_pool2d_backward_matches_finite_differences(shape, k, s, device, rng):
     assert gradcheck(lambda x: F.max_pool2d(x, k, s), [_distinct(shape, rng)], device)
+
+
+# Odd sizes, where ceil mode adds a partial last window (the stride-3 case has one that
+# would start past the input, which PyTorch drops).
+CEIL_CASES = {
+    "2x2_s2_odd": (2, 3, 7, 9, (2, 2), (2, 2)),
+    "2x2_s2_batch1": (1, 2, 5, 5, (2, 2), (2, 2)),
+    "3x3_s2_overlap": (1, 2, 8, 6, (3, 3), (2, 2)),
+    "nonsquare": (2, 1, 6, 7, (2, 3), (1, 2)),
+    "2x2_s3": (1, 1, 7, 8, (2, 2), (3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CEIL_CASES))
+def test_max_pool2d_ceil_mode_matches_naive_loop(name, device, rng):
+    N, C, H, W, k, s = CEIL_CASES[name]
+    x = rng.normal(size=(N, C, H, W))
+    y = F.max_pool2d(tensor(x, device), k, s, ceil_mode=True)
+    assert_close(y, naive_max_pool2d(x, k, s, ceil_mode=True), "max_pool2d", np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CEIL_CASES))
+def test_max_pool2d_ceil_mode_matches_torch_forward_and_backward(name, dtype, device, rng,
+                                                                 torch):
+    N, C, H, W, k, s = CEIL_CASES[name]
+    compare_with_torch("max_pool2d", lambda x: F.max_pool2d(x, k, s, ceil_mode=True),
+                       lambda x: torch.nn.functional.max_pool2d(x, k, s, ceil_mode=True),
+                       [_distinct((N, C, H, W), rng)], device, dtype, what=f" [{name}]")
+
+
+@pytest.mark.parametrize("name", list(CEIL_CASES))
+def test_max_pool2d_ceil_mode_backward_matches_finite_differences(name, device, rng):
+    N, C, H, W, k, s = CEIL_CASES[name]
+    assert gradcheck(lambda x: F.max_pool2d(x, k, s, ceil_mode=True),
+                     [_distinct((N, C, H, W), rng)], device)
+
+
+def test_max_pool2d_ceil_mode_sees_the_last_row_and_column_floor_mode_drops(device):
+    """A 5×5 image whose only signal is its last row and column: floor mode's 2×2 windows
+    never reach it, ceil mode's partial windows do (and route its gradient back)."""
+    x = np.zeros((1, 1, 5, 5))
+    x[0, 0, 4, :] = x[0, 0, :, 4] = 1.0
+    assert to_numpy(F.max_pool2d(tensor(x, device), 2, 2)).max() == 0.0
+    xt = tensor(x, device, requires_grad=True)
+    y = F.max_pool2d(xt, 2, 2, ceil_mode=True)
+    np.testing.assert_array_equal(to_numpy(y)[0, 0], [[0, 0, 1], [0, 0, 1], [1, 1, 1]])
+    y.backward(np.ones(y.shape))
+    assert to_numpy(xt.grad)[0, 0, 4, 4] == 1.0 and to_numpy(xt.grad).sum() == 9.0
 
 
 @pytest.mark.parametrize("kernel_size, stride", [(2, 2), (3, 2), (3, 1)])

@@ -132,7 +132,7 @@ def test_caffe_to_safetensors_keeps_its_preprocessing_and_logits(tmp_path, capsy
     assert pretrained.main(["convert", str(caffemodel), str(out)]) == 0
     assert "wrote 32 arrays" in capsys.readouterr().out
     a, b = models.load_pretrained(caffemodel), models.load_pretrained(out)
-    assert b.pool_ceil_mode and b.pretrained_meta["mean_rgb"] == a.pretrained_meta["mean_rgb"]
+    assert b.ceil_mode and b.pretrained_meta["mean_rgb"] == a.pretrained_meta["mean_rgb"]
     assert b.pretrained_meta["std_rgb"] is None
     x = batch()
     np.testing.assert_array_equal(logits(a, x), logits(b, x))

@@ -1,26 +1,35 @@
 """Max-pooling on the CPU (Sec. 2.1: 2×2 windows, stride 2), the twin of `cuda/pool.cu`.
 
 One task per (n, c) plane; `runtime.map_ranges` gives each thread a range of planes.
+Window (oy, ox) covers rows oy*SH .. oy*SH+KH-1 and columns ox*SW .. ox*SW+KW-1, clipped
+to the input: in floor mode every window is whole and the last (H - KH) % SH rows (and
+columns) are covered by none; in ceil mode (Caffe's) the last window may be partial and
+every pixel is covered. Which mode is decided only by the output size (OH, OW), computed by
+`common.pool_output_size`; the kernels just clip.
 """
 
 import numpy as np
 from numba import njit
 
+from minivgg.kernels.common import pool_output_size
 from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
 
 @njit(**JIT)
 def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1):
     """Planes t0..t1-1 of the N*C (n, c) planes; argmax gets the winner's ky*KW + kx."""
-    C, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    OH, OW = y.shape[2], y.shape[3]
     for task in range(t0, t1):
         n, c = task // C, task % C
         for oy in range(OH):
             for ox in range(OW):
                 best = x[n, c, oy * SH, ox * SW]
                 best_k = 0
-                for ky in range(KH):
-                    for kx in range(KW):
+                # NOTE: a ceil-mode window may hang over the bottom/right edge: clip it.
+                # In floor mode min() always gives KH (KW), so the loops are the plain ones.
+                for ky in range(min(KH, H - oy * SH)):
+                    for kx in range(min(KW, W - ox * SW)):
                         v = x[n, c, oy * SH + ky, ox * SW + kx]
                         # NOTE: strict `>`: on a tie the first offset in row-major order
                         # wins, so the gradient goes to exactly one input, as in Caffe and
@@ -31,14 +40,15 @@ def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1):
                 argmax[n, c, oy, ox] = best_k
 
 
-def max_pool2d_forward(x, kernel_size, stride):
-    """(N, C, H, W) -> y (N, C, OH, OW) and argmax (N, C, OH, OW), no padding, floor mode.
+def max_pool2d_forward(x, kernel_size, stride, ceil_mode=False):
+    """(N, C, H, W) -> y (N, C, OH, OW) and argmax (N, C, OH, OW), no padding.
 
-    argmax (int32) holds the winner's offset ky*KW + kx inside its window.
+    OH = `pool_output_size(H, KH, SH, ceil_mode)` (floor mode by default, Caffe's ceil mode
+    on request). argmax (int32) holds the winner's offset ky*KW + kx inside its window.
     """
     (KH, KW), (SH, SW) = kernel_size, stride
     N, C, H, W = x.shape
-    OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+    OH, OW = pool_output_size(H, KH, SH, ceil_mode), pool_output_size(W, KW, SW, ceil_mode)
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N, C, OH, OW), dtype=np.int32)
     x = np.ascontiguousarray(x)
@@ -64,7 +74,8 @@ def _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1):
 
 
 def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
-    """Route each output gradient to the input that won its window."""
+    """Route each output gradient to the input that won its window (either mode: the
+    argmax offsets of a clipped ceil-mode window always point inside the input)."""
     (KH, KW), (SH, SW) = kernel_size, stride
     gx = np.zeros(x_shape, dtype=gy.dtype)
     N, C = gy.shape[0], gy.shape[1]

@@ -1,6 +1,8 @@
-// Max-pooling over KH x KW windows with stride (SH, SW), no padding, floor mode
-// (Sec. 2.1: 2x2, stride 2). Twins of kernels/cpu.py's max_pool2d_forward / _backward.
-// argmax holds the winner's offset ky*KW + kx inside its window.
+// Max-pooling over KH x KW windows with stride (SH, SW), no padding (Sec. 2.1: 2x2,
+// stride 2). Twins of kernels/cpu/pool.py's max_pool2d_forward / _backward.
+// argmax holds the winner's offset ky*KW + kx inside its window. The output size (OH, OW)
+// decides the mode: floor mode has whole windows only; ceil mode (Caffe's) adds a last,
+// partial window that the forward kernel clips to the input.
 #include "common.cuh"
 
 // Thread index i -> (n, c, oy, ox), one output: i = ((n*C + c)*OH + oy)*OW + ox.
@@ -16,8 +18,10 @@ __global__ void max_pool2d_forward(const T* x, T* y, int* argmax, int N, int C, 
         const T* plane = x + t * H * W;  // t = n*C + c
         T best = plane[(oy * SH) * W + ox * SW];
         int best_k = 0;
-        for (int ky = 0; ky < KH; ++ky) {
-            for (int kx = 0; kx < KW; ++kx) {
+        // NOTE: clip a ceil-mode window at the bottom/right edge (a no-op in floor mode).
+        int ky_end = min(KH, H - oy * SH), kx_end = min(KW, W - ox * SW);
+        for (int ky = 0; ky < ky_end; ++ky) {
+            for (int kx = 0; kx < kx_end; ++kx) {
                 T v = plane[(oy * SH + ky) * W + ox * SW + kx];
                 if (v > best) {
                     best = v;
@@ -34,7 +38,8 @@ __global__ void max_pool2d_forward(const T* x, T* y, int* argmax, int N, int C, 
 // A gather: the thread visits every window (oy, ox) that covers its pixel, i.e.
 // oy*SH <= iy < oy*SH + KH, and adds gy[oy, ox] where that window chose the pixel.
 // Overlapping windows (stride < kernel) need no atomics this way. Pixels that no window
-// covers (the floor-mode remainder) get 0.
+// covers (the floor-mode remainder) get 0. A clipped ceil-mode window never chose a pixel
+// outside the input, so the same gather serves both modes.
 template <typename T>
 __global__ void max_pool2d_backward(const T* gy, const int* argmax, T* gx, int N, int C,
                                     int H, int W, int KH, int KW, int SH, int SW,

@@ -16,7 +16,8 @@ arrays) and returns it in eval mode with two attributes the rest of minivgg read
 * `model.pretrained_meta`: how the weights expect their input, as x = (pixel - mean_rgb) /
   std_rgb on RGB pixels in 0-255 (std_rgb None: no division), plus `layout` (caffe,
   torchvision, timm, checkpoint), `pool_ceil_mode` and, for a checkpoint, `classes`.
-* `model.pool_ceil_mode`: True for Caffe weights, whose max-pools round up (see `caffe`).
+* `model.ceil_mode`: True for Caffe weights, whose max-pools round up (see `caffe`); it
+  switches every pool of the net, so dense evaluation pools as Caffe did.
 
 The pieces: `files` (formats, pickle-free readers and writers), `layouts` (torchvision's and
 timm's key names, derived from Table 1), `caffe` (the .caffemodel reader).
@@ -81,7 +82,7 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
     if info:  # written by minivgg: the preprocessing of the weights' origin (e.g. Caffe's)
         model.pretrained_meta.update({k: info[k] for k in ("mean_rgb", "std_rgb",
                                                            "pool_ceil_mode") if k in info})
-        model.pool_ceil_mode = bool(info.get("pool_ceil_mode", False))
+        model.ceil_mode = bool(info.get("pool_ceil_mode", False))
     return model.to(device) if device != "cpu" else model
 
 
@@ -95,7 +96,7 @@ def _load_checkpoint(path, config, device):
                          f"{canonical_config(config)}")
     stats = meta.get("data_stats") or {}
     model.pretrained_meta = {"layout": "checkpoint", "mean_rgb": stats.get("mean_rgb"),
-                             "std_rgb": None, "pool_ceil_mode": False,
+                             "std_rgb": None, "pool_ceil_mode": bool(model.ceil_mode),
                              "classes": meta.get("classes"), "train_config": meta.get("config")}
     return model
 
@@ -111,7 +112,7 @@ def save_pretrained(model, path, layout="torchvision"):
     info = {"config": model.config, "layout": layout,
             "source_layout": meta.get("layout", "minivgg"),
             "mean_rgb": meta.get("mean_rgb"), "std_rgb": meta.get("std_rgb"),
-            "pool_ceil_mode": bool(getattr(model, "pool_ceil_mode", False))}
+            "pool_ceil_mode": bool(model.ceil_mode)}
     return files.write_weights(path, to_state_dict(model, layout), info)
 
 

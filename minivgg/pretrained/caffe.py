@@ -24,7 +24,7 @@ Caffe's conventions, and what we do with them:
   `model.pretrained_meta["mean_rgb"]`.
 * Caffe's max-pool rounds its output size up (ceil mode). At 224×224, and at any size
   whose halvings stay even, that is floor mode; elsewhere it decides which pixels dense
-  evaluation sees. The model records it as `model.pool_ceil_mode = True`.
+  evaluation sees. The model records it as `model.ceil_mode = True`.
 
 NOTE: `BlobProto.data` is `repeated float data = 5 [packed = true]` in caffe.proto. A packed
 field is one length-delimited record holding the little-endian floats back to back, which is
@@ -413,7 +413,7 @@ def load_caffe_vgg(caffemodel, prototxt=None, config=None, dtype=np.float32, dev
         p = layer.param
         model.norm1 = nn.LocalResponseNorm(p.local_size, p.alpha, p.beta, p.k,
                                            alpha_over_n=True)
-    model.pool_ceil_mode = True
+    model.ceil_mode = True
     model.pretrained_meta = dict(CAFFE_INPUT, layout="caffe", pool_ceil_mode=True,
                                  caffe_format="layers (V1)" if net.layers else "layer")
     return model.to(device) if device != "cpu" else model

@@ -14,7 +14,7 @@ def _describe(model, path):
     return (f"{path}: VGG {model.config} ({model.num_parameters():,} parameters), "
             f"{meta['layout']} layout, width {model.width:g}, fc {model.fc_width}, "
             f"{model.num_classes} classes, input {model.input_size}; expects {scale} "
-            f"(mean_rgb {mean}); pool ceil mode: {model.pool_ceil_mode}")
+            f"(mean_rgb {mean}); pool ceil mode: {model.ceil_mode}")
 
 
 def main(argv=None):

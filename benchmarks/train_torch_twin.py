@@ -1,0 +1,193 @@
+"""A PyTorch twin of minivgg's small Imagenette recipe: the same net, data and schedule.
+
+    python benchmarks/train_torch_twin.py ../shared/data/imagenette2-224 --cache \\
+        --output runs/torch-twin
+
+It trains VGG-A (or any Table 1 column) at width 0.25 with fc6/fc7 of 512, crops of 64 from
+images rescaled to S = 72, batch 64, Glorot init, lr 0.01 cut by 10 on a val plateau
+(patience 2, at most 3 cuts), momentum 0.9, weight decay 5e-4, dropout 0.5, 12 epochs: the
+README's recipe (Sec. 3.1 scaled down). Everything but the network and the optimizer step is
+minivgg's own code, so the two runs differ only where the engines do:
+
+* data: `minivgg.data`'s ImageFolder, training statistics, TrainTransform (random crop,
+  flip, PCA colour shift, Sec. 3.1), EvalTransform (centre crop at Q) and Loader, with the
+  same seed, so both engines see the same images in the same order with the same
+  augmentation;
+* the net: built from `minivgg.models.CONFIGS` (Table 1) with torch.nn layers, floor-mode
+  pools, inverted dropout; Glorot-uniform weights drawn by torch (`--seed`), zero biases;
+* the schedule: `minivgg.optim.ReduceLROnPlateau` itself, driving torch.optim.SGD, whose
+  momentum convention minivgg's SGD follows;
+* the record: metrics.csv with minivgg's columns (`minivgg.metrics`), so the study and
+  `examples/visualize.py curves` read it like a minivgg run's.
+
+It runs in its own process with `--threads` torch threads (default 2, the machine's cores).
+PyTorch is needed here only; minivgg never imports it.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minivgg import data, metrics, models, optim  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", metavar="DIR", help="ILSVRC-layout folder (train/, val/)")
+    p.add_argument("-a", "--arch", default="A", help="Table 1 column (default A)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=5e-4, dest="weight_decay")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--fc-width", type=int, default=512)
+    p.add_argument("--scale", type=int, default=72, metavar="S")
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--cache", action="store_true", help="decode every image once")
+    p.add_argument("--output", default="runs/torch-twin", metavar="DIR")
+    return p.parse_args(argv)
+
+
+def torch_vgg(torch, config, num_classes, width, fc_width, input_size, dropout):
+    """Table 1's column `config` in torch.nn, with minivgg's channel rounding and names."""
+    nn = torch.nn
+    layers, in_ch = [], 3
+    for block in models.CONFIGS[models.canonical_config(config)]:
+        for spec in block:
+            kind, k, channels = models.parse_layer(spec)
+            if kind == "lrn":  # Sec. 2.1: AlexNet's LRN; torch's alpha is divided by n
+                layers.append(nn.LocalResponseNorm(5, alpha=5 * 1e-4, beta=0.75, k=2.0))
+                continue
+            out_ch = max(1, int(round(channels * width)))
+            layers += [nn.Conv2d(in_ch, out_ch, k, 1, k // 2), nn.ReLU(inplace=True)]
+            in_ch = out_ch
+        layers.append(nn.MaxPool2d(2, 2))
+    side = models.pooled_size(input_size)
+    layers += [nn.Flatten(), nn.Linear(in_ch * side * side, fc_width), nn.ReLU(inplace=True),
+               nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
+               nn.Dropout(dropout), nn.Linear(fc_width, num_classes)]
+    net = nn.Sequential(*layers)
+    for m in net.modules():  # Glorot uniform, as minivgg's init_weights("glorot")
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class TorchRate:
+    """The `lr` attribute minivgg's ReduceLROnPlateau reads and writes, on a torch optimizer."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+
+def open_data(args):
+    """minivgg's data pipeline, exactly as `minivgg.train.setup` builds it."""
+    train_set, val_set = data.open_imagenet(args.data)
+    if args.cache:
+        train_set.cache_in_memory(args.scale, args.workers)
+        val_set.cache_in_memory(max(args.scale, args.crop), args.workers)
+    stats = data.compute_stats(train_set, seed=args.seed, workers=args.workers)
+    train_loader = data.Loader(train_set, data.TrainTransform((args.scale, args.scale),
+                                                              args.crop, stats),
+                               args.batch_size, shuffle=True, seed=args.seed,
+                               workers=args.workers)
+    val_loader = data.Loader(val_set, data.EvalTransform(args.scale, args.crop, stats),
+                             args.batch_size, shuffle=False, seed=args.seed,
+                             workers=args.workers)
+    return train_set, train_loader, val_loader
+
+
+def train_one_epoch(torch, net, opt, loader, epoch):
+    net.train()
+    seen, loss_sum, wrong, start = 0, 0.0, 0, time.perf_counter()
+    for x, y in loader.epoch(epoch):
+        x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y).long()
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise SystemExit(f"error: the training loss became {value} at epoch {epoch + 1}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        loss_sum += value * len(y)
+        wrong += metrics.topk_errors(logits.detach().numpy(), y.numpy(), (1,))[1]
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / seen, "train_top1_err": wrong / seen,
+            "images_per_s": seen / seconds}
+
+
+def validate(torch, net, loader):
+    """Loss, top-1 and top-5 error of single centre crops, as `minivgg.train.validate`."""
+    net.eval()
+    seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in loader.epoch(0):
+            logits = net(torch.from_numpy(np.ascontiguousarray(x)))
+            y = torch.from_numpy(y).long()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y)) * len(y)
+            errors = metrics.topk_errors(logits.numpy(), y.numpy(), (1, 5))
+            seen, wrong1, wrong5 = seen + len(y), wrong1 + errors[1], wrong5 + errors[5]
+    return {"val_loss": loss_sum / seen, "val_top1_err": wrong1 / seen,
+            "val_top5_err": wrong5 / seen}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_set, train_loader, val_loader = open_data(args)
+    net = torch_vgg(torch, args.arch, len(train_set.classes), args.width, args.fc_width,
+                    args.crop, args.dropout)
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay)
+    scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1, patience=2,
+                                        max_decreases=3)  # minivgg.train's settings
+    os.makedirs(args.output, exist_ok=True)
+    rows, t_run = [], time.perf_counter()
+    print(f"torch {torch.__version__}, {args.threads} threads: VGG-{args.arch} width "
+          f"{args.width} fc {args.fc_width}, "
+          f"{sum(p.numel() for p in net.parameters()):,} parameters", flush=True)
+    for epoch in range(args.epochs):
+        lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
+        tr = train_one_epoch(torch, net, opt, train_loader, epoch)
+        va = validate(torch, net, val_loader)
+        seconds = time.perf_counter() - t0
+        scheduler.step(va["val_top1_err"])
+        rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
+        metrics.write_metrics(os.path.join(args.output, "metrics.csv"), rows)
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['train_loss']:.4f} | val "
+              f"top-1 err {100 * va['val_top1_err']:.2f}% top-5 err "
+              f"{100 * va['val_top5_err']:.2f}% | lr {lr:g} | {tr['images_per_s']:.1f} img/s"
+              f" | {seconds:.1f}s", flush=True)
+    print(f"done in {time.perf_counter() - t_run:.0f}s; metrics.csv in {args.output}")
+    train_loader.close()
+    val_loader.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

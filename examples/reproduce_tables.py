@@ -1,0 +1,317 @@
+"""The paper's Tables 3-6 at small scale on Imagenette: one resumable study.
+
+    python examples/reproduce_tables.py ../shared/data/imagenette2-224          # run / go on
+    python examples/reproduce_tables.py ../shared/data/imagenette2-224 --doc-only
+
+Every run uses the README's small recipe (Sec. 3.1 scaled down): width 0.25, fc6/fc7 of 512,
+crops of 64 from images rescaled to S = 72, batch 64, Glorot init, lr 0.01 cut by 10 on val
+plateaus, 12 epochs, `--cache`. The study, in the order it runs (most informative first, so
+that a study cut short still answers the main questions):
+
+    torch-A-s0 (the PyTorch twin, fastest), A-s0, D-s0, A-s1, D-s1, B-s0, C-s0, E-s0, A-LRN-s0,
+    Djit-s0 (S jittered over [64, 128]), Dwarm-s0 (warm start from A-s0, Sec. 3.1)
+
+Training goes through `examples/train_imagenet.py` (a subprocess per run: the real code path,
+one process per run, as a user runs it) and the PyTorch twin through
+`benchmarks/train_torch_twin.py`; evaluation through `minivgg.evaluate` (`EvalNet`,
+`average`). Each run lives in OUT/<name>/ (default runs/repro, git-ignored):
+
+* a run is *finished* when its metrics.csv has all epochs (and, for minivgg, last.npz says
+  so); it is skipped. A run with a last.npz but fewer epochs continues with --resume; a
+  twin run without all epochs starts again (it keeps no checkpoint).
+* its test-set soft-max outputs go to OUT/<name>/posteriors.npz, one array per
+  (method, Q), computed once; every table combines those arrays (multi-scale, dense +
+  multi-crop and fusion are averages of soft-max outputs, Sec. 3.2 and 4.4).
+
+After each step the report docs/reproduction.md and its plots are rewritten from whatever is
+finished, with "pending" in the cells still missing; `--doc-only` just rewrites them.
+
+Test scales and the 32-pixel stride. A net trained on 64-pixel crops has five 2×2 pools, so
+dense evaluation's windows sit on a 32-pixel grid, and Imagenette-224's square images give a
+1×1 score map for Q = 64..95 and 2×2 for 96..127. Fixed-S nets are tested at Q = S = 72 and
+{64, 72, 80} (the paper's {S−32, S, S+32} scaled by 64/224 to ±8, rounded to the 8-pixel
+steps of the rescaling); the jittered net, trained on S in [64, 128] (the paper's
+[256, 512] = [S, 2S], with Smin put at the crop size), at its middle Q = 96 and at
+{64, 96, 128}, all multiples of 32, where the grid drops no pixel. Elsewhere dense evaluation
+centres the grid (`minivgg.evaluate.dense_crop`); the top-left grid is measured beside it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
+
+from minivgg import checkpoint, data, evaluate, metrics  # noqa: E402
+
+RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
+          "--init", "glorot", "--cache"]
+FIXED_Q, FIXED_QS = 72, (64, 72, 80)
+JITTER, JITTER_Q, JITTER_QS = (64, 128), 96, (64, 96, 128)
+
+
+@dataclass
+class Run:
+    """One training run of the study and what is measured on it."""
+    name: str
+    arch: str
+    seed: int = 0
+    engine: str = "minivgg"          # or "torch": benchmarks/train_torch_twin.py
+    jitter: bool = False             # S drawn from JITTER instead of fixed S = 72
+    warm_from: str = None            # name of the A run to warm-start from (Sec. 3.1)
+    multicrop: bool = False          # also 5×5×2 crops (Table 5/6), on the eval subset
+    flags: list = field(default_factory=list)
+
+    @property
+    def q(self):
+        return JITTER_Q if self.jitter else FIXED_Q
+
+    @property
+    def qs(self):
+        return JITTER_QS if self.jitter else FIXED_QS
+
+
+STUDY = [
+    Run("torch-A-s0", "A", 0, engine="torch"),
+    Run("A-s0", "A", 0),
+    Run("D-s0", "D", 0, multicrop=True),
+    Run("A-s1", "A", 1),
+    Run("D-s1", "D", 1, multicrop=True),
+    Run("B-s0", "B", 0),
+    Run("C-s0", "C", 0),
+    Run("E-s0", "E", 0, multicrop=True),
+    Run("A-LRN-s0", "A-LRN", 0),
+    Run("Djit-s0", "D", 0, jitter=True, multicrop=True),
+    Run("Dwarm-s0", "D", 0, warm_from="A-s0"),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", metavar="DIR", help="Imagenette-layout folder (train/, val/)")
+    p.add_argument("--out", default=os.path.join("runs", "repro"), metavar="DIR",
+                   help="run folders (default runs/repro)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these runs")
+    p.add_argument("--eval-limit", type=int, default=500, metavar="N",
+                   help="val images (evenly spaced) for the multi-crop protocols (500)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="loader processes")
+    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "reproduction.md"))
+    p.add_argument("--doc-only", action="store_true",
+                   help="rewrite the report from finished runs; train nothing")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# Training: skip finished runs, resume half-finished ones
+# ----------------------------------------------------------------------------------------
+
+def folder(args, run):
+    return os.path.join(args.out, run.name)
+
+
+def epochs_done(args, run):
+    """Epochs in the run's metrics.csv that its checkpoint (minivgg) also holds."""
+    csv_path = os.path.join(folder(args, run), "metrics.csv")
+    try:
+        rows = len(metrics.read_metrics(csv_path))
+    except (OSError, ValueError):
+        return 0
+    if run.engine == "torch":
+        return rows
+    try:
+        return min(rows, int(checkpoint.load(last_checkpoint(args, run))[2]["epoch"]))
+    except (checkpoint.CheckpointError, KeyError, ValueError):
+        return 0
+
+
+def last_checkpoint(args, run):
+    return os.path.join(folder(args, run), "last.npz")
+
+
+def train_command(args, run):
+    """The command line of one run: the user's own scripts, with the study's flags."""
+    out = folder(args, run)
+    if run.engine == "torch":
+        return [sys.executable, os.path.join(ROOT, "benchmarks", "train_torch_twin.py"),
+                args.data, "-a", run.arch, "--seed", str(run.seed), "--epochs",
+                str(args.epochs), "--cache", "-j", str(args.workers), "--output", out]
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_imagenet.py"), args.data,
+           "-a", run.arch, "--seed", str(run.seed), "--epochs", str(args.epochs),
+           "-j", str(args.workers), "--output", out, "-p", "20", *RECIPE, *run.flags]
+    if run.jitter:
+        cmd += ["--scale-jitter", *map(str, JITTER), "--test-scale", str(JITTER_Q)]
+    else:
+        cmd += ["--scale", str(FIXED_Q)]
+    if os.path.isfile(last_checkpoint(args, run)):
+        cmd += ["--resume", last_checkpoint(args, run)]
+    elif run.warm_from:
+        cmd += ["--init-from", last_checkpoint(args, by_name(run.warm_from))]
+    return cmd
+
+
+def train(args, run):
+    """Train `run` to args.epochs unless it is there already -> True when finished."""
+    if epochs_done(args, run) >= args.epochs:
+        return True
+    if run.warm_from and not os.path.isfile(last_checkpoint(args, run)):
+        if epochs_done(args, by_name(run.warm_from)) < args.epochs:
+            print(f"== {run.name}: waits for {run.warm_from}", flush=True)
+            return False
+    os.makedirs(folder(args, run), exist_ok=True)
+    cmd = train_command(args, run)
+    print(f"== {run.name}: {' '.join(cmd)}", flush=True)
+    start, load = time.time(), os.getloadavg()
+    with open(os.path.join(folder(args, run), "train.log"), "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    record_time(args, run, start, load)
+    done = epochs_done(args, run) >= args.epochs
+    print(f"== {run.name}: exit {code}, {'finished' if done else 'NOT finished'} "
+          f"after {time.time() - start:.0f}s", flush=True)
+    return done
+
+
+def record_time(args, run, start, load):
+    """Append this invocation's wall time and load averages to the run's timing.json."""
+    path = os.path.join(folder(args, run), "timing.json")
+    parts = read_json(path, [])
+    parts.append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
+                  "seconds": round(time.time() - start, 1),
+                  "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2)})
+    with open(path, "w") as f:
+        json.dump(parts, f, indent=1)
+
+
+def read_json(path, default):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def by_name(name):
+    return next(r for r in STUDY if r.name == name)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: soft-max outputs per (method, Q), cached in posteriors.npz
+# ----------------------------------------------------------------------------------------
+
+def needed_parts(run):
+    """[(key, method, align, Q, subset?)] measured on a run: keys like 'dense@72'.
+
+    Every part covers all val images, except multi-crop, which covers the evenly spaced
+    `subset` (its tables index the other parts by the same subset, so rows compare)."""
+    parts = [("center@%d" % run.q, "center", "center", run.q, False),
+             ("center-flip@%d" % run.q, "center-flip", "center", run.q, False),
+             ("dense-topleft@%d" % run.q, "dense", "top-left", run.q, False)]
+    parts += [("dense@%d" % q, "dense", "center", q, False) for q in run.qs]
+    if run.arch == "D":  # the jitter comparison tests D at the other net's scales too
+        other = FIXED_QS if run.jitter else JITTER_QS
+        parts += [("dense@%d" % q, "dense", "center", q, False) for q in other
+                  if q not in run.qs]
+    if run.multicrop:  # 50 crops per image and scale: on the `subset` images only
+        parts += [("multicrop@%d" % q, "multicrop", "center", q, True) for q in run.qs]
+    return parts
+
+
+def val_items(args, classes):
+    """[(path, label)] of DIR/val, labels in the model's class order."""
+    val = data.ImageFolder(os.path.join(args.data, "val"))
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    return [(p, index[val.classes[y]]) for p, y in zip(val.paths, val.labels)]
+
+
+def subset_indices(n, limit):
+    """`limit` indices evenly spaced over n sorted images (every class present)."""
+    return np.unique(np.linspace(0, n - 1, min(limit, n)).round().astype(int))
+
+
+def evaluate_run(args, run):
+    """Fill the run's posteriors.npz with every part of `needed_parts` not there yet.
+
+    The file remembers the checkpoint's epoch; outputs of an older checkpoint are redone."""
+    if run.engine == "torch":
+        return
+    path = os.path.join(folder(args, run), "posteriors.npz")
+    have = dict(np.load(path)) if os.path.isfile(path) else {}
+    model, meta = checkpoint.load_model(last_checkpoint(args, run))
+    if int(have.get("epoch", -1)) != int(meta["epoch"]):  # outputs of an older checkpoint
+        have = {"epoch": np.array(meta["epoch"])}
+    todo = [p for p in needed_parts(run) if p[0] not in have]
+    if not todo:
+        return
+    mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
+    nets = {align: evaluate.EvalNet(model, lambda img: data.to_chw_float32(img, mean),
+                                    meta["classes"], run.name, dense_align=align)
+            for align in evaluate.DENSE_ALIGNS}
+    items = val_items(args, meta["classes"])
+    subset = subset_indices(len(items), args.eval_limit)
+    have["labels"] = np.array([y for _, y in items])
+    have["subset"] = subset
+    start = time.time()
+    for on_subset in (False, True):
+        jobs = [p for p in todo if p[4] == on_subset]
+        if jobs:
+            chosen = [items[i] for i in subset] if on_subset else items
+            have.update(posteriors(nets, chosen, jobs))
+            np.savez(path + ".tmp.npz", **have)
+            os.replace(path + ".tmp.npz", path)
+    print(f"== {run.name}: evaluated {len(todo)} parts in {time.time() - start:.0f}s",
+          flush=True)
+
+
+def posteriors(nets, items, jobs, chunk=64):
+    """{key: (N, K) soft-max} for jobs [(key, method, align, Q, _)], images decoded once."""
+    out = {key: [] for key, *_ in jobs}
+    scales = sorted({q for _, _, _, q, _ in jobs})
+    for start in range(0, len(items), chunk):
+        images, _ = evaluate.decode(data.load_rgb, items[start:start + chunk])
+        for q in scales:
+            inputs = [nets["center"].to_input(data.rescale_smallest_side(img, q))
+                      for img in images]
+            for key, method, align, jq, _ in jobs:
+                if jq == q:
+                    out[key].append(nets[align].posteriors(inputs, method))
+    return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = [r for r in STUDY if not args.only or r.name in args.only]
+    unknown = set(args.only or []) - {r.name for r in STUDY}
+    if unknown:
+        print(f"error: --only: unknown run(s) {sorted(unknown)}; the study has "
+              f"{[r.name for r in STUDY]}", file=sys.stderr)
+        return 2
+    if not os.path.isdir(os.path.join(args.data, "val")):
+        print(f"error: {args.data!r} has no val/ folder", file=sys.stderr)
+        return 2
+    from reproduction_report import write_report  # examples/, beside this file
+    os.makedirs(args.out, exist_ok=True)
+    if not args.doc_only:
+        for run in runs:
+            if train(args, run):
+                evaluate_run(args, run)
+            write_report(args, STUDY)
+    write_report(args, STUDY)
+    print(f"== report: {args.doc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""examples/reproduce_tables.py: which runs it skips, resumes or starts, and a report that
+marks what is missing as pending. Nothing here trains (that is the study itself)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(REPO / "examples"))
+    spec = importlib.util.spec_from_file_location("reproduce_tables",
+                                                  REPO / "examples" / "reproduce_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_tables"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(study, tmp_path, *extra):
+    (tmp_path / "data" / "val").mkdir(parents=True, exist_ok=True)
+    return study.parse_args([str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
+                             "--doc", str(tmp_path / "docs" / "reproduction.md"), *extra])
+
+
+def _finish(study, args, run, epochs):
+    """A run folder whose metrics.csv and last.npz say `epochs` epochs are done."""
+    from minivgg import checkpoint, metrics, models
+    from minivgg.checkpoint import model_meta
+    out = Path(study.folder(args, run))
+    out.mkdir(parents=True, exist_ok=True)
+    row = dict(train_loss=1.0, train_top1_err=0.5, val_loss=1.0, val_top1_err=0.4,
+               val_top5_err=0.1, images_per_s=10.0)
+    metrics.write_metrics(str(out / "metrics.csv"),
+                          [metrics.epoch_row(e + 1, row, row, 0.01, 60.0) for e in range(epochs)])
+    if run.engine == "minivgg":
+        model = models.vgg("A", 10, 1 / 16, 16, 64)
+        checkpoint.save(str(out / "last.npz"), model.state_dict(), None,
+                        {"model": model_meta(model), "epoch": epochs})
+
+
+def test_finished_runs_are_skipped_and_half_finished_ones_resume(study, tmp_path):
+    args = _args(study, tmp_path, "--epochs", "3")
+    a, twin = study.by_name("A-s0"), study.by_name("torch-A-s0")
+    assert study.epochs_done(args, a) == 0
+    assert "--resume" not in study.train_command(args, a)
+    _finish(study, args, a, 2)
+    assert study.epochs_done(args, a) == 2
+    cmd = study.train_command(args, a)
+    assert cmd[cmd.index("--resume") + 1] == study.last_checkpoint(args, a)
+    assert "examples/train_imagenet.py" in cmd[1].replace("\\", "/")
+    _finish(study, args, a, 3)
+    assert study.train(args, a)  # finished: nothing is run
+    _finish(study, args, twin, 3)
+    assert study.epochs_done(args, twin) == 3
+    assert "benchmarks/train_torch_twin.py" in study.train_command(args, twin)[1]
+
+
+def test_warm_start_run_starts_from_the_a_run(study, tmp_path):
+    args = _args(study, tmp_path)
+    warm = study.by_name("Dwarm-s0")
+    assert not study.train(args, warm)  # A-s0 is not finished: it waits
+    cmd = study.train_command(args, warm)
+    assert cmd[cmd.index("--init-from") + 1] == study.last_checkpoint(
+        args, study.by_name("A-s0"))
+
+
+def test_test_scales_and_parts(study):
+    jit = study.by_name("Djit-s0")
+    assert (jit.q, jit.qs) == (96, (64, 96, 128))
+    keys = [p[0] for p in study.needed_parts(jit)]
+    assert {"dense@64", "dense@96", "dense@128", "dense@72", "dense@80",
+            "dense-topleft@96", "center-flip@96", "multicrop@96"} <= set(keys)
+    assert all(p[4] == p[0].startswith("multicrop") for p in study.needed_parts(jit))
+    np.testing.assert_array_equal(study.subset_indices(9, 3), [0, 4, 8])
+
+
+def test_report_marks_missing_runs_pending(study, tmp_path):
+    pytest.importorskip("matplotlib")
+    args = _args(study, tmp_path)
+    (tmp_path / "docs").mkdir()
+    assert study.main([*sys.argv[:0], args.data, "--out", args.out, "--doc", args.doc,
+                       "--doc-only"]) == 0
+    text = Path(args.doc).read_text()
+    assert "0 of\n11 runs finished" in text and "pending" in text
+    assert "| A | 11 | 0 | pending |" in text
+    assert (tmp_path / "docs" / "reproduction_curves.png").is_file()
+
+
+def test_unknown_run_name_is_one_line_error(study, tmp_path, capsys):
+    args = _args(study, tmp_path)
+    assert study.main([args.data, "--out", args.out, "--only", "Z-s9"]) == 2
+    assert "error: --only: unknown run(s) ['Z-s9']" in capsys.readouterr().err

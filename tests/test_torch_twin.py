@@ -1,0 +1,61 @@
+"""benchmarks/train_torch_twin.py builds the same net and takes the same SGD steps as minivgg.
+
+So whatever separates the two engines' accuracy in the study is what the twin cannot share:
+the random draws (initial weights, dropout masks) and float32 rounding, i.e. seed noise.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minivgg import functional as F
+from minivgg import models, optim
+from minivgg.tensor import Tensor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _twin():
+    spec = importlib.util.spec_from_file_location("train_torch_twin",
+                                                  REPO / "benchmarks" / "train_torch_twin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config", ["A", "A-LRN", "C"])
+def test_twin_steps_equal_minivgg_steps_from_the_same_weights(config, torch):
+    twin = _twin()
+    torch.manual_seed(0)
+    net = twin.torch_vgg(torch, config, 10, 1 / 16, 32, 64, dropout=0.0).double()
+    model = models.vgg(config, 10, 1 / 16, 32, 64, init="glorot", dropout=0.0,
+                       dtype=np.float64, seed=0)
+    params = [p for _, p in model.named_parameters()]
+    assert [tuple(p.shape) for p in net.parameters()] == [p.shape for p in params]
+    with torch.no_grad():  # the twin starts from minivgg's weights
+        for p, q in zip(net.parameters(), params):
+            p.copy_(torch.from_numpy(q.data))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sgd = optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    rate = twin.TorchRate(opt)
+    schedule = optim.ReduceLROnPlateau(rate, mode="min", factor=0.1, patience=0)
+    rng = np.random.default_rng(1)
+    for step in range(3):
+        x, y = rng.normal(0, 50, (4, 3, 64, 64)), rng.integers(0, 10, 4)
+        loss = F.cross_entropy(model(Tensor(x)), y)
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+        t_loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)),
+                                                   torch.from_numpy(y))
+        opt.zero_grad()
+        t_loss.backward()
+        opt.step()
+        assert float(loss.item()) == pytest.approx(float(t_loss.detach()), rel=1e-9)
+        schedule.step(1.0)  # no improvement after the first: the rate is cut on both
+        sgd.lr = rate.lr
+    assert rate.lr == pytest.approx(1e-4)
+    for p, q in zip(net.parameters(), params):
+        np.testing.assert_allclose(p.detach().numpy(), q.data, rtol=1e-7, atol=1e-10)

@@ -1,5 +1,5 @@
 // Max-pooling over KH x KW windows with stride (SH, SW), no padding, floor mode
-// (Sec. 2.1: 2x2, stride 2). Twins of kernels/cpu.py's max_pool2d_forward / _backward.
+// (Sec. 2.1: 2x2, stride 2). Twins of kernels/cpu/pool.py's max_pool2d_forward / _backward.
 // argmax holds the winner's offset ky*KW + kx inside its window.
 #include "common.cuh"
 

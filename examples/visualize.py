@@ -5,9 +5,9 @@
     python examples/visualize.py scoremap cat.jpg --weights vgg16.npz --scale 384
     python examples/visualize.py curves   runs/a/metrics.csv --out curves.png
 
-`--weights` takes a minivgg training checkpoint (`.npz` written by `minivgg.train`), or
-torchvision's `vgg11/13/16/19` weights (`.pth`, or its `.npz` conversion; see
-`minivgg.pretrained`). Without `--weights` the net is freshly initialised (Sec. 3.1,
+`--weights` takes a minivgg training checkpoint (`.npz` written by `minivgg.train`) or any
+published weights `minivgg.pretrained.load_pretrained` reads (the authors' Caffe file,
+timm's or torchvision's `.safetensors`, `.pth`, `.npz`). Without `--weights` the net is freshly initialised (Sec. 3.1,
 N(0, 0.01)), which is useful only to see what "untrained" looks like.
 
 * filters: conv1_1's 64 filters, each 3×3×3 shown as a tiny RGB image (Sec. 2.1);
@@ -23,70 +23,46 @@ filters and features need only Pillow; scoremap and curves need matplotlib.
 import argparse
 import os
 import sys
-import zipfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import models, no_grad  # noqa: E402
-from minivgg.checkpoint import load_model, nonfinite  # noqa: E402
+from minivgg import models, no_grad, pretrained  # noqa: E402
+from minivgg.checkpoint import nonfinite  # noqa: E402
 from minivgg.data import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
 from minivgg.metrics import read_metrics  # noqa: E402
 from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
-from minivgg.pretrained import imagenet_classes, load_torchvision_vgg  # noqa: E402
-
-TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
+from minivgg.pretrained import imagenet_classes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Loading a model and preparing an image the way its weights expect
 # ----------------------------------------------------------------------------------------
 
-def load_weights(weights, config="D"):
+def load_weights(weights, config=None):
     """(model, normalise) where normalise maps uint8 (H, W, 3) -> float32 (3, H, W).
 
+    `weights`: any file `minivgg.pretrained.load_pretrained` reads (a training checkpoint,
+    the authors' Caffe file, torchvision's or timm's weights); `config` is checked against
+    the file when given. None: a freshly initialised `config` net (D by default).
     NOTE: each kind of weights wants its own input scaling: torchvision's were trained on
-    (x/255 - mean) / std, minivgg's on x - the training set's mean RGB, 0-255 scale
-    (Sec. 2.1, `minivgg.data.to_chw_float32`). Feeding one the other's input gives
-    plausible-looking but wrong activations.
+    (x/255 - mean) / std, Caffe's and minivgg's on x - a mean RGB, 0-255 scale (Sec. 2.1);
+    `pretrained.input_transform` applies the one the file's `pretrained_meta` names.
+    Feeding one the other's input gives plausible-looking but wrong activations.
     """
-    imagenet_mean_255 = 255.0 * TORCHVISION_MEAN
     if weights is None:
         # Untrained: the FC layers are made narrow (256), since they change neither the
         # filters nor the feature maps and 120M random FC weights take long to draw.
-        model = models.vgg(config, fc_width=256, seed=0).eval()
-        return model, lambda img: to_chw_float32(img, imagenet_mean_255)
-    if _is_training_checkpoint(weights):
-        model, meta = load_model(weights)
-        mean = meta.get("data_stats", {}).get("mean_rgb", imagenet_mean_255)
-        normalise = (lambda img: to_chw_float32(img, mean))
-    else:
-        model = load_torchvision_vgg(weights, config)
-        normalise = (lambda img: _chw(
-            (img.astype(np.float32) / 255.0 - TORCHVISION_MEAN) / TORCHVISION_STD))
+        model = models.vgg(config or "D", fc_width=256, seed=0).eval()
+        mean = pretrained.TORCHVISION_INPUT["mean_rgb"]  # ImageNet's mean pixel, 0-255
+        return model, lambda img: to_chw_float32(img, mean)
+    model = pretrained.load_pretrained(weights, config)
     bad = nonfinite(model.state_dict())
     if bad:
         raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
                          f"refusing to draw them")
-    return model, normalise
-
-
-def _is_training_checkpoint(path):
-    """True for a minivgg training checkpoint (an .npz with a meta entry), False for
-    torchvision's weights and their .npz conversion. A damaged file is left to the
-    loaders, which say what is wrong with it."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return "meta.npy" in archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def _chw(x):
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    return model, pretrained.input_transform(model.pretrained_meta)
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,8 +213,10 @@ def main(argv=None):
         p = sub.add_parser(name, help=help_text)
         if image:
             p.add_argument("image", help="an image file")
-        p.add_argument("--weights", help="minivgg checkpoint or torchvision .pth/.npz")
-        p.add_argument("--config", default="D", help="A-E (default D)")
+        p.add_argument("--weights", help="minivgg checkpoint, or Caffe, .safetensors, .pth, "
+                                          ".npz weights")
+        p.add_argument("--config", help="A-E: the untrained net's (default D), or checked "
+                                         "against --weights")
         p.add_argument("--out", default=default_out, help="PNG to write")
         p.set_defaults(fn=fn)
         return p

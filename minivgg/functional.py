@@ -471,6 +471,7 @@ class Dropout(Function):
 
 
 def check_dropout_p(p, where="dropout"):
+    """A dropout ratio (Sec. 3.1 uses 0.5) must lie in [0, 1); `where` names the caller."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{where}: p must be in [0, 1), got {p}")
 

@@ -592,22 +592,36 @@ def train_step(run, x, y, signals=None):
     step), so the last checkpoint and the model in memory stay usable.
     """
     n, loss, local = len(y), None, [0.0, 0, 0]
-    if n:
-        logits = run.model(Tensor(x))
-        loss = F.cross_entropy(logits, y)
-        local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
-    totals = run.group.sum(local + (signals.votes() if signals else []))
-    loss_sum, wrong, seen = totals[:3]
-    if signals:
-        signals.settle(totals[3:])
-    if seen and math.isfinite(loss_sum):
-        run.optimizer.zero_grad()
-        run.reducer.start(n)
-        if loss is not None:
-            loss.backward(on_leaf_done=run.reducer.grad_ready)
-        run.reducer.finish()
-        run.optimizer.step()
+    with _finiteness_checked_here():
+        if n:
+            logits = run.model(Tensor(x))
+            loss = F.cross_entropy(logits, y)
+            local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
+        totals = run.group.sum(local + (signals.votes() if signals else []))
+        loss_sum, wrong, seen = totals[:3]
+        if signals:
+            signals.settle(totals[3:])
+        if seen and math.isfinite(loss_sum):
+            run.optimizer.zero_grad()
+            run.reducer.start(n)
+            if loss is not None:
+                loss.backward(on_leaf_done=run.reducer.grad_ready)
+            run.reducer.finish()
+            run.optimizer.step()
     return loss_sum, int(wrong), int(seen)
+
+
+def _finiteness_checked_here():
+    """NumPy's floating-point warnings off for a step or a validation pass.
+
+    NOTE: a diverging run (say `--lr 1e9`) overflows in a matmul long before the loss is
+    NaN, and NumPy would print "RuntimeWarning: overflow encountered ..." lines above the
+    one error line that matters. The loop checks the summed loss (and the validation loss)
+    with `math.isfinite` and stops with `TrainingDiverged`, so these warnings say nothing
+    the user is not told anyway. Only the calling thread is affected (NumPy's errstate is
+    context-local); the Numba and CuPy kernels never warn.
+    """
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 def train_one_epoch(run, epoch, signals=None):
@@ -694,7 +708,7 @@ def validate(model, loader, device, epoch=0, group=None, signals=None):
         return None
     model.eval()
     seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
-    with no_grad():
+    with no_grad(), _finiteness_checked_here():  # train() checks the loss; loads refuse NaN
         for x, y in to_device_batches(loader.epoch(epoch), device):
             if signals and signals.stop:  # this rank's own; the others learn it below
                 break

@@ -12,6 +12,7 @@ thread count, never by timing, so every result (and every sum across ranges, tak
 order by the caller) is the same from one call to the next.
 """
 
+import contextvars
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -108,5 +109,11 @@ def map_ranges(job, n_items, elements=None):
     if T == 1 or (elements is not None and elements < INLINE_ELEMENTS):
         return [job(0, n_items)]
     bounds = [n_items * k // T for k in range(T + 1)]
+    # NOTE: each job runs in a copy of the caller's context, so settings the caller made
+    # for this work hold on the pool's threads too: NumPy's `np.errstate` (training
+    # silences overflow warnings and checks the loss itself) lives in a context variable.
+    # One copy per job, because one context cannot be entered by two threads at once.
+    contexts = [contextvars.copy_context() for _ in range(T)]
     # iterating re-raises a job's exception here
-    return list(_get_pool().map(lambda k: job(bounds[k], bounds[k + 1]), range(T)))
+    return list(_get_pool().map(
+        lambda k: contexts[k].run(job, bounds[k], bounds[k + 1]), range(T)))

@@ -1,5 +1,5 @@
 // Elementwise kernels: ReLU (Sec. 2.1) and the inverted-dropout mask (Sec. 3.1).
-// Twins of kernels/cpu.py's relu_forward, relu_backward and dropout_mask.
+// Twins of kernels/cpu/activation.py's relu_forward, relu_backward and dropout_mask.
 #include "common.cuh"
 
 // Thread index i -> element i (the ops are elementwise, so the shape does not matter).

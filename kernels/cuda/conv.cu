@@ -1,4 +1,4 @@
-// The memory moves around the convolution GEMMs; twins of kernels/cpu.py's im2col_chunk,
+// The memory moves around the convolution GEMMs; twins of kernels/cpu/conv.py's im2col_chunk,
 // col2im_chunk, cols_to_nchw and nchw_to_cols, with the same parameters in the same order
 // (then the shapes the CPU reads from its arrays).
 //

@@ -1,4 +1,4 @@
-// Softmax cross-entropy, the training objective (Sec. 3.1). Twins of kernels/cpu.py's
+// Softmax cross-entropy, the training objective (Sec. 3.1). Twins of kernels/cpu/loss.py's
 // softmax_cross_entropy_forward / _backward. logits and probs are (N, K); labels (N,) int64.
 #include "common.cuh"
 

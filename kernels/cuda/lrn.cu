@@ -1,6 +1,6 @@
 // Local response normalisation across channels (AlexNet Sec. 3.3; VGG's A-LRN, Sec. 2.1):
 //   scale_c = k + alpha * sum_{c' in window(c)} x_c'^2,   y_c = x_c * scale_c^-beta,
-// window(c) = c - size/2 ... c + (size-1)/2, clipped to [0, C), as in kernels/cpu.py.
+// window(c) = c - size/2 ... c + (size-1)/2, clipped to [0, C), as in kernels/cpu/lrn.py.
 // `alpha` multiplies the plain sum; functional.local_response_norm has divided it by
 // `size` already when the Caffe/PyTorch convention was asked for.
 #include "common.cuh"

@@ -1,4 +1,4 @@
-// SGD with momentum and weight decay (Sec. 3.1), PyTorch's convention, as in kernels/cpu.py:
+// SGD with momentum and weight decay (Sec. 3.1), PyTorch's convention, as in kernels/cpu/sgd.py:
 //   v = momentum * v + (grad + weight_decay * w);   w = w - lr * v
 // One launch updates every parameter of the net: a VGG step is one kernel, not 38.
 #include "common.cuh"

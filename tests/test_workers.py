@@ -121,8 +121,12 @@ def _wait_gone(pids, seconds):
 def _start_loader(tmp_path):
     script = tmp_path / "loader.py"
     script.write_text(LOADER_SCRIPT.format(repo=REPO))
+    # NOTE: a non-interactive shell starts background jobs with SIGINT ignored, and children
+    # inherit that (CI may run us so); the child gets the default back, as under a terminal,
+    # so that Python installs its KeyboardInterrupt handler there.
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = _read_line(proc, seconds=60)
     pids = [int(p) for p in line.split()]
     assert len(pids) == 2, line

@@ -63,8 +63,9 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
         raise FileNotFoundError(f"{path}: no such file, it does not exist; {WHERE_TO_GET}")
     kind = files.sniff_format(path)
     if kind == "prototxt":
-        raise ValueError(f"{path}: a text prototxt describes a net but holds no weights; "
-                         "pass the .caffemodel (and this file as its prototxt)")
+        raise ValueError(f"{path}: a text file, not a weight file (a Caffe deploy.prototxt "
+                         "describes the net but holds no weights; pass the .caffemodel, with "
+                         "this file as its prototxt)")
     if kind == "caffe":
         return caffe.load_caffe_vgg(path, prototxt, config, dtype, device)
     if kind == "checkpoint":

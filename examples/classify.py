@@ -92,10 +92,7 @@ def classify(image, weights, config):
     loading weights. Weights or scores holding NaN or Inf are an error, not a ranking."""
     img = read_crop(image)
     model = pretrained.load_pretrained(weights, config)
-    bad = checkpoint.nonfinite(model.state_dict())
-    if bad:
-        raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
-                         f"refusing to classify with them")
+    checkpoint.require_finite(model, weights, "classify with")
     x = pretrained.input_transform(model.pretrained_meta)(img)[None]
     with no_grad():
         logits = model(x).numpy()[0]

@@ -121,10 +121,7 @@ def load_nets(paths, device, batch_size, root, dense_align="center", ceil_mode=F
         if ceil_mode:
             model.ceil_mode = True
         meta = dict(model.pretrained_meta, input_size=model.input_size)
-        bad = checkpoint.nonfinite(model.state_dict())
-        if bad:
-            raise UsageError(f"checkpoint {path!r}: weights {', '.join(bad[:3])} hold NaN "
-                             f"or Inf (a diverged run?); refusing to evaluate them")
+        checkpoint.require_finite(model, path, "evaluate")
         if meta["mean_rgb"] is None or (meta["layout"] == "checkpoint" and not meta["classes"]):
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
 from minivgg import models, no_grad, pretrained  # noqa: E402
-from minivgg.checkpoint import nonfinite  # noqa: E402
+from minivgg.checkpoint import require_finite  # noqa: E402
 from minivgg.data import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
 from minivgg.metrics import read_metrics  # noqa: E402
 from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
@@ -58,10 +58,7 @@ def load_weights(weights, config=None):
         mean = pretrained.TORCHVISION_INPUT["mean_rgb"]  # ImageNet's mean pixel, 0-255
         return model, lambda img: to_chw_float32(img, mean)
     model = pretrained.load_pretrained(weights, config)
-    bad = nonfinite(model.state_dict())
-    if bad:
-        raise ValueError(f"{weights}: weights {', '.join(bad[:3])} hold NaN or Inf; "
-                         f"refusing to draw them")
+    require_finite(model, weights, "draw")
     return model, pretrained.input_transform(model.pretrained_meta)
 
 

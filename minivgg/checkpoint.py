@@ -368,6 +368,16 @@ def nonfinite(state):
             and not np.isfinite(v).all()]
 
 
+def require_finite(model, path, doing):
+    """Raise ValueError naming `path` if `model`'s weights hold a NaN or an Inf: a diverged
+    run's weights give numbers that look like results, so the scripts refuse `doing` with
+    them (classify, evaluate, draw)."""
+    bad = nonfinite(model.state_dict())
+    if bad:
+        raise ValueError(f"weights file {os.fspath(path)!r}: weights {', '.join(bad[:3])} "
+                         f"hold NaN or Inf; refusing to {doing} them (a diverged run?)")
+
+
 def check_resumable(path, model_state, optimizer_state, meta, model=None):
     """Raise one `CheckpointError` listing whatever would stop a resume of this checkpoint.
 

@@ -22,6 +22,11 @@ one process per run, as a user runs it) and the PyTorch twin through
 * its test-set soft-max outputs go to OUT/<name>/posteriors.npz, one array per
   (method, Q), computed once; every table combines those arrays (multi-scale, dense +
   multi-crop and fusion are averages of soft-max outputs, Sec. 3.2 and 4.4).
+* once a run is trained and evaluated, its *record* (metrics.csv, timing.json,
+  posteriors.npz, and for a warm-start source its weights.npz) is copied to
+  RECORD/<name>/ (default docs/reproduction/, committed with the report). A recorded run
+  is finished whatever OUT holds, and the report is built from the records: the study goes
+  on in a fresh clone or on another machine, where runs/ (checkpoints, logs) is gone.
 
 After each step the report docs/reproduction.md and its plots are rewritten from whatever is
 finished, with "pending" in the cells still missing; `--doc-only` just rewrites them.
@@ -39,6 +44,7 @@ centres the grid (`minivgg.evaluate.dense_crop`); the top-left grid is measured 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +58,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
 from minivgg import checkpoint, data, evaluate, metrics  # noqa: E402
+from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
           "--init", "glorot", "--cache"]
@@ -100,6 +107,9 @@ def parse_args(argv=None):
     p.add_argument("data", metavar="DIR", help="Imagenette-layout folder (train/, val/)")
     p.add_argument("--out", default=os.path.join("runs", "repro"), metavar="DIR",
                    help="run folders (default runs/repro)")
+    p.add_argument("--record", default=os.path.join(ROOT, "docs", "reproduction"),
+                   metavar="DIR", help="finished runs' results, committed "
+                   "(default docs/reproduction)")
     p.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these runs")
     p.add_argument("--eval-limit", type=int, default=500, metavar="N",
@@ -119,8 +129,51 @@ def folder(args, run):
     return os.path.join(args.out, run.name)
 
 
+def record_folder(args, run):
+    return os.path.join(args.record, run.name)
+
+
+def recorded(args, run):
+    """True when RECORD/<name>/ holds this run finished at args.epochs (see save_record)."""
+    return read_json(os.path.join(record_folder(args, run), "record.json"),
+                     {}).get("epochs") == args.epochs
+
+
+def save_record(args, run):
+    """Copy a finished run's results into RECORD/<name>/ (what the report is built from).
+
+    Files go in under temporary names and record.json, written last, marks the record
+    complete: an interrupted copy is simply redone."""
+    src, dst = folder(args, run), record_folder(args, run)
+    os.makedirs(dst, exist_ok=True)
+    names = ["metrics.csv", "timing.json"] + (["posteriors.npz"] if run.engine != "torch" else [])
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name + ".tmp"))
+        os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
+    if any(r.warm_from == run.name for r in STUDY):  # the weights a later run starts from
+        model, _ = checkpoint.load_model(last_checkpoint(args, run))
+        save_pretrained(model, os.path.join(dst, "weights.npz"))
+    with open(os.path.join(dst, "record.json"), "w") as f:
+        json.dump({"epochs": args.epochs, "engine": run.engine, "arch": run.arch,
+                   "seed": run.seed, "saved": time.strftime("%Y-%m-%d %H:%M")}, f, indent=1)
+
+
+def results_folder(args, run):
+    """Where the report reads a run from: its record once there is one, else OUT/<name>/."""
+    return record_folder(args, run) if recorded(args, run) else folder(args, run)
+
+
+def warm_weights(args, run):
+    """The weights `run` warm-starts from: the source's record, else its checkpoint."""
+    source = by_name(run.warm_from)
+    kept = os.path.join(record_folder(args, source), "weights.npz")
+    return kept if recorded(args, source) else last_checkpoint(args, source)
+
+
 def epochs_done(args, run):
     """Epochs in the run's metrics.csv that its checkpoint (minivgg) also holds."""
+    if recorded(args, run):
+        return args.epochs
     csv_path = os.path.join(folder(args, run), "metrics.csv")
     try:
         rows = len(metrics.read_metrics(csv_path))
@@ -155,7 +208,7 @@ def train_command(args, run):
     if os.path.isfile(last_checkpoint(args, run)):
         cmd += ["--resume", last_checkpoint(args, run)]
     elif run.warm_from:
-        cmd += ["--init-from", last_checkpoint(args, by_name(run.warm_from))]
+        cmd += ["--init-from", warm_weights(args, run)]
     return cmd
 
 
@@ -305,8 +358,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if not args.doc_only:
         for run in runs:
+            if recorded(args, run):
+                continue
             if train(args, run):
                 evaluate_run(args, run)
+                save_record(args, run)
             write_report(args, STUDY)
     write_report(args, STUDY)
     print(f"== report: {args.doc}", flush=True)

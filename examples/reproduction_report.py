@@ -20,7 +20,7 @@ import numpy as np
 
 from minivgg import evaluate, metrics, models
 from minivgg.plots import import_pyplot
-from reproduce_tables import FIXED_QS, JITTER_QS, epochs_done, folder, read_json
+from reproduce_tables import FIXED_QS, JITTER_QS, epochs_done, read_json, results_folder
 
 PENDING = "pending"
 # The paper's numbers (paper.md, Sec. 4): top-1 / top-5 val error %, fixed S = 256.
@@ -43,7 +43,7 @@ class Results:
         self.args, self.study, self.epochs = args, study, args.epochs
         self.rows, self.parts, self.timing, self.done = {}, {}, {}, {}
         for run in study:
-            path = folder(args, run)
+            path = results_folder(args, run)
             try:
                 self.rows[run.name] = metrics.read_metrics(os.path.join(path, "metrics.csv"))
             except (OSError, ValueError):
@@ -570,6 +570,11 @@ PYTHONPATH=$PWD python examples/reproduce_tables.py {args.data} --out {args.out}
 PYTHONPATH=$PWD python examples/reproduce_tables.py {args.data} --out {args.out} \\
     --epochs {args.epochs} --doc-only # only rewrites this file
 ```
+
+Each finished run's results (metrics.csv, timing.json, posteriors.npz: the val soft-max
+outputs every table below is computed from) are kept beside this file in
+`docs/reproduction/<run>/`, so the tables can be recomputed, and the study continued,
+from a fresh clone.
 
 **Setting.** Imagenette (10 ImageNet classes, 9,469 train / 3,925 val images, all 224×224),
 every net at width 0.25 (16..128 channels), fc6/fc7 of 512, 64-pixel crops from images

@@ -25,7 +25,8 @@ def study():
 def _args(study, tmp_path, *extra):
     (tmp_path / "data" / "val").mkdir(parents=True, exist_ok=True)
     return study.parse_args([str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
-                             "--doc", str(tmp_path / "docs" / "reproduction.md"), *extra])
+                             "--doc", str(tmp_path / "docs" / "reproduction.md"),
+                             "--record", str(tmp_path / "record"), *extra])
 
 
 def _finish(study, args, run, epochs):
@@ -68,6 +69,36 @@ def test_warm_start_run_starts_from_the_a_run(study, tmp_path):
     cmd = study.train_command(args, warm)
     assert cmd[cmd.index("--init-from") + 1] == study.last_checkpoint(
         args, study.by_name("A-s0"))
+
+
+def test_a_recorded_run_is_finished_in_a_fresh_clone(study, tmp_path):
+    """The record (committed) outlives runs/ (git-ignored): a fresh clone skips the run,
+    warm-starts from the recorded weights and builds the report from the record."""
+    import shutil
+    from minivgg import models
+    args = _args(study, tmp_path, "--epochs", "3")
+    a = study.by_name("A-s0")
+    _finish(study, args, a, 3)
+    labels = np.arange(20) % 10
+    np.savez(Path(study.folder(args, a)) / "posteriors.npz", epoch=np.array(3), labels=labels,
+             subset=np.arange(0, 20, 2), **{"dense@72": np.eye(10, dtype=np.float32)[labels]})
+    Path(study.folder(args, a), "timing.json").write_text("[]")
+    assert not study.recorded(args, a)
+    study.save_record(args, a)
+    shutil.rmtree(args.out)  # a fresh clone: no run folders at all
+    assert study.recorded(args, a) and study.epochs_done(args, a) == 3
+    assert study.train(args, a)  # finished: nothing is run
+    warm = study.by_name("Dwarm-s0")
+    cmd = study.train_command(args, warm)
+    weights = cmd[cmd.index("--init-from") + 1]
+    assert weights == str(tmp_path / "record" / "A-s0" / "weights.npz")
+    assert models.load_pretrained(weights).config == "A"
+    from reproduction_report import Results
+    res = Results(args, study.STUDY)
+    assert res.done["A-s0"] and res.error(["A-s0"], ["dense@72"])[0] == 0.0
+    other = study.parse_args([args.data, "--out", args.out, "--doc", args.doc,
+                              "--record", args.record, "--epochs", "4"])
+    assert not study.recorded(other, a)  # a record of another budget is not this study's
 
 
 def test_test_scales_and_parts(study):

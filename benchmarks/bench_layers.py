@@ -12,11 +12,13 @@ it on (`--tf32 on`).
     python benchmarks/bench_layers.py --only conv --append # conv rows, add to the README
     python benchmarks/bench_layers.py --net small --append # the small recipe, batch 32
     python benchmarks/bench_layers.py --device cuda --batch 64 --tf32 off --append
-    python benchmarks/bench_layers.py --only conv --algo all   # im2col, F(2,3), F(4,3), torch
+    python benchmarks/bench_layers.py --only conv --algo all   # im2col, F(2,3), F(4,3),
+                                                               # direct, torch
 
 `--algo` puts minivgg's conv algorithms side by side on every conv row (`all`: im2col,
-winograd = F(2×2,3×3), winograd4 = F(4×4,3×3), and `auto`'s pick), timed interleaved with
-PyTorch in one run. Convolutions Winograd cannot run (1×1) run im2col whatever is asked.
+winograd = F(2×2,3×3), winograd4 = F(4×4,3×3), direct (kernels/direct.py), and `auto`'s
+pick), timed interleaved with PyTorch in one run. Convolutions Winograd and direct cannot
+run (1×1) run im2col whatever is asked.
 
 GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`), i.e.
 of the direct algorithm, whichever algorithm ran: Winograd does fewer multiplications, so
@@ -58,7 +60,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.algos = []
     for a in args.algo.split(","):
-        for name in (ALGOS[:3] if a == "all" else [a] if a else []):
+        for name in (ALGOS[:4] if a == "all" else [a] if a else []):
             if name not in args.algos:
                 args.algos.append(name)
     unknown = [a for a in args.algos if a not in ALGOS]
@@ -69,7 +71,7 @@ def parse_args(argv=None):
 
 
 # minivgg's conv algorithms (minivgg.backend.CONV_ALGORITHMS), in table order
-ALGOS = ("im2col", "winograd", "winograd4", "auto")
+ALGOS = ("im2col", "winograd", "winograd4", "direct", "auto")
 
 
 # name: (config, input size, width, fc_width, classes, with A-LRN's LRN row)

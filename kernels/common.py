@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from minivgg.kernels import winograd
+from minivgg.kernels import direct, winograd
 
 # The entry points every device's kernel table offers, with the same parameters
 # (tests/test_cuda_compile.py checks it). `minivgg.functional` calls nothing else.
@@ -287,16 +287,17 @@ def conv2d_backward(dev, x, W, gy, stride, padding, need_gx=True):
 class ConvEntryPoints:
     """The conv entry points of one device's kernel table, written once for both devices.
 
-    `dev` holds the device's im2col primitives, `winograd_dev` its Winograd ones (both
-    `Primitives`); each table exports the bound methods under the entry-point names:
+    `dev` holds the device's im2col primitives, `winograd_dev` its Winograd ones and
+    `direct_dev` its direct-convolution ones (all `Primitives`); each table exports the
+    bound methods under the entry-point names:
 
         im2col, col2im, conv2d_forward, conv2d_backward = ConvEntryPoints(...).methods()
 
     Their parameters are the table's: `tests/test_cuda_compile.py` checks both tables agree.
     """
 
-    def __init__(self, dev, winograd_dev):
-        self.dev, self.winograd_dev = dev, winograd_dev
+    def __init__(self, dev, winograd_dev, direct_dev):
+        self.dev, self.winograd_dev, self.direct_dev = dev, winograd_dev, direct_dev
 
     def im2col(self, x, KH, KW, SH, SW, PH, PW):
         """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests,
@@ -309,17 +310,23 @@ class ConvEntryPoints:
 
     def conv2d_forward(self, x, W, b, stride, padding, algorithm="im2col"):
         """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col" (the driver
-        `conv2d_forward` above), or "winograd"/"winograd4" (`kernels/winograd.py`)."""
+        `conv2d_forward` above), "winograd"/"winograd4" (`kernels/winograd.py`) or
+        "direct" (`kernels/direct.py`)."""
         if algorithm == "im2col":
             return conv2d_forward(self.dev, x, W, b, stride, padding)
+        if algorithm == "direct":
+            return direct.conv2d_forward(self.direct_dev, x, W, b)
         return winograd.conv2d_forward(self.winograd_dev, x, W, b,
                                        winograd.ALGORITHMS[algorithm])
 
     def conv2d_backward(self, x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
         """(gx or None, gW, gb) by the forward's `algorithm`; see the driver
-        `conv2d_backward` above (its sums' fixed order) and `kernels/winograd.py`."""
+        `conv2d_backward` above (its sums' fixed order), `kernels/winograd.py` and
+        `kernels/direct.py`."""
         if algorithm == "im2col":
             return conv2d_backward(self.dev, x, W, gy, stride, padding, need_gx)
+        if algorithm == "direct":
+            return direct.conv2d_backward(self.direct_dev, x, W, gy, need_gx)
         return winograd.conv2d_backward(self.winograd_dev, x, W, gy, need_gx,
                                         winograd.ALGORITHMS[algorithm])
 

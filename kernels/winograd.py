@@ -122,8 +122,11 @@ def auto_algorithm(device, N, C, H, W):
     quote; `python benchmarks/bench_layers.py --only conv --algo all,auto` measures the
     algorithms side by side on a quiet one). The filter transforms cost about α²·C·OC per
     call whatever the batch, while the saving grows with the output pixels N·H·W, so
-      * C < 8 (the RGB layer): im2col; the GEMMs' inner dimension would be C = 3, and
-        Winograd was clearly slower than im2col on conv1_1;
+      * C < 8 (the RGB layer): direct convolution (kernels/direct.py). Winograd's GEMMs
+        and im2col's would have an inner dimension of C = 3 or 27, far too thin for BLAS;
+        the direct kernels, which read the three colour planes in place, took 0.60× of
+        im2col's time on the small recipe's conv1_1 forward + backward (13.6 ms against
+        22.5, batch 32, 2 threads, quiet, 2026-12-03) and Winograd 1.2×;
       * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications; it was the fastest of the
         three from VGG-16's conv1_2 to conv5 at batch 8, and on the small recipe's 16-64
         channel layers;
@@ -134,11 +137,16 @@ def auto_algorithm(device, N, C, H, W):
         than the multiplications they save.
     Re-checked after the transforms were sped up (single-thread CPU time, one process per
     library, the small recipe's layers at batch 32): the same choices held; on the 16-32
-    channel layers im2col and F(4×4,3×3) were within the noise of each other.
+    channel layers im2col and F(4×4,3×3) were within the noise of each other. Direct
+    convolution lost from 16 channels up (its forward still won on conv2_1, 16 channels,
+    but its input gradient, a direct convolution over 32 channels, and its weight
+    gradient made forward + backward 1.3× im2col's time; 2-12× on deeper layers).
     On the GPU nothing has been measured yet, so "auto" stays with im2col there.
     """
-    if device != "cpu" or C < 8:
+    if device != "cpu":
         return "im2col"
+    if C < 8:
+        return "direct"
     pixels = N * H * W
     if pixels >= 1536:
         return "winograd4"

@@ -175,14 +175,16 @@ def as_array_like(a, like):
 
 
 # ----------------------------------------------------------------------------------------
-# Convolution algorithm: im2col + GEMM, or Winograd for 3×3/s1/p1 (kernels/winograd.py)
+# Convolution algorithm: im2col + GEMM, or for 3×3/s1/p1 Winograd (kernels/winograd.py) or
+# direct convolution (kernels/direct.py)
 # ----------------------------------------------------------------------------------------
 
 # "im2col": every conv by im2col + GEMM (section 3 of the walkthrough), the default.
 # "winograd", "winograd4": Winograd F(2×2,3×3) / F(4×4,3×3) for every 3×3/s1/p1 conv.
+# "direct": the 3×3 sum written out, no im2col matrix, for every 3×3/s1/p1 conv.
 # "auto": per layer, by a fixed rule of the shapes (`kernels/winograd.py: auto_algorithm`).
-# Convolutions Winograd cannot run (config C's 1×1, strides, other paddings) use im2col.
-CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4")
+# Convolutions the others cannot run (config C's 1×1, strides, other paddings) use im2col.
+CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4", "direct")
 
 _conv_algorithm = "im2col"
 
@@ -207,7 +209,7 @@ def get_conv_algorithm():
 
 
 def conv_algorithm_for(x, W, stride, padding):
-    """The algorithm that runs conv(x, W): "im2col", "winograd" or "winograd4"."""
+    """The algorithm that runs conv(x, W): "im2col", "winograd", "winograd4" or "direct"."""
     from minivgg.kernels import winograd
     if _conv_algorithm == "im2col" or not winograd.applies(W.shape, stride, padding):
         return "im2col"

@@ -241,7 +241,8 @@ def test_auto_rule_by_layer_shape(conv_algorithm):
     def pick(N, C, H):
         return backend.conv_algorithm_for(np.zeros((N, C, H, H)), W3, (1, 1), (1, 1))
 
-    assert pick(8, 3, 224) == "im2col"  # conv1_1: C = 3
+    assert pick(8, 3, 224) == "direct"  # conv1_1: C = 3
+    assert pick(32, 3, 64) == "direct"
     assert [pick(8, 64, s) for s in (224, 112, 56, 28, 14)] == ["winograd4"] * 5
     assert pick(4, 512, 14) == "winograd"  # 784 output pixels
     assert pick(1, 512, 14) == "im2col"  # one image's conv5: 196 pixels

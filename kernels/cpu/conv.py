@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels import common
+from minivgg.kernels.cpu import direct as cpu_direct
 from minivgg.kernels.cpu import winograd as cpu_winograd
 from minivgg.kernels.cpu.runtime import JIT, num_threads
 # NOTE: imported for the shared drivers, which find them in this module's namespace
@@ -270,10 +271,12 @@ def add_bias(ycols, b):
 
 _this = common.Primitives(globals())  # what the shared drivers receive
 _winograd = common.Primitives(vars(cpu_winograd))  # what the Winograd drivers receive
+_direct = common.Primitives(vars(cpu_direct))  # what the direct-convolution drivers receive
 
 
 # The conv entry points of this table (`common.ConvEntryPoints`, written once for both
 # devices): whole-batch im2col / col2im and conv2d_forward / conv2d_backward by the chosen
-# algorithm, im2col + GEMM (`common.conv2d_forward`) or Winograd (`kernels/winograd.py`).
+# algorithm: im2col + GEMM (`common.conv2d_forward`), Winograd (`kernels/winograd.py`) or
+# direct (`kernels/direct.py`).
 im2col, col2im, conv2d_forward, conv2d_backward = common.ConvEntryPoints(
-    _this, _winograd).methods()
+    _this, _winograd, _direct).methods()

@@ -48,6 +48,7 @@ KERNELS = {
     "sgd.cu": ("sgd_update",),
     "winograd.cu": ("tile_transform", "output_transform", "filter_transform",
                     "filter_grad_transform"),
+    "direct.cu": ("direct_conv", "direct_weight_grad"),
 }
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 THREADS_PER_BLOCK = 256
@@ -226,6 +227,25 @@ def filter_grad_transform(dU, G, gW):
 
 
 # ----------------------------------------------------------------------------------------
+# Direct convolution (direct.cu), for the drivers of kernels/direct.py
+# ----------------------------------------------------------------------------------------
+
+def direct_conv(x, W, b, y):
+    """y (N, OC, H, W) = conv(x, W) + b, 3×3/s1/p1: one thread per output."""
+    N, C, H, Wd = x.shape
+    _launch("direct_conv", y.dtype, y.size, cp.ascontiguousarray(x), cp.ascontiguousarray(W),
+            cp.ascontiguousarray(b), y, N, C, H, Wd, y.shape[1])
+
+
+def direct_weight_grad(x, gy, gW):
+    """gW (OC, C, 3, 3) = sum over images and pixels of gy[oc] · shifted x[c]: one thread
+    per entry, a fixed-order sum in double."""
+    N, C, H, Wd = x.shape
+    _launch("direct_weight_grad", gW.dtype, gW.size, cp.ascontiguousarray(x),
+            cp.ascontiguousarray(gy), gW, N, C, H, Wd, gy.shape[1])
+
+
+# ----------------------------------------------------------------------------------------
 # Entry points: whole-batch im2col / col2im and the convolution drivers (kernels/common.py)
 # ----------------------------------------------------------------------------------------
 
@@ -234,9 +254,10 @@ _this = common.Primitives(globals())  # what the shared drivers receive
 
 # The conv entry points of this table (`common.ConvEntryPoints`, written once for both
 # devices): whole-batch im2col / col2im and conv2d_forward / conv2d_backward by the chosen
-# algorithm, im2col + GEMM (`common.conv2d_forward`) or Winograd (`kernels/winograd.py`).
+# algorithm: im2col + GEMM (`common.conv2d_forward`), Winograd (`kernels/winograd.py`) or
+# direct (`kernels/direct.py`).
 im2col, col2im, conv2d_forward, conv2d_backward = common.ConvEntryPoints(
-    _this, _this).methods()
+    _this, _this, _this).methods()
 
 
 # ----------------------------------------------------------------------------------------

@@ -88,11 +88,12 @@ WINOGRAD_CASES = {"odd": (2, 3, 7, 5, 4), "batch1-wide": (1, 5, 6, 11, 3),
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "direct"])
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 def test_cuda_winograd_forward_and_backward_match_cpu(case, algorithm, dtype, gpu, rng):
-    """The winograd.cu transforms and the shared drivers on the GPU table, against the CPU's
-    Numba transforms (both against float64 im2col in tests/test_winograd.py)."""
+    """The winograd.cu transforms / direct.cu kernels and the shared drivers on the GPU
+    table, against the CPU's Numba kernels (both against float64 references in
+    tests/test_winograd.py and tests/test_direct.py)."""
     N, C, H, W, OC = WINOGRAD_CASES[case]
     x = rng.normal(size=(N, C, H, W)).astype(dtype)
     Wt = rng.normal(size=(OC, C, 3, 3)).astype(dtype)

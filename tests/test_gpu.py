@@ -147,6 +147,26 @@ def test_kernel_table_conv_building_blocks_agree_on_cpu_and_gpu(cuda, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "direct"])
+def test_conv_algorithms_agree_on_cpu_and_gpu(algorithm, cuda, rng):
+    """Winograd's transforms and the direct kernels on the GPU against the CPU's, forward and
+    backward, on an odd, non-square shape (the emulated twin of this test runs in CI)."""
+    from minivgg.kernels import cpu
+    x = rng.normal(size=(3, 5, 9, 7)).astype(np.float32)
+    W = rng.normal(size=(6, 5, 3, 3)).astype(np.float32)
+    b = rng.normal(size=6).astype(np.float32)
+    gy = rng.normal(size=(3, 6, 9, 7)).astype(np.float32)
+    kern = backend.kernels_for(backend.to_device(x, cuda))
+    d = [backend.to_device(a, cuda) for a in (x, W, b, gy)]
+    args = ((1, 1), (1, 1))
+    assert_close(kern.conv2d_forward(d[0], d[1], d[2], *args, algorithm),
+                 cpu.conv2d_forward(x, W, b, *args, algorithm), "conv2d", np.float32)
+    for got, want in zip(kern.conv2d_backward(d[0], d[1], d[3], *args, True, algorithm),
+                         cpu.conv2d_backward(x, W, gy, *args, True, algorithm)):
+        assert_close(got, want, "conv2d", np.float32)
+
+
+@pytest.mark.gpu
 def test_tf32_switch_changes_the_cublas_compute_type(cuda):
     import cupy
     from cupy._core import _routines_linalg as linalg

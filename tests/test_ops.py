@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import minivgg
+from minivgg import backend
 from minivgg import functional as F
 from conftest import TOLERANCES, assert_close, compare_with_torch, tensor, to_numpy
 
@@ -103,7 +104,9 @@ def _conv_arrays(case, rng):
 
 
 @pytest.mark.parametrize("name", ["1x1", "3x3_p1", "3x3_s2_odd", "nonsquare_kernel"])
-def test_conv2d_forward_matches_naive_loop(name, device, rng):
+@pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
+def test_conv2d_forward_matches_naive_loop(algorithm, name, device, rng):
+    backend.set_conv_algorithm(algorithm)  # 3×3/s1/p1 cases only; the rest im2col
     x, W, b, stride, padding = _conv_arrays(CONV_CASES[name], rng)
     y = F.conv2d(tensor(x, device), tensor(W, device),
                  None if b is None else tensor(b, device), stride, padding)
@@ -113,7 +116,9 @@ def test_conv2d_forward_matches_naive_loop(name, device, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CONV_CASES))
-def test_conv2d_matches_torch_forward_and_backward(name, dtype, device, rng, torch):
+@pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
+def test_conv2d_matches_torch_forward_and_backward(algorithm, name, dtype, device, rng, torch):
+    backend.set_conv_algorithm(algorithm)  # 3×3/s1/p1 cases only; the rest im2col
     x, W, b, stride, padding = _conv_arrays(CONV_CASES[name], rng)
     arrays = [x, W] if b is None else [x, W, b]
     compare_with_torch(
@@ -125,7 +130,9 @@ def test_conv2d_matches_torch_forward_and_backward(name, dtype, device, rng, tor
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_conv2d_matches_torch_on_random_shapes(seed, device, torch):
+@pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
+def test_conv2d_matches_torch_on_random_shapes(algorithm, seed, device, torch):
+    backend.set_conv_algorithm(algorithm)  # 3×3/s1/p1 cases only; the rest im2col
     rng = np.random.default_rng(100 + seed)
     KH, KW = (int(k) for k in rng.integers(1, 5, size=2))
     stride = tuple(int(s) for s in rng.integers(1, 3, size=2))
@@ -151,7 +158,9 @@ GRADCHECK_CONV_CASES = {
 
 
 @pytest.mark.parametrize("name", list(GRADCHECK_CONV_CASES))
-def test_conv2d_backward_matches_finite_differences(name, device, rng):
+@pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
+def test_conv2d_backward_matches_finite_differences(algorithm, name, device, rng):
+    backend.set_conv_algorithm(algorithm)  # 3×3/s1/p1 cases only; the rest im2col
     x, W, b, stride, padding = _conv_arrays(GRADCHECK_CONV_CASES[name], rng)
     if b is None:
         assert gradcheck(lambda x, W: F.conv2d(x, W, None, stride, padding), [x, W], device)

@@ -115,7 +115,7 @@ def training_scales(meta):
 
 def load_nets(paths, device, batch_size, root, dense_align="center", ceil_mode=False):
     """EvalNets for the weight files, checking that they can be fused."""
-    nets, metas = [], []
+    nets, metas, val_wnids = [], [], None
     for path in paths:
         model = pretrained.load_pretrained(path, device=device)
         if ceil_mode:
@@ -125,8 +125,11 @@ def load_nets(paths, device, batch_size, root, dense_align="center", ceil_mode=F
         if meta["mean_rgb"] is None or (meta["layout"] == "checkpoint" and not meta["classes"]):
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")
-        classes = meta.get("classes") or pretrained.ilsvrc_classes(
-            data.ImageFolder(os.path.join(root, "val")).classes, path)
+        classes = meta.get("classes")
+        if not classes:  # published weights: ILSVRC's classes, found from DIR/val (listed once)
+            if val_wnids is None:
+                val_wnids = data.ImageFolder(os.path.join(root, "val")).classes
+            classes = pretrained.ilsvrc_classes(val_wnids, path)
         name = f"{model.config} ({os.path.basename(path)})"
         nets.append(evaluate.EvalNet(model, pretrained.input_transform(meta), classes, name,
                                      batch_size, dense_align))

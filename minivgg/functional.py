@@ -476,10 +476,11 @@ def check_dropout_p(p, where="dropout"):
         raise ValueError(f"{where}: p must be in [0, 1), got {p}")
 
 
-def dropout(x, p=0.5, training=True):
+def dropout(x, p=0.5, training=True, where="dropout"):
     """Inverted dropout: zero each unit with probability p and scale the rest by 1/(1-p),
-    so evaluation needs no rescaling. The identity when not training or p == 0."""
-    check_dropout_p(p)
+    so evaluation needs no rescaling. The identity when not training or p == 0.
+    `where` names the caller in error messages, as for the other ops."""
+    check_dropout_p(p, where)
     x = as_tensor(x)
     if not training or p == 0.0:
         return x

@@ -203,6 +203,8 @@ def test_bad_pool_arguments_are_rejected(kwargs, text):
 def test_dropout_probability_outside_0_1_is_rejected(p):
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         F.dropout(Tensor(np.ones(3)), p)
+    with pytest.raises(ValueError, match=r"^drop6: p must be in"):
+        F.dropout(Tensor(np.ones(3)), p, where="drop6")
 
 
 def test_lrn_size_below_one_is_rejected():

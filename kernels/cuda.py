@@ -233,16 +233,17 @@ def filter_grad_transform(dU, G, gW):
 def direct_conv(x, W, b, y):
     """y (N, OC, H, W) = conv(x, W) + b, 3×3/s1/p1: one thread per output."""
     N, C, H, Wd = x.shape
-    _launch("direct_conv", y.dtype, y.size, cp.ascontiguousarray(x), cp.ascontiguousarray(W),
-            cp.ascontiguousarray(b), y, N, C, H, Wd, y.shape[1])
+    _launch("direct_conv", y.dtype, y.size, cp.ascontiguousarray(x, dtype=y.dtype),
+            cp.ascontiguousarray(W, dtype=y.dtype), cp.ascontiguousarray(b, dtype=y.dtype), y,
+            N, C, H, Wd, y.shape[1])
 
 
 def direct_weight_grad(x, gy, gW):
     """gW (OC, C, 3, 3) = sum over images and pixels of gy[oc] · shifted x[c]: one thread
     per entry, a fixed-order sum in double."""
     N, C, H, Wd = x.shape
-    _launch("direct_weight_grad", gW.dtype, gW.size, cp.ascontiguousarray(x),
-            cp.ascontiguousarray(gy), gW, N, C, H, Wd, gy.shape[1])
+    _launch("direct_weight_grad", gW.dtype, gW.size, cp.ascontiguousarray(x, dtype=gW.dtype),
+            cp.ascontiguousarray(gy, dtype=gW.dtype), gW, N, C, H, Wd, gy.shape[1])
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ input row where it lies:
 
 (zeros outside the image). Done a row at a time, this is nine shifted multiply-adds of
 three input rows into one output row, which the compiler vectorises along the row, with
-the rows in L1 cache and no buffer but the output.
+the rows in L1 cache; the only buffer besides the output is one zero-bordered copy of the
+image being convolved, per thread, on the CPU.
 
 Its gradients are the same kind of sums (Sec. 3.1 trains by back-propagation):
 
@@ -57,13 +58,14 @@ def conv2d_forward(dev, x, W, b):
 def conv2d_backward(dev, x, W, gy, need_gx):
     """Gradients of `conv2d_forward` -> (gx or None, gW, gb); see the module docstring."""
     xp = dev.xp
-    x, gy = xp.ascontiguousarray(x), xp.ascontiguousarray(gy)
+    x = xp.ascontiguousarray(x)
+    gy = xp.ascontiguousarray(gy, dtype=x.dtype)  # the kernels take one element type
     OC, C = W.shape[0], W.shape[1]
     gx = None
     if need_gx:
-        gx = xp.empty(x.shape, dtype=gy.dtype)
-        dev.direct_conv(gy, rotated_filters(xp, W.astype(gy.dtype, copy=False)),
-                        xp.zeros(C, dtype=gy.dtype), gx)
+        gx = xp.empty(x.shape, dtype=x.dtype)
+        dev.direct_conv(gy, rotated_filters(xp, W.astype(x.dtype, copy=False)),
+                        xp.zeros(C, dtype=x.dtype), gx)
     gW = xp.empty((OC, C, 3, 3), dtype=x.dtype)
     dev.direct_weight_grad(x, gy, gW)
     gb = gy.sum(axis=(0, 2, 3))

@@ -130,9 +130,7 @@ def test_conv2d_matches_torch_forward_and_backward(algorithm, name, dtype, devic
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
-def test_conv2d_matches_torch_on_random_shapes(algorithm, seed, device, torch):
-    backend.set_conv_algorithm(algorithm)  # 3×3/s1/p1 cases only; the rest im2col
+def test_conv2d_matches_torch_on_random_shapes(seed, device, torch):
     rng = np.random.default_rng(100 + seed)
     KH, KW = (int(k) for k in rng.integers(1, 5, size=2))
     stride = tuple(int(s) for s in rng.integers(1, 3, size=2))
@@ -146,6 +144,34 @@ def test_conv2d_matches_torch_on_random_shapes(algorithm, seed, device, torch):
         lambda x, Wt, b: torch.nn.functional.conv2d(x, Wt, b, stride=stride, padding=padding),
         arrays, device, np.float32, seed=seed,
         what=f" [x {(N, C, H, W)}, W {(OC, C, KH, KW)}, s {stride}, p {padding}]")
+
+
+# The algorithms that run 3×3/s1/p1 convolutions, on their own random shapes: channels
+# from 1 to 20, maps from 1×1 to 15×13, batch 1 to 4 (so that "auto" takes every branch).
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
+def test_conv2d_3x3_matches_torch_on_random_shapes(algorithm, seed, device, torch):
+    backend.set_conv_algorithm(algorithm)
+    rng = np.random.default_rng(200 + seed)
+    N, H, W = int(rng.integers(1, 5)), int(rng.integers(1, 16)), int(rng.integers(1, 14))
+    C, OC = (int(v) for v in rng.integers(1, 21, size=2))
+    if seed < 2:  # enough channels and pixels for "auto" to pick F(4×4,3×3), F(2×2,3×3)
+        N, C, H, W = [(4, 12, 25, 19), (3, 9, 14, 13)][seed]
+    arrays = [rng.normal(size=(N, C, H, W)), rng.normal(size=(OC, C, 3, 3)) / np.sqrt(9 * C),
+              rng.normal(size=OC)]
+    x = tensor(arrays[0], device)
+    ran = backend.conv_algorithm_for(x.data, arrays[1], (1, 1), (1, 1))
+    assert ran == algorithm or algorithm == "auto"
+    if algorithm == "auto" and device == "cpu":
+        from minivgg.kernels import winograd
+        assert ran == winograd.auto_algorithm("cpu", N, C, H, W)
+        if seed < 2:
+            assert ran == ["winograd4", "winograd"][seed]
+    compare_with_torch(
+        "conv2d", lambda x, Wt, b: F.conv2d(x, Wt, b, 1, 1),
+        lambda x, Wt, b: torch.nn.functional.conv2d(x, Wt, b, stride=1, padding=1),
+        arrays, device, np.float32, seed=seed,
+        what=f" [{algorithm} ran {ran}: x {(N, C, H, W)}, OC {OC}]")
 
 
 # Smaller cases for finite differences: two forward passes per input element.

@@ -7,8 +7,9 @@ thread's share of the work to serial Numba kernels, on `runtime`'s pool.
 Each thread copies one image at a time into a zero-bordered buffer of its own,
 (C, H+2, W+2), so the kernels' inner loops read x[i+ky-1, j+kx-1] with no edge tests: an
 output row is then nine shifted multiply-adds of three rows of that buffer, a loop LLVM
-vectorises along the row (one padded image per thread: 600 KB for conv1_1 at 224×224, not
-the 9× copy of the whole batch that im2col makes).
+vectorises along the row. One padded image per thread, not the 9× copy of a chunk of
+images that im2col makes: 600 KB for conv1_1's input at 224×224; the input gradient pads
+gy, OC channels (13 MB for 64 channels at 224×224, kept as a workspace like im2col's).
 """
 
 import numpy as np
@@ -93,7 +94,10 @@ def weight_grad_image(p, gy, n, oc0, lanes):
 
 @njit(**JIT)
 def reduce_lanes(lanes, oc0, gW):
-    """gW[oc0 + o, c, ky, kx] = the sum of lanes[o, c, 3*ky + kx, :], in float64, j = 0, 1, ..."""
+    """gW[oc0 + o, c, ky, kx] = the sum of lanes[o, c, 3*ky + kx, :], j = 0, 1, ...
+
+    Each lane holds N·H products summed in the data's dtype; the lanes are added up in
+    float64 (the CUDA twin sums everything in double, so the two differ by rounding)."""
     OCB, C, Wd = lanes.shape[0], lanes.shape[1], lanes.shape[3]
     for o in range(OCB):
         for c in range(C):

@@ -10,27 +10,29 @@
 
 // Thread index i -> one output y[n, oc, yy, xx]: i = ((n*OC + oc)*H + yy)*W + xx.
 // y = b[oc] + the sum over channels c (in order) of that channel's nine taps, the taps
-// outside the image read as zero: the order in which kernels/cpu/direct.py adds them.
+// outside the image read as zero: the grouping kernels/cpu/direct.py uses (the compiler
+// may fuse multiply-adds here, so the bits can differ from the CPU's by rounding).
+// W: the filters (OC, C, 3, 3); Wd: the image width.
 template <typename T>
-__global__ void direct_conv(const T* x, const T* Wt, const T* b, T* y, int N, int C, int H,
-                            int W, int OC) {
-    FOR_EACH_INDEX(i, (long long)N * OC * H * W) {
-        int xx = (int)(i % W);
-        long long r = i / W;
+__global__ void direct_conv(const T* x, const T* W, const T* b, T* y, int N, int C, int H,
+                            int Wd, int OC) {
+    FOR_EACH_INDEX(i, (long long)N * OC * H * Wd) {
+        int xx = (int)(i % Wd);
+        long long r = i / Wd;
         int yy = (int)(r % H);
         r /= H;
         int oc = (int)(r % OC);
         int n = (int)(r / OC);
         T s = b[oc];
         for (int c = 0; c < C; ++c) {
-            const T* xc = x + ((long long)n * C + c) * H * W;
-            const T* w = Wt + ((long long)oc * C + c) * 9;
+            const T* xc = x + ((long long)n * C + c) * H * Wd;
+            const T* w = W + ((long long)oc * C + c) * 9;
             T t = 0;
             for (int ky = 0; ky < 3; ++ky)
                 for (int kx = 0; kx < 3; ++kx) {
                     int iy = yy + ky - 1, ix = xx + kx - 1;
-                    if (0 <= iy && iy < H && 0 <= ix && ix < W)
-                        t += w[ky * 3 + kx] * xc[(long long)iy * W + ix];
+                    if (0 <= iy && iy < H && 0 <= ix && ix < Wd)
+                        t += w[ky * 3 + kx] * xc[(long long)iy * Wd + ix];
                 }
             s += t;
         }
@@ -41,6 +43,8 @@ __global__ void direct_conv(const T* x, const T* Wt, const T* b, T* y, int N, in
 // Thread index i -> one weight-gradient entry gW[oc, c, ky, kx]: i = ((oc*C + c)*3 + ky)*3 + kx.
 // gW = the sum over images, rows and columns (in that order) of gy[n, oc, yy, xx] times
 // x[n, c, yy + ky - 1, xx + kx - 1], accumulated in double: N·H·W terms per entry.
+// NOTE: only OC·C·9 threads (1,728 for conv1_1), each a long serial sum: exact and
+// repeatable, slow on a GPU; a block-wide tree reduction would be the fast version.
 template <typename T>
 __global__ void direct_weight_grad(const T* x, const T* gy, T* gW, int N, int C, int H, int W,
                                    int OC) {

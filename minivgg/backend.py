@@ -195,7 +195,9 @@ def set_conv_algorithm(name):
     Every choice gives the same results up to float rounding (benchmarks/
     winograd_accuracy.md); "auto" depends only on the layer shapes, never on a timing, so
     a run and its resume make the same choices and stay bit-identical (with the same
-    thread count, which, as for im2col, sets how the weight gradient's sums are split).
+    thread count, which, as for im2col, sets how the weight gradient's sums are split, and
+    the same minivgg: a change of the rule, such as conv1_1 moving from im2col to direct
+    convolution, changes the rounding of a run resumed across it).
     """
     global _conv_algorithm
     if name not in CONV_ALGORITHMS:

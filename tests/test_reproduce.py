@@ -116,7 +116,7 @@ def test_report_marks_missing_runs_pending(study, tmp_path):
     args = _args(study, tmp_path)
     (tmp_path / "docs").mkdir()
     assert study.main([*sys.argv[:0], args.data, "--out", args.out, "--doc", args.doc,
-                       "--doc-only"]) == 0
+                       "--record", args.record, "--doc-only"]) == 0
     text = Path(args.doc).read_text()
     assert "0 of\n11 runs finished" in text and "pending" in text
     assert "| A | 11 | 0 | pending |" in text
@@ -125,5 +125,13 @@ def test_report_marks_missing_runs_pending(study, tmp_path):
 
 def test_unknown_run_name_is_one_line_error(study, tmp_path, capsys):
     args = _args(study, tmp_path)
-    assert study.main([args.data, "--out", args.out, "--only", "Z-s9"]) == 2
+    assert study.main([args.data, "--out", args.out, "--record", args.record,
+                       "--only", "Z-s9"]) == 2
     assert "error: --only: unknown run(s) ['Z-s9']" in capsys.readouterr().err
+
+
+def test_multi_scale_finding_needs_a_significant_direction(study):
+    """One net better is not a finding: the sign test across nets decides."""
+    from reproduction_report import sign_test
+    assert sign_test(5, 5) == 1 / 32 and sign_test(0, 3) == 1.0
+    assert sign_test(1, 1) == 0.5 and sign_test(4, 4) > 0.05  # 4 nets can never show it

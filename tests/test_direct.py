@@ -18,7 +18,7 @@ from minivgg.kernels import cpu, direct
 from minivgg.kernels.cpu import direct as cpu_direct
 from conftest import TOLERANCES
 from test_ops import naive_conv2d
-from test_winograd import SHAPES, random_case, relative_error, torch_conv
+from test_winograd import SHAPES, model_step, random_case, relative_error, torch_conv
 
 # max |float32 - float64| / RMS(float64): 5× im2col's worst over VGG-16's layers
 # (benchmarks/winograd_accuracy.md)
@@ -127,17 +127,8 @@ def test_direct_applies_to_3x3_s1_p1_only(conv_algorithm):
 
 def test_model_step_matches_im2col(conv_algorithm):
     """A VGG-A forward and backward with every 3×3 conv done directly, against im2col."""
-    def step():
-        backend.manual_seed(0)
-        model = minivgg.models.vgg("A", num_classes=5, width=0.125, fc_width=32, input_size=32)
-        model.eval()
-        x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
-        loss = F.cross_entropy(model(x), np.array([1, 3]))
-        loss.backward()
-        return [loss.data] + [p.grad for p in model.parameters()]
-
     conv_algorithm("im2col")
-    expected = step()
+    expected = model_step()
     conv_algorithm("direct")
-    for ours, theirs in zip(step(), expected):
+    for ours, theirs in zip(model_step(), expected):
         assert relative_error(ours.astype(np.float64), theirs.astype(np.float64)) < 1e-4

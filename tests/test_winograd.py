@@ -249,20 +249,22 @@ def test_auto_rule_by_layer_shape(conv_algorithm):
     assert [pick(32, 16, s) for s in (64, 32, 16, 8, 4)] == ["winograd4"] * 4 + ["winograd"]
 
 
+def model_step():
+    """Loss and every parameter gradient of one VGG-A step (width 1/8, 32×32, batch 2)."""
+    backend.manual_seed(0)
+    model = minivgg.models.vgg("A", num_classes=5, width=0.125, fc_width=32, input_size=32)
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    loss = F.cross_entropy(model(x), np.array([1, 3]))
+    loss.backward()
+    return [loss.data] + [p.grad for p in model.parameters()]
+
+
 @pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "auto"])
 def test_model_step_matches_im2col(algorithm, conv_algorithm):
     """A VGG-A forward and backward with every 3×3 conv by Winograd, against im2col."""
-    def step():
-        backend.manual_seed(0)
-        model = minivgg.models.vgg("A", num_classes=5, width=0.125, fc_width=32, input_size=32)
-        model.eval()
-        x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
-        loss = F.cross_entropy(model(x), np.array([1, 3]))
-        loss.backward()
-        return [loss.data] + [p.grad for p in model.parameters()]
-
     conv_algorithm("im2col")
-    expected = step()
+    expected = model_step()
     conv_algorithm(algorithm)
-    for ours, theirs in zip(step(), expected):
+    for ours, theirs in zip(model_step(), expected):
         assert relative_error(ours.astype(np.float64), theirs.astype(np.float64)) < 1e-3

@@ -33,6 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
+from minivgg.backend import CONV_ALGORITHMS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.algos = []
     for a in args.algo.split(","):
-        for name in (ALGOS[:4] if a == "all" else [a] if a else []):
+        for name in (ALGOS[:-1] if a == "all" else [a] if a else []):
             if name not in args.algos:
                 args.algos.append(name)
     unknown = [a for a in args.algos if a not in ALGOS]
@@ -70,8 +71,8 @@ def parse_args(argv=None):
     return args
 
 
-# minivgg's conv algorithms (minivgg.backend.CONV_ALGORITHMS), in table order
-ALGOS = ("im2col", "winograd", "winograd4", "direct", "auto")
+# minivgg's conv algorithms in table order: the fixed ones, then "auto"'s pick
+ALGOS = tuple(a for a in CONV_ALGORITHMS if a != "auto") + ("auto",)
 
 
 # name: (config, input size, width, fc_width, classes, with A-LRN's LRN row)

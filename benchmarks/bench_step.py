@@ -34,7 +34,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common  # noqa: E402  (puts the repository root on sys.path)
+from minivgg.backend import CONV_ALGORITHMS  # noqa: E402
 
 CASES = {  # name: (config, width, fc_width, num_classes, input size, CPU batch, GPU batch)
     "A": ("A", 1.0, 4096, 1000, 224, 8, 64),
@@ -55,10 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per worker")
     p.add_argument("--tf32", choices=["off", "on"], default="off", help="GPU only")
-    p.add_argument("--conv-algo", default="auto",
-                   choices=["auto", "im2col", "winograd", "winograd4"],
+    p.add_argument("--conv-algo", default="auto", choices=CONV_ALGORITHMS,
                    help="minivgg's 3x3 conv algorithm (minivgg.backend.set_conv_algorithm; "
-                        "default auto: Winograd per layer by a fixed shape rule)")
+                        "default auto: direct or Winograd per layer by a fixed shape rule)")
     p.add_argument("--append", action="store_true", help="append the table to the README")
     p.add_argument("--worker", choices=["minivgg", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)

@@ -1,5 +1,8 @@
 """Direct convolution: the 3×3/stride-1/padding-1 sum written out, with no im2col matrix.
 
+Every VGG conv layer but config C's 1×1s is this shape (Sec. 2.1: 3×3 filters, stride 1,
+padding 1, so the spatial size is kept).
+
 im2col + GEMM (kernels/common.py) first copies every 3×3 window of the input into a
 column, a matrix 9× the input, then hands the multiplications to BLAS. When a layer has
 few input channels (conv1_1 sees the 3 colours; the small recipe's thin layers 16-32), that

@@ -124,9 +124,12 @@ def auto_algorithm(device, N, C, H, W):
     call whatever the batch, while the saving grows with the output pixels N·H·W, so
       * C < 8 (the RGB layer): direct convolution (kernels/direct.py). Winograd's GEMMs
         and im2col's would have an inner dimension of C = 3 or 27, far too thin for BLAS;
-        the direct kernels, which read the three colour planes in place, took 0.60× of
-        im2col's time on the small recipe's conv1_1 forward + backward (13.6 ms against
-        22.5, batch 32, 2 threads, quiet, 2026-12-03) and Winograd 1.2×;
+        the direct kernels, which read the three colour planes in place, took about half
+        of im2col's time on the small recipe's conv1_1 forward + backward (14.4 ms against
+        27.5, F(4×4,3×3) 31.7; batch 32, 2 threads, quiet, 2026-12-03, benchmarks/
+        README.md). On VGG-16's conv1_1 at 224×224, batch 4, the same run had direct at
+        75.6 ms and im2col at 67.4 (PyTorch 83.9), within that noisy day's spread, while
+        single-thread design checks had direct's forward 3× faster: the rule keeps direct;
       * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications; it was the fastest of the
         three from VGG-16's conv1_2 to conv5 at batch 8, and on the small recipe's 16-64
         channel layers;

@@ -185,8 +185,9 @@ def mean_error(res, runs, keys):
 
 def table3(res):
     lines = ["| ConvNet | weight layers | seeds | dense, Q = 72: top-1 [95% CI] / top-5 | "
-             "per seed top-1 | centre crop / + flip top-1 | paper (S = 256) |",
-             "|---|---|---|---|---|---|---|"]
+             "per seed top-1 | centre crop / + flip top-1 | centre crop, mean of the last "
+             f"{LAST_EPOCHS} epochs | paper (S = 256) |",
+             "|---|---|---|---|---|---|---|---|"]
     for arch in ("A", "A-LRN", "B", "C", "D", "E"):
         runs = table3_runs(res, arch)
         mean, errs = mean_error(res, runs, ["dense@72"])
@@ -195,9 +196,28 @@ def table3(res):
                                                                       "center-flip@72")]
         centre = (" / ".join(f"{c[0]:.1f}" for c in centre) if centre and None not in centre
                   else PENDING)
+        recent = [late_val(res, r.name) for r in runs if res.done[r.name]]
+        recent = (f"{np.mean(recent):.1f}" if recent else PENDING)
         lines.append(f"| {arch} | {depth(arch)} | {len(errs)} | {cell(mean)} | {seeds} | "
-                     f"{centre} | {paper(PAPER_T3[arch])} |")
-    return "\n".join(lines)
+                     f"{centre} | {recent} | {paper(PAPER_T3[arch])} |")
+    done = [n for n, ok in res.done.items() if ok and res.rows.get(n)]
+    cut = sorted(n for n in done if len({r["lr"] for r in res.rows[n]}) > 1)
+    lr_note = (f"the lr was cut in {', '.join(cut)}" if cut else
+               "no finished run reached a plateau, so the lr stayed at its first value")
+    return "\n".join(lines) + (
+        f"\n\nThe val error swings from epoch to epoch at this budget ({lr_note}), so the "
+        f"last epoch is one draw from a noisy trajectory; the mean of the last "
+        f"{LAST_EPOCHS} epochs' centre-crop error (no model selection: every one of those "
+        f"epochs counts) shows where each net stands with less of that noise.")
+
+
+LAST_EPOCHS = 3
+
+
+def late_val(res, name, last=LAST_EPOCHS):
+    """Mean centre-crop val top-1 (%) over a run's last `last` epochs."""
+    rows = (res.rows.get(name) or [])[-last:]
+    return float(np.mean([100 * float(r["val_top1_err"]) for r in rows]))
 
 
 def table3_findings(res):

@@ -135,3 +135,40 @@ def test_multi_scale_finding_needs_a_significant_direction(study):
     from reproduction_report import sign_test
     assert sign_test(5, 5) == 1 / 32 and sign_test(0, 3) == 1.0
     assert sign_test(1, 1) == 0.5 and sign_test(4, 4) > 0.05  # 4 nets can never show it
+
+
+def test_paired_test_counts_only_the_images_the_two_disagree_on(study):
+    """McNemar: 3 images right only with a, 1 only with b, 2 right with both, 1 wrong with
+    both -> p = P(at most 1 of 4 coin flips one way, either way) = 2 * 5/16."""
+    from reproduction_report import paired_test, p_text
+    labels = np.array([0, 0, 0, 0, 0, 0, 0])
+    right, wrong = [0.9, 0.1], [0.1, 0.9]
+    a = np.array([right, right, right, wrong, right, right, wrong])
+    b = np.array([wrong, wrong, wrong, right, right, right, wrong])
+    assert paired_test((a, labels), (b, labels)) == (3, 1, 0.625)
+    assert paired_test((a, labels), (a, labels)) == (0, 0, 1.0)
+    assert p_text(0.0004) == "p < 0.001" and p_text(0.004) == "p = 0.004"
+
+
+def test_report_from_the_committed_records(study, tmp_path):
+    """The report built from docs/reproduction/ (the study's committed results) fills the
+    cells of every finished run, with no run folders at all."""
+    pytest.importorskip("matplotlib")
+    record = REPO / "docs" / "reproduction"
+    finished = sorted(p.name for p in record.iterdir() if (p / "metrics.csv").is_file())
+    if not {"A-s0", "B-s0"} <= set(finished):
+        pytest.skip("the study has not recorded A-s0 and B-s0")
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "reproduction.md"
+    args = _args(study, tmp_path)
+    assert study.main([args.data, "--out", args.out, "--doc", str(doc), "--record",
+                       str(record), "--doc-only"]) == 0
+    text = doc.read_text()
+    assert f"{len(finished)} of\n11 runs finished" in text
+    table6 = text.split("## Table 6")[1].split("##")[0]
+    assert "(best 2)" in table6 and "McNemar" in table6 and "pending" not in table6
+    runs_table = text.split("## Runs")[1].split("## Table 3")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in runs_table.splitlines()
+            if line.startswith("| ") and not line.startswith("| run ")}
+    for name in finished:
+        assert "| 12/12 |" in rows[name] and "pending" not in rows[name]

@@ -355,7 +355,7 @@ def table4(res):
                 else "within noise")
         lines.append(f"\n- Multi-scale testing helps: better on {better} of {n} nets, "
                      f"mean change {np.mean(changes):+.2f} top-1 points — **{word}** "
-                     f"(across nets, one-sided sign test p = {p_better:.2f}"
+                     f"(across nets, one-sided sign test {p_text(p_better)}"
                      + ("; at least 5 nets are needed for p < 0.05" if n < 5 else "")
                      + f"). Net by net, an exact McNemar test on the same val images "
                      f"(the last column) finds the gain significant (p < 0.05) on "

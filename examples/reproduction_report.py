@@ -74,13 +74,7 @@ class Results:
 
     def error(self, names, keys, subset=False):
         """(top-1 %, top-5 %, n) of the averaged soft-max, or None when pending."""
-        got = self.combined(names, keys, subset)
-        if got is None:
-            return None
-        probs, labels = got
-        miss = metrics.topk_errors(probs, labels, (1, 5))
-        n = len(labels)
-        return 100.0 * miss[1] / n, 100.0 * miss[5] / n, n
+        return errors(self.combined(names, keys, subset))
 
     def final_val(self, name):
         """Last epoch's centre-crop val top-1 % from metrics.csv (None if unfinished)."""
@@ -92,6 +86,16 @@ class Results:
     def wall_seconds(self, name):
         rows = self.rows.get(name) or []
         return sum(float(r["seconds"]) for r in rows if r.get("seconds")) if rows else None
+
+
+def errors(out):
+    """(top-1 %, top-5 %, n) of soft-max outputs (probs, labels), or None when pending."""
+    if out is None:
+        return None
+    probs, labels = out
+    miss = metrics.topk_errors(probs, labels, (1, 5))
+    n = len(labels)
+    return 100.0 * miss[1] / n, 100.0 * miss[5] / n, n
 
 
 def wilson(err_percent, n, z=1.96):
@@ -143,19 +147,24 @@ def seed_noise(res):
     return max(gaps) if gaps else None
 
 
+def noise_floor(noise):
+    """(points, where they come from): the seed noise, or ~ the binomial CI before seeds."""
+    if noise is not None:
+        return noise, "the largest seed-to-seed difference"
+    return 1.5, "about the binomial interval: *provisional*, seed noise not measured yet"
+
+
 def verdict(diff, noise, expect_negative=True, what=""):
     """'reproduced', 'not reproduced' or 'within noise' for a difference in top-1 points."""
     if diff is None:
         return f"{what}: {PENDING}."
-    floor = noise if noise is not None else 1.5  # before two seeds exist: ~ binomial CI
+    floor, source = noise_floor(noise)
     if abs(diff) <= floor:
         word = "within noise"
     elif (diff < 0) == expect_negative:
         word = "reproduced"
     else:
         word = "not reproduced"
-    source = ("the largest seed-to-seed difference" if noise is not None
-              else "about the binomial interval: *provisional*, seed noise not measured yet")
     return (f"{what}: **{word}** (difference {diff:+.1f} top-1 points; noise taken as "
             f"{floor:.1f} points, {source}).")
 
@@ -168,19 +177,14 @@ def saturation_verdict(e, noise):
     diff = diff_of(e["E"], e["D"])
     if diff is None:
         return f"{what}: {PENDING}."
-    floor = noise if noise is not None else 1.5
-    if abs(diff) <= floor:
-        word = "reproduced"
-    else:
-        word = "not reproduced"
+    floor, source = noise_floor(noise)
+    word = "reproduced" if abs(diff) <= floor else "not reproduced"
     why = ("E is better, so depth has not saturated at D's 16 layers here" if diff < -floor
            else "E is worse" if diff > floor else "E and D are level")
     below_a = [k for k in ("D", "E") if e["A"] is not None and e[k][0] - e["A"][0] > floor]
     if len(below_a) == 2:
         why += ("; but both trail the 11-layer A, so at this budget there is no gain from "
                 "depth for E to saturate")
-    source = ("the largest seed-to-seed difference" if noise is not None
-              else "about the binomial interval: *provisional*, seed noise not measured yet")
     return (f"{what}: **{word}** ({why}; difference {diff:+.1f} top-1 points; noise taken "
             f"as {floor:.1f} points, {source}).")
 
@@ -263,34 +267,42 @@ def table3_findings(res):
 
 
 def depth_explanation(res):
-    """Why deeper nets trail A here, from their training error: underfitting or not."""
+    """Where the deeper nets stand against A, from their last epoch's training error:
+    behind in training error too means they underfit (have not finished learning); level in
+    training error but behind on val means they overfit. A gap counts only beyond the same
+    noise floor as the verdicts above."""
     last = {}
     for arch in ("A", "B", "C", "D", "E"):
         rows = [res.rows[r.name][-1] for r in table3_runs(res, arch) if res.done[r.name]]
         if rows:
             last[arch] = (100 * np.mean([float(r["train_top1_err"]) for r in rows]),
                           100 * np.mean([float(r["val_top1_err"]) for r in rows]))
-    deeper = [a for a in ("B", "C", "D", "E") if a in last and "A" in last
-              and last[a][1] > last["A"][1] + 1.5]
-    if not deeper:
+    if "A" not in last:
+        return ""
+    floor, _ = noise_floor(seed_noise(res))
+    behind = [a for a in ("B", "C", "D", "E") if a in last and last[a][1] > last["A"][1]]
+    if not behind:
         return ""
     cells = ", ".join(f"{a} {last[a][0]:.1f}% train / {last[a][1]:.1f}% val" for a in
-                      ["A"] + deeper)
-    under = all(last[a][0] > last["A"][0] + 1.5 for a in deeper)
-    why = ("so they **underfit**: they have not finished learning, rather than learned "
-           "something worse" if under else
-           "while their training error is no worse, so they **overfit** the 9,469 images")
-    return (f"\n\nWhy the deeper nets trail A here: at the last epoch (centre crop, "
-            f"top-1 error) {cells}. They are behind in *training* error too, "
-            if under else f"\n\nWhy the deeper nets trail A here: at the last epoch "
-            f"(centre crop, top-1 error) {cells}, ") + why + (
-            ". Twelve epochs of 148 steps at lr 0.01 from Glorot's initialisation are far "
-            "from the paper's 74 epochs (370K iterations, lr cut 3 times) on 1000 classes, "
-            "and Sec. 3.1 warm-started its deep nets from A because a poor initialisation "
-            "can stall learning in deep nets (later finding Glorot's enough); at 64-pixel "
-            "crops the last blocks also work on 4×4 and 2×2 maps. So this budget measures "
-            "how fast each depth learns, not how well it ends: Dwarm-s0 (warm start) and "
-            "more epochs are the tests of the paper's claim.")
+                      ["A"] + behind)
+    under = all(last[a][0] > last["A"][0] for a in behind)
+    fit = ("they are behind in *training* error too, so they **underfit**: they have not "
+           "finished learning, rather than learned something worse" if under else
+           "their training error is no worse, so they **overfit** the 9,469 images")
+    beyond = [a for a in behind if last[a][1] - last["A"][1] > floor]
+    size = (f"{', '.join(beyond)} trail{'s' if len(beyond) == 1 else ''} A by more than "
+            f"the noise ({floor:.1f} points)" if beyond else
+            f"none trails A by more than the noise ({floor:.1f} points), so this budget "
+            f"cannot tell whether depth helps")
+    return (f"\n\nWhere the deeper nets stand at the last epoch (centre crop, top-1 error, "
+            f"seed means): {cells}. Of those behind A on val, {fit}; {size}. Twelve epochs "
+            "of 148 steps at lr 0.01 from Glorot's initialisation are far from the paper's "
+            "74 epochs (370K iterations, lr cut 3 times) on 1000 classes, and Sec. 3.1 "
+            "warm-started its deep nets from A because a poor initialisation can stall "
+            "learning in deep nets (later finding Glorot's enough); at 64-pixel crops the "
+            "last blocks also work on 4×4 and 2×2 maps. So this budget measures how fast "
+            "each depth learns, not how well it ends: Dwarm-s0 (warm start) and more epochs "
+            "are the tests of the paper's claim.")
 
 
 def jitter_table(res):
@@ -437,15 +449,11 @@ def table5(res):
             if label_i == "dense+multicrop":
                 got = [res.combined([run.name], [f"{m}@{s}" for s in run.qs], True)
                        for m in ("dense", "multicrop")]
-                err = out = None
-                if None not in got:
-                    out = evaluate.average([g[0] for g in got]), got[0][1]
-                    miss = metrics.topk_errors(out[0], out[1], (1, 5))
-                    n = len(out[1])
-                    err = (100.0 * miss[1] / n, 100.0 * miss[5] / n, n)
+                out = (None if None in got else
+                       (evaluate.average([g[0] for g in got]), got[0][1]))
             else:
-                err = res.error([run.name], keys, subset=True)
                 out = res.combined([run.name], keys, subset=True)
+            err = errors(out)
             keyed[(label_i.split(" (")[0], run.name)] = err
             outputs[(label_i.split(" (")[0], run.name)] = out
             cells.append(cell(err, False))
@@ -501,9 +509,7 @@ def table6(res):
     for label, nets in groups:
         singles = [res.combined([r.name], [f"dense@{q}" for q in r.qs]) for r in nets]
         out = evaluate.average([p for p, _ in singles]), singles[0][1]
-        miss = metrics.topk_errors(out[0], out[1], (1, 5))
-        n = len(out[1])
-        err = (100.0 * miss[1] / n, 100.0 * miss[5] / n, n)
+        err = errors(out)
         best_err, best = min(((e, r) for e, r in ranked if r in nets), key=lambda t: t[0])
         best_out = res.combined([best.name], [f"dense@{q}" for q in best.qs])
         only_fused, only_best, p = paired_test(out, best_out)

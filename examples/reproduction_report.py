@@ -222,10 +222,9 @@ def table3(res):
         runs = table3_runs(res, arch)
         mean, errs = mean_error(res, runs, ["dense@72"])
         seeds = ", ".join(f"{e[0]:.1f}" for e in errs) or PENDING
-        centre = [res.error([r.name], [k]) for r in runs[:1] for k in ("center@72",
-                                                                      "center-flip@72")]
-        centre = (" / ".join(f"{c[0]:.1f}" for c in centre) if centre and None not in centre
-                  else PENDING)
+        centre = [mean_error(res, runs, [k])[0] for k in ("center@72", "center-flip@72")]
+        centre = (" / ".join(f"{c[0]:.1f}" for c in centre) if None not in centre
+                  else PENDING)  # seed means, as the dense column
         recent = [late_val(res, r.name) for r in runs if res.done[r.name]]
         recent = (f"{np.mean(recent):.1f}" if recent else PENDING)
         lines.append(f"| {arch} | {depth(arch)} | {len(errs)} | {cell(mean)} | {seeds} | "

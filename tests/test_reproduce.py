@@ -2,6 +2,7 @@
 marks what is missing as pending. Nothing here trains (that is the study itself)."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -172,3 +173,10 @@ def test_report_from_the_committed_records(study, tmp_path):
             if line.startswith("| ") and not line.startswith("| run ")}
     for name in finished:
         assert "| 12/12 |" in rows[name] and "pending" not in rows[name]
+    if len(finished) == 11:  # the whole study: no cell is left pending
+        assert "pending" not in text
+    if "A-s1" in finished:  # a second seed must not count as a second configuration
+        line = next(x for x in text.splitlines() if x.startswith("- Multi-scale testing"))
+        nets = int(re.search(r"better on \d+ of (\d+) nets", line)[1])
+        configs = int(re.search(r"better on \d+ of (\d+), one-sided", line)[1])
+        assert configs < nets

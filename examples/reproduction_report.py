@@ -156,13 +156,15 @@ def noise_floor(noise):
     return 1.5, "about the binomial interval: *provisional*, seed noise not measured yet"
 
 
-def verdict(diff, noise, expect_negative=True, what=""):
-    """'reproduced', 'not reproduced' or 'within noise' for a difference in top-1 points."""
+def verdict(diff, noise, expect_negative=True, what="", null_finding=False):
+    """'reproduced', 'not reproduced' or 'within noise' for a difference in top-1 points.
+    null_finding: the paper itself found no difference, so one within noise is called
+    'consistent (within noise)'."""
     if diff is None:
         return f"{what}: {PENDING}."
     floor, source = noise_floor(noise)
     if abs(diff) <= floor:
-        word = "within noise"
+        word = "consistent (within noise)" if null_finding else "within noise"
     elif (diff < 0) == expect_negative:
         word = "reproduced"
     else:
@@ -258,8 +260,8 @@ def table3_findings(res):
          for arch in models.CONFIGS}
     lines = [
         verdict(diff_of(e["A-LRN"], e["A"]), noise, expect_negative=False,
-                what="LRN does not help (A-LRN vs A; the paper: no gain, 29.7 vs 29.6)"
-                ).replace("**within noise**", "**consistent (within noise)**"),
+                what="LRN does not help (A-LRN vs A; the paper: no gain, 29.7 vs 29.6)",
+                null_finding=True),
         verdict(diff_of(e["D"], e["A"]), noise, what="Depth helps (D vs A)"),
         verdict(diff_of(e["B"], e["A"]), noise, what="Depth helps (B vs A)"),
         verdict(diff_of(e["C"], e["B"]), noise, what="1×1 convs help (C vs B)"),
@@ -391,8 +393,9 @@ def table4(res):
     for run in res.study:  # another (the warm start), are not independent trials
         if run.engine != "minivgg":
             continue
-        single = res.error([run.name], [f"dense@{run.q}"])
-        multi = res.error([run.name], [f"dense@{q}" for q in run.qs])
+        single_out = res.combined([run.name], [f"dense@{run.q}"])
+        multi_out = res.combined([run.name], [f"dense@{q}" for q in run.qs])
+        single, multi = errors(single_out), errors(multi_out)
         change = diff_of(multi, single)
         if change is not None:
             changes.append(change)
@@ -400,9 +403,7 @@ def table4(res):
                 by_config.setdefault((run.arch, bool(run.jitter)), change)
         paired = PENDING
         if change is not None:
-            only_multi, only_single, p = paired_test(
-                res.combined([run.name], [f"dense@{q}" for q in run.qs]),
-                res.combined([run.name], [f"dense@{run.q}"]))
+            only_multi, only_single, p = paired_test(multi_out, single_out)
             paired = (f"right only multi-scale {only_multi}, only single {only_single}: "
                       f"{p_text(p)}")
             significant += p < 0.05 and only_multi > only_single
@@ -449,9 +450,8 @@ def paired_test(a, b):
     right_a = a[0].argmax(1) == a[1]
     right_b = b[0].argmax(1) == b[1]
     only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
-    n, k = only_a + only_b, min(only_a, only_b)
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-    return only_a, only_b, p
+    n = only_a + only_b  # two-sided: twice the tail beyond the larger count
+    return only_a, only_b, min(1.0, 2 * sign_test(max(only_a, only_b), n))
 
 
 def p_text(p):
@@ -459,18 +459,28 @@ def p_text(p):
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
 
 
-def paired_verdict(better, worse_name, other):
-    """'reproduced' when `better` (expected to win) is right on significantly more images
-    than `other`, 'not reproduced' when significantly fewer, else 'within noise'."""
-    only_new, only_old, p = paired_test(better, other)
+def paired_verdict(expected_winner, other_name, other):
+    """'reproduced' when `expected_winner` is right on significantly more images than
+    `other`, 'not reproduced' when significantly fewer, else 'within noise'."""
+    only_new, only_old, p = paired_test(expected_winner, other)
     word = ("within noise" if p >= 0.05 else
             "reproduced" if only_new > only_old else "not reproduced")
     return (f"**{word}** (right only with it on {images(only_new)}, only with "
-            f"{worse_name} on {only_old}: McNemar {p_text(p)})")
+            f"{other_name} on {only_old}: McNemar {p_text(p)})")
 
 
 def images(k):
     return f"{k} image" + ("" if k == 1 else "s")
+
+
+def protocol_output(res, run, label, keys):
+    """(probs, labels) of one Table 5 protocol for `run` on the val subset, or None.
+    NOTE: dense+multicrop averages the two methods' multi-scale soft-max equally."""
+    if label != "dense+multicrop":
+        return res.combined([run.name], keys, subset=True)
+    got = [res.combined([run.name], [f"{m}@{s}" for s in run.qs], True)
+           for m in ("dense", "multicrop")]
+    return None if None in got else (evaluate.average([g[0] for g in got]), got[0][1])
 
 
 def protocol_rows(res, names, qs, q):
@@ -497,30 +507,22 @@ def table5(res):
              "2×2 and 3×3 maps, where it does.",
              "", "| protocol | " + " | ".join(r.name for r in nets) + " | paper (D) |",
              "|---|" + "---|" * (len(nets) + 1)]
-    keyed, outputs = {}, {}
+    outputs = {}  # (protocol, run name) -> (probs, labels) or None
     for i, (label, _) in enumerate(protocol_rows(res, [], (0,), 0)):
         cells = []
         for run in nets:
             label_i, keys = protocol_rows(res, [run.name], run.qs, run.q)[i]
-            # NOTE: dense+multicrop averages the two methods' multi-scale soft-max equally
-            if label_i == "dense+multicrop":
-                got = [res.combined([run.name], [f"{m}@{s}" for s in run.qs], True)
-                       for m in ("dense", "multicrop")]
-                out = (None if None in got else
-                       (evaluate.average([g[0] for g in got]), got[0][1]))
-            else:
-                out = res.combined([run.name], keys, subset=True)
-            err = errors(out)
-            keyed[(label_i.split(" (")[0], run.name)] = err
+            out = protocol_output(res, run, label_i, keys)
             outputs[(label_i.split(" (")[0], run.name)] = out
-            cells.append(cell(err, False))
+            cells.append(cell(errors(out), False))
         ref = {"dense": PAPER_T5["dense"], "multicrop": PAPER_T5["multicrop"],
                "dense+multicrop": PAPER_T5["dense+multicrop"]}.get(label)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper(ref)} |")
     lines.append("")
     for run in nets:
-        d, m, b = (keyed.get((k, run.name)) for k in ("dense", "multicrop", "dense+multicrop"))
-        c = keyed.get(("centre crop + flip, one scale", run.name))
+        d, m, b = (errors(outputs.get((k, run.name)))
+                   for k in ("dense", "multicrop", "dense+multicrop"))
+        c = errors(outputs.get(("centre crop + flip, one scale", run.name)))
         if None in (d, m, b, c):
             lines.append(f"- {run.name}: {PENDING}.")
             continue
@@ -559,8 +561,9 @@ def table6(res):
                      f"{paper(PAPER_T6['dense'])} |")
         return "\n".join(lines)
     groups = [(f"best {k}", [r for _, r in ranked[:k]]) for k in (2, 3) if len(ranked) >= k]
-    pair = [r for r in res.study if r.name in ("D-s0", "E-s0")]
-    if all(any(r is q for _, q in ranked) for r in pair) and len(pair) == 2:
+    evaluated = [r for _, r in ranked]
+    pair = [r for r in res.study if r.name in ("D-s0", "E-s0") and r in evaluated]
+    if len(pair) == 2:
         groups.append(("the paper's pair", pair))
     findings = []
     for label, nets in groups:
@@ -568,7 +571,7 @@ def table6(res):
         out = evaluate.average([p for p, _ in singles]), singles[0][1]
         err = errors(out)
         best_err, best = min(((e, r) for e, r in ranked if r in nets), key=lambda t: t[0])
-        best_out = res.combined([best.name], [f"dense@{q}" for q in best.qs])
+        best_out = singles[nets.index(best)]
         only_fused, only_best, p = paired_test(out, best_out)
         names = " + ".join(r.name for r in nets)
         lines.append(f"| {names} ({label}) | {cell(err)} | {best_err:.1f} ({best.name}) "
@@ -613,8 +616,8 @@ def warm_table(res):
               "- " + verdict(diff, seed_noise(res),
                              what=f"Glorot needs no warm start (Glorot, mean of its "
                                   f"{len(glorot)} seed(s), minus warm start; 'not "
-                                  "reproduced' if the warm start wins beyond the noise)"
-                             ).replace("**within noise**", "**consistent (within noise)**")]
+                                  "reproduced' if the warm start wins beyond the noise)",
+                             null_finding=True)]
     return "\n".join(lines)
 
 
@@ -742,18 +745,8 @@ def plot_protocols(res, path):
     for j, run in enumerate(nets):
         values = []
         for label, keys in protocol_rows(res, [run.name], run.qs, run.q):
-            if label == "dense+multicrop":
-                got = [res.combined([run.name], [f"{m}@{s}" for s in run.qs], True)
-                       for m in ("dense", "multicrop")]
-                if None in got:
-                    values.append(np.nan)
-                    continue
-                probs = evaluate.average([g[0] for g in got])
-                values.append(100 * metrics.topk_errors(probs, got[0][1], (1,))[1]
-                              / len(got[0][1]))
-            else:
-                err = res.error([run.name], keys, subset=True)
-                values.append(np.nan if err is None else err[0])
+            err = errors(protocol_output(res, run, label, keys))
+            values.append(np.nan if err is None else err[0])
         ax.bar(np.arange(len(labels)) + j * width, values, width, label=run.name)
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
     ax.set_xticklabels([label.replace(", ", ",\n") for label in labels], fontsize=7)

@@ -543,7 +543,7 @@ def table5(res):
 
 
 def table6(res):
-    """Fusion (Sec. 4.3): soft-max averaged over nets, each at its multi-scale dense Q set.
+    """Fusion (Sec. 4.4, Table 6): soft-max averaged over nets, each at its multi-scale dense Q set.
 
     Rows fuse the best two and three nets by their own multi-scale dense error, and the
     paper's pair, D + E. Each is paired against its best member on the same images."""

@@ -242,6 +242,7 @@ def main(argv=None):
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
         torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm per shape
         from minivgg import backend
         backend.require_cuda()
         backend.set_tf32(args.tf32 == "on")  # minivgg's switch; it overrides CUPY_TF32

@@ -83,6 +83,12 @@ def cuda_available():
     return _import_cupy() is not None
 
 
+def cuda_unavailable_reason():
+    """Why `cuda_available()` is False (the import or driver error), or None when it is True."""
+    _import_cupy()
+    return _cupy_error
+
+
 def require_cuda():
     cp = _import_cupy()
     if cp is None:

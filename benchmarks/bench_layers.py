@@ -253,8 +253,8 @@ def main(argv=None):
     rows = []
     print(f"batch {batch}, {args.threads} threads, device {args.device}, conv "
           f"{','.join(args.algos)}, load {common.load_average()}")
-    if common.load_warning():
-        print(common.load_warning(), file=sys.stderr)
+    if common.load_warning(args.device):
+        print(common.load_warning(args.device), file=sys.stderr)
     for name, kind, spec, flops_fwd in net_layers(args.net, batch):
         if wanted and kind not in wanted and name not in wanted:
             continue

@@ -240,8 +240,8 @@ def main(argv=None):
     rows = []
     print(f"{args.threads} threads, device {args.device}, conv {args.conv_algo}, load "
           f"{common.load_average()}")
-    if common.load_warning():
-        print(common.load_warning(), file=sys.stderr)
+    if common.load_warning(args.device):
+        print(common.load_warning(args.device), file=sys.stderr)
     for case in [c for c in args.cases.split(",") if c]:
         config, width, fc_width, classes, size, cpu_batch, gpu_batch = CASES[case]
         batch = args.batch or (gpu_batch if args.device == "cuda" else cpu_batch)

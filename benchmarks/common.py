@@ -161,17 +161,28 @@ def load_average():
 QUIET_LOAD = 0.5
 
 
-def load_warning():
-    """A warning when the 1-minute load average at the start was above QUIET_LOAD, else "".
+def quiet_load(device="cpu"):
+    """The highest 1-minute load average at which timings on `device` are taken as quiet.
+
+    On the CPU the cores do the work: QUIET_LOAD. On a GPU the host only launches kernels,
+    so a few busy cores out of many (the previous benchmark process winding down) do not
+    matter; a quarter of the cores busy does.
+    """
+    return QUIET_LOAD if device == "cpu" else max(QUIET_LOAD, (os.cpu_count() or 1) / 4)
+
+
+def load_warning(device="cpu"):
+    """A warning when the 1-minute load average at the start was above `quiet_load`, else "".
 
     NOTE: a loaded machine does not slow both libraries alike: PyTorch's OpenMP threads
     spin and wait at barriers, so one descheduled thread stalls the rest, while minivgg's
     pool degrades more gracefully. Timings under load flatter minivgg.
     """
-    if START_LOAD is None or START_LOAD[0] <= QUIET_LOAD:
+    limit = quiet_load(device)
+    if START_LOAD is None or START_LOAD[0] <= limit:
         return ""
     load = START_LOAD[0]
-    return (f"WARNING: 1-minute load average {load:.2f} > {QUIET_LOAD} at start: other "
+    return (f"WARNING: 1-minute load average {load:.2f} > {limit:g} at start: other "
             "processes share the cores, and a loaded machine flatters minivgg against "
             "PyTorch; do not quote these timings")
 
@@ -214,14 +225,70 @@ def header(title, threads, device="cpu"):
     if device == "cuda":
         machine += f"; GPU {gpu_name()}"
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    gpu = ([f"- GPU stack: " + "; ".join(f"{k} {v}" for k, v in gpu_versions()
+                                         if not v.startswith("n/a"))]
+           if device == "cuda" else [])
+    warning = load_warning(device)
     return "\n".join([
         f"### {title}", "",
         f"- date: {now}",
         f"- machine: {machine}",
-        f"- versions: {versions()}",
+        f"- versions: {versions()}"] + gpu + [
         f"- load average (1, 5, 15 min) at start: {load_average()}",
         f"- command: `{cmd}`", ""]
-        + ([f"**{load_warning()}**", ""] if load_warning() else []))
+        + ([f"**{warning}**", ""] if warning else []))
+
+
+def gpu_versions():
+    """[(what, version or "n/a (why)")] for every GPU library minivgg or the benchmarks use:
+    CuPy, the CUDA driver and runtime, NVRTC, the GPU, cuBLAS, NCCL, PyTorch, cuDNN."""
+    rows = []
+
+    def add(name, fn):
+        try:
+            rows.append((name, str(fn())))
+        except Exception as e:  # a missing library is a row, not a crash
+            rows.append((name, f"n/a ({type(e).__name__}: {e})"))
+
+    def cupy():
+        import cupy
+        return cupy
+
+    def cuda_version(v):
+        return f"{v // 1000}.{v % 1000 // 10}"
+
+    add("CuPy", lambda: cupy().__version__)
+    add("CUDA driver (newest CUDA it runs)",
+        lambda: cuda_version(cupy().cuda.runtime.driverGetVersion()))
+    add("CUDA runtime (CuPy's)", lambda: cuda_version(cupy().cuda.runtime.runtimeGetVersion()))
+    add("NVRTC", lambda: ".".join(map(str, cupy().cuda.nvrtc.getVersion())))
+    add("GPU", lambda: _device_line(cupy()))
+    add("cuBLAS", lambda: cupy().cuda.cublas.getVersion(cupy().cuda.device.get_cublas_handle()))
+    add("NCCL (CuPy's)", lambda: _nccl_version(cupy()))
+    add("PyTorch", _torch_line)
+    add("cuDNN (PyTorch's)", lambda: __import__("torch").backends.cudnn.version())
+    return rows
+
+
+def _device_line(cp):
+    d = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(d.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return (f"{name}, compute capability {d.compute_capability}, "
+            f"{props['totalGlobalMem'] / 2**30:.0f} GiB, {props['multiProcessorCount']} SMs, "
+            f"{cp.cuda.runtime.getDeviceCount()} visible")
+
+
+def _nccl_version(cp):
+    from cupy.cuda import nccl
+    v = nccl.get_version()
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def _torch_line():
+    import torch
+    return (f"{torch.__version__} (CUDA {torch.version.cuda}, GPU seen: "
+            f"{torch.cuda.is_available()})")
 
 
 def markdown_table(headers, rows):

@@ -27,60 +27,9 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 SKIPPED = 3  # exit code: no GPU here, nothing was checked
 
 
-def gpu_env():
-    """[(what, version or why not)] for every GPU library minivgg or the benchmarks use."""
-    rows = []
-
-    def add(name, fn):
-        try:
-            rows.append((name, str(fn())))
-        except Exception as e:  # a missing library is a row, not a crash
-            rows.append((name, f"n/a ({type(e).__name__}: {e})"))
-
-    def cupy():
-        import cupy
-        return cupy
-
-    def cuda_version(v):
-        return f"{v // 1000}.{v % 1000 // 10}"
-
-    add("CuPy", lambda: cupy().__version__)
-    add("CUDA driver (max CUDA version it supports)",
-        lambda: cuda_version(cupy().cuda.runtime.driverGetVersion()))
-    add("CUDA runtime (CuPy's)", lambda: cuda_version(cupy().cuda.runtime.runtimeGetVersion()))
-    add("NVRTC", lambda: ".".join(map(str, cupy().cuda.nvrtc.getVersion())))
-    add("GPU", lambda: _device_line(cupy()))
-    add("cuBLAS", lambda: cupy().cuda.cublas.getVersion(cupy().cuda.device.get_cublas_handle()))
-    add("NCCL (CuPy's)", lambda: _nccl_version(cupy()))
-    add("PyTorch", _torch_line)
-    add("cuDNN (PyTorch's)", lambda: __import__("torch").backends.cudnn.version())
-    return rows
-
-
-def _device_line(cp):
-    d = cp.cuda.Device()
-    props = cp.cuda.runtime.getDeviceProperties(d.id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return (f"{name}, compute capability {d.compute_capability}, "
-            f"{props['totalGlobalMem'] / 2**30:.0f} GiB, {props['multiProcessorCount']} SMs, "
-            f"{cp.cuda.runtime.getDeviceCount()} visible")
-
-
-def _nccl_version(cp):
-    from cupy.cuda import nccl
-    v = nccl.get_version()
-    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
-
-
-def _torch_line():
-    import torch
-    return f"{torch.__version__} (CUDA {torch.version.cuda}, GPU seen: " \
-           f"{torch.cuda.is_available()})"
-
-
 def cmd_env(args):
     from minivgg import backend
-    for name, value in gpu_env():
+    for name, value in common.gpu_versions():
         print(f"{name:44s} {value}")
     ok = backend.cuda_available()
     print(f"{'minivgg.cuda_available()':44s} {ok}"

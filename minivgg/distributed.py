@@ -503,7 +503,13 @@ class _MPITransport:
 # ----------------------------------------------------------------------------------------
 
 class NCCLGroup(MPIGroup):
-    """One GPU per rank (local rank mod the GPUs of the machine), arrays summed by NCCL.
+    """One GPU per rank, arrays summed by NCCL.
+
+    Which GPU: with one visible GPU (each rank given its own by the launcher, e.g. Slurm's
+    `srun --gpus-per-task=1` or a per-rank CUDA_VISIBLE_DEVICES) that one; with several,
+    the rank's local rank among them (`mpirun -n 8` on a machine of 8 GPUs). Either way
+    the ranks of a machine then compare their GPUs' PCI bus ids and refuse to start if two
+    of them share one (NCCL cannot put two ranks of a communicator on one GPU).
 
     NCCL needs one "unique id" made by one rank and known to all: rank 0 makes it and MPI
     broadcasts its 128 bytes. Counters, flags and failures still go through MPI.
@@ -519,21 +525,43 @@ class NCCLGroup(MPIGroup):
             raise DistributedError(f"device 'cuda' on several ranks needs CuPy with NCCL and "
                                    f"a GPU (pip install 'minivgg[cuda,mpi]'): "
                                    f"{type(e).__name__}: {e}") from None
+        if gpus < 1:
+            raise DistributedError(f"rank {self.rank} on {socket.gethostname()} sees no GPU")
         self.cupy, self.nccl = cupy, nccl
-        if gpus < self.local_size:
-            # NOTE: NCCL refuses two ranks of one communicator on the same GPU.
-            raise DistributedError(f"{self.local_size} ranks on {socket.gethostname()} but "
-                                   f"{gpus} GPUs: start at most one rank per GPU")
-        self.gpu = self.local_rank % gpus
+        self.gpu = 0 if gpus == 1 else self.local_rank % gpus
         cupy.cuda.Device(self.gpu).use()
+        self._check_one_rank_per_gpu(cupy.cuda.Device(self.gpu).pci_bus_id)
         uid = np.zeros(_NCCL_UNIQUE_ID_BYTES, dtype=np.int16)  # chars, signed or not
         if self.rank == 0:
             uid[:] = nccl.get_unique_id()
         self.comm.Bcast(uid, root=0)
         self.nccl_comm = nccl.NcclCommunicator(self.size, tuple(int(v) for v in uid),
                                                self.rank)
-        self.description = (f"{self.size} processes, GPU {self.gpu} of {gpus} here, NCCL "
-                            f"for gradients, MPI ({_mpi_library(MPI)}) for the rest")
+        self.description = (f"{self.size} processes, GPU {self.gpu} of {gpus} visible here "
+                            f"(PCI {cupy.cuda.Device(self.gpu).pci_bus_id}), NCCL for "
+                            f"gradients, MPI ({_mpi_library(self.MPI)}) for the rest")
+
+    def _check_one_rank_per_gpu(self, bus_id):
+        """Raise on every rank of a machine if two of its ranks chose the same GPU.
+
+        NOTE: compares physical GPUs (PCI bus ids), not counts: two ranks that each see
+        one GPU may see the same one (the same CUDA_VISIBLE_DEVICES), or different ones.
+        """
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        mine = np.zeros(64, dtype=np.uint8)
+        encoded = bus_id.encode()[:64]
+        mine[:len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        everyone = np.zeros((node.Get_size(), 64), dtype=np.uint8)
+        node.Allgather(mine, everyone)
+        node.Free()
+        ids = [bytes(row).rstrip(b"\0").decode() for row in everyone]
+        shared = [i for i, b in enumerate(ids) if ids.count(b) > 1]
+        if shared:
+            raise DistributedError(
+                f"local ranks {', '.join(map(str, shared))} on {socket.gethostname()} would "
+                f"share a GPU (PCI bus ids {', '.join(ids)}): give each rank its own GPU "
+                f"(as many GPUs visible as ranks on the machine, or one distinct GPU per "
+                f"rank through CUDA_VISIBLE_DEVICES or srun --gpus-per-task=1)")
 
     def broadcast_(self, arrays):
         stream = self.cupy.cuda.get_current_stream()

@@ -8,6 +8,10 @@ Scenarios:
                 in one process, and the ranks' weights checked to be bitwise equal
   serial        the same with the allreduces started only after backward (no overlap)
   nccl          `average` through NCCLGroup, with tests/nccl_standin.py as CuPy and NCCL
+                (2 GPUs per machine, each rank sees both)
+  nccl-own-gpu  the same with each rank seeing only its own GPU (CUDA_VISIBLE_DEVICES=rank,
+                as srun --gpus-per-task=1 sets up)
+  nccl-same-gpu each rank sees one GPU, the same one: must be refused on every rank
   raise         rank 1 raises while rank 0 waits in an allreduce
   exit          rank 1 prints an error line and exits with status 2 while rank 0 waits
   kill          rank 1 is killed (SIGKILL) while rank 0 waits
@@ -22,7 +26,11 @@ import sys
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 
-if sys.argv[1] == "nccl":
+if sys.argv[1].startswith("nccl"):
+    if sys.argv[1] != "nccl":  # the launcher gives each rank one GPU: its own, or GPU 0
+        rank = next(os.environ[v] for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
+                    if v in os.environ)
+        os.environ["CUDA_VISIBLE_DEVICES"] = rank if sys.argv[1] == "nccl-own-gpu" else "0"
     import nccl_standin
     nccl_standin.install()
 
@@ -99,13 +107,14 @@ def average(group, overlap=True):
 
 def main():
     scenario = sys.argv[1]
-    group = distributed.init(device="cuda" if scenario == "nccl" else "cpu")
+    group = distributed.init(device="cuda" if scenario.startswith("nccl") else "cpu")
     with group.guard():
         if scenario in ("average", "serial"):
             average(group, overlap=scenario == "average")
-        elif scenario == "nccl":
+        elif scenario in ("nccl", "nccl-own-gpu"):
             average(group)
-            assert group.gpu == group.local_rank, (group.gpu, group.local_rank)
+            expected = group.local_rank if scenario == "nccl" else 0
+            assert group.gpu == expected, (scenario, group.gpu, group.local_rank)
             assert not nccl_standin.violations, nccl_standin.violations
             assert nccl_standin.unsynchronised() == 0
             print(f"rank {group.rank}: NCCL stand-in on GPU {group.gpu}, streams in order",

@@ -5,7 +5,8 @@ meets a real cluster. Installed in each rank (`install()`), this module plays `c
 
 * "device" arrays that are NumPy arrays (the CPU stand-in for CuPy, as in
   cuda_host_emulator.py), and a device pointer that is the array's host address;
-* `cuda.Device(i).use()`, `cuda.runtime.getDeviceCount()` (GPUS per machine);
+* `cuda.Device(i).use()`, `.pci_bus_id`, `cuda.runtime.getDeviceCount()`: GPUS per machine,
+  or, where CUDA_VISIBLE_DEVICES is set, the physical GPUs it lists (as the driver does);
 * `cuda.Stream`, `cuda.Event`, `cuda.get_current_stream()` that record ordering;
 * `cuda.nccl`: `get_unique_id()`, `NcclCommunicator(ndev, uid, rank)` with `allReduce` and
   `bcast`, which move the bytes with MPI.
@@ -70,11 +71,23 @@ def unsynchronised():
                for s in Stream._by_ptr.values() if s is not _null_stream)
 
 
+def visible_gpus():
+    """The physical GPUs this process sees, in order: CUDA_VISIBLE_DEVICES or all GPUS."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(GPUS))
+    return [int(i) for i in listed.split(",") if i.strip()]
+
+
 class Device:
     def __init__(self, index):
-        if not 0 <= index < GPUS:
-            raise ValueError(f"stand-in: no GPU {index} (there are {GPUS})")
+        if not 0 <= index < len(visible_gpus()):
+            raise ValueError(f"stand-in: no GPU {index} (there are {len(visible_gpus())})")
         self.index = index
+
+    @property
+    def pci_bus_id(self):
+        return f"0000:{0x18 + visible_gpus()[self.index]:02X}:00.0"
 
     def use(self):
         global current_device
@@ -106,7 +119,8 @@ class NcclCommunicator:
             raise RuntimeError("stand-in NCCL: the ranks passed different unique ids")
         node = world.Split_type(MPI.COMM_TYPE_SHARED)
         devices = np.empty(node.Get_size(), dtype=np.int64)
-        node.Allgather(np.array([current_device], dtype=np.int64), devices)
+        physical = visible_gpus()[current_device]
+        node.Allgather(np.array([physical], dtype=np.int64), devices)
         node.Free()
         if len(set(devices.tolist())) != len(devices):
             raise RuntimeError(f"stand-in NCCL: ranks of one machine share a GPU {devices}")
@@ -140,7 +154,7 @@ def install():
     cuda = types.ModuleType("cupy.cuda")
     cuda.Stream, cuda.Event, cuda.Device = Stream, Event, Device
     cuda.get_current_stream = get_current_stream
-    cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: GPUS)
+    cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: len(visible_gpus()))
     nccl = types.ModuleType("cupy.cuda.nccl")
     for name in ("NCCL_FLOAT16", "NCCL_FLOAT32", "NCCL_FLOAT64", "NCCL_SUM",
                  "get_unique_id", "NcclCommunicator"):

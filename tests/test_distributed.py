@@ -170,7 +170,7 @@ def run_mpi(*args, n=2, timeout=240):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("scenario", ["average", "serial", "nccl"])
+@pytest.mark.parametrize("scenario", ["average", "serial", "nccl", "nccl-own-gpu"])
 def test_two_ranks_take_the_same_steps_as_one_process_with_identical_weights(scenario):
     out = run_mpi(WORKER, scenario)
     assert out.returncode == 0, out.stdout
@@ -180,6 +180,16 @@ def test_two_ranks_take_the_same_steps_as_one_process_with_identical_weights(sce
         assert f"rank {rank}: threads {threads}" in out.stdout  # cores / 2 ranks
     if scenario == "nccl":
         assert "rank 1: NCCL stand-in on GPU 1, streams in order" in out.stdout
+    if scenario == "nccl-own-gpu":  # each rank sees one GPU, its own: GPU 0 of 1 for both
+        assert "rank 1: NCCL stand-in on GPU 0, streams in order" in out.stdout
+
+
+def test_two_ranks_that_would_share_one_gpu_are_refused_on_every_rank():
+    out = run_mpi(WORKER, "nccl-same-gpu", timeout=120)  # a hang would time out here
+    assert out.returncode != 0
+    assert "local ranks 0, 1 on" in out.stdout and "would share a GPU" in out.stdout, \
+        out.stdout
+    assert "PCI bus ids 0000:18:00.0, 0000:18:00.0" in out.stdout
 
 
 @pytest.mark.parametrize("scenario, message", [

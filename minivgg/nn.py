@@ -4,6 +4,7 @@ A `Module` finds its parameters and sub-modules by looking at its attributes, as
 so `state_dict()` keys read like the original Caffe release: `conv1_1.weight`, `fc6.bias`.
 """
 
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
@@ -21,6 +22,33 @@ class Parameter(Tensor):
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+_shapes_only = False
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Build layers whose parameters have their shapes but hold no memory, as PyTorch's
+    "meta" device does: for layer tables (`minivgg.summary`) of nets too big to hold.
+
+    Inside the block, `Conv2d` and `Linear` get read-only zero-stride views of one zero
+    (`np.broadcast_to`): `.shape` and `.size` are right, the bytes are never allocated, and
+    such a model cannot be trained or run.
+    """
+    global _shapes_only
+    before, _shapes_only = _shapes_only, True
+    try:
+        yield
+    finally:
+        _shapes_only = before
+
+
+def _zeros(shape, dtype):
+    """The initial (all-zero) value of a parameter; see `shapes_only`."""
+    if _shapes_only:
+        return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+    return np.zeros(shape, dtype=dtype)
 
 
 class Module:
@@ -139,8 +167,8 @@ class Conv2d(Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
         # Real initial values come from minivgg.models.init_weights (Sec. 3.1).
-        self.weight = Parameter(np.zeros((out_channels, in_channels, kh, kw), dtype=dtype))
-        self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None
+        self.weight = Parameter(_zeros((out_channels, in_channels, kh, kw), dtype))
+        self.bias = Parameter(_zeros((out_channels,), dtype)) if bias else None
 
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
@@ -155,8 +183,8 @@ class Conv2d(Module):
 class Linear(Module):
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(np.zeros((out_features, in_features), dtype=dtype))
-        self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
+        self.weight = Parameter(_zeros((out_features, in_features), dtype))
+        self.bias = Parameter(_zeros((out_features,), dtype)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias, where=self.name or "Linear")

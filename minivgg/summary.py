@@ -77,11 +77,13 @@ def format_table(rows, title=""):
 
 
 def summary(config="D", input_size=224, num_classes=1000, width=1.0, fc_width=4096):
-    """The layer table of a configuration as a string (weights are not initialised)."""
+    """The layer table of a configuration as a string; the weights are shapes only
+    (`nn.shapes_only`), so any size prints without allocating them."""
     name = canonical_config(config)
     if pooled_size(input_size) < 1:
         raise ValueError(f"summary: input_size must be at least 32, got {input_size}")
-    model = VGG(name, num_classes, width, fc_width, input_size)
+    with nn.shapes_only():  # NOTE: E at --width 1000 would need 10 TB of weights
+        model = VGG(name, num_classes, width, fc_width, input_size)
     title = (f"VGG {name} (Table 1), input 3x{input_size}x{input_size}, width {width}, "
              f"fc {fc_width}, {num_classes} classes")
     return format_table(layer_table(model, input_size), title)

@@ -110,3 +110,30 @@ def test_every_layer_of_the_model_has_a_row():
     assert list(rows) == [k for k, _ in model.named_children()]
     assert rows["norm1"].kind == "localresponsenorm"
     assert all(isinstance(model[k], nn.Module) for k in rows)
+
+
+@pytest.mark.parametrize("args, total", [
+    (("A", "--input-size", "100000"), "20,480,030,102,888"),  # fc6: 4096 x 512·3125²
+    (("E", "--width", "1000"), "20,119,940,562,408"),
+])
+def test_summary_of_a_net_too_big_to_hold_prints_without_allocating_it(args, total):
+    """Tens of terabytes of weights: the table is computed from shapes alone (a memory
+    limit of 1 GB on the child makes any real allocation of them fail)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "minivgg", "summary", *args], env=env,
+                         capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert out.returncode == 0, out.stderr
+    assert total in out.stdout.splitlines()[-1]
+
+
+def test_shapes_only_parameters_have_shapes_and_no_memory():
+    with nn.shapes_only():
+        layer = nn.Linear(10**6, 10**6)
+    assert layer.weight.shape == (10**6, 10**6) and layer.weight.data.strides == (0, 0)
+    assert nn.Linear(3, 2).weight.data.strides == (12, 4)  # outside the block: real arrays

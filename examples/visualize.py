@@ -169,12 +169,18 @@ def cmd_filters(args):
     return save_png(tile(filters, columns=8), args.out, scale=12)
 
 
+def last_conv_of_block_1(model):
+    """conv1_2 in B-E, conv1_1 in A and A-LRN (Table 1: A has one conv in its first block)."""
+    return [name for name, _ in model.named_children() if name.startswith("conv1_")][-1]
+
+
 def cmd_features(args):
     img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
     model, normalise = load_weights(args.weights, args.config)
-    maps = layer_output(model, normalise(img)[None], args.layer)[0]  # (C, h, w)
+    layer = args.layer or last_conv_of_block_1(model)
+    maps = layer_output(model, normalise(img)[None], layer)[0]  # (C, h, w)
     shown = maps[:args.max_channels]
-    print(f"{args.layer}: output {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}, "
+    print(f"{layer}: output {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}, "
           f"showing {len(shown)} channels")
     columns = int(np.ceil(np.sqrt(len(shown))))
     scale = max(1, 96 // maps.shape[1])
@@ -221,7 +227,8 @@ def main(argv=None):
     add("filters", cmd_filters, "conv1_1's filters", default_out="filters.png")
     p = add("features", cmd_features, "one layer's feature maps for an image", image=True,
             default_out="features.png")
-    p.add_argument("--layer", default="conv1_2", help="e.g. conv1_2, relu3_1, pool4")
+    p.add_argument("--layer", default=None, help="e.g. conv1_2, relu3_1, pool4 (default: the "
+                   "last conv of block 1: conv1_2, or conv1_1 in A)")
     p.add_argument("--scale", type=int, default=224, help="smallest side of the image")
     p.add_argument("--max-channels", type=int, default=64)
     p = add("scoremap", cmd_scoremap, "dense-evaluation class score map (Sec. 3.2)",

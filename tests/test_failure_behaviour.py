@@ -546,3 +546,17 @@ def test_pretrained_convert_reports_mistakes_in_one_line(small_checkpoint, tmp_p
     assert pretrained.main(args) == 2
     assert message in one_error_line(capsys)
     assert not any(name.endswith(".tmp.npz") for name in os.listdir(tmp_path))
+
+
+def test_visualize_features_defaults_to_a_layer_every_config_has(small_checkpoint, capsys,
+                                                                 tmp_path):
+    """VGG-A's first block has one conv (Table 1): its default layer is conv1_1, not the
+    conv1_2 of B-E, which A does not have."""
+    visualize = load_example("visualize")
+    ckpt, img, _, _ = small_checkpoint  # a VGG-A checkpoint
+    out = tmp_path / "maps.png"
+    assert visualize.main(["features", img, "--weights", ckpt, "--out", str(out)]) == 0
+    assert "conv1_1: output" in capsys.readouterr().out and out.exists()
+    assert visualize.main(["features", img, "--config", "B", "--scale", "32", "--out",
+                           str(out)]) == 0
+    assert "conv1_2: output" in capsys.readouterr().out

@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,7 +120,12 @@ def parse_args(argv=None):
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "reproduction.md"))
     p.add_argument("--doc-only", action="store_true",
                    help="rewrite the report from finished runs; train nothing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # NOTE: the runs start with the repository as their working directory (cwd=ROOT), so
+    # relative paths are made absolute here, against the folder the user ran this from.
+    for name in ("data", "out", "record", "doc"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
+    return args
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,8 +232,18 @@ def train_command(args, run):
     return cmd
 
 
+class Interrupted(Exception):
+    """The study was stopped by a signal; `code` is the training run's exit status."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
 def train(args, run):
-    """Train `run` to args.epochs unless it is there already -> True when finished."""
+    """Train `run` to args.epochs unless it is there already -> True when finished.
+
+    Raises Interrupted when SIGINT or SIGTERM stopped the run (after it saved)."""
     if epochs_done(args, run) >= args.epochs:
         return True
     if run.warm_from and not os.path.isfile(last_checkpoint(args, run)):
@@ -238,13 +254,42 @@ def train(args, run):
     cmd = train_command(args, run)
     print(f"== {run.name}: {' '.join(cmd)}", flush=True)
     start, load = time.time(), os.getloadavg()
-    with open(os.path.join(folder(args, run), "train.log"), "a") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    record_time(args, run, start, load)
+    try:
+        with open(os.path.join(folder(args, run), "train.log"), "a") as log:
+            code = supervise(cmd, log)
+    finally:  # every invocation's time counts, an interrupted one too
+        record_time(args, run, start, load)
     done = epochs_done(args, run) >= args.epochs
     print(f"== {run.name}: exit {code}, {'finished' if done else 'NOT finished'} "
-          f"after {time.time() - start:.0f}s", flush=True)
+          f"after {time.time() - start:.0f}s (log: {folder(args, run)}/train.log)", flush=True)
+    if code > 128 and signal.Signals(code - 128).name in ("SIGINT", "SIGTERM"):
+        raise Interrupted(code)
     return done
+
+
+def supervise(cmd, log):
+    """Run `cmd` to its end -> its exit status; SIGINT and SIGTERM are passed on to it.
+
+    NOTE: the child runs in a session of its own, so a Ctrl-C at the terminal reaches this
+    process only, and this process sends it on once: the training script then finishes
+    its batch, saves, and exits 130 (143 for SIGTERM), which `main` exits with too. A
+    second Ctrl-C is passed on as well, and stops the child at once, as it would alone.
+    (`subprocess.call` would kill the child on the KeyboardInterrupt instead.)
+    """
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             start_new_session=True)
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+        print(f"== {signal.Signals(signum).name} passed on to the training run (pid "
+              f"{child.pid}); waiting for it to save", flush=True)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def record_time(args, run, start, load):
@@ -254,8 +299,10 @@ def record_time(args, run, start, load):
     parts.append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                   "seconds": round(time.time() - start, 1),
                   "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2)})
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(parts, f, indent=1)
+    os.replace(tmp, path)
 
 
 def read_json(path, default):
@@ -370,16 +417,34 @@ def main(argv=None):
         return 2
     from reproduction_report import write_report  # examples/, beside this file
     os.makedirs(args.out, exist_ok=True)
+    unfinished = []
     if not args.doc_only:
         for run in runs:
             if recorded(args, run):
                 continue
-            if train(args, run):
-                evaluate_run(args, run)
-                save_record(args, run)
+            try:
+                finished = train(args, run)
+            except Interrupted as stop:
+                print(f"== stopped: {run.name} saved where it was; run the same command "
+                      f"again to continue", flush=True)
+                return stop.code
+            if finished:
+                try:  # in this process: a Ctrl-C here stops between whole steps
+                    evaluate_run(args, run)
+                    save_record(args, run)
+                except KeyboardInterrupt:
+                    print(f"== stopped while evaluating {run.name}: its training is saved; "
+                          f"run the same command again to evaluate it", flush=True)
+                    return 130
+            else:
+                unfinished.append(run.name)
             write_report(args, STUDY)
     write_report(args, STUDY)
     print(f"== report: {args.doc}", flush=True)
+    if unfinished:
+        print(f"error: {len(unfinished)} run(s) did not finish: {', '.join(unfinished)} "
+              f"(see their train.log under {args.out})", file=sys.stderr)
+        return 1
     return 0
 
 

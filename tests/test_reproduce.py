@@ -180,3 +180,79 @@ def test_report_from_the_committed_records(study, tmp_path):
         nets = int(re.search(r"better on \d+ of (\d+) nets", line)[1])
         configs = int(re.search(r"better on \d+ of (\d+), one-sided", line)[1])
         assert configs < nets
+
+
+# ----------------------------------------------------------------------------------------
+# The study as a parent process: signals, failures, relative paths (real processes)
+# ----------------------------------------------------------------------------------------
+
+FAKE_TRAINING = r'''
+import signal, sys, time
+stop = []
+signal.signal(signal.SIGINT, lambda *a: stop.append("SIGINT"))
+signal.signal(signal.SIGTERM, lambda *a: stop.append("SIGTERM"))
+mode = sys.argv[1]
+print("training", flush=True)
+if mode == "fail":
+    print("error: data directory 'data/sub' does not exist", flush=True)
+    sys.exit(1)
+deadline = time.time() + 60
+while not stop and time.time() < deadline:
+    time.sleep(0.02)
+time.sleep(0.5)  # "finishing the batch and saving"
+print(f"{stop[0] if stop else 'timeout'} received; saved", flush=True)
+sys.exit(130 if stop == ["SIGINT"] else 143 if stop else 3)
+'''
+
+
+def _study_process(tmp_path, mode):
+    """The study in a process of its own, with a stand-in training script of `mode`."""
+    import subprocess
+    (tmp_path / "fake.py").write_text(FAKE_TRAINING)
+    (tmp_path / "data" / "val").mkdir(parents=True, exist_ok=True)
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'examples')!r}); "
+            f"import reproduce_tables as s; "
+            f"s.train_command = lambda a, r: [sys.executable, {str(tmp_path / 'fake.py')!r}, "
+            f"{mode!r}]; sys.exit(s.main(['data', '--out', 'runs', '--only', 'A-s0', "
+            f"'--record', 'record', '--doc', 'doc.md']))")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_to_the_study_reaches_the_training_run_which_saves_before_both_exit(
+        tmp_path, sig, status):
+    import json
+    import os
+    import signal
+    import time
+    parent = _study_process(tmp_path, "wait")
+    log = tmp_path / "runs" / "A-s0" / "train.log"
+    deadline = time.time() + 30
+    while not (log.exists() and "training" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(parent.pid, getattr(signal, sig))
+    out, _ = parent.communicate(timeout=30)
+    assert parent.returncode == status, out
+    assert f"{sig} received; saved" in log.read_text()  # the child finished its save
+    assert f"{sig} passed on to the training run" in out and "Traceback" not in out, out
+    timing = json.loads((tmp_path / "runs" / "A-s0" / "timing.json").read_text())
+    assert len(timing) == 1 and timing[0]["seconds"] >= 0.5  # the interrupted time counts
+
+
+def test_a_failing_training_run_makes_the_study_exit_nonzero(tmp_path):
+    parent = _study_process(tmp_path, "fail")
+    out, _ = parent.communicate(timeout=60)
+    assert parent.returncode == 1, out
+    assert "A-s0: exit 1, NOT finished" in out
+    assert "error: 1 run(s) did not finish: A-s0" in out
+
+
+def test_relative_paths_are_taken_from_where_the_study_was_started(study, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = study.parse_args(["data/sub", "--out", "runs", "--record", "rec"])
+    assert args.data == str(tmp_path / "data" / "sub")
+    assert args.out == str(tmp_path / "runs") and args.record == str(tmp_path / "rec")
+    cmd = study.train_command(args, study.by_name("A-s0"))
+    assert cmd[2] == str(tmp_path / "data" / "sub")  # the child runs in the repository

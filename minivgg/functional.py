@@ -508,12 +508,19 @@ class CrossEntropy(Function):
 
 
 def cross_entropy(logits, labels):
-    """Mean softmax cross-entropy. logits (N, K) float; labels (N,) integers in [0, K)."""
+    """Mean softmax cross-entropy. logits (N, K) float; labels (N,) integers in [0, K).
+
+    NOTE: the labels' range is checked where they are. Host labels (a NumPy array, as the
+    data loader makes them) are checked on the host and then moved to the logits' device,
+    so a GPU step waits for nothing; labels already on the GPU cost one read of their
+    minimum and maximum together.
+    """
     logits = as_tensor(logits)
     check_float_input(logits, "cross_entropy", 2)
     labels = labels.data if isinstance(labels, Tensor) else labels
     xp = backend.array_module(logits.data)
-    labels = xp.asarray(labels)
+    host = np if not backend.is_array(labels) or backend.device_of(labels) == "cpu" else xp
+    labels = host.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"cross_entropy: labels must have shape ({logits.shape[0]},) for "
                          f"logits of shape {logits.shape}, got {labels.shape}")
@@ -522,12 +529,12 @@ def cross_entropy(logits, labels):
                         f"got dtype {labels.dtype}")
     if labels.shape[0] == 0:
         raise ValueError(f"cross_entropy: empty batch (logits of shape {logits.shape})")
-    labels = labels.astype(np.int64)
     K = logits.shape[1]
-    if int(labels.min()) < 0 or int(labels.max()) >= K:
+    low, high = (int(v) for v in backend.to_numpy(host.stack([labels.min(), labels.max()])))
+    if low < 0 or high >= K:
         raise ValueError(f"cross_entropy: labels must be in [0, {K}) for logits of shape "
-                         f"{logits.shape}, got min {int(labels.min())}, "
-                         f"max {int(labels.max())}")
+                         f"{logits.shape}, got min {low}, max {high}")
+    labels = backend.to_device(labels.astype(np.int64), backend.device_of(logits.data))
     return CrossEntropy(labels)(logits)
 
 

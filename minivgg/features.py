@@ -135,7 +135,7 @@ def _single_crop(model, images, layer, flip, batch_size):
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def _dense_layer(model, layer):
+def _dense_layer(layer):
     """The name of `layer` in the fully-convolutional net: dropout is the identity there,
     and flatten's features are pool5's map."""
     if layer.startswith("drop"):
@@ -147,7 +147,7 @@ def _dense(model, images, layer, scales, flip, to_input, combine, batch_size):
     """App. B: per scale, the global average of the layer's dense map -> (N, D) float64."""
     from minivgg.data import rescale_smallest_side
     fcn = to_fully_convolutional(model)
-    name = _dense_layer(model, layer)
+    name = _dense_layer(layer)
     past_convs = layer_names(fcn).index(name) >= layer_names(fcn).index("fc6")
     dtype = model.parameters()[0].dtype
     per_scale = []

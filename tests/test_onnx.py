@@ -147,6 +147,21 @@ def test_caffe_born_weights_export_as_the_authors_bgr_net(tmp_path):
     assert_same_logits(session(rgb).run(None, {"input": x})[0], expected)
 
 
+def test_trained_weights_export_with_the_same_logits_and_predictions(tmp_path):
+    """The reproduction study's trained A-s0 (committed in docs/reproduction/)."""
+    from conftest import REPO
+    from minivgg.pretrained import load_pretrained
+    model = load_pretrained(os.path.join(REPO, "docs", "reproduction", "A-s0", "weights.npz"))
+    path = tmp_path / "a.onnx"
+    onnx_export.export_onnx(model, path)
+    x = images((16, 3, 64, 64))
+    with no_grad():
+        expected = model(x).numpy()
+    (got,) = session(path).run(None, {"input": x})
+    assert_same_logits(got, expected)
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
 @pytest.mark.slow
 def test_full_size_vgg16_exports_and_matches(tmp_path):
     """VGG-D at 224 (138M parameters, a 553 MB file): about 15 s."""

@@ -54,7 +54,7 @@ def _onnx():
         import onnx
         from onnx import helper, numpy_helper
     except ImportError:
-        raise ImportError("exporting to ONNX needs the 'onnx' package: pip install "
+        raise ImportError("writing or reading ONNX needs the 'onnx' package: pip install "
                           "'minivgg[onnx]' (or pip install onnx)") from None
     return onnx, helper, numpy_helper
 

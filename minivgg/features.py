@@ -18,7 +18,8 @@ Two ways to get a feature vector:
   (``combine="mean"``, the paper's VOC features) or stacked (``"stack"``, Caltech).
 
 ``flip`` averages each vector with that of the mirrored image (App. B: "augmented with the
-features of horizontally flipped images"); ``normalize`` divides each vector by its L2 norm,
+features of horizontally flipped images"; a one-crop conv or pool map is averaged with the
+mirrored image's map as it comes, not mirrored back); ``normalize`` divides each vector by its L2 norm,
 last (App. B's features go to a linear SVM L2-normalised).
 
 Layer names are the model's own (`model.layer_names()`): "conv5_3", "pool5", "fc6",

@@ -35,12 +35,12 @@ def main(argv=None):
                    help="replace OUTPUT if it exists (else it is kept and nothing is written)")
     ox = c.add_argument_group("ONNX (.onnx output; minivgg.pretrained.onnx_export)")
     ox.add_argument("--head", choices=("fc", "dense"), default="fc",
-                      help="fc: the classifier on crops of the training size; dense: the "
-                           "fully-convolutional net of Sec. 3.2 for any image size")
+                    help="fc: the classifier on crops of the training size; dense: the "
+                         "fully-convolutional net of Sec. 3.2 for any image size")
     ox.add_argument("--softmax", action="store_true", help="end with a Softmax (probs)")
     ox.add_argument("--channel-order", choices=("auto", "rgb", "bgr"), default="auto",
-                      help="input channel order (auto: BGR for Caffe-born weights, as the "
-                           "authors' net takes them, else RGB)")
+                    help="input channel order (auto: BGR for Caffe-born weights, as the "
+                         "authors' net takes them, else RGB)")
     for p in (c, sub.add_parser("info", help="say what a weight file holds")):
         if p is not c:
             p.add_argument("input", help="a weight file")

@@ -280,3 +280,16 @@ def test_info_on_an_onnx_file_from_elsewhere(tmp_path, capsys):
     onnx.save(helper.make_model(graph), str(tmp_path / "other.onnx"))
     assert pretrained_main(["info", str(tmp_path / "other.onnx")]) == 0
     assert "no minivgg metadata" in capsys.readouterr().out
+
+
+def test_bfloat16_weights_are_refused_alike_once_onnx_is_imported(tmp_path):
+    """onnx imports ml_dtypes, which teaches NumPy bfloat16: the weight readers must still
+    refuse such files with the same message (tests/test_safetensors.py, without onnx)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+    import ml_dtypes  # noqa: F401  (what onnx brings)
+    path = tmp_path / "bf16.safetensors"
+    save_file({"features.0.weight": torch.zeros(4, 3, 3, 3, dtype=torch.bfloat16)}, str(path))
+    with pytest.raises(ValueError, match="NumPy cannot represent"):
+        models.load_pretrained(path)

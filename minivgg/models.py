@@ -157,6 +157,17 @@ class VGG(nn.Sequential):
             self._check_fc6_input(x.shape)
         return super().forward(x)
 
+    def activations(self, x, names):
+        """{name: Tensor} of several layers at once ('conv3_1', 'relu5_3', 'fc7', ...), with
+        gradients flowing back to x; see `nn.Sequential.activations`."""
+        x = as_tensor(x)
+        names = [names] if isinstance(names, str) else list(names)
+        order = self.layer_names()
+        if x.ndim == 4 and any(n in order and order.index(n) >= order.index("fc6")
+                               for n in names):
+            self._check_fc6_input(x.shape)
+        return super().activations(x, names)
+
     def _check_fc6_input(self, shape):
         """Fail before the conv stack runs when fc6 could not take what it would produce."""
         H, W = shape[2], shape[3]

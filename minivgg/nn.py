@@ -282,6 +282,31 @@ class Sequential(Module):
             x = layer(x)
         return x
 
+    def layer_names(self):
+        """The layers' names in order, e.g. ['conv1_1', 'relu1_1', 'pool1', ...]."""
+        return [k for k, _ in self.named_children()]
+
+    def activations(self, x, names):
+        """{name: output Tensor of that layer} for each of `names`, from one forward pass.
+
+        The pass stops after the deepest layer asked for. The outputs stay in the autograd
+        graph: a loss built from them (a perceptual or style loss) sends gradients back to
+        `x` when x requires them. An unknown name is a ValueError listing the valid ones.
+        """
+        names = [names] if isinstance(names, str) else list(names)
+        order = self.layer_names()
+        unknown = [n for n in names if n not in order]
+        if unknown or not names:
+            raise ValueError(f"{type(self).__name__}: no layer named "
+                             f"{', '.join(map(repr, unknown)) or '(none given)'}; "
+                             f"valid names: {', '.join(order)}")
+        last, out = max(order.index(n) for n in names), {}
+        for name, layer in list(self.named_children())[:last + 1]:
+            x = layer(x)
+            if name in names:
+                out[name] = x
+        return {n: out[n] for n in names}
+
     def __repr__(self):
         lines = [f"  ({k}): {m!r}" for k, m in self.named_children()]
         return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"

@@ -145,6 +145,11 @@ def _floats(state, path):
     """Float arrays only (half precision widened to float32): weights, not anything else."""
     out = {}
     for k, v in state.items():
+        # NOTE: once ml_dtypes is imported (onnx imports it) NumPy holds bfloat16 too;
+        # refuse it with the same words as without it, whatever was imported first.
+        if v.dtype.name == "bfloat16":
+            raise ValueError(f"{path}: holds tensors NumPy cannot represent (bfloat16, entry "
+                             f"{k!r}); save them as float32 (or float16) first")
         if v.dtype.kind != "f":
             raise ValueError(f"{path}: entry {k!r} has dtype {v.dtype}, not a float weight")
         out[k] = v.astype(np.float32) if v.dtype == np.float16 else v

@@ -1,0 +1,585 @@
+"""Does a deeper VGG give better features for a new task? App. B at small scale, on Imagenette.
+
+    python examples/transfer_study.py ../shared/data/imagenette2-224          # run / go on
+    python examples/transfer_study.py ../shared/data/imagenette2-224 --doc-only
+
+Imagenette's ten classes are split in two: the *source* task is the first five wnids in
+sorted order (tench, English springer, cassette player, chain saw, church), the *target*
+task the other five (French horn, garbage truck, gas pump, golf ball, parachute). Runs, in
+the order they are made (each net of a seed before the next seed, so that a study cut short
+already has every kind of run):
+
+* src-A-s<seed>, src-D-s<seed>: nets A and D trained on the source classes alone, with
+  the README's small recipe (`reproduce_tables.RECIPE`: width 0.25, fc 512, 64-pixel crops
+  from S = 72, batch 64, Glorot, lr 0.01 cut on val plateaus, --epochs 12).
+* feat-src-A-s<seed> ...: their features of the target images (App. B: dense at
+  Q in --scales, the paper's {256, 384, 512} scaled by 64/224 to {64, 96, 128}, averaged
+  over flips and scales, L2-normalised; --layer relu7, which is Caffe's "fc7" blob, the
+  penultimate layer App. B used), and a linear classifier (scikit-learn's LinearSVC, as
+  App. B's linear SVM; `pip install -e '.[transfer]'`) trained on 5, 20 or all labelled
+  target images per class (--shots), scored on the target val images.
+* feat-untrained-A-s<seed> ...: the same with an untrained net (Glorot init of that seed):
+  how much of the features comes from training, not from the architecture.
+* scratch-A-k<k>-s<seed> ...: the same architecture trained from scratch on the k labelled
+  target images per class (same recipe; a k-shot run takes more epochs so it gets a useful
+  number of SGD steps: see `scratch_epochs`), scored with dense evaluation at the same
+  scales with flips, as the features are made.
+
+The labelled subset of seed s is the same for every method (`shot_indices`), so the
+methods of one seed see the same images. The source nets' own val images are the source
+classes'; the target val images are never trained on (k-shot scratch runs watch a subset
+of 10 per class for their learning-rate plateaus).
+
+Training goes through `examples/train_imagenet.py` (one subprocess per run, resumable,
+`reproduce_tables.train`); each run works in OUT/<run>/ (default runs/transfer,
+git-ignored). A finished run's *record* (metrics.csv and timing.json of a training run;
+record.json with the scores and predictions.npz with every val prediction) goes to
+RECORD/<run>/ (default docs/transfer/, committed), and a recorded run is done whatever OUT
+holds. After every step docs/transfer.md is rewritten from the records (`write_report`),
+with "pending" for what is missing.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduce_tables
+
+from minivgg import checkpoint, data, evaluate, features, metrics, models  # noqa: E402
+from reproduce_tables import Run, last_checkpoint, read_json, train  # noqa: E402
+from reproduction_report import p_text  # noqa: E402
+
+LAYER, SCALES, SHOTS = "relu7", (64, 96, 128), ("5", "20", "all")
+MONITOR_PER_CLASS = 10  # target val images per class a k-shot scratch run watches
+# The paper's App. B (D and E as fixed feature extractors, linear SVM), for orientation.
+PAPER_APP_B = [("VOC-2007", "89.7 mAP"), ("VOC-2012", "89.3 mAP"),
+               ("Caltech-101", "92.7% accuracy"), ("Caltech-256", "86.2% accuracy")]
+UNTRAINED_MEAN_RGB = (123.68, 116.779, 103.939)  # ImageNet's; an untrained net has none
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", metavar="DIR", help="Imagenette-layout folder (train/, val/)")
+    p.add_argument("--out", default=os.path.join("runs", "transfer"), metavar="DIR",
+                   help="run folders (default runs/transfer)")
+    p.add_argument("--record", default=os.path.join(ROOT, "docs", "transfer"),
+                   metavar="DIR", help="finished runs' results (default docs/transfer)")
+    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "transfer.md"))
+    p.add_argument("--epochs", type=int, default=12, help="epochs of a full run (12)")
+    p.add_argument("--max-epochs", type=int, default=100,
+                   help="most epochs of a k-shot scratch run (100)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per net (3)")
+    p.add_argument("--archs", nargs="+", default=["A", "D"], help="nets (A D)")
+    p.add_argument("--shots", nargs="+", default=list(SHOTS),
+                   help="labelled target images per class: numbers and/or 'all'")
+    p.add_argument("--scales", type=int, nargs="+", default=list(SCALES),
+                   help="test scales Q of the features and of scratch nets (64 96 128)")
+    p.add_argument("--layer", default=LAYER, help="feature layer (relu7)")
+    p.add_argument("--C", type=float, default=1.0, help="LinearSVC's C (1.0)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="loader processes")
+    p.add_argument("--doc-only", action="store_true",
+                   help="rewrite the report from the records; train nothing")
+    args = p.parse_args(argv)
+    args.eval_limit = 0  # reproduce_tables' arguments this study does not use
+    return args
+
+
+def check_args(args):
+    """One clear line for each mistake, before anything is trained."""
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(args.data, split)):
+            raise ValueError(f"{args.data!r} has no {split}/ folder (Imagenette layout)")
+    bad = [s for s in args.shots if s != "all" and not (s.isdigit() and int(s) > 0)]
+    if bad:
+        raise ValueError(f"--shots: {bad} are not positive numbers or 'all'")
+    unknown = [a for a in args.archs if a not in models.CONFIGS]
+    if unknown:
+        raise ValueError(f"--archs: unknown {unknown}; expected some of {list(models.CONFIGS)}")
+    if args.seeds < 1 or args.epochs < 1 or min(args.scales) < 64:
+        raise ValueError("--seeds and --epochs must be at least 1 and every --scales Q at "
+                         "least 64 (the nets' crop)")
+
+
+# ----------------------------------------------------------------------------------------
+# The data: source and target class folders, k-shot subsets (symbolic links into DIR)
+# ----------------------------------------------------------------------------------------
+
+def split_classes(args):
+    """(source wnids, target wnids): the first and the second half of the sorted classes."""
+    classes = data.ImageFolder(os.path.join(args.data, "train"), warn=False).classes
+    if len(classes) < 2:
+        raise ValueError(f"{args.data}: needs at least two classes, found {classes}")
+    half = len(classes) // 2
+    return classes[:half], classes[half:]
+
+
+def link_folder(dst, wnids, src_split, per_class=None):
+    """dst/<wnid>/ for each wnid: a link to the whole class folder, or links to the files
+    chosen by per_class[wnid] (a list of paths). Returns dst."""
+    for wnid in wnids:
+        target = os.path.join(dst, wnid)
+        if os.path.lexists(target):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        if per_class is None:
+            os.symlink(os.path.abspath(os.path.join(src_split, wnid)), target)
+        else:
+            os.makedirs(target + ".tmp", exist_ok=True)
+            for path in per_class[wnid]:
+                link = os.path.join(target + ".tmp", os.path.basename(path))
+                if not os.path.lexists(link):
+                    os.symlink(os.path.abspath(path), link)
+            os.replace(target + ".tmp", target)
+    return dst
+
+
+def target_train(args):
+    """The target classes' training images: ImageFolder (labels 0..4 in wnid order)."""
+    _, target = split_classes(args)
+    root = link_folder(os.path.join(args.out, "data", "target", "train"), target,
+                       os.path.join(args.data, "train"))
+    return data.ImageFolder(root, warn=False)
+
+
+def shot_indices(labels, shots, seed):
+    """Indices of `shots` ("5", "all") labelled images per class, drawn with `seed`: the
+    same subset for every method of that seed."""
+    if shots == "all":
+        return np.arange(len(labels))
+    rng = np.random.default_rng(1000 + seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        chosen += sorted(rng.choice(members, min(int(shots), len(members)), replace=False))
+    return np.array(sorted(chosen))
+
+
+def scratch_epochs(args, n_subset, n_all):
+    """Epochs of a scratch run on n_subset images: as many SGD steps as a full run takes
+    (args.epochs over n_all images), at most --max-epochs, never fewer than --epochs."""
+    return int(max(args.epochs, min(args.max_epochs, math.ceil(args.epochs * n_all /
+                                                               n_subset))))
+
+
+def run_data(args, run):
+    """The Imagenette-layout folder a training run learns from (made of links)."""
+    source, target = split_classes(args)
+    if run.name.startswith("src-"):
+        root = os.path.join(args.out, "data", "source")
+        for split in ("train", "val"):
+            link_folder(os.path.join(root, split), source, os.path.join(args.data, split))
+        return root
+    root = os.path.join(args.out, "data", f"target-k{run.shots}-s{run.seed}")
+    if run.shots == "all":
+        for split in ("train", "val"):
+            link_folder(os.path.join(root, split), target, os.path.join(args.data, split))
+        return root
+    ds = target_train(args)
+    idx = shot_indices(ds.labels, run.shots, run.seed)
+    link_folder(os.path.join(root, "train"), target, None,
+                {w: [ds.paths[i] for i in idx if ds.labels[i] == c]
+                 for c, w in enumerate(target)})
+    val = data.ImageFolder(os.path.join(args.data, "val"), warn=False)
+    watch = {w: [p for p, y in zip(val.paths, val.labels) if val.classes[y] == w]
+             [:MONITOR_PER_CLASS] for w in target}
+    link_folder(os.path.join(root, "val"), target, None, watch)
+    return root
+
+
+# ----------------------------------------------------------------------------------------
+# The runs
+# ----------------------------------------------------------------------------------------
+
+def study(args):
+    """[(kind, Run)] in the order they are made; Run.shots is set on scratch runs."""
+    out = []
+    for seed in range(args.seeds):
+        for arch in args.archs:
+            out.append(("train", TRun(f"src-{arch}-s{seed}", arch, seed)))
+            out.append(("features", TRun(f"feat-src-{arch}-s{seed}", arch, seed)))
+            out.append(("features", TRun(f"feat-untrained-{arch}-s{seed}", arch, seed)))
+        for arch in args.archs:
+            for k in args.shots:
+                out.append(("scratch", TRun(f"scratch-{arch}-k{k}-s{seed}", arch, seed,
+                                            shots=k)))
+    return out
+
+
+class TRun(Run):
+    """A run of this study: reproduce_tables.Run (so its training code applies) + shots."""
+
+    def __init__(self, name, arch, seed, shots=None):
+        super().__init__(name, arch, seed)
+        self.shots = shots
+
+
+def run_args(args, run):
+    """args as reproduce_tables.train sees them for `run`: its own data folder and
+    epochs, and its record folder under --record."""
+    epochs = args.epochs
+    if run.name.startswith("scratch-") and run.shots != "all":
+        ds = target_train(args)
+        epochs = scratch_epochs(args, len(shot_indices(ds.labels, run.shots, run.seed)),
+                                len(ds))
+    return argparse.Namespace(**{**vars(args), "data": run_data(args, run),
+                                 "epochs": epochs})
+
+
+def recorded(args, name):
+    return read_json(os.path.join(args.record, name, "record.json"), None) is not None
+
+
+def save_record(args, name, record, arrays=None, copy=()):
+    """RECORD/<name>/: the files in `copy` from OUT/<name>/, predictions.npz, and
+    record.json written last (its presence marks the record complete)."""
+    dst = os.path.join(args.record, name)
+    os.makedirs(dst, exist_ok=True)
+    for fname in copy:
+        with open(os.path.join(args.out, name, fname), "rb") as f:
+            raw = f.read()
+        with open(os.path.join(dst, fname + ".tmp"), "wb") as f:
+            f.write(raw)
+        os.replace(os.path.join(dst, fname + ".tmp"), os.path.join(dst, fname))
+    if arrays:
+        np.savez_compressed(os.path.join(dst, "predictions.tmp.npz"), **arrays)
+        os.replace(os.path.join(dst, "predictions.tmp.npz"),
+                   os.path.join(dst, "predictions.npz"))
+    record = dict(record, saved=time.strftime("%Y-%m-%d %H:%M"))
+    with open(os.path.join(dst, "record.json.tmp"), "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(os.path.join(dst, "record.json.tmp"), os.path.join(dst, "record.json"))
+
+
+def do_train(args, run):
+    """Train a source net (or find it trained) -> True when finished."""
+    if recorded(args, run.name):
+        return True
+    rargs = run_args(args, run)
+    if not train(rargs, run):
+        return False
+    rows = metrics.read_metrics(os.path.join(args.out, run.name, "metrics.csv"))
+    save_record(args, run.name, dict(kind="train", arch=run.arch, seed=run.seed,
+                                     epochs=rargs.epochs, classes=split_classes(args)[0],
+                                     final_val_top1_err=float(rows[-1]["val_top1_err"])),
+                copy=("metrics.csv", "timing.json"))
+    return True
+
+
+def target_images(args):
+    """(train images, train labels, val images, val labels) of the target classes, decoded
+    once, rescaled to the largest Q (kept in memory: about 0.3 GB for Imagenette)."""
+    _, target = split_classes(args)
+    val_root = link_folder(os.path.join(args.out, "data", "target", "val"), target,
+                           os.path.join(args.data, "val"))
+    out = []
+    for ds in (target_train(args), data.ImageFolder(val_root, warn=False)):
+        skipped = ds.cache_in_memory(max(args.scales), workers=args.workers)
+        keep = [i for i in range(len(ds)) if ds.cache[i] is not None]
+        if skipped:
+            print(f"== skipped {skipped} unreadable images of {ds.root}", flush=True)
+        out += [[ds.cache[i] for i in keep], ds.labels[keep]]
+    return out
+
+
+def net_for(args, run):
+    """(model in eval mode, its input transform) of a features run."""
+    if "untrained" in run.name:
+        model = models.vgg(run.arch, 5, 0.25, 512, 64, init="glorot", seed=run.seed)
+        mean = UNTRAINED_MEAN_RGB
+    else:
+        model, meta = checkpoint.load_model(last_checkpoint(args, TRun(
+            run.name[len("feat-"):], run.arch, run.seed)))
+        mean = meta["data_stats"]["mean_rgb"]
+    mean = np.asarray(mean, dtype=np.float32)
+    return model.eval(), (lambda img: data.to_chw_float32(img, mean))
+
+
+def do_features(args, run, cache):
+    """Features of the target images, and a linear classifier per number of shots."""
+    from sklearn.svm import LinearSVC
+    if recorded(args, run.name):
+        return True
+    source = run.name.replace("feat-", "")
+    if "untrained" not in run.name and not recorded(args, source):
+        return False
+    checkpoint_path = os.path.join(args.out, source, "last.npz")
+    if "untrained" not in run.name and not os.path.isfile(checkpoint_path):
+        print(f"== {run.name}: needs {checkpoint_path}, which is gone although {source} is "
+              f"recorded; delete {os.path.join(args.record, source)} to train it again",
+              flush=True)
+        return False
+    path = os.path.join(args.out, run.name, "features.npz")
+    if not os.path.isfile(path):
+        if "images" not in cache:
+            cache["images"] = target_images(args)
+        tr, ytr, va, yva = cache["images"]
+        model, to_input = net_for(args, run)
+        start = time.time()
+        Xtr = features.extract(model, tr, args.layer, args.scales, flip=True,
+                               to_input=to_input)
+        Xva = features.extract(model, va, args.layer, args.scales, flip=True,
+                               to_input=to_input)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", Xtr=Xtr, ytr=ytr, Xva=Xva, yva=yva,
+                 seconds=time.time() - start)
+        os.replace(path + ".tmp.npz", path)
+    f = np.load(path)
+    scores, preds = {}, {"labels": f["yva"]}
+    for k in args.shots:
+        idx = shot_indices(f["ytr"], k, run.seed)
+        clf = LinearSVC(C=args.C, max_iter=20000).fit(f["Xtr"][idx], f["ytr"][idx])
+        preds[f"k{k}"] = clf.predict(f["Xva"])
+        scores[k] = float(np.mean(preds[f"k{k}"] == f["yva"]))
+    save_record(args, run.name, dict(kind="features", arch=run.arch, seed=run.seed,
+                                     layer=args.layer, scales=args.scales, C=args.C,
+                                     dims=int(f["Xtr"].shape[1]), accuracy=scores,
+                                     seconds=float(f["seconds"])), preds)
+    return True
+
+
+def do_scratch(args, run, cache):
+    """Train on the k-shot subset, then score on all target val images (dense, flips)."""
+    if recorded(args, run.name):
+        return True
+    rargs = run_args(args, run)
+    if not train(rargs, run):
+        return False
+    if "images" not in cache:
+        cache["images"] = target_images(args)
+    _, _, va, yva = cache["images"]
+    model, meta = checkpoint.load_model(last_checkpoint(args, run))
+    mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
+    net = evaluate.EvalNet(model, lambda img: data.to_chw_float32(img, mean))
+    probs = evaluate.average([
+        net.posteriors([net.to_input(data.rescale_smallest_side(img, q)) for img in va],
+                       "dense") for q in args.scales])
+    pred = probs.argmax(1)
+    save_record(args, run.name, dict(kind="scratch", arch=run.arch, seed=run.seed,
+                                     shots=run.shots, epochs=rargs.epochs,
+                                     accuracy={run.shots: float(np.mean(pred == yva))}),
+                {"labels": yva, f"k{run.shots}": pred}, copy=("metrics.csv", "timing.json"))
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------
+
+def load_records(args):
+    out = {}
+    if os.path.isdir(args.record):
+        for name in sorted(os.listdir(args.record)):
+            rec = read_json(os.path.join(args.record, name, "record.json"), None)
+            if rec is not None:
+                out[name] = rec
+    return out
+
+
+def accuracies(records, prefix, arch, k):
+    """Accuracies (%) over seeds of the runs named prefix-arch-...: features or scratch."""
+    vals = []
+    for name, rec in records.items():
+        if rec.get("arch") != arch or not name.startswith(prefix + f"-{arch}-"):
+            continue
+        if prefix == "scratch" and rec.get("shots") != k:
+            continue
+        if k in rec.get("accuracy", {}):
+            vals.append(100.0 * rec["accuracy"][k])
+    return vals
+
+
+def seed_interval(vals):
+    """(mean, half-width of the 95% t interval over seeds) or (mean, None) for one seed."""
+    from scipy import stats
+    if len(vals) < 2:
+        return (float(np.mean(vals)) if vals else None), None
+    half = stats.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals))
+    return float(np.mean(vals)), float(half)
+
+
+def cell(vals):
+    mean, half = seed_interval(vals)
+    if mean is None:
+        return "pending"
+    if half is None:
+        return f"{mean:.1f} (1 seed)"
+    return f"{mean:.1f} ± {half:.1f} (n={len(vals)})"
+
+
+def welch(a, b):
+    """(difference of means, two-sided Welch p) of two seed samples, or None."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return None
+    diff = float(np.mean(a) - np.mean(b))
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if not np.isfinite(p):  # no spread at all in either sample
+        p = 1.0 if diff == 0 else 0.0
+    return diff, p
+
+
+def comparison(name_a, a, name_b, b, k):
+    w = welch(a, b)
+    if w is None:
+        return f"| {name_a} vs {name_b} | {k} | pending (2 seeds each needed) | |"
+    diff, p = w
+    word = ("no significant difference" if p >= 0.05 else
+            f"{name_a if diff > 0 else name_b} better")
+    return f"| {name_a} vs {name_b} | {k} | {diff:+.1f} points, Welch {p_text(p)} | {word} |"
+
+
+def depth_finding(records, args):
+    """One sentence: which depth transfers better, judged by Welch's test per shot count."""
+    a_arch, d_arch = args.archs[0], args.archs[-1]
+    if a_arch == d_arch:
+        return "One net only (--archs): no depth comparison."
+    parts, better = [], []
+    for k in args.shots:
+        w = welch(accuracies(records, "feat-src", d_arch, k),
+                  accuracies(records, "feat-src", a_arch, k))
+        if w is None:
+            parts.append(f"{k} shots: pending")
+            continue
+        diff, p = w
+        parts.append(f"{k} shots: {d_arch} − {a_arch} = {diff:+.1f} points ({p_text(p)})")
+        if p < 0.05:
+            better.append(d_arch if diff > 0 else a_arch)
+    if not better:
+        verdict = (f"no significant difference between {a_arch} and {d_arch} at p < 0.05"
+                   if not any("pending" in s for s in parts) else "not yet decided")
+    elif len(set(better)) == 1:
+        verdict = f"{better[0]}'s features transfer better"
+    else:
+        verdict = "mixed: each net wins at some shot counts"
+    return f"**{verdict}** (Welch's t-test over seeds; {'; '.join(parts)})."
+
+
+def write_report(args):
+    records = load_records(args)
+    names = [r.name for _, r in study(args)]
+    done = sum(n in records for n in names)
+    rows = []
+    for label, prefix in (("features of the source-trained net", "feat-src"),
+                          ("features of an untrained net", "feat-untrained"),
+                          ("trained from scratch on the labels", "scratch")):
+        for arch in args.archs:
+            rows.append(f"| {arch} | {label} | " + " | ".join(
+                cell(accuracies(records, prefix, arch, k)) for k in args.shots) + " |")
+    tests = []
+    for k in args.shots:
+        a, d = args.archs[0], args.archs[-1]
+        if a != d:
+            tests.append(comparison(f"{d} features", accuracies(records, "feat-src", d, k),
+                                    f"{a} features", accuracies(records, "feat-src", a, k),
+                                    k))
+        for arch in args.archs:
+            feats = accuracies(records, "feat-src", arch, k)
+            tests.append(comparison(f"{arch} features", feats, f"{arch} untrained",
+                                    accuracies(records, "feat-untrained", arch, k), k))
+            tests.append(comparison(f"{arch} features", feats, f"{arch} scratch",
+                                    accuracies(records, "scratch", arch, k), k))
+    source = [f"| {n} | {rec['epochs']} | {100 * rec['final_val_top1_err']:.1f} |"
+              for n, rec in records.items() if rec.get("kind") == "train"]
+    paper = ";\n".join(f"{task} {score}" for task, score in PAPER_APP_B)
+    shots = " | ".join(f"{k} per class" for k in args.shots)
+    text = f"""# Transfer study: VGG features for a new task (App. B at small scale)
+
+Generated by `examples/transfer_study.py` ({time.strftime('%Y-%m-%d %H:%M')}): {done} of
+{len(names)} runs recorded. Re-run
+
+```bash
+PYTHONPATH=$PWD python examples/transfer_study.py {args.data} --out {args.out}
+PYTHONPATH=$PWD python examples/transfer_study.py {args.data} --out {args.out} --doc-only
+```
+
+**Setting.** The first half of the classes in sorted wnid order is the source task (on
+Imagenette: tench, English springer, cassette player, chain saw, church), the second half
+the target task (French horn, garbage truck, gas pump, golf ball, parachute). Nets
+{' and '.join(args.archs)} are trained on the source classes only ({args.seeds} seed(s)
+each, the README's small recipe: width 0.25, fc 512, 64-pixel crops from S = 72,
+{args.epochs} epochs). Their `{args.layer}` features of the target
+images (dense at Q ∈ {{{', '.join(map(str, args.scales))}}}, averaged over flips and
+scales, L2-normalised: App. B's recipe, its Q scaled by 64/224) feed a linear SVM
+(scikit-learn's LinearSVC, C = {args.C}) trained on k labelled target images per class
+(the same k images for every method of a seed), scored on all target val images. The
+baselines: the same features from an untrained net (Glorot init), and the same
+architecture trained from scratch on the k labelled images (up to {args.max_epochs}
+epochs, so a small k still gets SGD steps), scored densely at the same Q with flips.
+Cells: mean target val accuracy (%) over seeds ± the half-width of the 95% t interval;
+comparisons use Welch's t-test over seeds (two-sided).
+
+## Target val accuracy (%)
+
+| net | method | {shots} |
+|---|---|{'---|' * len(args.shots)}
+{chr(10).join(rows)}
+
+## Which depth transfers better
+
+{depth_finding(records, args)}
+
+| comparison | labelled per class | difference (first − second) | verdict |
+|---|---|---|---|
+{chr(10).join(tests)}
+
+For orientation, the paper's App. B (D and E on ImageNet as fixed feature extractors,
+combined, linear SVM, no fine-tuning):
+{paper}. Those are full-size nets trained on 1000
+ImageNet classes and tested on other data sets; here the nets are a quarter wide, trained
+on five classes for minutes, and the target task is five other Imagenette classes, so only
+the direction of the findings can compare, not the numbers.
+
+## Source nets (five source classes)
+
+| run | epochs | final val top-1 error % (source classes, centre crop) |
+|---|---|---|
+{chr(10).join(source) or '| pending | | |'}
+"""
+    os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
+    with open(args.doc + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(args.doc + ".tmp", args.doc)
+
+
+# ----------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        if not args.doc_only:
+            import sklearn  # noqa: F401  (fail now, not after hours of training)
+    except ImportError:
+        print("error: the transfer study needs scikit-learn: pip install -e '.[transfer]'",
+              file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.doc_only:
+        os.makedirs(args.out, exist_ok=True)
+        cache = {}
+        for kind, run in study(args):
+            if kind == "train":
+                do_train(args, run)
+            elif kind == "features":
+                do_features(args, run, cache)
+            else:
+                do_scratch(args, run, cache)
+            write_report(args)
+    write_report(args)
+    print(f"== report: {args.doc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,10 +9,13 @@ sees a GPU, on CUDA (those cases carry the `gpu` mark and skip cleanly elsewhere
         ...
 
 Test modules import the helpers directly (`from conftest import TOLERANCES, to_device`):
-pytest puts this folder on `sys.path`.
+pytest puts this folder on `sys.path`, and this file puts tests/support/ there too, so the
+helper modules that are no tests (the stand-in CuPy and NCCL, the CUDA host emulator, the
+Caffe file writer, the PyTorch twin, the MPI worker script) import by their plain names.
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from minivgg import backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 
 # ----------------------------------------------------------------------------------------
 # Tolerances: ONE table, per op and dtype, used by every comparison in the suite.

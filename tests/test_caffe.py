@@ -1,6 +1,6 @@
 """The authors' Caffe release, read without Caffe: logits must equal PyTorch's on BGR input.
 
-Each test writes a `.caffemodel` with the protobuf library (tests/caffe_files.py), in the old
+Each test writes a `.caffemodel` with the protobuf library (tests/support/caffe_files.py), in the old
 `layers` format the VGG files use and in the new `layer` format, from a torch net of
 torchvision's layout. That net fed BGR pixels is what Caffe computes; the imported model fed
 the same pixels in RGB must give the same logits (conv1_1's channels reversed on import).

@@ -1,7 +1,7 @@
 """Data parallelism (minivgg.distributed): launch detection, threads, buckets, the backward
 hook, and real multi-process runs under mpirun (skipped without mpi4py and an mpiexec).
 
-The multi-process tests start `mpiexec -n 2` on tests/distributed_worker.py, whose every
+The multi-process tests start `mpiexec -n 2` on tests/support/distributed_worker.py, whose every
 check raises on failure, so a failing check ends the job with the rank's message, and on
 examples/train_imagenet.py, also through small drivers that send Ctrl-C, SIGTERM or
 SIGUSR1 at an exact batch.
@@ -23,7 +23,7 @@ from minivgg.tensor import Tensor
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-WORKER = os.path.join(TESTS, "distributed_worker.py")
+WORKER = os.path.join(TESTS, "support", "distributed_worker.py")
 
 
 # ----------------------------------------------------------------------------------------

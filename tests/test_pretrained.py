@@ -2,7 +2,7 @@
 
 The published files cannot be downloaded here, so each test builds the same layout in
 torch (torchvision's `features` / `avgpool` / `classifier`, from torchvision's own `cfgs`
-notation, in tests/torch_vgg.py, independently of minivgg's Table 1 data), with random weights,
+notation, in tests/support/torch_vgg.py, independently of minivgg's Table 1 data), with random weights,
 and saves it as `.pth` and `.npz`. fc6/fc7 are 64 wide instead of 4096 to keep the files
 small; the loader reads the widths from the arrays.
 """

@@ -1,7 +1,7 @@
 """safetensors in (torchvision's and timm's layouts) and out (torchvision's names), and
 `load_pretrained` telling every format apart by content.
 
-The PyTorch oracle is torchvision's module layout in plain torch.nn (tests/torch_vgg.py);
+The PyTorch oracle is torchvision's module layout in plain torch.nn (tests/support/torch_vgg.py);
 its state_dict keys and shapes are `torchvision.models.vgg16()`'s at the default sizes.
 """
 

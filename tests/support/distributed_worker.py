@@ -1,13 +1,13 @@
 """One rank of a scenario that tests/test_distributed.py starts with mpirun.
 
-    mpirun -n 2 python tests/distributed_worker.py SCENARIO
+    mpirun -n 2 python tests/support/distributed_worker.py SCENARIO
 
 Scenarios:
   average       k SGD steps with gradients averaged over the ranks (uneven slices of a
                 global batch of 7), checked against the same steps on the whole batch
                 in one process, and the ranks' weights checked to be bitwise equal
   serial        the same with the allreduces started only after backward (no overlap)
-  nccl          `average` through NCCLGroup, with tests/nccl_standin.py as CuPy and NCCL
+  nccl          `average` through NCCLGroup, with tests/support/nccl_standin.py as CuPy and NCCL
   raise         rank 1 raises while rank 0 waits in an allreduce
   exit          rank 1 prints an error line and exits with status 2 while rank 0 waits
   kill          rank 1 is killed (SIGKILL) while rank 0 waits
@@ -19,8 +19,8 @@ import os
 import signal
 import sys
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(TESTS), TESTS]
+SUPPORT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(SUPPORT)), SUPPORT]
 
 if sys.argv[1] == "nccl":
     import nccl_standin

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import data, metrics, models, optim  # noqa: E402
+from minivgg.loader import Loader  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -108,13 +109,13 @@ def open_data(args):
         train_set.cache_in_memory(args.scale, args.workers)
         val_set.cache_in_memory(max(args.scale, args.crop), args.workers)
     stats = data.compute_stats(train_set, seed=args.seed, workers=args.workers)
-    train_loader = data.Loader(train_set, data.TrainTransform((args.scale, args.scale),
-                                                              args.crop, stats),
-                               args.batch_size, shuffle=True, seed=args.seed,
-                               workers=args.workers)
-    val_loader = data.Loader(val_set, data.EvalTransform(args.scale, args.crop, stats),
-                             args.batch_size, shuffle=False, seed=args.seed,
-                             workers=args.workers)
+    train_loader = Loader(train_set, data.TrainTransform((args.scale, args.scale),
+                                                         args.crop, stats),
+                          args.batch_size, shuffle=True, seed=args.seed,
+                          workers=args.workers)
+    val_loader = Loader(val_set, data.EvalTransform(args.scale, args.crop, stats),
+                        args.batch_size, shuffle=False, seed=args.seed,
+                        workers=args.workers)
     return train_set, train_loader, val_loader
 
 

@@ -42,7 +42,7 @@ import numpy as np
 # Run from a checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import backend, checkpoint, data, evaluate, pretrained  # noqa: E402
+from minivgg import backend, checkpoint, data, evaluate, images, pretrained  # noqa: E402
 from minivgg.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -199,8 +199,8 @@ def main(argv=None):
         if args.print_freq and (done % every < 32 or done == total):
             print(f"   {done}/{total} images", file=sys.stderr, flush=True)
 
-    results = evaluate.evaluate_images(nets, data.load_rgb, items, rows,
-                                       data.rescale_smallest_side, chunk_size=32,
+    results = evaluate.evaluate_images(nets, images.load_rgb, items, rows,
+                                       images.rescale_smallest_side, chunk_size=32,
                                        progress=progress)
     print_table(results, nets, s_texts)
     skipped = results[0].get("skipped", 0) if results else 0

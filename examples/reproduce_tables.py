@@ -58,7 +58,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
-from minivgg import checkpoint, data, evaluate, metrics  # noqa: E402
+from minivgg import checkpoint, evaluate, images, metrics  # noqa: E402
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
@@ -319,7 +319,7 @@ def evaluate_run(args, run):
     if not todo:
         return
     mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
-    nets = {align: evaluate.EvalNet(model, lambda img: data.to_chw_float32(img, mean),
+    nets = {align: evaluate.EvalNet(model, lambda img: images.to_chw_float32(img, mean),
                                     meta["classes"], run.name, dense_align=align)
             for align in evaluate.DENSE_ALIGNS}
     items = val_items(args, meta["classes"])
@@ -343,9 +343,9 @@ def posteriors(nets, items, jobs, chunk=64):
     out = {key: [] for key, *_ in jobs}
     scales = sorted({q for _, _, _, q, _ in jobs})
     for start in range(0, len(items), chunk):
-        images, _ = evaluate.decode(data.load_rgb, items[start:start + chunk])
+        images, _ = evaluate.decode(images.load_rgb, items[start:start + chunk])
         for q in scales:
-            inputs = [nets["center"].to_input(data.rescale_smallest_side(img, q))
+            inputs = [nets["center"].to_input(images.rescale_smallest_side(img, q))
                       for img in images]
             for key, method, align, jq, _ in jobs:
                 if jq == q:

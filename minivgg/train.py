@@ -44,8 +44,9 @@ import numpy as np
 from minivgg import backend, checkpoint, distributed, metrics, models, optim, plots
 from minivgg import functional as F
 from minivgg.checkpoint import EpochProgress, RunPaths, epoch_progress
-from minivgg.data import (DataStats, EvalTransform, Loader, TrainTransform, check_crop,
+from minivgg.data import (DataStats, EvalTransform, TrainTransform, check_crop,
                           compute_stats, open_imagenet)
+from minivgg.loader import Loader
 from minivgg.interrupts import StopSignals
 from minivgg.prefetch import to_device_batches
 from minivgg.tensor import Tensor, no_grad

@@ -120,7 +120,8 @@ def test_backward_hook_sees_each_leaf_once_after_its_gradient_is_final():
 
 
 def test_sharded_loaders_cut_every_global_batch_into_equal_step_counts():
-    from minivgg.data import EvalTransform, DataStats, Loader
+    from minivgg.data import DataStats, EvalTransform
+    from minivgg.loader import Loader
     from minivgg.synthetic import SyntheticImages
     data = SyntheticImages(37, 36, 0, "train")
     stats = DataStats(np.zeros(3), np.ones(3), np.eye(3))

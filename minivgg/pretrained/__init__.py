@@ -155,7 +155,7 @@ def input_transform(meta):
     (Sec. 2.1) for Caffe weights and minivgg checkpoints, torchvision's normalisation for
     torchvision and timm weights.
     """
-    from minivgg.data import to_chw_float32
+    from minivgg.images import to_chw_float32
     mean = np.asarray(meta["mean_rgb"], dtype=np.float32)
     if meta.get("std_rgb") is None:
         return lambda img: to_chw_float32(img, mean)

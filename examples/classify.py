@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import checkpoint, images, no_grad, pretrained  # noqa: E402
+from minivgg import images, no_grad, pretrained, run_state  # noqa: E402
 
 
 def preprocess(path, resize=256, crop=224, meta=pretrained.TORCHVISION_INPUT):
@@ -92,7 +92,7 @@ def classify(image, weights, config):
     loading weights. Weights or scores holding NaN or Inf are an error, not a ranking."""
     img = read_crop(image)
     model = pretrained.load_pretrained(weights, config)
-    checkpoint.require_finite(model, weights, "classify with")
+    run_state.require_finite(model, weights, "classify with")
     x = pretrained.input_transform(model.pretrained_meta)(img)[None]
     with no_grad():
         logits = model(x).numpy()[0]

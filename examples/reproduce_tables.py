@@ -58,7 +58,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
-from minivgg import checkpoint, evaluate, images, metrics  # noqa: E402
+from minivgg import checkpoint, evaluate, images, metrics, run_state  # noqa: E402
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
@@ -154,7 +154,7 @@ def save_record(args, run):
         compact_posteriors(os.path.join(src, "posteriors.npz"),
                            os.path.join(dst, "posteriors.npz"))
     if any(r.warm_from == run.name for r in STUDY):  # the weights a later run starts from
-        model, _ = checkpoint.load_model(last_checkpoint(args, run))
+        model, _ = run_state.load_model(last_checkpoint(args, run))
         save_pretrained(model, os.path.join(dst, "weights.npz"))
     with open(os.path.join(dst, "record.json"), "w") as f:
         json.dump({"epochs": args.epochs, "engine": run.engine, "arch": run.arch,
@@ -312,7 +312,7 @@ def evaluate_run(args, run):
         return
     path = os.path.join(folder(args, run), "posteriors.npz")
     have = dict(np.load(path)) if os.path.isfile(path) else {}
-    model, meta = checkpoint.load_model(last_checkpoint(args, run))
+    model, meta = run_state.load_model(last_checkpoint(args, run))
     if int(have.get("epoch", -1)) != int(meta["epoch"]):  # outputs of an older checkpoint
         have = {"epoch": np.array(meta["epoch"])}
     todo = [p for p in needed_parts(run) if p[0] not in have]

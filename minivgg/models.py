@@ -268,15 +268,3 @@ def init_from_a(model, a_state):
         p = own[key]
         p.data = backend.to_device(np.array(backend.to_numpy(value), dtype=p.dtype), p.device)
     return list(WARM_START_LAYERS)
-
-
-def load_pretrained(path, config=None, **kwargs):
-    """Load published VGG weights (Caffe, safetensors, .pth, .npz); see `minivgg.pretrained`."""
-    from minivgg.pretrained import load_pretrained as load
-    return load(path, config, **kwargs)
-
-
-def load_caffe_vgg(caffemodel, prototxt=None, **kwargs):
-    """Load the authors' Caffe release (Sec. 1) without Caffe; see `minivgg.pretrained.caffe`."""
-    from minivgg.pretrained import load_caffe_vgg as load
-    return load(caffemodel, prototxt, **kwargs)

@@ -421,7 +421,7 @@ def _load_script():
 
 def _save_checkpoint(path, classes, seed=0):
     from minivgg import checkpoint
-    from minivgg.checkpoint import model_meta
+    from minivgg.run_state import model_meta
     model = small_vgg(dtype=np.float32, seed=seed, input_size=32, num_classes=len(classes))
     meta = {"model": model_meta(model), "classes": list(classes),
             "data_stats": {"mean_rgb": [0.5, 0.5, 0.5]},

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from minivgg import models, no_grad, pretrained
+from minivgg.pretrained import cli as pretrained_cli
 
 torch = pytest.importorskip("torch")
 
@@ -108,9 +109,9 @@ def test_missing_file_and_cli_convert(tmp_path, capsys):
         pretrained.read_state_dict(tmp_path / "vgg16.pth")
     pth = tmp_path / "a.pth"
     torch.save(make_torch_vgg("A").state_dict(), pth)
-    assert pretrained.main(["convert", str(pth), str(tmp_path / "a.npz"), "--config", "A"]) == 0
+    assert pretrained_cli.main(["convert", str(pth), str(tmp_path / "a.npz"), "--config", "A"]) == 0
     assert "wrote 22 arrays" in capsys.readouterr().out
-    assert pretrained.main(["convert", str(pth), str(tmp_path / "b.npz"), "--config", "E"]) == 2
+    assert pretrained_cli.main(["convert", str(pth), str(tmp_path / "b.npz"), "--config", "E"]) == 2
     assert "match configuration A" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists()
     junk = tmp_path / "junk.pth"

@@ -193,7 +193,7 @@ def test_block_costs_add_up_to_the_layer_table():
 @pytest.fixture
 def small_checkpoint(tmp_path):
     """A minivgg training checkpoint of a small VGG-A (as minivgg.train writes it)."""
-    from minivgg.checkpoint import model_meta
+    from minivgg.run_state import model_meta
     model = models.vgg("A", num_classes=10, width=0.125, fc_width=32, input_size=32, seed=0,
                        init="glorot")
     path = tmp_path / "small.npz"

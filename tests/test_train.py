@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from minivgg import checkpoint
-from minivgg.checkpoint import CheckpointError, load_model
+from minivgg.checkpoint import CheckpointError
+from minivgg.run_state import load_model
 from minivgg.metrics import METRICS_COLUMNS, topk_errors
 from minivgg.train import (Run, TrainingDiverged, TrainingError, fit, setup,
                            synthetic_config)

@@ -109,7 +109,7 @@ def save_pretrained(model, path, layout="torchvision"):
     their pools round up, so `load_pretrained` gives back the same model. Returns the
     number of arrays written.
     """
-    meta = getattr(model, "pretrained_meta", None) or {}
+    meta = model.pretrained_meta or {}
     info = {"config": model.config, "layout": layout,
             "source_layout": meta.get("layout", "minivgg"),
             "mean_rgb": meta.get("mean_rgb"), "std_rgb": meta.get("std_rgb"),

@@ -2,7 +2,6 @@
 nothing lost (issue 15). Training interrupts, SIGTERM and divergence are tested on a real
 subprocess; image and weight problems through the scripts' own `main`."""
 
-import importlib.util
 import os
 import selectors
 import signal
@@ -16,17 +15,9 @@ import pytest
 from PIL import Image
 
 from minivgg import checkpoint, models, run_state
+from conftest import load_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_example(name):
-    """Import examples/<name>.py as a module (the examples folder is not a package)."""
-    path = os.path.join(REPO, "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def last_error_line(capsys):

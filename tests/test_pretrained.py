@@ -16,6 +16,7 @@ from minivgg.pretrained import cli as pretrained_cli
 torch = pytest.importorskip("torch")
 
 from torch_vgg import TorchvisionLayoutVGG  # noqa: E402
+from conftest import load_example  # noqa: E402
 
 FC_WIDTH, NUM_CLASSES = 64, 1000
 
@@ -133,13 +134,8 @@ def numpy_state(net):
 
 
 def test_classify_example_prints_top5_names_matching_pytorch(tmp_path, capsys):
-    import importlib.util
-    import pathlib
     from PIL import Image
-    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "classify.py"
-    spec = importlib.util.spec_from_file_location("classify_example", path)
-    classify = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(classify)
+    classify = load_example("classify")
 
     rng = np.random.default_rng(2)
     image = tmp_path / "noise.png"

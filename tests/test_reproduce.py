@@ -1,13 +1,13 @@
 """examples/reproduce_tables.py: which runs it skips, resumes or starts, and a report that
 marks what is missing as pending. Nothing here trains (that is the study itself)."""
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,12 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def study():
     sys.path.insert(0, str(REPO / "examples"))
-    spec = importlib.util.spec_from_file_location("reproduce_tables",
-                                                  REPO / "examples" / "reproduce_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_tables"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/reproduce_tables.py", register=True)
 
 
 def _args(study, tmp_path, *extra):

@@ -24,6 +24,7 @@ from minivgg.pretrained import cli as pretrained_cli  # noqa: E402
 from minivgg.pretrained import files  # noqa: E402
 from caffe_files import write_vgg  # noqa: E402
 from torch_vgg import TorchvisionLayoutVGG, make_torch_vgg, torch_logits  # noqa: E402
+from conftest import load_example  # noqa: E402
 
 SMALL = dict(width=8, fc_width=32, num_classes=10)
 
@@ -254,8 +255,6 @@ def test_imagenette_classes_sit_at_their_ilsvrc_indices():
 
 def test_evaluate_script_scores_caffe_weights_on_imagenette_wnids(tmp_path, capsys):
     """fc8's bias makes 'tench' (class 0) win every image: half of 2+2 images are right."""
-    import importlib.util
-    import pathlib
     from PIL import Image
     net = make_torch_vgg("D", width=8, fc_width=32, num_classes=1000)
     with torch.no_grad():
@@ -267,10 +266,7 @@ def test_evaluate_script_scores_caffe_weights_on_imagenette_wnids(tmp_path, caps
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(
                 tmp_path / "val" / wnid / f"{i}.JPEG")
-    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "evaluate_imagenet.py"
-    spec = importlib.util.spec_from_file_location("evaluate_imagenet", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("evaluate_imagenet")
     assert module.cli([str(caffemodel), "--data", str(tmp_path), "--protocol", "center",
                        "--scales", "224", "-p", "0"]) == 0
     row = [line.split() for line in capsys.readouterr().out.splitlines()

@@ -1,7 +1,6 @@
 """The training loop and examples/train_imagenet.py, on tiny synthetic and folder data."""
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from minivgg.train import (Run, TrainingDiverged, TrainingError, fit, setup,
                            synthetic_config)
 
 from test_data import make_layout, write_image
+from conftest import load_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_imagenet.py")
@@ -36,13 +36,6 @@ def run_fit(output, **overrides):
     lines = []
     rows = fit(tiny_config(output, **overrides), log=lines.append)
     return rows, lines
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_imagenet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -255,7 +248,7 @@ def test_script_reports_bad_input_as_error_lines(tmp_path, capsys, case, message
         from minivgg import backend
         if backend.cuda_available():
             pytest.skip("a GPU is present")
-    assert load_script().main(argv + flags) == 2
+    assert load_example("train_imagenet").main(argv + flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert __import__("re").search(message, err), err

@@ -77,22 +77,11 @@ class Tensor:
         self.creator = None  # the Function that produced this tensor, if any
         self.name = None
 
-    # --- array-like facts ------------------------------------------------------------
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def ndim(self):
-        return self.data.ndim
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    @property
-    def size(self):
-        return self.data.size
+    # --- array-like facts: those of the array it holds ----------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.data.dtype)
+    size = property(lambda self: self.data.size)
 
     @property
     def device(self):

@@ -264,7 +264,7 @@ def train_one_epoch(run, epoch):
     total = len(run.train_loader)
     p = run.progress = run.resume_progress or EpochProgress()
     run.resume_progress = None
-    bar = _progress_bar(f"{run.label}epoch {epoch + 1}", total, p.batch,
+    bar = _progress_bar(f"{run.config.label}epoch {epoch + 1}", total, p.batch,
                         run.group.is_root)
     start, waited, seen_before = time.perf_counter(), 0.0, p.seen
     batches = iter(to_device_batches(run.train_loader.epoch(epoch, start=p.batch), run.device))

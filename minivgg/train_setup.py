@@ -55,10 +55,6 @@ class Run:
         return self.replicas.group
 
     @property
-    def label(self):
-        return self.config.label
-
-    @property
     def title(self):
         data = ("synthetic data (drawn shapes and textures)" if self.config.synthetic
                 else self.data_name)

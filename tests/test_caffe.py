@@ -1,8 +1,8 @@
 """The authors' Caffe release, read without Caffe: logits must equal PyTorch's on BGR input.
 
-Each test writes a `.caffemodel` with the protobuf library (tests/support/caffe_files.py), in the old
-`layers` format the VGG files use and in the new `layer` format, from a torch net of
-torchvision's layout. That net fed BGR pixels is what Caffe computes; the imported model fed
+Each test writes a `.caffemodel` with the protobuf library (tests/support/caffe_files.py),
+in the old `layers` format the VGG files use and in the new `layer` format, from a torch
+net of torchvision's layout. That net fed BGR pixels is what Caffe computes; the imported model fed
 the same pixels in RGB must give the same logits (conv1_1's channels reversed on import).
 
 Sizes: the logits tests run every format at 1/8 width (8-64 channels, fc 32) on 224×224,

@@ -439,8 +439,9 @@ def tiny_imagenet(tmp_path):
 
 def test_script_prints_a_row_per_protocol_and_scale_setting(tiny_imagenet, capsys):
     root, ckpts = tiny_imagenet
-    code = load_example("evaluate_imagenet").cli([*ckpts, "--data", str(root), "--protocol", "center",
-                               "dense", "--scales", "36", "32,36", "-p", "0"])
+    script = load_example("evaluate_imagenet")
+    code = script.cli([*ckpts, "--data", str(root), "--protocol", "center", "dense",
+                       "--scales", "36", "32,36", "-p", "0"])
     out = capsys.readouterr().out
     assert code == 0
     rows = [line.split() for line in out.splitlines() if line.startswith("A + A")]
@@ -454,7 +455,8 @@ def test_script_prints_a_row_per_protocol_and_scale_setting(tiny_imagenet, capsy
 def test_script_default_report_shows_centre_crop_with_and_without_flip(tiny_imagenet, capsys):
     root, ckpts = tiny_imagenet
     for extra in ([], ["--dense-align", "top-left", "--ceil-mode"]):
-        assert load_example("evaluate_imagenet").cli([ckpts[0], "--data", str(root), "-p", "0", *extra]) == 0
+        script = load_example("evaluate_imagenet")
+        assert script.cli([ckpts[0], "--data", str(root), "-p", "0", *extra]) == 0
         out = capsys.readouterr().out
         protocols = [line.split()[3] for line in out.splitlines() if line.startswith("A ")]
         assert protocols == ["center", "center-flip", "dense"]

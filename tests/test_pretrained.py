@@ -2,9 +2,9 @@
 
 The published files cannot be downloaded here, so each test builds the same layout in
 torch (torchvision's `features` / `avgpool` / `classifier`, from torchvision's own `cfgs`
-notation, in tests/support/torch_vgg.py, independently of minivgg's Table 1 data), with random weights,
-and saves it as `.pth` and `.npz`. fc6/fc7 are 64 wide instead of 4096 to keep the files
-small; the loader reads the widths from the arrays.
+notation, in tests/support/torch_vgg.py, independently of minivgg's Table 1 data), with
+random weights, and saves it as `.pth` and `.npz`. fc6/fc7 are 64 wide instead of 4096 to
+keep the files small; the loader reads the widths from the arrays.
 """
 
 import numpy as np
@@ -110,9 +110,10 @@ def test_missing_file_and_cli_convert(tmp_path, capsys):
         pretrained.read_state_dict(tmp_path / "vgg16.pth")
     pth = tmp_path / "a.pth"
     torch.save(make_torch_vgg("A").state_dict(), pth)
-    assert pretrained_cli.main(["convert", str(pth), str(tmp_path / "a.npz"), "--config", "A"]) == 0
+    convert = ["convert", str(pth)]
+    assert pretrained_cli.main(convert + [str(tmp_path / "a.npz"), "--config", "A"]) == 0
     assert "wrote 22 arrays" in capsys.readouterr().out
-    assert pretrained_cli.main(["convert", str(pth), str(tmp_path / "b.npz"), "--config", "E"]) == 2
+    assert pretrained_cli.main(convert + [str(tmp_path / "b.npz"), "--config", "E"]) == 2
     assert "match configuration A" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists()
     junk = tmp_path / "junk.pth"

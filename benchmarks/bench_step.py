@@ -36,6 +36,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
 from minivgg.backend import CONV_ALGORITHMS  # noqa: E402
+from torch_net import torch_vgg  # noqa: E402
 
 CASES = {  # name: (config, width, fc_width, num_classes, input size, CPU batch, GPU batch)
     "A": ("A", 1.0, 4096, 1000, 224, 8, 64),
@@ -151,28 +152,6 @@ def minivgg_worker(args, case, batch):
     return {"times": times, "peak_mb": peak, "base_mb": base, "reset": reset}
 
 
-def torch_vgg(config, width, fc_width, classes, size):
-    """The same net as `minivgg.models.vgg`, built from its Table 1 data, torchvision style."""
-    import torch.nn as tnn
-    from minivgg.models import CONFIGS, parse_layer, pooled_size
-    layers, in_ch = [], 3
-    for block in CONFIGS[config]:
-        for spec in block:
-            kind, k, channels = parse_layer(spec)
-            if kind == "lrn":
-                layers.append(tnn.LocalResponseNorm(5, 5 * 1e-4, 0.75, 2.0))
-                continue
-            out_ch = max(1, int(round(channels * width)))
-            layers += [tnn.Conv2d(in_ch, out_ch, k, 1, k // 2), tnn.ReLU(inplace=True)]
-            in_ch = out_ch
-        layers.append(tnn.MaxPool2d(2, 2))
-    side = pooled_size(size)
-    layers += [tnn.Flatten(), tnn.Linear(in_ch * side * side, fc_width), tnn.ReLU(True),
-               tnn.Dropout(0.5), tnn.Linear(fc_width, fc_width), tnn.ReLU(True),
-               tnn.Dropout(0.5), tnn.Linear(fc_width, classes)]
-    return tnn.Sequential(*layers)
-
-
 def torch_worker(args, case, batch):
     import time
     import torch
@@ -184,7 +163,7 @@ def torch_worker(args, case, batch):
     base = rss_mb()
     config, width, fc_width, classes, size, _, _ = CASES[case]
     torch.manual_seed(0)
-    model = torch_vgg(config, width, fc_width, classes, size).to(args.device).train()
+    model = torch_vgg(torch, config, classes, width, fc_width, size).to(args.device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 3, size, size, device=args.device)
     labels = torch.randint(0, classes, (batch,), device=args.device)

@@ -13,8 +13,9 @@ minivgg's own code, so the two runs differ only where the engines do:
   flip, PCA colour shift, Sec. 3.1), EvalTransform (centre crop at Q) and Loader, with the
   same seed, so both engines see the same images in the same order with the same
   augmentation;
-* the net: built from `minivgg.models.CONFIGS` (Table 1) with torch.nn layers, floor-mode
-  pools, inverted dropout; Glorot-uniform weights drawn by torch (`--seed`), zero biases;
+* the net: `torch_net.torch_vgg`, built from `minivgg.models.CONFIGS` (Table 1) with
+  torch.nn layers, floor-mode pools, inverted dropout; Glorot-uniform weights drawn by
+  torch (`--seed`), zero biases;
 * the schedule: `minivgg.optim.ReduceLROnPlateau` itself, driving torch.optim.SGD, whose
   momentum convention minivgg's SGD follows;
 * the record: metrics.csv with minivgg's columns (`minivgg.metrics`), so the study and
@@ -32,9 +33,12 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from minivgg import data, metrics, models, optim  # noqa: E402
+from minivgg import data, metrics, optim  # noqa: E402
+from minivgg.loader import Loader  # noqa: E402
+from torch_net import torch_vgg  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,32 +61,6 @@ def parse_args(argv=None):
     p.add_argument("--cache", action="store_true", help="decode every image once")
     p.add_argument("--output", default="runs/torch-twin", metavar="DIR")
     return p.parse_args(argv)
-
-
-def torch_vgg(torch, config, num_classes, width, fc_width, input_size, dropout):
-    """Table 1's column `config` in torch.nn, with minivgg's channel rounding and names."""
-    nn = torch.nn
-    layers, in_ch = [], 3
-    for block in models.CONFIGS[models.canonical_config(config)]:
-        for spec in block:
-            kind, k, channels = models.parse_layer(spec)
-            if kind == "lrn":  # Sec. 2.1: AlexNet's LRN; torch's alpha is divided by n
-                layers.append(nn.LocalResponseNorm(5, alpha=5 * 1e-4, beta=0.75, k=2.0))
-                continue
-            out_ch = max(1, int(round(channels * width)))
-            layers += [nn.Conv2d(in_ch, out_ch, k, 1, k // 2), nn.ReLU(inplace=True)]
-            in_ch = out_ch
-        layers.append(nn.MaxPool2d(2, 2))
-    side = models.pooled_size(input_size)
-    layers += [nn.Flatten(), nn.Linear(in_ch * side * side, fc_width), nn.ReLU(inplace=True),
-               nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
-               nn.Dropout(dropout), nn.Linear(fc_width, num_classes)]
-    net = nn.Sequential(*layers)
-    for m in net.modules():  # Glorot uniform, as minivgg's init_weights("glorot")
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-    return net
 
 
 class TorchRate:
@@ -108,13 +86,13 @@ def open_data(args):
         train_set.cache_in_memory(args.scale, args.workers)
         val_set.cache_in_memory(max(args.scale, args.crop), args.workers)
     stats = data.compute_stats(train_set, seed=args.seed, workers=args.workers)
-    train_loader = data.Loader(train_set, data.TrainTransform((args.scale, args.scale),
-                                                              args.crop, stats),
-                               args.batch_size, shuffle=True, seed=args.seed,
-                               workers=args.workers)
-    val_loader = data.Loader(val_set, data.EvalTransform(args.scale, args.crop, stats),
-                             args.batch_size, shuffle=False, seed=args.seed,
-                             workers=args.workers)
+    train_loader = Loader(train_set, data.TrainTransform((args.scale, args.scale),
+                                                         args.crop, stats),
+                          args.batch_size, shuffle=True, seed=args.seed,
+                          workers=args.workers)
+    val_loader = Loader(val_set, data.EvalTransform(args.scale, args.crop, stats),
+                        args.batch_size, shuffle=False, seed=args.seed,
+                        workers=args.workers)
     return train_set, train_loader, val_loader
 
 
@@ -161,7 +139,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     train_set, train_loader, val_loader = open_data(args)
     net = torch_vgg(torch, args.arch, len(train_set.classes), args.width, args.fc_width,
-                    args.crop, args.dropout)
+                    args.crop, args.dropout, init="glorot")
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
     scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1, patience=2,

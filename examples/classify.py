@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import checkpoint, data, no_grad, pretrained  # noqa: E402
+from minivgg import images, no_grad, pretrained, run_state  # noqa: E402
 
 
 def preprocess(path, resize=256, crop=224, meta=pretrained.TORCHVISION_INPUT):
@@ -35,11 +35,11 @@ def read_crop(path, resize=256, crop=224):
     """An image file -> uint8 (crop, crop, 3): torchvision's ImageNet evaluation resize and
     centre crop.
 
-    Decoding is minivgg's (`data.load_rgb`: every Pillow mode, EXIF orientation applied);
+    Decoding is minivgg's (`images.load_rgb`: every Pillow mode, EXIF orientation applied);
     raises `OSError` "cannot read image PATH: why" for a file that is not a readable image.
     """
     from PIL import Image
-    img = Image.fromarray(data.load_rgb(path))
+    img = Image.fromarray(images.load_rgb(path))
     w, h = img.size
     # Isotropic: the shorter side becomes `resize`, the longer one is truncated to an int,
     # exactly as torchvision's Resize(256) computes it.
@@ -92,7 +92,7 @@ def classify(image, weights, config):
     loading weights. Weights or scores holding NaN or Inf are an error, not a ranking."""
     img = read_crop(image)
     model = pretrained.load_pretrained(weights, config)
-    checkpoint.require_finite(model, weights, "classify with")
+    run_state.require_finite(model, weights, "classify with")
     x = pretrained.input_transform(model.pretrained_meta)(img)[None]
     with no_grad():
         logits = model(x).numpy()[0]

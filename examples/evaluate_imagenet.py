@@ -42,7 +42,8 @@ import numpy as np
 # Run from a checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import backend, checkpoint, data, evaluate, pretrained  # noqa: E402
+from minivgg import (backend, data, evaluate, images, pretrained,  # noqa: E402
+                     run_state)
 from minivgg.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def load_nets(paths, device, batch_size, root, dense_align="center", ceil_mode=F
         if ceil_mode:
             model.ceil_mode = True
         meta = dict(model.pretrained_meta, input_size=model.input_size)
-        checkpoint.require_finite(model, path, "evaluate")
+        run_state.require_finite(model, path, "evaluate")
         if meta["mean_rgb"] is None or (meta["layout"] == "checkpoint" and not meta["classes"]):
             raise UsageError(f"checkpoint {path!r} has no class list or data statistics: "
                              f"not written by minivgg.train")
@@ -199,8 +200,8 @@ def main(argv=None):
         if args.print_freq and (done % every < 32 or done == total):
             print(f"   {done}/{total} images", file=sys.stderr, flush=True)
 
-    results = evaluate.evaluate_images(nets, data.load_rgb, items, rows,
-                                       data.rescale_smallest_side, chunk_size=32,
+    results = evaluate.evaluate_images(nets, images.load_rgb, items, rows,
+                                       images.rescale_smallest_side, chunk_size=32,
                                        progress=progress)
     print_table(results, nets, s_texts)
     skipped = results[0].get("skipped", 0) if results else 0

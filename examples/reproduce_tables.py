@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
-from minivgg import checkpoint, data, evaluate, metrics  # noqa: E402
+from minivgg import checkpoint, evaluate, images, metrics, run_state  # noqa: E402
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
@@ -160,7 +160,7 @@ def save_record(args, run):
         compact_posteriors(os.path.join(src, "posteriors.npz"),
                            os.path.join(dst, "posteriors.npz"))
     if any(r.warm_from == run.name for r in STUDY):  # the weights a later run starts from
-        model, _ = checkpoint.load_model(last_checkpoint(args, run))
+        model, _ = run_state.load_model(last_checkpoint(args, run))
         save_pretrained(model, os.path.join(dst, "weights.npz"))
     with open(os.path.join(dst, "record.json"), "w") as f:
         json.dump({"epochs": args.epochs, "engine": run.engine, "arch": run.arch,
@@ -359,14 +359,14 @@ def evaluate_run(args, run):
         return
     path = os.path.join(folder(args, run), "posteriors.npz")
     have = dict(np.load(path)) if os.path.isfile(path) else {}
-    model, meta = checkpoint.load_model(last_checkpoint(args, run))
+    model, meta = run_state.load_model(last_checkpoint(args, run))
     if int(have.get("epoch", -1)) != int(meta["epoch"]):  # outputs of an older checkpoint
         have = {"epoch": np.array(meta["epoch"])}
     todo = [p for p in needed_parts(run) if p[0] not in have]
     if not todo:
         return
     mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
-    nets = {align: evaluate.EvalNet(model, lambda img: data.to_chw_float32(img, mean),
+    nets = {align: evaluate.EvalNet(model, lambda img: images.to_chw_float32(img, mean),
                                     meta["classes"], run.name, dense_align=align)
             for align in evaluate.DENSE_ALIGNS}
     items = val_items(args, meta["classes"])
@@ -390,9 +390,9 @@ def posteriors(nets, items, jobs, chunk=64):
     out = {key: [] for key, *_ in jobs}
     scales = sorted({q for _, _, _, q, _ in jobs})
     for start in range(0, len(items), chunk):
-        images, _ = evaluate.decode(data.load_rgb, items[start:start + chunk])
+        images, _ = evaluate.decode(images.load_rgb, items[start:start + chunk])
         for q in scales:
-            inputs = [nets["center"].to_input(data.rescale_smallest_side(img, q))
+            inputs = [nets["center"].to_input(images.rescale_smallest_side(img, q))
                       for img in images]
             for key, method, align, jq, _ in jobs:
                 if jq == q:

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
 from minivgg import models, no_grad, pretrained  # noqa: E402
-from minivgg.checkpoint import require_finite  # noqa: E402
-from minivgg.data import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
+from minivgg.run_state import require_finite  # noqa: E402
+from minivgg.images import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
 from minivgg.metrics import read_metrics  # noqa: E402
 from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
 from minivgg.pretrained import imagenet_classes  # noqa: E402

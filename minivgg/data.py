@@ -1,17 +1,13 @@
-"""Images in, batches out: the paper's data pipeline (Sec. 3.1 and 3.2).
+"""Datasets, their statistics and Sec. 3.1's augmentation (Sec. 3.1 and 3.2).
 
-The pieces, in the order an image meets them:
+The pieces, in the order an image meets them (decoding is `minivgg.images`, batching is
+`minivgg.loader`):
 
-    load_rgb(path)                   decode with Pillow, any mode -> uint8 (H, W, 3) RGB,
-                                     upright (EXIF orientation), 16-bit/float scaled
-    rescale_smallest_side(img, S)    isotropic rescale, smallest side S (Pillow bilinear)
+    ImageFolder / open_imagenet      the ILSVRC layout, root/<split>/<wnid>/*.JPEG
     TrainTransform                   random S in [Smin, Smax], random crop, random flip,
                                      AlexNet's PCA colour shift, mean subtraction
     EvalTransform                    rescale to smallest side Q, centre crop
-    to_chw_float32(img, mean_rgb)    uint8 (H, W, 3) -> float32 (3, H, W), mean subtracted
     compute_stats(train)             mean RGB and colour PCA, every image weighing the same
-    Loader                           batches, decoded and augmented in worker processes
-                                     (minivgg.workers: Ctrl-C and SIGTERM cannot hang them)
 
 NOTE: the scale. Pixels go into the network on the 0-255 scale with the training set's
 mean RGB subtracted, `x - mean_rgb`, exactly as in the paper (Sec. 2.1) and Caffe, and
@@ -27,169 +23,19 @@ Datasets (`ImageFolder`, `minivgg.synthetic.SyntheticImages`) share one small in
 `load(i) -> uint8 (H, W, 3)`, which raises `OSError` for an unreadable file.
 """
 
-import math
 import os
 import sys
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from minivgg.workers import WorkerPool
-
-# The ILSVRC layout uses ".JPEG"; accept the usual image extensions in any case.
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
-
+from minivgg.images import (IMAGE_EXTENSIONS, center_crop, load_rgb, rescale_smallest_side,
+                            to_chw_float32)
+from minivgg.workers import map_in_processes
 
 class DataError(ValueError):
     """A dataset that cannot be used: missing folder, no images, mismatched classes..."""
 
-
-# ----------------------------------------------------------------------------------------
-# Image helpers (also used by minivgg.evaluate)
-# ----------------------------------------------------------------------------------------
-
-def load_rgb(path):
-    """Decode an image file into a uint8 array (H, W, 3) in RGB order, upright.
-
-    Every Pillow mode is handled (`to_rgb8`), and the EXIF orientation tag is applied (see
-    `upright`). Raises `OSError` "cannot read image PATH: why" for anything Pillow cannot
-    read: a missing, empty, truncated or foreign file, a folder, a decompression bomb.
-    """
-    # NOTE: Pillow pads a truncated JPEG with grey, silently, only when the global
-    # ImageFile.LOAD_TRUNCATED_IMAGES is True; at its default (False) `im.load()` raises,
-    # which is what lets the loader skip and count such files.
-    try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            # Between 89M and 179M pixels Pillow only warns (above, it raises): a large
-            # scan is a legitimate image, and a warning per worker per file is noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im.load()
-            return to_rgb8(upright(im))
-    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBomb
-        raise OSError(f"cannot read image {path}: {_read_failure(path, e)}") from None
-
-
-def _read_failure(path, error):
-    """Why an image could not be read, in words (the path is named by the caller)."""
-    if isinstance(error, FileNotFoundError):
-        return "no such file"
-    if isinstance(error, IsADirectoryError) or os.path.isdir(path):
-        return "it is a folder, not an image file"
-    if isinstance(error, PermissionError):
-        return "permission denied"
-    if isinstance(error, UnidentifiedImageError):
-        empty = os.path.isfile(path) and os.path.getsize(path) == 0
-        return "the file is empty" if empty else "not an image format Pillow can read"
-    return f"{type(error).__name__}: {error}"
-
-
-def upright(im):
-    """The image as a viewer shows it: the EXIF orientation tag (1-8) applied.
-
-    NOTE: the choice. A phone photo is stored sideways with a tag saying "rotate 90";
-    every viewer, and so the person who sorted it into a class folder, sees it upright.
-    torchvision's ImageFolder ignores the tag (Pillow does not apply it) and the paper says
-    nothing; ILSVRC's JPEGs carry almost no orientation tags, so the paper's numbers do not
-    depend on it, while on a folder of phone photos ignoring it would train on sideways
-    images and evaluate differently from what the user looked at. So minivgg applies it,
-    in training and at test time alike. A damaged EXIF block counts as no tag.
-    """
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception:  # malformed EXIF: the pixels are still fine, keep them as stored
-        return im
-
-
-# Nominal range of each integer mode: the value that means full white.
-_UINT16_MAX = 65535
-
-
-def to_rgb8(im):
-    """Any Pillow image -> uint8 (H, W, 3) RGB.
-
-    - 8-bit modes (L, P, 1, CMYK, YCbCr, LAB, HSV, RGBX...) go through Pillow's own
-      conversion; transparency (RGBA, LA, PA, P with a transparent colour) is dropped,
-      keeping the colour channels, as torchvision's `convert("RGB")` does.
-    - 16-bit integer grey (I;16, I;16B, I;16L, I;16N) is scaled by its nominal range,
-      0..65535 -> 0..255 (rounded), not stretched from the image's own min..max: a dark
-      photo must stay dark, and the same value must mean the same grey in every image.
-      NOTE: Pillow's own `convert` clips instead, so a 0-65535 ramp comes out 99.6% white.
-    - 32-bit integer grey (I) holds 16-bit data when Pillow reads a 16-bit PNG or TIFF
-      this way, so values within 0..65535 get the same 16-bit scale. Values outside it
-      have no nominal range worth using (2^31 would leave every image black), so such an
-      image is stretched from its own min..max to 0..255.
-    - 32-bit float grey (F) is read as 0..1 (the convention of float image files and of
-      torchvision's ToTensor): clipped to [0, 1], then scaled to 0..255; NaN becomes 0.
-    """
-    mode = im.mode
-    if mode.startswith(("I", "F")):
-        grey = _grey_to_uint8(np.asarray(im), mode)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts RGBa, not La
-        im = im.convert("RGBA") if mode == "RGBa" else Image.merge("L", im.split()[:1])
-    elif mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8).copy()
-
-
-def _grey_to_uint8(x, mode):
-    """One-channel 16/32-bit integer or float pixels -> uint8, as `to_rgb8` documents."""
-    x = x.astype(np.float64)
-    if mode.startswith("F"):
-        x = np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * 255.0
-    elif x.size and (x.min() < 0 or x.max() > _UINT16_MAX):
-        low, high = x.min(), x.max()
-        x = (x - low) * (255.0 / (high - low))  # high > low: one of them is outside 0..65535
-    else:
-        x = x * (255.0 / _UINT16_MAX)
-    return np.rint(x).astype(np.uint8)
-
-
-def rescaled_size(height, width, S):
-    """(new_height, new_width) with the smallest side equal to S, aspect ratio kept."""
-    if height <= width:
-        return S, max(S, int(round(width * S / height)))
-    return max(S, int(round(height * S / width))), S
-
-
-def rescale_smallest_side(img, S):
-    """Isotropically rescale uint8 (H, W, 3) so its smallest side is S (Sec. 3.1, 3.2).
-
-    Uses Pillow's bilinear filter, which averages over the whole footprint when shrinking
-    (antialiased), as torchvision's Resize does. Returns `img` itself when nothing changes.
-    """
-    S = int(S)
-    if S < 1:
-        raise ValueError(f"rescale_smallest_side: S must be positive, got {S}")
-    H, W = img.shape[:2]
-    new_h, new_w = rescaled_size(H, W, S)
-    if (new_h, new_w) == (H, W):
-        return img
-    out = Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR)
-    return np.asarray(out, dtype=np.uint8)
-
-
-def center_crop(img, size):
-    """The central size x size window of (H, W, C); an error if the image is smaller."""
-    H, W = img.shape[:2]
-    if size > H or size > W:
-        raise ValueError(f"center_crop: crop {size} is larger than the image {H}x{W}")
-    top, left = (H - size) // 2, (W - size) // 2
-    return img[top:top + size, left:left + size]
-
-
-def to_chw_float32(img, mean_rgb):
-    """uint8 (H, W, 3) -> float32 (3, H, W) holding x - mean_rgb, 0-255 scale (Sec. 2.1).
-
-    `mean_rgb` is the training set's mean colour on the 0-255 scale (see the module NOTE).
-    """
-    x = img.astype(np.float32)
-    x -= np.asarray(mean_rgb, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,7 +216,7 @@ class ImageFolder:
                             f"{folder}/<wnid>/*.JPEG"
                             + (f" (ignored: {', '.join(self.ignored)})" if self.ignored else ""))
         if self.ignored and warn is not False:
-            (warn or _print_warning)(ignored_message([(folder, self.ignored)]))
+            (warn or print_warning)(ignored_message([(folder, self.ignored)]))
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.cache = None  # filled by cache_in_memory()
@@ -395,7 +241,7 @@ class ImageFolder:
         smaller are kept as they are. Unreadable files are kept as None and counted.
         """
         jobs = [(p, smallest_side) for p in self.paths]
-        self.cache = list(_map(_decode_for_cache, jobs, workers))
+        self.cache = list(map_in_processes(_decode_for_cache, jobs, workers))
         return sum(img is None for img in self.cache)
 
 
@@ -419,6 +265,7 @@ def ignored_message(ignored):
             + "; ".join(parts))
 
 
+
 def _decode_for_cache(job, state=None):
     path, side = job
     try:
@@ -428,17 +275,6 @@ def _decode_for_cache(job, state=None):
     if min(img.shape[:2]) > side:
         img = rescale_smallest_side(img, side)
     return img
-
-
-def _map(fn, items, workers):
-    """[fn(item) for item in items], in order, over `workers` processes (0 = here)."""
-    if workers <= 0:
-        return [fn(item) for item in items]
-    pool = WorkerPool(workers, fn)
-    try:
-        return list(pool.map(items, ahead=4 * workers))
-    finally:
-        pool.close()
 
 
 def open_imagenet(root, warn=None):
@@ -458,7 +294,7 @@ def open_imagenet(root, warn=None):
     train = ImageFolder(os.path.join(root, "train"), warn=False)
     val = ImageFolder(os.path.join(root, "val"), warn=False)
     if train.ignored or val.ignored:
-        (warn or _print_warning)(ignored_message([(train.root, train.ignored),
+        (warn or print_warning)(ignored_message([(train.root, train.ignored),
                                                   (val.root, val.ignored)]))
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
@@ -481,7 +317,8 @@ def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0, warn=Non
     rng = np.random.default_rng(seed)
     index = np.sort(rng.permutation(n)[:max_images]) if n > max_images else np.arange(n)
     if isinstance(dataset, ImageFolder) and dataset.cache is None:
-        moments = _map(_file_moments, [(dataset.paths[i], side) for i in index], workers)
+        jobs = [(dataset.paths[i], side) for i in index]
+        moments = map_in_processes(_file_moments, jobs, workers)
     else:
         moments = (_image_moments(dataset, i, side) for i in index)
     count, total, outer, bad = 0, np.zeros(3), np.zeros((3, 3)), 0
@@ -493,7 +330,7 @@ def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0, warn=Non
     if count == 0:
         raise DataError("no readable training image to compute the mean colour from")
     if bad:
-        (warn or _print_warning)(f"{bad} of {len(index)} sampled training images are "
+        (warn or print_warning)(f"{bad} of {len(index)} sampled training images are "
                                  f"unreadable; the mean colour comes from the other {count}")
     return stats_from_moments(count, total, outer)
 
@@ -516,182 +353,6 @@ def _image_moments(dataset, i, side):
     return image_moments(img)
 
 
-# ----------------------------------------------------------------------------------------
-# Loader: batches decoded and augmented in background processes
-# ----------------------------------------------------------------------------------------
-
-def sample_rng(seed, epoch, index):
-    """The generator for one sample's augmentation: a function of (seed, epoch, index) only,
-    so a batch comes out the same whichever worker (or how many workers) made it."""
-    return np.random.default_rng([seed, epoch, index])
-
-
-def _print_warning(message):
+def print_warning(message):
+    """The default `warn`: one "warning: ..." line on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _make_batch(job, state):
-    """Decode and transform the samples of one batch -> (x, y, bad paths with reasons)."""
-    dataset, transform = state
-    seed, epoch, indices = job
-    xs, ys, bad = [], [], []
-    for i in indices:
-        try:
-            img = dataset.load(i)
-        except OSError as e:
-            bad.append((dataset.paths[i], str(e)))
-            continue
-        xs.append(transform(img, sample_rng(seed, epoch, int(i))))
-        ys.append(dataset.labels[i])
-    if not xs:
-        return None, None, bad
-    return np.stack(xs), np.asarray(ys, dtype=np.int64), bad
-
-
-class Loader:
-    """Mini-batches of (float32 (N, 3, crop, crop), int64 (N,)) for one dataset.
-
-    With `workers` > 0, a pool of processes decodes and augments whole batches while the
-    network trains, keeping `prefetch` batches in flight. The order is a seeded
-    permutation per epoch and each sample's augmentation is seeded from (seed, epoch,
-    index), so an epoch's batches are bit-identical for any number of workers.
-
-    Unreadable files are skipped (the batch is one shorter) with a warning, and counted in
-    `self.skipped` for the epoch summary. The worker processes ignore Ctrl-C and SIGTERM
-    and are stopped by `close()`, which cannot hang (`minivgg.workers`); an interrupted
-    epoch can be continued exactly with `epoch(e, start=k)`.
-
-    Data parallelism (Sec. 3.3): with `shard=(rank, ranks)` every batch of `batch_size` (the
-    global batch) is cut into `ranks` contiguous slices that differ by at most one image,
-    and this loader yields slice `rank`. The permutation is the same for every number of
-    ranks, so a run resumed on another number of processes continues the same sequence
-    (also from batch `start` part-way through an epoch); the last, shorter batch is kept
-    and cut the same way. Every rank yields exactly
-    `len(self)` batches: a slice left empty (fewer images than ranks, or all unreadable)
-    comes as an empty batch rather than none, so no rank skips a step the others take.
-    """
-
-    def __init__(self, dataset, transform, batch_size, shuffle=True, seed=0, workers=0,
-                 drop_last=False, prefetch=None, warn=None, shard=(0, 1)):
-        if batch_size < 1:
-            raise DataError(f"batch size must be positive, got {batch_size}")
-        self.rank, self.ranks = shard
-        self.dataset, self.transform = dataset, transform
-        self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
-        self.workers, self.drop_last = int(workers), drop_last
-        self.prefetch = prefetch or max(2, 2 * self.workers)
-        self.skipped = 0
-        self.warned = set()
-        self.warn = warn or _print_warning
-        self._pool = None
-
-    def __len__(self):
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def batch_indices(self, epoch):
-        """The list of index arrays, one per batch, for `epoch`."""
-        n = len(self.dataset)
-        order = (np.random.default_rng([self.seed, epoch, 2**31]).permutation(n)
-                 if self.shuffle else np.arange(n))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size,
-                                                                  self.batch_size)]
-        r, R = self.rank, self.ranks
-        return [b[len(b) * r // R:len(b) * (r + 1) // R] for b in batches] if R > 1 else batches
-
-    def epoch(self, epoch, start=0):
-        """Iterate over the batches of `epoch` (0-based) from batch `start` on; they are
-        the same batches a whole epoch gives from there. Resets `self.skipped`."""
-        self.skipped = 0
-        jobs = [(self.seed, epoch, idx) for idx in self.batch_indices(epoch)[start:]]
-        results = self._run(jobs)
-        for x, y, bad in results:
-            for path, reason in bad:
-                self.skipped += 1
-                if path not in self.warned:  # one warning per file per run
-                    self.warned.add(path)
-                    self.warn(f"{reason}; skipping it")
-            if x is not None:
-                yield x, y
-            elif self.ranks > 1:  # NOTE: keep in step with the other ranks
-                crop = self.transform.crop
-                yield np.zeros((0, 3, crop, crop), np.float32), np.zeros(0, np.int64)
-
-    def _run(self, jobs):
-        state = (self.dataset, self.transform)
-        if self.workers <= 0:
-            for job in jobs:
-                yield _make_batch(job, state)
-            return
-        if self._pool is None or self._pool.closed:  # closed: an epoch was abandoned
-            self._pool = WorkerPool(self.workers, _make_batch, state, "minivgg-loader")
-        # NOTE: bounded look-ahead; mapping the whole epoch at once would decode it all.
-        yield from self._pool.map(jobs, ahead=self.prefetch)
-
-    @property
-    def worker_pids(self):
-        """Process ids of the running worker processes (none before the first batch)."""
-        return self._pool.pids if self._pool is not None else []
-
-    def close(self):
-        """Stop the worker processes (quickly, and never waiting on a lock; see workers.py)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-# ----------------------------------------------------------------------------------------
-# `python -m minivgg.data DIR`: how fast the loader alone delivers training batches
-# ----------------------------------------------------------------------------------------
-
-def measure_data_rate(loader, batches=50, epoch=0):
-    """Images per second that `loader` delivers with no network consuming them."""
-    import time
-    it = loader.epoch(epoch)
-    next(it)  # start-up (pool, first batch) is not part of the steady rate
-    start, seen = time.perf_counter(), 0
-    for _, (x, _) in zip(range(batches), it):
-        seen += len(x)
-    return seen / (time.perf_counter() - start)
-
-
-def main(argv=None):
-    import argparse
-    import time
-    p = argparse.ArgumentParser(prog="python -m minivgg.data",
-                                description="measure the training loader's data rate")
-    p.add_argument("data", metavar="DIR", help="ILSVRC-layout folder (train/, val/)")
-    p.add_argument("--scale", type=int, default=256)
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("-b", "--batch-size", type=int, default=256)
-    p.add_argument("-j", "--workers", type=int, default=2)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--cache", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        train, _ = open_imagenet(args.data)
-        if args.cache:
-            t = time.perf_counter()
-            train.cache_in_memory(args.scale, args.workers)
-            print(f"cached {len(train)} images in {time.perf_counter() - t:.1f}s")
-        stats = compute_stats(train, max_images=200, workers=args.workers)
-        loader = Loader(train, TrainTransform(args.scale, args.crop, stats), args.batch_size,
-                        workers=args.workers)
-        rate = measure_data_rate(loader, args.batches)
-        loader.close()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"data rate: {rate:.0f} images/s (S={args.scale}, crop {args.crop}, batch "
-          f"{args.batch_size}, {args.workers} workers, cache {'on' if args.cache else 'off'})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,8 @@ the dense and the multi-crop soft-max (Table 5); fusion averages the soft-max of
 models (Sec. 4.4, Table 6). Every combination is an average of posteriors, so each helper
 here returns an (N, K) array of soft-max probabilities and `average` combines them.
 
-Images enter as uint8 arrays (H, W, 3) in RGB order, as `minivgg.data.load_rgb` returns them.
+Images enter as uint8 arrays (H, W, 3) in RGB order, as `minivgg.images.load_rgb`
+returns them.
 Shape legend: N images, K classes, Q test scale, c training crop size.
 """
 
@@ -356,7 +357,7 @@ class EvalNet:
 
     `to_input(img)` turns a rescaled uint8 (H, W, 3) RGB image into the float (3, H, W)
     array the model was trained on (mean subtraction, layout); the caller builds it from
-    `minivgg.data` and the checkpoint's statistics. `posteriors(images, method)` then
+    `minivgg.images` and the checkpoint's statistics. `posteriors(images, method)` then
     returns the (N, K) soft-max array of one method at one scale.
     """
 

@@ -544,3 +544,34 @@ def softmax(x, axis=1):
     xp = backend.array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Tensor's operators are these ops
+# ----------------------------------------------------------------------------------------
+
+def _bind_operators():
+    """Attach the ops above to `Tensor` as its operators and methods, once, at import.
+
+    NOTE: tensor.py cannot import this module (this module imports it), so the binding is
+    made here, as DeZero's `setup_variable()` does: `a + b` is `add(a, b)`, `x.sum()` is
+    `sum(x)`, `x.T` is `transpose(x)`.
+    """
+    Tensor.__add__, Tensor.__radd__ = add, lambda self, other: add(other, self)
+    Tensor.__sub__, Tensor.__rsub__ = sub, lambda self, other: sub(other, self)
+    Tensor.__mul__, Tensor.__rmul__ = mul, lambda self, other: mul(other, self)
+    Tensor.__truediv__, Tensor.__rtruediv__ = div, lambda self, other: div(other, self)
+    Tensor.__neg__, Tensor.__matmul__ = neg, matmul
+    Tensor.sum, Tensor.mean, Tensor.flatten = sum, mean, flatten
+    Tensor.reshape = _reshape_method
+    Tensor.T = property(transpose)
+
+
+def _reshape_method(x, *shape):
+    """`x.reshape(2, 3)` and `x.reshape((2, 3))`, as NumPy and PyTorch take both."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return reshape(x, shape)
+
+
+_bind_operators()

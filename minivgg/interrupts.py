@@ -10,6 +10,9 @@
                 save()
                 break
 
+The training loop does this through `minivgg.replicas.Replicas`, which folds the votes
+into the step's own sum.
+
 - The first SIGINT (Ctrl-C; a terminal sends it to every process of the foreground group)
   or SIGTERM (how a cluster scheduler preempts a job) only sets `stop` to the signal's
   name and says so on stderr. The run finishes the batch it is computing, writes a

@@ -94,6 +94,12 @@ class VGG(nn.Sequential):
     release; minivgg trains in floor mode. It is a settable attribute: `model.ceil_mode =
     True` switches every pool at once. At the training crop (a multiple of 32) the two modes
     give the same result; they differ on other image sizes (dense evaluation, Sec. 3.2).
+
+    `pretrained_meta` is None for a net built here; `minivgg.pretrained.load_pretrained`
+    sets it to a dict saying how the loaded weights expect their input: `mean_rgb` and
+    `std_rgb` (x = (pixel - mean_rgb) / std_rgb on 0-255 RGB; std_rgb None: no division),
+    `layout` ("caffe", "torchvision", "timm", "checkpoint"), `pool_ceil_mode` and, for a
+    training checkpoint, `classes`.
     """
 
     def __init__(self, config="D", num_classes=1000, width=1.0, fc_width=4096,
@@ -136,6 +142,7 @@ class VGG(nn.Sequential):
         self.config, self.input_size, self.num_classes = config, input_size, num_classes
         self.width, self.fc_width = width, fc_width
         self.ceil_mode = ceil_mode
+        self.pretrained_meta = None  # set by minivgg.pretrained when weights are loaded
 
     @property
     def ceil_mode(self):
@@ -279,15 +286,3 @@ def init_from_a(model, a_state):
         p = own[key]
         p.data = backend.to_device(np.array(backend.to_numpy(value), dtype=p.dtype), p.device)
     return list(WARM_START_LAYERS)
-
-
-def load_pretrained(path, config=None, **kwargs):
-    """Load published VGG weights (Caffe, safetensors, .pth, .npz); see `minivgg.pretrained`."""
-    from minivgg.pretrained import load_pretrained as load
-    return load(path, config, **kwargs)
-
-
-def load_caffe_vgg(caffemodel, prototxt=None, **kwargs):
-    """Load the authors' Caffe release (Sec. 1) without Caffe; see `minivgg.pretrained.caffe`."""
-    from minivgg.pretrained import load_caffe_vgg as load
-    return load(caffemodel, prototxt, **kwargs)

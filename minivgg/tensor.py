@@ -77,22 +77,11 @@ class Tensor:
         self.creator = None  # the Function that produced this tensor, if any
         self.name = None
 
-    # --- array-like facts ------------------------------------------------------------
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def ndim(self):
-        return self.data.ndim
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    @property
-    def size(self):
-        return self.data.size
+    # --- array-like facts: those of the array it holds ----------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.data.dtype)
+    size = property(lambda self: self.data.size)
 
     @property
     def device(self):
@@ -140,21 +129,7 @@ class Tensor:
         training uses it to start averaging gradients while backward goes on (as
         PyTorch's post-accumulate-grad hooks do).
         """
-        if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad "
-                               "(was it computed under no_grad(), or from constants only?)")
-        if grad is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward() needs an output gradient for a non-scalar "
-                                   f"tensor of shape {self.shape}")
-            grad = backend.array_module(self.data).ones_like(self.data)
-        else:
-            grad = grad.data if isinstance(grad, Tensor) else grad
-            grad = backend.as_array_like(grad, self.data)
-            if grad.shape != self.shape:
-                raise ValueError(f"backward(): gradient shape {grad.shape} does not match "
-                                 f"tensor shape {self.shape}")
-
+        grad = self._output_grad(grad)
         # Gradients of non-leaf tensors, keyed by id. Each entry keeps its tensor alive
         # until its creator has consumed the gradient, then both are dropped.
         grads = {id(self): (self, grad)}
@@ -194,54 +169,28 @@ class Tensor:
         if self.creator is None:  # backward() called on a leaf itself
             self.grad = grad.copy() if self.grad is None else self.grad + grad
 
-    # --- operators (defined in functional, bound here) ------------------------------------
-    def __add__(self, other):
-        return F.add(self, other)
+    def _output_grad(self, grad):
+        """The gradient backward() starts from, checked: 1 for a one-element tensor."""
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(was it computed under no_grad(), or from constants only?)")
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() needs an output gradient for a non-scalar "
+                                   f"tensor of shape {self.shape}")
+            return backend.array_module(self.data).ones_like(self.data)
+        grad = grad.data if isinstance(grad, Tensor) else grad
+        grad = backend.as_array_like(grad, self.data)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward(): gradient shape {grad.shape} does not match "
+                             f"tensor shape {self.shape}")
+        return grad
 
-    def __radd__(self, other):
-        return F.add(other, self)
-
-    def __sub__(self, other):
-        return F.sub(self, other)
-
-    def __rsub__(self, other):
-        return F.sub(other, self)
-
-    def __mul__(self, other):
-        return F.mul(self, other)
-
-    def __rmul__(self, other):
-        return F.mul(other, self)
-
-    def __truediv__(self, other):
-        return F.div(self, other)
-
-    def __rtruediv__(self, other):
-        return F.div(other, self)
-
-    def __neg__(self):
-        return F.neg(self)
-
-    def __matmul__(self, other):
-        return F.matmul(self, other)
-
-    def sum(self, axis=None, keepdims=False):
-        return F.sum(self, axis, keepdims)
-
-    def mean(self, axis=None, keepdims=False):
-        return F.mean(self, axis, keepdims)
-
-    def reshape(self, *shape):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return F.reshape(self, shape)
-
-    def flatten(self, start_dim=1):
-        return F.flatten(self, start_dim)
-
-    @property
-    def T(self):
-        return F.transpose(self)
+    # --- operators --------------------------------------------------------------------
+    # NOTE: +, -, *, /, unary -, @, .sum(), .mean(), .reshape(), .flatten() and .T are the
+    # ops of minivgg.functional, which imports this module; so they are attached to Tensor
+    # there, once, by `functional._bind_operators()` (DeZero's `setup_variable()`), and
+    # this module never imports functional. `import minivgg` runs it.
 
 
 def _owned(gx, gys, gxs):
@@ -356,5 +305,3 @@ class Function:
 def as_tensor(x):
     return x if isinstance(x, Tensor) else Tensor(x)
 
-
-from minivgg import functional as F  # noqa: E402  (functional needs Tensor and Function)

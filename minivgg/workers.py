@@ -220,3 +220,14 @@ def _picklable(error):
     except Exception:
         text = "".join(traceback.format_exception(error))
         return WorkerError(f"a data loader worker failed:\n{text}")
+
+
+def map_in_processes(fn, items, workers):
+    """[fn(item) for item in items], in order, over `workers` processes (0 = here)."""
+    if workers <= 0:
+        return [fn(item) for item in items]
+    pool = WorkerPool(workers, fn)
+    try:
+        return list(pool.map(items, ahead=4 * workers))
+    finally:
+        pool.close()

@@ -9,10 +9,14 @@ sees a GPU, on CUDA (those cases carry the `gpu` mark and skip cleanly elsewhere
         ...
 
 Test modules import the helpers directly (`from conftest import TOLERANCES, to_device`):
-pytest puts this folder on `sys.path`.
+pytest puts this folder on `sys.path`, and this file puts tests/support/ there too, so the
+helper modules that are no tests (the stand-in CuPy and NCCL, the CUDA host emulator, the
+Caffe file writer, the PyTorch twin, the MPI worker script) import by their plain names.
 """
 
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +26,32 @@ from minivgg import backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+sys.path.insert(0, os.path.join(REPO, "tests", "support"))
+
+
+# ----------------------------------------------------------------------------------------
+# Scripts: examples/ and benchmarks/ are folders of scripts, not packages
+# ----------------------------------------------------------------------------------------
+
+def load_script(path, name=None, register=False):
+    """Import the script at `path` (relative to the repository root) as a module.
+
+    `name`: the module's name (default: the file's stem). `register`: also enter it in
+    `sys.modules`, for a script whose dataclasses or pickles look their module up there.
+    """
+    path = os.path.join(REPO, path)
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_example(name):
+    """examples/<name>.py as a module."""
+    return load_script(os.path.join("examples", f"{name}.py"), f"example_{name}")
 
 # ----------------------------------------------------------------------------------------
 # Tolerances: ONE table, per op and dtype, used by every comparison in the suite.

@@ -1,6 +1,6 @@
 """minivgg.backend: the registry of devices, device names, and the TF32 switch.
 
-The CUDA cases run on the stand-in cupy of the emulation tests (tests/standin_cupy.py: a
+The CUDA cases run on the stand-in cupy of the emulation tests (tests/support/standin_cupy.py: a
 device array type of its own), given here a device count, a current device and a compute
 capability, so no GPU is needed.
 """

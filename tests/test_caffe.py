@@ -1,8 +1,8 @@
 """The authors' Caffe release, read without Caffe: logits must equal PyTorch's on BGR input.
 
-Each test writes a `.caffemodel` with the protobuf library (tests/caffe_files.py), in the old
-`layers` format the VGG files use and in the new `layer` format, from a torch net of
-torchvision's layout. That net fed BGR pixels is what Caffe computes; the imported model fed
+Each test writes a `.caffemodel` with the protobuf library (tests/support/caffe_files.py),
+in the old `layers` format the VGG files use and in the new `layer` format, from a torch
+net of torchvision's layout. That net fed BGR pixels is what Caffe computes; the imported model fed
 the same pixels in RGB must give the same logits (conv1_1's channels reversed on import).
 
 Sizes: the logits tests run every format at 1/8 width (8-64 channels, fc 32) on 224×224,
@@ -20,8 +20,9 @@ import pytest
 pytest.importorskip("google.protobuf")
 torch = pytest.importorskip("torch")
 
-from minivgg import models, no_grad  # noqa: E402
-from minivgg.pretrained import caffe, main  # noqa: E402
+from minivgg import models, no_grad, pretrained  # noqa: E402
+from minivgg.pretrained import caffe  # noqa: E402
+from minivgg.pretrained.cli import main  # noqa: E402
 from caffe_files import NetWriter, write_vgg  # noqa: E402
 from torch_vgg import make_torch_vgg, torch_logits  # noqa: E402
 
@@ -53,7 +54,7 @@ def assert_logits_close(got, expected):
 def test_caffemodel_logits_match_pytorch_fed_bgr(config, fmt, tmp_path):
     net = make_torch_vgg(config, **SMALL)
     path, _ = write_vgg(tmp_path / "vgg.caffemodel", net, config, fmt)
-    model = models.load_pretrained(path)
+    model = pretrained.load_pretrained(path)
     assert (model.config, model.width, model.fc_width, model.num_classes,
             model.input_size) == (config, 1 / 8, 32, 10, 224)
     x = bgr_batch()
@@ -64,7 +65,7 @@ def test_caffemodel_logits_match_pytorch_fed_bgr(config, fmt, tmp_path):
 def test_conv1_1_filters_are_reversed_to_rgb_and_the_mean_with_them(tmp_path):
     net = make_torch_vgg("D", **SMALL)
     path, _ = write_vgg(tmp_path / "vgg.caffemodel", net, "D", "layers")
-    model = models.load_caffe_vgg(path)
+    model = pretrained.load_caffe_vgg(path)
     bgr_filters = net.features[0].weight.detach().numpy()
     np.testing.assert_array_equal(model.conv1_1.weight.numpy(), bgr_filters[:, ::-1])
     np.testing.assert_array_equal(model.conv1_2.weight.numpy(),
@@ -104,7 +105,7 @@ def test_deploy_prototxt_picks_the_layers_from_a_training_caffemodel(tmp_path):
     train.add("SOFTMAX_LOSS", "loss")
     train.add("ACCURACY", "accuracy")
     path = train.save(tmp_path / "train.caffemodel")
-    model = models.load_caffe_vgg(path, prototxt)
+    model = pretrained.load_caffe_vgg(path, prototxt)
     x = bgr_batch(1)
     assert_logits_close(minivgg_logits(model, x), torch_logits(net, x))
 
@@ -126,7 +127,7 @@ def test_other_columns_come_from_their_layer_lists(tmp_path):
             elif name.startswith("fc"):
                 w.add("INNER_PRODUCT", name, [layer.weight.numpy(), layer.bias.numpy()],
                       num_output=layer.out_features)
-        model = models.load_pretrained(w.save(tmp_path / f"{config}.caffemodel"))
+        model = pretrained.load_pretrained(w.save(tmp_path / f"{config}.caffemodel"))
         assert model.config == config
         expected = reference.state_dict()
         expected["conv1_1.weight"] = expected["conv1_1.weight"][:, ::-1]  # read as BGR
@@ -150,7 +151,7 @@ def test_full_size_release_in_both_formats(config, tmp_path):
     expected = torch_logits(net, x)
     for fmt in ("layers", "layer"):
         path, _ = write_vgg(tmp_path / f"{fmt}.caffemodel", net, config, fmt, faithful=False)
-        model = models.load_pretrained(path, config)
+        model = pretrained.load_pretrained(path, config)
         os.remove(path)
         assert model.num_parameters() == TABLE2[config]
         assert (model.width, model.fc_width, model.num_classes) == (1.0, 4096, 1000)
@@ -177,7 +178,7 @@ def test_truncated_caffemodel_is_one_clear_error(small_d, tmp_path, capsys):
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="cut.caffemodel: not a Caffe .caffemodel, or a "
                                          "truncated one"):
-        models.load_pretrained(path)
+        pretrained.load_pretrained(path)
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
@@ -197,7 +198,7 @@ def _drop(writer, name):
 def test_wrong_layer_counts_are_refused(small_d, tmp_path, change, message):
     path = change(small_d).save(tmp_path / "bad.caffemodel")
     with pytest.raises(ValueError, match=message):
-        models.load_pretrained(path)
+        pretrained.load_pretrained(path)
 
 
 def test_shapes_that_fit_no_column_are_refused(tmp_path):
@@ -211,25 +212,25 @@ def test_shapes_that_fit_no_column_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"conv2_1.weight: file has shape \(24, 8, 3, 3\), "
                                          r"configuration D expects \(16, 8, 3, 3\).*fit no "
                                          "Table 1 column"):
-        models.load_pretrained(w.save(tmp_path / "bad.caffemodel"))
+        pretrained.load_pretrained(w.save(tmp_path / "bad.caffemodel"))
 
 
 def test_layers_outside_a_vgg_are_refused(small_d, tmp_path):
     small_d.add("ELTWISE", "sum")
     with pytest.raises(ValueError, match="layer 'sum' of type ELTWISE is not part of a VGG"):
-        models.load_pretrained(small_d.save(tmp_path / "bad.caffemodel"))
+        pretrained.load_pretrained(small_d.save(tmp_path / "bad.caffemodel"))
     w = NetWriter("layer")
     w.add("CONVOLUTION", "conv1_1", [np.zeros((8, 3, 5, 5)), np.zeros(8)], num_output=8,
           kernel_size=[5], pad=[2])
     with pytest.raises(ValueError, match="5×5 convolution .* is not a Table 1 conv"):
-        models.load_pretrained(w.save(tmp_path / "conv5.caffemodel"))
+        pretrained.load_pretrained(w.save(tmp_path / "conv5.caffemodel"))
 
 
 def test_config_given_must_agree_and_prototxt_alone_is_refused(small_d, tmp_path):
     path = small_d.save(tmp_path / "vgg.caffemodel")
     with pytest.raises(ValueError, match="holds configuration D, not E"):
-        models.load_pretrained(path, "vgg19")
+        pretrained.load_pretrained(path, "vgg19")
     prototxt = tmp_path / "deploy.prototxt"
     prototxt.write_text('name: "VGG"\nlayers { name: "conv1_1" type: CONVOLUTION }\n')
     with pytest.raises(ValueError, match="holds no weights; pass the .caffemodel"):
-        models.load_pretrained(prototxt)
+        pretrained.load_pretrained(prototxt)

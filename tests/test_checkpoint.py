@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from minivgg import checkpoint, models, optim
+from minivgg import checkpoint, models, optim, run_state
 from minivgg.checkpoint import CheckpointError
 
 
@@ -303,7 +303,7 @@ def training_checkpoint(tmp_path, damage=None):
 
 def _open_for_resume(path):
     state, opt_state, meta = checkpoint.load(path)
-    checkpoint.check_resumable(path, state, opt_state, meta, small_model())
+    run_state.check_resumable(path, state, opt_state, meta, small_model())
 
 
 def test_an_intact_training_checkpoint_is_resumable(tmp_path):
@@ -356,53 +356,53 @@ def test_damaged_training_metadata_is_one_clear_line_when_the_file_is_opened(tmp
 def test_a_new_run_into_a_folder_holding_a_run_is_refused_naming_resume_and_overwrite(
         tmp_path):
     run = tmp_path / "run"
-    checkpoint.prepare_run_folder(run)  # a new, empty folder is fine
+    run_state.prepare_run_folder(run)  # a new, empty folder is fine
     (run / "last.npz").write_bytes(b"earlier run")
     (run / "metrics.csv").write_text("epoch\n1\n")
     with pytest.raises(CheckpointError) as info:
-        checkpoint.prepare_run_folder(run)
+        run_state.prepare_run_folder(run)
     message = str(info.value)
     assert f"--resume {run / 'last.npz'}" in message and "--overwrite" in message
     assert (run / "last.npz").read_bytes() == b"earlier run"  # nothing touched
-    checkpoint.prepare_run_folder(run, resume=str(run / "last.npz"))  # its own resume: fine
+    run_state.prepare_run_folder(run, resume=str(run / "last.npz"))  # its own resume: fine
     assert (run / "last.npz").exists()
     with pytest.raises(CheckpointError, match="already holds a run"):  # another run's resume
-        checkpoint.prepare_run_folder(run, resume=str(tmp_path / "other" / "last.npz"))
-    checkpoint.prepare_run_folder(run, overwrite=True)  # allowed, nothing deleted yet
+        run_state.prepare_run_folder(run, resume=str(tmp_path / "other" / "last.npz"))
+    run_state.prepare_run_folder(run, overwrite=True)  # allowed, nothing deleted yet
     assert sorted(os.listdir(run)) == ["last.npz", "metrics.csv"]
-    checkpoint.remove_run_files(run)
+    run_state.remove_run_files(run)
     assert os.listdir(run) == []
 
 
 def test_an_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="is a file, not a folder"):
-        checkpoint.prepare_run_folder(tmp_path / "file")
+        run_state.prepare_run_folder(tmp_path / "file")
     with pytest.raises(CheckpointError, match="not a folder minivgg can write"):
-        checkpoint.prepare_run_folder(tmp_path / "file" / "run")
+        run_state.prepare_run_folder(tmp_path / "file" / "run")
 
     def read_only(*args, **kwargs):  # a read-only folder, as root cannot make one with chmod
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
     with pytest.raises(CheckpointError, match="Read-only file system"):
-        checkpoint.prepare_run_folder(tmp_path / "ro")
+        run_state.prepare_run_folder(tmp_path / "ro")
 
 
 def test_preparing_a_run_folder_removes_its_stale_temporary_files(tmp_path):
     (tmp_path / ".tmp-k1ll3d__.npz").write_bytes(b"half a checkpoint")
-    removed = checkpoint.prepare_run_folder(tmp_path)
+    removed = run_state.prepare_run_folder(tmp_path)
     assert [os.path.basename(p) for p in removed] == [".tmp-k1ll3d__.npz"]
 
 
 def test_model_meta_describes_the_network_load_model_rebuilds(tmp_path):
     model = small_model(seed=3)
-    meta = checkpoint.model_meta(model)
+    meta = run_state.model_meta(model)
     assert meta == {"config": "A", "num_classes": 4, "width": 1 / 16, "fc_width": 8,
                     "input_size": 32}
     path = tmp_path / "model.npz"
     checkpoint.save(path, model.state_dict(), meta={"model": meta})
-    rebuilt, read_meta = checkpoint.load_model(path)
+    rebuilt, read_meta = run_state.load_model(path)
     assert read_meta["model"] == meta and rebuilt.training is False
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(rebuilt.state_dict()[k], v, err_msg=k)

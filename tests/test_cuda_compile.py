@@ -21,6 +21,7 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS_DIR = os.path.join(ROOT, "kernels")
@@ -207,13 +208,10 @@ def test_cuda_sources_compile_with_nvrtc_as_cupy_rawmodule_does(arch, monkeypatc
     compiler = _cupy_compiler()
     if compiler is None:
         pytest.skip("CuPy's NVRTC binding or libnvrtc is not installed")
-    import importlib.util
     import io
     import cupy
-    spec = importlib.util.spec_from_file_location("cuda_table_source",
-                                                  os.path.join(KERNELS_DIR, "cuda.py"))
-    cuda = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cuda)  # imports cupy, which is installed if nvrtc loaded
+    # imports cupy, which is installed if nvrtc loaded
+    cuda = load_script(os.path.join(KERNELS_DIR, "cuda.py"), "cuda_table_source")
 
     nvrtc = compiler._compile_using_nvrtc_no_warning
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import standin_cupy as standin
-from conftest import assert_close
+from conftest import assert_close, load_script
 from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels, use_standin
 from minivgg.kernels import cpu
 from minivgg.prefetch import to_device_batches
@@ -281,15 +281,11 @@ def test_emulated_kernels_run_clean_under_address_and_undefined_behavior_sanitiz
 def test_bench_step_worker_runs_minivgg_in_tf32_when_asked(tf32, gpu, monkeypatch):
     """`bench_step.py --tf32 on` must put minivgg's GEMMs in TF32, as it does PyTorch's:
     one timed step of the small case on the stand-in "cuda", then CuPy's compute type."""
-    import importlib.util
     from minivgg import backend
     use_standin(monkeypatch, gpu)
     monkeypatch.setattr(backend, "_tf32", False)  # restored after the test
-    path = os.path.join(os.path.dirname(TESTS), "benchmarks", "bench_step.py")
-    spec = importlib.util.spec_from_file_location("bench_step", path)
-    bench_step = importlib.util.module_from_spec(spec)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds benchmarks/ to it
-    spec.loader.exec_module(bench_step)
+    bench_step = load_script("benchmarks/bench_step.py")
     # NOTE: the real one also waits for PyTorch's CUDA, which a CPU build of torch refuses
     monkeypatch.setattr(bench_step.common, "cuda_sync",
                         lambda device: standin.cuda.Device().synchronize())

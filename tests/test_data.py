@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivgg import data
-from minivgg.data import (DataError, DataStats, EvalTransform, ImageFolder, Loader,
-                          TrainTransform, load_rgb, open_imagenet, rescale_smallest_side,
-                          to_chw_float32)
+from minivgg import data, images
+from minivgg.data import (DataError, DataStats, EvalTransform, ImageFolder, TrainTransform,
+                          open_imagenet)
+from minivgg.images import load_rgb, rescale_smallest_side, to_chw_float32
+from minivgg.loader import Loader
 from minivgg.synthetic import CLASSES, SyntheticImages
 
 IMAGENETTE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -349,7 +350,7 @@ def _mode_image(mode):
                                   "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16",
                                   "I;16B", "I;16L", "I;16N", "F"])
 def test_to_rgb8_gives_uint8_rgb_for_every_pillow_mode(mode):
-    img = data.to_rgb8(_mode_image(mode))
+    img = images.to_rgb8(_mode_image(mode))
     assert img.dtype == np.uint8 and img.shape == (3, 4, 3)
     if mode not in ("1", "I", "F"):  # "1" is black or white; I and F have their own tests
         assert np.abs(img.astype(int) - 128).max() <= 2, (mode, img[0, 0])
@@ -373,7 +374,7 @@ def test_32_bit_integer_images_use_the_16_bit_scale_or_their_own_range(tmp_path)
     assert Image.open(tmp_path / "i32.tif").mode == "I"
     assert load_rgb(str(tmp_path / "i32.tif"))[0, :, 0].tolist() == [0, 1, 255]
     wide = np.array([[-1000, 500, 1000000]], dtype=np.int32)  # outside 0..65535: min..max
-    out = data.to_rgb8(Image.fromarray(wide))[0, :, 0]
+    out = images.to_rgb8(Image.fromarray(wide))[0, :, 0]
     assert out.tolist() == [0, round(1500 * 255 / 1001000), 255]
 
 

@@ -1,7 +1,7 @@
 """Data parallelism (minivgg.distributed): launch detection, threads, buckets, the backward
 hook, and real multi-process runs under mpirun (skipped without mpi4py and an mpiexec).
 
-The multi-process tests start `mpiexec -n 2` on tests/distributed_worker.py, whose every
+The multi-process tests start `mpiexec -n 2` on tests/support/distributed_worker.py, whose every
 check raises on failure, so a failing check ends the job with the rank's message, and on
 examples/train_imagenet.py, also through small drivers that send Ctrl-C, SIGTERM or
 SIGUSR1 at an exact batch.
@@ -23,7 +23,7 @@ from minivgg.tensor import Tensor
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-WORKER = os.path.join(TESTS, "distributed_worker.py")
+WORKER = os.path.join(TESTS, "support", "distributed_worker.py")
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,7 +120,8 @@ def test_backward_hook_sees_each_leaf_once_after_its_gradient_is_final():
 
 
 def test_sharded_loaders_cut_every_global_batch_into_equal_step_counts():
-    from minivgg.data import EvalTransform, DataStats, Loader
+    from minivgg.data import DataStats, EvalTransform
+    from minivgg.loader import Loader
     from minivgg.synthetic import SyntheticImages
     data = SyntheticImages(37, 36, 0, "train")
     stats = DataStats(np.zeros(3), np.ones(3), np.eye(3))

@@ -1,6 +1,5 @@
 """The testing protocol of Sec. 3.2: FC-to-conv conversion, crop grid, dense, fusion, errors."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from minivgg import models
 from minivgg import evaluate as E
 from minivgg.metrics import topk_errors
 from minivgg.tensor import Tensor, no_grad
+from conftest import load_example
 
 # A small net: VGG-A at 1/16 width, 64-pixel crops (pool5 map 2×2, so fc6 becomes a 2×2 conv).
 SMALL = dict(config="A", num_classes=7, width=1 / 16, fc_width=16, input_size=64)
@@ -411,17 +411,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "imagenette2-224"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_imagenet", REPO / "examples" / "evaluate_imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _save_checkpoint(path, classes, seed=0):
     from minivgg import checkpoint
-    from minivgg.checkpoint import model_meta
+    from minivgg.run_state import model_meta
     model = small_vgg(dtype=np.float32, seed=seed, input_size=32, num_classes=len(classes))
     meta = {"model": model_meta(model), "classes": list(classes),
             "data_stats": {"mean_rgb": [0.5, 0.5, 0.5]},
@@ -447,8 +439,9 @@ def tiny_imagenet(tmp_path):
 
 def test_script_prints_a_row_per_protocol_and_scale_setting(tiny_imagenet, capsys):
     root, ckpts = tiny_imagenet
-    code = _load_script().cli([*ckpts, "--data", str(root), "--protocol", "center",
-                               "dense", "--scales", "36", "32,36", "-p", "0"])
+    script = load_example("evaluate_imagenet")
+    code = script.cli([*ckpts, "--data", str(root), "--protocol", "center", "dense",
+                       "--scales", "36", "32,36", "-p", "0"])
     out = capsys.readouterr().out
     assert code == 0
     rows = [line.split() for line in out.splitlines() if line.startswith("A + A")]
@@ -462,7 +455,8 @@ def test_script_prints_a_row_per_protocol_and_scale_setting(tiny_imagenet, capsy
 def test_script_default_report_shows_centre_crop_with_and_without_flip(tiny_imagenet, capsys):
     root, ckpts = tiny_imagenet
     for extra in ([], ["--dense-align", "top-left", "--ceil-mode"]):
-        assert _load_script().cli([ckpts[0], "--data", str(root), "-p", "0", *extra]) == 0
+        script = load_example("evaluate_imagenet")
+        assert script.cli([ckpts[0], "--data", str(root), "-p", "0", *extra]) == 0
         out = capsys.readouterr().out
         protocols = [line.split()[3] for line in out.splitlines() if line.startswith("A ")]
         assert protocols == ["center", "center-flip", "dense"]
@@ -489,7 +483,7 @@ def test_script_bad_input_exits_2_with_one_line_error(tiny_imagenet, capsys, cas
     elif case == "missing data":
         args[2] = str(root / "nope")
     try:
-        code = _load_script().cli(args)
+        code = load_example("evaluate_imagenet").cli(args)
     except SystemExit as e:  # argparse reports bad choices itself, also with code 2
         code = e.code
     err = capsys.readouterr().err
@@ -499,7 +493,7 @@ def test_script_bad_input_exits_2_with_one_line_error(tiny_imagenet, capsys, cas
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="Imagenette not in ../shared/data")
 def test_script_limit_takes_an_evenly_spread_subset_with_every_class():
-    script = _load_script()
+    script = load_example("evaluate_imagenet")
     classes = sorted(p.name for p in (SHARED_DATA / "val").iterdir())
     items = script.val_items(str(SHARED_DATA), classes, 50)
     assert len(items) == 50

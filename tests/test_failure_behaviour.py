@@ -2,7 +2,6 @@
 nothing lost (issue 15). Training interrupts, SIGTERM and divergence are tested on a real
 subprocess; image and weight problems through the scripts' own `main`."""
 
-import importlib.util
 import os
 import selectors
 import signal
@@ -15,18 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivgg import checkpoint, models
+from minivgg import checkpoint, models, run_state
+from conftest import load_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_example(name):
-    """Import examples/<name>.py as a module (the examples folder is not a package)."""
-    path = os.path.join(REPO, "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def last_error_line(capsys):
@@ -411,7 +402,7 @@ def test_a_nan_validation_loss_stops_the_run_and_last_good_is_finite_and_resumab
     assert f"the last good checkpoint is {run / 'last.npz'} (epoch 1)" in line
     state, opt_state, meta = checkpoint.load(run / "last.npz")
     assert meta["epoch"] == 1 and checkpoint.nonfinite(state) == []
-    checkpoint.check_resumable(run / "last.npz", state, opt_state, meta)
+    run_state.check_resumable(run / "last.npz", state, opt_state, meta)
     monkeypatch.undo()
     assert train_imagenet.main([tiny_data, *TINY, "--epochs", "2", "-j", "0", "--resume",
                                 str(run / "last.npz")]) == 0
@@ -474,7 +465,7 @@ def test_a_run_removes_the_temporary_files_of_a_killed_write(tiny_data, tmp_path
 def small_checkpoint(tmp_path):
     """A tiny training checkpoint and an image, for the evaluation and drawing tools."""
     model = models.vgg("A", num_classes=2, width=1 / 16, fc_width=8, input_size=32)
-    meta = {"model": checkpoint.model_meta(model), "classes": ["a", "b"],
+    meta = {"model": run_state.model_meta(model), "classes": ["a", "b"],
             "data_stats": {"mean_rgb": [0, 0, 0], "pca_eigval": [0, 0, 0],
                            "pca_eigvec": np.eye(3).tolist()}}
     checkpoint.save(tmp_path / "ckpt.npz", model.state_dict(), meta=meta)
@@ -537,13 +528,13 @@ def test_evaluate_reports_bad_flags_in_one_line(small_checkpoint, tmp_path, caps
 ])
 def test_pretrained_convert_reports_mistakes_in_one_line(small_checkpoint, tmp_path, capsys,
                                                          case, message):
-    from minivgg import pretrained
+    from minivgg.pretrained import cli as pretrained_cli
     ckpt = small_checkpoint[0]
     args = {"missing input": ["convert", str(tmp_path / "none.pth"), str(tmp_path / "o.npz")],
             "not .npz": ["convert", ckpt, str(tmp_path / "o.txt")],
             "missing folder": ["convert", ckpt, str(tmp_path / "no" / "o.npz")],
             "bad config": ["convert", ckpt, str(tmp_path / "o.npz"), "--config", "Z"]}[case]
-    assert pretrained.main(args) == 2
+    assert pretrained_cli.main(args) == 2
     assert message in one_error_line(capsys)
     assert not any(name.endswith(".tmp.npz") for name in os.listdir(tmp_path))
 

@@ -128,14 +128,14 @@ def test_weight_readers_without_the_weights_extra_say_what_to_install(tmp_path):
         from minivgg import models, pretrained
         model = models.vgg("A", width=1 / 16, fc_width=8, input_size=32)
         pretrained.save_pretrained(model, "a.npz")
-        print(models.load_pretrained("a.npz").config)
+        print(pretrained.load_pretrained("a.npz").config)
         open("net.caffemodel", "wb").write(b"\\x0a\\x03VGG\\x12\\x09\\x22\\x07conv1_1")
         for path in ("net.caffemodel", "a.safetensors"):
             try:
                 if path.endswith(".safetensors"):
                     pretrained.save_pretrained(model, path)
                 else:
-                    models.load_pretrained(path)
+                    pretrained.load_pretrained(path)
             except ImportError as e:
                 print("ImportError:", e)
     """, tmp_path)

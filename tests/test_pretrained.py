@@ -2,19 +2,21 @@
 
 The published files cannot be downloaded here, so each test builds the same layout in
 torch (torchvision's `features` / `avgpool` / `classifier`, from torchvision's own `cfgs`
-notation, in tests/torch_vgg.py, independently of minivgg's Table 1 data), with random weights,
-and saves it as `.pth` and `.npz`. fc6/fc7 are 64 wide instead of 4096 to keep the files
-small; the loader reads the widths from the arrays.
+notation, in tests/support/torch_vgg.py, independently of minivgg's Table 1 data), with
+random weights, and saves it as `.pth` and `.npz`. fc6/fc7 are 64 wide instead of 4096 to
+keep the files small; the loader reads the widths from the arrays.
 """
 
 import numpy as np
 import pytest
 
 from minivgg import models, no_grad, pretrained
+from minivgg.pretrained import cli as pretrained_cli
 
 torch = pytest.importorskip("torch")
 
 from torch_vgg import TorchvisionLayoutVGG  # noqa: E402
+from conftest import load_example  # noqa: E402
 
 FC_WIDTH, NUM_CLASSES = 64, 1000
 
@@ -108,9 +110,10 @@ def test_missing_file_and_cli_convert(tmp_path, capsys):
         pretrained.read_state_dict(tmp_path / "vgg16.pth")
     pth = tmp_path / "a.pth"
     torch.save(make_torch_vgg("A").state_dict(), pth)
-    assert pretrained.main(["convert", str(pth), str(tmp_path / "a.npz"), "--config", "A"]) == 0
+    convert = ["convert", str(pth)]
+    assert pretrained_cli.main(convert + [str(tmp_path / "a.npz"), "--config", "A"]) == 0
     assert "wrote 22 arrays" in capsys.readouterr().out
-    assert pretrained.main(["convert", str(pth), str(tmp_path / "b.npz"), "--config", "E"]) == 2
+    assert pretrained_cli.main(convert + [str(tmp_path / "b.npz"), "--config", "E"]) == 2
     assert "match configuration A" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists()
     junk = tmp_path / "junk.pth"
@@ -132,13 +135,8 @@ def numpy_state(net):
 
 
 def test_classify_example_prints_top5_names_matching_pytorch(tmp_path, capsys):
-    import importlib.util
-    import pathlib
     from PIL import Image
-    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "classify.py"
-    spec = importlib.util.spec_from_file_location("classify_example", path)
-    classify = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(classify)
+    classify = load_example("classify")
 
     rng = np.random.default_rng(2)
     image = tmp_path / "noise.png"

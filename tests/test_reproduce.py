@@ -1,13 +1,13 @@
 """examples/reproduce_tables.py: which runs it skips, resumes or starts, and a report that
 marks what is missing as pending. Nothing here trains (that is the study itself)."""
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,12 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def study():
     sys.path.insert(0, str(REPO / "examples"))
-    spec = importlib.util.spec_from_file_location("reproduce_tables",
-                                                  REPO / "examples" / "reproduce_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_tables"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/reproduce_tables.py", register=True)
 
 
 def _args(study, tmp_path, *extra):
@@ -33,7 +28,7 @@ def _args(study, tmp_path, *extra):
 def _finish(study, args, run, epochs):
     """A run folder whose metrics.csv and last.npz say `epochs` epochs are done."""
     from minivgg import checkpoint, metrics, models
-    from minivgg.checkpoint import model_meta
+    from minivgg.run_state import model_meta
     out = Path(study.folder(args, run))
     out.mkdir(parents=True, exist_ok=True)
     row = dict(train_loss=1.0, train_top1_err=0.5, val_loss=1.0, val_top1_err=0.4,
@@ -76,7 +71,7 @@ def test_a_recorded_run_is_finished_in_a_fresh_clone(study, tmp_path):
     """The record (committed) outlives runs/ (git-ignored): a fresh clone skips the run,
     warm-starts from the recorded weights and builds the report from the record."""
     import shutil
-    from minivgg import models
+    from minivgg import pretrained
     args = _args(study, tmp_path, "--epochs", "3")
     a = study.by_name("A-s0")
     _finish(study, args, a, 3)
@@ -93,7 +88,7 @@ def test_a_recorded_run_is_finished_in_a_fresh_clone(study, tmp_path):
     cmd = study.train_command(args, warm)
     weights = cmd[cmd.index("--init-from") + 1]
     assert weights == str(tmp_path / "record" / "A-s0" / "weights.npz")
-    assert models.load_pretrained(weights).config == "A"
+    assert pretrained.load_pretrained(weights).config == "A"
     from reproduction_report import Results
     res = Results(args, study.STUDY)
     assert res.done["A-s0"] and res.error(["A-s0"], ["dense@72"])[0] == 0.0

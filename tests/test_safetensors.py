@@ -1,7 +1,7 @@
 """safetensors in (torchvision's and timm's layouts) and out (torchvision's names), and
 `load_pretrained` telling every format apart by content.
 
-The PyTorch oracle is torchvision's module layout in plain torch.nn (tests/torch_vgg.py);
+The PyTorch oracle is torchvision's module layout in plain torch.nn (tests/support/torch_vgg.py);
 its state_dict keys and shapes are `torchvision.models.vgg16()`'s at the default sizes.
 """
 
@@ -20,9 +20,11 @@ from safetensors.torch import load_file as torch_load_file  # noqa: E402
 from safetensors.torch import save_file as torch_save_file  # noqa: E402
 
 from minivgg import checkpoint, models, no_grad, pretrained  # noqa: E402
+from minivgg.pretrained import cli as pretrained_cli  # noqa: E402
 from minivgg.pretrained import files  # noqa: E402
 from caffe_files import write_vgg  # noqa: E402
 from torch_vgg import TorchvisionLayoutVGG, make_torch_vgg, torch_logits  # noqa: E402
+from conftest import load_example  # noqa: E402
 
 SMALL = dict(width=8, fc_width=32, num_classes=10)
 
@@ -65,7 +67,7 @@ def test_torchvision_safetensors_give_pytorch_logits(config, tmp_path):
     net = make_torch_vgg(config, **SMALL)
     path = tmp_path / "model.safetensors"
     torch_save_file(net.state_dict(), str(path))  # as the Hugging Face hub stores them
-    model = models.load_pretrained(path)
+    model = pretrained.load_pretrained(path)
     assert (model.config, model.pretrained_meta["layout"]) == (config, "torchvision")
     assert model.pretrained_meta["std_rgb"] == pytest.approx([58.395, 57.12, 57.375])
     x = batch()
@@ -77,7 +79,7 @@ def test_timm_safetensors_with_conv_head_give_pytorch_logits(config, tmp_path):
     net = make_torch_vgg(config, **SMALL)
     path = tmp_path / "model.safetensors"
     save_file(timm_state(net), str(path), metadata={"format": "pt"})
-    model = models.load_pretrained(path)
+    model = pretrained.load_pretrained(path)
     assert (model.config, model.pretrained_meta["layout"]) == (config, "timm")
     assert model.fc6.weight.shape == (32, 64 * 7 * 7)
     x = batch()
@@ -94,7 +96,7 @@ def test_round_trip_keeps_every_array(layout, suffix, tmp_path):
     model = models.vgg("D", width=1 / 8, fc_width=32, num_classes=10, seed=3)
     path = tmp_path / f"d{suffix}"
     assert pretrained.save_pretrained(model, path, layout) == 32
-    back = models.load_pretrained(path)
+    back = pretrained.load_pretrained(path)
     assert back.pretrained_meta["layout"] == layout
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(back.state_dict()[key], value)
@@ -129,14 +131,14 @@ def test_caffe_to_safetensors_keeps_its_preprocessing_and_logits(tmp_path, capsy
     net = make_torch_vgg("D", **SMALL)
     caffemodel, _ = write_vgg(tmp_path / "vgg.caffemodel", net, "D", "layers")
     out = tmp_path / "vgg16.safetensors"
-    assert pretrained.main(["convert", str(caffemodel), str(out)]) == 0
+    assert pretrained_cli.main(["convert", str(caffemodel), str(out)]) == 0
     assert "wrote 32 arrays" in capsys.readouterr().out
-    a, b = models.load_pretrained(caffemodel), models.load_pretrained(out)
+    a, b = pretrained.load_pretrained(caffemodel), pretrained.load_pretrained(out)
     assert b.ceil_mode and b.pretrained_meta["mean_rgb"] == a.pretrained_meta["mean_rgb"]
     assert b.pretrained_meta["std_rgb"] is None
     x = batch()
     np.testing.assert_array_equal(logits(a, x), logits(b, x))
-    assert pretrained.main(["info", str(out)]) == 0
+    assert pretrained_cli.main(["info", str(out)]) == 0
     line = capsys.readouterr().out
     assert "VGG D" in line and "pool ceil mode: True" in line and "123.68" in line
 
@@ -156,14 +158,14 @@ def test_load_pretrained_reads_pth_npz_and_checkpoints_by_content(tmp_path):
     pretrained.convert(zip_pth, npz)
     for path in (zip_pth, legacy_pth, npz):
         assert files.sniff_format(path) in ("pth", "npz")
-        assert_logits_close(logits(models.load_pretrained(path), x), expected)
-    trained = models.load_pretrained(npz)
+        assert_logits_close(logits(pretrained.load_pretrained(path), x), expected)
+    trained = pretrained.load_pretrained(npz)
     ckpt = tmp_path / "best.npz"
     checkpoint.save(ckpt, trained.state_dict(), meta={
         "model": {"config": "A", "num_classes": 10, "width": 1 / 8, "fc_width": 32,
                   "input_size": 224},
         "classes": [f"n{i:08d}" for i in range(10)], "data_stats": {"mean_rgb": [1, 2, 3]}})
-    model = models.load_pretrained(ckpt)
+    model = pretrained.load_pretrained(ckpt)
     assert model.pretrained_meta["classes"][0] == "n00000000"
     assert model.pretrained_meta["mean_rgb"] == [1, 2, 3]
     assert_logits_close(logits(model, x), expected)
@@ -194,8 +196,8 @@ def test_bad_files_get_one_clear_error_line(tmp_path, capsys):
     }
     for path, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            models.load_pretrained(path)
-        assert pretrained.main(["convert", str(path), str(tmp_path / "out.npz")]) == 2
+            pretrained.load_pretrained(path)
+        assert pretrained_cli.main(["convert", str(path), str(tmp_path / "out.npz")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out.npz").exists()
@@ -206,20 +208,20 @@ def test_bfloat16_and_batch_norm_files_are_refused_clearly(tmp_path):
     torch_save_file({"features.0.weight": torch.zeros(4, 3, 3, 3, dtype=torch.bfloat16)},
                     str(path))
     with pytest.raises(ValueError, match="NumPy cannot represent"):
-        models.load_pretrained(path)
+        pretrained.load_pretrained(path)
     state = {k: v.detach().numpy() for k, v in make_torch_vgg("A", **SMALL).state_dict()
              .items()}
     state["features.1.running_mean"] = np.zeros(8, np.float32)
     save_file(state, str(tmp_path / "bn.safetensors"))
     with pytest.raises(ValueError, match="batch-norm"):
-        models.load_pretrained(tmp_path / "bn.safetensors")
+        pretrained.load_pretrained(tmp_path / "bn.safetensors")
 
 
 def test_nothing_is_unpickled_from_a_pth_holding_objects(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"features.0.weight": torch.zeros(1), "hook": print}, path)
     with pytest.raises(ValueError, match="not a state_dict torch can load safely"):
-        models.load_pretrained(path)
+        pretrained.load_pretrained(path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,8 +255,6 @@ def test_imagenette_classes_sit_at_their_ilsvrc_indices():
 
 def test_evaluate_script_scores_caffe_weights_on_imagenette_wnids(tmp_path, capsys):
     """fc8's bias makes 'tench' (class 0) win every image: half of 2+2 images are right."""
-    import importlib.util
-    import pathlib
     from PIL import Image
     net = make_torch_vgg("D", width=8, fc_width=32, num_classes=1000)
     with torch.no_grad():
@@ -266,10 +266,7 @@ def test_evaluate_script_scores_caffe_weights_on_imagenette_wnids(tmp_path, caps
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(
                 tmp_path / "val" / wnid / f"{i}.JPEG")
-    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "evaluate_imagenet.py"
-    spec = importlib.util.spec_from_file_location("evaluate_imagenet", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("evaluate_imagenet")
     assert module.cli([str(caffemodel), "--data", str(tmp_path), "--protocol", "center",
                        "--scales", "224", "-p", "0"]) == 0
     row = [line.split() for line in capsys.readouterr().out.splitlines()

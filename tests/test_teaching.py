@@ -7,7 +7,6 @@ is regenerated here and must match character for character.
 
 import csv
 import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -17,18 +16,10 @@ import pytest
 from PIL import Image
 
 from minivgg import checkpoint, models, no_grad
+from conftest import load_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "walkthrough.md")
-
-
-def load_example(name):
-    """Import examples/<name>.py as a module (the examples folder is not a package)."""
-    path = os.path.join(REPO, "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_doc():
@@ -193,7 +184,7 @@ def test_block_costs_add_up_to_the_layer_table():
 @pytest.fixture
 def small_checkpoint(tmp_path):
     """A minivgg training checkpoint of a small VGG-A (as minivgg.train writes it)."""
-    from minivgg.checkpoint import model_meta
+    from minivgg.run_state import model_meta
     model = models.vgg("A", num_classes=10, width=0.125, fc_width=32, input_size=32, seed=0,
                        init="glorot")
     path = tmp_path / "small.npz"

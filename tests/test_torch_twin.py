@@ -4,7 +4,6 @@ So whatever separates the two engines' accuracy in the study is what the twin ca
 the random draws (initial weights, dropout masks) and float32 rounding, i.e. seed noise.
 """
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,14 @@ import pytest
 from minivgg import functional as F
 from minivgg import models, optim
 from minivgg.tensor import Tensor
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _twin():
-    spec = importlib.util.spec_from_file_location("train_torch_twin",
-                                                  REPO / "benchmarks" / "train_torch_twin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("config", ["A", "A-LRN", "C"])
 def test_twin_steps_equal_minivgg_steps_from_the_same_weights(config, torch):
-    twin = _twin()
+    twin = load_script("benchmarks/train_torch_twin.py")
     torch.manual_seed(0)
     net = twin.torch_vgg(torch, config, 10, 1 / 16, 32, 64, dropout=0.0).double()
     model = models.vgg(config, 10, 1 / 16, 32, 64, init="glorot", dropout=0.0,

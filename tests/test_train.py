@@ -1,7 +1,6 @@
 """The training loop and examples/train_imagenet.py, on tiny synthetic and folder data."""
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,12 +9,14 @@ import numpy as np
 import pytest
 
 from minivgg import checkpoint
-from minivgg.checkpoint import CheckpointError, load_model
+from minivgg.checkpoint import CheckpointError
+from minivgg.run_state import load_model
 from minivgg.metrics import METRICS_COLUMNS, topk_errors
 from minivgg.train import (Run, TrainingDiverged, TrainingError, fit, setup,
                            synthetic_config)
 
 from test_data import make_layout, write_image
+from conftest import load_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_imagenet.py")
@@ -35,13 +36,6 @@ def run_fit(output, **overrides):
     lines = []
     rows = fit(tiny_config(output, **overrides), log=lines.append)
     return rows, lines
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_imagenet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -254,7 +248,7 @@ def test_script_reports_bad_input_as_error_lines(tmp_path, capsys, case, message
         from minivgg import backend
         if backend.cuda_available():
             pytest.skip("a GPU is present")
-    assert load_script().main(argv + flags) == 2
+    assert load_example("train_imagenet").main(argv + flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert __import__("re").search(message, err), err

@@ -72,7 +72,8 @@ def _sleep(seconds, state):
 LOADER_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from minivgg.data import DataStats, EvalTransform, Loader
+    from minivgg.data import DataStats, EvalTransform
+    from minivgg.loader import Loader
     from minivgg.synthetic import SyntheticImages
 
     class SlowImages(SyntheticImages):

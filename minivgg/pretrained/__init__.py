@@ -1,6 +1,6 @@
 """Pretrained VGG weights in and out: the authors' Caffe files, torchvision, timm, safetensors.
 
-    from minivgg.models import load_pretrained
+    from minivgg.pretrained import load_pretrained
     model = load_pretrained("VGG_ILSVRC_16_layers.caffemodel")  # D, the authors' own (Sec. 1)
     model = load_pretrained("vgg16-397923af.pth")               # torchvision's (needs torch)
     model = load_pretrained("model.safetensors")                # timm's vgg16.tv_in1k
@@ -90,7 +90,7 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
 def _load_checkpoint(path, config, device):
     """A minivgg training checkpoint, with its classes and mean RGB as `pretrained_meta`."""
     from minivgg.models import canonical_config
-    from minivgg.checkpoint import load_model
+    from minivgg.run_state import load_model
     model, meta = load_model(path, device)
     if config is not None and canonical_config(config) != model.config:
         raise ValueError(f"{path}: the checkpoint holds configuration {model.config}, not "
@@ -109,7 +109,7 @@ def save_pretrained(model, path, layout="torchvision"):
     their pools round up, so `load_pretrained` gives back the same model. Returns the
     number of arrays written.
     """
-    meta = getattr(model, "pretrained_meta", None) or {}
+    meta = model.pretrained_meta or {}
     info = {"config": model.config, "layout": layout,
             "source_layout": meta.get("layout", "minivgg"),
             "mean_rgb": meta.get("mean_rgb"), "std_rgb": meta.get("std_rgb"),
@@ -155,7 +155,7 @@ def input_transform(meta):
     (Sec. 2.1) for Caffe weights and minivgg checkpoints, torchvision's normalisation for
     torchvision and timm weights.
     """
-    from minivgg.data import to_chw_float32
+    from minivgg.images import to_chw_float32
     mean = np.asarray(meta["mean_rgb"], dtype=np.float32)
     if meta.get("std_rgb") is None:
         return lambda img: to_chw_float32(img, mean)
@@ -202,5 +202,3 @@ def imagenet_classes():
     assert len(names) == 1000, f"{path}: expected 1000 class names, found {len(names)}"
     return names
 
-
-from minivgg.pretrained.cli import main  # noqa: E402  (the CLI uses the names above)

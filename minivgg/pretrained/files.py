@@ -17,10 +17,11 @@ torch's `weights_only` loader, which refuses anything but tensors and plain cont
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
+
+from minivgg import checkpoint  # no pickle, no allocation the file cannot back
 
 INFO_KEY = "__minivgg__"  # where `info` lives: an .npz entry or a safetensors metadata key
 
@@ -111,7 +112,6 @@ def read_safetensors(path):
 
 def read_npz(path):
     """({key: array}, info) of an .npz of weight arrays (no pickle inside)."""
-    from minivgg import checkpoint  # no pickle, no allocation the file cannot back
     state = checkpoint.read_npz(path, what="weights file")  # CheckpointError: a ValueError
     info = state.pop(INFO_KEY, None)
     return _floats(state, path), _parse_info(None if info is None else str(info), path)
@@ -184,24 +184,15 @@ def write_weights(path, state, info=None):
         raise ValueError(f"convert: the output must end in .npz or .safetensors, got {path!r}")
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
     text = json.dumps(info or {})
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.numpy import save_file
-            except ImportError:
-                raise _missing_extra("safetensors") from None
-            # "format": "pt" is what safetensors.torch writes; transformers and timm check it.
-            save_file(arrays, tmp, metadata={"format": "pt", INFO_KEY: text})
-        else:
-            np.savez(tmp, **arrays, **{INFO_KEY: np.array(text)})
-        mask = os.umask(0)  # NOTE: mkstemp's file is private (0600); give it open()'s mode
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import save
+        except ImportError:
+            raise _missing_extra("safetensors") from None
+        # "format": "pt" is what safetensors.torch writes; transformers and timm check it.
+        blob = save(arrays, metadata={"format": "pt", INFO_KEY: text})
+        checkpoint.atomic_write(path, lambda f: f.write(blob), suffix=".safetensors")
+    else:
+        entries = dict(arrays, **{INFO_KEY: np.array(text)})
+        checkpoint.atomic_write(path, lambda f: np.savez(f, **entries))
     return len(arrays)

@@ -6,7 +6,7 @@ layers between them, conv1_1's filters reading B, G, R, in the old format (`laye
 enums, blob dims as num/channels/height/width, `input_dim` on the net) or the new one
 (`layer`, type strings, blob `shape`, an Input layer).
 
-The weights come from a torch net of torchvision's layout (tests/torch_vgg.py) and are
+The weights come from a torch net of torchvision's layout (tests/support/torch_vgg.py) and are
 taken as Caffe's as they are: that net fed BGR images is the oracle for the imported model
 fed the same images in RGB.
 """

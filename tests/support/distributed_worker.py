@@ -1,13 +1,14 @@
 """One rank of a scenario that tests/test_distributed.py starts with mpirun.
 
-    mpirun -n 2 python tests/distributed_worker.py SCENARIO
+    mpirun -n 2 python tests/support/distributed_worker.py SCENARIO
 
 Scenarios:
   average       k SGD steps with gradients averaged over the ranks (uneven slices of a
                 global batch of 7), checked against the same steps on the whole batch
                 in one process, and the ranks' weights checked to be bitwise equal
   serial        the same with the allreduces started only after backward (no overlap)
-  nccl          `average` through NCCLGroup, with tests/nccl_standin.py as CuPy and NCCL
+  nccl          `average` through NCCLGroup, with tests/support/nccl_standin.py as CuPy
+                and NCCL
                 (2 GPUs per machine, each rank sees both)
   nccl-own-gpu  the same with each rank seeing only its own GPU (CUDA_VISIBLE_DEVICES=rank,
                 as srun --gpus-per-task=1 sets up)
@@ -23,8 +24,8 @@ import os
 import signal
 import sys
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(TESTS), TESTS]
+SUPPORT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(SUPPORT)), SUPPORT]
 
 if sys.argv[1].startswith("nccl"):
     if sys.argv[1] != "nccl":  # the launcher gives each rank one GPU: its own, or GPU 0

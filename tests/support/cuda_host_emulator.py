@@ -37,7 +37,7 @@ import numpy as np
 
 import standin_cupy as standin
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_PY = os.path.join(ROOT, "kernels", "cuda.py")
 
 PRELUDE = r"""

@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import data, features  # noqa: E402
-from minivgg.models import load_pretrained  # noqa: E402
+from minivgg.images import center_crop, load_rgb, rescale_smallest_side  # noqa: E402
+from minivgg.pretrained import load_pretrained  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -102,7 +103,7 @@ def features_of(model, images, args, to_input, resize):
         return features.extract(model, images, args.layer, args.scales, args.flip,
                                 args.normalize, to_input, args.combine, args.batch_size)
     c = model.input_size
-    crops = np.stack([to_input(data.center_crop(data.rescale_smallest_side(img, resize), c))
+    crops = np.stack([to_input(center_crop(rescale_smallest_side(img, resize), c))
                       for img in images])
     return features.extract(model, crops, args.layer, None, args.flip, args.normalize,
                             batch_size=args.batch_size)
@@ -140,7 +141,7 @@ def run(args):
             images, idx = [], []
             for i in range(start, min(start + chunk, len(paths))):
                 try:
-                    images.append(data.load_rgb(paths[i]))
+                    images.append(load_rgb(paths[i]))
                     idx.append(i)
                 except OSError as e:  # counted and named, not fatal
                     tqdm.write(f"warning: skipping: {e}", file=sys.stderr)

@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduce_tables
 
-from minivgg import checkpoint, data, evaluate, features, metrics, models  # noqa: E402
+from minivgg import data, evaluate, features, images, metrics, models, run_state  # noqa: E402
 from reproduce_tables import Run, last_checkpoint, read_json, train  # noqa: E402
 from reproduction_report import p_text  # noqa: E402
 
@@ -294,11 +294,11 @@ def net_for(args, run):
         model = models.vgg(run.arch, 5, 0.25, 512, 64, init="glorot", seed=run.seed)
         mean = UNTRAINED_MEAN_RGB
     else:
-        model, meta = checkpoint.load_model(last_checkpoint(args, TRun(
+        model, meta = run_state.load_model(last_checkpoint(args, TRun(
             run.name[len("feat-"):], run.arch, run.seed)))
         mean = meta["data_stats"]["mean_rgb"]
     mean = np.asarray(mean, dtype=np.float32)
-    return model.eval(), (lambda img: data.to_chw_float32(img, mean))
+    return model.eval(), (lambda img: images.to_chw_float32(img, mean))
 
 
 def do_features(args, run, cache):
@@ -354,11 +354,11 @@ def do_scratch(args, run, cache):
     if "images" not in cache:
         cache["images"] = target_images(args)
     _, _, va, yva = cache["images"]
-    model, meta = checkpoint.load_model(last_checkpoint(args, run))
+    model, meta = run_state.load_model(last_checkpoint(args, run))
     mean = np.asarray(meta["data_stats"]["mean_rgb"], dtype=np.float32)
-    net = evaluate.EvalNet(model, lambda img: data.to_chw_float32(img, mean))
+    net = evaluate.EvalNet(model, lambda img: images.to_chw_float32(img, mean))
     probs = evaluate.average([
-        net.posteriors([net.to_input(data.rescale_smallest_side(img, q)) for img in va],
+        net.posteriors([net.to_input(images.rescale_smallest_side(img, q)) for img in va],
                        "dense") for q in args.scales])
     pred = probs.argmax(1)
     save_record(args, run.name, dict(kind="scratch", arch=run.arch, seed=run.seed,

@@ -12,7 +12,7 @@ the whole model, and one training step on every rank is
 
 The pieces, in the order a run meets them:
 
-* `detect_launch()` reads rank and world size from the launcher's environment (Open MPI,
+* `detect_launch()` (minivgg/launch.py) reads rank and world size from the launcher's environment (Open MPI,
   MPICH and Intel MPI, Slurm's srun). A single process never imports mpi4py.
 * `init()` returns a group: `SingleProcess`, `MPIGroup` (CPU) or `NCCLGroup` (GPU: NCCL
   moves the gradients, MPI the rest), and sets each rank's kernel threads to the cores of
@@ -38,11 +38,11 @@ import sys
 import time
 import traceback
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
 from minivgg import backend
+from minivgg.launch import default_threads, detect_launch, set_threads, threads_from_environment
 
 # Bucket size. NOTE: one allreduce per parameter would pay the network latency 32 times a
 # step and one for all of them could not start before conv1's gradient is ready; 64 MB
@@ -55,114 +55,6 @@ ABORT_GRACE_S = 0.5
 
 class DistributedError(RuntimeError):
     """A multi-process launch that cannot work (no mpi4py, sizes that disagree, no GPU)."""
-
-
-# ----------------------------------------------------------------------------------------
-# Who am I? The launcher's environment
-# ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Launch:
-    """This process's place in the job, as the launcher describes it."""
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0   # rank among the processes on this machine
-    local_size: int = 1   # processes on this machine
-    launcher: str = "none"
-
-
-# (launcher, rank, world size, local rank, local size): the variables each one sets.
-# NOTE: Slurm's SLURM_NTASKS is also set inside an `sbatch` script that runs python
-# without srun; SLURM_STEP_NUM_TASKS exists only inside an srun step.
-_LAUNCH_VARIABLES = (
-    ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-     "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("MPICH", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("Slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),
-)
-
-
-def detect_launch(environ=None):
-    """The `Launch` described by the environment; one process when no launcher is seen."""
-    env = os.environ if environ is None else environ
-    for name, rank, size, local_rank, local_size in _LAUNCH_VARIABLES:
-        if rank in env and size in env:
-            if local_size is None:  # Slurm: "2(x3),1" tasks per node, this is node NODEID
-                local = _slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""),
-                                             int(env.get("SLURM_NODEID", 0)))
-            else:
-                local = int(env.get(local_size, 1))
-            return Launch(int(env[rank]), int(env[size]), int(env.get(local_rank, 0)),
-                          local or 1, name)
-    return Launch()
-
-
-def _slurm_tasks_on_node(spec, node):
-    """Tasks on node `node` from Slurm's compressed list, e.g. "4(x2),3" -> 4, 4, 3."""
-    counts = []
-    for part in filter(None, spec.split(",")):
-        tasks, _, repeat = part.partition("(x")
-        counts += [int(tasks)] * (int(repeat.rstrip(")")) if repeat else 1)
-    return counts[node] if node < len(counts) else None
-
-
-# ----------------------------------------------------------------------------------------
-# Threads: cores / ranks on the node, set before the kernels start their pool
-# ----------------------------------------------------------------------------------------
-
-def default_threads(local_size):
-    """Kernel threads for one of `local_size` ranks on this machine.
-
-    The cores this process may run on, divided by the ranks sharing the machine; when the
-    launcher already pinned the rank to fewer cores than the machine has (`srun -c 4`,
-    `mpirun --bind-to`), those cores are its own and are used as they are.
-    """
-    machine = os.cpu_count() or 1
-    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
-    if mine < machine:
-        return mine
-    return max(1, machine // local_size)
-
-
-def set_threads(n):
-    """Use `n` threads in the CPU kernels and in NumPy's BLAS (the fc layers).
-
-    NOTE: call it before the first training step: the kernels' pool
-    (`minivgg.kernels.cpu.runtime`) reads NUMBA_NUM_THREADS when it starts. Left alone,
-    two ranks on 2 cores would each start 2 kernel threads and 2 spin-waiting BLAS
-    threads: 8 busy threads on 2 cores (benchmarks/README.md measures what spinning
-    pools that wait for each other cost).
-    """
-    os.environ["NUMBA_NUM_THREADS"] = str(int(n))
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # part of the mpi extra; without it BLAS keeps its own count
-        return
-    threadpool_limits(int(n), user_api="blas")
-
-
-def _threads_from_environment():
-    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
-            return int(os.environ[var])
-    return None
-
-
-def rank_seed(seed, epoch, rank, step=None):
-    """A seed for rank `rank`'s random stream in `epoch` (dropout), or in one `step` of
-    it: different on every rank, and the same whenever a run reaches that point, resumed
-    or not (also resumed part-way through the epoch, when seeded per step)."""
-    key = [seed, epoch, rank] + ([] if step is None else [step])
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
-
-
-def seed_dropout(group, seed, epoch, step):
-    """With several ranks, seed this rank's host RNG (dropout) for training step `step`
-    of `epoch`: ranks draw differently, and a run resumed at any batch draws what the
-    uninterrupted run drew (a checkpoint holds rank 0's generator only). One process
-    keeps its single stream, which the checkpoint holds."""
-    if group.size > 1:
-        backend.manual_seed(rank_seed(seed, epoch, group.rank, step))
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,7 +89,7 @@ def init(device="cpu", threads=None, environ=None):
                   flush=True)
             _abort(MPI.COMM_WORLD, 2)
     if threads is None and group.size > 1:
-        threads = _threads_from_environment() or default_threads(group.local_size)
+        threads = threads_from_environment() or default_threads(group.local_size)
     if threads:
         set_threads(threads)
     return group

@@ -146,7 +146,7 @@ def _dense_layer(layer):
 
 def _dense(model, images, layer, scales, flip, to_input, combine, batch_size):
     """App. B: per scale, the global average of the layer's dense map -> (N, D) float64."""
-    from minivgg.data import rescale_smallest_side
+    from minivgg.images import rescale_smallest_side
     fcn = to_fully_convolutional(model)
     name = _dense_layer(layer)
     past_convs = layer_names(fcn).index(name) >= layer_names(fcn).index("fc6")

@@ -43,7 +43,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from minivgg import checkpoint, distributed, metrics, plots, run_state
+from minivgg import checkpoint, distributed, launch, metrics, plots, run_state
 from minivgg import functional as F
 from minivgg.prefetch import to_device_batches
 from minivgg.replicas import Replicas
@@ -275,7 +275,7 @@ def train_one_epoch(run, epoch):
         if batch is None:
             break
         x, y = batch
-        distributed.seed_dropout(run.group, run.loader_seed, epoch, step)
+        launch.seed_dropout(run.group, run.loader_seed, epoch, step)
         step_loss, step_wrong, step_seen = train_step(run, x, y)
         if not math.isfinite(step_loss):
             bar.close()

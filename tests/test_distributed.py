@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from minivgg import distributed, models
+from minivgg import distributed, launch, models
 from minivgg.tensor import Tensor
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -31,36 +31,36 @@ WORKER = os.path.join(TESTS, "support", "distributed_worker.py")
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("environ, expected", [
-    ({}, distributed.Launch()),
+    ({}, launch.Launch()),
     ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8",
       "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
-     distributed.Launch(3, 8, 1, 2, "Open MPI")),
+     launch.Launch(3, 8, 1, 2, "Open MPI")),
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
-     distributed.Launch(1, 2, 1, 2, "MPICH")),
+     launch.Launch(1, 2, 1, 2, "MPICH")),
     ({"SLURM_PROCID": "6", "SLURM_STEP_NUM_TASKS": "7", "SLURM_LOCALID": "2",
       "SLURM_STEP_TASKS_PER_NODE": "4(x1),3", "SLURM_NODEID": "1"},
-     distributed.Launch(6, 7, 2, 3, "Slurm")),
+     launch.Launch(6, 7, 2, 3, "Slurm")),
     # an sbatch script running python without srun is one process, whatever --ntasks says
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, distributed.Launch()),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, launch.Launch()),
 ])
 def test_detect_launch_reads_each_launchers_environment(environ, expected):
-    assert distributed.detect_launch(environ) == expected
+    assert launch.detect_launch(environ) == expected
 
 
 def test_slurm_tasks_per_node_list_is_expanded():
-    assert [distributed._slurm_tasks_on_node("4(x2),3", n) for n in range(3)] == [4, 4, 3]
+    assert [launch._slurm_tasks_on_node("4(x2),3", n) for n in range(3)] == [4, 4, 3]
 
 
 def test_default_threads_divides_the_machines_cores_by_its_ranks(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert [distributed.default_threads(n) for n in (1, 2, 4, 32)] == [16, 8, 4, 1]
+    assert [launch.default_threads(n) for n in (1, 2, 4, 32)] == [16, 8, 4, 1]
 
 
 def test_default_threads_keeps_the_cores_a_launcher_pinned_the_rank_to(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
-    assert distributed.default_threads(4) == 3
+    assert launch.default_threads(4) == 3
 
 
 def _run_python(code, env=None):
@@ -142,9 +142,9 @@ def test_sharded_loaders_cut_every_global_batch_into_equal_step_counts():
 
 
 def test_rank_seeds_differ_between_ranks_and_repeat_for_a_resume():
-    seeds = {distributed.rank_seed(0, epoch, rank) for epoch in range(3) for rank in range(4)}
+    seeds = {launch.rank_seed(0, epoch, rank) for epoch in range(3) for rank in range(4)}
     assert len(seeds) == 12
-    assert distributed.rank_seed(0, 2, 1) == distributed.rank_seed(0, 2, 1)
+    assert launch.rank_seed(0, 2, 1) == launch.rank_seed(0, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def run_mpi(*args, n=2, timeout=240):
 def test_two_ranks_take_the_same_steps_as_one_process_with_identical_weights(scenario):
     out = run_mpi(WORKER, scenario)
     assert out.returncode == 0, out.stdout
-    threads = distributed._threads_from_environment() or distributed.default_threads(2)
+    threads = launch.threads_from_environment() or launch.default_threads(2)
     for rank in (0, 1):
         assert f"rank {rank}: " in out.stdout and "bitwise equal" in out.stdout
         assert f"rank {rank}: threads {threads}" in out.stdout  # cores / 2 ranks

@@ -21,7 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
 CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 DOTTED = re.compile(r"(?<![\w./-])minivgg(?:\.[A-Za-z_]\w*)+")
-ATTRIBUTE = re.compile(r"(?<![\w.])model\.([A-Za-z_]\w*)")
+# model.<attr>, but not a file named model.onnx, model.npz, ...
+ATTRIBUTE = re.compile(r"(?<![\w.])model\.(?!(?:onnx|npz|pth|safetensors|caffemodel|png)\b)"
+                       r"([A-Za-z_]\w*)")
 # A path of the source tree: a folder of the repository, then a file with a source ending.
 PATH = re.compile(r"(?<![\w./-])(?:\.\./)?((?:minivgg|kernels|benchmarks|examples|tests|docs)"
                   r"/[\w/.-]*?\.(?:py|md|cu|cuh|sh))\b")

@@ -146,7 +146,7 @@ def test_dense_at_the_crop_size_equals_the_single_crop(photos):
 
 
 def test_dense_is_the_global_average_of_the_map_averaged_over_scales(photos):
-    from minivgg.data import rescale_smallest_side
+    from minivgg.images import rescale_smallest_side
     from minivgg.evaluate import dense_crop
     model = tiny("D")
     fcn = to_fully_convolutional(model)
@@ -303,17 +303,18 @@ def test_trained_features_separate_imagenette_classes_far_better_than_untrained(
     import os
     svm = pytest.importorskip("sklearn.svm")
     from minivgg import data
+    from minivgg.images import load_rgb, to_chw_float32
     from minivgg.pretrained import load_pretrained
     from conftest import REPO
     val = data.ImageFolder(os.path.join(imagenette, "val"), warn=False)
     idx = np.concatenate([np.flatnonzero(val.labels == c)[:40] for c in range(10)])
-    images, y = [data.load_rgb(val.paths[i]) for i in idx], val.labels[idx]
+    images, y = [load_rgb(val.paths[i]) for i in idx], val.labels[idx]
     train = np.arange(len(idx)) % 40 < 20
     mean = np.array([124, 116, 104], np.float32)  # weights.npz records no mean colour
 
     def accuracy(model):
         X = features.extract(model, images, "relu7", scales=[72], flip=True,
-                             to_input=lambda img: data.to_chw_float32(img, mean))
+                             to_input=lambda img: to_chw_float32(img, mean))
         clf = svm.LinearSVC(random_state=0).fit(X[train], y[train])
         return np.mean(clf.predict(X[~train]) == y[~train])
 

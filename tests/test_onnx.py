@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from minivgg import checkpoint, models, no_grad
+from minivgg import checkpoint, models, no_grad, pretrained, run_state
 from minivgg.evaluate import to_fully_convolutional
-from minivgg.pretrained import CAFFE_INPUT, main as pretrained_main, onnx_export
+from minivgg.pretrained import CAFFE_INPUT, onnx_export
+from minivgg.pretrained.cli import main as pretrained_main
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -187,7 +188,7 @@ def trained(tmp_path):
 
 
 def save_checkpoint(model, path):
-    meta = {"model": checkpoint.model_meta(model), "classes": ["n01", "n02", "n03"],
+    meta = {"model": run_state.model_meta(model), "classes": ["n01", "n02", "n03"],
             "data_stats": {"mean_rgb": [120.5, 115.25, 100.0], "pca_eigval": [0, 0, 0],
                            "pca_eigvec": np.eye(3).tolist()}}
     checkpoint.save(path, model.state_dict(), meta=meta)
@@ -292,4 +293,4 @@ def test_bfloat16_weights_are_refused_alike_once_onnx_is_imported(tmp_path):
     path = tmp_path / "bf16.safetensors"
     save_file({"features.0.weight": torch.zeros(4, 3, 3, 3, dtype=torch.bfloat16)}, str(path))
     with pytest.raises(ValueError, match="NumPy cannot represent"):
-        models.load_pretrained(path)
+        pretrained.load_pretrained(path)

@@ -45,7 +45,7 @@ def commands(text):
 def checkout(tmp_path):
     """tmp/work (the working folder, examples/ linked in) beside tmp/shared/data."""
     from PIL import Image
-    from minivgg import checkpoint, models
+    from minivgg import checkpoint, models, run_state
     work = tmp_path / "work"
     (work / "runs" / "imagenette-A").mkdir(parents=True)
     os.symlink(os.path.join(REPO, "examples"), work / "examples")
@@ -58,7 +58,7 @@ def checkout(tmp_path):
                 val / c / f"{i}.png")
     (val / "n02102040" / "broken.JPEG").write_bytes(b"not a jpeg")
     model = models.vgg("A", 2, 1 / 16, 16, 64, init="glorot", seed=0)
-    meta = {"model": checkpoint.model_meta(model), "classes": ["n01440764", "n02102040"],
+    meta = {"model": run_state.model_meta(model), "classes": ["n01440764", "n02102040"],
             "data_stats": {"mean_rgb": [124.0, 116.0, 104.0], "pca_eigval": [0, 0, 0],
                            "pca_eigvec": np.eye(3).tolist()},
             "config": {"scale": 72, "crop": 64}}

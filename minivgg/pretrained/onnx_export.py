@@ -83,36 +83,7 @@ def build_onnx(model, head="fc", softmax=False, channel_order="auto"):
     for name, layer in model.named_children():
         if name == "flatten" and head == "dense":
             break
-        if isinstance(layer, nn.Conv2d):
-            W = backend.to_numpy(layer.weight.data)
-            if name == "conv1_1" and bgr:
-                W = W[:, ::-1]  # minivgg's RGB filters back to the Caffe net's BGR
-            inputs = [x, param(f"{name}.weight", W)]
-            if layer.bias is not None:
-                inputs.append(param(f"{name}.bias", backend.to_numpy(layer.bias.data)))
-            kh, kw = layer.kernel_size
-            pad = layer.padding
-            x = node("Conv", inputs, name, kernel_shape=[kh, kw], strides=[layer.stride] * 2,
-                     pads=[pad] * 4)
-        elif isinstance(layer, nn.ReLU):
-            x = node("Relu", [x], name)
-        elif isinstance(layer, nn.MaxPool2d):
-            k = layer.kernel_size
-            x = node("MaxPool", [x], name, kernel_shape=[k, k],
-                     strides=[layer.stride or k] * 2, ceil_mode=int(layer.ceil_mode))
-        elif isinstance(layer, nn.LocalResponseNorm):
-            x = node("LRN", [x], name, **_lrn_attributes(layer))
-        elif isinstance(layer, nn.Flatten):
-            x = node("Flatten", [x], name, axis=1)
-        elif isinstance(layer, nn.Dropout):
-            continue  # the identity at test time
-        elif isinstance(layer, nn.Linear):
-            x = node("Gemm", [x, param(f"{name}.weight", backend.to_numpy(layer.weight.data)),
-                              param(f"{name}.bias", backend.to_numpy(layer.bias.data))],
-                     name, transB=1)
-        else:
-            raise ValueError(f"export_onnx: no ONNX operator for layer {name} "
-                             f"({type(layer).__name__})")
+        x = _layer_node(name, layer, x, param, node, bgr)
     outputs = []
     K = model.num_classes
     if head == "dense":
@@ -138,6 +109,41 @@ def build_onnx(model, head="fc", softmax=False, channel_order="auto"):
                               producer_name="minivgg", ir_version=IR_VERSION)
     helper.set_model_props(proto, _metadata(model, head, softmax, bgr, height, width))
     return proto
+
+
+def _layer_node(name, layer, x, param, node, bgr):
+    """Add the ONNX node of one minivgg layer reading tensor `x` -> the tensor it writes."""
+    if isinstance(layer, nn.Conv2d):
+        W = backend.to_numpy(layer.weight.data)
+        if name == "conv1_1" and bgr:
+            W = W[:, ::-1]  # minivgg's RGB filters back to the Caffe net's BGR
+        inputs = [x, param(f"{name}.weight", W)]
+        if layer.bias is not None:
+            inputs.append(param(f"{name}.bias", backend.to_numpy(layer.bias.data)))
+        kh, kw = layer.kernel_size
+        pad = layer.padding
+        x = node("Conv", inputs, name, kernel_shape=[kh, kw], strides=[layer.stride] * 2,
+                 pads=[pad] * 4)
+    elif isinstance(layer, nn.ReLU):
+        x = node("Relu", [x], name)
+    elif isinstance(layer, nn.MaxPool2d):
+        k = layer.kernel_size
+        x = node("MaxPool", [x], name, kernel_shape=[k, k],
+                 strides=[layer.stride or k] * 2, ceil_mode=int(layer.ceil_mode))
+    elif isinstance(layer, nn.LocalResponseNorm):
+        x = node("LRN", [x], name, **_lrn_attributes(layer))
+    elif isinstance(layer, nn.Flatten):
+        x = node("Flatten", [x], name, axis=1)
+    elif isinstance(layer, nn.Dropout):
+        pass  # the identity at test time
+    elif isinstance(layer, nn.Linear):
+        x = node("Gemm", [x, param(f"{name}.weight", backend.to_numpy(layer.weight.data)),
+                          param(f"{name}.bias", backend.to_numpy(layer.bias.data))],
+                 name, transB=1)
+    else:
+        raise ValueError(f"export_onnx: no ONNX operator for layer {name} "
+                         f"({type(layer).__name__})")
+    return x
 
 
 def _dense_head(model, x, param, node):

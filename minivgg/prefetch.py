@@ -22,13 +22,19 @@ import numpy as np
 from minivgg import backend
 
 
-def to_device_batches(batches, device):
-    """Yield (x, y, ...) tuples from `batches` as arrays on `device` ("cpu" or "cuda")."""
+def to_device_batches(batches, device, move=None):
+    """Yield (x, y, ...) tuples from `batches` with the arrays at positions `move` (default:
+    all) on `device` ("cpu" or "cuda"); the others stay where they are.
+
+    NOTE: the training loop moves the images only. Its labels stay on the host, where
+    `functional.cross_entropy` checks their range without waiting for the GPU, and where
+    the step's top-1 errors are counted from one read of the device (`train.train_step`).
+    """
     device = backend.check_device(device)
     if device == "cpu":
         yield from batches
         return
-    prefetcher = _CudaPrefetcher(backend.require_cuda())
+    prefetcher = _CudaPrefetcher(backend.require_cuda(), move)
     pending = None
     try:
         for batch in batches:
@@ -49,9 +55,9 @@ def to_device_batches(batches, device):
 class _CudaPrefetcher:
     """Host batches to the GPU through pinned buffers on a side stream."""
 
-    def __init__(self, cp):
+    def __init__(self, cp, move=None):
         import cupyx
-        self.cp, self.empty_pinned = cp, cupyx.empty_pinned
+        self.cp, self.empty_pinned, self.move = cp, cupyx.empty_pinned, move
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.pinned = [{}, {}]  # per slot: (shape, dtype) -> pinned host array
         self.copied = [None, None]  # per slot: event recorded after the slot's last copy
@@ -80,8 +86,8 @@ class _CudaPrefetcher:
         # memory that its queued kernels still read; the side stream waits for them first.
         self.stream.wait_event(cp.cuda.get_current_stream().record())
         arrays = []
-        for a in batch:
-            if backend.device_of(a) == "cuda":
+        for i, a in enumerate(batch):
+            if backend.device_of(a) == "cuda" or (self.move is not None and i not in self.move):
                 arrays.append(a)
                 continue
             host = self._stage(np.ascontiguousarray(a), slot)

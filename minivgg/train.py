@@ -43,7 +43,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from minivgg import checkpoint, distributed, launch, metrics, plots, run_state
+from minivgg import backend, checkpoint, distributed, launch, metrics, plots, run_state
 from minivgg import functional as F
 from minivgg.prefetch import to_device_batches
 from minivgg.replicas import Replicas
@@ -230,7 +230,7 @@ def train_step(run, x, y):
         if n:
             logits = model(Tensor(x))
             loss = F.cross_entropy(logits, y)
-            local = [float(loss.item()) * n, metrics.topk_errors(logits.data, y, (1,))[1], n]
+            local = [*_loss_and_errors(loss, logits, y), n]
         loss_sum, wrong, seen = replicas.sum(local)
         if seen and math.isfinite(loss_sum):
             optimizer.zero_grad()
@@ -254,6 +254,19 @@ def _finiteness_checked_here():
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
+def _loss_and_errors(loss, logits, y):
+    """(loss × images, top-1 errors) of a batch, from one read of the device.
+
+    NOTE: the step must read its loss anyway (a non-finite one stops it before backward);
+    the top-1 guesses come along in the same copy, so a GPU step waits once. `y` is on the
+    host. Ties go to the lowest class index, as in `metrics.topk_errors`.
+    """
+    xp = backend.array_module(logits.data)
+    guesses = logits.data.argmax(axis=1).astype(np.float64)
+    both = backend.to_numpy(xp.concatenate([loss.data.astype(np.float64).reshape(1), guesses]))
+    return float(both[0]) * len(y), int((both[1:] != backend.to_numpy(y)).sum())
+
+
 def train_one_epoch(run, epoch):
     """One pass over the training set -> dict of loss, top-1 error, images/s, skipped.
 
@@ -267,7 +280,8 @@ def train_one_epoch(run, epoch):
     bar = _progress_bar(f"{run.config.label}epoch {epoch + 1}", total, p.batch,
                         run.group.is_root)
     start, waited, seen_before = time.perf_counter(), 0.0, p.seen
-    batches = iter(to_device_batches(run.train_loader.epoch(epoch, start=p.batch), run.device))
+    batches = iter(to_device_batches(run.train_loader.epoch(epoch, start=p.batch), run.device,
+                                     move=(0,)))  # the labels stay on the host
     for step in range(p.batch, total):
         t = time.perf_counter()
         batch = next(batches, None)  # time spent here is time the loader kept us waiting
@@ -340,15 +354,18 @@ def validate(model, loader, device, replicas=None, epoch=0):
     model.eval()
     seen, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
     with no_grad(), _finiteness_checked_here():  # train() checks the loss; loads refuse NaN
-        for x, y in to_device_batches(loader.epoch(epoch), device):
+        for x, y in to_device_batches(loader.epoch(epoch), device, move=(0,)):
             if replicas.stop_received:  # this rank's own; the others learn it below
                 break
             n = len(y)
             if n == 0:  # this rank's slice of a short last batch
                 continue
-            logits = model(Tensor(x))
-            loss_sum += float(F.cross_entropy(logits, y).item()) * n
-            errors = metrics.topk_errors(logits.data, y, (1, 5))
+            logits = model(Tensor(x)).data
+            loss = F.cross_entropy(logits, y).data
+            xp = backend.array_module(logits)  # one read of the device: loss and scores
+            both = backend.to_numpy(xp.concatenate([loss.reshape(1), logits.ravel()]))
+            loss_sum += float(both[0]) * n
+            errors = metrics.topk_errors(both[1:].reshape(logits.shape), y, (1, 5))
             seen, wrong1, wrong5 = seen + n, wrong1 + errors[1], wrong5 + errors[5]
     totals = replicas.sum([loss_sum, wrong1, wrong5, seen, loader.skipped])
     if replicas.stop:

@@ -320,6 +320,25 @@ def test_vgg_training_steps_through_the_cuda_kernel_table_match_cpu(gpu, monkeyp
     _assert_same_training(_train_steps("cuda", "A-LRN", x, labels, **small), want)
 
 
+def test_a_training_step_on_the_gpu_reads_the_device_once(gpu, monkeypatch, rng):
+    """Loss and top-1 guesses come back in one copy; host labels are checked on the host
+    (issue 22: the step used to wait for the GPU three to four times)."""
+    from types import SimpleNamespace
+    from minivgg import models, optim
+    from minivgg.replicas import Replicas
+    from minivgg.train import train_step
+    use_standin(monkeypatch, gpu)
+    model = models.vgg("A", 10, 1 / 16, 16, 32, init="glorot", seed=0).to("cuda")
+    run = SimpleNamespace(model=model, replicas=Replicas(),
+                          optimizer=optim.SGD(model.parameters(), 0.01, momentum=0.9))
+    x = standin.asarray(rng.normal(size=(3, 3, 32, 32)).astype(np.float32))
+    labels = np.array([1, 7, 2])
+    standin.host_reads.clear()
+    loss_sum, wrong, seen = train_step(run, x, labels)
+    assert standin.host_reads == [(4,)], standin.host_reads  # the loss and 3 guesses
+    assert seen == 3 and 0 <= wrong <= 3 and np.isfinite(loss_sum)
+
+
 @pytest.mark.slow
 def test_vgg16_training_steps_at_full_width_in_row_bands_match_cpu(gpu, monkeypatch, rng):
     """VGG-16 (config D) at full width (64..512 channels, 4096-wide fc layers) on 32x32

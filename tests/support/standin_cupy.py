@@ -37,6 +37,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 POISON = 0xFF  # every byte of a fresh or freed block: NaN as float32/float64, -1 as int
 
 hazards = []  # errors found while freeing blocks (see MemoryPool.free)
+host_reads = []  # one entry per device-to-host read (`get`, `item`): each waits for the GPU
 
 
 class StreamOrderError(RuntimeError):
@@ -291,6 +292,7 @@ class ndarray(NDArrayOperatorsMixin):
 
     # --- host <-> device ---------------------------------------------------------------
     def get(self, stream=None, out=None):
+        host_reads.append(self.shape)
         return _issue([self._mem], [], lambda: self._a.copy(), stream)
 
     def set(self, arr, stream=None):
@@ -302,6 +304,7 @@ class ndarray(NDArrayOperatorsMixin):
         return _issue([], [self._mem], lambda: np.copyto(view, arr), stream)
 
     def item(self):
+        host_reads.append(self.shape)
         return _issue([self._mem], [], lambda: self._a.item())
 
     __float__ = lambda self: float(self.item())  # noqa: E731
@@ -531,6 +534,7 @@ def __getattr__(name):
 def reset():
     """Forget every stream's state and every reported hazard (between tests)."""
     hazards.clear()
+    host_reads.clear()
     _host_clock.clear()
     Stream._current.clear()
     Stream.null.__init__(null=True)

@@ -1,7 +1,7 @@
 """The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu/.
 
 No GPU needed: `cuda_host_emulator` compiles `kernels/cuda/*.cu` with g++ and loads
-`kernels/cuda.py` on the stand-in CuPy (`standin_cupy`), so these tests check the CUDA
+`kernels/gpu.py` on the stand-in CuPy (`standin_cupy`), so these tests check the CUDA
 kernels' index arithmetic and the launch code (argument order and C types) in CI. Inputs go
 to the "device" with `dev` and come back with `host`, as they would with CuPy. On a GPU
 machine, test_gpu.py runs the same comparisons on the real device.
@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_close
 import standin_cupy as standin
 from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels, use_standin
-from minivgg.kernels import common, cpu, winograd
+from minivgg.kernels import common, cpu, shapes, winograd
 from minivgg.kernels.cpu import conv as cpu_conv
 from standin_cupy import asarray as dev, asnumpy as host
 
@@ -43,7 +43,7 @@ POOL_CASES = {
 
 @pytest.fixture(scope="module")
 def gpu():
-    """`kernels/cuda.py` running on the stand-in CuPy with host-compiled CUDA kernels."""
+    """`kernels/gpu.py` running on the stand-in CuPy with host-compiled CUDA kernels."""
     return load_emulated_cuda_kernels()
 
 
@@ -138,25 +138,26 @@ def test_cuda_conv2d_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch,
 @pytest.mark.parametrize("n0, n1, oy0, oy1", [(0, 2, 0, 4), (1, 2, 1, 3), (0, 1, 3, 4)])
 def test_cuda_chunk_moves_match_cpu(n0, n1, oy0, oy1, gpu, rng):
     """im2col_chunk, col2im_chunk, cols_to_nchw and nchw_to_cols on a band of rows."""
+    prims = gpu.PRIMITIVES
     x = rng.normal(size=(2, 3, 8, 7))
     KH, KW, SH, SW, PH, PW = 3, 2, 2, 1, 1, 0
-    OW = common.conv_output_size(7, KW, SW, PW)  # OH = 4
+    OW = shapes.conv_output_size(7, KW, SW, PW)  # OH = 4
     P = (n1 - n0) * (oy1 - oy0) * OW
     cols, cols_cpu = standin.empty((3 * KH * KW, P)), np.empty((3 * KH * KW, P))
-    gpu.im2col_chunk(dev(x), n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+    prims.im2col_chunk(dev(x), n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
     cpu_conv.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols_cpu)
     np.testing.assert_array_equal(host(cols), cols_cpu)
     gx, gx_cpu = standin.ones(x.shape), np.ones(x.shape)  # both add into what is there
-    gpu.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
+    prims.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
     cpu_conv.col2im_chunk(cols_cpu, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx_cpu)
     assert_close(host(gx), gx_cpu, "conv2d", np.float64)
     ycols, b = rng.normal(size=(5, P)), rng.normal(size=5)
     y, y_cpu = standin.zeros((2, 5, 4, OW)), np.zeros((2, 5, 4, OW))
-    gpu.cols_to_nchw(dev(ycols), dev(b), n0, n1, oy0, oy1, y)
+    prims.cols_to_nchw(dev(ycols), dev(b), n0, n1, oy0, oy1, y)
     cpu_conv.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y_cpu)
     np.testing.assert_array_equal(host(y), y_cpu)
     back, back_cpu = standin.empty((5, P)), np.empty((5, P))
-    gpu.nchw_to_cols(y, n0, n1, oy0, oy1, back)
+    prims.nchw_to_cols(y, n0, n1, oy0, oy1, back)
     cpu_conv.nchw_to_cols(y_cpu, n0, n1, oy0, oy1, back_cpu)
     np.testing.assert_array_equal(host(back), back_cpu)
 

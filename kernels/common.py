@@ -225,11 +225,10 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
                 dev.col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
         return gW
 
-    if all(oy1 - oy0 == OH for _, _, oy0, oy1 in chunks):
-        phases = [chunks]  # whole images: no two chunks touch the same gx row
-    else:
-        phases = [chunks[0::2], chunks[1::2]]  # neighbouring bands share halo rows of gx:
-        # never run two of them at once
+    # whole images: no two chunks touch the same gx row; neighbouring bands share halo rows
+    # of gx: never run two of them at once
+    whole = all(oy1 - oy0 == OH for _, _, oy0, oy1 in chunks)
+    phases = [chunks] if whole else [chunks[0::2], chunks[1::2]]
     partials = [g for phase in phases
                 for g in dev.map_ranges(lambda t0, t1, ph=phase: job(ph, t0, t1), len(phase))]
     gW = partials[0]
@@ -256,15 +255,9 @@ class Primitives:
     xp = None  # the array module: numpy or cupy
 
     # --- how work is cut and spread -----------------------------------------------------
-    @property
-    def im2col_chunk_bytes(self):
-        """Bytes of im2col matrix built at once (per thread)."""
-        raise NotImplementedError
-
-    @property
-    def winograd_chunk_bytes(self):
-        """Bytes of transformed tiles (V and M, or V and Z) per chunk."""
-        raise NotImplementedError
+    im2col_chunk_bytes = property(doc="Bytes of im2col matrix built at once (per thread).")
+    winograd_chunk_bytes = property(doc="Bytes of transformed tiles (V and M, or V and Z) "
+                                        "per chunk.")
 
     def num_parts(self):
         """Chunks a layer is cut into at least (one per thread)."""

@@ -2,10 +2,13 @@
 
 * `cpu/`: NumPy / Numba kernels, one module per op family (conv, pool, lrn, activation,
   loss, sgd) beside the runtime (thread pool, single-threaded BLAS, workspaces).
-* `cuda.py` and `cuda/*.cu`: CuPy with custom CUDA kernels (needs the `cuda` extra); the
-  `.cu` files mirror the CPU modules one to one.
-* `common.py`: what both devices share (output sizes, chunk planning, workspaces, the conv
-  drivers), written once and parameterised by the device's primitives.
+* `gpu.py` and `cuda/*.cu`: CuPy with custom CUDA kernels and cuBLAS (needs the `cuda`
+  extra); the `.cu` files mirror the CPU modules one to one.
+* `common.py`: what both devices share (chunk planning, workspaces, the im2col conv
+  drivers) and `Primitives`, the contract each device's kernels fulfil (`CpuPrimitives` in
+  `cpu/conv.py`, `CudaPrimitives` in `gpu.py`); `winograd.py` and `direct.py`: the other
+  two conv algorithms' drivers, written once the same way; `shapes.py`: output sizes and
+  the 3×3/s1/p1 test.
 * `reference.py`: plain NumPy im2col / col2im, the definition the fast kernels are tested
   against.
 

@@ -1,16 +1,12 @@
-"""What both devices share: output sizes, chunk planning, workspaces and the conv drivers.
+"""What both devices share: chunk planning, workspaces, the conv drivers, and `Primitives`,
+the contract a device's kernels fulfil.
 
-Written once, parameterised by a device's kernel table (`kernels/cpu/conv.py` or
-`kernels/cuda.py`), which supplies the array module `xp` and the few primitives that really
-differ per device:
-
-    IM2COL_CHUNK_BYTES, num_parts()          how big a chunk, how many threads to feed
-    map_ranges(job, n_items)                 job(t0, t1) on contiguous ranges -> results
-    workspace(name, shape, dtype)            a reused scratch buffer
-    im2col_chunk, col2im_chunk               the hand-written data movers
-    cols_to_nchw, nchw_to_cols, add_bias
-
-Each table hands them over as `Primitives(globals())`, its own namespace.
+Written once for both devices. Each device is one object, a subclass of `Primitives`
+(`CpuPrimitives` in `kernels/cpu/conv.py`, `CudaPrimitives` in `kernels/gpu.py`): its
+methods are the few pieces that really differ per device (the hand-written data movers and
+transforms, its GEMMs, how work is spread over threads), and the drivers here, in
+`kernels/winograd.py` and in `kernels/direct.py` call them as `dev.im2col_chunk(...)`, so a
+reader (or an editor's go-to-definition) follows `dev` to the loop.
 
 Shape legend, used throughout the kernels:
 
@@ -31,6 +27,7 @@ import threading
 import numpy as np
 
 from minivgg.kernels import direct, winograd
+from minivgg.kernels.shapes import conv_output_size, is_3x3_same
 
 # The entry points every device's kernel table offers, with the same parameters
 # (tests/test_cuda_compile.py checks it). `minivgg.functional` calls nothing else.
@@ -40,29 +37,6 @@ ENTRY_POINTS = (
     "lrn_forward", "lrn_backward", "dropout_mask",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "sgd_update",
 )
-
-
-def conv_output_size(size, k, s, p):
-    """Output length of a window of k, stride s, padding p, over `size` inputs (floor mode)."""
-    return (size + 2 * p - k) // s + 1
-
-
-def pool_output_size(size, k, s, ceil_mode=False):
-    """Number of k-wide, stride-s pooling windows over `size` inputs, no padding.
-
-    Floor mode (the default, and minivgg's training layout) keeps only whole windows and
-    leaves the last (size - k) % s inputs out. Ceil mode (Caffe's only mode, PyTorch's
-    `ceil_mode=True`) adds one partial window at the end when inputs are left over, so every
-    input is covered; the partial window is clipped to the input, as in PyTorch.
-    NOTE: PyTorch drops a last window that would *start* past the input; with no padding
-    that can only happen when s > k, and we follow it.
-    """
-    if not ceil_mode:
-        return (size - k) // s + 1
-    out = -(-(size - k) // s) + 1
-    if (out - 1) * s >= size:
-        out -= 1
-    return out
 
 
 def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes, parts=1):
@@ -81,21 +55,6 @@ def conv_chunks(N, OH, OW, CKK, itemsize, chunk_bytes, parts=1):
         return [(n, min(n + step, N), 0, OH) for n in range(0, N, step)]
     band = max(1, budget // row_bytes)
     return [(n, n + 1, oy, min(oy + band, OH)) for n in range(N) for oy in range(0, OH, band)]
-
-
-class Primitives:
-    """A kernel-table module's primitives, looked up in its namespace at call time (so a test
-    may set the module's IM2COL_CHUNK_BYTES). Each table passes `Primitives(globals())`.
-    """
-
-    def __init__(self, namespace):
-        self._namespace = namespace
-
-    def __getattr__(self, name):
-        try:
-            return self._namespace[name]
-        except KeyError:
-            raise AttributeError(f"the kernel table has no primitive {name!r}") from None
 
 
 class Workspace:
@@ -130,7 +89,7 @@ class Workspace:
 # Whole-batch im2col / col2im (tests, teaching), built from a device's chunk kernels
 # ----------------------------------------------------------------------------------------
 
-def im2col(dev, x, KH, KW, SH, SW, PH, PW):
+def im2col(dev: "Primitives", x, KH, KW, SH, SW, PH, PW):
     """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), one image per chunk, on device `dev`."""
     xp = dev.xp
     N, C, H, W = x.shape
@@ -146,7 +105,7 @@ def im2col(dev, x, KH, KW, SH, SW, PH, PW):
     return out
 
 
-def col2im(dev, cols, x_shape, KH, KW, SH, SW, PH, PW):
+def col2im(dev: "Primitives", cols, x_shape, KH, KW, SH, SW, PH, PW):
     """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W).
 
     Each input pixel receives the sum of every column entry that copied it.
@@ -170,21 +129,21 @@ def col2im(dev, cols, x_shape, KH, KW, SH, SW, PH, PW):
 # Convolution drivers: im2col + one GEMM per chunk
 # ----------------------------------------------------------------------------------------
 #
-# NOTE: every GEMM here is 2-D. On the GPU, CuPy sends 2-D products to cublasGemmEx with the
-# compute type that `backend.set_tf32` chooses; its batched (3-D) matmul ignores it.
+# NOTE: every GEMM here is 2-D and goes through `dev.matmul`: on the GPU, cuBLAS with the
+# compute type `backend.set_tf32` chooses (TF32 allowed), see `kernels/gpu.py`.
 
 def _plan(dev, x, W, OH, OW):
     CKK = W.shape[1] * W.shape[2] * W.shape[3]
-    return conv_chunks(x.shape[0], OH, OW, CKK, x.itemsize, dev.IM2COL_CHUNK_BYTES,
+    return conv_chunks(x.shape[0], OH, OW, CKK, x.itemsize, dev.im2col_chunk_bytes,
                        dev.num_parts())
 
 
-def conv2d_forward(dev, x, W, b, stride, padding):
+def conv2d_forward(dev: "Primitives", x, W, b, stride, padding):
     """y = conv(x, W) + b.  x (N, C, H, W), W (OC, C, KH, KW), b (OC,) or None -> (N, OC, OH, OW).
 
     Per chunk: im2col into a reused buffer, then one GEMM (OC, CKK) @ (CKK, P). A band of
     one image is written by the GEMM straight into y (a row band of y[n] seen as
-    (OC, OH*OW) is a strided matrix BLAS accepts; CuPy copies through a temporary); a
+    (OC, OH*OW) is a strided matrix BLAS and cuBLAS accept); a
     chunk of several images goes through a scratch buffer and one pass that moves it into
     NCHW order and adds the bias. Chunks write disjoint parts of y.
     """
@@ -206,18 +165,18 @@ def conv2d_forward(dev, x, W, b, stride, padding):
             dev.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
             if n1 - n0 == 1:
                 ycols = y[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
-                xp.matmul(Wmat, cols, out=ycols)
+                dev.matmul(Wmat, cols, ycols)
                 dev.add_bias(ycols, b)
             else:
                 ycols = dev.workspace("ycols", (OC, P), x.dtype)
-                xp.matmul(Wmat, cols, out=ycols)
+                dev.matmul(Wmat, cols, ycols)
                 dev.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y)
 
     dev.map_ranges(job, len(chunks))
     return y
 
 
-def conv2d_backward(dev, x, W, gy, stride, padding, need_gx=True):
+def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
     """Gradients of `conv2d_forward` -> (gx or None, gW, gb).
 
     Per chunk, with cols rebuilt from x (storing them for backward would cost 9× the
@@ -255,22 +214,21 @@ def conv2d_backward(dev, x, W, gy, stride, padding, need_gx=True):
             cols = dev.workspace("cols", (CKK, P), x.dtype)
             dev.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
             if k == 0:
-                xp.matmul(gycols, cols.T, out=gW)
+                dev.matmul(gycols, cols.T, gW)
             else:
                 part = dev.workspace("gW", (OC, CKK), x.dtype)
-                xp.matmul(gycols, cols.T, out=part)
+                dev.matmul(gycols, cols.T, part)
                 gW += part
             if need_gx:
                 gcols = cols  # cols is spent: its buffer takes W^T @ gy (and is scratch)
-                xp.matmul(Wmat.T, gycols, out=gcols)
+                dev.matmul(Wmat.T, gycols, gcols)
                 dev.col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
         return gW
 
-    if all(oy1 - oy0 == OH for _, _, oy0, oy1 in chunks):
-        phases = [chunks]  # whole images: no two chunks touch the same gx row
-    else:
-        phases = [chunks[0::2], chunks[1::2]]  # neighbouring bands share halo rows of gx:
-        # never run two of them at once
+    # whole images: no two chunks touch the same gx row; neighbouring bands share halo rows
+    # of gx: never run two of them at once
+    whole = all(oy1 - oy0 == OH for _, _, oy0, oy1 in chunks)
+    phases = [chunks] if whole else [chunks[0::2], chunks[1::2]]
     partials = [g for phase in phases
                 for g in dev.map_ranges(lambda t0, t1, ph=phase: job(ph, t0, t1), len(phase))]
     gW = partials[0]
@@ -281,55 +239,141 @@ def conv2d_backward(dev, x, W, gy, stride, padding, need_gx=True):
 
 
 # ----------------------------------------------------------------------------------------
-# A device's conv entry points, built once from its primitives
+# The contract: what the drivers ask of a device, and the conv entry points built on it
 # ----------------------------------------------------------------------------------------
 
-class ConvEntryPoints:
-    """The conv entry points of one device's kernel table, written once for both devices.
+class Primitives:
+    """One device's kernels, as the shared drivers call them: the contract.
 
-    `dev` holds the device's im2col primitives, `winograd_dev` its Winograd ones and
-    `direct_dev` its direct-convolution ones (all `Primitives`); each table exports the
-    bound methods under the entry-point names:
-
-        im2col, col2im, conv2d_forward, conv2d_backward = ConvEntryPoints(...).methods()
-
-    Their parameters are the table's: `tests/test_cuda_compile.py` checks both tables agree.
+    Each device subclasses it and gives every method below (`CpuPrimitives` in
+    `kernels/cpu/conv.py`, `CudaPrimitives` in `kernels/gpu.py`), with these parameters
+    (tests/test_cuda_compile.py checks the two agree). The conv entry points at the end are
+    written here once; each kernel table exports them bound to its device. Chunks, tiles
+    and shapes as in the module docstring, `kernels/winograd.py` and `kernels/direct.py`.
     """
 
-    def __init__(self, dev, winograd_dev, direct_dev):
-        self.dev, self.winograd_dev, self.direct_dev = dev, winograd_dev, direct_dev
+    xp = None  # the array module: numpy or cupy
 
+    # --- how work is cut and spread -----------------------------------------------------
+    im2col_chunk_bytes = property(doc="Bytes of im2col matrix built at once (per thread).")
+    winograd_chunk_bytes = property(doc="Bytes of transformed tiles (V and M, or V and Z) "
+                                        "per chunk.")
+
+    def num_parts(self):
+        """Chunks a layer is cut into at least (one per thread)."""
+        raise NotImplementedError
+
+    def map_ranges(self, job, n_items, elements=None):
+        """[job(t0, t1) for contiguous ranges covering range(n_items)], in range order."""
+        raise NotImplementedError
+
+    def workspace(self, name, shape, dtype):
+        """An uninitialised array of `shape` in a buffer reused from call to call."""
+        raise NotImplementedError
+
+    # --- im2col + GEMM --------------------------------------------------------------------
+    def im2col_chunk(self, x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
+        """Fill cols (CKK, P) for a chunk of x (N, C, H, W); padding reads as zero."""
+        raise NotImplementedError
+
+    def col2im_chunk(self, cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx):
+        """The adjoint of `im2col_chunk`: add every entry of cols (CKK, P) into gx.
+        cols may be used as scratch."""
+        raise NotImplementedError
+
+    def cols_to_nchw(self, ycols, b, n0, n1, oy0, oy1, y):
+        """y[n, oc, oy0:oy1, :] = ycols[oc, chunk columns of n] + b[oc]."""
+        raise NotImplementedError
+
+    def nchw_to_cols(self, gy, n0, n1, oy0, oy1, gycols):
+        """The inverse move: gycols (OC, P) = the chunk of gy (N, OC, OH, OW)."""
+        raise NotImplementedError
+
+    def add_bias(self, ycols, b):
+        """ycols (OC, P) += b[:, None], in place (ycols may be a strided view of y)."""
+        raise NotImplementedError
+
+    def matmul(self, A, B, out):
+        """out = A @ B for 2-D A, B (either may be a transposed view): the im2col GEMMs."""
+        raise NotImplementedError
+
+    # --- Winograd F(m×m, 3×3) (kernels/winograd.py); each device holds the matrices -----
+    def point_gemms(self, A, B, out):
+        """out[t] = A[t] @ B[t] for every transform point t: A (α², I, J), B (α², J, K);
+        B may be a view with its last two axes swapped. Always full float32 precision."""
+        raise NotImplementedError
+
+    def input_transform(self, x, m, r0, r1, TH, TW, V):
+        """V (α, α, C, P) = B^T d B for the α×α input tile d of every tile and channel."""
+        raise NotImplementedError
+
+    def grad_output_transform(self, gy, m, r0, r1, TH, TW, Z):
+        """Z (α, α, OC, P) = A g A^T for the m×m block g of gy of every tile."""
+        raise NotImplementedError
+
+    def output_transform(self, M, m, r0, r1, TH, TW, b, y):
+        """y tile = A^T M[:, :, oc, q] A + b[oc], cropped to the image, for every tile q."""
+        raise NotImplementedError
+
+    def filter_transform(self, W, m, rotate, U):
+        """U (α, α, O, I) = G w G^T for every filter (rotated and swapped with `rotate`)."""
+        raise NotImplementedError
+
+    def filter_grad_transform(self, dU, m, gW):
+        """gW (OC, C, 3, 3) = G^T dU[:, :, oc, c] G, from dU (α, α, OC, C)."""
+        raise NotImplementedError
+
+    # --- direct convolution, 3×3/s1/p1 (kernels/direct.py) --------------------------------
+    def direct_conv(self, x, W, b, y):
+        """y (N, OC, H, W) = conv(x, W) + b."""
+        raise NotImplementedError
+
+    def direct_weight_grad(self, x, gy, gW):
+        """gW (OC, C, 3, 3) = sum over images and pixels of gy[oc] · shifted x[c], each
+        entry in an order fixed by the shapes."""
+        raise NotImplementedError
+
+    # --- the conv entry points of the kernel tables, written once -------------------------
     def im2col(self, x, KH, KW, SH, SW, PH, PW):
         """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests,
         teaching)."""
-        return im2col(self.dev, x, KH, KW, SH, SW, PH, PW)
+        return im2col(self, x, KH, KW, SH, SW, PH, PW)
 
     def col2im(self, cols, x_shape, KH, KW, SH, SW, PH, PW):
         """The adjoint of `im2col`: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W)."""
-        return col2im(self.dev, cols, x_shape, KH, KW, SH, SW, PH, PW)
+        return col2im(self, cols, x_shape, KH, KW, SH, SW, PH, PW)
 
     def conv2d_forward(self, x, W, b, stride, padding, algorithm="im2col"):
         """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col" (the driver
         `conv2d_forward` above), "winograd"/"winograd4" (`kernels/winograd.py`) or
         "direct" (`kernels/direct.py`)."""
         if algorithm == "im2col":
-            return conv2d_forward(self.dev, x, W, b, stride, padding)
+            return conv2d_forward(self, x, W, b, stride, padding)
+        _check_3x3_same(algorithm, W, stride, padding)
         if algorithm == "direct":
-            return direct.conv2d_forward(self.direct_dev, x, W, b)
-        return winograd.conv2d_forward(self.winograd_dev, x, W, b,
-                                       winograd.ALGORITHMS[algorithm])
+            return direct.conv2d_forward(self, x, W, b)
+        return winograd.conv2d_forward(self, x, W, b, winograd.ALGORITHMS[algorithm])
 
     def conv2d_backward(self, x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
         """(gx or None, gW, gb) by the forward's `algorithm`; see the driver
         `conv2d_backward` above (its sums' fixed order), `kernels/winograd.py` and
         `kernels/direct.py`."""
         if algorithm == "im2col":
-            return conv2d_backward(self.dev, x, W, gy, stride, padding, need_gx)
+            return conv2d_backward(self, x, W, gy, stride, padding, need_gx)
+        _check_3x3_same(algorithm, W, stride, padding)
         if algorithm == "direct":
-            return direct.conv2d_backward(self.direct_dev, x, W, gy, need_gx)
-        return winograd.conv2d_backward(self.winograd_dev, x, W, gy, need_gx,
+            return direct.conv2d_backward(self, x, W, gy, need_gx)
+        return winograd.conv2d_backward(self, x, W, gy, need_gx,
                                         winograd.ALGORITHMS[algorithm])
 
-    def methods(self):
-        """(im2col, col2im, conv2d_forward, conv2d_backward), bound to this device."""
-        return self.im2col, self.col2im, self.conv2d_forward, self.conv2d_backward
+
+# The methods above that each device must give (its kernels); the twin test compares them.
+CONTRACT = tuple(name for name, value in vars(Primitives).items()
+                 if not name.startswith("_") and name not in ENTRY_POINTS + ("xp",))
+
+
+def _check_3x3_same(algorithm, W, stride, padding):
+    if not is_3x3_same(W.shape, stride, padding):
+        raise ValueError(f"conv algorithm {algorithm!r} runs 3×3 convolutions with stride 1 "
+                         f"and padding 1 only, not {tuple(W.shape[2:])}, stride {stride}, "
+                         f"padding {padding}")

@@ -26,17 +26,22 @@ Its gradients are the same kind of sums (Sec. 3.1 trains by back-propagation):
     gb[oc] = sum over n, i, j of gy[n, oc, i, j]
 
 It does 9·C multiply-adds per output, like im2col: it saves the memory traffic, not the
-arithmetic (that is Winograd's saving, kernels/winograd.py). `kernels/cpu/direct.py` (Numba)
-and `kernels/cuda/direct.cu` supply the two kernels these drivers call:
+arithmetic (that is Winograd's saving, kernels/winograd.py). These drivers run only the
+3×3/s1/p1 shape (`shapes.is_3x3_same`, which the entry points check). `kernels/cpu/direct.py`
+(Numba) and `kernels/cuda/direct.cu` supply the two kernels they call:
 
     direct_conv(x, W, b, y)          y = conv(x, W) + b, for all images and channels
     direct_weight_grad(x, gy, gW)    gW as above, each entry summed in a fixed order
 
-NOTE: every output entry, and every entry of gW, is summed by one thread in an order fixed
-by the shapes alone, so results are the same from run to run whatever the thread count.
+NOTE: every output entry, and every entry of gW, is summed in an order fixed by the shapes
+alone (on the GPU, a gW entry by one block's threads and a fixed tree), so results are the
+same from run to run whatever the thread count.
 """
 
-from minivgg.kernels.winograd import applies  # noqa: F401  (3×3, stride 1, padding 1)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotations: a device's kernels, as the drivers call them
+    from minivgg.kernels.common import Primitives
 
 
 def rotated_filters(xp, W):
@@ -46,7 +51,7 @@ def rotated_filters(xp, W):
     return xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
-def conv2d_forward(dev, x, W, b):
+def conv2d_forward(dev: "Primitives", x, W, b):
     """y = conv(x, W) + b -> (N, OC, H, W) by direct convolution (3×3, stride 1, padding 1)."""
     xp = dev.xp
     x = xp.ascontiguousarray(x)
@@ -58,7 +63,7 @@ def conv2d_forward(dev, x, W, b):
     return y
 
 
-def conv2d_backward(dev, x, W, gy, need_gx):
+def conv2d_backward(dev: "Primitives", x, W, gy, need_gx):
     """Gradients of `conv2d_forward` -> (gx or None, gW, gb); see the module docstring."""
     xp = dev.xp
     x = xp.ascontiguousarray(x)

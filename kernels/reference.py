@@ -12,7 +12,7 @@ the same for Winograd's algorithm (section 8; fast versions in `kernels/winograd
 import numpy as np
 
 from minivgg.kernels import winograd
-from minivgg.kernels.common import pool_output_size
+from minivgg.kernels.shapes import pool_output_size
 
 
 def im2col(x, KH, KW, SH, SW, PH, PW):

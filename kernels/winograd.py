@@ -38,7 +38,14 @@ still far below what SGD notices; larger tiles lose more (Lavin & Gray measure t
 growth), which is why we stop at m = 4.
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from minivgg.kernels.shapes import is_3x3_same
+
+if TYPE_CHECKING:  # for the annotations: a device's kernels, as the drivers call them
+    from minivgg.kernels.common import Primitives
 
 # ----------------------------------------------------------------------------------------
 # The transform matrices
@@ -105,8 +112,9 @@ ALGORITHMS = {"winograd": 2, "winograd4": 4}
 
 
 def applies(W_shape, stride, padding):
-    """Whether Winograd can run this convolution: 3×3 filters, stride 1, padding 1."""
-    return tuple(W_shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+    """Whether Winograd can run this convolution: 3×3 filters, stride 1, padding 1
+    (`shapes.is_3x3_same`, the test direct convolution shares)."""
+    return is_3x3_same(W_shape, stride, padding)
 
 
 def auto_algorithm(device, N, C, H, W):
@@ -117,34 +125,17 @@ def auto_algorithm(device, N, C, H, W):
     machine is busy, and then a resumed run would not be bit-identical to an uninterrupted
     one. The rule depends only on the shapes, so every run makes the same choices.
 
-    The rule comes from rough per-layer checks of forward + backward (CPU time of one
-    thread, on a shared, loaded machine: they guided the design and are not figures to
-    quote; `python benchmarks/bench_layers.py --only conv --algo all,auto` measures the
-    algorithms side by side on a quiet one). The filter transforms cost about α²·C·OC per
-    call whatever the batch, while the saving grows with the output pixels N·H·W, so
-      * C < 8 (the RGB layer): direct convolution (kernels/direct.py). Winograd's GEMMs
-        and im2col's would have an inner dimension of C = 3 or 27, far too thin for BLAS;
-        the direct kernels, which read the three colour planes in place, took about half
-        of im2col's time on the small recipe's conv1_1 forward + backward (14.4 ms against
-        27.5, F(4×4,3×3) 31.7; batch 32, 2 threads, quiet, 2026-12-03, benchmarks/
-        README.md). On VGG-16's conv1_1 at 224×224, batch 4, the same run had direct at
-        75.6 ms and im2col at 67.4 (PyTorch 83.9), within that noisy day's spread, while
-        single-thread design checks had direct's forward 3× faster: the rule keeps direct;
-      * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications; it was the fastest of the
-        three from VGG-16's conv1_2 to conv5 at batch 8, and on the small recipe's 16-64
-        channel layers;
-      * 512 <= N·H·W < 1536 (e.g. conv5 at batch 4, 784 pixels): F(2×2,3×3), whose filters
-        are 2.25× smaller and whose tiles fit 14 and 7 exactly; F(4×4,3×3) was slower than
-        im2col there and F(2×2,3×3) about even;
-      * smaller (one image's conv5, 4×4 maps at batch 8): im2col; the transforms cost more
-        than the multiplications they save.
-    Re-checked after the transforms were sped up (single-thread CPU time, one process per
-    library, the small recipe's layers at batch 32): the same choices held; on the 16-32
-    channel layers im2col and F(4×4,3×3) were within the noise of each other. Direct
-    convolution lost from 16 channels up (its forward still won on conv2_1, 16 channels,
-    but its input gradient, a direct convolution over 32 channels, and its weight
-    gradient made forward + backward 1.3× im2col's time; 2-12× on deeper layers).
-    On the GPU nothing has been measured yet, so "auto" stays with im2col there.
+    On the CPU the filter transforms cost about α²·C·OC per call whatever the batch, while
+    the saving grows with the output pixels N·H·W, so
+      * C < 8 (the RGB layer): direct convolution (kernels/direct.py); Winograd's GEMMs and
+        im2col's would have an inner dimension of C = 3 or 27, far too thin for BLAS;
+      * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications;
+      * 512 <= N·H·W < 1536: F(2×2,3×3), whose filters are 2.25× smaller;
+      * smaller: im2col; the transforms cost more than the multiplications they save.
+    On the GPU: im2col, the fastest or within 1.4× of the fastest of minivgg's algorithms
+    on every VGG-16 layer with TF32 off and on.
+    The measurements behind each threshold, dated: benchmarks/README.md, "How auto's rule
+    was derived".
     """
     if device != "cpu":
         return "im2col"
@@ -171,22 +162,12 @@ def tile_chunks(n_rows, row_bytes, chunk_bytes, parts=1, TW=1):
 
 
 # ----------------------------------------------------------------------------------------
-# Drivers: the same for both devices. `dev` is a device's Winograd primitives:
-#   xp, map_ranges, workspace, num_parts(), WINOGRAD_CHUNK_BYTES,
-#   point_gemms(A, B, out): out[t] = A[t] @ B[t] for each of the α² transform points,
-#   input_transform, grad_output_transform, output_transform (tile rows r0..r1-1),
-#   filter_transform, filter_grad_transform
+# Drivers: the same for both devices. `dev` is a device's `common.Primitives`: the tile and
+# filter transforms (each device holds the matrices above in its own form), `point_gemms`
+# for the α² GEMMs, `map_ranges`, `workspace`, `num_parts()`, `winograd_chunk_bytes`.
 # ----------------------------------------------------------------------------------------
 
-def _matrices(dev, m, dtype):
-    """B^T, A^T, A in the data's dtype and G in float64, on the device."""
-    BT, G, AT = transforms(m)
-    xp = dev.xp
-    return (xp.asarray(BT, dtype=dtype), xp.asarray(AT, dtype=dtype),
-            xp.asarray(np.ascontiguousarray(AT.T), dtype=dtype), xp.asarray(G))
-
-
-def conv2d_forward(dev, x, W, b, m):
+def conv2d_forward(dev: "Primitives", x, W, b, m):
     """y = conv(x, W) + b by F(m×m, 3×3).  x (N, C, H, W), W (OC, C, 3, 3), b (OC,) or None.
 
     Per chunk of tile rows: input transform into V (α², C, P), α² GEMMs
@@ -199,22 +180,21 @@ def conv2d_forward(dev, x, W, b, m):
     # NOTE: a workspace, not a fresh array: U is 4× the filters for F(4×4,3×3) (38 MB for
     # conv5), and page-faulting a new one on every call cost more than computing it.
     U = dev.workspace("wino_U", (m + 2, m + 2, OC, C), x.dtype)
-    dev.filter_transform(xp.ascontiguousarray(W), _matrices(dev, m, x.dtype)[3], False, U)
+    dev.filter_transform(xp.ascontiguousarray(W), m, False, U)
     return _convolve(dev, x, U, b, m)
 
 
-def _convolve(dev, x, U, b, m):
+def _convolve(dev: "Primitives", x, U, b, m):
     """y (N, OC, H, W) from x and transformed filters U (α, α, OC, C)."""
     xp = dev.xp
     N, C, H, Wd = x.shape
     OC, a2 = U.shape[2], (m + 2) ** 2
-    BT, AT, _, _ = _matrices(dev, m, x.dtype)
     TH, TW = tile_grid(H, Wd, m)
     y = xp.empty((N, OC, H, Wd), dtype=x.dtype)
     row_bytes = a2 * (C + OC) * TW * x.itemsize
     # NOTE: every chunk's GEMMs read all of U; chunks at least as big as U keep that to
     # half the traffic (deep layers' U is 38 MB, and their tiles miss L2 anyway).
-    chunk_bytes = max(dev.WINOGRAD_CHUNK_BYTES, U.nbytes)
+    chunk_bytes = max(dev.winograd_chunk_bytes, U.nbytes)
     chunks = tile_chunks(N * TH, row_bytes, chunk_bytes, dev.num_parts(), TW)
     Umat = U.reshape(a2, OC, C)
 
@@ -223,16 +203,16 @@ def _convolve(dev, x, U, b, m):
             P = (r1 - r0) * TW
             V = dev.workspace("wino_V", (m + 2, m + 2, C, P), x.dtype)
             M = dev.workspace("wino_M", (m + 2, m + 2, OC, P), x.dtype)
-            dev.input_transform(x, BT, m, r0, r1, TH, TW, V)
+            dev.input_transform(x, m, r0, r1, TH, TW, V)
             # one GEMM (OC, C) @ (C, P) per transform point
             dev.point_gemms(Umat, V.reshape(a2, C, P), M.reshape(a2, OC, P))
-            dev.output_transform(M, AT, m, r0, r1, TH, TW, b, y)
+            dev.output_transform(M, m, r0, r1, TH, TW, b, y)
 
     dev.map_ranges(job, len(chunks))
     return y
 
 
-def conv2d_backward(dev, x, W, gy, need_gx, m):
+def conv2d_backward(dev: "Primitives", x, W, gy, need_gx, m):
     """Gradients of `conv2d_forward` -> (gx or None, gW, gb).
 
     gx: a "same" 3×3 convolution of gy with each filter rotated by 180° and the channel
@@ -247,14 +227,14 @@ def conv2d_backward(dev, x, W, gy, need_gx, m):
     gx = None
     if need_gx:
         U = dev.workspace("wino_U", (m + 2, m + 2, C, OC), gy.dtype)
-        dev.filter_transform(xp.ascontiguousarray(W), _matrices(dev, m, gy.dtype)[3], True, U)
+        dev.filter_transform(xp.ascontiguousarray(W), m, True, U)
         gx = _convolve(dev, gy, U, xp.zeros(C, dtype=gy.dtype), m)
     gW = _weight_grad(dev, x, gy, m)
     gb = gy.sum(axis=(0, 2, 3))
     return gx, gW, gb
 
 
-def _weight_grad(dev, x, gy, m):
+def _weight_grad(dev: "Primitives", x, gy, m):
     """gW (OC, C, 3, 3) from the transformed products summed over every tile.
 
     NOTE: part k of the T parts sums a fixed, contiguous range of chunks, in order, into
@@ -264,13 +244,12 @@ def _weight_grad(dev, x, gy, m):
     xp = dev.xp
     N, C, H, Wd = x.shape
     OC, a2 = gy.shape[1], (m + 2) ** 2
-    BT, _, A, G = _matrices(dev, m, x.dtype)
     TH, TW = tile_grid(H, Wd, m)
     row_bytes = a2 * (C + OC) * TW * x.itemsize
     # NOTE: chunks as big as the (α², OC, C) product, when that is larger: every chunk after
     # a part's first costs one pass over it (`parts[k] += prod`), which on deep layers took
     # as long as a GEMM when the chunks were the forward's 1 MB.
-    chunk_bytes = max(dev.WINOGRAD_CHUNK_BYTES, a2 * OC * C * x.itemsize)
+    chunk_bytes = max(dev.winograd_chunk_bytes, a2 * OC * C * x.itemsize)
     chunks = tile_chunks(N * TH, row_bytes, chunk_bytes, dev.num_parts(), TW)
     T = min(dev.num_parts(), len(chunks))
     bounds = [len(chunks) * k // T for k in range(T + 1)]
@@ -281,8 +260,8 @@ def _weight_grad(dev, x, gy, m):
             P = (r1 - r0) * TW
             V = dev.workspace("wino_V", (m + 2, m + 2, C, P), x.dtype)
             Z = dev.workspace("wino_M", (m + 2, m + 2, OC, P), x.dtype)
-            dev.input_transform(x, BT, m, r0, r1, TH, TW, V)
-            dev.grad_output_transform(gy, A, m, r0, r1, TH, TW, Z)
+            dev.input_transform(x, m, r0, r1, TH, TW, V)
+            dev.grad_output_transform(gy, m, r0, r1, TH, TW, Z)
             prod = parts[k] if i == 0 else dev.workspace("wino_dU", (a2, OC, C), x.dtype)
             # one GEMM (OC, P) @ (P, C) per transform point
             dev.point_gemms(Z.reshape(a2, OC, P), V.reshape(a2, C, P).transpose(0, 2, 1), prod)
@@ -295,5 +274,5 @@ def _weight_grad(dev, x, gy, m):
     for k in range(1, T):
         dU += parts[k]
     gW = xp.empty((OC, C, 3, 3), dtype=x.dtype)
-    dev.filter_grad_transform(dU.reshape(m + 2, m + 2, OC, C), G, gW)
+    dev.filter_grad_transform(dU.reshape(m + 2, m + 2, OC, C), m, gW)
     return gW

@@ -4,7 +4,7 @@ Ops never ask "is this a CuPy array?". They ask this module for
 
 * `array_module(a)`: `numpy` or `cupy`, the "xp" that does ordinary array math on `a`;
 * `kernels_for(a)`: the kernel table for `a`'s device, `minivgg.kernels.cpu` or
-  `minivgg.kernels.cuda`, which offer the same entry points (`kernels/common.py`).
+  `minivgg.kernels.gpu`, which offer the same entry points (`kernels/common.py`).
 
 Both come from one registry, {array type: Backend}, so a new backend (or another kernel
 table for a device) is one `register` call. CuPy is optional: its entry is added when CuPy
@@ -70,7 +70,7 @@ def _import_cupy():
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("CuPy found no CUDA device")
         _cupy = cupy
-        register(cupy.ndarray, Backend("cuda", cupy, "minivgg.kernels.cuda", cupy.asarray,
+        register(cupy.ndarray, Backend("cuda", cupy, "minivgg.kernels.gpu", cupy.asarray,
                                        cupy.asnumpy))
         _apply_tf32(cupy)
     except Exception as e:  # ImportError, CUDARuntimeError, driver errors...

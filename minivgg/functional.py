@@ -1,7 +1,7 @@
 """Differentiable ops: each is a `Function` with forward directly above backward.
 
 The heavy lifting (im2col, pooling windows, LRN sums) lives in the device kernel tables,
-the `kernels/cpu/` package and `kernels/cuda.py`; `backend.kernels_for(x)` picks one, so no
+the `kernels/cpu/` package and `kernels/gpu.py`; `backend.kernels_for(x)` picks one, so no
 op here knows which device it runs on. Layout is NCHW; conv weights are (OC, C, KH, KW) and
 linear weights (out, in), as in PyTorch. Shape legend: see `kernels/common.py`.
 

@@ -1,15 +1,16 @@
 """The CUDA half of the kernels, checked without a GPU (this runs in CI).
 
 * Every CUDA source compiles with nvcc for sm_80 (A100) and sm_90 (H100), warnings as errors,
-  with every kernel instantiated for float and double as `kernels/cuda.py` asks NVRTC to.
+  with every kernel instantiated for float and double as `kernels/gpu.py` asks NVRTC to.
   Skipped only where nvcc is absent.
 * The same sources compile through NVRTC the way `cupy.RawModule` compiles them at run time,
   with CuPy's own compiler options (CuPy and nvidia-cuda-nvrtc installed; no GPU needed).
   CI installs both for this test; elsewhere it skips without them.
-* `kernels/cuda.py` is a true twin of the `kernels/cpu/` package: both offer the entry points
-  of `kernels/common.py`'s ENTRY_POINTS (all the ops call) with the same parameters, and
-  every kernel cuda.py names exists in its `.cu` file with the parameter names of the
-  function that launches it. CuPy need not be installed (the stand-in cupy of
+* `kernels/gpu.py` is a true twin of the `kernels/cpu/` package: both offer the entry points
+  of `kernels/common.py`'s ENTRY_POINTS (all the ops call) with the same parameters, their
+  primitives classes (`CpuPrimitives`, `CudaPrimitives`) give every method of the contract
+  `common.Primitives` with the same parameters, and every kernel gpu.py names exists in its
+  `.cu` file with the parameter names of the function that launches it. CuPy need not be installed (the stand-in cupy of
   cuda_host_emulator, and `ast`).
 """
 
@@ -35,16 +36,27 @@ def _parse(path):
 
 
 def _functions(path):
-    """{name: ast.FunctionDef} of the module-level functions in a Python file."""
-    return {node.name: node for node in _parse(path).body if isinstance(node, ast.FunctionDef)}
+    """{name: ast.FunctionDef} of the module-level functions and the class methods in a
+    Python file (a method's `self` left out)."""
+    found = {}
+    for node in _parse(path).body:
+        if isinstance(node, ast.ClassDef):
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef) and method.args.args:
+                    if method.args.args[0].arg == "self":
+                        method.args.args = method.args.args[1:]
+                    found[method.name] = method
+        elif isinstance(node, ast.FunctionDef):
+            found[node.name] = node
+    return found
 
 
 def _cuda_kernel_table():
-    """The KERNELS dict of kernels/cuda.py: {source file: (kernel names...)}."""
-    for node in _parse(os.path.join(KERNELS_DIR, "cuda.py")).body:
+    """The KERNELS dict of kernels/gpu.py: {source file: (kernel names...)}."""
+    for node in _parse(os.path.join(KERNELS_DIR, "gpu.py")).body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "KERNELS":
             return ast.literal_eval(node.value)
-    raise AssertionError("kernels/cuda.py defines no KERNELS table")
+    raise AssertionError("kernels/gpu.py defines no KERNELS table")
 
 
 def _table_functions_used_by_ops():
@@ -91,7 +103,7 @@ def test_ops_call_a_known_set_of_kernel_table_functions():
 
 
 def test_both_kernel_tables_offer_the_same_entry_points_with_the_same_signatures():
-    """The CPU table (the kernels/cpu package) and the CUDA one (kernels/cuda.py, loaded on
+    """The CPU table (the kernels/cpu package) and the GPU one (kernels/gpu.py, loaded on
     the stand-in cupy; nothing is compiled) each offer every entry point, with the same
     parameters, and the ops call nothing else."""
     from cuda_host_emulator import load_emulated_cuda_kernels
@@ -103,9 +115,38 @@ def test_both_kernel_tables_offer_the_same_entry_points_with_the_same_signatures
     assert sorted(cpu.__all__) == sorted(common.ENTRY_POINTS)
     for name in common.ENTRY_POINTS:
         assert callable(getattr(cpu, name, None)), f"the CPU table has no {name}()"
-        assert callable(getattr(cuda, name, None)), f"kernels/cuda.py has no {name}()"
+        assert callable(getattr(cuda, name, None)), f"kernels/gpu.py has no {name}()"
         want, got = inspect.signature(getattr(cpu, name)), inspect.signature(getattr(cuda, name))
         assert got == want, f"{name}: cuda{got} != cpu{want}"
+
+
+def test_both_primitives_classes_give_the_contract_with_the_same_signatures():
+    """`CpuPrimitives` and `CudaPrimitives` give every method of `common.Primitives` (what
+    the shared drivers call as `dev.NAME`), with the contract's parameters, and the drivers
+    call nothing else on `dev`."""
+    from cuda_host_emulator import load_emulated_cuda_kernels
+
+    import minivgg  # noqa: F401  (mounts minivgg.kernels from a checkout)
+    from minivgg.kernels import common
+    from minivgg.kernels.cpu import conv as cpu_conv
+    gpu = load_emulated_cuda_kernels()
+    called = set()
+    for filename in ("common.py", "winograd.py", "direct.py"):
+        for node in ast.walk(_parse(os.path.join(KERNELS_DIR, filename))):
+            if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "dev":
+                called.add(node.attr)
+    assert called <= set(common.CONTRACT) | {"xp"}, called - set(common.CONTRACT)
+    for name in common.CONTRACT:
+        contract = getattr(common.Primitives, name)
+        for device in (cpu_conv.PRIMITIVES, gpu.PRIMITIVES):
+            cls = type(device).__name__
+            assert getattr(type(device), name) is not contract, f"{cls} lacks {name}"
+            if isinstance(contract, property):
+                assert isinstance(getattr(device, name), int), (cls, name)
+                continue
+            want = inspect.signature(contract.__get__(device))
+            got = inspect.signature(getattr(device, name))
+            assert got == want, f"{cls}.{name}{got} != Primitives.{name}{want}"
 
 
 def _kernel_parameters(source):
@@ -118,7 +159,7 @@ def _kernel_parameters(source):
 
 def test_every_cuda_kernel_is_in_the_table_and_shares_the_python_parameter_names():
     table = _cuda_kernel_table()
-    cuda = _functions(os.path.join(KERNELS_DIR, "cuda.py"))
+    cuda = _functions(os.path.join(KERNELS_DIR, "gpu.py"))
     sources = sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
     assert sorted(table) == sources, "KERNELS must list exactly the .cu files"
     for filename, names in table.items():
@@ -127,7 +168,7 @@ def test_every_cuda_kernel_is_in_the_table_and_shares_the_python_parameter_names
         kernels = _kernel_parameters(source)
         assert sorted(kernels) == sorted(names), f"{filename}: {sorted(kernels)} != {names}"
         for name in names:
-            assert name in cuda, f"kernel {name} has no launching function in cuda.py"
+            assert name in cuda, f"kernel {name} has no launching function in gpu.py"
             python_params = {a for a, _ in _signature(cuda[name])}
             # Each argument of the Python function that reaches the kernel keeps its name
             # (x, cols, gy, argmax, KH, SH, size, alpha, ...); shapes are added as N, C, ...
@@ -198,7 +239,7 @@ class _Compiled(Exception):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_sources_compile_with_nvrtc_as_cupy_rawmodule_does(arch, monkeypatch):
-    """The path the GPU takes at run time, run up to the GPU: kernels/cuda.py's source text
+    """The path the GPU takes at run time, run up to the GPU: kernels/gpu.py's source text
     and name expressions go through `cupy._core.core.compile_with_cache` with the arguments
     `cupy.RawModule` gives it, so CuPy adds its own options (its include paths, --std=c++17,
     -ftz=true, -arch, --device-as-default-execution-space) and calls NVRTC, which needs no
@@ -211,7 +252,7 @@ def test_cuda_sources_compile_with_nvrtc_as_cupy_rawmodule_does(arch, monkeypatc
     import io
     import cupy
     # imports cupy, which is installed if nvrtc loaded
-    cuda = load_script(os.path.join(KERNELS_DIR, "cuda.py"), "cuda_table_source")
+    cuda = load_script(os.path.join(KERNELS_DIR, "gpu.py"), "gpu_table_source")
 
     nvrtc = compiler._compile_using_nvrtc_no_warning
 

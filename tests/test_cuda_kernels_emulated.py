@@ -1,7 +1,7 @@
 """The CUDA kernel table, run on the CPU through the host emulator, against kernels/cpu/.
 
 No GPU needed: `cuda_host_emulator` compiles `kernels/cuda/*.cu` with g++ and loads
-`kernels/cuda.py` on the stand-in CuPy (`standin_cupy`), so these tests check the CUDA
+`kernels/gpu.py` on the stand-in CuPy (`standin_cupy`), so these tests check the CUDA
 kernels' index arithmetic and the launch code (argument order and C types) in CI. Inputs go
 to the "device" with `dev` and come back with `host`, as they would with CuPy. On a GPU
 machine, test_gpu.py runs the same comparisons on the real device.
@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_close
 import standin_cupy as standin
 from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels, use_standin
-from minivgg.kernels import common, cpu, winograd
+from minivgg.kernels import common, cpu, shapes, winograd
 from minivgg.kernels.cpu import conv as cpu_conv
 from standin_cupy import asarray as dev, asnumpy as host
 
@@ -43,7 +43,7 @@ POOL_CASES = {
 
 @pytest.fixture(scope="module")
 def gpu():
-    """`kernels/cuda.py` running on the stand-in CuPy with host-compiled CUDA kernels."""
+    """`kernels/gpu.py` running on the stand-in CuPy with host-compiled CUDA kernels."""
     return load_emulated_cuda_kernels()
 
 
@@ -138,25 +138,26 @@ def test_cuda_conv2d_matches_cpu_for_any_chunking(chunk_bytes, gpu, monkeypatch,
 @pytest.mark.parametrize("n0, n1, oy0, oy1", [(0, 2, 0, 4), (1, 2, 1, 3), (0, 1, 3, 4)])
 def test_cuda_chunk_moves_match_cpu(n0, n1, oy0, oy1, gpu, rng):
     """im2col_chunk, col2im_chunk, cols_to_nchw and nchw_to_cols on a band of rows."""
+    prims = gpu.PRIMITIVES
     x = rng.normal(size=(2, 3, 8, 7))
     KH, KW, SH, SW, PH, PW = 3, 2, 2, 1, 1, 0
-    OW = common.conv_output_size(7, KW, SW, PW)  # OH = 4
+    OW = shapes.conv_output_size(7, KW, SW, PW)  # OH = 4
     P = (n1 - n0) * (oy1 - oy0) * OW
     cols, cols_cpu = standin.empty((3 * KH * KW, P)), np.empty((3 * KH * KW, P))
-    gpu.im2col_chunk(dev(x), n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+    prims.im2col_chunk(dev(x), n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
     cpu_conv.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols_cpu)
     np.testing.assert_array_equal(host(cols), cols_cpu)
     gx, gx_cpu = standin.ones(x.shape), np.ones(x.shape)  # both add into what is there
-    gpu.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
+    prims.col2im_chunk(cols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
     cpu_conv.col2im_chunk(cols_cpu, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx_cpu)
     assert_close(host(gx), gx_cpu, "conv2d", np.float64)
     ycols, b = rng.normal(size=(5, P)), rng.normal(size=5)
     y, y_cpu = standin.zeros((2, 5, 4, OW)), np.zeros((2, 5, 4, OW))
-    gpu.cols_to_nchw(dev(ycols), dev(b), n0, n1, oy0, oy1, y)
+    prims.cols_to_nchw(dev(ycols), dev(b), n0, n1, oy0, oy1, y)
     cpu_conv.cols_to_nchw(ycols, b, n0, n1, oy0, oy1, y_cpu)
     np.testing.assert_array_equal(host(y), y_cpu)
     back, back_cpu = standin.empty((5, P)), np.empty((5, P))
-    gpu.nchw_to_cols(y, n0, n1, oy0, oy1, back)
+    prims.nchw_to_cols(y, n0, n1, oy0, oy1, back)
     cpu_conv.nchw_to_cols(y_cpu, n0, n1, oy0, oy1, back_cpu)
     np.testing.assert_array_equal(host(back), back_cpu)
 
@@ -353,3 +354,138 @@ def test_vgg16_training_steps_at_full_width_in_row_bands_match_cpu(gpu, monkeypa
                for s, c in [(32, 3), (32, 64), (16, 128), (8, 256), (4, 512), (2, 512)])
     _assert_same_training(_train_steps("cuda", "D", x, labels, num_classes=10,
                                        input_size=32), want)
+
+
+# ----------------------------------------------------------------------------------------
+# GEMMs on cuBLAS (kernels/gpu.py: gemm), emulated on the stand-in's raw memory
+# ----------------------------------------------------------------------------------------
+
+def _operands(rng, dtype, shape_a, shape_b, transpose_a, transpose_b):
+    """Device operands of those shapes, each a transposed view of its transpose when asked."""
+    def make(shape, transpose):
+        if not transpose:
+            return dev(rng.normal(size=shape).astype(dtype))
+        swapped = shape[:-2] + (shape[-1], shape[-2])
+        return dev(rng.normal(size=swapped).astype(dtype)).swapaxes(-1, -2)
+    return make(shape_a, transpose_a), make(shape_b, transpose_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False),
+                                                      (False, True), (True, True)])
+@pytest.mark.parametrize("batch", [None, 5])
+def test_gpu_gemm_equals_numpy_for_both_transposes_batched_and_dtypes(
+        batch, transpose_a, transpose_b, dtype, gpu, rng):
+    """One cuBLAS call per product: gemmEx for a matrix, one gemmStridedBatchedEx for a
+    stack; row-major operands and transposed views of them, with no copy."""
+    lead = () if batch is None else (batch,)
+    A, B = _operands(rng, dtype, lead + (7, 4), lead + (4, 6), transpose_a, transpose_b)
+    out = standin.empty(lead + (7, 6), dtype)
+    gpu.gemm(A, B, out, allow_tf32=False)
+    np.testing.assert_allclose(host(out), np.matmul(host(A), host(B)),
+                               rtol=1e-6 if dtype == np.float32 else 1e-13)
+    name = "gemmEx" if batch is None else "gemmStridedBatchedEx"
+    compute = 68 if dtype == np.float32 else 70  # CUBLAS_COMPUTE_32F / _64F
+    assert standin.cublas_calls == [(name, 6, 7, 4, batch or 1, compute)]
+
+
+def test_gpu_gemm_writes_into_a_strided_band_of_rows(gpu, rng):
+    """The im2col forward's GEMM writes a row band of y[n] seen as (OC, OH*OW) in place."""
+    y = standin.zeros((3, 20))
+    A, B = _operands(rng, np.float64, (3, 4), (4, 8), False, False)
+    gpu.gemm(A, B, y[:, 6:14], allow_tf32=False)
+    want = np.zeros((3, 20))
+    want[:, 6:14] = host(A) @ host(B)
+    np.testing.assert_allclose(host(y), want, rtol=1e-13)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_gpu_tf32_reaches_im2col_gemms_but_never_winograds(tf32, gpu, monkeypatch, rng):
+    """With TF32 on, float32 im2col GEMMs ask cuBLAS for CUBLAS_COMPUTE_32F_FAST_TF32 (and
+    the stand-in rounds their inputs as tensor cores do); Winograd's stay FP32, float64
+    stays FP64."""
+    from minivgg import backend
+    monkeypatch.setattr(backend, "tf32_enabled", lambda: tf32)
+    x = rng.normal(size=(2, 8, 6, 6)).astype(np.float32)
+    W = rng.normal(size=(4, 8, 3, 3)).astype(np.float32)
+    y = host(gpu.conv2d_forward(dev(x), dev(W), None, (1, 1), (1, 1)))
+    assert {c[5] for c in standin.cublas_calls} == {77 if tf32 else 68}
+    err = np.abs(y - cpu.conv2d_forward(x, W, None, (1, 1), (1, 1))).max()
+    assert (err > 1e-4) == tf32  # TF32's 10-bit inputs show; FP32 agrees to float rounding
+    standin.cublas_calls.clear()
+    gpu.conv2d_forward(dev(x), dev(W), None, (1, 1), (1, 1), "winograd4")
+    gpu.conv2d_forward(dev(x.astype(np.float64)), dev(W.astype(np.float64)), None, (1, 1),
+                       (1, 1))
+    assert [c[5] for c in standin.cublas_calls] == [68, 70]
+
+
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+def test_gpu_winograd_makes_one_batched_gemm_per_chunk(algorithm, gpu, monkeypatch, rng):
+    """All α² transform points of a chunk in one gemmStridedBatchedEx (not α² calls), for
+    the forward, the input gradient and the weight gradient."""
+    monkeypatch.setattr(gpu, "WINOGRAD_CHUNK_BYTES", 1)  # one tile row per chunk
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    N, C, H, W, OC, m = 2, 3, 9, 6, 4, winograd.ALGORITHMS[algorithm]
+    x, Wt = rng.normal(size=(N, C, H, W)), rng.normal(size=(OC, C, 3, 3))
+    gy = rng.normal(size=(N, OC, H, W))
+    chunks = len(winograd.tile_chunks(N * winograd.tile_grid(H, W, m)[0], 1, 1))
+    gpu.conv2d_forward(dev(x), dev(Wt), None, (1, 1), (1, 1), algorithm)
+    assert [c[0] for c in standin.cublas_calls] == ["gemmStridedBatchedEx"] * chunks
+    assert all(c[4] == (m + 2) ** 2 for c in standin.cublas_calls)
+    standin.cublas_calls.clear()
+    gpu.conv2d_backward(dev(x), dev(Wt), dev(gy), (1, 1), (1, 1), True, algorithm)
+    assert [c[0] for c in standin.cublas_calls] == ["gemmStridedBatchedEx"] * (2 * chunks)
+
+
+# ----------------------------------------------------------------------------------------
+# The direct weight gradient's block reduction; uploads per training step
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("blocks, threads", [(1, 32), (3, 64), (65536, 256)])
+def test_gpu_direct_weight_grad_repeats_bit_for_bit_on_any_grid(blocks, threads, gpu,
+                                                                 monkeypatch, rng):
+    """A block per entry (a grid-stride loop over entries when the grid is smaller), its
+    threads' sums added by a fixed tree: within float64 rounding of the CPU, and the same
+    bits from one call to the next."""
+    monkeypatch.setattr(gpu, "MAX_BLOCKS", blocks)
+    monkeypatch.setattr(gpu, "THREADS_PER_BLOCK", threads)
+    x, gy = rng.normal(size=(2, 3, 7, 5)), rng.normal(size=(2, 4, 7, 5))
+    gW = standin.empty((4, 3, 3, 3))
+    gpu.PRIMITIVES.direct_weight_grad(dev(x), dev(gy), gW)
+    want = np.empty((4, 3, 3, 3))
+    from minivgg.kernels.cpu import direct as cpu_direct
+    cpu_direct.direct_weight_grad(x, gy, want)
+    assert_close(host(gW), want, "conv2d", np.float64)
+    again = standin.empty((4, 3, 3, 3))
+    gpu.PRIMITIVES.direct_weight_grad(dev(x), dev(gy), again)
+    np.testing.assert_array_equal(host(again), host(gW))
+
+
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd4"])
+def test_training_steps_upload_at_most_the_gradient_table(algorithm, gpu, monkeypatch,
+                                                         rng):
+    """After the first step, a step copies at most one small table from the host: the SGD
+    tables of parameter and velocity addresses and the offsets are cached by the arrays'
+    addresses, and Winograd's matrices are constants in winograd.cu. Only the gradients'
+    address table is sent again when the pool hands the new gradients other addresses.
+    (Before: four tables per step, and four matrices per Winograd call.)"""
+    import minivgg
+    from minivgg import backend, functional as F, models, optim
+    use_standin(monkeypatch, gpu)
+    backend.set_conv_algorithm(algorithm)
+    monkeypatch.setattr(backend, "_conv_algorithm", algorithm)
+    model = models.vgg("A", seed=0, num_classes=10, width=1 / 16, fc_width=16,
+                       input_size=32).to("cuda")
+    model.eval()  # no dropout masks
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = minivgg.Tensor(backend.to_device(rng.normal(size=(2, 3, 32, 32)).astype(np.float32),
+                                         "cuda"))
+    labels = backend.to_device(np.array([1, 7]), "cuda")
+    uploads = []
+    for _ in range(3):
+        before = standin.transfers["host_to_device"]
+        opt.zero_grad()
+        F.cross_entropy(model(x), labels).backward()
+        opt.step()
+        uploads.append(standin.transfers["host_to_device"] - before)
+    assert max(uploads[1:]) <= 1, uploads

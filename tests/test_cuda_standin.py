@@ -76,7 +76,7 @@ def test_raw_kernel_reads_a_non_contiguous_view_as_raw_memory(gpu):
 
 def test_a_missing_ascontiguousarray_is_caught_by_the_comparison_with_cpu(gpu, monkeypatch,
                                                                            rng):
-    """Drop every `ascontiguousarray` in kernels/cuda.py: a transposed input then reaches
+    """Drop every `ascontiguousarray` in kernels/gpu.py: a transposed input then reaches
     the kernels as raw memory and the results differ from the CPU's."""
     x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
     xt = dev(x.transpose(0, 1, 3, 2).copy()).transpose(0, 1, 3, 2)  # x's values, strided

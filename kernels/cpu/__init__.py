@@ -3,13 +3,14 @@
 One module per op family, mirroring `kernels/cuda/*.cu`:
 
     runtime.py     the thread pool (`map_ranges`), single-threaded BLAS, workspaces
-    conv.py        im2col / col2im chunk kernels; the drivers are in `kernels/common.py`
+    conv.py        im2col / col2im chunk kernels, and `CpuPrimitives`: what the shared
+                   conv drivers (kernels/common.py, winograd.py, direct.py) call
     pool.py        max-pooling            lrn.py    local response normalisation
     activation.py  ReLU, dropout mask     loss.py   softmax cross-entropy
     sgd.py         the SGD update
 
 This package exports the table's entry points (`common.ENTRY_POINTS`, the same names and
-parameters as `kernels/cuda.py`). Set `NUMBA_DISABLE_JIT=1` to run (and step through) every
+parameters as `kernels/gpu.py`). Set `NUMBA_DISABLE_JIT=1` to run (and step through) every
 kernel as plain Python.
 """
 

@@ -1,11 +1,13 @@
-"""Convolution on the CPU: the im2col / col2im chunk kernels (the twin of `cuda/conv.cu`).
+"""Convolution on the CPU: the im2col / col2im chunk kernels (the twin of `cuda/conv.cu`),
+and `CpuPrimitives`, the CPU's side of `common.Primitives`.
 
 The drivers, `conv2d_forward` and `conv2d_backward`, are written once in `kernels/common.py`
-for both devices; this module gives them the CPU's primitives (the attributes listed there)
-through `common.Primitives`. The loops that move data are Numba kernels
-compiled once and cached on disk; the GEMMs are NumPy's BLAS, one per chunk, each on one
-thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy version
-of im2col that these are tested against is `kernels/reference.py`.
+(im2col), `kernels/winograd.py` and `kernels/direct.py` for both devices; `CpuPrimitives` at
+the end of this file hands them the CPU's kernels: the loops here, the Winograd transforms of
+`winograd.py` and the direct kernels of `direct.py`. The loops that move data are Numba
+kernels compiled once and cached on disk; the GEMMs are NumPy's BLAS, one per chunk, each on
+one thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy
+version of im2col that these are tested against is `kernels/reference.py`.
 """
 
 import numpy as np
@@ -13,12 +15,10 @@ from numba import njit
 
 from minivgg.kernels import common
 from minivgg.kernels.cpu import direct as cpu_direct
+from minivgg.kernels.cpu import runtime
 from minivgg.kernels.cpu import winograd as cpu_winograd
 from minivgg.kernels.cpu.runtime import JIT, num_threads
-# NOTE: imported for the shared drivers, which find them in this module's namespace
-from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
-
-xp = np
+from minivgg.kernels.shapes import conv_output_size
 
 # Bytes of im2col matrix built at once, per thread. The GEMM streams this buffer, so it
 # should be large enough to keep the GEMM efficient and small enough to stay near the cache
@@ -40,7 +40,7 @@ def flat_copy_applies(SH, SW, PW, KW, W):
 
     True for "same" stride-1 convolutions (OW == W): VGG's 3×3/p1 and 1×1/p0.
     """
-    return SH == 1 and SW == 1 and common.conv_output_size(W, KW, SW, PW) == W
+    return SH == 1 and SW == 1 and conv_output_size(W, KW, SW, PW) == W
 
 
 def im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
@@ -266,17 +266,56 @@ def add_bias(ycols, b):
 
 
 # ----------------------------------------------------------------------------------------
-# Entry points: whole-batch im2col / col2im and the convolution drivers (kernels/common.py)
+# The CPU's primitives (kernels/common.py: Primitives), and the conv entry points on them
 # ----------------------------------------------------------------------------------------
 
-_this = common.Primitives(globals())  # what the shared drivers receive
-_winograd = common.Primitives(vars(cpu_winograd))  # what the Winograd drivers receive
-_direct = common.Primitives(vars(cpu_direct))  # what the direct-convolution drivers receive
+class CpuPrimitives(common.Primitives):
+    """The CPU's kernels, as the shared drivers call them: each name is the Numba kernel or
+    the NumPy call itself (no wrapper in between), from this file, `cpu/winograd.py`,
+    `cpu/direct.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
+
+    xp = np
+
+    @property
+    def im2col_chunk_bytes(self):
+        """This module's IM2COL_CHUNK_BYTES, read at each call (a test may change it)."""
+        return IM2COL_CHUNK_BYTES
+
+    @property
+    def winograd_chunk_bytes(self):
+        """`cpu/winograd.py`'s WINOGRAD_CHUNK_BYTES, read at each call."""
+        return cpu_winograd.WINOGRAD_CHUNK_BYTES
+
+    @staticmethod
+    def num_parts():
+        """Chunks a conv layer is cut into at least: one per thread."""
+        return num_threads()
+
+    @staticmethod
+    def matmul(A, B, out):
+        """out = A @ B by NumPy's BLAS (single-threaded inside the pool's threads)."""
+        np.matmul(A, B, out=out)
+
+    map_ranges = staticmethod(runtime.map_ranges)
+    workspace = staticmethod(runtime.workspace)
+    im2col_chunk = staticmethod(im2col_chunk)
+    col2im_chunk = staticmethod(col2im_chunk)
+    cols_to_nchw = staticmethod(cols_to_nchw)
+    nchw_to_cols = staticmethod(nchw_to_cols)
+    add_bias = staticmethod(add_bias)
+    point_gemms = staticmethod(cpu_winograd.point_gemms)
+    input_transform = staticmethod(cpu_winograd.input_transform)
+    grad_output_transform = staticmethod(cpu_winograd.grad_output_transform)
+    output_transform = staticmethod(cpu_winograd.output_transform)
+    filter_transform = staticmethod(cpu_winograd.filter_transform)
+    filter_grad_transform = staticmethod(cpu_winograd.filter_grad_transform)
+    direct_conv = staticmethod(cpu_direct.direct_conv)
+    direct_weight_grad = staticmethod(cpu_direct.direct_weight_grad)
 
 
-# The conv entry points of this table (`common.ConvEntryPoints`, written once for both
-# devices): whole-batch im2col / col2im and conv2d_forward / conv2d_backward by the chosen
-# algorithm: im2col + GEMM (`common.conv2d_forward`), Winograd (`kernels/winograd.py`) or
-# direct (`kernels/direct.py`).
-im2col, col2im, conv2d_forward, conv2d_backward = common.ConvEntryPoints(
-    _this, _winograd, _direct).methods()
+PRIMITIVES = CpuPrimitives()
+
+# The conv entry points of the CPU table, written once in `common.Primitives`: whole-batch
+# im2col / col2im and conv2d_forward / conv2d_backward by the chosen algorithm.
+im2col, col2im = PRIMITIVES.im2col, PRIMITIVES.col2im
+conv2d_forward, conv2d_backward = PRIMITIVES.conv2d_forward, PRIMITIVES.conv2d_backward

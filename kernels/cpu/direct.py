@@ -1,8 +1,9 @@
 """Direct convolution on the CPU (the twin of `cuda/direct.cu`): 3×3, stride 1, padding 1.
 
-The drivers are `kernels/direct.py`'s, written once for both devices; this module gives
-them `direct_conv` and `direct_weight_grad`, each a Python loop over images that hands a
-thread's share of the work to serial Numba kernels, on `runtime`'s pool.
+The drivers are `kernels/direct.py`'s, written once for both devices; `CpuPrimitives`
+(kernels/cpu/conv.py) hands them `direct_conv` and `direct_weight_grad`, each a Python loop
+over images that gives a thread's share of the work to serial Numba kernels, on
+`runtime`'s pool.
 
 Each thread copies one image at a time into a zero-bordered buffer of its own,
 (C, H+2, W+2), so the kernels' inner loops read x[i+ky-1, j+kx-1] with no edge tests: an
@@ -16,8 +17,6 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
-
-xp = np
 
 # Output channels one job of the forward computes, image by image: enough jobs for every
 # thread even at batch 1, and each job's output rows (OC_BLOCK × W floats) stay in L1.

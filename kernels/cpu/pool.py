@@ -5,13 +5,13 @@ Window (oy, ox) covers rows oy*SH .. oy*SH+KH-1 and columns ox*SW .. ox*SW+KW-1,
 to the input: in floor mode every window is whole and the last (H - KH) % SH rows (and
 columns) are covered by none; in ceil mode (Caffe's) the last window may be partial and
 every pixel is covered. Which mode is decided only by the output size (OH, OW), computed by
-`common.pool_output_size`; the kernels just clip.
+`shapes.pool_output_size`; the kernels just clip.
 """
 
 import numpy as np
 from numba import njit
 
-from minivgg.kernels.common import pool_output_size
+from minivgg.kernels.shapes import pool_output_size
 from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
 

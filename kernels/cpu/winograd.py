@@ -2,20 +2,17 @@
 `cuda/winograd.cu`).
 
 The drivers, `conv2d_forward` and `conv2d_backward` of `kernels/winograd.py`, are written
-once for both devices; this module gives them the CPU's primitives through
-`common.Primitives`: the transforms below as serial Numba kernels (compiled once, cached on
-disk), `runtime`'s pool and workspaces. The α² GEMMs between the transforms are NumPy's
-BLAS, one thread each. Shape legend and the algorithm: see `kernels/winograd.py`.
+once for both devices; `CpuPrimitives` (kernels/cpu/conv.py) hands them the transforms
+below, serial Numba kernels (compiled once, cached on disk) spread over `runtime`'s pool.
+The α² GEMMs between the transforms are NumPy's BLAS, one thread each. Shape legend and
+the algorithm: see `kernels/winograd.py`.
 """
 
 import numpy as np
 from numba import njit
 
-from minivgg.kernels.cpu.runtime import JIT, num_threads
-# NOTE: imported for the shared drivers, which find them in this module's namespace
-from minivgg.kernels.cpu.runtime import map_ranges, workspace  # noqa: F401
-
-xp = np
+from minivgg.kernels import winograd
+from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
 # Bytes of transformed tiles (V and M, or V and Z) per chunk, near the size of L2: the α²
 # GEMMs then find their operands in cache right after the transforms wrote them, and peak
@@ -29,9 +26,18 @@ WINOGRAD_CHUNK_BYTES = 2**20
 BLOCK_TILES = 128
 
 
-def num_parts():
-    """Chunks a layer is cut into at least: one per thread."""
-    return num_threads()
+_matrices = {}  # (m, dtype) -> (B^T, A^T, A in dtype, G in float64), made once
+
+
+def matrices(m, dtype):
+    """B^T, A^T, A of F(m×m, 3×3) in the data's dtype and G in float64, contiguous."""
+    key = (m, np.dtype(dtype))
+    if key not in _matrices:
+        BT, G, AT = winograd.transforms(m)
+        _matrices[key] = (np.ascontiguousarray(BT, dtype=dtype),
+                          np.ascontiguousarray(AT, dtype=dtype),
+                          np.ascontiguousarray(AT.T, dtype=dtype), np.ascontiguousarray(G))
+    return _matrices[key]
 
 
 def point_gemms(A, B, out):
@@ -163,25 +169,28 @@ def tile_transform(src, L, m, shift, r0, r1, TH, TW, out):
                     _combine(L, a, tmp, bb, out[a], bb, ch, q0, nq)
 
 
-@njit(**JIT)
-def input_transform(x, BT, m, r0, r1, TH, TW, V):
+def input_transform(x, m, r0, r1, TH, TW, V):
     """V (α, α, C, P) = B^T d B for the α×α input tile d of every tile and channel."""
-    tile_transform(x, BT, m, -1, r0, r1, TH, TW, V)
+    tile_transform(x, matrices(m, V.dtype)[0], m, -1, r0, r1, TH, TW, V)
 
 
-@njit(**JIT)
-def grad_output_transform(gy, A, m, r0, r1, TH, TW, Z):
+def grad_output_transform(gy, m, r0, r1, TH, TW, Z):
     """Z (α, α, OC, P) = A g A^T for the m×m block g of gy of every tile: the adjoint of
     `output_transform` (gy outside the image, cropped from y, counts as zero)."""
-    tile_transform(gy, A, m, 0, r0, r1, TH, TW, Z)
+    tile_transform(gy, matrices(m, Z.dtype)[2], m, 0, r0, r1, TH, TW, Z)
 
 
-@njit(**JIT)
-def output_transform(M, AT, m, r0, r1, TH, TW, b, y):
+def output_transform(M, m, r0, r1, TH, TW, b, y):
     """y tile = A^T M[:, :, oc, q] A + b[oc], cropped to the image, for every tile q.
 
     M (α, α, OC, P), b (OC,), y (N, OC, H, W).
     """
+    _output_transform(M, matrices(m, M.dtype)[1], m, r0, r1, TH, TW, b, y)
+
+
+@njit(**JIT)
+def _output_transform(M, AT, m, r0, r1, TH, TW, b, y):
+    """`output_transform` with A^T (m, α) in M's dtype."""
     OC, H, W = y.shape[1], y.shape[2], y.shape[3]
     alpha = m + 2
     group = max(1, BLOCK_TILES // TW)  # tile rows per block, as in `tile_transform`
@@ -244,12 +253,13 @@ def _filter_transform_kernel(W, G, rotate, U, t0, t1):
                         + G[bb, 2] * t[a, 2, i]
 
 
-def filter_transform(W, G, rotate, U):
+def filter_transform(W, m, rotate, U):
     """U (α, α, O, I) = G w G^T for every filter w of W (OC, C, 3, 3), summed in float64.
 
     Without `rotate`, w = W[o, i] (O, I = OC, C); with it, the input gradient's filters,
-    W[i, o] turned by 180° (O, I = C, OC). G (α, 3) float64.
+    W[i, o] turned by 180° (O, I = C, OC).
     """
+    G = matrices(m, U.dtype)[3]
     map_ranges(lambda t0, t1: _filter_transform_kernel(W, G, rotate, U, t0, t1), U.shape[2],
                elements=U.size)
 
@@ -286,7 +296,8 @@ def _filter_grad_transform_kernel(dU, G, gW, t0, t1):
                     gW[oc, c, ky, kx] = g[ky, kx, c]
 
 
-def filter_grad_transform(dU, G, gW):
+def filter_grad_transform(dU, m, gW):
     """gW (OC, C, 3, 3) = G^T dU[:, :, oc, c] G, from dU (α, α, OC, C), summed in float64."""
+    G = matrices(m, gW.dtype)[3]
     map_ranges(lambda t0, t1: _filter_grad_transform_kernel(dU, G, gW, t0, t1), gW.shape[0],
                elements=dU.size)

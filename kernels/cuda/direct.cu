@@ -4,8 +4,8 @@
 //
 // NOTE: written for clarity and exactness, not speed: `auto` never picks direct
 // convolution on the GPU (kernels/winograd.py: auto_algorithm), where cuDNN-style
-// implicit GEMM would be the fast route. Each thread sums its outputs alone, in a fixed
-// order, so results repeat bit for bit.
+// implicit GEMM would be the fast route. Every sum runs in a fixed order, so results
+// repeat bit for bit.
 #include "common.cuh"
 
 // Thread index i -> one output y[n, oc, yy, xx]: i = ((n*OC + oc)*H + yy)*W + xx.
@@ -40,31 +40,39 @@ __global__ void direct_conv(const T* x, const T* W, const T* b, T* y, int N, int
     }
 }
 
-// Thread index i -> one weight-gradient entry gW[oc, c, ky, kx]: i = ((oc*C + c)*3 + ky)*3 + kx.
-// gW = the sum over images, rows and columns (in that order) of gy[n, oc, yy, xx] times
-// x[n, c, yy + ky - 1, xx + kx - 1], accumulated in double: N·H·W terms per entry.
-// NOTE: only OC·C·9 threads (1,728 for conv1_1), each a long serial sum: exact and
-// repeatable, slow on a GPU; a block-wide tree reduction would be the fast version.
+// Threads a block of direct_weight_grad may have: the size of its shared partial sums.
+// kernels/gpu.py launches THREADS_PER_BLOCK (256, a power of two, as the tree needs).
+#define MAX_GRAD_THREADS 1024
+
+// Thread index i -> the terms j = i, i + blockDim, ... of the weight-gradient entry of its
+// block b, e = ((oc*C + c)*3 + ky)*3 + kx (a grid-stride loop over the entries when there
+// are more than blocks). Entry e sums N·H·W terms gy[n, oc, yy, xx] times
+// x[n, c, yy + ky - 1, xx + kx - 1], j = (n*H + yy)*W + xx, in double (neighbouring threads
+// read neighbouring pixels); the block's partial sums are then added by a tree in shared
+// memory in a fixed order (no atomics): the same inputs give the same bits.
 template <typename T>
 __global__ void direct_weight_grad(const T* x, const T* gy, T* gW, int N, int C, int H, int W,
                                    int OC) {
-    FOR_EACH_INDEX(i, (long long)OC * C * 9) {
-        int kx = (int)(i % 3), ky = (int)(i / 3 % 3);
-        int c = (int)(i / 9 % C), oc = (int)(i / 9 / C);
+    __shared__ double partial[MAX_GRAD_THREADS];
+    long long terms = (long long)N * H * W;
+    for (long long e = blockIdx.x; e < (long long)OC * C * 9; e += gridDim.x) {
+        int kx = (int)(e % 3), ky = (int)(e / 3 % 3);
+        int c = (int)(e / 9 % C), oc = (int)(e / 9 / C);
         double s = 0;
-        for (int n = 0; n < N; ++n) {
-            const T* xc = x + ((long long)n * C + c) * H * W;
-            const T* g = gy + ((long long)n * OC + oc) * H * W;
-            for (int yy = 0; yy < H; ++yy) {
-                int iy = yy + ky - 1;
-                if (iy < 0 || iy >= H) continue;
-                for (int xx = 0; xx < W; ++xx) {
-                    int ix = xx + kx - 1;
-                    if (0 <= ix && ix < W)
-                        s += (double)g[(long long)yy * W + xx] * (double)xc[(long long)iy * W + ix];
-                }
-            }
+        for (long long j = threadIdx.x; j < terms; j += blockDim.x) {
+            int xx = (int)(j % W), yy = (int)(j / W % H), n = (int)(j / W / H);
+            int iy = yy + ky - 1, ix = xx + kx - 1;
+            if (0 <= iy && iy < H && 0 <= ix && ix < W)
+                s += (double)gy[(((long long)n * OC + oc) * H + yy) * W + xx] *
+                     (double)x[(((long long)n * C + c) * H + iy) * W + ix];
         }
-        gW[i] = (T)s;
+        partial[threadIdx.x] = s;
+        __syncthreads();
+        for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {  // the fixed tree
+            if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) gW[e] = (T)partial[0];
+        __syncthreads();  // partial[0] is read before the next entry overwrites it
     }
 }

@@ -1,15 +1,19 @@
-"""Run `kernels/cuda.py` and its CUDA C kernels on the CPU, for machines without a GPU.
+"""Run `kernels/gpu.py` and its CUDA C kernels on the CPU, for machines without a GPU.
 
-CI has no GPU, yet the index arithmetic of the CUDA kernels and the way `kernels/cuda.py`
+CI has no GPU, yet the index arithmetic of the CUDA kernels and the way `kernels/gpu.py`
 launches them (argument order, C types, shapes) are where GPU bugs hide. This module lets the
 tests execute both here:
 
 * each `.cu` file is compiled as ordinary C++ with g++, after a small prelude that turns
-  `__global__`/`__device__` into nothing and `blockIdx`/`threadIdx` into globals;
+  `__global__`/`__device__`/`__constant__` into nothing, `__shared__` into `static` and
+  `blockIdx`/`threadIdx` into per-thread globals;
 * a generated launcher per kernel runs every (block, thread) of the grid one after another.
-  That is exact for these kernels: each thread writes only its own outputs, and none uses
-  shared memory or `__syncthreads`;
-* `kernels/cuda.py` is loaded with `standin_cupy` in place of `cupy` (device arrays of
+  That is exact for kernels whose threads each write only their own outputs. A kernel that
+  calls `__syncthreads` (a block-wide reduction in shared memory) instead gets blockDim
+  real threads, which run the blocks one after another and meet at a barrier wherever the
+  kernel calls `__syncthreads` and after each block: its shared memory, one static array,
+  then holds one block's data at a time, as on the GPU;
+* `kernels/gpu.py` is loaded with `standin_cupy` in place of `cupy` (device arrays of
   their own type, a poisoning memory pool, a stream checker: see that module) plus a
   `RawModule` that hands out those launchers. The launcher checks every argument against the
   kernel's C parameter list (a device array of the right dtype for a pointer, a NumPy scalar
@@ -38,17 +42,39 @@ import numpy as np
 import standin_cupy as standin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CUDA_PY = os.path.join(ROOT, "kernels", "cuda.py")
+GPU_PY = os.path.join(ROOT, "kernels", "gpu.py")
 
 PRELUDE = r"""
 // CUDA C compiled as host C++: every thread of the grid runs in turn (see launchers below).
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
 struct Index3 { unsigned x, y, z; };
-static Index3 threadIdx, blockIdx, blockDim, gridDim;
+static thread_local Index3 threadIdx, blockIdx;
+static Index3 blockDim, gridDim;
 #define __global__
 #define __device__
+#define __constant__
+#define __shared__ static
 #define __forceinline__ inline
+// The threads of one block meet here (__syncthreads), in blocks that use it.
+struct BlockBarrier {
+    std::mutex mutex;
+    std::condition_variable cv;
+    unsigned count, waiting = 0, generation = 0;
+    explicit BlockBarrier(unsigned n) : count(n) {}
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex);
+        unsigned gen = generation;
+        if (++waiting == count) { waiting = 0; ++generation; cv.notify_all(); }
+        else cv.wait(lock, [&] { return gen != generation; });
+    }
+};
+[[maybe_unused]] static BlockBarrier* block_barrier;
+#define __syncthreads() block_barrier->wait()
 using std::exp; using std::log; using std::max; using std::min; using std::pow;
 """
 
@@ -83,8 +109,26 @@ def _concrete(ctype, t):
     return re.sub(r"\bT\b", t, ctype)
 
 
-def _launcher_source(name, params, t):
+def _launcher_source(name, params, t, synchronises):
     args = ", ".join(f"*({_concrete(c, t)}*)args[{i}]" for i, (c, _) in enumerate(params))
+    if synchronises:
+        return f"""
+extern "C" void launch_{name}_{t}(unsigned grid, unsigned block, void** args) {{
+    gridDim.x = grid; blockDim.x = block;
+    BlockBarrier barrier(block);
+    block_barrier = &barrier;
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block; ++t)
+        threads.emplace_back([&, t] {{
+            for (unsigned b = 0; b < grid; ++b) {{
+                blockIdx.x = b; threadIdx.x = t;
+                {name}<{t}>({args});
+                barrier.wait();  // the whole block is done before the next one starts
+            }}
+        }});
+    for (auto& thread : threads) thread.join();
+}}
+"""
     return f"""
 extern "C" void launch_{name}_{t}(unsigned grid, unsigned block, void** args) {{
     gridDim.x = grid; blockDim.x = block;
@@ -165,7 +209,7 @@ class HostRawModule:
 
     def __init__(self, code, name_expressions, options=()):
         self.signatures = kernel_signatures(code)
-        launchers = "".join(_launcher_source(name, params, t)
+        launchers = "".join(_launcher_source(name, params, t, _synchronises(code, name))
                             for name, params in self.signatures.items()
                             for t in ("float", "double"))
         source = PRELUDE + code + launchers
@@ -175,8 +219,10 @@ class HostRawModule:
         if not os.path.exists(lib):
             with open(src, "w") as f:
                 f.write(source)
-            subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
-                            "-Wno-unused-function", *SANITIZE, "-o", lib, src],
+            # NOTE: `#pragma unroll` is nvcc's; g++ does not know it
+            subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+                            "-Werror", "-Wno-unused-function", "-Wno-unknown-pragmas",
+                            *SANITIZE, "-o", lib, src],
                            check=True, capture_output=True, text=True)
         self.lib = ctypes.CDLL(lib)
         self.name_expressions = list(name_expressions)
@@ -189,19 +235,27 @@ class HostRawModule:
                               self.signatures[name], t)
 
 
+def _synchronises(code, name):
+    """Whether kernel `name`'s body (up to the next line holding only `}`) calls
+    __syncthreads."""
+    start = code.index(f"__global__ void {name}(")
+    end = code.find("\n}\n", start)
+    return "__syncthreads()" in code[start:end if end >= 0 else None]
+
+
 def have_compiler():
     return shutil.which("g++") is not None
 
 
 def load_emulated_cuda_kernels():
-    """`kernels/cuda.py` as a module running on NumPy arrays with host-compiled kernels."""
+    """`kernels/gpu.py` as a module running on NumPy arrays with host-compiled kernels."""
     if HostRawModule.build_dir is None:  # one per process: each test module loads its own
         HostRawModule.build_dir = tempfile.mkdtemp(prefix="minivgg-cuda-emulation-")
     standin.RawModule = HostRawModule
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = standin
     try:
-        spec = importlib.util.spec_from_file_location("minivgg_cuda_emulated", CUDA_PY)
+        spec = importlib.util.spec_from_file_location("minivgg_gpu_emulated", GPU_PY)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -214,12 +268,12 @@ def load_emulated_cuda_kernels():
 
 def use_standin(monkeypatch, module):
     """Make minivgg's "cuda" device the stand-in for one test: `backend` imports it as CuPy
-    and registers its arrays, and `module` (the emulated kernels/cuda.py) is the kernel
+    and registers its arrays, and `module` (the emulated kernels/gpu.py) is the kernel
     table it hands out for them. Everything is undone after the test."""
     from minivgg import backend
     standin.install(monkeypatch)
-    monkeypatch.setitem(sys.modules, "minivgg.kernels.cuda", module)
-    monkeypatch.setattr(sys.modules["minivgg.kernels"], "cuda", module, raising=False)
+    monkeypatch.setitem(sys.modules, "minivgg.kernels.gpu", module)
+    monkeypatch.setattr(sys.modules["minivgg.kernels"], "gpu", module, raising=False)
     for name in ("_BACKENDS", "_BY_NAME"):  # a private copy of the registry
         monkeypatch.setattr(backend, name, dict(getattr(backend, name)))
     for name in ("_cupy", "_cupy_error", "_tf32_supported"):

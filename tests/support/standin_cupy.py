@@ -1,6 +1,6 @@
 """A stand-in `cupy` for CI: NumPy underneath, CuPy's rules on top, and a stream checker.
 
-`cuda_host_emulator.py` loads `kernels/cuda.py` (and, through `use_standin`, the whole of
+`cuda_host_emulator.py` loads `kernels/gpu.py` (and, through `use_standin`, the whole of
 minivgg's "cuda" device) with this module in place of `cupy`. It is only as useful as it is
 strict, so it refuses what real CuPy refuses and reproduces what a GPU silently gets wrong:
 
@@ -12,7 +12,11 @@ strict, so it refuses what real CuPy refuses and reproduces what a GPU silently 
   and float64 (-1 in integers): `empty` hands out NaNs, and a read of freed memory shows.
 * a raw kernel gets the address of an array's first element and nothing else (the launcher
   is in cuda_host_emulator.py): strides are ignored, so a non-contiguous view passed to a
-  kernel is read as its raw memory, as on the GPU.
+  kernel is read as its raw memory, as on the GPU. So do the cuBLAS calls of
+  `cuda.cublas` (gemmEx, gemmStridedBatchedEx): column-major operands are read from raw
+  addresses with the leading dimensions and batch strides given, and each call is logged in
+  `cublas_calls`.
+* `transfers` counts the host-to-device copies (`set`, hence `asarray` of host data).
 * streams and events. Work issued to the current stream runs at once; a copy issued to
   another stream (`a.set(host, stream=s)`) waits in that stream's queue until something is
   ordered after it (a `synchronize`, or a `wait_event` followed by work on the waiting
@@ -27,6 +31,7 @@ other streams (CUDA's legacy default stream does, with blocking streams). minivg
 `non_blocking=True` side streams, for which the two agree.
 """
 
+import ctypes
 import sys
 import types
 import weakref
@@ -38,6 +43,8 @@ POISON = 0xFF  # every byte of a fresh or freed block: NaN as float32/float64, -
 
 hazards = []  # errors found while freeing blocks (see MemoryPool.free)
 host_reads = []  # one entry per device-to-host read (`get`, `item`): each waits for the GPU
+transfers = {"host_to_device": 0}  # copies made by `ndarray.set` (and so `asarray`)
+cublas_calls = []  # (function, m, n, k, batch count, compute type) of every cuBLAS GEMM
 
 
 class StreamOrderError(RuntimeError):
@@ -301,6 +308,7 @@ class ndarray(NDArrayOperatorsMixin):
         # NOTE: on another stream the host buffer is read when the copy runs, not now; and
         # the queued copy holds the memory, not this array, which may be freed meanwhile
         view = self._a
+        transfers["host_to_device"] += 1
         return _issue([], [self._mem], lambda: np.copyto(view, arr), stream)
 
     def item(self):
@@ -426,7 +434,7 @@ def _wrap(result, arrays):
 
 
 # ----------------------------------------------------------------------------------------
-# The functions kernels/cuda.py and minivgg call by name; the rest come from NumPy
+# The functions kernels/gpu.py and minivgg call by name; the rest come from NumPy
 # ----------------------------------------------------------------------------------------
 
 def empty(shape, dtype=float, order="C"):
@@ -504,9 +512,81 @@ class Device:
             stream.synchronize()
 
 
+# --- cuBLAS (cupy.cuda.cublas): GEMMs on raw device addresses, column-major -----------
+
+_CUBLAS_TYPES = {0: np.float32, 1: np.float64}  # CUDA_R_32F, CUDA_R_64F
+_CUBLAS_COMPUTE = {68: np.float32, 77: np.float32, 70: np.float64}  # 32F, 32F_FAST_TF32, 64F
+
+
+def _column_major(address, data_type, rows, cols, ld, batch=1, stride=0):
+    """(Memory, NumPy view) of `batch` column-major rows×cols matrices at a device address.
+
+    NOTE: an address outside every live block, or a matrix reaching past its block, raises,
+    as the GPU would fault."""
+    memory = _pool.find(int(address))
+    if memory is None:
+        raise ValueError(f"cuBLAS: {int(address):#x} is not a device address")
+    dtype = np.dtype(_CUBLAS_TYPES[data_type])
+    if ld < max(1, rows):
+        raise ValueError(f"cuBLAS: leading dimension {ld} < {rows} rows")
+    view = np.ndarray((batch, rows, cols), dtype, buffer=memory.buffer,
+                      offset=int(address) - memory.ptr,
+                      strides=(stride * dtype.itemsize, dtype.itemsize, ld * dtype.itemsize))
+    return memory, view
+
+
+def _tf32(a):
+    """float32 values rounded to TF32's 10 mantissa bits (to nearest), as tensor cores do."""
+    bits = a.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _gemm(name, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
+          strideB, beta, C, Ctype, ldc, strideC, batch, computeType):
+    """C = alpha op(A) op(B) + beta C on the stand-in's memory, column-major as cuBLAS."""
+    compute = _CUBLAS_COMPUTE[computeType]
+    if not Atype == Btype == Ctype or _CUBLAS_TYPES[Ctype] != compute:
+        raise TypeError(f"{name}: data types {Atype, Btype, Ctype} for compute type "
+                        f"{computeType}")
+    scalar = ctypes.c_double if compute == np.float64 else ctypes.c_float
+    alpha, beta = scalar.from_address(alpha).value, scalar.from_address(beta).value
+    a_mem, a = _column_major(A, Atype, *((m, k) if transa == 0 else (k, m)), lda, batch,
+                             strideA)
+    b_mem, b = _column_major(B, Btype, *((k, n) if transb == 0 else (n, k)), ldb, batch,
+                             strideB)
+    c_mem, c = _column_major(C, Ctype, m, n, ldc, batch, strideC)
+    cublas_calls.append((name, m, n, k, batch, computeType))
+
+    def run():
+        opa = a if transa == 0 else a.transpose(0, 2, 1)
+        opb = b if transb == 0 else b.transpose(0, 2, 1)
+        if computeType == 77:  # CUBLAS_COMPUTE_32F_FAST_TF32
+            opa, opb = _tf32(opa), _tf32(opb)
+        product = np.matmul(opa, opb) * compute(alpha)
+        # NOTE: with beta == 0, C is not read (cuBLAS's rule), so poisoned NaNs do not leak
+        c[...] = product if beta == 0 else product + compute(beta) * c
+    _issue([a_mem, b_mem] + ([c_mem] if beta != 0 else []), [c_mem], run)
+
+
+def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
+             Ctype, ldc, computeType, algo):
+    _gemm("gemmEx", transa, transb, m, n, k, alpha, A, Atype, lda, 0, B, Btype, ldb, 0,
+          beta, C, Ctype, ldc, 0, 1, computeType)
+
+
+def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA,
+                             B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC,
+                             batchCount, computeType, algo):
+    _gemm("gemmStridedBatchedEx", transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B,
+          Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType)
+
+
 cuda = types.SimpleNamespace(
     Stream=Stream, Event=Event, Device=Device, get_current_stream=get_current_stream,
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0),
+    cublas=types.SimpleNamespace(gemmEx=_gemm_ex,
+                                 gemmStridedBatchedEx=_gemm_strided_batched_ex),
+    device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
 )
 random = types.SimpleNamespace(seed=lambda seed=None: None)
 
@@ -535,6 +615,8 @@ def reset():
     """Forget every stream's state and every reported hazard (between tests)."""
     hazards.clear()
     host_reads.clear()
+    cublas_calls.clear()
+    transfers["host_to_device"] = 0
     _host_clock.clear()
     Stream._current.clear()
     Stream.null.__init__(null=True)

@@ -225,7 +225,7 @@ def header(title, threads, device="cpu"):
     if device == "cuda":
         machine += f"; GPU {gpu_name()}"
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    gpu = ([f"- GPU stack: " + "; ".join(f"{k} {v}" for k, v in gpu_versions()
+    gpu = (["- GPU stack: " + "; ".join(f"{k} {v}" for k, v in gpu_versions()
                                          if not v.startswith("n/a"))]
            if device == "cuda" else [])
     warning = load_warning(device)

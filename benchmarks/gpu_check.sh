@@ -14,6 +14,7 @@
 #   bench      bench_layers (every conv algorithm) and bench_step, TF32 off and on,
 #              cudnn.benchmark set on PyTorch's side in both
 # Without a GPU, every stage after `env` says "skipped: no GPU" and the script exits 0.
+# GPU_CHECK_SANITIZER_TOOLS picks compute-sanitizer's tools (default: all three).
 # GPU_CHECK_STAGE_TIMEOUT (seconds, default 900) bounds each command; GPU_CHECK_PYTEST_ARGS
 # (default -x) replaces pytest's -x, e.g. with "--maxfail=50" to see every failure at once.
 set -u
@@ -62,7 +63,7 @@ want repeat && run repeat "$PY" benchmarks/gpu_check.py repeat
 echo "== sanitizer"
 if want sanitizer; then
     if command -v compute-sanitizer >/dev/null; then
-        for tool in memcheck racecheck initcheck; do
+        for tool in ${GPU_CHECK_SANITIZER_TOOLS:-memcheck racecheck initcheck}; do
             # NOTE: one step of im2col and of winograd4 (the kernels that index the most);
             # CuPy's pool hands out recycled blocks, so initcheck only sees minivgg's kernels
             # read memory no one wrote if the pool is bypassed (CUPY_GPU_MEMORY_LIMIT does not

@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
-from minivgg import checkpoint, evaluate, images, metrics, run_state  # noqa: E402
+from minivgg import checkpoint, data, evaluate, images, metrics, run_state  # noqa: E402
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
@@ -390,10 +390,10 @@ def posteriors(nets, items, jobs, chunk=64):
     out = {key: [] for key, *_ in jobs}
     scales = sorted({q for _, _, _, q, _ in jobs})
     for start in range(0, len(items), chunk):
-        images, _ = evaluate.decode(images.load_rgb, items[start:start + chunk])
+        decoded, _ = evaluate.decode(images.load_rgb, items[start:start + chunk])
         for q in scales:
             inputs = [nets["center"].to_input(images.rescale_smallest_side(img, q))
-                      for img in images]
+                      for img in decoded]
             for key, method, align, jq, _ in jobs:
                 if jq == q:
                     out[key].append(nets[align].posteriors(inputs, method))

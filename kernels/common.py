@@ -36,6 +36,7 @@ ENTRY_POINTS = (
     "max_pool2d_forward", "max_pool2d_backward", "relu_forward", "relu_backward",
     "lrn_forward", "lrn_backward", "dropout_mask",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "sgd_update",
+    "fc_matmul",
 )
 
 

@@ -321,6 +321,15 @@ class CudaPrimitives(common.Primitives):
 
 PRIMITIVES = CudaPrimitives()
 
+
+def fc_matmul(a, b):
+    """a @ b for 2-D arrays (the fc layers) -> a new array, one cuBLAS call; float32 in TF32
+    when `backend.set_tf32(True)`, as the im2col GEMMs."""
+    out = cp.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a.dtype, b.dtype))
+    gemm(a.astype(out.dtype, copy=False), b.astype(out.dtype, copy=False), out,
+         allow_tf32=True)
+    return out
+
 # The conv entry points of the GPU table, written once in `common.Primitives`: whole-batch
 # im2col / col2im and conv2d_forward / conv2d_backward by the chosen algorithm.
 im2col, col2im = PRIMITIVES.im2col, PRIMITIVES.col2im

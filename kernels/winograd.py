@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from minivgg.kernels.shapes import is_3x3_same
 
 if TYPE_CHECKING:  # for the annotations: a device's kernels, as the drivers call them
     from minivgg.kernels.common import Primitives
@@ -109,12 +108,6 @@ def tile_grid(H, W, m):
 
 # Conv algorithm name (`minivgg.backend.set_conv_algorithm`) -> output tile size m
 ALGORITHMS = {"winograd": 2, "winograd4": 4}
-
-
-def applies(W_shape, stride, padding):
-    """Whether Winograd can run this convolution: 3×3 filters, stride 1, padding 1
-    (`shapes.is_3x3_same`, the test direct convolution shares)."""
-    return is_3x3_same(W_shape, stride, padding)
 
 
 def auto_algorithm(device, N, C, H, W):

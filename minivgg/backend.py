@@ -72,9 +72,11 @@ def _import_cupy():
         _cupy = cupy
         register(cupy.ndarray, Backend("cuda", cupy, "minivgg.kernels.gpu", cupy.asarray,
                                        cupy.asnumpy))
-        _apply_tf32(cupy)
     except Exception as e:  # ImportError, CUDARuntimeError, driver errors...
         _cupy_error = f"{type(e).__name__}: {e}"
+        return None
+    # NOTE: outside the `except` above, which would turn any mistake here into "no GPU".
+    _check_tf32_support(cupy)
     return _cupy
 
 
@@ -218,8 +220,8 @@ def get_conv_algorithm():
 
 def conv_algorithm_for(x, W, stride, padding):
     """The algorithm that runs conv(x, W): "im2col", "winograd", "winograd4" or "direct"."""
-    from minivgg.kernels import winograd
-    if _conv_algorithm == "im2col" or not winograd.applies(W.shape, stride, padding):
+    from minivgg.kernels import shapes, winograd
+    if _conv_algorithm == "im2col" or not shapes.is_3x3_same(W.shape, stride, padding):
         return "im2col"
     if _conv_algorithm == "auto":
         N, C, H, Wd = x.shape
@@ -248,7 +250,7 @@ def set_tf32(enabled):
     global _tf32
     _tf32 = bool(enabled)
     if _cupy is not None:
-        _apply_tf32(_cupy)
+        _check_tf32_support(_cupy)
 
 
 def tf32_enabled():
@@ -256,20 +258,20 @@ def tf32_enabled():
     return _tf32 and _tf32_supported is not False
 
 
-def _apply_tf32(cupy):
-    # CuPy picks the cuBLAS compute type per dtype; TF32 is "COMPUTE_TYPE_TF32" for float32.
-    # NOTE: set it explicitly either way, so the CUPY_TF32 environment variable (read once
-    # by CuPy) cannot turn TF32 on behind this switch.
+def _check_tf32_support(cupy):
+    """Whether the current GPU has TF32 (compute capability 8.0 or later); warn if TF32 was
+    asked for on one without.
+
+    NOTE: nothing is set inside CuPy: every GEMM minivgg issues on the GPU asks cuBLAS for
+    its compute type itself (`kernels/gpu.py: gemm`, reading `tf32_enabled()`), so neither
+    CuPy's private settings nor its CUPY_TF32 variable are involved.
+    """
     global _tf32_supported
-    from cupy._core import _routines_linalg as linalg
-    _tf32_supported = int(cupy.cuda.Device().compute_capability) >= 80
+    capability = cupy.cuda.Device().compute_capability
+    _tf32_supported = int(capability) >= 80
     if _tf32 and not _tf32_supported:
         warnings.warn(f"TF32 needs a GPU of compute capability 8.0 or later; this one is "
-                      f"{cupy.cuda.Device().compute_capability}: float32 GEMMs stay FP32",
-                      RuntimeWarning, stacklevel=3)
-    use_tf32 = _tf32 and _tf32_supported
-    compute_type = linalg.COMPUTE_TYPE_TF32 if use_tf32 else linalg.COMPUTE_TYPE_DEFAULT
-    cupy._core.set_compute_type(np.float32, compute_type)
+                      f"{capability}: float32 GEMMs stay FP32", RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------

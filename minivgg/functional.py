@@ -428,15 +428,16 @@ def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=2.0, alpha_over_n=Fa
 class Linear(Function):
     def forward(self, x, W, b=None):
         self.save_for_backward(x, W, b is not None)
-        y = x @ W.T
+        y = backend.kernels_for(x).fc_matmul(x, W.T)
         if b is not None:
             y += b
         return y
 
     def backward(self, gy):
         x, W, has_bias = self.saved
-        gx = gy @ W
-        gW = gy.T @ x
+        matmul = backend.kernels_for(gy).fc_matmul
+        gx = matmul(gy, W)
+        gW = matmul(gy.T, x)
         return (gx, gW, gy.sum(axis=0)) if has_bias else (gx, gW)
 
 

@@ -26,13 +26,11 @@ def registry(monkeypatch):
 
 
 def stand_in_cupy(monkeypatch, devices=2, current=0, capability="80"):
-    """Install the stand-in cupy with `devices` GPUs of `capability`; returns it. Its
-    `_core.get_compute_type(np.float32)` tells the cuBLAS compute type set for float32."""
+    """Install the stand-in cupy with `devices` GPUs of `capability`; returns it."""
     standin.install(monkeypatch)
     runtime = types.SimpleNamespace(getDeviceCount=lambda: devices, getDevice=lambda: current)
     monkeypatch.setattr(standin.cuda, "runtime", runtime)
     monkeypatch.setattr(standin.Device, "compute_capability", capability)
-    monkeypatch.setattr(standin, "_compute_types", {})
     monkeypatch.setattr(backend, "_cupy", None)
     monkeypatch.setattr(backend, "_cupy_error", None)
     monkeypatch.setattr(backend, "_tf32", False)
@@ -42,9 +40,12 @@ def stand_in_cupy(monkeypatch, devices=2, current=0, capability="80"):
 
 
 def _float32_compute_type(fake):
-    linalg = fake._core._routines_linalg
-    names = {linalg.COMPUTE_TYPE_DEFAULT: "default", linalg.COMPUTE_TYPE_TF32: "tf32"}
-    return names[fake._core.get_compute_type(np.float32)]
+    """The cuBLAS compute type of a float32 fc-layer product made now on the stand-in."""
+    from cuda_host_emulator import load_emulated_cuda_kernels
+    gpu = load_emulated_cuda_kernels()  # kernels/gpu.py on the stand-in; no kernel compiled
+    fake.cublas_calls.clear()
+    gpu.fc_matmul(fake.ones((4, 3), np.float32), fake.ones((3, 2), np.float32))
+    return {68: "default", 77: "tf32"}[fake.cublas_calls[-1][5]]
 
 
 def test_a_new_backend_is_one_registry_entry(registry):
@@ -78,6 +79,25 @@ def test_cuda_device_index_is_the_current_gpu_or_a_clear_error(monkeypatch, regi
         backend.check_device("cuda:2")
     with pytest.raises(ValueError, match="unknown device"):
         backend.check_device("cuda:x")
+
+
+def test_a_cupy_without_its_private_modules_is_still_a_gpu(monkeypatch, registry):
+    """Issue 22, defect 1: TF32 was set through `cupy._core._routines_linalg` inside the
+    import's catch-all `except`, so a CuPy that moved it reported no GPU at all. minivgg
+    now touches no private CuPy module (the stand-in has none, and a trap catches a look)."""
+    fake = stand_in_cupy(monkeypatch, capability="90")
+
+    class Trap(types.ModuleType):
+        def __getattr__(self, name):
+            raise AssertionError(f"minivgg reached for cupy._core.{name}")
+
+    monkeypatch.setitem(sys.modules, "cupy._core", Trap("cupy._core"))
+    monkeypatch.setattr(fake, "_core", Trap("cupy._core"), raising=False)
+    monkeypatch.setattr(backend, "_cupy", None)
+    assert backend.cuda_available(), backend.cuda_unavailable_reason()
+    backend.set_tf32(True)
+    assert backend.tf32_enabled() and _float32_compute_type(fake) == "tf32"
+    backend.set_tf32(False)
 
 
 def test_tf32_on_a_gpu_without_it_warns_and_reports_fp32(monkeypatch, registry):

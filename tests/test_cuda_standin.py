@@ -293,7 +293,6 @@ def test_bench_step_worker_runs_minivgg_in_tf32_when_asked(tf32, gpu, monkeypatc
                                   "--warmup", "0", "--threads", "1"])
     result = bench_step.minivgg_worker(args, "small", 1)
     assert len(result["times"]) == 1
-    linalg = standin._routines_linalg
-    expected = linalg.COMPUTE_TYPE_TF32 if tf32 == "on" else linalg.COMPUTE_TYPE_DEFAULT
-    assert standin._core.get_compute_type(np.float32) == expected
+    fc_and_im2col = {c[5] for c in standin.cublas_calls if c[0] == "gemmEx"}
+    assert fc_and_im2col == ({77} if tf32 == "on" else {68})  # TF32 or FP32, as asked
     assert backend.tf32_enabled() == (tf32 == "on")

@@ -167,16 +167,26 @@ def test_conv_algorithms_agree_on_cpu_and_gpu(algorithm, cuda, rng):
 
 
 @pytest.mark.gpu
-def test_tf32_switch_changes_the_cublas_compute_type(cuda):
-    import cupy
-    from cupy._core import _routines_linalg as linalg
+def test_tf32_switch_changes_what_cublas_computes(cuda, rng):
+    """A float32 fc product off the tensor cores' TF32 is float32-accurate; with TF32 on its
+    inputs lose 13 mantissa bits (errors about 1e-3); Winograd's GEMMs never do."""
+    a = rng.normal(size=(256, 512)).astype(np.float32)
+    b = rng.normal(size=(512, 128)).astype(np.float32)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    kern = backend.kernels_for(backend.to_device(a, cuda))
+
+    def error():
+        y = kern.fc_matmul(backend.to_device(a, cuda), backend.to_device(b, cuda))
+        return np.abs(to_numpy(y) - exact).max() / np.abs(exact).max()
+
     assert not backend.tf32_enabled()  # off by default
+    assert error() < 1e-5
     try:
         backend.set_tf32(True)
-        assert cupy._core.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32
+        assert backend.tf32_enabled() and 1e-5 < error() < 1e-2
     finally:
         backend.set_tf32(False)
-    assert cupy._core.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
+    assert error() < 1e-5
 
 
 # ----------------------------------------------------------------------------------------

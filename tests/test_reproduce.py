@@ -251,3 +251,22 @@ def test_relative_paths_are_taken_from_where_the_study_was_started(study, tmp_pa
     assert args.out == str(tmp_path / "runs") and args.record == str(tmp_path / "rec")
     cmd = study.train_command(args, study.by_name("A-s0"))
     assert cmd[2] == str(tmp_path / "data" / "sub")  # the child runs in the repository
+
+
+def test_the_study_evaluates_decoded_images_at_every_scale(study, tmp_path):
+    """`posteriors` (the evaluation of a finished run): soft-max rows for every job, images
+    decoded once per chunk."""
+    from PIL import Image
+    from minivgg import evaluate, images, models
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (20, 200, 40), (10, 20, 220)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (80, 70), colour).save(paths[-1])
+    model = models.vgg("A", 4, 1 / 16, 16, 32, init="glorot", seed=0).eval()
+    net = evaluate.EvalNet(model, lambda img: images.to_chw_float32(img, np.zeros(3)))
+    jobs = [("dense@40", "dense", "center", 40, False), ("center@48", "center", "center", 48,
+                                                         False)]
+    out = study.posteriors({"center": net}, [(p, 0) for p in paths], jobs, chunk=2)
+    assert sorted(out) == ["center@48", "dense@40"]
+    for probs in out.values():
+        assert probs.shape == (3, 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)

@@ -7,7 +7,7 @@ One module per op family, mirroring `kernels/cuda/*.cu`:
                    conv drivers (kernels/common.py, winograd.py, direct.py) call
     pool.py        max-pooling            lrn.py    local response normalisation
     activation.py  ReLU, dropout mask     loss.py   softmax cross-entropy
-    sgd.py         the SGD update
+    sgd.py         the SGD update         matmul.py the fc layers' products
 
 This package exports the table's entry points (`common.ENTRY_POINTS`, the same names and
 parameters as `kernels/gpu.py`). Set `NUMBA_DISABLE_JIT=1` to run (and step through) every
@@ -19,10 +19,11 @@ from minivgg.kernels.cpu.conv import col2im, conv2d_backward, conv2d_forward, im
 from minivgg.kernels.cpu.loss import (softmax_cross_entropy_backward,
                                       softmax_cross_entropy_forward)
 from minivgg.kernels.cpu.lrn import lrn_backward, lrn_forward
+from minivgg.kernels.cpu.matmul import fc_matmul
 from minivgg.kernels.cpu.pool import max_pool2d_backward, max_pool2d_forward
 from minivgg.kernels.cpu.sgd import sgd_update
 
 __all__ = ["col2im", "conv2d_backward", "conv2d_forward", "dropout_mask", "im2col",
-           "lrn_backward", "lrn_forward", "max_pool2d_backward", "max_pool2d_forward",
+           "fc_matmul", "lrn_backward", "lrn_forward", "max_pool2d_backward", "max_pool2d_forward",
            "relu_backward", "relu_forward", "sgd_update", "softmax_cross_entropy_backward",
            "softmax_cross_entropy_forward"]

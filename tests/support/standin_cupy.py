@@ -590,19 +590,13 @@ cuda = types.SimpleNamespace(
 )
 random = types.SimpleNamespace(seed=lambda seed=None: None)
 
-_routines_linalg = types.ModuleType("cupy._core._routines_linalg")
-_routines_linalg.COMPUTE_TYPE_DEFAULT, _routines_linalg.COMPUTE_TYPE_TF32 = 0, 3
-_compute_types = {}
-_core = types.ModuleType("cupy._core")
-_core._routines_linalg = _routines_linalg
-_core.set_compute_type = lambda dtype, kind: _compute_types.update({np.dtype(dtype): kind})
-_core.get_compute_type = lambda dtype: _compute_types.get(np.dtype(dtype), 0)
+# NOTE: no cupy._core: minivgg uses none of CuPy's private modules (a test checks that a
+# CuPy without them still counts as a GPU).
 
 cupyx = types.ModuleType("cupyx")
 cupyx.empty_pinned = lambda shape, dtype=float: np.empty(shape, dtype)
 
-MODULES = {"cupy._core": _core, "cupy._core._routines_linalg": _routines_linalg,
-           "cupyx": cupyx}
+MODULES = {"cupyx": cupyx}
 
 
 def __getattr__(name):
@@ -620,7 +614,6 @@ def reset():
     _host_clock.clear()
     Stream._current.clear()
     Stream.null.__init__(null=True)
-    _compute_types.clear()
 
 
 def install(monkeypatch):

@@ -168,7 +168,8 @@ def test_conv2d_3x3_matches_torch_on_random_shapes(algorithm, seed, device, torc
         if seed < 2:
             assert ran == ["winograd4", "winograd"][seed]
     compare_with_torch(
-        "conv2d", lambda x, Wt, b: F.conv2d(x, Wt, b, 1, 1),
+        "conv2d_winograd4" if ran == "winograd4" else "conv2d",
+        lambda x, Wt, b: F.conv2d(x, Wt, b, 1, 1),
         lambda x, Wt, b: torch.nn.functional.conv2d(x, Wt, b, stride=1, padding=1),
         arrays, device, np.float32, seed=seed,
         what=f" [{algorithm} ran {ran}: x {(N, C, H, W)}, OC {OC}]")

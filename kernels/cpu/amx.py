@@ -1,0 +1,637 @@
+"""A bf16 GEMM on Intel AMX tiles: C (M, N) float32 = bf16(A) (M, K) @ bf16(B) (K, N).
+
+**Tiles.** AMX adds eight tile registers, each up to 16 rows of 64 bytes, a tile
+configuration (`ldtilecfg`: rows and bytes per row of each tile) and one multiply
+instruction for bf16, `tdpbf16ps C, A, B`. With every tile configured 16 × 64 bytes:
+
+    A tile: 16 rows (of C)  × 32 bf16 along K                 (16 × 64 bytes)
+    B tile: 16 K-pairs      × 16 columns (of C) × 2 bf16      (16 × 64 bytes)
+    C tile: 16 rows         × 16 columns, fp32                (16 × 64 bytes)
+
+    tdpbf16ps:  C[i, j] += A[i, 2p] * B[2p, j] + A[i, 2p + 1] * B[2p + 1, j],  p = 0..15
+
+one instruction, 16 × 16 × 32 multiply-adds. **The VNNI layout**: tdpbf16ps multiplies
+*pairs* of bf16 along K, so a row of the B tile holds, for 16 columns j, the two values
+B[2p, j], B[2p + 1, j] side by side (`pack_b` writes B that way; row p of a B tile is K-rows
+2p and 2p + 1 of B, interleaved). A row of an A tile is just 32 consecutive K values.
+
+**Why accumulation stays fp32.** bf16 keeps float32's 8-bit exponent but only 8 bits of
+significand (about 2.4 decimal digits), so one rounding of each operand costs a relative
+error of at most 2^-9. The product of two bf16 numbers fits exactly in fp32, and the sums
+over K (1152 terms in conv2_1, 4608 in conv5) are kept in fp32 tiles: a sum rounded to bf16
+at each step would lose everything below 2^-9 of the running total, so a long dot product
+would stop growing once its terms are 2^-9 of it. tdpbf16ps does exactly this (fp32
+accumulation), and the output is fp32: only the inputs are rounded. NOTE: tdpbf16ps treats
+bf16 subnormal inputs as zero and flushes subnormal results (Intel SDM); the fp32 fallback
+does not, so the two paths differ on numbers below 1.2e-38.
+
+**Blocking** (as oneDNN's brgemm and LIBXSMM block AMX). Tiles 0-3 hold a 2 × 2 block of C
+tiles (32 × 32 of C), tiles 4-5 two A tiles, 6-7 two B tiles; each loaded A tile feeds two
+tdpbf16ps and so does each B tile, four multiplies per four 1 KB loads:
+
+             B6      B7
+    A4    [ C0 ]  [ C1 ]          per 32 of K: load A4, B6, B7, A5;
+    A5    [ C2 ]  [ C3 ]          C0 += A4 B6, C1 += A4 B7, C2 += A5 B6, C3 += A5 B7
+
+Both operands are packed first (`pack_a`, `pack_b`) so that every tile is 1 KB of contiguous
+memory (rows 64 bytes apart) and a 32-column panel of B walks memory in order along K.
+Around the 2 × 2 kernel: K is cut in blocks of `BLOCK_K` (a 32-column B panel of one K block,
+2 × BLOCK_K/32 KB, stays in L1 while the kernel sweeps down the rows of A), and the rows of
+A in blocks of `BLOCK_M` tiles (the A panel of one K block stays in L2 while the B panels
+stream past it). The C tiles are loaded from and stored to C between K blocks (exact, fp32).
+
+**Threads and fixed results.** The output is cut along its longer side into 32-wide bands,
+and `runtime.map_ranges` gives each thread a contiguous range of bands (fixed by the sizes
+and the thread count). Each C tile is computed by one thread, over all of K, in the same
+order (K block by K block, 32 by 32) whatever the thread count, band or neighbour tiles: the
+same inputs give the same bits at any thread count.
+
+**Edges.** Packing pads with zeros to whole tiles (M and N to 16, K to 32); zero padding in
+both operands adds exact zeros to the sums. When M or N is not a multiple of 16 the kernel
+writes a padded C and the valid part is copied out. A 2 × 2 block at the bottom or right edge
+runs as 2 × 1, 1 × 2 or 1 × 1 (no work on tiles of padding only).
+
+**Permission.** Linux gives a process AMX's 8 KB of tile state only after it asks once
+(`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+); we ask on first use,
+so processes that never run a bf16 GEMM (data-loader workers) never ask. A forked child
+inherits the permission (it is cleared by exec); we ask again per process id anyway.
+
+**Machines without AMX** (or `MINIVGG_DISABLE_AMX=1`, or `gemm_bf16(..., amx=False)`): the
+same bf16-rounded operands go through NumPy's fp32 matmul, the same numbers up to
+summation order; a warning says once that bf16 is not faster there and which feature is
+missing (`amx_available()`). The AMX kernels are compiled only after the CPU check, since
+LLVM aborts the process when asked to emit AMX for a CPU without it.
+
+Check the machine code: `_tile_block.inspect_asm(_tile_block.signatures[0])` contains
+`tdpbf16ps` (tests/test_amx.py does). Measured throughput against PyTorch's bf16 matmul:
+benchmarks/bench_gemm.py, the table "GEMM, bf16 AMX" in benchmarks/README.md.
+"""
+
+import ctypes
+import os
+import platform
+import warnings
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from minivgg.kernels.cpu.runtime import JIT, map_ranges, num_threads
+
+# Tile geometry: rows per tile, bf16 per A-tile row (K per tdpbf16ps), fp32 per C-tile row.
+TILE_M = 16
+TILE_K = 32
+TILE_N = 16
+TILE_ELEMENTS = TILE_M * TILE_K  # bf16 per packed A or B tile (1 KB)
+
+# K per block: a 2-tile B panel of BLOCK_K (2 * BLOCK_K / 32 KB = 32 KB) stays in the 48 KB L1
+# while the 2 x 2 kernel runs down the A panel; a K of up to 1.5 BLOCK_K stays one block
+# (conv3_x's 2304 would be 4.5 blocks: it becomes 5 of 480, see `_k_blocks`).
+BLOCK_K = 512
+# A rows per block, in tiles: the A panel of one K block (BLOCK_M * BLOCK_K / 32 KB = 512 KB)
+# stays in a core's 2 MB L2 while every B panel passes it.
+BLOCK_M = 32
+
+# Below this many FLOPs a GEMM runs on the calling thread: handing work to the pool costs
+# about 0.1 ms, the time one core's AMX takes for some 1e8 FLOPs.
+INLINE_FLOPS = 1 << 26
+
+# Linux's arch_prctl(2) codes (asm/prctl.h) and the tile-data state component (18).
+_SYS_ARCH_PRCTL = 158
+_ARCH_GET_XCOMP_PERM = 0x1022
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+# ----------------------------------------------------------------------------------------
+# bf16 rounding
+# ----------------------------------------------------------------------------------------
+
+def to_bf16(x):
+    """bf16 bit patterns (uint16, same shape) of x, rounded to nearest, ties to even.
+
+    bf16 is the top half of a float32. Adding 0x7FFF plus the lowest kept bit, then
+    truncating, rounds to nearest with ties to the even neighbour; overflow to inf is the
+    correct rounding. NOTE: a NaN whose payload lies only in the dropped bits would turn
+    into inf that way, so NaNs keep their sign and top bits and get the quiet bit set.
+    float64 input is first rounded to float32 (NumPy's cast), then to bf16.
+    """
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
+
+
+def from_bf16(u):
+    """float32 values of bf16 bit patterns (uint16): exact, bf16 is a float32 prefix."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(x):
+    """x rounded to the nearest bf16 value, as float32 (what the AMX kernel multiplies)."""
+    return from_bf16(to_bf16(x))
+
+
+@intrinsic
+def _float32_bits(typingctx, x):
+    """The bit pattern of a float32 as uint32 (a register bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@njit(**JIT)
+def _bf16_bits(value):
+    """`to_bf16` of one float32, for the packing kernels."""
+    u = _float32_bits(np.float32(value))
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x0040))
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                     >> np.uint32(16))
+
+
+# ----------------------------------------------------------------------------------------
+# Packing: operands as whole 1 KB tiles, padded with zeros
+# ----------------------------------------------------------------------------------------
+
+class Packed:
+    """An operand packed for the AMX kernel: `tiles` plus the logical shape it holds.
+
+    A (M, K): tiles (ceil(M/16), ceil(K/32), 16, 32), tile [m, kb] holds
+        A[16m + i, 32kb + k] at [m, kb, i, k].
+    B (K, N): tiles (ceil(N/16), ceil(K/32), 16, 16, 2), tile [n, kb] holds
+        B[32kb + 2p + h, 16n + j] at [n, kb, p, j, h]  (the VNNI pair layout).
+    Entries outside the matrix are zero. Each tile is 1 KB, rows 64 bytes apart, and the
+    tiles one kernel walks along K are adjacent.
+    """
+
+    def __init__(self, operand, tiles, rows, cols):
+        self.operand, self.tiles, self.shape = operand, tiles, (rows, cols)
+
+    def __repr__(self):
+        return f"Packed({self.operand}, shape={self.shape}, tiles={self.tiles.shape})"
+
+    def unpack(self):
+        """The bf16 values as a float32 matrix of the logical shape (the fallback's input)."""
+        t = self.tiles
+        if self.operand == "A":
+            full = t.transpose(0, 2, 1, 3).reshape(t.shape[0] * 16, t.shape[1] * 32)
+        else:
+            full = t.transpose(1, 2, 4, 0, 3).reshape(t.shape[1] * 32, t.shape[0] * 16)
+        return from_bf16(full[:self.shape[0], :self.shape[1]])
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+@njit(**JIT)
+def _pack_a_tiles(A, tiles, m0, m1):
+    """tiles[m0:m1] of `Packed` A from A (M, K) float32, any strides, rounded to bf16."""
+    M, K = A.shape
+    Kb = tiles.shape[1]
+    for m in range(m0, m1):
+        for i in range(TILE_M):
+            row = m * TILE_M + i
+            for kb in range(Kb):
+                for k in range(TILE_K):
+                    col = kb * TILE_K + k
+                    if row < M and col < K:
+                        tiles[m, kb, i, k] = _bf16_bits(A[row, col])
+                    else:
+                        tiles[m, kb, i, k] = 0
+
+
+@njit(**JIT)
+def _pack_b_tiles(B, tiles, n0, n1):
+    """tiles[n0:n1] of `Packed` B from B (K, N) float32, any strides, rounded to bf16."""
+    K, N = B.shape
+    Kb = tiles.shape[1]
+    for n in range(n0, n1):
+        for kb in range(Kb):
+            for p in range(TILE_K // 2):
+                for h in range(2):
+                    row = kb * TILE_K + 2 * p + h
+                    for j in range(TILE_N):
+                        col = n * TILE_N + j
+                        if row < K and col < N:
+                            tiles[n, kb, p, j, h] = _bf16_bits(B[row, col])
+                        else:
+                            tiles[n, kb, p, j, h] = 0
+
+
+def _as_matrix(x, name):
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a matrix, got shape {x.shape}")
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+def pack_a(A, trans=False):
+    """`Packed` A of A (M, K) (A.T (M, K) of A (K, M) with trans=True), bf16 RNE."""
+    A = _as_matrix(A, "A")
+    if trans:
+        A = A.T
+    M, K = A.shape
+    tiles = np.empty((_ceil_div(M, TILE_M), _ceil_div(K, TILE_K), TILE_M, TILE_K), np.uint16)
+    _run(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size)
+    return Packed("A", tiles, M, K)
+
+
+def pack_b(B, trans=False):
+    """`Packed` B of B (K, N) (B.T (K, N) of B (N, K) with trans=True), bf16 RNE, VNNI.
+
+    A layer that multiplies by the same weights many times packs them once and passes the
+    `Packed` to `gemm_bf16` (`pack_a` likewise for weights on the left).
+    """
+    B = _as_matrix(B, "B")
+    if trans:
+        B = B.T
+    K, N = B.shape
+    tiles = np.empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
+                     np.uint16)
+    _run(lambda n0, n1: _pack_b_tiles(B, tiles, n0, n1), tiles.shape[0], B.size)
+    return Packed("B", tiles, K, N)
+
+
+def _run(job, n_items, elements):
+    """map_ranges for memory-bound work (packing): small ones on this thread."""
+    map_ranges(job, n_items, elements)
+
+
+# ----------------------------------------------------------------------------------------
+# The AMX instructions, as LLVM intrinsics Numba can call
+# ----------------------------------------------------------------------------------------
+
+_I8, _I64 = ir.IntType(8), ir.IntType(64)
+_I8_PTR = _I8.as_pointer()
+
+
+def _llvm_call(builder, name, arg_types, args):
+    module = builder.module
+    fn = module.globals.get(name) or ir.Function(
+        module, ir.FunctionType(ir.VoidType(), arg_types), name=name)
+    builder.call(fn, args)
+
+
+def _byte_pointer(context, builder, array_type, array, index):
+    """An i8* to element `index` of a Numba array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), _I8_PTR)
+
+
+def _tile(literal):
+    return ir.Constant(_I8, literal.literal_value)
+
+
+@intrinsic(prefer_literal=True)
+def _ldtilecfg(typingctx, config):
+    """Load the 64-byte tile configuration `config` (uint8 array)."""
+    def codegen(context, builder, sig, args):
+        ptr = _byte_pointer(context, builder, sig.args[0], args[0], ir.Constant(_I64, 0))
+        _llvm_call(builder, "llvm.x86.ldtilecfg", [_I8_PTR], [ptr])
+        return context.get_dummy_value()
+    return types.void(config), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _tilerelease(typingctx):
+    """Give the tile state back (the thread's tiles become unconfigured)."""
+    def codegen(context, builder, sig, args):
+        _llvm_call(builder, "llvm.x86.tilerelease", [], [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _tilezero(typingctx, tile):
+    def codegen(context, builder, sig, args):
+        _llvm_call(builder, "llvm.x86.tilezero", [_I8], [_tile(sig.args[0])])
+        return context.get_dummy_value()
+    if not isinstance(tile, types.IntegerLiteral):
+        return None
+    return types.void(tile), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _tileload(typingctx, tile, array, index, stride_bytes):
+    """tile <- 16 rows of 64 bytes starting at array.flat[index], rows stride_bytes apart."""
+    def codegen(context, builder, sig, args):
+        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
+        _llvm_call(builder, "llvm.x86.tileloadd64", [_I8, _I8_PTR, _I64],
+                   [_tile(sig.args[0]), ptr, args[3]])
+        return context.get_dummy_value()
+    if not isinstance(tile, types.IntegerLiteral):
+        return None
+    return types.void(tile, array, types.intp, types.intp), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _tilestore(typingctx, tile, array, index, stride_bytes):
+    """16 rows of 64 bytes at array.flat[index], stride_bytes apart <- tile."""
+    def codegen(context, builder, sig, args):
+        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
+        _llvm_call(builder, "llvm.x86.tilestored64", [_I8, _I8_PTR, _I64],
+                   [_tile(sig.args[0]), ptr, args[3]])
+        return context.get_dummy_value()
+    if not isinstance(tile, types.IntegerLiteral):
+        return None
+    return types.void(tile, array, types.intp, types.intp), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _tdpbf16ps(typingctx, c, a, b):
+    """Tile c (fp32) += tile a (bf16) @ tile b (bf16, VNNI pairs)."""
+    def codegen(context, builder, sig, args):
+        _llvm_call(builder, "llvm.x86.tdpbf16ps", [_I8, _I8, _I8],
+                   [_tile(t) for t in sig.args])
+        return context.get_dummy_value()
+    if not all(isinstance(t, types.IntegerLiteral) for t in (c, a, b)):
+        return None
+    return types.void(c, a, b), codegen
+
+
+def _tile_config():
+    """The 64-byte tile configuration: palette 1, all eight tiles 16 rows x 64 bytes.
+
+    Layout (Intel SDM, LDTILECFG): byte 0 the palette, bytes 16 + 2t the bytes per row of
+    tile t (little-endian), byte 48 + t its rows.
+    """
+    config = np.zeros(64, np.uint8)
+    config[0] = 1
+    for t in range(8):
+        config[16 + 2 * t] = 64
+        config[48 + t] = TILE_M
+    return config
+
+
+TILE_CONFIG = _tile_config()
+
+
+# ----------------------------------------------------------------------------------------
+# The kernel: a 2 x 2 block of C tiles over a range of K, and the loops around it
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _tile_block(a_tiles, b_tiles, C, m, n, two_m, two_n, kb0, kb1, first):
+    """C tiles [m, n], [m, n+1], [m+1, n], [m+1, n+1] += A tiles [m], [m+1] @ B tiles [n],
+    [n+1] over the K blocks kb0..kb1-1 (row m+1 only if two_m, column n+1 only if two_n).
+
+        tile registers:   C0 = C[m, n]     C1 = C[m, n+1]     A4 = A[m]     B6 = B[n]
+                          C2 = C[m+1, n]   C3 = C[m+1, n+1]   A5 = A[m+1]   B7 = B[n+1]
+
+    first: the C tiles start from zero, else from C. a_tiles, b_tiles: `Packed.tiles`;
+    C (M, N) float32, C-contiguous, M and N multiples of 16. The plain loop this replaces is
+    `reference_gemm_bf16` (C = bf16(A) @ bf16(B) with fp32 sums).
+    """
+    Kb = a_tiles.shape[1]                     # K blocks per packed row (A and B alike)
+    stride = C.shape[1] * 4                   # bytes between rows of C
+    c0 = m * TILE_M * C.shape[1] + n * TILE_N  # C[16m, 16n]
+    c2 = c0 + TILE_M * C.shape[1]              # C[16(m+1), 16n]
+    if first:
+        _tilezero(0)
+        _tilezero(1)
+        _tilezero(2)
+        _tilezero(3)
+    else:
+        _tileload(0, C, c0, stride)
+        if two_n:
+            _tileload(1, C, c0 + TILE_N, stride)
+        if two_m:
+            _tileload(2, C, c2, stride)
+            if two_n:
+                _tileload(3, C, c2 + TILE_N, stride)
+    a = (m * Kb + kb0) * TILE_ELEMENTS         # A tile [m, kb0]; A[m+1] is Kb tiles on
+    b = (n * Kb + kb0) * TILE_ELEMENTS         # B tile [n, kb0]; B[n+1] likewise
+    row_a = Kb * TILE_ELEMENTS
+    for _ in range(kb1 - kb0):
+        # loads interleaved with the multiplies that wait for them, as oneDNN orders them
+        _tileload(4, a_tiles, a, 64)
+        _tileload(6, b_tiles, b, 64)
+        _tdpbf16ps(0, 4, 6)
+        if two_n:
+            _tileload(7, b_tiles, b + row_a, 64)
+            _tdpbf16ps(1, 4, 7)
+        if two_m:
+            _tileload(5, a_tiles, a + row_a, 64)
+            _tdpbf16ps(2, 5, 6)
+            if two_n:
+                _tdpbf16ps(3, 5, 7)
+        a += TILE_ELEMENTS
+        b += TILE_ELEMENTS
+    _tilestore(0, C, c0, stride)
+    if two_n:
+        _tilestore(1, C, c0 + TILE_N, stride)
+    if two_m:
+        _tilestore(2, C, c2, stride)
+        if two_n:
+            _tilestore(3, C, c2 + TILE_N, stride)
+
+
+@njit(**JIT)
+def _gemm_tiles(config, a_tiles, b_tiles, C, m0, m1, n0, n1, block_kb, block_m):
+    """C tiles [m0:m1, n0:n1] = A tiles [m0:m1] @ B tiles [n0:n1] over all of K, on this
+    thread. Loops, outer to inner: K blocks of block_kb tiles (one B panel in L1), A panels
+    of block_m tile rows (in L2), B column pairs, A row pairs.
+
+    Every C tile sums its K blocks in order 0, 1, ..., whatever m0..n1 are: the bits of C
+    do not depend on how the tiles were shared out.
+    """
+    Kb = a_tiles.shape[1]
+    _ldtilecfg(config)
+    for kb0 in range(0, Kb, block_kb):
+        kb1 = min(kb0 + block_kb, Kb)
+        for mb in range(m0, m1, block_m):
+            mb1 = min(mb + block_m, m1)
+            for n in range(n0, n1, 2):
+                for m in range(mb, mb1, 2):
+                    _tile_block(a_tiles, b_tiles, C, m, n, m + 1 < mb1, n + 1 < n1,
+                                kb0, kb1, kb0 == 0)
+    _tilerelease()
+
+
+def _k_blocks(Kb):
+    """Tiles of K per block: BLOCK_K's worth, evened out so no block is a small remainder
+    (2304 = 72 tiles gives 5 blocks of 15 rather than 4 of 16 and one of 8)."""
+    per_block = BLOCK_K // TILE_K
+    if Kb <= per_block + per_block // 2:
+        return Kb
+    return _ceil_div(Kb, _ceil_div(Kb, per_block))
+
+
+# ----------------------------------------------------------------------------------------
+# Can this process use AMX?
+# ----------------------------------------------------------------------------------------
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _request_permission():
+    """Ask Linux for the tile-data state; None when granted, else why not."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+            errno = ctypes.get_errno()
+            return (f"Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: "
+                    f"{os.strerror(errno)}; Linux 5.16 or later is needed)")
+        granted = ctypes.c_uint64(0)
+        libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(granted))
+        if not granted.value >> _XFEATURE_XTILEDATA & 1:
+            return "Linux did not grant the AMX tile state (ARCH_GET_XCOMP_PERM)"
+    except (OSError, AttributeError) as e:
+        return f"could not ask Linux for the AMX tile state ({e})"
+    return None
+
+
+def _hardware_reason():
+    """Why this machine cannot run the AMX kernel, or None (checked once per process)."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"AMX needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    missing = [f for f in ("amx_tile", "amx_bf16") if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU has no {' and no '.join(missing)} (/proc/cpuinfo flags)"
+    # NOTE: Numba may be told to compile for another CPU (portable caches); LLVM would then
+    # abort the process on the first AMX instruction instead of raising.
+    cpu_name = numba.config.CPU_NAME
+    if cpu_name and cpu_name != "host":
+        return f"Numba compiles for NUMBA_CPU_NAME={cpu_name}, not this CPU's AMX"
+    return None
+
+
+_hardware = {}    # "reason": the answer of `_hardware_reason`, once
+_permission = {}  # process id: None (granted) or why not
+
+
+def amx_available():
+    """(True, "") when `gemm_bf16` runs on AMX tiles here, else (False, why not).
+
+    Why not: MINIVGG_DISABLE_AMX=1 is set, not x86-64 Linux, a CPU without amx_tile /
+    amx_bf16, Numba compiling for another CPU, or Linux refusing the tile state. The first
+    call in a process that can use AMX asks Linux for it.
+    """
+    if os.environ.get("MINIVGG_DISABLE_AMX", "") not in ("", "0"):
+        return False, "MINIVGG_DISABLE_AMX is set"
+    if "reason" not in _hardware:
+        _hardware["reason"] = _hardware_reason()
+    if _hardware["reason"]:
+        return False, _hardware["reason"]
+    pid = os.getpid()
+    if pid not in _permission:
+        _permission[pid] = _request_permission()
+    if _permission[pid]:
+        return False, _permission[pid]
+    return True, ""
+
+
+_warned = []
+
+
+def _warn_fallback(reason):
+    if not _warned:
+        _warned.append(reason)
+        warnings.warn(f"minivgg: bf16 matmuls run as fp32 matmuls of bf16-rounded operands "
+                      f"(same numbers up to summation order), no faster than fp32 here: "
+                      f"{reason}", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------
+# The GEMM
+# ----------------------------------------------------------------------------------------
+
+def gemm_bf16(A, B, out=None, trans_a=False, trans_b=False, amx=None):
+    """C (M, N) float32 = bf16(A) @ bf16(B), summed in fp32.
+
+    A: (M, K) float32 (or (K, M) with trans_a) or a `pack_a` result; B: (K, N) (or (N, K)
+    with trans_b) or a `pack_b` result. Operands are rounded to bf16 to nearest even; any
+    M, N, K >= 1. out: an (M, N) float32 array to write into. amx: None uses AMX where
+    `amx_available()`, False forces the fp32 fallback (True insists on AMX).
+
+    Results are the same bits at any thread count. The fallback gives the same numbers up
+    to the order of the fp32 sums (and subnormals, see the module docstring).
+    """
+    a = A if isinstance(A, Packed) else None
+    b = B if isinstance(B, Packed) else None
+    if a is not None and a.operand != "A" or b is not None and b.operand != "B":
+        raise ValueError("A must come from pack_a and B from pack_b")
+    shape_a = a.shape if a else _as_matrix(A, "A").shape[::-1 if trans_a else 1]
+    shape_b = b.shape if b else _as_matrix(B, "B").shape[::-1 if trans_b else 1]
+    (M, K), (K2, N) = shape_a, shape_b
+    if K != K2:
+        raise ValueError(f"gemm_bf16: A is {M}x{K} but B is {K2}x{N}")
+    if out is not None and (out.shape != (M, N) or out.dtype != np.float32):
+        raise ValueError(f"out must be a float32 array of shape {(M, N)}")
+
+    use_amx, reason = amx_available()
+    if amx is True and not use_amx:
+        raise RuntimeError(f"AMX asked for but not available: {reason}")
+    if amx is False:
+        use_amx = False
+    elif not use_amx:
+        _warn_fallback(reason)
+    if not use_amx:
+        a_values = a.unpack() if a else round_to_bf16(A.T if trans_a else A)
+        b_values = b.unpack() if b else round_to_bf16(B.T if trans_b else B)
+        return np.matmul(a_values, b_values, out=out)
+
+    a = a or pack_a(A, trans_a)
+    b = b or pack_b(B, trans_b)
+    return _gemm_packed(a, b, out)
+
+
+def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M):
+    """C = the product of two `Packed` operands on AMX, on the runtime's threads.
+
+    The output is shared out in bands of two tiles (32 rows or columns) along its longer
+    side; each thread runs `_gemm_tiles` on a contiguous range of bands.
+    """
+    (M, K), N = a.shape, b.shape[1]
+    Mt, Nt, Kb = a.tiles.shape[0], b.tiles.shape[0], a.tiles.shape[1]
+    exact = M == Mt * TILE_M and N == Nt * TILE_N
+    if exact and out is not None and out.flags.c_contiguous:
+        C = out
+    elif exact and out is None:
+        C = np.empty((M, N), np.float32)
+    else:  # whole tiles into a padded C (or a contiguous one), the valid part copied out
+        C = np.empty((Mt * TILE_M, Nt * TILE_N), np.float32)
+    block_kb = block_kb or _k_blocks(Kb)
+    split_n = Nt >= Mt
+
+    def job(band0, band1):
+        if split_n:
+            n0, n1, m0, m1 = 2 * band0, min(2 * band1, Nt), 0, Mt
+        else:
+            m0, m1, n0, n1 = 2 * band0, min(2 * band1, Mt), 0, Nt
+        _gemm_tiles(TILE_CONFIG, a.tiles, b.tiles, C, m0, m1, n0, n1, block_kb, block_m)
+
+    bands = _ceil_div(Nt if split_n else Mt, 2)
+    if 2 * M * N * K < INLINE_FLOPS or num_threads() == 1:
+        job(0, bands)
+    else:
+        map_ranges(job, bands)
+    if C is out:
+        return out
+    if out is None:
+        return C if exact else np.ascontiguousarray(C[:M, :N])
+    out[...] = C[:M, :N]
+    return out
+
+
+def reference_gemm_bf16(A, B):
+    """The plain definition: float64 product of the bf16-rounded operands, as float32
+    (the exact sum of the exact products, rounded once; the kernel rounds as it sums)."""
+    return (round_to_bf16(A).astype(np.float64) @ round_to_bf16(B).astype(np.float64)
+            ).astype(np.float32)

@@ -35,10 +35,12 @@ tdpbf16ps and so does each B tile, four multiplies per four 1 KB loads:
 
 Both operands are packed first (`pack_a`, `pack_b`) so that every tile is 1 KB of contiguous
 memory (rows 64 bytes apart) and a 32-column panel of B walks memory in order along K.
-Around the 2 × 2 kernel: K is cut in blocks of `BLOCK_K` (a 32-column B panel of one K block,
-2 × BLOCK_K/32 KB, stays in L1 while the kernel sweeps down the rows of A), and the rows of
-A in blocks of `BLOCK_M` tiles (the A panel of one K block stays in L2 while the B panels
-stream past it). The C tiles are loaded from and stored to C between K blocks (exact, fp32).
+Around the 2 × 2 kernel, A is cut in panels of `BLOCK_M` tile rows (a panel over all of K,
+BLOCK_M KB per 32 of K, stays in L2 while every 32-column B panel passes it). The C tiles
+stay in tile registers over all of K, up to `BLOCK_K`: short probes on the VGG shapes found
+every cut of K slower (a C tile stored and soon loaded again stalls the kernel). Past
+BLOCK_K (fc6's 25088) K is cut in blocks, and C in blocks of BLOCK_M × BLOCK_N tiles that stay
+in L2 while their sums grow; the C tiles are stored and reloaded between K blocks (exact).
 
 **Threads and fixed results.** The output is cut along its longer side into 32-wide bands,
 and `runtime.map_ranges` gives each thread a contiguous range of bands (fixed by the sizes
@@ -86,13 +88,13 @@ TILE_K = 32
 TILE_N = 16
 TILE_ELEMENTS = TILE_M * TILE_K  # bf16 per packed A or B tile (1 KB)
 
-# K per block: a 2-tile B panel of BLOCK_K (2 * BLOCK_K / 32 KB = 32 KB) stays in the 48 KB L1
-# while the 2 x 2 kernel runs down the A panel; a K of up to 1.5 BLOCK_K stays one block
-# (conv3_x's 2304 would be 4.5 blocks: it becomes 5 of 480, see `_k_blocks`).
-BLOCK_K = 512
-# A rows per block, in tiles: the A panel of one K block (BLOCK_M * BLOCK_K / 32 KB = 512 KB)
-# stays in a core's 2 MB L2 while every B panel passes it.
-BLOCK_M = 32
+# K summed with the C tiles held in registers: all of it for every VGG conv (K <= 4608);
+# past it K is cut in blocks (`_k_blocks`).
+BLOCK_K = 4608
+# A tile rows per panel: 8 rows (128 of A) over K = 4608 is 1.1 MB, in a core's 2 MB L2.
+BLOCK_M = 8
+# B tile columns per C block when K is cut: 8 x 16 C tiles (128 KB) stay in L2.
+BLOCK_N = 16
 
 # Below this many FLOPs a GEMM runs on the calling thread: handing work to the pool costs
 # about 0.1 ms, the time one core's AMX takes for some 1e8 FLOPs.
@@ -148,12 +150,12 @@ def _float32_bits(typingctx, x):
 
 @njit(**JIT)
 def _bf16_bits(value):
-    """`to_bf16` of one float32, for the packing kernels."""
+    """`to_bf16` of one float32, for the packing kernels (branch-free, so loops vectorise)."""
     u = _float32_bits(np.float32(value))
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16((u >> np.uint32(16)) | np.uint32(0x0040))
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-                     >> np.uint32(16))
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
+    is_nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(quiet_nan if is_nan else rounded)
 
 
 # ----------------------------------------------------------------------------------------
@@ -200,30 +202,44 @@ def _pack_a_tiles(A, tiles, m0, m1):
         for i in range(TILE_M):
             row = m * TILE_M + i
             for kb in range(Kb):
-                for k in range(TILE_K):
-                    col = kb * TILE_K + k
-                    if row < M and col < K:
-                        tiles[m, kb, i, k] = _bf16_bits(A[row, col])
-                    else:
-                        tiles[m, kb, i, k] = 0
+                k0 = kb * TILE_K
+                if row < M and k0 + TILE_K <= K:  # a whole row of 32: no edge tests
+                    for k in range(TILE_K):
+                        tiles[m, kb, i, k] = _bf16_bits(A[row, k0 + k])
+                else:
+                    for k in range(TILE_K):
+                        inside = row < M and k0 + k < K
+                        tiles[m, kb, i, k] = _bf16_bits(A[row, k0 + k]) if inside else 0
 
 
 @njit(**JIT)
-def _pack_b_tiles(B, tiles, n0, n1):
-    """tiles[n0:n1] of `Packed` B from B (K, N) float32, any strides, rounded to bf16."""
+def _pack_b_tiles(B, pairs, n0, n1):
+    """pairs[n0:n1] of `Packed` B from B (K, N) float32, any strides, rounded to bf16.
+
+    pairs: the tiles seen as uint32 (Nt, Kb, 16, 16), one VNNI pair per entry: B[k, j] in
+    the low half, B[k + 1, j] in the high half (x86 is little-endian), so the interleaving
+    is a shift and an or on whole rows, which LLVM vectorises.
+    """
     K, N = B.shape
-    Kb = tiles.shape[1]
+    Kb = pairs.shape[1]
     for n in range(n0, n1):
+        j0 = n * TILE_N
         for kb in range(Kb):
             for p in range(TILE_K // 2):
-                for h in range(2):
-                    row = kb * TILE_K + 2 * p + h
+                k = kb * TILE_K + 2 * p  # K rows k and k + 1 interleave in tile row p
+                if k + 1 < K and j0 + TILE_N <= N:
                     for j in range(TILE_N):
-                        col = n * TILE_N + j
-                        if row < K and col < N:
-                            tiles[n, kb, p, j, h] = _bf16_bits(B[row, col])
-                        else:
-                            tiles[n, kb, p, j, h] = 0
+                        low = np.uint32(_bf16_bits(B[k, j0 + j]))
+                        high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
+                        pairs[n, kb, p, j] = low | (high << np.uint32(16))
+                else:
+                    for j in range(TILE_N):
+                        low = high = np.uint32(0)
+                        if k < K and j0 + j < N:
+                            low = np.uint32(_bf16_bits(B[k, j0 + j]))
+                        if k + 1 < K and j0 + j < N:
+                            high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
+                        pairs[n, kb, p, j] = low | (high << np.uint32(16))
 
 
 def _as_matrix(x, name):
@@ -256,7 +272,8 @@ def pack_b(B, trans=False):
     K, N = B.shape
     tiles = np.empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
                      np.uint16)
-    _run(lambda n0, n1: _pack_b_tiles(B, tiles, n0, n1), tiles.shape[0], B.size)
+    pairs = tiles.view(np.uint32)[..., 0]
+    _run(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size)
     return Packed("B", tiles, K, N)
 
 
@@ -435,33 +452,32 @@ def _tile_block(a_tiles, b_tiles, C, m, n, two_m, two_n, kb0, kb1, first):
 
 
 @njit(**JIT)
-def _gemm_tiles(config, a_tiles, b_tiles, C, m0, m1, n0, n1, block_kb, block_m):
+def _gemm_tiles(config, a_tiles, b_tiles, C, m0, m1, n0, n1, block_kb, block_m, block_n):
     """C tiles [m0:m1, n0:n1] = A tiles [m0:m1] @ B tiles [n0:n1] over all of K, on this
-    thread. Loops, outer to inner: K blocks of block_kb tiles (one B panel in L1), A panels
-    of block_m tile rows (in L2), B column pairs, A row pairs.
+    thread. Loops, outer to inner: C blocks of block_m x block_n tiles (kept in L2 while
+    their sums grow), K blocks of block_kb tiles, B column pairs, A row pairs.
 
-    Every C tile sums its K blocks in order 0, 1, ..., whatever m0..n1 are: the bits of C
-    do not depend on how the tiles were shared out.
+    Every C tile sums its K blocks in order 0, 1, ..., whatever m0..n1 and the block sizes
+    are: the bits of C do not depend on how the tiles were shared out.
     """
     Kb = a_tiles.shape[1]
     _ldtilecfg(config)
-    for kb0 in range(0, Kb, block_kb):
-        kb1 = min(kb0 + block_kb, Kb)
-        for mb in range(m0, m1, block_m):
-            mb1 = min(mb + block_m, m1)
-            for n in range(n0, n1, 2):
-                for m in range(mb, mb1, 2):
-                    _tile_block(a_tiles, b_tiles, C, m, n, m + 1 < mb1, n + 1 < n1,
-                                kb0, kb1, kb0 == 0)
+    for mb0 in range(m0, m1, block_m):
+        mb1 = min(mb0 + block_m, m1)
+        for nb0 in range(n0, n1, block_n):
+            nb1 = min(nb0 + block_n, n1)
+            for kb0 in range(0, Kb, block_kb):
+                kb1 = min(kb0 + block_kb, Kb)
+                for n in range(nb0, nb1, 2):
+                    for m in range(mb0, mb1, 2):
+                        _tile_block(a_tiles, b_tiles, C, m, n, m + 1 < mb1, n + 1 < nb1,
+                                    kb0, kb1, kb0 == 0)
     _tilerelease()
 
 
 def _k_blocks(Kb):
-    """Tiles of K per block: BLOCK_K's worth, evened out so no block is a small remainder
-    (2304 = 72 tiles gives 5 blocks of 15 rather than 4 of 16 and one of 8)."""
+    """Tiles of K per block: all Kb up to BLOCK_K, else equal blocks of at most BLOCK_K."""
     per_block = BLOCK_K // TILE_K
-    if Kb <= per_block + per_block // 2:
-        return Kb
     return _ceil_div(Kb, _ceil_div(Kb, per_block))
 
 
@@ -592,12 +608,15 @@ def gemm_bf16(A, B, out=None, trans_a=False, trans_b=False, amx=None):
     return _gemm_packed(a, b, out)
 
 
-def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M):
+def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N):
     """C = the product of two `Packed` operands on AMX, on the runtime's threads.
 
     The output is shared out in bands of two tiles (32 rows or columns) along its longer
     side; each thread runs `_gemm_tiles` on a contiguous range of bands.
     """
+    available, reason = amx_available()
+    if not available:  # NOTE: without Linux's permission the first tile load is SIGILL
+        raise RuntimeError(f"AMX is not available: {reason}")
     (M, K), N = a.shape, b.shape[1]
     Mt, Nt, Kb = a.tiles.shape[0], b.tiles.shape[0], a.tiles.shape[1]
     exact = M == Mt * TILE_M and N == Nt * TILE_N
@@ -615,7 +634,8 @@ def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M):
             n0, n1, m0, m1 = 2 * band0, min(2 * band1, Nt), 0, Mt
         else:
             m0, m1, n0, n1 = 2 * band0, min(2 * band1, Mt), 0, Nt
-        _gemm_tiles(TILE_CONFIG, a.tiles, b.tiles, C, m0, m1, n0, n1, block_kb, block_m)
+        _gemm_tiles(TILE_CONFIG, a.tiles, b.tiles, C, m0, m1, n0, n1, block_kb, block_m,
+                    block_n)
 
     bands = _ceil_div(Nt if split_n else Mt, 2)
     if 2 * M * N * K < INLINE_FLOPS or num_threads() == 1:

@@ -78,7 +78,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, num_threads
 
@@ -137,15 +137,25 @@ def round_to_bf16(x):
     return from_bf16(to_bf16(x))
 
 
+def _float32_bits(x):
+    """The bit pattern of a float32 as uint32 (plain Python, for NUMBA_DISABLE_JIT=1)."""
+    return np.float32(x).view(np.uint32)
+
+
 @intrinsic
-def _float32_bits(typingctx, x):
-    """The bit pattern of a float32 as uint32 (a register bitcast)."""
+def _float32_bits_register(typingctx, x):
     if x != types.float32:
         return None
 
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(types.float32), codegen
+
+
+@overload(_float32_bits)
+def _float32_bits_compiled(x):
+    """In compiled code: a register bitcast."""
+    return lambda x: _float32_bits_register(x)
 
 
 @njit(**JIT)
@@ -522,6 +532,8 @@ def _hardware_reason():
         return f"this CPU has no {' and no '.join(missing)} (/proc/cpuinfo flags)"
     # NOTE: Numba may be told to compile for another CPU (portable caches); LLVM would then
     # abort the process on the first AMX instruction instead of raising.
+    if numba.config.DISABLE_JIT:
+        return "NUMBA_DISABLE_JIT is set, and the AMX instructions exist in compiled code only"
     cpu_name = numba.config.CPU_NAME
     if cpu_name and cpu_name != "host":
         return f"Numba compiles for NUMBA_CPU_NAME={cpu_name}, not this CPU's AMX"

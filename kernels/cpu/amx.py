@@ -96,6 +96,9 @@ BLOCK_M = 8
 # B tile columns per C block when K is cut: 8 x 16 C tiles (128 KB) stay in L2.
 BLOCK_N = 16
 
+# B tiles (16 columns each) `pack_b` fills at once, row by row of B: see `_pack_b_tiles`.
+PACK_B_TILES = 16
+
 # Below this many FLOPs a GEMM runs on the calling thread: handing work to the pool costs
 # about 0.1 ms, the time one core's AMX takes for some 1e8 FLOPs.
 INLINE_FLOPS = 1 << 26
@@ -232,24 +235,30 @@ def _pack_b_tiles(B, pairs, n0, n1):
     """
     K, N = B.shape
     Kb = pairs.shape[1]
-    for n in range(n0, n1):
-        j0 = n * TILE_N
+    # NOTE: a strip of PACK_B_TILES tiles (256 columns) at a time, down its K rows: each row
+    # of B is read 1 KB at a time and each tile written in order. Walking down one 16-column
+    # strip reads 64 bytes per row (a new page per read for conv1's N = 50176); walking
+    # whole rows of B scatters the writes over every tile at once.
+    for s0 in range(n0, n1, PACK_B_TILES):
+        s1 = min(s0 + PACK_B_TILES, n1)
         for kb in range(Kb):
             for p in range(TILE_K // 2):
                 k = kb * TILE_K + 2 * p  # K rows k and k + 1 interleave in tile row p
-                if k + 1 < K and j0 + TILE_N <= N:
-                    for j in range(TILE_N):
-                        low = np.uint32(_bf16_bits(B[k, j0 + j]))
-                        high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
-                        pairs[n, kb, p, j] = low | (high << np.uint32(16))
-                else:
-                    for j in range(TILE_N):
-                        low = high = np.uint32(0)
-                        if k < K and j0 + j < N:
+                for n in range(s0, s1):
+                    j0 = n * TILE_N
+                    if k + 1 < K and j0 + TILE_N <= N:
+                        for j in range(TILE_N):
                             low = np.uint32(_bf16_bits(B[k, j0 + j]))
-                        if k + 1 < K and j0 + j < N:
                             high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
-                        pairs[n, kb, p, j] = low | (high << np.uint32(16))
+                            pairs[n, kb, p, j] = low | (high << np.uint32(16))
+                    else:
+                        for j in range(TILE_N):
+                            low = high = np.uint32(0)
+                            if k < K and j0 + j < N:
+                                low = np.uint32(_bf16_bits(B[k, j0 + j]))
+                            if k + 1 < K and j0 + j < N:
+                                high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
+                            pairs[n, kb, p, j] = low | (high << np.uint32(16))
 
 
 def _as_matrix(x, name):

@@ -33,10 +33,10 @@ def random_operands(M, K, N, seed=0):
 
 
 def reference(A, B):
-    """float64 product of the bf16-rounded operands, and |A| @ |B| for the error bound."""
-    a = amx.round_to_bf16(A).astype(np.float64)
-    b = amx.round_to_bf16(B).astype(np.float64)
-    return a @ b, np.abs(a) @ np.abs(b)
+    """`amx.reference_gemm_bf16` (float64 product of the bf16-rounded operands), and
+    |A| @ |B| of those operands for the error bound."""
+    return (amx.reference_gemm_bf16(A, B),
+            amx.reference_gemm_bf16(np.abs(A), np.abs(B)))
 
 
 def assert_fp32_sum_of(C, A, B):

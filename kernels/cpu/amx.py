@@ -15,13 +15,14 @@ one instruction, 16 × 16 × 32 multiply-adds. **The VNNI layout**: tdpbf16ps mu
 B[2p, j], B[2p + 1, j] side by side (`pack_b` writes B that way; row p of a B tile is K-rows
 2p and 2p + 1 of B, interleaved). A row of an A tile is just 32 consecutive K values.
 
-**Why accumulation stays fp32.** bf16 keeps float32's 8-bit exponent but only 8 bits of
-significand (about 2.4 decimal digits), so one rounding of each operand costs a relative
-error of at most 2^-9. The product of two bf16 numbers fits exactly in fp32, and the sums
-over K (1152 terms in conv2_1, 4608 in conv5) are kept in fp32 tiles: a sum rounded to bf16
-at each step would lose everything below 2^-9 of the running total, so a long dot product
-would stop growing once its terms are 2^-9 of it. tdpbf16ps does exactly this (fp32
-accumulation), and the output is fp32: only the inputs are rounded. NOTE: tdpbf16ps treats
+**Why accumulation stays fp32.** bf16 keeps float32's 8-bit exponent but only 8 significant
+bits (7 stored; about 2.4 decimal digits), so rounding an operand costs a relative error of
+at most 2^-8 (float32: 2^-24). The product of two bf16 numbers is exact in fp32, and the
+sums over K (1152 terms in conv2_2, 4608 in conv5_x) are kept in fp32 tiles. A sum rounded
+to bf16 at every step would drop each term below half a bf16 ulp of the running total
+(about 2^-8 of it): a long dot product of similar terms stops growing after a few hundred,
+and every step adds an error of up to 2^-8 of the total. So tdpbf16ps accumulates in fp32,
+the output stays fp32, and only the operands are rounded. NOTE: tdpbf16ps treats
 bf16 subnormal inputs as zero and flushes subnormal results (Intel SDM); the fp32 fallback
 does not, so the two paths differ on numbers below 1.2e-38.
 
@@ -56,7 +57,8 @@ runs as 2 × 1, 1 × 2 or 1 × 1 (no work on tiles of padding only).
 **Permission.** Linux gives a process AMX's 8 KB of tile state only after it asks once
 (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+); we ask on first use,
 so processes that never run a bf16 GEMM (data-loader workers) never ask. A forked child
-inherits the permission (it is cleared by exec); we ask again per process id anyway.
+inherits the permission and exec clears it (seen on Linux 6.18); we ask once per process
+id, so a child asks again, which costs one system call.
 
 **Machines without AMX** (or `MINIVGG_DISABLE_AMX=1`, or `gemm_bf16(..., amx=False)`): the
 same bf16-rounded operands go through NumPy's fp32 matmul, the same numbers up to
@@ -64,9 +66,10 @@ summation order; a warning says once that bf16 is not faster there and which fea
 missing (`amx_available()`). The AMX kernels are compiled only after the CPU check, since
 LLVM aborts the process when asked to emit AMX for a CPU without it.
 
-Check the machine code: `_tile_block.inspect_asm(_tile_block.signatures[0])` contains
-`tdpbf16ps` (tests/test_amx.py does). Measured throughput against PyTorch's bf16 matmul:
-benchmarks/bench_gemm.py, the table "GEMM, bf16 AMX" in benchmarks/README.md.
+The machine code of `_gemm_tiles` holds ldtilecfg, tileloadd, tdpbf16ps, tilestored and
+tilerelease (tests/test_amx.py reads it with Numba's `inspect_asm`). Measured GFLOP/s
+against PyTorch's bf16 matmul and NumPy's fp32 one: `benchmarks/bench_gemm.py`, its table
+"GEMM, bf16 AMX" in benchmarks/README.md (taken on a quiet machine; none is recorded yet).
 """
 
 import ctypes
@@ -80,7 +83,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from minivgg.kernels.cpu.runtime import JIT, map_ranges, num_threads
+from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
 # Tile geometry: rows per tile, bf16 per A-tile row (K per tdpbf16ps), fp32 per C-tile row.
 TILE_M = 16
@@ -99,8 +102,8 @@ BLOCK_N = 16
 # B tiles (16 columns each) `pack_b` fills at once, row by row of B: see `_pack_b_tiles`.
 PACK_B_TILES = 16
 
-# Below this many FLOPs a GEMM runs on the calling thread: handing work to the pool costs
-# about 0.1 ms, the time one core's AMX takes for some 1e8 FLOPs.
+# Below this many FLOPs (6.7e7, well under 0.1 ms of two cores' AMX) a GEMM runs on the
+# calling thread: handing work to the pool costs about 0.1 ms (runtime.py).
 INLINE_FLOPS = 1 << 26
 
 # Linux's arch_prctl(2) codes (asm/prctl.h) and the tile-data state component (18).
@@ -275,7 +278,7 @@ def pack_a(A, trans=False):
         A = A.T
     M, K = A.shape
     tiles = np.empty((_ceil_div(M, TILE_M), _ceil_div(K, TILE_K), TILE_M, TILE_K), np.uint16)
-    _run(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size)
+    map_ranges(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size)
     return Packed("A", tiles, M, K)
 
 
@@ -292,13 +295,8 @@ def pack_b(B, trans=False):
     tiles = np.empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
                      np.uint16)
     pairs = tiles.view(np.uint32)[..., 0]
-    _run(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size)
+    map_ranges(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size)
     return Packed("B", tiles, K, N)
-
-
-def _run(job, n_items, elements):
-    """map_ranges for memory-bound work (packing): small ones on this thread."""
-    map_ranges(job, n_items, elements)
 
 
 # ----------------------------------------------------------------------------------------
@@ -423,8 +421,8 @@ def _tile_block(a_tiles, b_tiles, C, m, n, two_m, two_n, kb0, kb1, first):
                           C2 = C[m+1, n]   C3 = C[m+1, n+1]   A5 = A[m+1]   B7 = B[n+1]
 
     first: the C tiles start from zero, else from C. a_tiles, b_tiles: `Packed.tiles`;
-    C (M, N) float32, C-contiguous, M and N multiples of 16. The plain loop this replaces is
-    `reference_gemm_bf16` (C = bf16(A) @ bf16(B) with fp32 sums).
+    C (M, N) float32, C-contiguous, M and N multiples of 16. What it computes, plainly:
+    `reference_gemm_bf16` (C = bf16(A) @ bf16(B), summed in fp32 here).
     """
     Kb = a_tiles.shape[1]                     # K blocks per packed row (A and B alike)
     stride = C.shape[1] * 4                   # bytes between rows of C
@@ -659,7 +657,7 @@ def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N
                     block_n)
 
     bands = _ceil_div(Nt if split_n else Mt, 2)
-    if 2 * M * N * K < INLINE_FLOPS or num_threads() == 1:
+    if 2 * M * N * K < INLINE_FLOPS:
         job(0, bands)
     else:
         map_ranges(job, bands)
@@ -672,7 +670,8 @@ def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N
 
 
 def reference_gemm_bf16(A, B):
-    """The plain definition: float64 product of the bf16-rounded operands, as float32
-    (the exact sum of the exact products, rounded once; the kernel rounds as it sums)."""
-    return (round_to_bf16(A).astype(np.float64) @ round_to_bf16(B).astype(np.float64)
-            ).astype(np.float32)
+    """The definition the kernel is held to: the float64 product of the bf16-rounded
+    operands (exact products, exact-ish sums). The kernel differs from it by its fp32 sums;
+    tdpbf16ps's internal rounding is not documented to the bit, so no simple fp32 loop
+    reproduces its bits (pairwise, sequential and per-tile orders were tried)."""
+    return round_to_bf16(A).astype(np.float64) @ round_to_bf16(B).astype(np.float64)

@@ -146,6 +146,14 @@ def test_pack_a_and_pack_b_match_loops_over_the_layout(shape):
     assert np.array_equal(amx.pack_b(X).unpack(), amx.round_to_bf16(X))
 
 
+def test_packed_tiles_start_on_a_cache_line():
+    # a tile row that straddles two cache lines costs a second line on every load
+    for shape in [(1, 1), (300, 700), (2000, 1152)]:
+        X = np.ones(shape, np.float32)
+        assert amx.pack_a(X).tiles.ctypes.data % 64 == 0
+        assert amx.pack_b(X).tiles.ctypes.data % 64 == 0
+
+
 def test_pack_of_a_transposed_view_equals_pack_of_the_copy():
     X = np.random.default_rng(2).standard_normal((45, 70)).astype(np.float32)
     assert np.array_equal(amx.pack_a(X, trans=True).tiles, amx.pack_a(X.T.copy()).tiles)

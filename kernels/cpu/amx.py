@@ -209,6 +209,19 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+def aligned_empty(shape, dtype, alignment=64):
+    """np.empty whose data starts on a cache line (64 bytes).
+
+    NOTE: NumPy's large arrays start 16 bytes past a line (malloc's header), so every
+    64-byte tile row would straddle two lines and a tile load touch 32 lines, not 16.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 @njit(**JIT)
 def _pack_a_tiles(A, tiles, m0, m1):
     """tiles[m0:m1] of `Packed` A from A (M, K) float32, any strides, rounded to bf16."""
@@ -277,7 +290,8 @@ def pack_a(A, trans=False):
     if trans:
         A = A.T
     M, K = A.shape
-    tiles = np.empty((_ceil_div(M, TILE_M), _ceil_div(K, TILE_K), TILE_M, TILE_K), np.uint16)
+    tiles = aligned_empty((_ceil_div(M, TILE_M), _ceil_div(K, TILE_K), TILE_M, TILE_K),
+                          np.uint16)
     map_ranges(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size)
     return Packed("A", tiles, M, K)
 
@@ -292,8 +306,8 @@ def pack_b(B, trans=False):
     if trans:
         B = B.T
     K, N = B.shape
-    tiles = np.empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
-                     np.uint16)
+    tiles = aligned_empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
+                          np.uint16)
     pairs = tiles.view(np.uint32)[..., 0]
     map_ranges(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size)
     return Packed("B", tiles, K, N)
@@ -642,9 +656,9 @@ def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N
     if exact and out is not None and out.flags.c_contiguous:
         C = out
     elif exact and out is None:
-        C = np.empty((M, N), np.float32)
+        C = aligned_empty((M, N), np.float32)
     else:  # whole tiles into a padded C (or a contiguous one), the valid part copied out
-        C = np.empty((Mt * TILE_M, Nt * TILE_N), np.float32)
+        C = aligned_empty((Mt * TILE_M, Nt * TILE_N), np.float32)
     block_kb = block_kb or _k_blocks(Kb)
     split_n = Nt >= Mt
 

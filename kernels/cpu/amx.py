@@ -35,11 +35,14 @@ tdpbf16ps and so does each B tile, four multiplies per four 1 KB loads:
     A5    [ C2 ]  [ C3 ]          C0 += A4 B6, C1 += A4 B7, C2 += A5 B6, C3 += A5 B7
 
 Both operands are packed first (`pack_a`, `pack_b`) so that every tile is 1 KB of contiguous
-memory (rows 64 bytes apart) and a 32-column panel of B walks memory in order along K.
+memory starting on a cache line (each 64-byte row one line) and a 32-column panel of B walks
+memory in order along K.
 Around the 2 × 2 kernel, A is cut in panels of `BLOCK_M` tile rows (a panel over all of K,
 BLOCK_M KB per 32 of K, stays in L2 while every 32-column B panel passes it). The C tiles
-stay in tile registers over all of K, up to `BLOCK_K`: short probes on the VGG shapes found
-every cut of K slower (a C tile stored and soon loaded again stalls the kernel). Past
+stay in tile registers over all of K, up to `BLOCK_K`. Single-thread probes on the VGG conv
+shapes found no cut of K faster overall (K blocks of 256 with C blocks of 256 × 256 kept in
+L2, panels in L1, won on K = 4608 and lost more elsewhere; numbers belong in
+benchmarks/README.md once taken on a quiet machine). Past
 BLOCK_K (fc6's 25088) K is cut in blocks, and C in blocks of BLOCK_M × BLOCK_N tiles that stay
 in L2 while their sums grow; the C tiles are stored and reloaded between K blocks (exact).
 

@@ -103,7 +103,8 @@ BLOCK_M = 8
 BLOCK_N = 16
 
 # B tiles (16 columns each) `pack_b` fills at once, row by row of B: see `_pack_b_tiles`.
-PACK_B_TILES = 16
+# 32 (2 KB of each row of B per visit) packed fastest of 8-128 in single-thread probes.
+PACK_B_TILES = 32
 
 # Below this many FLOPs (6.7e7, well under 0.1 ms of two cores' AMX) a GEMM runs on the
 # calling thread: handing work to the pool costs about 0.1 ms (runtime.py).
@@ -254,8 +255,8 @@ def _pack_b_tiles(B, pairs, n0, n1):
     """
     K, N = B.shape
     Kb = pairs.shape[1]
-    # NOTE: a strip of PACK_B_TILES tiles (256 columns) at a time, down its K rows: each row
-    # of B is read 1 KB at a time and each tile written in order. Walking down one 16-column
+    # NOTE: a strip of PACK_B_TILES tiles (512 columns) at a time, down its K rows: each row
+    # of B is read 2 KB at a time and each tile written in order. Walking down one 16-column
     # strip reads 64 bytes per row (a new page per read for conv1's N = 50176); walking
     # whole rows of B scatters the writes over every tile at once.
     for s0 in range(n0, n1, PACK_B_TILES):

@@ -219,7 +219,7 @@ def test_gemm_bf16_rejects_mismatched_shapes_and_swapped_packs():
 # ----------------------------------------------------------------------------------------
 
 # big enough (above INLINE_FLOPS) to go through the pool; split along N, then along M
-THREAD_SHAPES = [(96, 576, 1040), (1040, 576, 80)]
+THREAD_SHAPES = [(96, 1152, 1300), (1300, 1152, 96)]
 
 
 @requires_amx
@@ -241,9 +241,10 @@ def test_gemm_bf16_same_bits_in_fresh_processes_with_one_and_two_threads():
     # a fresh interpreter also asks Linux for the tile state itself
     script = ("import hashlib, numpy as np; from minivgg.kernels.cpu import amx; "
               "rng = np.random.default_rng(7); "
-              "A = rng.standard_normal((200, 1152)).astype(np.float32); "
-              "B = rng.standard_normal((1152, 300)).astype(np.float32); "
+              "A = rng.standard_normal((260, 1152)).astype(np.float32); "
+              "B = rng.standard_normal((1152, 500)).astype(np.float32); "
               "print(amx.amx_available()[0], hashlib.sha1(amx.gemm_bf16(A, B)).hexdigest())")
+    assert 2 * 260 * 1152 * 500 > amx.INLINE_FLOPS  # so two threads share it
     outputs = []
     for threads in ("1", "2"):
         env = dict(os.environ, NUMBA_NUM_THREADS=threads)

@@ -106,9 +106,10 @@ BLOCK_N = 16
 # 32 (2 KB of each row of B per visit) packed fastest of 8-128 in single-thread probes.
 PACK_B_TILES = 32
 
-# Below this many FLOPs (6.7e7, well under 0.1 ms of two cores' AMX) a GEMM runs on the
-# calling thread: handing work to the pool costs about 0.1 ms (runtime.py).
-INLINE_FLOPS = 1 << 26
+# Below this many FLOPs (2.7e8) a GEMM runs on the calling thread. Two threads take
+# F / (2 R) + h against one thread's F / R, h the pool's hand-off (about 0.1 ms, runtime.py),
+# so they win when F > 2 R h: about 2.4e8 FLOPs at R = 1.2e12 FLOP/s per core.
+INLINE_FLOPS = 1 << 28
 
 # Linux's arch_prctl(2) codes (asm/prctl.h) and the tile-data state component (18).
 _SYS_ARCH_PRCTL = 158

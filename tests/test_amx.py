@@ -97,6 +97,14 @@ def test_to_bf16_matches_pytorch_on_random_bit_patterns():
     assert np.isnan(ours[~numbers]).all()
 
 
+def test_round_to_bf16_is_to_bf16_then_from_bf16_bit_for_bit():
+    bits = np.random.default_rng(3).integers(0, 2**32, 300_004, dtype=np.uint64)
+    x = np.concatenate([bits.astype(np.uint32), np.array(list(CRAFTED), np.uint32)])
+    x = x.view(np.float32).reshape(-1, 7)  # 300,020 values: any shape, on the pool
+    expected = amx.from_bf16(amx.to_bf16(x))
+    assert np.array_equal(amx.round_to_bf16(x).view(np.uint32), expected.view(np.uint32))
+
+
 def test_from_bf16_inverts_to_bf16_on_bf16_values():
     u = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
     x = amx.from_bf16(u)

@@ -590,8 +590,8 @@ def amx_available():
     """(True, "") when `gemm_bf16` runs on AMX tiles here, else (False, why not).
 
     Why not: MINIVGG_DISABLE_AMX=1 is set, not x86-64 Linux, a CPU without amx_tile /
-    amx_bf16, Numba compiling for another CPU, or Linux refusing the tile state. The first
-    call in a process that can use AMX asks Linux for it.
+    amx_bf16, NUMBA_DISABLE_JIT=1 or Numba compiling for another CPU, or Linux refusing the
+    tile state. The first call in a process that can use AMX asks Linux for it.
     """
     if os.environ.get("MINIVGG_DISABLE_AMX", "") not in ("", "0"):
         return False, "MINIVGG_DISABLE_AMX is set"

@@ -263,6 +263,21 @@ def test_gemm_bf16_same_bits_in_fresh_processes_with_one_and_two_threads():
     assert outputs[0] == outputs[1] and outputs[0][0] == "True"
 
 
+@pytest.mark.parametrize("use_amx", PATHS)
+def test_gemm_bf16_inside_the_pools_jobs_runs_on_their_threads(use_amx, monkeypatch):
+    # what a conv layer does per chunk; a nested map_ranges would wait on the busy pool
+    from minivgg.kernels.cpu.runtime import map_ranges
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    A, B = random_operands(*THREAD_SHAPES[0], seed=11)
+    whole = amx.gemm_bf16(A, B, amx=use_amx)
+    halves = map_ranges(lambda i0, i1: amx.gemm_bf16(
+        A, B[:, i0 * 650:i1 * 650], amx=use_amx, parallel=False), 2)
+    if use_amx:  # each C tile summed the same way whatever the split
+        assert np.array_equal(np.hstack(halves), whole)
+    else:  # BLAS may pick another kernel for half the columns
+        assert_fp32_sum_of(np.hstack(halves), A, B)
+
+
 # ----------------------------------------------------------------------------------------
 # AMX against the fallback, the machine code, the missing-AMX message
 # ----------------------------------------------------------------------------------------

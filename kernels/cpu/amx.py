@@ -143,17 +143,18 @@ def from_bf16(u):
     return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def round_to_bf16(x):
+def round_to_bf16(x, parallel=True):
     """x rounded to the nearest bf16 value, as float32 (what the AMX kernel multiplies).
 
     `from_bf16(to_bf16(x))` in one compiled pass on the runtime's threads (the fallback
-    rounds whole im2col matrices with it; NumPy's version makes five passes).
+    rounds whole im2col matrices with it; NumPy's version makes five passes). parallel:
+    see `gemm_bf16`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = np.empty(x.shape, np.uint32)
     flat_x, flat_bits = x.reshape(-1), bits.reshape(-1)
-    map_ranges(lambda i0, i1: _round_range(flat_x, flat_bits, i0, i1), flat_x.size,
-               flat_x.size)
+    _spread(lambda i0, i1: _round_range(flat_x, flat_bits, i0, i1), flat_x.size,
+            flat_x.size, parallel)
     return bits.view(np.float32)
 
 
@@ -228,6 +229,14 @@ class Packed:
 
 def _ceil_div(a, b):
     return -(-a // b)
+
+
+def _spread(job, n_items, elements, parallel):
+    """`runtime.map_ranges`, or job(0, n_items) on this thread when not parallel."""
+    if parallel:
+        map_ranges(job, n_items, elements)
+    elif n_items:
+        job(0, n_items)
 
 
 def aligned_empty(shape, dtype, alignment=64):
@@ -305,23 +314,25 @@ def _as_matrix(x, name):
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
-def pack_a(A, trans=False):
-    """`Packed` A of A (M, K) (A.T (M, K) of A (K, M) with trans=True), bf16 RNE."""
+def pack_a(A, trans=False, parallel=True):
+    """`Packed` A of A (M, K) (A.T (M, K) of A (K, M) with trans=True), bf16 RNE.
+    parallel: see `gemm_bf16`."""
     A = _as_matrix(A, "A")
     if trans:
         A = A.T
     M, K = A.shape
     tiles = aligned_empty((_ceil_div(M, TILE_M), _ceil_div(K, TILE_K), TILE_M, TILE_K),
                           np.uint16)
-    map_ranges(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size)
+    _spread(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size, parallel)
     return Packed("A", tiles, M, K)
 
 
-def pack_b(B, trans=False):
+def pack_b(B, trans=False, parallel=True):
     """`Packed` B of B (K, N) (B.T (K, N) of B (N, K) with trans=True), bf16 RNE, VNNI.
 
     A layer that multiplies by the same weights many times packs them once and passes the
-    `Packed` to `gemm_bf16` (`pack_a` likewise for weights on the left).
+    `Packed` to `gemm_bf16` (`pack_a` likewise for weights on the left). parallel: see
+    `gemm_bf16`.
     """
     B = _as_matrix(B, "B")
     if trans:
@@ -330,7 +341,7 @@ def pack_b(B, trans=False):
     tiles = aligned_empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
                           np.uint16)
     pairs = tiles.view(np.uint32)[..., 0]
-    map_ranges(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size)
+    _spread(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size, parallel)
     return Packed("B", tiles, K, N)
 
 
@@ -622,13 +633,16 @@ def _warn_fallback(reason):
 # The GEMM
 # ----------------------------------------------------------------------------------------
 
-def gemm_bf16(A, B, out=None, trans_a=False, trans_b=False, amx=None):
+def gemm_bf16(A, B, out=None, trans_a=False, trans_b=False, amx=None, parallel=True):
     """C (M, N) float32 = bf16(A) @ bf16(B), summed in fp32.
 
     A: (M, K) float32 (or (K, M) with trans_a) or a `pack_a` result; B: (K, N) (or (N, K)
     with trans_b) or a `pack_b` result. Operands are rounded to bf16 to nearest even; any
     M, N, K >= 1. out: an (M, N) float32 array to write into. amx: None uses AMX where
-    `amx_available()`, False forces the fp32 fallback (True insists on AMX).
+    `amx_available()`, False forces the fp32 fallback (True insists on AMX). parallel=False
+    keeps all the work on the calling thread: NOTE: pass it from inside a job of
+    `runtime.map_ranges` (a conv layer's chunk), where a nested map_ranges would wait for
+    the pool's own busy threads.
 
     Results are the same bits at any thread count. The fallback gives the same numbers up
     to the order of the fp32 sums (and subnormals, see the module docstring).
@@ -653,16 +667,17 @@ def gemm_bf16(A, B, out=None, trans_a=False, trans_b=False, amx=None):
     elif not use_amx:
         _warn_fallback(reason)
     if not use_amx:
-        a_values = a.unpack() if a else round_to_bf16(A.T if trans_a else A)
-        b_values = b.unpack() if b else round_to_bf16(B.T if trans_b else B)
+        a_values = a.unpack() if a else round_to_bf16(A.T if trans_a else A, parallel)
+        b_values = b.unpack() if b else round_to_bf16(B.T if trans_b else B, parallel)
         return np.matmul(a_values, b_values, out=out)
 
-    a = a or pack_a(A, trans_a)
-    b = b or pack_b(B, trans_b)
-    return _gemm_packed(a, b, out)
+    a = a or pack_a(A, trans_a, parallel)
+    b = b or pack_b(B, trans_b, parallel)
+    return _gemm_packed(a, b, out, parallel=parallel)
 
 
-def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N):
+def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N,
+                 parallel=True):
     """C = the product of two `Packed` operands on AMX, on the runtime's threads.
 
     The output is shared out in bands of two tiles (32 rows or columns) along its longer
@@ -692,7 +707,7 @@ def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N
                     block_n)
 
     bands = _ceil_div(Nt if split_n else Mt, 2)
-    if 2 * M * N * K < INLINE_FLOPS:
+    if 2 * M * N * K < INLINE_FLOPS or not parallel:
         job(0, bands)
     else:
         map_ranges(job, bands)

@@ -116,8 +116,8 @@ def time_calls(fns, warmup, repeats):
 
 def minivgg_worker(shapes, args):
     import numpy as np
-    from minivgg.kernels.cpu import amx
-    available, reason = amx.amx_available()
+    from minivgg.kernels.cpu import amx, amx_isa
+    available, reason = amx_isa.amx_available()
     if not available:
         raise SystemExit(f"no AMX on this machine ({reason}): nothing to benchmark")
     results = {}

@@ -15,9 +15,9 @@ import warnings
 import numpy as np
 import pytest
 
-from minivgg.kernels.cpu import amx
+from minivgg.kernels.cpu import amx, amx_isa, bf16
 
-AMX, WHY_NOT = amx.amx_available()
+AMX, WHY_NOT = amx_isa.amx_available()
 requires_amx = pytest.mark.skipif(not AMX, reason=f"no AMX here: {WHY_NOT}")
 
 # (M, K, N): tiny, odd (edges in every dimension), conv1_1's K = 27, VGG-like large ones
@@ -33,10 +33,10 @@ def random_operands(M, K, N, seed=0):
 
 
 def reference(A, B):
-    """`amx.reference_gemm_bf16` (float64 product of the bf16-rounded operands), and
+    """`bf16.reference_gemm_bf16` (float64 product of the bf16-rounded operands), and
     |A| @ |B| of those operands for the error bound."""
-    return (amx.reference_gemm_bf16(A, B),
-            amx.reference_gemm_bf16(np.abs(A), np.abs(B)))
+    return (bf16.reference_gemm_bf16(A, B),
+            bf16.reference_gemm_bf16(np.abs(A), np.abs(B)))
 
 
 def assert_fp32_sum_of(C, A, B):
@@ -74,15 +74,15 @@ CRAFTED = {
 
 def test_to_bf16_rounds_crafted_bit_patterns_to_nearest_even():
     bits = np.array(list(CRAFTED), np.uint32)
-    assert amx.to_bf16(bits.view(np.float32)).tolist() == list(CRAFTED.values())
+    assert bf16.to_bf16(bits.view(np.float32)).tolist() == list(CRAFTED.values())
 
 
 @pytest.mark.parametrize("nan_bits", [0x7F800001, 0x7FC00000, 0xFFFFFFFF, 0x7FFFFFFF,
                                       0xFF800001])
 def test_to_bf16_keeps_every_nan_a_nan(nan_bits):
     # 0x7F800001 would round to inf (0x7F80) if NaNs were rounded like numbers
-    out = amx.to_bf16(np.array([nan_bits], np.uint32).view(np.float32))
-    assert np.isnan(amx.from_bf16(out))[0]
+    out = bf16.to_bf16(np.array([nan_bits], np.uint32).view(np.float32))
+    assert np.isnan(bf16.from_bf16(out))[0]
     assert out[0] >> 15 == nan_bits >> 31  # sign kept
 
 
@@ -90,7 +90,7 @@ def test_to_bf16_matches_pytorch_on_random_bit_patterns():
     torch = pytest.importorskip("torch")
     bits = np.random.default_rng(0).integers(0, 2**32, 200_000, dtype=np.uint64)
     x = bits.astype(np.uint32).view(np.float32)
-    ours = amx.from_bf16(amx.to_bf16(x))
+    ours = bf16.from_bf16(bf16.to_bf16(x))
     theirs = torch.from_numpy(x).bfloat16().float().numpy()
     numbers = ~np.isnan(x)
     assert np.array_equal(ours[numbers].view(np.uint32), theirs[numbers].view(np.uint32))
@@ -101,15 +101,15 @@ def test_round_to_bf16_is_to_bf16_then_from_bf16_bit_for_bit():
     bits = np.random.default_rng(3).integers(0, 2**32, 300_004, dtype=np.uint64)
     x = np.concatenate([bits.astype(np.uint32), np.array(list(CRAFTED), np.uint32)])
     x = x.view(np.float32).reshape(-1, 7)  # 300,020 values: any shape, on the pool
-    expected = amx.from_bf16(amx.to_bf16(x))
-    assert np.array_equal(amx.round_to_bf16(x).view(np.uint32), expected.view(np.uint32))
+    expected = bf16.from_bf16(bf16.to_bf16(x))
+    assert np.array_equal(bf16.round_to_bf16(x).view(np.uint32), expected.view(np.uint32))
 
 
 def test_from_bf16_inverts_to_bf16_on_bf16_values():
     u = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
-    x = amx.from_bf16(u)
+    x = bf16.from_bf16(u)
     numbers = ~np.isnan(x)
-    assert np.array_equal(amx.to_bf16(x)[numbers], u[numbers])
+    assert np.array_equal(bf16.to_bf16(x)[numbers], u[numbers])
 
 
 def test_packing_kernels_round_like_to_bf16():
@@ -117,7 +117,7 @@ def test_packing_kernels_round_like_to_bf16():
     x = np.array(list(CRAFTED) + [0x7F800001, 0xFF800001], np.uint32).view(np.float32)
     A = x.reshape(1, -1)
     assert np.array_equal(amx.pack_a(A).tiles[0].transpose(1, 0, 2).reshape(16, -1)[0, :x.size],
-                          amx.to_bf16(x))
+                          bf16.to_bf16(x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_packing_kernels_round_like_to_bf16():
 
 def pack_a_loops(A):
     M, K = A.shape
-    bits = amx.to_bf16(A)
+    bits = bf16.to_bf16(A)
     tiles = np.zeros((-(-M // 16), -(-K // 32), 16, 32), np.uint16)
     for r in range(M):
         for c in range(K):
@@ -136,7 +136,7 @@ def pack_a_loops(A):
 
 def pack_b_loops(B):
     K, N = B.shape
-    bits = amx.to_bf16(B)
+    bits = bf16.to_bf16(B)
     tiles = np.zeros((-(-N // 16), -(-K // 32), 16, 16, 2), np.uint16)
     for r in range(K):
         for c in range(N):
@@ -150,8 +150,8 @@ def test_pack_a_and_pack_b_match_loops_over_the_layout(shape):
     X = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     assert np.array_equal(amx.pack_a(X).tiles, pack_a_loops(X))
     assert np.array_equal(amx.pack_b(X).tiles, pack_b_loops(X))
-    assert np.array_equal(amx.pack_a(X).unpack(), amx.round_to_bf16(X))
-    assert np.array_equal(amx.pack_b(X).unpack(), amx.round_to_bf16(X))
+    assert np.array_equal(amx.pack_a(X).unpack(), bf16.round_to_bf16(X))
+    assert np.array_equal(amx.pack_b(X).unpack(), bf16.round_to_bf16(X))
 
 
 def test_packed_tiles_start_on_a_cache_line():
@@ -247,11 +247,11 @@ def test_gemm_bf16_same_bits_at_any_thread_count(shape, monkeypatch):
 @requires_amx
 def test_gemm_bf16_same_bits_in_fresh_processes_with_one_and_two_threads():
     # a fresh interpreter also asks Linux for the tile state itself
-    script = ("import hashlib, numpy as np; from minivgg.kernels.cpu import amx; "
+    script = ("import hashlib, numpy as np; from minivgg.kernels.cpu import amx, amx_isa; "
               "rng = np.random.default_rng(7); "
               "A = rng.standard_normal((260, 1152)).astype(np.float32); "
               "B = rng.standard_normal((1152, 500)).astype(np.float32); "
-              "print(amx.amx_available()[0], hashlib.sha1(amx.gemm_bf16(A, B)).hexdigest())")
+              "print(amx_isa.amx_available()[0], hashlib.sha1(amx.gemm_bf16(A, B)).hexdigest())")
     assert 2 * 260 * 1152 * 500 > amx.INLINE_FLOPS  # so two threads share it
     outputs = []
     for threads in ("1", "2"):
@@ -307,7 +307,7 @@ def test_the_compiled_kernel_multiplies_with_tdpbf16ps():
     C = np.empty((32, 32), np.float32)
     # NOTE: Numba shows no assembly for code loaded from its cache: compile a fresh copy
     fresh = numba.njit(nogil=True)(amx._gemm_tiles.py_func)
-    fresh(amx.TILE_CONFIG, a.tiles, b.tiles, C, 0, 2, 0, 2, 2, amx.BLOCK_M, amx.BLOCK_N)
+    fresh(amx_isa.TILE_CONFIG, a.tiles, b.tiles, C, 0, 2, 0, 2, 2, amx.BLOCK_M, amx.BLOCK_N)
     assert_fp32_sum_of(C, A, B)
     asm = fresh.inspect_asm(fresh.signatures[0])
     for instruction in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease"):
@@ -316,8 +316,8 @@ def test_the_compiled_kernel_multiplies_with_tdpbf16ps():
 
 def test_disable_variable_forces_the_fallback_and_warns_once(monkeypatch):
     monkeypatch.setenv("MINIVGG_DISABLE_AMX", "1")
-    monkeypatch.setattr(amx, "_warned", [])
-    assert amx.amx_available() == (False, "MINIVGG_DISABLE_AMX is set")
+    monkeypatch.setattr(amx_isa, "_warned", [])
+    assert amx_isa.amx_available() == (False, "MINIVGG_DISABLE_AMX is set")
     A, B = random_operands(17, 33, 31, seed=9)
     with pytest.warns(RuntimeWarning, match="MINIVGG_DISABLE_AMX"):
         C = amx.gemm_bf16(A, B)
@@ -331,10 +331,10 @@ def test_disable_variable_forces_the_fallback_and_warns_once(monkeypatch):
 
 def test_a_cpu_without_amx_is_named_and_still_computes(monkeypatch):
     monkeypatch.delenv("MINIVGG_DISABLE_AMX", raising=False)
-    monkeypatch.setattr(amx, "_cpu_flags", lambda: {"avx512f", "amx_tile"})
-    monkeypatch.setattr(amx, "_hardware", {})
-    monkeypatch.setattr(amx, "_warned", [])
-    available, reason = amx.amx_available()
+    monkeypatch.setattr(amx_isa, "_cpu_flags", lambda: {"avx512f", "amx_tile"})
+    monkeypatch.setattr(amx_isa, "_hardware", {})
+    monkeypatch.setattr(amx_isa, "_warned", [])
+    available, reason = amx_isa.amx_available()
     assert not available and "amx_bf16" in reason and "amx_tile" not in reason
     A, B = random_operands(20, 40, 30, seed=10)
     with pytest.warns(RuntimeWarning, match="no faster than fp32 here: .*amx_bf16"):

@@ -1,5 +1,9 @@
 """A bf16 GEMM on Intel AMX tiles: C (M, N) float32 = bf16(A) (M, K) @ bf16(B) (K, N).
 
+Three modules: `bf16.py` (the numbers: rounding, the reference product), `amx_isa.py` (the
+tile instructions from Numba, and whether this process may use them) and this one (the
+packed layouts, the tile kernel, the threads).
+
 **Tiles.** AMX adds eight tile registers, each up to 16 rows of 64 bytes, a tile
 configuration (`ldtilecfg`: rows and bytes per row of each tile) and one multiply
 instruction for bf16, `tdpbf16ps C, A, B`. With every tile configured 16 × 64 bytes:
@@ -75,24 +79,14 @@ against PyTorch's bf16 matmul and NumPy's fp32 one: `benchmarks/bench_gemm.py`, 
 "GEMM, bf16 AMX" in benchmarks/README.md (taken on a quiet machine; none is recorded yet).
 """
 
-import ctypes
-import os
-import platform
-import warnings
-
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba import njit
 
+from minivgg.kernels.cpu.amx_isa import (TILE_CONFIG, TILE_ELEMENTS, TILE_K, TILE_M, TILE_N,
+                                         amx_available, ldtilecfg, tdpbf16ps, tileload,
+                                         tilerelease, tilestore, tilezero, warn_fallback)
+from minivgg.kernels.cpu.bf16 import bf16_bits, from_bf16, round_to_bf16, spread
 from minivgg.kernels.cpu.runtime import JIT, map_ranges
-
-# Tile geometry: rows per tile, bf16 per A-tile row (K per tdpbf16ps), fp32 per C-tile row.
-TILE_M = 16
-TILE_K = 32
-TILE_N = 16
-TILE_ELEMENTS = TILE_M * TILE_K  # bf16 per packed A or B tile (1 KB)
 
 # K summed with the C tiles held in registers: all of it for every VGG conv (K <= 4608);
 # past it K is cut in blocks (`_k_blocks`).
@@ -110,91 +104,6 @@ PACK_B_TILES = 32
 # F / (2 R) + h against one thread's F / R, h the pool's hand-off (about 0.1 ms, runtime.py),
 # so they win when F > 2 R h: about 2.4e8 FLOPs at R = 1.2e12 FLOP/s per core.
 INLINE_FLOPS = 1 << 28
-
-# Linux's arch_prctl(2) codes (asm/prctl.h) and the tile-data state component (18).
-_SYS_ARCH_PRCTL = 158
-_ARCH_GET_XCOMP_PERM = 0x1022
-_ARCH_REQ_XCOMP_PERM = 0x1023
-_XFEATURE_XTILEDATA = 18
-
-
-# ----------------------------------------------------------------------------------------
-# bf16 rounding
-# ----------------------------------------------------------------------------------------
-
-def to_bf16(x):
-    """bf16 bit patterns (uint16, same shape) of x, rounded to nearest, ties to even.
-
-    bf16 is the top half of a float32. Adding 0x7FFF plus the lowest kept bit, then
-    truncating, rounds to nearest with ties to the even neighbour; overflow to inf is the
-    correct rounding. NOTE: a NaN whose payload lies only in the dropped bits would turn
-    into inf that way, so NaNs keep their sign and top bits and get the quiet bit set.
-    float64 input is first rounded to float32 (NumPy's cast), then to bf16.
-    """
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
-
-
-def from_bf16(u):
-    """float32 values of bf16 bit patterns (uint16): exact, bf16 is a float32 prefix."""
-    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def round_to_bf16(x, parallel=True):
-    """x rounded to the nearest bf16 value, as float32 (what the AMX kernel multiplies).
-
-    `from_bf16(to_bf16(x))` in one compiled pass on the runtime's threads (the fallback
-    rounds whole im2col matrices with it; NumPy's version makes five passes). parallel:
-    see `gemm_bf16`.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = np.empty(x.shape, np.uint32)
-    flat_x, flat_bits = x.reshape(-1), bits.reshape(-1)
-    _spread(lambda i0, i1: _round_range(flat_x, flat_bits, i0, i1), flat_x.size,
-            flat_x.size, parallel)
-    return bits.view(np.float32)
-
-
-def _float32_bits(x):
-    """The bit pattern of a float32 as uint32 (plain Python, for NUMBA_DISABLE_JIT=1)."""
-    return np.float32(x).view(np.uint32)
-
-
-@intrinsic
-def _float32_bits_register(typingctx, x):
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
-
-
-@overload(_float32_bits)
-def _float32_bits_compiled(x):
-    """In compiled code: a register bitcast."""
-    return lambda x: _float32_bits_register(x)
-
-
-@njit(**JIT)
-def _bf16_bits(value):
-    """`to_bf16` of one float32, for the packing kernels (branch-free, so loops vectorise)."""
-    u = _float32_bits(np.float32(value))
-    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
-    is_nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    return np.uint16(quiet_nan if is_nan else rounded)
-
-
-@njit(**JIT)
-def _round_range(x, bits, i0, i1):
-    """bits[i0:i1] = the float32 bits of x[i0:i1] rounded to bf16 (`round_to_bf16`)."""
-    for i in range(i0, i1):
-        bits[i] = np.uint32(_bf16_bits(x[i])) << np.uint32(16)
-
 
 # ----------------------------------------------------------------------------------------
 # Packing: operands as whole 1 KB tiles, padded with zeros
@@ -231,14 +140,6 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def _spread(job, n_items, elements, parallel):
-    """`runtime.map_ranges`, or job(0, n_items) on this thread when not parallel."""
-    if parallel:
-        map_ranges(job, n_items, elements)
-    elif n_items:
-        job(0, n_items)
-
-
 def aligned_empty(shape, dtype, alignment=64):
     """np.empty whose data starts on a cache line (64 bytes).
 
@@ -264,11 +165,11 @@ def _pack_a_tiles(A, tiles, m0, m1):
                 k0 = kb * TILE_K
                 if row < M and k0 + TILE_K <= K:  # a whole row of 32: no edge tests
                     for k in range(TILE_K):
-                        tiles[m, kb, i, k] = _bf16_bits(A[row, k0 + k])
+                        tiles[m, kb, i, k] = bf16_bits(A[row, k0 + k])
                 else:
                     for k in range(TILE_K):
                         inside = row < M and k0 + k < K
-                        tiles[m, kb, i, k] = _bf16_bits(A[row, k0 + k]) if inside else 0
+                        tiles[m, kb, i, k] = bf16_bits(A[row, k0 + k]) if inside else 0
 
 
 @njit(**JIT)
@@ -294,16 +195,16 @@ def _pack_b_tiles(B, pairs, n0, n1):
                     j0 = n * TILE_N
                     if k + 1 < K and j0 + TILE_N <= N:
                         for j in range(TILE_N):
-                            low = np.uint32(_bf16_bits(B[k, j0 + j]))
-                            high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
+                            low = np.uint32(bf16_bits(B[k, j0 + j]))
+                            high = np.uint32(bf16_bits(B[k + 1, j0 + j]))
                             pairs[n, kb, p, j] = low | (high << np.uint32(16))
                     else:
                         for j in range(TILE_N):
                             low = high = np.uint32(0)
                             if k < K and j0 + j < N:
-                                low = np.uint32(_bf16_bits(B[k, j0 + j]))
+                                low = np.uint32(bf16_bits(B[k, j0 + j]))
                             if k + 1 < K and j0 + j < N:
-                                high = np.uint32(_bf16_bits(B[k + 1, j0 + j]))
+                                high = np.uint32(bf16_bits(B[k + 1, j0 + j]))
                             pairs[n, kb, p, j] = low | (high << np.uint32(16))
 
 
@@ -323,7 +224,7 @@ def pack_a(A, trans=False, parallel=True):
     M, K = A.shape
     tiles = aligned_empty((_ceil_div(M, TILE_M), _ceil_div(K, TILE_K), TILE_M, TILE_K),
                           np.uint16)
-    _spread(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size, parallel)
+    spread(lambda m0, m1: _pack_a_tiles(A, tiles, m0, m1), tiles.shape[0], A.size, parallel)
     return Packed("A", tiles, M, K)
 
 
@@ -341,117 +242,8 @@ def pack_b(B, trans=False, parallel=True):
     tiles = aligned_empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
                           np.uint16)
     pairs = tiles.view(np.uint32)[..., 0]
-    _spread(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size, parallel)
+    spread(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size, parallel)
     return Packed("B", tiles, K, N)
-
-
-# ----------------------------------------------------------------------------------------
-# The AMX instructions, as LLVM intrinsics Numba can call
-# ----------------------------------------------------------------------------------------
-
-_I8, _I64 = ir.IntType(8), ir.IntType(64)
-_I8_PTR = _I8.as_pointer()
-
-
-def _llvm_call(builder, name, arg_types, args):
-    module = builder.module
-    fn = module.globals.get(name) or ir.Function(
-        module, ir.FunctionType(ir.VoidType(), arg_types), name=name)
-    builder.call(fn, args)
-
-
-def _byte_pointer(context, builder, array_type, array, index):
-    """An i8* to element `index` of a Numba array."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [index]), _I8_PTR)
-
-
-def _tile(literal):
-    return ir.Constant(_I8, literal.literal_value)
-
-
-@intrinsic(prefer_literal=True)
-def _ldtilecfg(typingctx, config):
-    """Load the 64-byte tile configuration `config` (uint8 array)."""
-    def codegen(context, builder, sig, args):
-        ptr = _byte_pointer(context, builder, sig.args[0], args[0], ir.Constant(_I64, 0))
-        _llvm_call(builder, "llvm.x86.ldtilecfg", [_I8_PTR], [ptr])
-        return context.get_dummy_value()
-    return types.void(config), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _tilerelease(typingctx):
-    """Give the tile state back (the thread's tiles become unconfigured)."""
-    def codegen(context, builder, sig, args):
-        _llvm_call(builder, "llvm.x86.tilerelease", [], [])
-        return context.get_dummy_value()
-    return types.void(), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _tilezero(typingctx, tile):
-    def codegen(context, builder, sig, args):
-        _llvm_call(builder, "llvm.x86.tilezero", [_I8], [_tile(sig.args[0])])
-        return context.get_dummy_value()
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
-    return types.void(tile), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _tileload(typingctx, tile, array, index, stride_bytes):
-    """tile <- 16 rows of 64 bytes starting at array.flat[index], rows stride_bytes apart."""
-    def codegen(context, builder, sig, args):
-        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        _llvm_call(builder, "llvm.x86.tileloadd64", [_I8, _I8_PTR, _I64],
-                   [_tile(sig.args[0]), ptr, args[3]])
-        return context.get_dummy_value()
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
-    return types.void(tile, array, types.intp, types.intp), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _tilestore(typingctx, tile, array, index, stride_bytes):
-    """16 rows of 64 bytes at array.flat[index], stride_bytes apart <- tile."""
-    def codegen(context, builder, sig, args):
-        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        _llvm_call(builder, "llvm.x86.tilestored64", [_I8, _I8_PTR, _I64],
-                   [_tile(sig.args[0]), ptr, args[3]])
-        return context.get_dummy_value()
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
-    return types.void(tile, array, types.intp, types.intp), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _tdpbf16ps(typingctx, c, a, b):
-    """Tile c (fp32) += tile a (bf16) @ tile b (bf16, VNNI pairs)."""
-    def codegen(context, builder, sig, args):
-        _llvm_call(builder, "llvm.x86.tdpbf16ps", [_I8, _I8, _I8],
-                   [_tile(t) for t in sig.args])
-        return context.get_dummy_value()
-    if not all(isinstance(t, types.IntegerLiteral) for t in (c, a, b)):
-        return None
-    return types.void(c, a, b), codegen
-
-
-def _tile_config():
-    """The 64-byte tile configuration: palette 1, all eight tiles 16 rows x 64 bytes.
-
-    Layout (Intel SDM, LDTILECFG): byte 0 the palette, bytes 16 + 2t the bytes per row of
-    tile t (little-endian), byte 48 + t its rows.
-    """
-    config = np.zeros(64, np.uint8)
-    config[0] = 1
-    for t in range(8):
-        config[16 + 2 * t] = 64
-        config[48 + t] = TILE_M
-    return config
-
-
-TILE_CONFIG = _tile_config()
 
 
 # ----------------------------------------------------------------------------------------
@@ -475,43 +267,43 @@ def _tile_block(a_tiles, b_tiles, C, m, n, two_m, two_n, kb0, kb1, first):
     c0 = m * TILE_M * C.shape[1] + n * TILE_N  # C[16m, 16n]
     c2 = c0 + TILE_M * C.shape[1]              # C[16(m+1), 16n]
     if first:
-        _tilezero(0)
-        _tilezero(1)
-        _tilezero(2)
-        _tilezero(3)
+        tilezero(0)
+        tilezero(1)
+        tilezero(2)
+        tilezero(3)
     else:
-        _tileload(0, C, c0, stride)
+        tileload(0, C, c0, stride)
         if two_n:
-            _tileload(1, C, c0 + TILE_N, stride)
+            tileload(1, C, c0 + TILE_N, stride)
         if two_m:
-            _tileload(2, C, c2, stride)
+            tileload(2, C, c2, stride)
             if two_n:
-                _tileload(3, C, c2 + TILE_N, stride)
+                tileload(3, C, c2 + TILE_N, stride)
     a = (m * Kb + kb0) * TILE_ELEMENTS         # A tile [m, kb0]; A[m+1] is Kb tiles on
     b = (n * Kb + kb0) * TILE_ELEMENTS         # B tile [n, kb0]; B[n+1] likewise
     row_a = Kb * TILE_ELEMENTS
     for _ in range(kb1 - kb0):
         # loads interleaved with the multiplies that wait for them, as oneDNN orders them
-        _tileload(4, a_tiles, a, 64)
-        _tileload(6, b_tiles, b, 64)
-        _tdpbf16ps(0, 4, 6)
+        tileload(4, a_tiles, a, 64)
+        tileload(6, b_tiles, b, 64)
+        tdpbf16ps(0, 4, 6)
         if two_n:
-            _tileload(7, b_tiles, b + row_a, 64)
-            _tdpbf16ps(1, 4, 7)
+            tileload(7, b_tiles, b + row_a, 64)
+            tdpbf16ps(1, 4, 7)
         if two_m:
-            _tileload(5, a_tiles, a + row_a, 64)
-            _tdpbf16ps(2, 5, 6)
+            tileload(5, a_tiles, a + row_a, 64)
+            tdpbf16ps(2, 5, 6)
             if two_n:
-                _tdpbf16ps(3, 5, 7)
+                tdpbf16ps(3, 5, 7)
         a += TILE_ELEMENTS
         b += TILE_ELEMENTS
-    _tilestore(0, C, c0, stride)
+    tilestore(0, C, c0, stride)
     if two_n:
-        _tilestore(1, C, c0 + TILE_N, stride)
+        tilestore(1, C, c0 + TILE_N, stride)
     if two_m:
-        _tilestore(2, C, c2, stride)
+        tilestore(2, C, c2, stride)
         if two_n:
-            _tilestore(3, C, c2 + TILE_N, stride)
+            tilestore(3, C, c2 + TILE_N, stride)
 
 
 @njit(**JIT)
@@ -524,7 +316,7 @@ def _gemm_tiles(config, a_tiles, b_tiles, C, m0, m1, n0, n1, block_kb, block_m, 
     are: the bits of C do not depend on how the tiles were shared out.
     """
     Kb = a_tiles.shape[1]
-    _ldtilecfg(config)
+    ldtilecfg(config)
     for mb0 in range(m0, m1, block_m):
         mb1 = min(mb0 + block_m, m1)
         for nb0 in range(n0, n1, block_n):
@@ -535,98 +327,13 @@ def _gemm_tiles(config, a_tiles, b_tiles, C, m0, m1, n0, n1, block_kb, block_m, 
                     for m in range(mb0, mb1, 2):
                         _tile_block(a_tiles, b_tiles, C, m, n, m + 1 < mb1, n + 1 < nb1,
                                     kb0, kb1, kb0 == 0)
-    _tilerelease()
+    tilerelease()
 
 
 def _k_blocks(Kb):
     """Tiles of K per block: all Kb up to BLOCK_K, else equal blocks of at most BLOCK_K."""
     per_block = BLOCK_K // TILE_K
     return _ceil_div(Kb, _ceil_div(Kb, per_block))
-
-
-# ----------------------------------------------------------------------------------------
-# Can this process use AMX?
-# ----------------------------------------------------------------------------------------
-
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _request_permission():
-    """Ask Linux for the tile-data state; None when granted, else why not."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
-            errno = ctypes.get_errno()
-            return (f"Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: "
-                    f"{os.strerror(errno)}; Linux 5.16 or later is needed)")
-        granted = ctypes.c_uint64(0)
-        libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(granted))
-        if not granted.value >> _XFEATURE_XTILEDATA & 1:
-            return "Linux did not grant the AMX tile state (ARCH_GET_XCOMP_PERM)"
-    except (OSError, AttributeError) as e:
-        return f"could not ask Linux for the AMX tile state ({e})"
-    return None
-
-
-def _hardware_reason():
-    """Why this machine cannot run the AMX kernel, or None (checked once per process)."""
-    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"AMX needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    missing = [f for f in ("amx_tile", "amx_bf16") if f not in _cpu_flags()]
-    if missing:
-        return f"this CPU has no {' and no '.join(missing)} (/proc/cpuinfo flags)"
-    # NOTE: Numba may be told to compile for another CPU (portable caches); LLVM would then
-    # abort the process on the first AMX instruction instead of raising.
-    if numba.config.DISABLE_JIT:
-        return "NUMBA_DISABLE_JIT is set, and the AMX instructions exist in compiled code only"
-    cpu_name = numba.config.CPU_NAME
-    if cpu_name and cpu_name != "host":
-        return f"Numba compiles for NUMBA_CPU_NAME={cpu_name}, not this CPU's AMX"
-    return None
-
-
-_hardware = {}    # "reason": the answer of `_hardware_reason`, once
-_permission = {}  # process id: None (granted) or why not
-
-
-def amx_available():
-    """(True, "") when `gemm_bf16` runs on AMX tiles here, else (False, why not).
-
-    Why not: MINIVGG_DISABLE_AMX=1 is set, not x86-64 Linux, a CPU without amx_tile /
-    amx_bf16, NUMBA_DISABLE_JIT=1 or Numba compiling for another CPU, or Linux refusing the
-    tile state. The first call in a process that can use AMX asks Linux for it.
-    """
-    if os.environ.get("MINIVGG_DISABLE_AMX", "") not in ("", "0"):
-        return False, "MINIVGG_DISABLE_AMX is set"
-    if "reason" not in _hardware:
-        _hardware["reason"] = _hardware_reason()
-    if _hardware["reason"]:
-        return False, _hardware["reason"]
-    pid = os.getpid()
-    if pid not in _permission:
-        _permission[pid] = _request_permission()
-    if _permission[pid]:
-        return False, _permission[pid]
-    return True, ""
-
-
-_warned = []
-
-
-def _warn_fallback(reason):
-    if not _warned:
-        _warned.append(reason)
-        warnings.warn(f"minivgg: bf16 matmuls run as fp32 matmuls of bf16-rounded operands "
-                      f"(same numbers up to summation order), no faster than fp32 here: "
-                      f"{reason}", RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------
@@ -665,7 +372,7 @@ def gemm_bf16(A, B, out=None, trans_a=False, trans_b=False, amx=None, parallel=T
     if amx is False:
         use_amx = False
     elif not use_amx:
-        _warn_fallback(reason)
+        warn_fallback(reason)
     if not use_amx:
         a_values = a.unpack() if a else round_to_bf16(A.T if trans_a else A, parallel)
         b_values = b.unpack() if b else round_to_bf16(B.T if trans_b else B, parallel)
@@ -717,11 +424,3 @@ def _gemm_packed(a, b, out=None, block_kb=None, block_m=BLOCK_M, block_n=BLOCK_N
         return C if exact else np.ascontiguousarray(C[:M, :N])
     out[...] = C[:M, :N]
     return out
-
-
-def reference_gemm_bf16(A, B):
-    """The definition the kernel is held to: the float64 product of the bf16-rounded
-    operands (exact products, exact-ish sums). The kernel differs from it by its fp32 sums;
-    tdpbf16ps's internal rounding is not documented to the bit, so no simple fp32 loop
-    reproduces its bits (pairwise, sequential and per-tile orders were tried)."""
-    return round_to_bf16(A).astype(np.float64) @ round_to_bf16(B).astype(np.float64)

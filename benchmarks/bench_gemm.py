@@ -35,7 +35,6 @@ Times are medians; the ratios are the median over rounds of each round's ratio (
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -162,10 +161,7 @@ def run_worker(args, lib, shapes):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib,
            "--worker-shapes", json.dumps(shapes), "--threads", str(args.threads),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{lib} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.run_worker(cmd, f"{lib} worker")
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,10 +216,7 @@ def main(argv=None):
         f"rounds x {args.repeats} calls, each library in its own process; ratios are "
         f"throughput ratios (median over rounds); minivgg's column rounds and packs cols "
         f"in every call, W once.")
-    print()
-    print(text)
-    if args.append:
-        common.append_to_readme(text)
+    common.publish(text, args.append)
 
 
 if __name__ == "__main__":

@@ -304,10 +304,7 @@ def main(argv=None):
         "lrn C x H, fc in x out. Times are medians; the time ratio is the median of the " \
         "per-round ratios. Time ratio below 1 means minivgg is faster. GFLOP/s count the " \
         "direct algorithm's FLOPs, so Winograd's are effective rates."
-    print()
-    print(text)
-    if args.append:
-        common.append_to_readme(text)
+    common.publish(text, args.append)
 
 
 if __name__ == "__main__":

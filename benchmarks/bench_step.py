@@ -30,7 +30,6 @@ pool total, torch.cuda.max_memory_reserved).
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -199,10 +198,7 @@ def run_worker(args, lib, case, batch):
            "--batch", str(batch), "--device", args.device, "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--tf32", args.tf32,
            "--conv-algo", args.conv_algo]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{lib} worker for {case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.run_worker(cmd, f"{lib} worker for {case}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,10 +266,7 @@ def main(argv=None):
         headers, rows) + f"\n\nMedians over {args.rounds} worker pairs x {args.steps} " \
         f"steps; the speed ratio is the median over worker pairs of each pair's ratio " \
         f"of medians. Memory: {mem_note}. Speed ratio above 1 means minivgg is faster."
-    print()
-    print(text)
-    if args.append:
-        common.append_to_readme(text)
+    common.publish(text, args.append)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,26 @@ def markdown_table(headers, rows):
     return "\n".join(lines)
 
 
+def run_worker(cmd, what):
+    """Run a benchmark worker process `cmd` -> the JSON object on its last output line.
+
+    NOTE: every library is measured in a process of its own, so neither's caches, thread
+    pools or allocator state help or hurt the other."""
+    import json
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def publish(text, append):
+    """Print a results section, and add it to benchmarks/README.md when `append`."""
+    print()
+    print(text)
+    if append:
+        append_to_readme(text)
+
+
 def append_to_readme(text, path=README):
     with open(path, "a") as f:
         f.write("\n" + text.rstrip() + "\n")

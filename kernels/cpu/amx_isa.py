@@ -84,30 +84,29 @@ def tilezero(typingctx, tile):
     return types.void(tile), codegen
 
 
+def _tile_memory_codegen(llvm_name):
+    """The code of a tile load or store: `llvm_name`(tile, &array.flat[index], stride)."""
+    def codegen(context, builder, sig, args):
+        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
+        _llvm_call(builder, llvm_name, [_I8, _I8_PTR, _I64], [_tile(sig.args[0]), ptr, args[3]])
+        return context.get_dummy_value()
+    return codegen
+
+
 @intrinsic(prefer_literal=True)
 def tileload(typingctx, tile, array, index, stride_bytes):
     """tile <- 16 rows of 64 bytes starting at array.flat[index], rows stride_bytes apart."""
-    def codegen(context, builder, sig, args):
-        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        _llvm_call(builder, "llvm.x86.tileloadd64", [_I8, _I8_PTR, _I64],
-                   [_tile(sig.args[0]), ptr, args[3]])
-        return context.get_dummy_value()
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
-    return types.void(tile, array, types.intp, types.intp), codegen
+    if isinstance(tile, types.IntegerLiteral):
+        return (types.void(tile, array, types.intp, types.intp),
+                _tile_memory_codegen("llvm.x86.tileloadd64"))
 
 
 @intrinsic(prefer_literal=True)
 def tilestore(typingctx, tile, array, index, stride_bytes):
     """16 rows of 64 bytes at array.flat[index], stride_bytes apart <- tile."""
-    def codegen(context, builder, sig, args):
-        ptr = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        _llvm_call(builder, "llvm.x86.tilestored64", [_I8, _I8_PTR, _I64],
-                   [_tile(sig.args[0]), ptr, args[3]])
-        return context.get_dummy_value()
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
-    return types.void(tile, array, types.intp, types.intp), codegen
+    if isinstance(tile, types.IntegerLiteral):
+        return (types.void(tile, array, types.intp, types.intp),
+                _tile_memory_codegen("llvm.x86.tilestored64"))
 
 
 @intrinsic(prefer_literal=True)

@@ -14,16 +14,19 @@ import sys as _sys
 
 
 def _mount_kernels():
-    """Make `minivgg.kernels` importable when running from a source checkout.
+    """Make `minivgg.kernels` the `kernels/` folder that belongs with this `minivgg/`.
 
-    An installed minivgg (wheel or `pip install -e .`) has the folder mapped already. A
-    checkout on PYTHONPATH has `kernels/` beside `minivgg/`, so we load it under its
-    package name here rather than as a top-level `kernels` (a different PyPI project).
+    An installed minivgg (a wheel) has the folder mapped already. A source checkout has
+    `kernels/` beside `minivgg/`, and we load it under its package name here rather than as
+    a top-level `kernels` (a different PyPI project). NOTE: the checkout's own folder wins
+    over an editable install of another checkout (`pip install -e` elsewhere, a worktree
+    run with PYTHONPATH), which would otherwise pair this minivgg with those kernels.
     """
-    if _ilu.find_spec(__name__ + ".kernels") is not None:
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    here = _os.path.join(root, "kernels", "__init__.py")
+    checkout = _os.path.isfile(here) and _os.path.isfile(_os.path.join(root, "pyproject.toml"))
+    if not checkout and _ilu.find_spec(__name__ + ".kernels") is not None:
         return
-    here = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))),
-                         "kernels", "__init__.py")
     spec = _ilu.spec_from_file_location(__name__ + ".kernels", here,
                                         submodule_search_locations=[_os.path.dirname(here)])
     module = _ilu.module_from_spec(spec)

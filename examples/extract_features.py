@@ -21,13 +21,12 @@ warning, counted, and listed in `skipped_paths`.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import data, features  # noqa: E402
+from minivgg import checkpoint, data, features  # noqa: E402
 from minivgg.images import center_crop, load_rgb, rescale_smallest_side  # noqa: E402
 from minivgg.pretrained import load_pretrained  # noqa: E402
 
@@ -109,19 +108,6 @@ def features_of(model, images, args, to_input, resize):
                             batch_size=args.batch_size)
 
 
-def save_npz(path, arrays):
-    """np.savez under a temporary name in the same folder, then renamed: never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def run(args):
     from tqdm import tqdm
     check_args(args)
@@ -153,7 +139,7 @@ def run(args):
     if not kept:
         raise ValueError(f"none of the {len(paths)} images in {args.data} could be read")
     X = np.concatenate(feats).astype(np.float32)
-    save_npz(args.out, dict(
+    checkpoint.write_npz(args.out, overwrite=args.overwrite, arrays=dict(
         features=X, labels=np.asarray(labels)[kept], paths=np.array([paths[i] for i in kept]),
         classes=np.array(classes, dtype=str), layer=np.array(args.layer),
         scales=np.array(args.scales or [], dtype=np.int64), resize=np.array(

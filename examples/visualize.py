@@ -21,6 +21,7 @@ filters and features need only Pillow; scoremap and curves need matplotlib.
 """
 
 import argparse
+import io
 import os
 import sys
 
@@ -29,11 +30,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import models, no_grad, pretrained  # noqa: E402
+from minivgg import checkpoint, models, no_grad, pretrained  # noqa: E402
 from minivgg.run_state import require_finite  # noqa: E402
 from minivgg.images import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
 from minivgg.metrics import read_metrics  # noqa: E402
-from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
+from minivgg.plots import import_pyplot, plot_curves, save_figure  # noqa: E402
 from minivgg.pretrained import imagenet_classes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
@@ -85,7 +86,9 @@ def save_png(array, path, scale=1):
     img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    checkpoint.write_bytes(path, buffer.getvalue(), overwrite=True)
     return path
 
 
@@ -153,8 +156,7 @@ def plot_score_map(img, scores, class_names, path, top=3):
         ax.set_yticks([])
     fig.suptitle("Dense evaluation (Sec. 3.2): class scores at every location of the map")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return best
 
 

@@ -33,9 +33,12 @@ import numpy as np
 
 FORMAT = "minivgg-checkpoint-v1"
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".npz"
-# What tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX) names: 8 characters
-# from [a-z0-9_] in between. Nothing else in a run folder can match it.
-_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+# What tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=...) names for `atomic_write`: 8
+# characters from [a-z0-9_] in between, then one of the suffixes minivgg writes. Nothing
+# else in a run folder can match it.
+WRITTEN_SUFFIXES = (".npz", ".csv", ".png", ".json", ".safetensors", ".onnx", ".md")
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}(" +
+                        "|".join(re.escape(x) for x in WRITTEN_SUFFIXES) + ")")
 
 
 class CheckpointError(ValueError):
@@ -132,6 +135,23 @@ def _publish(tmp, path, overwrite):
         os.replace(tmp, path)
 
 
+def write_bytes(path, data, overwrite=False):
+    """`atomic_write` of `data` (bytes), the temporary named after `path`'s extension."""
+    suffix = os.path.splitext(os.fspath(path))[1] or TEMP_SUFFIX
+    atomic_write(path, lambda f: f.write(data), suffix=suffix, overwrite=overwrite)
+
+
+def write_json(path, value, overwrite=False):
+    """`atomic_write` of `value` as indented JSON."""
+    write_bytes(path, json.dumps(value, indent=1).encode(), overwrite)
+
+
+def write_npz(path, arrays, compressed=False, overwrite=False):
+    """`atomic_write` of {name: array} as an `.npz` (zip-compressed with `compressed`)."""
+    savez = np.savez_compressed if compressed else np.savez
+    atomic_write(path, lambda f: savez(f, **arrays), overwrite=overwrite)
+
+
 def _exists_message(path):
     return (f"{path} exists; it was left as it is (add --overwrite to replace it, or "
             f"choose another name)")
@@ -145,7 +165,8 @@ def write_failure(error, path, existed, what="file"):
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return f"no space left on the disk holding {folder} while writing {path}; {kept}"
     if error.errno == errno.ENOENT and not os.path.isdir(folder):
-        return f"cannot write {path}: the folder {folder} does not exist"
+        return (f"cannot write {path} ({error.strerror or error}: the folder {folder} does "
+                f"not exist)")
     return f"cannot write {path} ({error.strerror or error}); {kept}"
 
 
@@ -159,8 +180,9 @@ def _remove_quietly(path):
 def remove_stale_temporaries(folder):
     """Delete the temporary checkpoint files a killed run left in `folder` -> their paths.
 
-    Only names `save` itself makes (`.tmp-XXXXXXXX.npz`) are touched; call it when a run
-    starts in its own folder, where no other run writes at the same time.
+    Only names `atomic_write` itself makes (`.tmp-XXXXXXXX.npz`, or .csv, .png...) are
+    touched; call it when a run holds its folder's lock (`minivgg.folder_lock`), so that
+    no other run writes there at the same time.
     """
     removed = []
     try:

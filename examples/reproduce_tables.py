@@ -412,14 +412,23 @@ def main(argv=None):
         print(f"error: {args.data!r} has no val/ folder", file=sys.stderr)
         return 2
     from reproduction_report import write_report  # examples/, beside this file
-    try:  # one study per --out at a time; its runs' folders are locked by each run
-        os.makedirs(args.out, exist_ok=True)
-        lock = folder_lock.lock_folder(args.out, "--out")
-    except (OSError, folder_lock.FolderBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
+    lock = lock_study_folder(args.out)
+    if lock is None:
         return 2
     with lock:
         return run_study(args, runs, write_report)
+
+
+def lock_study_folder(out):
+    """Make and lock the study's --out for this process -> FolderLock, or None after one
+    error line (another study holds it): one study per folder at a time, as one training
+    run per run folder (each run locks its own)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        return folder_lock.lock_folder(out, "--out")
+    except (OSError, folder_lock.FolderBusy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def run_study(args, runs, write_report):

@@ -51,9 +51,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduce_tables
 
-from minivgg import (checkpoint, data, evaluate, features, folder_lock, images,  # noqa: E402
-                     metrics, models, run_state)
-from reproduce_tables import Interrupted, Run, last_checkpoint, read_json, train  # noqa: E402
+from minivgg import (checkpoint, data, evaluate, features, images, metrics,  # noqa: E402
+                     models, run_state)
+from reproduce_tables import (Interrupted, Run, last_checkpoint, lock_study_folder,  # noqa: E402
+                              read_json, train)
 from reproduction_report import p_text  # noqa: E402
 
 LAYER, SCALES, SHOTS = "relu7", (64, 96, 128), ("5", "20", "all")
@@ -562,11 +563,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.doc_only:
-        try:  # one study per --out at a time; its runs' folders are locked by each run
-            os.makedirs(args.out, exist_ok=True)
-            lock = folder_lock.lock_folder(args.out, "--out")
-        except (OSError, folder_lock.FolderBusy) as e:
-            print(f"error: {e}", file=sys.stderr)
+        lock = lock_study_folder(args.out)
+        if lock is None:
             return 2
         with lock:
             try:

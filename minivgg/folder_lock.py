@@ -110,11 +110,16 @@ def lock_folder(folder, flag="--output"):
     return FolderLock(folder, fd)
 
 
-def owner(folder):
-    """Words for the process holding `folder`, from its owner note."""
-    try:
-        with open(os.path.join(folder, OWNER_FILE)) as f:
-            note = json.load(f)
-        return f"pid {note['pid']}, started {note['started']}: {note['command'][:120]}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its pid is not recorded yet"
+def owner(folder, wait=1.0):
+    """Words for the process holding `folder`, from its owner note. A run that took the
+    lock a moment ago may not have written its note yet: wait up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(os.path.join(folder, OWNER_FILE)) as f:
+                note = json.load(f)
+            return f"pid {note['pid']}, started {note['started']}: {note['command'][:120]}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:
+                return "its pid is not recorded"
+            time.sleep(0.05)

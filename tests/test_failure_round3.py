@@ -67,6 +67,20 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tiny_data, 
     assert not (run / folder_lock.OWNER_FILE).exists()
 
 
+def test_of_two_runs_started_together_exactly_one_trains(tiny_data, tmp_path):
+    run = tmp_path / "together"
+    procs = [start([tiny_data, *TINY, "--epochs", "1", "-j", "0", "--seed", str(seed),
+                    "--output", str(run)]) for seed in (1, 2)]
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    results = [(p.pid, p.returncode, err) for p, err in zip(procs, errs)]
+    assert sorted(code for _, code, _ in results) == [0, 2], results
+    (winner, _, _), = [r for r in results if r[1] == 0]
+    (_, _, err), = [r for r in results if r[1] == 2]
+    assert f"is in use by another run (pid {winner}, started " in err
+    seed = weights(run / "last.npz")[1]["config"]["seed"]
+    assert procs[seed - 1].pid == winner
+
+
 def test_a_killed_run_leaves_no_lock_behind(tiny_data, tmp_path):
     run = tmp_path / "killed"
     first = start([tiny_data, *TINY, "--epochs", "3", "--output", str(run)])

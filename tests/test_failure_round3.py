@@ -129,6 +129,15 @@ def test_classify_refuses_a_fifo_at_once(tmp_path):
                            f"not an image file\n")
 
 
+def test_weight_and_checkpoint_readers_refuse_a_fifo_without_opening_it(tmp_path):
+    fifo = tmp_path / "weights.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="it is a named pipe .FIFO., not a weight file"):
+        pretrained.load_pretrained(fifo)
+    with pytest.raises(checkpoint.CheckpointError, match="is not a file"):
+        checkpoint.load(fifo)
+
+
 WORKERS_THEN_WAIT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})

@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from minivgg import backend
+from minivgg.images import not_regular
 from minivgg.pretrained import caffe, files, layouts  # noqa: F401  (submodules)
 from minivgg.pretrained.caffe import CAFFE_INPUT, VGG_PROJECT_PAGE, load_caffe_vgg
 from minivgg.pretrained.layouts import (TIMM_HUB_NAMES, TORCHVISION_INPUT, TORCHVISION_NAMES,
@@ -59,8 +60,11 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
     """
     path = os.fspath(path)
     device = backend.check_device(device)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file, it does not exist; {WHERE_TO_GET}")
+    kind = not_regular(os.stat(path).st_mode)  # a FIFO would block the reader forever
+    if kind is not None:
+        raise ValueError(f"{path}: it is {kind}, not a weight file")
     kind = files.sniff_format(path)
     if kind == "prototxt":
         raise ValueError(f"{path}: a text file, not a weight file (a Caffe deploy.prototxt "

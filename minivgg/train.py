@@ -23,7 +23,8 @@ the batch in progress and writes last.npz at that exact point (epoch and batch),
 resume continues as if nothing had happened; SIGUSR1 writes it and goes on
 (`minivgg.interrupts`). A NaN/Inf loss or validation loss stops the run before any
 checkpoint of those weights is written. A run never starts in a folder holding another
-run's files unless told to (`run_state.prepare_run_folder`).
+run's files unless told to, nor in one another live run holds: the folder is locked for the
+run's life (`run_state.claim_run_folder`, `minivgg.folder_lock`).
 
 Started by an MPI launcher (`mpirun -n 4 python examples/train_imagenet.py ...`), the same
 loop trains one model on every process (`minivgg.distributed`, Sec. 3.3): each rank takes

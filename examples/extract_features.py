@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import checkpoint, data, features  # noqa: E402
-from minivgg.images import center_crop, load_rgb, rescale_smallest_side  # noqa: E402
+from minivgg.images import (center_crop, check_rescale, check_scale,  # noqa: E402
+                            load_rgb, rescale_smallest_side)
 from minivgg.pretrained import load_pretrained  # noqa: E402
 
 
@@ -71,6 +72,8 @@ def check_args(args):
             raise ValueError(f"{name} must be at least 1, got {value}")
     if args.scales and min(args.scales) < 1:
         raise ValueError(f"--scales must be positive, got {args.scales}")
+    for flag, size in (("--scales", max(args.scales or [1])), ("--resize", args.resize or 1)):
+        check_scale(size, flag)  # the per-image size budget (minivgg.images.MAX_PIXELS)
 
 
 def list_images(folder):
@@ -127,7 +130,10 @@ def run(args):
             images, idx = [], []
             for i in range(start, min(start + chunk, len(paths))):
                 try:
-                    images.append(load_rgb(paths[i]))
+                    img = load_rgb(paths[i])
+                    # a very thin image over the size budget at the largest scale: skipped
+                    check_rescale(*img.shape[:2], max(args.scales or [resize]), paths[i])
+                    images.append(img)
                     idx.append(i)
                 except OSError as e:  # counted and named, not fatal
                     tqdm.write(f"warning: skipping: {e}", file=sys.stderr)

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minivgg import functional as F  # noqa: E402
 from minivgg import checkpoint, models, no_grad, pretrained  # noqa: E402
 from minivgg.run_state import require_finite  # noqa: E402
-from minivgg.images import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
+from minivgg.images import (check_scale, load_rgb, rescale_smallest_side,  # noqa: E402
+                            to_chw_float32)
 from minivgg.metrics import read_metrics  # noqa: E402
 from minivgg.plots import import_pyplot, plot_curves, save_figure  # noqa: E402
 from minivgg.pretrained import imagenet_classes  # noqa: E402
@@ -177,7 +178,7 @@ def last_conv_of_block_1(model):
 
 
 def cmd_features(args):
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
+    img = rescale_smallest_side(load_rgb(args.image), args.scale, args.image)  # no wait
     model, normalise = load_weights(args.weights, args.config)
     layer = args.layer or last_conv_of_block_1(model)
     maps = layer_output(model, normalise(img)[None], layer)[0]  # (C, h, w)
@@ -190,7 +191,7 @@ def cmd_features(args):
 
 
 def cmd_scoremap(args):
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
+    img = rescale_smallest_side(load_rgb(args.image), args.scale, args.image)  # no wait
     model, normalise = load_weights(args.weights, args.config)
     scores = class_score_map(model, normalise(img))
     if scores.shape[0] == 1000:
@@ -248,6 +249,7 @@ def main(argv=None):
                             ("--max-channels", getattr(args, "max_channels", 1))):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        check_scale(getattr(args, "scale", 1), "--scale")  # the per-image size budget
         path = args.fn(args)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

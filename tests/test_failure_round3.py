@@ -299,6 +299,18 @@ def test_evaluate_refuses_a_huge_test_scale_in_one_line(small_checkpoint, tmp_pa
         one_error_line(capsys)
 
 
+def test_visualize_names_a_thin_image_and_refuses_a_huge_scale(small_checkpoint, tmp_path,
+                                                                capsys):
+    visualize = load_example("visualize")
+    thin = thin_png(tmp_path / "thin.png", 30000)
+    assert visualize.main(["features", str(thin), "--weights", small_checkpoint[0]]) == 2
+    assert f"{thin} (1x30000) rescaled to smallest side" in one_error_line(capsys)
+    assert visualize.main(["features", str(thin), "--weights", small_checkpoint[0],
+                           "--scale", "100000"]) == 2
+    assert "--scale 100000: an image rescaled to smallest side 100000" in \
+        one_error_line(capsys)
+
+
 # --- 7. weights of an untrained net classify like its .pth ------------------------------------
 
 def test_weights_saved_from_a_fresh_vgg_classify_with_finite_scores(tmp_path, capsys):

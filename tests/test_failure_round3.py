@@ -103,6 +103,27 @@ def test_a_study_folder_belongs_to_one_study_at_a_time(tmp_path, capsys):
     assert f"--out {out} is in use by another run (pid {os.getpid()}" in one_error_line(capsys)
 
 
+def test_the_transfer_study_makes_paths_absolute_locks_its_folder_and_passes_on_a_stop(
+        tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    study = load_example("transfer_study")
+    monkeypatch.chdir(tmp_path)
+    args = study.parse_args(["data", "--out", "out", "--record", "rec", "--doc", "t.md"])
+    assert (args.data, args.out, args.record, args.doc) == tuple(
+        str(tmp_path / name) for name in ("data", "out", "rec", "t.md"))
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    with folder_lock.lock_folder(tmp_path / "out", "--out"):
+        assert study.main(["data", "--out", "out"]) == 2
+    assert "--out " + str(tmp_path / "out") + " is in use" in one_error_line(capsys)
+
+    def stopped(args):  # a training run stopped by SIGTERM, after saving (exit 143)
+        raise study.Interrupted(143)
+    monkeypatch.setattr(study, "run_study", stopped)
+    assert study.main(["data", "--out", "out"]) == 143
+
+
 # --- 2. a FIFO among the images; workers die with their parent ------------------------------
 
 def test_a_fifo_among_the_images_is_left_out_and_the_run_ends(tiny_data, tmp_path):

@@ -416,7 +416,11 @@ def main(argv=None):
     if lock is None:
         return 2
     with lock:
-        return run_study(args, runs, write_report)
+        try:
+            return run_study(args, runs, write_report)
+        except OSError as e:  # a full disk while recording: the message names the file
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
 
 def lock_study_folder(out):

@@ -573,6 +573,9 @@ def main(argv=None):
                 print("== stopped: the run in progress saved where it was; run the same "
                       "command again to continue", flush=True)
                 return stop.code
+            except OSError as e:  # a full disk while recording: the message names the file
+                print(f"error: {e}", file=sys.stderr)
+                return 1
     write_report(args)
     print(f"== report: {args.doc}", flush=True)
     return 0

@@ -112,13 +112,18 @@ def training_meta(run, epochs_done):
 
 def data_order(dataset):
     """What fixes an epoch's order besides the seed: the number of training images and a
-    hash of their names (relative to the data folder, which may move) and labels."""
+    hash of their names (relative to the data folder, which may move) and labels.
+    Computed once per dataset (a million ImageNet names take a second) and kept on it."""
+    known = getattr(dataset, "order_digest", None)
+    if known is not None:
+        return known
     digest = hashlib.sha256()
-    root = getattr(dataset, "root", None)
+    root = os.path.join(getattr(dataset, "root", ""), "")
     for path, label in zip(dataset.paths, dataset.labels):
-        name = os.path.relpath(path, root) if root else path
+        name = path[len(root):] if root != os.sep and path.startswith(root) else path
         digest.update(f"{name}\t{int(label)}\n".encode())
-    return {"images": len(dataset.paths), "sha256": digest.hexdigest()[:16]}
+    dataset.order_digest = {"images": len(dataset.paths), "sha256": digest.hexdigest()[:16]}
+    return dataset.order_digest
 
 
 def check_same_epochs(meta, cfg, train_set, ranks=1):

@@ -36,7 +36,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from minivgg import data, metrics, optim  # noqa: E402
+from minivgg import data, folder_lock, metrics, optim  # noqa: E402
 from minivgg.loader import Loader  # noqa: E402
 from torch_net import torch_vgg  # noqa: E402
 
@@ -145,6 +145,11 @@ def main(argv=None):
     scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1, patience=2,
                                         max_decreases=3)  # minivgg.train's settings
     os.makedirs(args.output, exist_ok=True)
+    try:  # one run per folder, as minivgg's own runs (held until this process ends)
+        lock = folder_lock.lock_folder(args.output, "--output")  # noqa: F841
+    except folder_lock.FolderBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows, t_run = [], time.perf_counter()
     print(f"torch {torch.__version__}, {args.threads} threads: VGG-{args.arch} width "
           f"{args.width} fc {args.fc_width}, "

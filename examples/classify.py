@@ -47,6 +47,9 @@ def read_crop(path, resize=256, crop=224):
         size = (resize, int(resize * h / w))
     else:
         size = (int(resize * w / h), resize)
+    # a very thin image would be huge at that size: refused before anything is allocated
+    images.check_pixels(size[1], size[0], f"image {path} ({h}x{w}) resized to shorter "
+                                          f"side {resize}")
     img = img.resize(size, Image.BILINEAR)
     w, h = img.size
     left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))  # CenterCrop

@@ -97,6 +97,10 @@ def parse_scales(settings):
                              f"Q (e.g. 72 or 64,72,80)") from None
         if min(scales) < 1:
             raise UsageError(f"--scales: test scales must be positive, got {setting!r}")
+        try:  # the per-image size budget: 100000 is one line, not an out-of-memory kill
+            images.check_scale(max(scales), "--scales")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         out.append(scales)
     return out
 

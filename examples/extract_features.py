@@ -21,14 +21,14 @@ warning, counted, and listed in `skipped_paths`.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minivgg import data, features  # noqa: E402
-from minivgg.images import center_crop, load_rgb, rescale_smallest_side  # noqa: E402
+from minivgg import checkpoint, data, features  # noqa: E402
+from minivgg.images import (center_crop, check_rescale, check_scale,  # noqa: E402
+                            load_rgb, rescale_smallest_side)
 from minivgg.pretrained import load_pretrained  # noqa: E402
 
 
@@ -72,6 +72,8 @@ def check_args(args):
             raise ValueError(f"{name} must be at least 1, got {value}")
     if args.scales and min(args.scales) < 1:
         raise ValueError(f"--scales must be positive, got {args.scales}")
+    for flag, size in (("--scales", max(args.scales or [1])), ("--resize", args.resize or 1)):
+        check_scale(size, flag)  # the per-image size budget (minivgg.images.MAX_PIXELS)
 
 
 def list_images(folder):
@@ -109,19 +111,6 @@ def features_of(model, images, args, to_input, resize):
                             batch_size=args.batch_size)
 
 
-def save_npz(path, arrays):
-    """np.savez under a temporary name in the same folder, then renamed: never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def run(args):
     from tqdm import tqdm
     check_args(args)
@@ -141,7 +130,10 @@ def run(args):
             images, idx = [], []
             for i in range(start, min(start + chunk, len(paths))):
                 try:
-                    images.append(load_rgb(paths[i]))
+                    img = load_rgb(paths[i])
+                    # a very thin image over the size budget at the largest scale: skipped
+                    check_rescale(*img.shape[:2], max(args.scales or [resize]), paths[i])
+                    images.append(img)
                     idx.append(i)
                 except OSError as e:  # counted and named, not fatal
                     tqdm.write(f"warning: skipping: {e}", file=sys.stderr)
@@ -153,7 +145,7 @@ def run(args):
     if not kept:
         raise ValueError(f"none of the {len(paths)} images in {args.data} could be read")
     X = np.concatenate(feats).astype(np.float32)
-    save_npz(args.out, dict(
+    checkpoint.write_npz(args.out, overwrite=args.overwrite, arrays=dict(
         features=X, labels=np.asarray(labels)[kept], paths=np.array([paths[i] for i in kept]),
         classes=np.array(classes, dtype=str), layer=np.array(args.layer),
         scales=np.array(args.scales or [], dtype=np.int64), resize=np.array(

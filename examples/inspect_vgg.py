@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import nn  # noqa: E402
 from minivgg.models import CONFIGS, VGG  # noqa: E402
-from minivgg.plots import import_pyplot  # noqa: E402
+from minivgg.plots import import_pyplot, save_figure  # noqa: E402
 from minivgg.summary import layer_table, summary  # noqa: E402
 from minivgg.tensor import Tensor  # noqa: E402
 
@@ -157,8 +157,7 @@ def plot_block_costs(all_costs, path, plt, input_size=224):
         ax.legend(title="config", fontsize=8)
     fig.suptitle(f"VGG at {input_size}x{input_size}: parameters and multiply-adds per block")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_receptive_fields(rows, path, plt):
@@ -181,8 +180,7 @@ def plot_receptive_fields(rows, path, plt):
     fig.suptitle("Receptive field of one output pixel (Sec. 2.3): |gradient| of the centre "
                  "output with respect to each input pixel")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ centres the grid (`minivgg.evaluate.dense_crop`); the top-left grid is measured 
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +58,8 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
-from minivgg import checkpoint, data, evaluate, images, metrics, run_state  # noqa: E402
+from minivgg import (checkpoint, data, evaluate, folder_lock, images, metrics,  # noqa: E402
+                     run_state)
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
@@ -154,17 +154,18 @@ def save_record(args, run):
     src, dst = folder(args, run), record_folder(args, run)
     os.makedirs(dst, exist_ok=True)
     for name in ["metrics.csv", "timing.json"]:
-        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name + ".tmp"))
-        os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
+        with open(os.path.join(src, name), "rb") as f:
+            checkpoint.write_bytes(os.path.join(dst, name), f.read(), overwrite=True)
     if run.engine != "torch":
         compact_posteriors(os.path.join(src, "posteriors.npz"),
                            os.path.join(dst, "posteriors.npz"))
     if any(r.warm_from == run.name for r in STUDY):  # the weights a later run starts from
         model, _ = run_state.load_model(last_checkpoint(args, run))
-        save_pretrained(model, os.path.join(dst, "weights.npz"))
-    with open(os.path.join(dst, "record.json"), "w") as f:
-        json.dump({"epochs": args.epochs, "engine": run.engine, "arch": run.arch,
-                   "seed": run.seed, "saved": time.strftime("%Y-%m-%d %H:%M")}, f, indent=1)
+        save_pretrained(model, os.path.join(dst, "weights.npz"), overwrite=True)
+    checkpoint.write_json(os.path.join(dst, "record.json"),
+                          {"epochs": args.epochs, "engine": run.engine, "arch": run.arch,
+                           "seed": run.seed, "saved": time.strftime("%Y-%m-%d %H:%M")},
+                          overwrite=True)
 
 
 def compact_posteriors(src, dst):
@@ -174,8 +175,7 @@ def compact_posteriors(src, dst):
     for key, value in parts.items():
         if value.dtype == np.float64:
             parts[key] = value.astype(np.float32)
-    np.savez_compressed(dst + ".tmp.npz", **parts)
-    os.replace(dst + ".tmp.npz", dst)
+    checkpoint.write_npz(dst, parts, compressed=True, overwrite=True)
 
 
 def results_folder(args, run):
@@ -299,10 +299,7 @@ def record_time(args, run, start, load):
     parts.append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                   "seconds": round(time.time() - start, 1),
                   "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2)})
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(parts, f, indent=1)
-    os.replace(tmp, path)
+    checkpoint.write_json(path, parts, overwrite=True)
 
 
 def read_json(path, default):
@@ -379,8 +376,7 @@ def evaluate_run(args, run):
         if jobs:
             chosen = [items[i] for i in subset] if on_subset else items
             have.update(posteriors(nets, chosen, jobs))
-            np.savez(path + ".tmp.npz", **have)
-            os.replace(path + ".tmp.npz", path)
+            checkpoint.write_npz(path, have, overwrite=True)
     print(f"== {run.name}: evaluated {len(todo)} parts in {time.time() - start:.0f}s",
           flush=True)
 
@@ -416,7 +412,32 @@ def main(argv=None):
         print(f"error: {args.data!r} has no val/ folder", file=sys.stderr)
         return 2
     from reproduction_report import write_report  # examples/, beside this file
-    os.makedirs(args.out, exist_ok=True)
+    lock = lock_study_folder(args.out)
+    if lock is None:
+        return 2
+    with lock:
+        try:
+            return run_study(args, runs, write_report)
+        except OSError as e:  # a full disk while recording: the message names the file
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+
+def lock_study_folder(out):
+    """Make and lock the study's --out for this process -> FolderLock, or None after one
+    error line (another study holds it): one study per folder at a time, as one training
+    run per run folder (each run locks its own)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        return folder_lock.lock_folder(out, "--out")
+    except (OSError, folder_lock.FolderBusy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def run_study(args, runs, write_report):
+    """Train, evaluate and record `runs` (skipping what is done), then write the report
+    -> the exit status (main's)."""
     unfinished = []
     if not args.doc_only:
         for run in runs:

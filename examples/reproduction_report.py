@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from minivgg import evaluate, metrics, models
-from minivgg.plots import import_pyplot
+from minivgg import checkpoint, evaluate, metrics, models
+from minivgg.plots import import_pyplot, save_figure
 from reproduce_tables import FIXED_QS, JITTER_QS, epochs_done, read_json, results_folder
 
 PENDING = "pending"
@@ -710,8 +710,7 @@ def plot_curves(res, path):
     if ax.lines:
         ax.legend(ncol=2, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_depth(res, path):
@@ -732,8 +731,7 @@ def plot_depth(res, path):
            title="Error vs depth (Table 3 at small scale; bars: 95% binomial CI)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_protocols(res, path):
@@ -757,8 +755,7 @@ def plot_protocols(res, path):
         ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
         ax.legend(fontsize=8, ncol=len(nets), loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -854,6 +851,4 @@ seed, same augmentation), schedule and epochs, in torch.nn.
                         ("protocols", "Test protocols")):
         if name in plots:
             text += f"![{title}]({plots[name]})\n\n"
-    with open(args.doc + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(args.doc + ".tmp", args.doc)
+    checkpoint.write_bytes(args.doc, text.encode(), overwrite=True)

@@ -40,7 +40,6 @@ with "pending" for what is missing.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -52,8 +51,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduce_tables
 
-from minivgg import data, evaluate, features, images, metrics, models, run_state  # noqa: E402
-from reproduce_tables import Run, last_checkpoint, read_json, train  # noqa: E402
+from minivgg import (checkpoint, data, evaluate, features, images, metrics,  # noqa: E402
+                     models, run_state)
+from reproduce_tables import (Interrupted, Run, last_checkpoint, lock_study_folder,  # noqa: E402
+                              read_json, train)
 from reproduction_report import p_text  # noqa: E402
 
 LAYER, SCALES, SHOTS = "relu7", (64, 96, 128), ("5", "20", "all")
@@ -88,6 +89,11 @@ def parse_args(argv=None):
                    help="rewrite the report from the records; train nothing")
     args = p.parse_args(argv)
     args.eval_limit = 0  # reproduce_tables' arguments this study does not use
+    # NOTE: the runs start with the repository as their working directory
+    # (reproduce_tables.supervise), so relative paths are made absolute here, against the
+    # folder the user ran this from.
+    for name in ("data", "out", "record", "doc"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
     return args
 
 
@@ -243,18 +249,12 @@ def save_record(args, name, record, arrays=None, copy=()):
     os.makedirs(dst, exist_ok=True)
     for fname in copy:
         with open(os.path.join(args.out, name, fname), "rb") as f:
-            raw = f.read()
-        with open(os.path.join(dst, fname + ".tmp"), "wb") as f:
-            f.write(raw)
-        os.replace(os.path.join(dst, fname + ".tmp"), os.path.join(dst, fname))
+            checkpoint.write_bytes(os.path.join(dst, fname), f.read(), overwrite=True)
     if arrays:
-        np.savez_compressed(os.path.join(dst, "predictions.tmp.npz"), **arrays)
-        os.replace(os.path.join(dst, "predictions.tmp.npz"),
-                   os.path.join(dst, "predictions.npz"))
+        checkpoint.write_npz(os.path.join(dst, "predictions.npz"), arrays, compressed=True,
+                             overwrite=True)
     record = dict(record, saved=time.strftime("%Y-%m-%d %H:%M"))
-    with open(os.path.join(dst, "record.json.tmp"), "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(os.path.join(dst, "record.json.tmp"), os.path.join(dst, "record.json"))
+    checkpoint.write_json(os.path.join(dst, "record.json"), record, overwrite=True)
 
 
 def do_train(args, run):
@@ -327,9 +327,8 @@ def do_features(args, run, cache):
         Xva = features.extract(model, va, args.layer, args.scales, flip=True,
                                to_input=to_input)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path + ".tmp.npz", Xtr=Xtr, ytr=ytr, Xva=Xva, yva=yva,
-                 seconds=time.time() - start)
-        os.replace(path + ".tmp.npz", path)
+        checkpoint.write_npz(path, dict(Xtr=Xtr, ytr=ytr, Xva=Xva, yva=yva,
+                                        seconds=time.time() - start), overwrite=True)
     f = np.load(path)
     scores, preds = {}, {"labels": f["yva"]}
     for k in args.shots:
@@ -543,9 +542,7 @@ the direction of the findings can compare, not the numbers.
 {chr(10).join(source) or '| pending | | |'}
 """
     os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
-    with open(args.doc + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(args.doc + ".tmp", args.doc)
+    checkpoint.write_bytes(args.doc, text.encode(), overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -566,19 +563,35 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.doc_only:
-        os.makedirs(args.out, exist_ok=True)
-        cache = {}
-        for kind, run in study(args):
-            if kind == "train":
-                do_train(args, run)
-            elif kind == "features":
-                do_features(args, run, cache)
-            else:
-                do_scratch(args, run, cache)
-            write_report(args)
+        lock = lock_study_folder(args.out)
+        if lock is None:
+            return 2
+        with lock:
+            try:
+                run_study(args)
+            except Interrupted as stop:  # the run saved where it was (reproduce_tables)
+                print("== stopped: the run in progress saved where it was; run the same "
+                      "command again to continue", flush=True)
+                return stop.code
+            except OSError as e:  # a full disk while recording: the message names the file
+                print(f"error: {e}", file=sys.stderr)
+                return 1
     write_report(args)
     print(f"== report: {args.doc}", flush=True)
     return 0
+
+
+def run_study(args):
+    """Every step of the study not done yet, in order, the report rewritten after each."""
+    cache = {}
+    for kind, run in study(args):
+        if kind == "train":
+            do_train(args, run)
+        elif kind == "features":
+            do_features(args, run, cache)
+        else:
+            do_scratch(args, run, cache)
+        write_report(args)
 
 
 if __name__ == "__main__":

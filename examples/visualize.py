@@ -21,6 +21,7 @@ filters and features need only Pillow; scoremap and curves need matplotlib.
 """
 
 import argparse
+import io
 import os
 import sys
 
@@ -29,11 +30,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minivgg import functional as F  # noqa: E402
-from minivgg import models, no_grad, pretrained  # noqa: E402
+from minivgg import checkpoint, models, no_grad, pretrained  # noqa: E402
 from minivgg.run_state import require_finite  # noqa: E402
-from minivgg.images import load_rgb, rescale_smallest_side, to_chw_float32  # noqa: E402
+from minivgg.images import (check_scale, load_rgb, rescale_smallest_side,  # noqa: E402
+                            to_chw_float32)
 from minivgg.metrics import read_metrics  # noqa: E402
-from minivgg.plots import import_pyplot, plot_curves  # noqa: E402
+from minivgg.plots import import_pyplot, plot_curves, save_figure  # noqa: E402
 from minivgg.pretrained import imagenet_classes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
@@ -85,7 +87,9 @@ def save_png(array, path, scale=1):
     img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    checkpoint.write_bytes(path, buffer.getvalue(), overwrite=True)
     return path
 
 
@@ -153,8 +157,7 @@ def plot_score_map(img, scores, class_names, path, top=3):
         ax.set_yticks([])
     fig.suptitle("Dense evaluation (Sec. 3.2): class scores at every location of the map")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return best
 
 
@@ -175,7 +178,7 @@ def last_conv_of_block_1(model):
 
 
 def cmd_features(args):
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
+    img = rescale_smallest_side(load_rgb(args.image), args.scale, args.image)  # no wait
     model, normalise = load_weights(args.weights, args.config)
     layer = args.layer or last_conv_of_block_1(model)
     maps = layer_output(model, normalise(img)[None], layer)[0]  # (C, h, w)
@@ -188,7 +191,7 @@ def cmd_features(args):
 
 
 def cmd_scoremap(args):
-    img = rescale_smallest_side(load_rgb(args.image), args.scale)  # a bad image: no wait
+    img = rescale_smallest_side(load_rgb(args.image), args.scale, args.image)  # no wait
     model, normalise = load_weights(args.weights, args.config)
     scores = class_score_map(model, normalise(img))
     if scores.shape[0] == 1000:
@@ -246,6 +249,7 @@ def main(argv=None):
                             ("--max-channels", getattr(args, "max_channels", 1))):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        check_scale(getattr(args, "scale", 1), "--scale")  # the per-image size budget
         path = args.fn(args)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(EXAMPLES))  # the checkout, for `import miniv
 sys.path.insert(1, EXAMPLES)  # for `import inspect_vgg`
 
 import minivgg  # noqa: E402
+from minivgg import checkpoint  # noqa: E402
 from minivgg import functional as F  # noqa: E402
 from minivgg import nn, optim  # noqa: E402
 from minivgg.kernels import cpu as kernels  # noqa: E402
@@ -423,8 +424,7 @@ def update(path):
         text = f.read()
     text = MARKER.sub(lambda m: f"<!-- walkthrough.py: {m.group(1)} -->\n```text\n"
                                 f"{output_of(m.group(1))}```", text)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    checkpoint.write_bytes(path, text.encode("utf-8"), overwrite=True)
 
 
 def main(argv=None):

@@ -33,9 +33,12 @@ import numpy as np
 
 FORMAT = "minivgg-checkpoint-v1"
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".npz"
-# What tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX) names: 8 characters
-# from [a-z0-9_] in between. Nothing else in a run folder can match it.
-_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+# What tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=...) names for `atomic_write`: 8
+# characters from [a-z0-9_] in between, then one of the suffixes minivgg writes. Nothing
+# else in a run folder can match it.
+WRITTEN_SUFFIXES = (".npz", ".csv", ".png", ".json", ".safetensors", ".onnx", ".md")
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}(" +
+                        "|".join(re.escape(x) for x in WRITTEN_SUFFIXES) + ")")
 
 
 class CheckpointError(ValueError):
@@ -64,24 +67,38 @@ def save(path, model_state, optimizer_state=None, meta=None):
     arrays["meta"] = np.array(json.dumps(meta, default=_to_json))
 
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     existed = os.path.exists(path)
     try:
-        os.makedirs(folder, exist_ok=True)
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True,
+                     what="checkpoint")
+    except WriteError as e:
+        raise CheckpointWriteError(str(e)) from None
     except OSError as e:
-        raise CheckpointWriteError(_write_failure(e, path, folder, existed)) from None
+        raise CheckpointWriteError(write_failure(e, path, existed, "checkpoint")) from None
 
 
-def atomic_write(path, write, suffix=TEMP_SUFFIX):
+class WriteError(OSError):
+    """A file could not be written; the message names the user's path, never the
+    temporary file, and says whether an earlier file under that name is intact."""
+
+
+def atomic_write(path, write, suffix=TEMP_SUFFIX, overwrite=False, what="file"):
     """Write the file `path` all or nothing: `write(f)` fills a binary file open under a
-    temporary name in the same folder, which is flushed to disk and renamed over `path`.
+    temporary name in the same folder, which is flushed to disk and then given its name.
 
-    Whatever goes wrong (an error in `write`, a full disk, Ctrl-C), the temporary file is
-    removed and `path` is left as it was; the exception goes on to the caller.
+    The one way minivgg writes a file. An existing `path` is replaced only with
+    `overwrite`; otherwise it is kept and `FileExistsError` raised (a hard link gives the
+    name, so a file that appears meanwhile is not clobbered either). Whatever goes wrong
+    (an error in `write`, a full disk, a missing or read-only folder, Ctrl-C), the
+    temporary file is removed and `path` is left as it was. An `OSError` comes back as a
+    `WriteError` naming `path` (see `write_failure`; `what` names the kind of file).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    existed = os.path.exists(path)
+    if existed and not overwrite:
+        raise FileExistsError(_exists_message(path))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
@@ -91,19 +108,65 @@ def atomic_write(path, write, suffix=TEMP_SUFFIX):
             os.fsync(f.fileno())
         # NOTE: mkstemp makes the file private (0600); give it the mode open() would.
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
+        _publish(tmp, path, overwrite)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        failure = WriteError(write_failure(e, path, existed, what))
+        failure.errno = e.errno
+        raise failure from None
+    finally:
         if tmp is not None:
             _remove_quietly(tmp)
-        raise
 
 
-def _write_failure(error, path, folder, existed):
-    """One line for a failed write: what went wrong, where, and what is still there."""
-    kept = (f"the previous checkpoint {path} is intact" if existed
-            else f"no earlier checkpoint was at {path}")
+def _publish(tmp, path, overwrite):
+    """Give the finished temporary file the name `path` (the caller removes `tmp`)."""
+    if overwrite:
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+        return
+    try:
+        os.link(tmp, path)  # fails if the name was taken meanwhile, unlike a rename
+    except FileExistsError:
+        raise FileExistsError(_exists_message(path)) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.exists(path):
+            raise FileExistsError(_exists_message(path)) from None
+        os.replace(tmp, path)
+
+
+def write_bytes(path, data, overwrite=False):
+    """`atomic_write` of `data` (bytes), the temporary named after `path`'s extension."""
+    suffix = os.path.splitext(os.fspath(path))[1] or TEMP_SUFFIX
+    atomic_write(path, lambda f: f.write(data), suffix=suffix, overwrite=overwrite)
+
+
+def write_json(path, value, overwrite=False):
+    """`atomic_write` of `value` as indented JSON."""
+    write_bytes(path, json.dumps(value, indent=1).encode(), overwrite)
+
+
+def write_npz(path, arrays, compressed=False, overwrite=False):
+    """`atomic_write` of {name: array} as an `.npz` (zip-compressed with `compressed`)."""
+    savez = np.savez_compressed if compressed else np.savez
+    atomic_write(path, lambda f: savez(f, **arrays), overwrite=overwrite)
+
+
+def _exists_message(path):
+    return (f"{path} exists; it was left as it is (add --overwrite to replace it, or "
+            f"choose another name)")
+
+
+def write_failure(error, path, existed, what="file"):
+    """One line for a failed write of `path`: what went wrong, where, what is still there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    kept = (f"the previous {what} {path} is intact" if existed
+            else f"no earlier {what} was at {path}")
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return f"no space left on the disk holding {folder} while writing {path}; {kept}"
+    if error.errno == errno.ENOENT and not os.path.isdir(folder):
+        return (f"cannot write {path} ({error.strerror or error}: the folder {folder} does "
+                f"not exist)")
     return f"cannot write {path} ({error.strerror or error}); {kept}"
 
 
@@ -117,8 +180,9 @@ def _remove_quietly(path):
 def remove_stale_temporaries(folder):
     """Delete the temporary checkpoint files a killed run left in `folder` -> their paths.
 
-    Only names `save` itself makes (`.tmp-XXXXXXXX.npz`) are touched; call it when a run
-    starts in its own folder, where no other run writes at the same time.
+    Only names `atomic_write` itself makes (`.tmp-XXXXXXXX.npz`, or .csv, .png...) are
+    touched; call it when a run holds its folder's lock (`minivgg.folder_lock`), so that
+    no other run writes there at the same time.
     """
     removed = []
     try:

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from minivgg.images import (IMAGE_EXTENSIONS, center_crop, load_rgb, rescale_smallest_side,
-                            to_chw_float32)
+from minivgg.images import (IMAGE_EXTENSIONS, center_crop, check_rescale, load_rgb,
+                            not_regular, rescale_smallest_side, to_chw_float32)
 from minivgg.workers import map_in_processes
 
 class DataError(ValueError):
@@ -71,10 +71,21 @@ class DataStats:
         return stats
 
 
+MOMENT_ROWS = 2**20  # pixels per float64 block in `rgb_moments`: 24 MiB at a time
+
+
 def rgb_moments(img):
-    """(pixel count, sum of x, sum of x x^T) of one uint8 image (0-255 scale), float64."""
-    x = img.reshape(-1, 3).astype(np.float64)
-    return x.shape[0], x.sum(axis=0), x.T @ x
+    """(pixel count, sum of x, sum of x x^T) of one uint8 image (0-255 scale), float64.
+
+    NOTE: in blocks of `MOMENT_ROWS` pixels, so a large image never needs a float64 copy
+    of itself (8 bytes a channel where it holds 1); an ordinary one is a single block."""
+    pixels = img.reshape(-1, 3)
+    total, outer = np.zeros(3), np.zeros((3, 3))
+    for start in range(0, len(pixels), MOMENT_ROWS):
+        x = pixels[start:start + MOMENT_ROWS].astype(np.float64)
+        total += x.sum(axis=0)
+        outer += x.T @ x
+    return len(pixels), total, outer
 
 
 def image_moments(img):
@@ -141,8 +152,9 @@ class TrainTransform:
         self.stats, self.flip, self.pca_std = stats, flip, pca_std
         self.mean = np.asarray(stats.mean_rgb, dtype=np.float32)
 
-    def __call__(self, img, rng):
+    def __call__(self, img, rng, name="an image"):
         S = int(rng.integers(self.smin, self.smax + 1))
+        check_rescale(*img.shape[:2], S, name)  # a thin image: refused, not allocated
         img = rescale_smallest_side(img, S)
         H, W = img.shape[:2]
         top = int(rng.integers(0, H - self.crop + 1))
@@ -164,7 +176,8 @@ class EvalTransform:
         check_crop(self.crop, self.Q)
         self.mean = np.asarray(stats.mean_rgb, dtype=np.float32)
 
-    def __call__(self, img, rng=None):
+    def __call__(self, img, rng=None, name="an image"):
+        check_rescale(*img.shape[:2], self.Q, name)
         return to_chw_float32(center_crop(rescale_smallest_side(img, self.Q), self.crop),
                               self.mean)
 
@@ -219,7 +232,7 @@ class ImageFolder:
             (warn or print_warning)(ignored_message([(folder, self.ignored)]))
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.cache = None  # filled by cache_in_memory()
+        self.cache = self.moments = None  # filled by cache_in_memory()
 
     def __len__(self):
         return len(self.paths)
@@ -239,9 +252,16 @@ class ImageFolder:
         Later `load()` calls are a list lookup. `smallest_side` must be at least the
         largest S (or Q) used, so that the transforms only ever shrink. Images already
         smaller are kept as they are. Unreadable files are kept as None and counted.
+
+        NOTE: each image's share of the colour statistics (`image_moments` at side
+        `STATS_SIDE`) is taken from the decoded file here too, not from the cached copy,
+        which is already rescaled: `compute_stats` then gives the same numbers with and
+        without the cache, and so does the whole run (README, "--cache").
         """
         jobs = [(p, smallest_side) for p in self.paths]
-        self.cache = list(map_in_processes(_decode_for_cache, jobs, workers))
+        decoded = list(map_in_processes(_decode_for_cache, jobs, workers))
+        self.cache = [img for img, _ in decoded]
+        self.moments = [m for _, m in decoded]
         return sum(img is None for img in self.cache)
 
 
@@ -253,9 +273,30 @@ def _list_folder(folder):
 
 
 def _image_files(class_dir):
-    """Sorted paths of the (non-hidden) image files directly inside `class_dir`."""
-    return [os.path.join(class_dir, name) for name in sorted(_list_folder(class_dir))
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    """Sorted paths of the (non-hidden) image files directly inside `class_dir`.
+
+    A name that is a named pipe, a device or a socket is left out with a warning: reading
+    one would block, or never end. Only `os.stat` looks at it, which opens nothing. (A
+    folder or a broken link with an image's name stays in: it is reported, and skipped,
+    as an unreadable image when it is loaded.)"""
+    paths, special = [], []
+    for name in sorted(_list_folder(class_dir)):
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or name.startswith("."):
+            continue
+        path = os.path.join(class_dir, name)
+        try:
+            kind = not_regular(os.stat(path).st_mode)
+        except OSError:
+            kind = None
+        if kind is None or kind == "a folder":
+            paths.append(path)
+        else:
+            special.append(f"{path} ({kind})")
+    if special:
+        print_warning(f"ignoring {len(special)} file(s) that are not regular files and "
+                      f"would block or never end a read: {', '.join(special[:5])}"
+                      + (" ..." if len(special) > 5 else ""))
+    return paths
 
 
 def ignored_message(ignored):
@@ -267,14 +308,17 @@ def ignored_message(ignored):
 
 
 def _decode_for_cache(job, state=None):
+    """(the image rescaled to smallest side `side` if larger, its statistics' share) of
+    one file, or (None, None) when it is unreadable or over the size budget."""
     path, side = job
     try:
         img = load_rgb(path)
+        moments = _moments_at(img, STATS_SIDE, path)
+        if min(img.shape[:2]) > side:
+            img = rescale_smallest_side(img, side, path)
     except OSError:
-        return None
-    if min(img.shape[:2]) > side:
-        img = rescale_smallest_side(img, side)
-    return img
+        return None, None
+    return img, moments
 
 
 def open_imagenet(root, warn=None):
@@ -306,7 +350,10 @@ def open_imagenet(root, warn=None):
     return train, val
 
 
-def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0, warn=None):
+STATS_SIDE = 64  # images are rescaled to this smallest side for the colour statistics
+
+
+def compute_stats(dataset, max_images=2000, side=STATS_SIDE, seed=0, workers=0, warn=None):
     """Mean RGB and RGB-covariance PCA of (a seeded sample of) a training set.
 
     Each image counts once (`image_moments`), rescaled to smallest side `side` first: the
@@ -316,7 +363,9 @@ def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0, warn=Non
     n = len(dataset)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.permutation(n)[:max_images]) if n > max_images else np.arange(n)
-    if isinstance(dataset, ImageFolder) and dataset.cache is None:
+    if isinstance(dataset, ImageFolder) and dataset.moments is not None and side == STATS_SIDE:
+        moments = [dataset.moments[i] for i in index]  # taken from the files when cached
+    elif isinstance(dataset, ImageFolder):
         jobs = [(dataset.paths[i], side) for i in index]
         moments = map_in_processes(_file_moments, jobs, workers)
     else:
@@ -338,9 +387,14 @@ def compute_stats(dataset, max_images=2000, side=64, seed=0, workers=0, warn=Non
 def _file_moments(job, state=None):
     path, side = job
     try:
-        return image_moments(rescale_smallest_side(load_rgb(path), side))
+        return _moments_at(load_rgb(path), side, path)
     except OSError:
         return None
+
+
+def _moments_at(img, side, name):
+    """`image_moments` of a decoded image rescaled to smallest side `side` (up or down)."""
+    return image_moments(rescale_smallest_side(img, side, name))
 
 
 def _image_moments(dataset, i, side):
@@ -348,8 +402,11 @@ def _image_moments(dataset, i, side):
         img = dataset.load(i)
     except OSError:
         return None
-    if min(img.shape[:2]) > side:
-        img = rescale_smallest_side(img, side)
+    try:
+        if min(img.shape[:2]) > side:
+            img = rescale_smallest_side(img, side, dataset.paths[i])
+    except OSError:
+        return None
     return image_moments(img)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from minivgg import backend
 from minivgg import functional as F
 from minivgg import nn
+from minivgg.images import check_rescale, check_scale
 from minivgg.metrics import topk_errors
 from minivgg.models import pooled_size
 from minivgg.tensor import Tensor, no_grad
@@ -441,7 +442,7 @@ def evaluate_images(nets, load, items, rows, rescale, chunk_size=32, progress=No
     for start in range(0, len(items), chunk_size):
         chunk = items[start:start + chunk_size]
         with clock(Stage("decode")):
-            images, labels = decode(load, chunk)
+            images, labels = decode(load, chunk, max(q for _, q in needed))
         skipped += len(chunk) - len(images)
         if not images:
             continue
@@ -470,6 +471,7 @@ def check_rows(nets, rows):
         parse_protocol(protocol)
         if not scales:
             raise ValueError(f"protocol {protocol!r}: no test scales given")
+        check_scale(max(scales), "test scale Q")
         for net in nets:
             if min(scales) < net.input_size:
                 raise ValueError(f"test scale Q={min(scales)} is smaller than the "
@@ -478,12 +480,17 @@ def check_rows(nets, rows):
     return rows
 
 
-def decode(load, chunk):
-    """Images and int64 labels of the readable [(path, label)] in `chunk`."""
+def decode(load, chunk, largest_q=None):
+    """Images and int64 labels of the readable [(path, label)] in `chunk`; an image that
+    would be over the size budget at the largest test scale `largest_q` (a very thin one)
+    is skipped like an unreadable one, before anything is rescaled."""
     images, labels = [], []
     for path, label in chunk:
         try:
-            images.append(load(path))
+            img = load(path)
+            if largest_q is not None:
+                check_rescale(*img.shape[:2], largest_q, path)
+            images.append(img)
             labels.append(label)
         except OSError as e:  # an unreadable file is counted, not fatal
             warnings.warn(f"skipping unreadable image {path}: {e}")

@@ -2,7 +2,8 @@
 
     load_rgb(path)                   decode with Pillow, any mode -> uint8 (H, W, 3) RGB,
                                      upright (EXIF orientation), 16-bit/float scaled
-    rescale_smallest_side(img, S)    isotropic rescale, smallest side S (Pillow bilinear)
+    rescale_smallest_side(img, S)    isotropic rescale, smallest side S (Pillow bilinear),
+                                     within the budget MAX_PIXELS (check_rescale)
     center_crop(img, size)           the central size x size window
     to_chw_float32(img, mean_rgb)    uint8 (H, W, 3) -> float32 (3, H, W), mean subtracted
 
@@ -12,6 +13,7 @@ on the 0-255 scale, as in the paper (Sec. 2.1; see `minivgg.data` for why).
 """
 
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -20,18 +22,56 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # The ILSVRC layout uses ".JPEG"; accept the usual image extensions in any case.
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
+# The budget of one image minivgg makes (a rescale, a test scale, a crop): 2^24 pixels,
+# 4096 x 4096, 48 MiB as uint8 RGB and 192 MiB as float32. NOTE: Pillow's bomb check
+# bounds the decoded file (179M pixels), not what a rescale makes of it: a 228-byte
+# 50000 x 1 PNG rescaled to smallest side 72 would be 3,600,000 x 72 pixels (0.8 GB, and
+# 6 GB as float64 statistics). The paper's scales (256-512) stay far below it, as do
+# panoramas of 1:20 at S = 512.
+MAX_PIXELS = 2**24
+MAX_SIDE = 4096  # the largest square within MAX_PIXELS: the largest scale a flag can ask
+
+
+class ImageTooLarge(OSError):
+    """An image (or a scale) would make an array over `MAX_PIXELS`; nothing was allocated.
+    An OSError, so the loaders skip such an image as they skip an unreadable one."""
+
+
+def check_pixels(height, width, what):
+    """Raise `ImageTooLarge` naming `what` when height x width exceeds `MAX_PIXELS`."""
+    if height * width > MAX_PIXELS:
+        raise ImageTooLarge(f"{what} would be {height}x{width} = {height * width:,} pixels, "
+                            f"over minivgg's budget of {MAX_PIXELS:,} pixels per image "
+                            f"({MAX_SIDE}x{MAX_SIDE}, minivgg.images.MAX_PIXELS)")
+
+
+def check_scale(S, flag):
+    """Raise ValueError, naming `flag`, for a scale whose smallest square is over budget."""
+    if S > MAX_SIDE:
+        raise ValueError(f"{flag} {S}: an image rescaled to smallest side {S} has at least "
+                         f"{S * S:,} pixels, over minivgg's budget of {MAX_PIXELS:,} "
+                         f"({MAX_SIDE}x{MAX_SIDE}); use at most {MAX_SIDE}")
+
+
+def check_rescale(height, width, S, name="an image"):
+    """Raise `ImageTooLarge` when an image of height x width rescaled to smallest side S
+    is over budget: the check before `rescale_smallest_side` allocates anything."""
+    new_h, new_w = rescaled_size(height, width, S)
+    check_pixels(new_h, new_w, f"{name} ({height}x{width}) rescaled to smallest side {S}")
+
 def load_rgb(path):
     """Decode an image file into a uint8 array (H, W, 3) in RGB order, upright.
 
     Every Pillow mode is handled (`to_rgb8`), and the EXIF orientation tag is applied (see
     `upright`). Raises `OSError` "cannot read image PATH: why" for anything Pillow cannot
-    read: a missing, empty, truncated or foreign file, a folder, a decompression bomb.
+    read: a missing, empty, truncated or foreign file, a folder, a decompression bomb, and
+    anything that is not a regular file (a named pipe would block the reader forever).
     """
     # NOTE: Pillow pads a truncated JPEG with grey, silently, only when the global
     # ImageFile.LOAD_TRUNCATED_IMAGES is True; at its default (False) `im.load()` raises,
     # which is what lets the loader skip and count such files.
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
+        with warnings.catch_warnings(), open_regular(path) as f, Image.open(f) as im:
             # Between 89M and 179M pixels Pillow only warns (above, it raises): a large
             # scan is a legitimate image, and a warning per worker per file is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -41,8 +81,45 @@ def load_rgb(path):
         raise OSError(f"cannot read image {path}: {_read_failure(path, e)}") from None
 
 
+class NotARegularFile(OSError):
+    """A path that names a pipe, a device or a socket: never read as an image."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(mode):
+    """What a file of stat mode `mode` is, in words, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path):
+    """Open `path` for reading if it is a regular file -> binary file object; never blocks.
+
+    NOTE: O_NONBLOCK makes opening a FIFO return at once (a plain open waits for a writer,
+    forever); the descriptor's own fstat then tells what was opened, with no race between
+    a check and the open. For a regular file the flag changes nothing.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        kind = not_regular(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise NotARegularFile(f"it is {kind}, not an image file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_failure(path, error):
     """Why an image could not be read, in words (the path is named by the caller)."""
+    if isinstance(error, NotARegularFile):
+        return str(error)
     if isinstance(error, FileNotFoundError):
         return "no such file"
     if isinstance(error, IsADirectoryError) or os.path.isdir(path):
@@ -126,16 +203,19 @@ def rescaled_size(height, width, S):
     return max(S, int(round(height * S / width))), S
 
 
-def rescale_smallest_side(img, S):
+def rescale_smallest_side(img, S, name="an image"):
     """Isotropically rescale uint8 (H, W, 3) so its smallest side is S (Sec. 3.1, 3.2).
 
     Uses Pillow's bilinear filter, which averages over the whole footprint when shrinking
     (antialiased), as torchvision's Resize does. Returns `img` itself when nothing changes.
+    Raises `ImageTooLarge` (naming `name`) when the result would exceed `MAX_PIXELS`, as a
+    very thin image does, before allocating it.
     """
     S = int(S)
     if S < 1:
         raise ValueError(f"rescale_smallest_side: S must be positive, got {S}")
     H, W = img.shape[:2]
+    check_rescale(H, W, S, name)
     new_h, new_w = rescaled_size(H, W, S)
     if (new_h, new_w) == (H, W):
         return img

@@ -32,10 +32,11 @@ def _make_batch(job, state):
     for i in indices:
         try:
             img = dataset.load(i)
+            # an OSError here is `images.ImageTooLarge`: a thin image rescaled over budget
+            xs.append(transform(img, sample_rng(seed, epoch, int(i)), dataset.paths[i]))
         except OSError as e:
             bad.append((dataset.paths[i], str(e)))
             continue
-        xs.append(transform(img, sample_rng(seed, epoch, int(i))))
         ys.append(dataset.labels[i])
     if not xs:
         return None, None, bad

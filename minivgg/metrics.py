@@ -10,11 +10,12 @@ draws it; `examples/visualize.py curves` draws any run's file.
 """
 
 import csv
-import os
+import io
 
 import numpy as np
 
 from minivgg import backend
+from minivgg.checkpoint import atomic_write
 
 METRICS_COLUMNS = ("epoch", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
                    "val_top5_err", "lr", "images_per_s", "seconds")
@@ -51,13 +52,14 @@ def epoch_row(epoch, train, val, lr, seconds):
 
 
 def write_metrics(path, rows):
-    """Write every row to `path`, replacing it atomically (a kill never leaves half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """Write every row to `path`, replacing it atomically (a kill never leaves half a file;
+    a failed write is a `checkpoint.WriteError` naming `path`)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data), suffix=".csv", overwrite=True)
 
 
 def read_metrics(path, up_to_epoch=None):

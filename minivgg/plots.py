@@ -8,6 +8,7 @@ metrics.csv: training writes it as metrics.png after every epoch, and
 
 import numpy as np
 
+from minivgg.checkpoint import atomic_write
 from minivgg.metrics import metric_columns
 
 MISSING = "this picture needs matplotlib: pip install matplotlib"
@@ -50,5 +51,17 @@ def plot_curves(rows, path, title=""):
     ax2.legend()
     fig.suptitle(title or "training curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path, dpi=100):
+    """Write a matplotlib figure as a PNG through the one atomic write, and close it.
+
+    Every picture minivgg draws is written this way: never half a file, and a failed
+    write is a `checkpoint.WriteError` naming `path`."""
+    plt = import_pyplot()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), suffix=".png",
+                     overwrite=True)
+    finally:
+        plt.close(fig)

@@ -1,8 +1,9 @@
 """A training run on disk: its folder, what its checkpoints hold, resuming it, its model.
 
     run folder       RunPaths (last.npz, best.npz, metrics.csv, metrics.png), run_folder,
-                     prepare_run_folder: never overwrite an earlier run by accident, find
-                     an unwritable folder before any data is read
+                     claim_run_folder: one run per folder at a time (a lock), never
+                     overwrite an earlier run by accident, find an unwritable folder
+                     before any data is read
     what to keep     training_meta(run): everything but the arrays that a resume needs;
                      model_meta(model): what rebuilds the architecture
     resume           read_resume_checkpoint, check_resumable, check_same_model: whatever
@@ -14,6 +15,7 @@
 The file format itself (atomic writes, pickle-free reads) is `minivgg.checkpoint`'s.
 """
 
+import hashlib
 import math
 import os
 import tempfile
@@ -25,6 +27,7 @@ from minivgg import backend
 from minivgg.checkpoint import (TEMP_PREFIX, TEMP_SUFFIX, CheckpointError, load, nonfinite,
                                 remove_stale_temporaries)
 from minivgg.data import DataError, DataStats
+from minivgg.folder_lock import FolderBusy, lock_folder
 from minivgg.models import VGG
 from minivgg.optim import ReduceLROnPlateau
 from minivgg.train_config import TrainingError
@@ -103,35 +106,106 @@ def training_meta(run, epochs_done):
             "scheduler": run.scheduler.state_dict(),
             "rng": {"host": backend.get_rng_state(), "loader_seed": run.loader_seed},
             "best_val_top1_err": run.best, "synthetic": cfg.synthetic,
+            "data_order": data_order(run.train_loader.dataset),
             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
 
 
+def data_order(dataset):
+    """What fixes an epoch's order besides the seed: the number of training images and a
+    hash of their names (relative to the data folder, which may move) and labels.
+    Computed once per dataset (a million ImageNet names take a second) and kept on it."""
+    known = getattr(dataset, "order_digest", None)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    root = os.path.join(getattr(dataset, "root", ""), "")
+    for path, label in zip(dataset.paths, dataset.labels):
+        name = path[len(root):] if root != os.sep and path.startswith(root) else path
+        digest.update(f"{name}\t{int(label)}\n".encode())
+    dataset.order_digest = {"images": len(dataset.paths), "sha256": digest.hexdigest()[:16]}
+    return dataset.order_digest
+
+
+def check_same_epochs(meta, cfg, train_set, ranks=1):
+    """Raise `TrainingError` unless resuming `meta` with `cfg` on `train_set` continues the
+    sequence of batches the run was on: the same --seed (the loader's and dropout's
+    randomness continue from the checkpoint, so another seed would be ignored), and, for a
+    checkpoint taken part-way through an epoch, the same -b and training images in the
+    same order (else the rest of that epoch would skip or repeat images). The number of
+    ranks may change: the global batches and their order do not depend on it (`ranks` is
+    only named in the message)."""
+    saved, path = meta.get("config") or {}, cfg.resume
+    if "seed" in saved and saved["seed"] != cfg.seed:
+        raise TrainingError(f"--seed {cfg.seed} differs from the run's --seed {saved['seed']}, "
+                            f"whose random state {path} continues; resume with --seed "
+                            f"{saved['seed']}, or start a new run in another --output")
+    if not meta.get("batch"):
+        return  # an epoch's end: the next epoch's order is drawn afresh
+    where = f"{path} stopped part-way through epoch {meta.get('epoch', 0) + 1}"
+    if "batch_size" in saved and saved["batch_size"] != cfg.batch_size:
+        raise TrainingError(
+            f"-b {cfg.batch_size} differs from the run's -b {saved['batch_size']}, and {where} "
+            f"(batch {meta['batch']}): resume it with -b {saved['batch_size']} (on any number "
+            f"of processes, {ranks} now); -b can change when a checkpoint of an epoch's end "
+            f"is resumed")
+    order, now = meta.get("data_order"), data_order(train_set)
+    if order is not None and order != now:
+        change = (f"{order.get('images')} images then, {now['images']} now"
+                  if order.get("images") != now["images"] else "the same number of "
+                  "images, but other names or labels")
+        raise TrainingError(f"the training images changed ({change}), and {where}, so the "
+                            f"rest of it would skip or repeat images; restore the data folder "
+                            f"as it was, or resume from a checkpoint of an epoch's end")
+
+
 def prepare_run_folder(folder, resume=None, overwrite=False):
-    """Check `folder` for a run before any data is read -> the stale temporaries removed.
+    """`claim_run_folder` without keeping the lock -> the stale temporaries removed."""
+    lock, removed = claim_run_folder(folder, resume, overwrite)
+    lock.release()
+    return removed
+
+
+def claim_run_folder(folder, resume=None, overwrite=False):
+    """Check `folder` for a run before any data is read, and lock it for this process
+    -> (`FolderLock`, the stale temporaries removed).
 
     Raises `CheckpointError`, in one line, when the folder cannot be written (read-only,
-    a file in the way), or when it holds another run's files and this is neither a resume
-    of that run nor `overwrite` (`remove_run_files` then clears them, once the new run has
-    passed its own checks, so a mistyped flag never costs the earlier run).
+    a file in the way), when another live run holds it (naming its pid and start time:
+    `minivgg.folder_lock`), or when it holds another run's files and this is neither a
+    resume of that run nor `overwrite` (`remove_run_files` then clears them, once the new
+    run has passed its own checks, so a mistyped flag never costs the earlier run). The
+    lock's `created` says whether the folder was made here (`FolderLock.release` can then
+    remove it again if it is still empty).
     """
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise CheckpointError(f"--output {folder!r} is a file, not a folder")
+    created = not os.path.exists(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)
         os.remove(probe)
+        lock = lock_folder(folder, "--output")
+    except FolderBusy as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"--output {folder!r} is not a folder minivgg can write to "
                               f"({e.strerror or e})") from None
-    held = run_files(folder)
-    if held and not holds(folder, resume) and not overwrite:
-        last = os.path.join(folder, "last.npz")
-        raise CheckpointError(
-            f"{folder} already holds a run ({', '.join(held)}); to continue it use "
-            f"--resume {last}, to replace it add --overwrite, or choose another --output")
-    return remove_stale_temporaries(folder)
+    lock.created = created
+    try:
+        held = run_files(folder)
+        if held and not holds(folder, resume) and not overwrite:
+            last = os.path.join(folder, "last.npz")
+            raise CheckpointError(
+                f"{folder} already holds a run ({', '.join(held)}); to continue it use "
+                f"--resume {last}, to replace it add --overwrite, or choose another --output")
+        # NOTE: only under the lock: another run's temporary file is its checkpoint
+        # being written, not a killed run's leftover.
+        return lock, remove_stale_temporaries(folder)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def holds(folder, path):

@@ -23,7 +23,8 @@ the batch in progress and writes last.npz at that exact point (epoch and batch),
 resume continues as if nothing had happened; SIGUSR1 writes it and goes on
 (`minivgg.interrupts`). A NaN/Inf loss or validation loss stops the run before any
 checkpoint of those weights is written. A run never starts in a folder holding another
-run's files unless told to (`run_state.prepare_run_folder`).
+run's files unless told to, nor in one another live run holds: the folder is locked for the
+run's life (`run_state.claim_run_folder`, `minivgg.folder_lock`).
 
 Started by an MPI launcher (`mpirun -n 4 python examples/train_imagenet.py ...`), the same
 loop trains one model on every process (`minivgg.distributed`, Sec. 3.3): each rank takes
@@ -116,8 +117,7 @@ def train(run):
             save_checkpoints(run, epoch + 1, va, improved)
             rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
             if root:  # one writer: the files do not depend on the number of ranks
-                metrics.write_metrics(paths.metrics_csv, rows)
-                plotted = plot_run(run, rows)
+                plotted = write_metrics_files(run, rows)
             say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
             if run.optimizer.lr != lr:
                 say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
@@ -136,13 +136,15 @@ def stopped_mid_epoch(run, epoch, signal_name):
     progress, total, last = run.progress, len(run.train_loader), run.paths.last
     save_progress(run, epoch)
     where = ("" if progress.batch < total else " (its validation had not finished)")
-    best = (f"{run.paths.best} holds the best epoch so far (val top-1 error "
+    # NOTE: each sentence starts with a word of its own, never a path: capitalising a
+    # sentence that starts with "runs/x" would name a folder that does not exist.
+    best = (f"The best epoch so far is in {run.paths.best} (val top-1 error "
             f"{100 * run.best:.2f}%)" if os.path.isfile(run.paths.best)
-            else "no epoch has finished yet, so there is no best.npz")
+            else "No epoch has finished yet, so there is no best.npz")
     return TrainingInterrupted(
         f"stopped by {signal_name}: {last} holds epoch {epoch + 1} up to batch "
         f"{progress.batch} of {total}{where}; --resume {last} continues exactly from there. "
-        f"{best[0].upper() + best[1:]}.", signal_name)
+        f"{best}.", signal_name)
 
 
 def earlier_rows(run):
@@ -187,6 +189,20 @@ def finite_state(run, when):
     if bad:
         raise _diverged(run, f"{', '.join(bad[:3])} became NaN or Inf {when}")
     return state, opt_state
+
+
+def write_metrics_files(run, rows):
+    """metrics.csv and its curves, metrics.png -> False when matplotlib is missing.
+
+    A failed write (a full disk) is one `checkpoint.WriteError` line that names the file
+    and says that the checkpoints, written just before, are intact."""
+    try:
+        metrics.write_metrics(run.paths.metrics_csv, rows)
+        return plot_run(run, rows)
+    except OSError as e:
+        kept = [p for p in (run.paths.last, run.paths.best) if os.path.isfile(p)]
+        raise checkpoint.WriteError(f"{e}; the checkpoints {' and '.join(kept)} are intact "
+                                    f"(--resume {run.paths.last} continues the run)") from None
 
 
 def plot_run(run, rows):

@@ -9,7 +9,7 @@ is one `TrainingError` line naming the flag and the value.
 import math
 from dataclasses import dataclass, field
 
-from minivgg import backend, models
+from minivgg import backend, images, models
 
 
 class TrainingError(Exception):
@@ -127,6 +127,7 @@ def check_config(cfg):
         raise TrainingError(f"--epochs and --batch-size must be positive, got "
                             f"{cfg.epochs} and {cfg.batch_size}")
     check_numbers(cfg)
+    check_sizes(cfg)
     try:
         backend.set_conv_algorithm(cfg.conv_algo)
     except ValueError as e:
@@ -135,6 +136,18 @@ def check_config(cfg):
         return device, models.canonical_config(cfg.arch)
     except ValueError as e:
         raise TrainingError(str(e)) from e
+
+
+def check_sizes(cfg):
+    """Scales and crop within the per-image budget (`images.MAX_PIXELS`): a scale of
+    100000 is one error line now, not an out-of-memory kill after the data is read."""
+    scale_flag = "--scale-jitter SMAX" if cfg.scale_jitter else "--scale"
+    for flag, size in ((scale_flag, max(cfg.scales)), ("--test-scale", cfg.Q),
+                       ("--crop", cfg.crop)):
+        try:
+            images.check_scale(int(size), flag)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
 
 def check_numbers(cfg):
@@ -152,6 +165,9 @@ def check_numbers(cfg):
              ("--width", cfg.width, finite(cfg.width) and cfg.width > 0, "positive"),
              ("--fc-width", cfg.fc_width, cfg.fc_width >= 1, "at least 1"),
              ("-j/--workers", cfg.workers, cfg.workers >= 0, "0 or more"),
+             # NOTE: NumPy's and CuPy's generators take 0..2^32-1 (CuPy's, 32 bits)
+             ("--seed", cfg.seed, isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32,
+              "an integer in 0..4294967295"),
              ("-p/--print-freq", cfg.print_freq, cfg.print_freq >= 1, "at least 1")]
     for flag, value, ok, wanted in rules:
         if not ok:

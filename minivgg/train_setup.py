@@ -48,6 +48,7 @@ class Run:
     resume_progress: EpochProgress = None  # how far into `start_epoch` the resume is
     progress: EpochProgress = None         # how far the epoch in progress has come
     replicas: Replicas = field(default_factory=Replicas)  # the processes training together
+    lock: object = None         # the output folder's FolderLock (rank 0; None for -e)
 
     @property
     def group(self):
@@ -61,9 +62,11 @@ class Run:
         return f"VGG-{self.model.config} on {data}"
 
     def close(self):
-        """Stop the loaders' worker processes."""
+        """Stop the loaders' worker processes and give the output folder back."""
         self.train_loader.close()
         self.val_loader.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def setup(cfg, log=print, group=None):
@@ -75,10 +78,25 @@ def setup(cfg, log=print, group=None):
     device, arch = check_config(cfg)
     say = _with_label(log if group.is_root else _quiet, cfg.label)
     resumed = run_state.read_resume_checkpoint(cfg)  # first: it holds the data statistics
-    paths = prepare_output(cfg, arch, group, say)
+    paths, lock = prepare_output(cfg, arch, group, say)
+    try:
+        run = _build(cfg, group, say, resumed, arch, device)
+    except BaseException:
+        if lock is not None:  # a run that could not start leaves no empty folder behind
+            lock.release(remove_if_empty=True)
+        raise
+    run.paths, run.lock = paths, lock
+    return run
+
+
+def _build(cfg, group, say, resumed, arch, device):
+    """`setup` once the output folder is held: data, statistics, model, optimizer, loaders
+    -> Run (its `paths` and `lock` are set by the caller)."""
     train_set, val_set, data_name = open_data(cfg, say)
     if resumed and resumed[2].get("classes") not in (None, list(train_set.classes)):
         raise TrainingError(f"{cfg.resume} was trained on other classes than {data_name}'s")
+    if resumed and not cfg.evaluate:
+        run_state.check_same_epochs(resumed[2], cfg, train_set, group.size)
 
     backend.manual_seed(cfg.seed)
     stats = training_stats(cfg, train_set, resumed, say)
@@ -99,20 +117,23 @@ def setup(cfg, log=print, group=None):
     return Run(config=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                train_loader=train_loader, val_loader=val_loader, stats=stats,
                classes=list(train_set.classes), data_name=data_name, device=device,
-               paths=paths, loader_seed=seed, log=say, start_epoch=start_epoch, best=best,
+               paths=None, loader_seed=seed, log=say, start_epoch=start_epoch, best=best,
                last_good=cfg.resume, resume_progress=progress,
                replicas=Replicas(group, model.parameters()))
 
 
 def prepare_output(cfg, arch, group, say):
     """The run's output folder (--output, the --resume folder, or runs/<data>-<arch>),
-    checked before any data is read; rank 0 alone writes there."""
+    checked and locked before any data is read -> (RunPaths, FolderLock or None); rank 0
+    alone writes there, and -e writes nothing."""
     name = "synthetic" if cfg.synthetic else os.path.basename(os.path.normpath(cfg.data))
     paths = RunPaths(run_state.run_folder(cfg.output, cfg.resume, f"{name}-{arch}"))
+    lock = None
     if not cfg.evaluate and group.is_root:
-        for stale in run_state.prepare_run_folder(paths.folder, cfg.resume, cfg.overwrite):
-            say(f"removed {stale}, left by a run killed while writing a checkpoint")
-    return paths
+        lock, stale = run_state.claim_run_folder(paths.folder, cfg.resume, cfg.overwrite)
+        for path in stale:
+            say(f"removed {path}, left by a run killed while writing a checkpoint")
+    return paths, lock
 
 
 def make_optimizer(cfg, model):

@@ -17,19 +17,25 @@ process then waits for the lock forever. So here:
   main process decides to stop (`minivgg.interrupts`); `close()` closes the pipes, waits
   a moment, and kills what is left (safe: a worker owns no lock and no file anyone else
   needs).
-- A worker whose main process has gone (SIGKILL, a crash) notices within `POLL_SECONDS`
-  and exits, so none is left orphaned. A main process that goes away while a worker is
+- A worker dies with its main process, whatever ends it (SIGKILL, a crash): on Linux the
+  kernel sends it SIGKILL at once (`PR_SET_PDEATHSIG`), even while it is stuck in a system
+  call; elsewhere, and as a second line, an idle worker notices within `POLL_SECONDS`
+  that its parent is gone and exits. None is left orphaned. A main process that goes away while a worker is
   sending makes that worker exit quietly, never with a BrokenPipe traceback.
 - A worker that dies (out of memory, a segfault in a decoder) is reported as a
   `WorkerError` naming it, instead of a wait that never ends.
 """
 
+import ctypes
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 from itertools import islice
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_SECONDS = 0.5  # how often an idle worker checks that its main process is still there
 # Signals meant for the main process (minivgg.interrupts); workers ignore them.
 _IGNORED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
@@ -62,6 +68,9 @@ class WorkerPool:
         # and installs SIG_IGN before it unblocks: no signal can reach a half-started
         # worker and print a KeyboardInterrupt traceback from it.
         blocked = _block(_IGNORED_SIGNALS)
+        # NOTE: the kernel's parent-death signal fires when the *thread* that started the
+        # worker ends; only the main thread lives as long as the process.
+        main_thread = threading.current_thread() is threading.main_thread()
         try:
             for i in range(n):
                 job_recv, job_send = ctx.Pipe(duplex=False)
@@ -69,7 +78,7 @@ class WorkerPool:
                 parent_ends += [job_send, result_recv]
                 process = ctx.Process(
                     target=_serve, name=f"{name}-{i}", daemon=True,
-                    args=(fn, state, job_recv, result_send, os.getpid(),
+                    args=(fn, state, job_recv, result_send, (os.getpid(), main_thread),
                           parent_ends if forked else [], blocked))
                 process.start()
                 job_recv.close()
@@ -187,8 +196,24 @@ def _unblock(previous):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _serve(fn, state, jobs, results, parent_pid, parent_ends, signal_mask):
+def _die_with_parent(parent_pid):
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG);
+    then make sure the parent did not die before the request. Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no libc to ask: the poll in `_serve` still ends an orphan
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _serve(fn, state, jobs, results, parent, parent_ends, signal_mask):
     """A worker's life: jobs in, (ok, result or exception) out, until told or orphaned."""
+    parent_pid, started_by_main_thread = parent
+    if started_by_main_thread:
+        _die_with_parent(parent_pid)
     for sig in _IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     _unblock(signal_mask)  # the start-up block was inherited; signals now find SIG_IGN

@@ -261,12 +261,13 @@ def test_an_interrupted_export_leaves_no_file_and_keeps_the_old_one(trained, tmp
         assert os.path.getsize(tmp) > 0  # the whole model was written under a temporary name
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx_export, "_publish", crash)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(checkpoint, "_publish", crash)  # the one atomic write's last step
+    with pytest.raises(OSError, match=f"no space left on the disk holding {tmp_path} while "
+                                      f"writing {out}; no earlier file"):
         onnx_export.export_onnx(model, out)
     assert os.listdir(tmp_path) == ["best.npz"]
     out.write_bytes(b"old")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=f"the previous file {out} is intact"):
         onnx_export.export_onnx(model, out, overwrite=True)
     assert out.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["best.npz", "model.onnx"]

@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from minivgg import backend
+from minivgg.images import not_regular
 from minivgg.pretrained import caffe, files, layouts  # noqa: F401  (submodules)
 from minivgg.pretrained.caffe import CAFFE_INPUT, VGG_PROJECT_PAGE, load_caffe_vgg
 from minivgg.pretrained.layouts import (TIMM_HUB_NAMES, TORCHVISION_INPUT, TORCHVISION_NAMES,
@@ -59,8 +60,11 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
     """
     path = os.fspath(path)
     device = backend.check_device(device)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file, it does not exist; {WHERE_TO_GET}")
+    kind = not_regular(os.stat(path).st_mode)  # a FIFO would block the reader forever
+    if kind is not None:
+        raise ValueError(f"{path}: it is {kind}, not a weight file")
     kind = files.sniff_format(path)
     if kind == "prototxt":
         raise ValueError(f"{path}: a text file, not a weight file (a Caffe deploy.prototxt "
@@ -81,8 +85,11 @@ def load_pretrained(path, config=None, prototxt=None, dtype=np.float32, device="
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     if info:  # written by minivgg: the preprocessing of the weights' origin (e.g. Caffe's)
-        model.pretrained_meta.update({k: info[k] for k in ("mean_rgb", "std_rgb",
-                                                           "pool_ceil_mode") if k in info})
+        # NOTE: "mean_rgb": null (files of an untrained net, before 2026-12) means "no
+        # statistics recorded": keep the layout's default rather than subtract NaN.
+        known = ("mean_rgb", "std_rgb") if info.get("mean_rgb") is not None else ()
+        model.pretrained_meta.update({k: info[k] for k in known + ("pool_ceil_mode",)
+                                      if k in info})
         model.ceil_mode = bool(info.get("pool_ceil_mode", False))
     return model.to(device) if device != "cpu" else model
 
@@ -102,24 +109,30 @@ def _load_checkpoint(path, config, device):
     return model
 
 
-def save_pretrained(model, path, layout="torchvision"):
+def save_pretrained(model, path, layout="torchvision", overwrite=False):
     """Write `model` as `.safetensors` (or `.npz`) with torchvision's (or timm's) key names.
 
     The file also records, in its metadata, how the weights expect their input and whether
-    their pools round up, so `load_pretrained` gives back the same model. Returns the
-    number of arrays written.
+    their pools round up, so `load_pretrained` gives back the same model. A net that never
+    had input statistics (built by `models.vgg`, not loaded) records none, and so reads
+    back with its layout's default, torchvision's normalisation, as a `.pth` does. An
+    existing `path` is kept (FileExistsError) unless `overwrite`. Returns the number of
+    arrays written.
     """
     meta = model.pretrained_meta or {}
     info = {"config": model.config, "layout": layout,
             "source_layout": meta.get("layout", "minivgg"),
-            "mean_rgb": meta.get("mean_rgb"), "std_rgb": meta.get("std_rgb"),
             "pool_ceil_mode": bool(model.ceil_mode)}
-    return files.write_weights(path, to_state_dict(model, layout), info)
+    if meta.get("mean_rgb") is not None:
+        info.update(mean_rgb=meta["mean_rgb"], std_rgb=meta.get("std_rgb"))
+    return files.write_weights(path, to_state_dict(model, layout), info, overwrite)
 
 
-def convert(in_path, out_path, config=None, layout="torchvision", prototxt=None):
+def convert(in_path, out_path, config=None, layout="torchvision", prototxt=None,
+            overwrite=False):
     """Read any supported file and write it as `.safetensors` or `.npz`; returns #arrays."""
-    return save_pretrained(load_pretrained(in_path, config, prototxt), out_path, layout)
+    return save_pretrained(load_pretrained(in_path, config, prototxt), out_path, layout,
+                           overwrite)
 
 
 def read_state_dict(path):

@@ -68,7 +68,7 @@ def main(argv=None):
             print(f"wrote {args.output} (ONNX opset {onnx_export.OPSET}, VGG {model.config}, "
                   f"{args.head} head, input {props['minivgg.channel_order']})")
             return 0
-        n = pretrained.save_pretrained(model, args.output, args.layout)
+        n = pretrained.save_pretrained(model, args.output, args.layout, args.overwrite)
     except (ValueError, ImportError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -172,12 +172,12 @@ def _parse_info(text, path):
 # Writers
 # ----------------------------------------------------------------------------------------
 
-def write_weights(path, state, info=None):
+def write_weights(path, state, info=None, overwrite=False):
     """Write {key: array} (+ `info`) as .safetensors or .npz, chosen by the file name.
 
     The file is written under a temporary name in the same folder and renamed at the end,
-    so an interrupted write never leaves a truncated file under `path`. Returns the number
-    of arrays written.
+    so an interrupted write never leaves a truncated file under `path`; an existing `path`
+    is kept (FileExistsError) unless `overwrite`. Returns the number of arrays written.
     """
     path = os.fspath(path)
     if not path.endswith((".safetensors", ".npz")):
@@ -191,8 +191,9 @@ def write_weights(path, state, info=None):
             raise _missing_extra("safetensors") from None
         # "format": "pt" is what safetensors.torch writes; transformers and timm check it.
         blob = save(arrays, metadata={"format": "pt", INFO_KEY: text})
-        checkpoint.atomic_write(path, lambda f: f.write(blob), suffix=".safetensors")
+        checkpoint.atomic_write(path, lambda f: f.write(blob), suffix=".safetensors",
+                                overwrite=overwrite)
     else:
         entries = dict(arrays, **{INFO_KEY: np.array(text)})
-        checkpoint.atomic_write(path, lambda f: np.savez(f, **entries))
+        checkpoint.atomic_write(path, lambda f: np.savez(f, **entries), overwrite=overwrite)
     return len(arrays)

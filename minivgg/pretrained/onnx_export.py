@@ -35,11 +35,10 @@ multiplies the plain sum (Sec. 2.1), unless the layer says `alpha_over_n`; so th
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
-from minivgg import backend
+from minivgg import backend, checkpoint
 from minivgg import nn
 
 OPSET = 17
@@ -233,18 +232,9 @@ def export_onnx(model, path, head="fc", softmax=False, channel_order="auto", ove
     proto = build_onnx(model, head, softmax, channel_order)
     if check:
         onnx.checker.check_model(proto)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        mask = os.umask(0)  # NOTE: mkstemp's file is private (0600); give it open()'s mode
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        _publish(tmp, path, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    blob = proto.SerializeToString()
+    checkpoint.atomic_write(path, lambda f: f.write(blob), suffix=".onnx",
+                            overwrite=overwrite)
     return proto
 
 
@@ -255,21 +245,6 @@ def check_output(path, overwrite=False):
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; it was left as it is (add --overwrite to "
                               "replace it, or choose another name)")
-
-
-def _publish(tmp, path, overwrite):
-    """Give the finished temporary file its name. Without `overwrite` a hard link makes
-    the name appear only if nothing took it meanwhile (os.replace would clobber it)."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} appeared while exporting; it was left as it is") from None
-    except OSError:  # a file system without hard links: check, then rename
-        check_output(path)
-        os.replace(tmp, path)
 
 
 def read_metadata(path):

@@ -1,0 +1,325 @@
+"""A register-blocked direct convolution on a channel-blocked layout (fp32, 3×3/s1/p1), forward.
+
+The first step of issue 26: thin layers (16-128 channels) at PyTorch's speed. NOT wired into
+`auto` or the conv entry points yet; it has its own layout and API:
+
+    to_blocked(x)           x (N, C, H, W)       -> xb (N, CB, H, W, 16)       "nChw16c"
+    from_blocked(yb, C)     yb (N, CB, H, W, 16) -> y (N, C, H, W)
+    block_filters(W)        W (OC, C, 3, 3)      -> wb (OCB, CB, 3, 3, 16ic, 16oc)
+    block_bias(b, OC)       b (OC,) or None      -> bb (OCB*16,)
+    conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None) -> yb (N, OCB, H, W, 16)
+
+CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x, in W and in b), so
+they add nothing and come out as zeros (ReLU keeps them zero).
+
+The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × 16 output
+channels, PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
+
+    for cb in range(CB): for ky in range(3): for kx in range(3):       (loops in the IR)
+        for ic in range(16):                                           (unrolled)
+            w = the 16 output channels' weights of (cb, ky, kx, ic)    (one 64-byte load)
+            for p in range(PIX): acc[p] = fma(broadcast(x[cb, oy+ky, ox0+p+kx, ic]), w, acc[p])
+
+then adds the bias, applies ReLU if asked, and stores the pixels that exist. Each output
+is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does not depend
+on the thread count.
+
+What made it vectorise: Numba's loops do not, written plainly (the accumulators live in an
+array in memory and fastmath is off, so LLVM may neither keep them in registers across the
+reduction nor fuse the multiply-adds). So the micro-kernel is a `numba.extending.intrinsic`
+(as kernels/cpu/amx_isa.py emits AMX) that writes the LLVM IR itself: `<16 x float>` loads
+of the filter, a scalar load + `shufflevector` splat of each input value, and
+`llvm.fma.v16f32`. The accumulators are allocas in the function's entry block, which LLVM's
+SROA/mem2reg turns into registers (phis around the loops); on AVX-512 the inner body
+compiles to `vfmadd231ps zmm, zmm, dword ptr [...]{1to16}` (the broadcast folded into the
+FMA), checked by tests/test_blocked.py through `inspect_asm`.
+
+Without AVX-512 (or with MINIVGG_DISABLE_AVX512=1, NUMBA_DISABLE_JIT=1, or Numba compiling
+for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (multiply, then
+add: the numbers differ from the FMA path by rounding only).
+
+Spatial padding: each thread copies one image at a time into a zero-bordered buffer of its
+own, (CB, H+2, WQ+2, 16) with WQ = W rounded up to PIX, so the kernel reads every tap with no
+edge test; a block past the row's end computes on zeros and stores nothing.
+"""
+
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from minivgg.kernels.cpu.amx_isa import _cpu_flags
+from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
+
+BLOCK = 16  # channels per block: one zmm register of fp32
+# Output pixels per register block: PIX accumulators + the filter vector, of 32 zmm registers.
+# NOTE: more (14) leaves fewer pixels wasted on 14·k-wide maps but more on 8·k-wide ones.
+PIX = 8
+
+_F32 = ir.FloatType()
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_V16 = ir.VectorType(_F32, BLOCK)
+
+
+# ----------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------
+
+def _blocks(C):
+    return -(-C // BLOCK)
+
+
+def to_blocked(x):
+    """x (N, C, H, W) -> xb (N, CB, H, W, 16) float32, channels zero-padded to CB·16."""
+    N, C, H, W = x.shape
+    xb = np.zeros((N, _blocks(C) * BLOCK, H, W), np.float32)
+    xb[:, :C] = x
+    return np.ascontiguousarray(xb.reshape(N, -1, BLOCK, H, W).transpose(0, 1, 3, 4, 2))
+
+
+def from_blocked(xb, C):
+    """xb (N, CB, H, W, 16) -> x (N, C, H, W): the first C channels."""
+    N, CB, H, W, _ = xb.shape
+    x = xb.transpose(0, 1, 4, 2, 3).reshape(N, CB * BLOCK, H, W)
+    return np.ascontiguousarray(x[:, :C])
+
+
+def block_filters(W):
+    """W (OC, C, 3, 3) -> wb (OCB, CB, 3, 3, 16 input, 16 output channels), zero-padded.
+
+    wb[ob, cb, ky, kx, i, o] = W[16·ob + o, 16·cb + i, ky, kx]: for one tap and one input
+    channel, the 16 output channels' weights are contiguous, one vector load."""
+    OC, C, KH, KW = W.shape
+    Wp = np.zeros((_blocks(OC) * BLOCK, _blocks(C) * BLOCK, KH, KW), np.float32)
+    Wp[:OC, :C] = W
+    Wp = Wp.reshape(_blocks(OC), BLOCK, _blocks(C), BLOCK, KH, KW)
+    return np.ascontiguousarray(Wp.transpose(0, 2, 4, 5, 3, 1))
+
+
+def block_bias(b, OC):
+    """b (OC,) or None -> (OCB·16,) float32, zero-padded."""
+    bb = np.zeros(_blocks(OC) * BLOCK, np.float32)
+    if b is not None:
+        bb[:OC] = b
+    return bb
+
+
+# ----------------------------------------------------------------------------------------
+# The AVX-512 micro-kernel, as LLVM IR emitted from Numba
+# ----------------------------------------------------------------------------------------
+
+def _float_pointer(context, builder, array_type, array, index):
+    """A float* to element `index` of a Numba array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [index])
+
+
+def _vector_pointer(builder, ptr):
+    return builder.bitcast(ptr, _V16.as_pointer())
+
+
+def _splat(builder, value):
+    """<16 x float> with every lane = value (becomes an embedded {1to16} broadcast)."""
+    one = builder.insert_element(ir.Constant(_V16, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_V16, ir.Undefined),
+                                 ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK))
+
+
+def _fma(builder):
+    fnty = ir.FunctionType(_V16, [_V16, _V16, _V16])
+    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+
+
+def _emit_tap(builder, fma, acc, xptr, wptr):
+    """acc[p] += x[p, ic] · w[ic, :] for the 16 input channels ic of one tap (unrolled)."""
+    values = [builder.load(a) for a in acc]
+    for ic in range(BLOCK):
+        w = builder.load(_vector_pointer(builder, builder.gep(
+            wptr, [ir.Constant(_I64, ic * BLOCK)])), align=4)
+        for p in range(len(acc)):
+            xs = builder.load(builder.gep(xptr, [ir.Constant(_I64, p * BLOCK + ic)]), align=4)
+            values[p] = builder.call(fma, [_splat(builder, xs), w, values[p]])
+    for a, v in zip(acc, values):
+        builder.store(v, a)
+
+
+def _emit_reduction(builder, acc, x_at, w_at, CB, cstride, rstride):
+    """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
+    tap (cb = ky = kx = 0); the filter block of one tap is 16×16 floats further on."""
+    fma = _fma(builder)
+    for a in acc:
+        builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)
+    with cgutils.for_range(builder, CB) as cb:
+        xc = builder.gep(x_at, [builder.mul(cb.index, cstride)])
+        wc = builder.gep(w_at, [builder.mul(cb.index, ir.Constant(_I64, 9 * BLOCK * BLOCK))])
+        with cgutils.for_range(builder, ir.Constant(_I64, 3)) as ky:
+            xr = builder.gep(xc, [builder.mul(ky.index, rstride)])
+            wr = builder.gep(wc, [builder.mul(ky.index, ir.Constant(_I64, 3 * BLOCK * BLOCK))])
+            with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
+                xt = builder.gep(xr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK))])
+                wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
+                _emit_tap(builder, fma, acc, xt, wt)
+
+
+def _emit_epilogue(builder, acc, bias, y_at, valid, relu):
+    """y[p] = acc[p] + bias (then max(·, 0) if relu; NaN stays NaN) for p < valid."""
+    zero = ir.Constant(_V16, [0.0] * BLOCK)
+    for p, a in enumerate(acc):
+        v = builder.fadd(builder.load(a), bias)
+        clipped = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+        v = builder.select(relu, clipped, v)
+        inside = builder.icmp_signed("<", ir.Constant(_I64, p), valid)
+        with builder.if_then(inside, likely=True):
+            ptr = builder.gep(y_at, [ir.Constant(_I64, p * BLOCK)])
+            builder.store(v, _vector_pointer(builder, ptr), align=4)
+
+
+@intrinsic(prefer_literal=True)
+def _conv_block(typingctx, xp, x0, rstride, cstride, CB, wb, w0, bb, b0, y, y0, valid, relu,
+                pix):
+    """y.flat[y0 + 16p : +16] = bias + sum over (cb, ky, kx, ic) of xp.flat[x0 + cb·cstride
+    + ky·rstride + (p+kx)·16 + ic] · wb.flat[w0 + ((cb·9 + 3ky + kx)·16 + ic)·16 : +16],
+    for p < valid of `pix` (a literal) pixels; bias = bb.flat[b0 : +16]."""
+    if not isinstance(pix, types.IntegerLiteral):
+        return None
+    i = types.intp
+
+    def codegen(context, builder, sig, args):
+        (xp_, x0_, rs_, cs_, CB_, wb_, w0_, bb_, b0_, y_, y0_, valid_, relu_, _) = args
+        ta = sig.args
+        acc = [cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
+        x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
+        w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
+        _emit_reduction(builder, acc, x_at, w_at, CB_, cs_, rs_)
+        bias = builder.load(_vector_pointer(
+            builder, _float_pointer(context, builder, ta[7], bb_, b0_)), align=4)
+        y_at = _float_pointer(context, builder, ta[9], y_, y0_)
+        _emit_epilogue(builder, acc, bias, y_at, valid_, relu_)
+        return context.get_dummy_value()
+
+    return types.void(xp, i, i, i, i, wb, i, bb, i, y, i, i, types.boolean, pix), codegen
+
+
+# ----------------------------------------------------------------------------------------
+# The same block in plain Numba loops (CPUs without AVX-512)
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc):
+    """y[n, ob, oy, ox0 : ox0+PIX] as `_conv_block` computes it, one multiply-add at a time
+    (in the same order; multiply then add, so rounded twice where the FMA rounds once)."""
+    CB, W = p.shape[0], y.shape[3]
+    acc[:, :] = 0.0
+    for cb in range(CB):
+        for ky in range(3):
+            for kx in range(3):
+                for ic in range(BLOCK):
+                    for q in range(PIX):
+                        xv = p[cb, oy + ky, ox0 + q + kx, ic]
+                        for o in range(BLOCK):
+                            acc[q, o] += xv * wb[ob, cb, ky, kx, ic, o]
+    for q in range(min(PIX, W - ox0)):
+        for o in range(BLOCK):
+            v = acc[q, o] + bb[ob * BLOCK + o]
+            y[n, ob, oy, ox0 + q, o] = 0.0 if relu and v < 0.0 else v
+
+
+# ----------------------------------------------------------------------------------------
+# The driver: a range of (image, output-channel block, output row) items on one thread
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _pad_image(xb, n, p):
+    """p (CB, H+2, WQ+2, 16) = image n of xb (N, CB, H, W, 16) inside a border of zeros."""
+    H, W = xb.shape[2], xb.shape[3]
+    p[...] = 0.0
+    for cb in range(xb.shape[1]):
+        for i in range(H):
+            for j in range(W):
+                for c in range(BLOCK):
+                    p[cb, i + 1, j + 1, c] = xb[n, cb, i, j, c]
+
+
+@njit(**JIT)
+def _conv_rows_avx512(xb, wb, bb, y, p, t0, t1, relu):
+    """Items t0..t1-1, item t = (n, ob, oy) in that order (oy fastest), by `_conv_block`."""
+    OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
+    CB = xb.shape[1]
+    rstride = p.shape[2] * BLOCK
+    cstride = p.shape[1] * rstride
+    last = -1
+    for t in range(t0, t1):
+        n, r = t // (OCB * H), t % (OCB * H)
+        ob, oy = r // H, r % H
+        if n != last:  # consecutive items of one image share its padded copy
+            _pad_image(xb, n, p)
+            last = n
+        for ox0 in range(0, W, PIX):
+            y0 = (((n * OCB + ob) * H + oy) * W + ox0) * BLOCK
+            _conv_block(p, oy * rstride + ox0 * BLOCK, rstride, cstride, CB,
+                        wb, ob * CB * 9 * BLOCK * BLOCK, bb, ob * BLOCK,
+                        y, y0, W - ox0, relu, PIX)
+
+
+@njit(**JIT)
+def _conv_rows_loops(xb, wb, bb, y, p, t0, t1, relu):
+    """`_conv_rows_avx512` with `_conv_block_loops` as the micro-kernel."""
+    OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
+    acc = np.empty((PIX, BLOCK), np.float32)
+    last = -1
+    for t in range(t0, t1):
+        n, r = t // (OCB * H), t % (OCB * H)
+        ob, oy = r // H, r % H
+        if n != last:
+            _pad_image(xb, n, p)
+            last = n
+        for ox0 in range(0, W, PIX):
+            _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc)
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------
+
+def avx512_reason():
+    """Why the AVX-512 micro-kernel cannot run here, or "" when it can."""
+    if os.environ.get("MINIVGG_DISABLE_AVX512", "") not in ("", "0"):
+        return "MINIVGG_DISABLE_AVX512 is set"
+    if numba.config.DISABLE_JIT:
+        return "NUMBA_DISABLE_JIT is set, and the intrinsic exists in compiled code only"
+    # NOTE: a portable cache (NUMBA_CPU_NAME=generic) must not hold AVX-512 code.
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return f"Numba compiles for NUMBA_CPU_NAME={numba.config.CPU_NAME}"
+    if "avx512f" not in _cpu_flags():
+        return "this CPU has no avx512f (/proc/cpuinfo flags)"
+    return ""
+
+
+def conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None):
+    """yb (N, OCB, H, W, 16) = conv(xb, wb) + bb (then ReLU if `relu`), 3×3/s1/p1.
+
+    xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`, all float32.
+    `vector`: True for the AVX-512 micro-kernel, False for the plain loops, None to choose
+    by `avx512_reason()`. Items (image, output-channel block, output row) are spread over
+    the pool in contiguous ranges; each output is computed by one thread in a fixed order.
+    """
+    N, CB, H, W, _ = xb.shape
+    OCB = wb.shape[0]
+    assert wb.shape == (OCB, CB, 3, 3, BLOCK, BLOCK) and bb.shape == (OCB * BLOCK,)
+    if vector is None:
+        vector = not avx512_reason()
+    rows = _conv_rows_avx512 if vector else _conv_rows_loops
+    xb, wb, bb = (np.ascontiguousarray(a, dtype=np.float32) for a in (xb, wb, bb))
+    y = np.empty((N, OCB, H, W, BLOCK), np.float32)
+    WQ = -(-W // PIX) * PIX
+
+    def job(t0, t1):
+        p = workspace("blocked_pad", (CB, H + 2, WQ + 2, BLOCK), np.float32)
+        rows(xb, wb, bb, y, p, t0, t1, bool(relu))
+
+    map_ranges(job, N * OCB * H)
+    return y

@@ -1,0 +1,129 @@
+"""The register-blocked direct convolution on the nChw16c layout (kernels/cpu/blocked.py),
+forward: 3×3, stride 1, padding 1, float32.
+
+References: the naive float64 loop of tests/test_ops.py, and the CPU table's im2col path.
+Shapes chosen against the blocking: channel counts that are not multiples of 16 (3, 17,
+40), widths that are not multiples of the 8-pixel block, 1×1 maps, batch 1. Both the
+AVX-512 micro-kernel (where this CPU has it) and the plain-loop fallback run here.
+"""
+
+import numpy as np
+import pytest
+
+from minivgg.kernels import cpu
+from minivgg.kernels.cpu import blocked
+from test_ops import naive_conv2d
+
+# (N, C, H, W, OC)
+SHAPES = {
+    "rgb_odd": (2, 3, 7, 5, 17),
+    "c17_batch1": (1, 17, 6, 11, 40),
+    "one_pixel": (1, 40, 1, 1, 3),
+    "c40_wide": (2, 40, 3, 19, 33),
+    "exact_blocks": (2, 32, 8, 16, 16),
+}
+# max |float32 - float64| / RMS(float64), im2col's bound as in tests/test_direct.py
+FLOAT32_ERROR = 5 * 2.5e-6
+
+HAS_AVX512 = blocked.avx512_reason() == ""
+PATHS = [pytest.param(True, id="avx512", marks=pytest.mark.skipif(
+    not HAS_AVX512, reason=blocked.avx512_reason() or "-")),
+    pytest.param(False, id="loops")]
+
+
+def random_case(shape, seed=0):
+    N, C, H, W, OC = shape
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, C, H, W)).astype(np.float32)
+    Wt = (rng.normal(size=(OC, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    b = rng.normal(size=OC).astype(np.float32)
+    return x, Wt, b
+
+
+def blocked_forward(x, Wt, b, relu=False, vector=None):
+    OC = Wt.shape[0]
+    yb = blocked.conv2d_forward_blocked(blocked.to_blocked(x), blocked.block_filters(Wt),
+                                        blocked.block_bias(b, OC), relu=relu, vector=vector)
+    return yb, blocked.from_blocked(yb, OC)
+
+
+def relative_error(result, exact):
+    return np.abs(result - exact).max() / np.sqrt((exact ** 2).mean())
+
+
+def test_layout_round_trip_pads_channels_with_zeros():
+    x = np.random.default_rng(1).normal(size=(2, 17, 3, 5)).astype(np.float32)
+    xb = blocked.to_blocked(x)
+    assert xb.shape == (2, 2, 3, 5, 16)
+    assert np.array_equal(xb[:, 0, :, :, 4], x[:, 4])
+    assert np.array_equal(xb[:, 1, :, :, 0], x[:, 16])
+    assert not xb[:, 1, :, :, 1:].any()
+    assert np.array_equal(blocked.from_blocked(xb, 17), x)
+
+
+def test_block_filters_puts_output_channels_last():
+    Wt = np.random.default_rng(2).normal(size=(20, 17, 3, 3)).astype(np.float32)
+    wb = blocked.block_filters(Wt)
+    assert wb.shape == (2, 2, 3, 3, 16, 16)
+    assert wb[1, 1, 2, 0, 0, 3] == Wt[19, 16, 2, 0]
+    assert wb[0, 0, 1, 2, 5, 7] == Wt[7, 5, 1, 2]
+    assert not wb[1, :, :, :, :, 4:].any() and not wb[:, 1, :, :, 1:, :].any()
+
+
+@pytest.mark.parametrize("vector", PATHS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_blocked_forward_matches_naive_loop(shape, vector):
+    x, Wt, b = random_case(shape)
+    yb, y = blocked_forward(x, Wt, b, vector=vector)
+    exact = naive_conv2d(x, Wt, b, (1, 1), (1, 1))
+    assert relative_error(y, exact) < FLOAT32_ERROR
+    assert not yb[:, -1, ..., Wt.shape[0] % 16 or 16:].any()  # the padded channels stay 0
+
+
+@pytest.mark.parametrize("vector", PATHS)
+def test_blocked_forward_fuses_relu_and_matches_im2col(vector):
+    x, Wt, b = random_case((3, 24, 9, 13, 20), seed=3)
+    _, y = blocked_forward(x, Wt, b, relu=True, vector=vector)
+    ref = np.maximum(cpu.conv2d_forward(x, Wt, b, (1, 1), (1, 1), "im2col"), 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    assert (y == 0).any() and (y > 0).any()
+
+
+def test_fallback_is_chosen_when_avx512_is_disabled(monkeypatch):
+    monkeypatch.setenv("MINIVGG_DISABLE_AVX512", "1")
+    assert blocked.avx512_reason() == "MINIVGG_DISABLE_AVX512 is set"
+    x, Wt, b = random_case(SHAPES["c17_batch1"], seed=4)
+    _, y = blocked_forward(x, Wt, b)  # vector=None: chooses by avx512_reason()
+    _, loops = blocked_forward(x, Wt, b, vector=False)
+    assert np.array_equal(y, loops)
+
+
+@pytest.mark.parametrize("vector", PATHS)
+def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
+    """Each output is one thread's fixed-order sum: same bits at 1, 2 and 3 threads."""
+    x, Wt, b = random_case((3, 20, 5, 11, 36), seed=5)
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+        results.append(blocked_forward(x, Wt, b, vector=vector)[1])
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
+def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
+    """16 input channels × 8 pixels = 128 `vfmadd231ps mem{1to16}, zmm, zmm` per tap, and
+    no accumulator spilled to the stack inside the reduction."""
+    x, Wt, b = random_case((1, 16, 2, 8, 16))
+    blocked_forward(x, Wt, b, vector=True)
+    # the cached machine code carries no assembly text: compile once more, uncached
+    kernel = blocked._conv_rows_avx512.py_func
+    fresh = blocked.njit(nogil=True)(kernel)
+    xb, wb = blocked.to_blocked(x), blocked.block_filters(Wt)
+    p = np.zeros((1, 4, 10, 16), np.float32)
+    y = np.empty((1, 1, 2, 8, 16), np.float32)
+    fresh(xb, wb, blocked.block_bias(b, 16), y, p, 0, 2, False)
+    asm = next(iter(fresh.inspect_asm().values()))
+    fmas = [line for line in asm.splitlines() if "vfmadd" in line]
+    assert len(fmas) == 16 * blocked.PIX
+    assert all("zmm" in f and "{1to16}" in f for f in fmas)
+    assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())

@@ -16,7 +16,8 @@ from test_blocked import PATHS, HAS_AVX512, SHAPES, random_case, relative_error
 
 GRAD_SHAPES = {**SHAPES, "width1": (2, 17, 4, 1, 3), "c3_to_40": (1, 3, 5, 5, 40)}
 # max |float32 - float64| / RMS(float64). Measured on GRAD_SHAPES, both paths: at most
-# 3.0e-6 (gx), 2.3e-6 (gW), 1.1e-7 (gb); the bound is the forward tests' (im2col's bound, 5 × 2.5e-6).
+# 3.0e-6 (gx), 2.3e-6 (gW), 1.1e-7 (gb); the bound is the forward tests' (im2col's,
+# 5 × 2.5e-6).
 FLOAT32_ERROR = 5 * 2.5e-6
 
 

@@ -35,7 +35,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from minivgg.kernels.cpu.blocked import (BLOCK, _I64, _V16, _blocks, _float_pointer, _fma,
+from minivgg.kernels.cpu.blocked import (BLOCK, _I64, _V16, _float_pointer, _fma,
                                          _splat, _vector_pointer, avx512_reason,
                                          block_bias, block_filters, conv2d_forward_blocked)
 from minivgg.kernels.cpu.runtime import JIT, map_ranges

@@ -190,9 +190,11 @@ def as_array_like(a, like):
 # "im2col": every conv by im2col + GEMM (section 3 of the walkthrough), the default.
 # "winograd", "winograd4": Winograd F(2×2,3×3) / F(4×4,3×3) for every 3×3/s1/p1 conv.
 # "direct": the 3×3 sum written out, no im2col matrix, for every 3×3/s1/p1 conv.
+# "blocked": the same sum with channels in blocks of 16 and a register-blocked micro-kernel
+#            (kernels/cpu/blocked.py), for every 3×3/s1/p1 conv.
 # "auto": per layer, by a fixed rule of the shapes (`kernels/winograd.py: auto_algorithm`).
 # Convolutions the others cannot run (config C's 1×1, strides, other paddings) use im2col.
-CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4", "direct")
+CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4", "direct", "blocked")
 
 _conv_algorithm = "im2col"
 
@@ -219,7 +221,8 @@ def get_conv_algorithm():
 
 
 def conv_algorithm_for(x, W, stride, padding):
-    """The algorithm that runs conv(x, W): "im2col", "winograd", "winograd4" or "direct"."""
+    """The algorithm that runs conv(x, W): "im2col", "winograd", "winograd4", "direct" or
+    "blocked"."""
     from minivgg.kernels import shapes, winograd
     if _conv_algorithm == "im2col" or not shapes.is_3x3_same(W.shape, stride, padding):
         return "im2col"

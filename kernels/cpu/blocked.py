@@ -1,7 +1,7 @@
 """A register-blocked direct convolution on a channel-blocked layout (fp32, 3×3/s1/p1), forward.
 
-The first step of issue 26: thin layers (16-128 channels) at PyTorch's speed. NOT wired into
-`auto` or the conv entry points yet; it has its own layout and API:
+Issue 26: thin layers (16-128 channels) at PyTorch's speed. The conv algorithm "blocked"
+runs it through `blocked_nchw.py` (NCHW in and out); here it has its own layout and API:
 
     to_blocked(x)           x (N, C, H, W)       -> xb (N, CB, H, W, 16)       "nChw16c"
     from_blocked(yb, C)     yb (N, CB, H, W, 16) -> y (N, C, H, W)
@@ -10,7 +10,8 @@ The first step of issue 26: thin layers (16-128 channels) at PyTorch's speed. NO
     conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None) -> yb (N, OCB, H, W, 16)
 
 CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x, in W and in b), so
-they add nothing and come out as zeros (ReLU keeps them zero).
+they add nothing and come out as zeros (ReLU keeps them zero). float64 arrays run the plain
+loops below in float64 (the tests' exact oracles); the micro-kernel is float32 only.
 
 The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × 16 output
 channels, PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
@@ -73,10 +74,16 @@ def _blocks(C):
     return -(-C // BLOCK)
 
 
+def _float(dtype):
+    """float64 stays float64 (the tests' exact oracle runs the loop path); all else float32."""
+    return np.result_type(dtype, np.float32)
+
+
 def to_blocked(x):
-    """x (N, C, H, W) -> xb (N, CB, H, W, 16) float32, channels zero-padded to CB·16."""
+    """x (N, C, H, W) -> xb (N, CB, H, W, 16), channels zero-padded to CB·16; float32
+    (float64 stays float64)."""
     N, C, H, W = x.shape
-    xb = np.zeros((N, _blocks(C) * BLOCK, H, W), np.float32)
+    xb = np.zeros((N, _blocks(C) * BLOCK, H, W), _float(x.dtype))
     xb[:, :C] = x
     return np.ascontiguousarray(xb.reshape(N, -1, BLOCK, H, W).transpose(0, 1, 3, 4, 2))
 
@@ -94,15 +101,15 @@ def block_filters(W):
     wb[ob, cb, ky, kx, i, o] = W[16·ob + o, 16·cb + i, ky, kx]: for one tap and one input
     channel, the 16 output channels' weights are contiguous, one vector load."""
     OC, C, KH, KW = W.shape
-    Wp = np.zeros((_blocks(OC) * BLOCK, _blocks(C) * BLOCK, KH, KW), np.float32)
+    Wp = np.zeros((_blocks(OC) * BLOCK, _blocks(C) * BLOCK, KH, KW), _float(W.dtype))
     Wp[:OC, :C] = W
     Wp = Wp.reshape(_blocks(OC), BLOCK, _blocks(C), BLOCK, KH, KW)
     return np.ascontiguousarray(Wp.transpose(0, 2, 4, 5, 3, 1))
 
 
-def block_bias(b, OC):
-    """b (OC,) or None -> (OCB·16,) float32, zero-padded."""
-    bb = np.zeros(_blocks(OC) * BLOCK, np.float32)
+def block_bias(b, OC, dtype=np.float32):
+    """b (OC,) or None -> (OCB·16,) of `dtype`, zero-padded."""
+    bb = np.zeros(_blocks(OC) * BLOCK, dtype)
     if b is not None:
         bb[:OC] = b
     return bb
@@ -269,7 +276,7 @@ def _conv_rows_avx512(xb, wb, bb, y, p, t0, t1, relu):
 def _conv_rows_loops(xb, wb, bb, y, p, t0, t1, relu):
     """`_conv_rows_avx512` with `_conv_block_loops` as the micro-kernel."""
     OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
-    acc = np.empty((PIX, BLOCK), np.float32)
+    acc = np.empty((PIX, BLOCK), y.dtype)
     last = -1
     for t in range(t0, t1):
         n, r = t // (OCB * H), t % (OCB * H)
@@ -302,23 +309,25 @@ def avx512_reason():
 def conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None):
     """yb (N, OCB, H, W, 16) = conv(xb, wb) + bb (then ReLU if `relu`), 3×3/s1/p1.
 
-    xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`, all float32.
-    `vector`: True for the AVX-512 micro-kernel, False for the plain loops, None to choose
-    by `avx512_reason()`. Items (image, output-channel block, output row) are spread over
+    xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`, all float32 (or
+    all float64, which only the loops run). `vector`: True for the AVX-512 micro-kernel,
+    False for the plain loops, None to choose by `avx512_reason()`. Items (image, output-channel block, output row) are spread over
     the pool in contiguous ranges; each output is computed by one thread in a fixed order.
     """
     N, CB, H, W, _ = xb.shape
     OCB = wb.shape[0]
     assert wb.shape == (OCB, CB, 3, 3, BLOCK, BLOCK) and bb.shape == (OCB * BLOCK,)
+    dtype = _float(xb.dtype)
     if vector is None:
-        vector = not avx512_reason()
+        vector = dtype == np.float32 and not avx512_reason()
+    assert not (vector and dtype != np.float32), "the AVX-512 micro-kernel is float32 only"
     rows = _conv_rows_avx512 if vector else _conv_rows_loops
-    xb, wb, bb = (np.ascontiguousarray(a, dtype=np.float32) for a in (xb, wb, bb))
-    y = np.empty((N, OCB, H, W, BLOCK), np.float32)
+    xb, wb, bb = (np.ascontiguousarray(a, dtype=dtype) for a in (xb, wb, bb))
+    y = np.empty((N, OCB, H, W, BLOCK), dtype)
     WQ = -(-W // PIX) * PIX
 
     def job(t0, t1):
-        p = workspace("blocked_pad", (CB, H + 2, WQ + 2, BLOCK), np.float32)
+        p = workspace("blocked_pad", (CB, H + 2, WQ + 2, BLOCK), dtype)
         rows(xb, wb, bb, y, p, t0, t1, bool(relu))
 
     map_ranges(job, N * OCB * H)

@@ -1,6 +1,6 @@
 """The backward pass of the blocked direct convolution (kernels/cpu/blocked.py), fp32,
-3×3/s1/p1, on the nChw16c layout. Issue 26, step 2; NOT wired into `auto` or the conv entry
-points yet.
+3×3/s1/p1, on the nChw16c layout (float64 through the loops only, as in the forward pass).
+`blocked_nchw.py` gives them the conv entry points, NCHW in and out.
 
     conv2d_input_grad_blocked(gyb, W, vector=None)            -> gxb (N, CB, H, W, 16)
     conv2d_weight_grad_blocked(xb, gyb, C, OC, vector=None)   -> gW (OC, C, 3, 3), gb (OC,)
@@ -53,9 +53,9 @@ def conv2d_input_grad_blocked(gyb, W, vector=None):
     rotated filters (C, OC, 3, 3) take gy's OC channels in and give x's C channels out; the
     padded channels of gxb are zeros. `vector` as in `conv2d_forward_blocked`."""
     C = W.shape[1]
-    wb = block_filters(rotated_filters(np, np.asarray(W, np.float32)))
+    wb = block_filters(rotated_filters(np, np.asarray(W, gyb.dtype)))
     assert wb.shape[1] == gyb.shape[1], "gyb's channel blocks do not match W's OC"
-    return conv2d_forward_blocked(gyb, wb, block_bias(None, C), vector=vector)
+    return conv2d_forward_blocked(gyb, wb, block_bias(None, C, gyb.dtype), vector=vector)
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def _weight_tiles_loops(p, gy, gw, t0, t1):
     add, so rounded twice where the FMA rounds once)."""
     N, H, W = gy.shape[0], gy.shape[2], gy.shape[3]
     CB = p.shape[1]
-    acc = np.empty((BLOCK, BLOCK), np.float32)
+    acc = np.empty((BLOCK, BLOCK), p.dtype)
     for t in range(t0, t1):
         ob, cb, tap = t // (CB * 9), t // 9 % CB, t % 9
         ky, kx = tap // 3, tap % 3
@@ -178,13 +178,14 @@ def conv2d_weight_grad_blocked(xb, gyb, C=None, OC=None, vector=None):
     assert gyb.shape == (N, OCB, H, W, BLOCK)
     C = CB * BLOCK if C is None else C
     OC = OCB * BLOCK if OC is None else OC
+    dtype = xb.dtype  # float32, or float64 (the loops only)
     if vector is None:
-        vector = not avx512_reason()
+        vector = dtype == np.float32 and not avx512_reason()
     tiles = _weight_tiles_avx512 if vector else _weight_tiles_loops
-    p = np.zeros((N, CB, H + 2, W + 2, BLOCK), np.float32)
+    p = np.zeros((N, CB, H + 2, W + 2, BLOCK), dtype)
     p[:, :, 1:-1, 1:-1] = xb
-    gy = np.ascontiguousarray(gyb, dtype=np.float32)
-    gw = np.empty((OCB, CB, 3, 3, BLOCK, BLOCK), np.float32)
+    gy = np.ascontiguousarray(gyb, dtype=dtype)
+    gw = np.empty((OCB, CB, 3, 3, BLOCK, BLOCK), dtype)
     map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1), OCB * CB * 9)
-    gb = gy.sum(axis=(0, 2, 3), dtype=np.float64).reshape(-1)[:OC].astype(np.float32)
+    gb = gy.sum(axis=(0, 2, 3), dtype=np.float64).reshape(-1)[:OC].astype(dtype)
     return unblock_filters(gw, OC, C), gb

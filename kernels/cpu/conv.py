@@ -4,7 +4,8 @@ and `CpuPrimitives`, the CPU's side of `common.Primitives`.
 The drivers, `conv2d_forward` and `conv2d_backward`, are written once in `kernels/common.py`
 (im2col), `kernels/winograd.py` and `kernels/direct.py` for both devices; `CpuPrimitives` at
 the end of this file hands them the CPU's kernels: the loops here, the Winograd transforms of
-`winograd.py` and the direct kernels of `direct.py`. The loops that move data are Numba
+`winograd.py`, the direct kernels of `direct.py` and the blocked direct convolution of
+`blocked_nchw.py` (NCHW in and out). The loops that move data are Numba
 kernels compiled once and cached on disk; the GEMMs are NumPy's BLAS, one per chunk, each on
 one thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy
 version of im2col that these are tested against is `kernels/reference.py`.
@@ -14,6 +15,7 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels import common
+from minivgg.kernels.cpu import blocked_nchw
 from minivgg.kernels.cpu import direct as cpu_direct
 from minivgg.kernels.cpu import runtime
 from minivgg.kernels.cpu import winograd as cpu_winograd
@@ -272,7 +274,7 @@ def add_bias(ycols, b):
 class CpuPrimitives(common.Primitives):
     """The CPU's kernels, as the shared drivers call them: each name is the Numba kernel or
     the NumPy call itself (no wrapper in between), from this file, `cpu/winograd.py`,
-    `cpu/direct.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
+    `cpu/direct.py`, `cpu/blocked_nchw.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
 
     xp = np
 
@@ -311,6 +313,8 @@ class CpuPrimitives(common.Primitives):
     filter_grad_transform = staticmethod(cpu_winograd.filter_grad_transform)
     direct_conv = staticmethod(cpu_direct.direct_conv)
     direct_weight_grad = staticmethod(cpu_direct.direct_weight_grad)
+    blocked_conv2d_forward = staticmethod(blocked_nchw.blocked_conv2d_forward)
+    blocked_conv2d_backward = staticmethod(blocked_nchw.blocked_conv2d_backward)
 
 
 PRIMITIVES = CpuPrimitives()

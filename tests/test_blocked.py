@@ -175,3 +175,16 @@ def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_pro
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_layout_kernels_match_the_numpy_layout_functions(dtype):
+    """`blocked_nchw`'s converters (one pass, spread over the pool) against `to_blocked` /
+    `from_blocked`: channels past C are zeros, the optional one-pixel border too."""
+    from minivgg.kernels.cpu import blocked_nchw
+    x = np.random.default_rng(9).normal(size=(3, 19, 5, 7)).astype(dtype)
+    xb = blocked_nchw._to_blocked(x, dtype, 0, "test_x")
+    assert xb.dtype == dtype and np.array_equal(xb, blocked.to_blocked(x))
+    xpad = blocked_nchw._to_blocked(x, dtype, 1, "test_xpad")
+    assert np.array_equal(xpad, np.pad(xb, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))))
+    assert np.array_equal(blocked_nchw._from_blocked(xb, 19), x)

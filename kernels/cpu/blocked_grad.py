@@ -4,6 +4,8 @@
 
     conv2d_input_grad_blocked(gyb, W, vector=None)            -> gxb (N, CB, H, W, 16)
     conv2d_weight_grad_blocked(xb, gyb, C, OC, vector=None)   -> gW (OC, C, 3, 3), gb (OC,)
+    weight_grad_from_padded(p, gyb, C, OC, vector=None)       the same, from x's zero-bordered
+                                                              copy p (N, CB, H+2, W+2, 16)
 
 The input gradient is a forward convolution: gy convolved with the filters turned by 180°
 and with their channel axes swapped (`rotated_filters`), so the forward micro-kernel serves
@@ -174,16 +176,24 @@ def conv2d_weight_grad_blocked(xb, gyb, C=None, OC=None, vector=None):
     `conv2d_forward_blocked`. Items (output block, input block, tap) are spread over the
     pool; each 16×16 tile is one thread's sum over (image, row, pixel) in that order."""
     N, CB, H, W, _ = xb.shape
-    OCB = gyb.shape[1]
-    assert gyb.shape == (N, OCB, H, W, BLOCK)
+    p = np.zeros((N, CB, H + 2, W + 2, BLOCK), xb.dtype)
+    p[:, :, 1:-1, 1:-1] = xb
+    return weight_grad_from_padded(p, gyb, C, OC, vector)
+
+
+def weight_grad_from_padded(p, gyb, C=None, OC=None, vector=None):
+    """`conv2d_weight_grad_blocked` from x already in its zero-bordered copy,
+    p (N, CB, H+2, W+2, 16)."""
+    N, CB = p.shape[:2]
+    OCB, H, W = gyb.shape[1:4]
+    assert gyb.shape == (N, OCB, H, W, BLOCK) and p.shape == (N, CB, H + 2, W + 2, BLOCK)
     C = CB * BLOCK if C is None else C
     OC = OCB * BLOCK if OC is None else OC
-    dtype = xb.dtype  # float32, or float64 (the loops only)
+    dtype = p.dtype  # float32, or float64 (the loops only)
     if vector is None:
         vector = dtype == np.float32 and not avx512_reason()
     tiles = _weight_tiles_avx512 if vector else _weight_tiles_loops
-    p = np.zeros((N, CB, H + 2, W + 2, BLOCK), dtype)
-    p[:, :, 1:-1, 1:-1] = xb
+    p = np.ascontiguousarray(p)
     gy = np.ascontiguousarray(gyb, dtype=dtype)
     gw = np.empty((OCB, CB, 3, 3, BLOCK, BLOCK), dtype)
     map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1), OCB * CB * 9)

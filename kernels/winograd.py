@@ -110,7 +110,7 @@ def tile_grid(H, W, m):
 ALGORITHMS = {"winograd": 2, "winograd4": 4}
 
 
-def auto_algorithm(device, N, C, H, W):
+def auto_algorithm(device, N, C, H, W, blocked=False):
     """The algorithm "auto" runs for a 3×3/s1/p1 layer: a fixed rule of the shapes.
 
     NOTE: a rule, not a timing. Timing each shape on first use (cuDNN's benchmark mode)
@@ -118,10 +118,19 @@ def auto_algorithm(device, N, C, H, W):
     machine is busy, and then a resumed run would not be bit-identical to an uninterrupted
     one. The rule depends only on the shapes, so every run makes the same choices.
 
+    `blocked`: whether the CPU's blocked direct convolution (`kernels/cpu/blocked.py`) runs
+    its AVX-512 micro-kernel on this layer (float32 on a CPU with AVX-512; the caller,
+    `backend.conv_algorithm_for`, asks). Its plain-loop fallback is never picked.
+
     On the CPU the filter transforms cost about α²·C·OC per call whatever the batch, while
     the saving grows with the output pixels N·H·W, so
       * C < 8 (the RGB layer): direct convolution (kernels/direct.py); Winograd's GEMMs and
         im2col's would have an inner dimension of C = 3 or 27, far too thin for BLAS;
+      * with `blocked`, C <= 32, or C <= 64 and N·H·W <= 8192: the blocked direct
+        convolution; on such thin layers im2col's copies and Winograd's transforms cost as
+        much as the GEMMs they feed, while the blocked kernel keeps 8 pixels × 16 output
+        channels in registers; with more channels or pixels F(4×4,3×3)'s 4× fewer
+        multiplications win (every VGG-16 layer at 224×224);
       * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications;
       * 512 <= N·H·W < 1536: F(2×2,3×3), whose filters are 2.25× smaller;
       * smaller: im2col; the transforms cost more than the multiplications they save.
@@ -135,6 +144,8 @@ def auto_algorithm(device, N, C, H, W):
     if C < 8:
         return "direct"
     pixels = N * H * W
+    if blocked and (C <= 32 or (C <= 64 and pixels <= 8192)):
+        return "blocked"
     if pixels >= 1536:
         return "winograd4"
     return "winograd" if pixels >= 512 else "im2col"

@@ -163,13 +163,17 @@ ref = [cpu.conv2d_forward(x, W, b, (1, 1), (1, 1), "im2col"),
        *cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), True, "im2col")]
 for a, r in zip(ours, ref):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+from minivgg import backend
+backend.set_conv_algorithm("auto")
+assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) != "blocked"
 print("ok")
 """
 
 
 def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_process():
     """MINIVGG_DISABLE_AVX512=1, set before anything is imported: the algorithm "blocked"
-    still gives im2col's results (forward and all three gradients), by the plain loops."""
+    still gives im2col's results (forward and all three gradients), by the plain loops, and
+    "auto" does not pick it for a thin layer it would otherwise run."""
     env = dict(os.environ, MINIVGG_DISABLE_AVX512="1", PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)

@@ -44,6 +44,7 @@ own, (CB, H+2, WQ+2, 16) with WQ = W rounded up to PIX, so the kernel reads ever
 edge test; a block past the row's end computes on zeros and stores nothing.
 """
 
+import functools
 import os
 
 import numba
@@ -301,9 +302,16 @@ def avx512_reason():
     # NOTE: a portable cache (NUMBA_CPU_NAME=generic) must not hold AVX-512 code.
     if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
         return f"Numba compiles for NUMBA_CPU_NAME={numba.config.CPU_NAME}"
-    if "avx512f" not in _cpu_flags():
+    if not _has_avx512f():
         return "this CPU has no avx512f (/proc/cpuinfo flags)"
     return ""
+
+
+@functools.cache
+def _has_avx512f():
+    # NOTE: once per process: "auto" asks at every 3×3 conv, and /proc/cpuinfo is long on
+    # a machine with many cores.
+    return "avx512f" in _cpu_flags()
 
 
 def conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None):

@@ -116,8 +116,10 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
 
 @pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
-    """16 input channels × 8 pixels = 128 `vfmadd231ps mem{1to16}, zmm, zmm` per tap, and
-    no accumulator spilled to the stack inside the reduction."""
+    """The driver compiles four block shapes, PIX or 4 pixels × 2 or 1 blocks of 16 output
+    channels: per tap 16 input channels × 36 = 576 `vfmadd231ps` on zmm registers. Each
+    input value is broadcast once: a `vbroadcastss` feeding two FMAs (2 blocks) or folded
+    into the one FMA as `mem{1to16}` (1 block). No zmm register is spilled to the stack."""
     x, Wt, b = random_case((1, 16, 2, 8, 16))
     blocked_forward(x, Wt, b, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
@@ -129,8 +131,11 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     fresh(xb, wb, blocked.block_bias(b, 16), y, p, 0, 2, False)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
-    assert len(fmas) == 16 * blocked.PIX
-    assert all("zmm" in f and "{1to16}" in f for f in fmas)
+    values = 16 * (blocked.PIX + 4)  # input values loaded per tap, in each pair of shapes
+    assert len(fmas) == 16 * (2 * blocked.PIX + blocked.PIX + 2 * 4 + 4)
+    assert all("zmm" in f for f in fmas)
+    assert sum("{1to16}" in f for f in fmas) == values
+    assert sum("vbroadcastss" in line for line in asm.splitlines()) == values
     assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())
 
 

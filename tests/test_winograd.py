@@ -256,9 +256,12 @@ def test_auto_rule_by_layer_shape(fast_blocked, conv_algorithm, monkeypatch):
     assert pick(4, 512, 14) == "winograd"  # 784 output pixels
     assert pick(1, 512, 14) == "im2col"  # one image's conv5: 196 pixels
     small = [(16, 32), (32, 16), (64, 16), (64, 8), (128, 8), (128, 4)]  # conv2 ... conv5
-    thin = ["blocked"] * 4 if fast_blocked else ["winograd4"] * 4
-    assert [pick(32, C, s) for C, s in small] == thin + ["winograd4", "winograd"]
-    assert [pick(32, C, s, np.float64) for C, s in small[:4]] == ["winograd4"] * 4
+    winograd = ["winograd4"] * 5 + ["winograd"]
+    assert [pick(32, C, s) for C, s in small] == (["blocked"] * 6 if fast_blocked
+                                                   else winograd)
+    assert [pick(32, C, s, np.float64) for C, s in small] == winograd
+    assert pick(32, 16, 33) == "winograd4"  # an input just past 2^19 values (32×16×32×32)
+    assert pick(8, 256, 8) == "winograd"  # a small input, but more than 128 channels
 
 
 def model_step():

@@ -14,18 +14,25 @@ reused from call to call.
 
 Why convert at each convolution, not keep the conv stack blocked end to end (ReLU, pooling
 and LRN on nChw16c, converting once at the input and before fc6): the conversions are a
-small part of the layer. Measured 2026-12-04 18:39 UTC (CPU time of one thread, batch 32,
-load average 4.7 on 2 cores, so rough), converting x, y, gy, gx and x's bordered copy
-against the forward + backward of the whole layer:
+small part of the layer. Measured 2026-12-04 18:52 UTC (CPU time of one thread, batch 32,
+load average 4.2 on 2 cores, so rough; the two-block kernel), converting x, y, gy, gx and
+x's bordered copy against the forward + backward of the whole layer:
 
-    16 -> 32 channels @ 32×32:   2.2 ms of 14.5 (15%)
-    64 -> 64 channels @ 16×16:   1.6 ms of 19.4 (8%)
-    128 -> 128 channels @ 8×8:   1.0 ms of 18.1 (5%)
+    16 -> 32 channels @ 32×32:   2.0 ms of 11.6 (17%)
+    64 -> 64 channels @ 16×16:   1.6 ms of 16.9 (9%)
+    128 -> 128 channels @ 8×8:   0.8 ms of 15.2 (5%)
 
 Staying blocked would save at most these, for a blocked twin of every other layer's kernels.
 The filters are re-blocked at every call for the same reason: `block_filters` and the
 rotated filters of the input gradient take 0.01 ms (16 -> 32) to 0.28 ms (128 -> 128), at
 most 1.5% of the layer, so they are not cached between forward and backward.
+
+Bias and ReLU: the bias is added in the kernel's epilogue; ReLU stays a layer of its own,
+although the kernel can apply it (`relu=`). In a small-recipe training step (one thread,
+CPU time, 18:50 UTC) ReLU's forward and backward took 13.6 ms of 134: the most that fusing
+it into the convolution (and its mask into the next gradient) could save, at the price of
+a device contract with an activation and of models without their relu layers (whose
+outputs `activations` returns).
 """
 
 import numpy as np

@@ -344,7 +344,7 @@ class CudaPrimitives(common.Primitives):
         16 × 16-channel blocks over fixed row ranges added in order (bit for bit repeatable)."""
         x = cp.ascontiguousarray(x)
         gy = cp.ascontiguousarray(gy, dtype=x.dtype)
-        (N, C, H, Wd), OC = x.shape, gy.shape[1]
+        (N, C, H, _), OC = x.shape, gy.shape[1]
         gx = None
         if need_gx:
             gx = cp.empty(x.shape, dtype=x.dtype)

@@ -21,8 +21,10 @@
 // (blocked_weight_grad_sum). No atomics anywhere: every sum runs in an order fixed by the
 // shapes, so the same inputs give the same bits from run to run.
 //
-// NOTE: not measured on a GPU yet; `auto` never picks "blocked" on the GPU
-// (kernels/winograd.py: auto_algorithm), and benchmarks/gpu_notes.md says so.
+// NOTE: the tile is fixed, so small maps leave threads idle: a 14×14 map fills 196 of the
+// 512 pixel slots of its two tiles, a 4×4 map 16 of 256. And it has not been measured on a
+// GPU yet: `auto` never picks "blocked" there (kernels/winograd.py: auto_algorithm;
+// benchmarks/gpu_notes.md).
 #include "common.cuh"
 
 #define TILE_H 8    // output rows of a forward tile
@@ -46,7 +48,9 @@ static_assert(TILE_H * TILE_W / PIX == 64 && TILE_W / PIX == 8, "the index map b
 template <typename T>
 __global__ void blocked_conv(const T* x, const T* W, const T* b, T* y, int N, int C, int H,
                              int Wd, int OC) {
-    __shared__ T xs[CHUNK_C][TILE_H + 2][TILE_W + 2];  // the input tile and its halo
+    // NOTE: rows of TILE_W + 3 (not + 2): the four rows a warp reads then start in four
+    // different banks, so its 32 reads of one tap hit 32 banks (float)
+    __shared__ T xs[CHUNK_C][TILE_H + 2][TILE_W + 3];  // the input tile and its halo
     __shared__ T ws[CHUNK_C][9][TILE_OC];              // ws[c][ky*3 + kx][oc]
     const int TY = (H + TILE_H - 1) / TILE_H, TX = (Wd + TILE_W - 1) / TILE_W;
     const int OCB = (OC + TILE_OC - 1) / TILE_OC;

@@ -9,10 +9,10 @@ see `kernels/common.py`.
 Three kinds of work:
 
 * memory moves, transforms and elementwise math (im2col, col2im, Winograd's transforms,
-  direct convolution, pooling, ReLU, LRN, dropout, softmax cross-entropy, SGD) are
-  hand-written CUDA C in `kernels/cuda/*.cu`. Each kernel carries the name of the function
-  here that launches it and the parameter names of the CPU twin, and a header comment
-  saying how a thread index maps to (n, c, y, x);
+  direct and register-blocked direct convolution, pooling, ReLU, LRN, dropout, softmax
+  cross-entropy, SGD) are hand-written CUDA C in `kernels/cuda/*.cu`. Each kernel carries
+  the name of the function here that launches it and the parameter names of the CPU twin,
+  and a header comment saying how a thread index maps to (n, c, y, x);
 * GEMMs go to cuBLAS (`gemm` below) through CuPy's public binding `cupy.cuda.cublas`, one
   per chunk of the batch, with the compute type chosen per call: TF32 only for float32
   im2col GEMMs after `minivgg.backend.set_tf32(True)`, never for Winograd's;

@@ -31,12 +31,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenette2-224")
-HEADER = """# Wall time of the small Imagenette recipe: minivgg against plain PyTorch
+COLUMNS = ["date (UTC)", "epochs", "threads", "load minivgg / torch", "minivgg s", "torch s",
+           "minivgg best top-1", "torch best top-1", "time ratio", "folder", "commands"]
+HEADER = f"""# Wall time of the small Imagenette recipe: minivgg against plain PyTorch
 
 Rows appended by `python benchmarks/wall_time.py` (issue 26: minivgg's time / the script's
 time <= 1.0 on a quiet machine). Load: the 1-minute load average when each run started.
 
-| date (UTC) | epochs | threads | load minivgg / torch | minivgg s | torch s | minivgg best top-1 | torch best top-1 | time ratio | folder | commands |
+| {" | ".join(COLUMNS)} |
 |---|---:|---:|---|---:|---:|---:|---:|---:|---|---|
 """
 

@@ -5,7 +5,8 @@ thread pools that spin-wait and meet at a barrier after every GEMM and every ker
 busy 2-core machine one descheduled thread then stalls the other: we measured training
 steps 5-15x slower than with one thread. Here every piece of work (a range of im2col chunks
 and their GEMMs, a range of pooling planes) runs start to finish on one thread of one pool,
-with a single-threaded BLAS call inside, and the threads only meet when an op is done.
+with a single-threaded BLAS call inside, and the threads only meet when an op is done. The
+calling thread is one of them: it runs the last range itself (`map_ranges`).
 
 `map_ranges` is the one way work is spread: contiguous ranges fixed by the sizes and the
 thread count, never by timing, so every result (and every sum across ranges, taken in range
@@ -15,7 +16,8 @@ order by the caller) is the same from one call to the next.
 import contextvars
 import ctypes
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 
 import numpy as np
 
@@ -71,21 +73,49 @@ def _openblas_set_threads_local():
     return None
 
 
-def _init_worker():
-    set_local = _openblas_set_threads_local()
-    if set_local is not None:
-        set_local(1)
+class _Pool:
+    """Helper threads that each run one range of a `map_ranges` call, then wait for the next.
+
+    NOTE: lighter than `concurrent.futures.ThreadPoolExecutor`, which `map_ranges` used
+    before: no Future, no Python-level Condition per task. A task goes to its thread
+    through a `queue.SimpleQueue` (a C lock) and comes back through another, made per call,
+    so calls from several threads at once never mix their results. The calling thread runs
+    the last range itself, so a two-thread call wakes one helper, not two, and the caller
+    does not sleep while its cores have work.
+    """
+
+    def __init__(self):
+        self.inboxes = []
+        self.lock = threading.Lock()
+        self.helper_ids = set()
+
+    def helpers(self, count):
+        """The inboxes of `count` helper threads, started on first need."""
+        with self.lock:
+            while len(self.inboxes) < count:
+                inbox = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(inbox,), daemon=True,
+                                 name=f"minivgg-{len(self.inboxes)}").start()
+                self.inboxes.append(inbox)
+        return self.inboxes[:count]
+
+    def _serve(self, inbox):
+        self.helper_ids.add(threading.get_ident())
+        set_local = _openblas_set_threads_local()
+        if set_local is not None:
+            set_local(1)  # one-thread GEMMs on the helpers (module docstring)
+        while True:
+            context, job, t0, t1, k, outbox = inbox.get()
+            try:
+                outbox.put((k, context.run(job, t0, t1), None))
+            except BaseException as e:  # handed to the caller, raised there
+                outbox.put((k, None, e))
 
 
-_pool = None
-
-
-def _get_pool():
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix="minivgg",
-                                   initializer=_init_worker)
-    return _pool
+_pool = _Pool()
+_blas_threads_local = _openblas_set_threads_local()
+if _blas_threads_local is not None:
+    _blas_threads_local.restype = ctypes.c_int  # it returns the previous setting
 
 
 workspace = Workspace(np, per_thread=True)
@@ -95,7 +125,7 @@ def _forget_pool_after_fork():
     # NOTE: a forked child (a data-loader worker) inherits the pool object but not its
     # threads; it must start its own pool, and its own per-thread workspace, when needed.
     global _pool
-    _pool = None
+    _pool = _Pool()
     workspace.clear()
 
 
@@ -116,11 +146,39 @@ def map_ranges(job, n_items, elements=None):
     if T == 1 or (elements is not None and elements < INLINE_ELEMENTS):
         return [job(0, n_items)]
     bounds = [n_items * k // T for k in range(T + 1)]
-    # NOTE: each job runs in a copy of the caller's context, so settings the caller made
-    # for this work hold on the pool's threads too: NumPy's `np.errstate` (training
+    if threading.get_ident() in _pool.helper_ids:
+        # NOTE: called from a job already on a helper: the others may be busy waiting
+        # for this very call, so run every range here, in order (the same ranges, so
+        # the same results).
+        return [job(bounds[k], bounds[k + 1]) for k in range(T)]
+    outbox = queue.SimpleQueue()
+    # NOTE: each helper's range runs in a copy of the caller's context, so settings the
+    # caller made for this work hold on the helpers too: NumPy's `np.errstate` (training
     # silences overflow warnings and checks the loss itself) lives in a context variable.
-    # One copy per job, because one context cannot be entered by two threads at once.
-    contexts = [contextvars.copy_context() for _ in range(T)]
-    # iterating re-raises a job's exception here
-    return list(_get_pool().map(
-        lambda k: contexts[k].run(job, bounds[k], bounds[k + 1]), range(T)))
+    # One copy per range, because one context cannot be entered by two threads at once.
+    for k, inbox in enumerate(_pool.helpers(T - 1)):
+        inbox.put((contextvars.copy_context(), job, bounds[k], bounds[k + 1], k, outbox))
+    results, errors = [None] * T, [None] * T
+    try:
+        results[T - 1] = _run_single_threaded_blas(job, bounds[T - 1], bounds[T])
+    except BaseException as e:
+        errors[T - 1] = e
+    for _ in range(T - 1):  # wait for every helper: their ranges use the caller's arrays
+        k, result, error = outbox.get()
+        results[k], errors[k] = result, error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results
+
+
+def _run_single_threaded_blas(job, t0, t1):
+    """job(t0, t1) on this thread with BLAS on one thread, as on the helpers: the helpers
+    run GEMMs at the same time, and a multi-threaded BLAS here would take their cores."""
+    if _blas_threads_local is None:
+        return job(t0, t1)
+    previous = _blas_threads_local(1)
+    try:
+        return job(t0, t1)
+    finally:
+        _blas_threads_local(previous)

@@ -25,7 +25,10 @@ it), so the rows add up to the instrumented step; what no timer covers (the step
 itself) is printed as the untracked remainder. Timers count on the main thread only: the
 pool's threads run parts of the same ops while the main thread waits inside them.
 NOTE: the timers cost a few microseconds each (a few hundred per step), so the instrumented
-step is a little slower than the plain one; both are printed.
+step is a little slower than the plain one; both are printed. On a loaded machine wall
+times swing from step to step; `--clock cpu --threads 1` counts the CPU time of the one
+thread doing all the work instead, which another process's load hardly changes (it leaves
+out the thread hand-offs, which then do not happen).
 """
 
 import argparse
@@ -67,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--conv-algo", default="auto", help="backend.set_conv_algorithm")
     p.add_argument("--precision", default=None,
                    help="backend.set_precision, where this minivgg has it (fp32, bf16)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the main thread's CPU time (time.thread_time), which another "
+                        "process's load hardly changes; with --threads 1 all the work is "
+                        "on that thread")
     p.add_argument("--output", metavar="FILE", help="also write the tables to FILE")
     return p.parse_args(argv)
 
@@ -78,7 +85,8 @@ def parse_args(argv=None):
 class Profile:
     """Seconds and calls per label; a label's time excludes the timers nested in it."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.seconds, self.calls, self.order = {}, {}, []
         self.stack = []  # [label, start, seconds taken by nested timers]
         self.layer = None  # the module being called (conv1_1, fc6, ...)
@@ -91,13 +99,13 @@ class Profile:
         return threading.get_ident() == self.main
 
     def push(self, label):
-        self.stack.append([label, time.perf_counter(), 0.0])
+        self.stack.append([label, self.clock(), 0.0])
 
     def pop(self, taken_out=0.0):
         """Close the innermost timer; `taken_out`: seconds that belong to another label
         (already added there), so neither this label nor its parent counts them again."""
         label, start, nested = self.stack.pop()
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         self.add(label, elapsed - nested - taken_out, count=True)
         if self.stack:
             self.stack[-1][2] += elapsed - taken_out
@@ -150,15 +158,15 @@ def timed_map_ranges(prof, map_ranges):
         durations, op = [], prof.current_op()
 
         def timed_job(t0, t1):
-            start = time.perf_counter()
+            start = prof.clock()
             try:
                 return job(t0, t1)
             finally:
-                durations.append(time.perf_counter() - start)
+                durations.append(prof.clock() - start)
 
-        start = time.perf_counter()
+        start = prof.clock()
         result = map_ranges(timed_job, n_items, elements)
-        handoff = time.perf_counter() - start - max(durations, default=0.0)
+        handoff = max(0.0, prof.clock() - start - max(durations, default=0.0))
         prof.add((op, "hand-off"), handoff, count=True)
         if prof.stack:
             prof.stack[-1][2] += handoff
@@ -290,12 +298,13 @@ def profile(args):
     step = build(args)
     for _ in range(args.warmup):
         step()
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     plain = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
-        plain.append(time.perf_counter() - t0)
-    prof = Profile()
+        plain.append(clock() - t0)
+    prof = Profile(clock)
     patches = instrument(prof)
     try:
         step(prof)  # once untimed, so the wrappers' first calls do not count
@@ -358,7 +367,8 @@ def report(args, plain, prof):
         f"fc {args.fc_width}, {args.size}x{args.size}, batch {args.batch}",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {common.cpu_model()}, "
-        f"{args.threads} threads, conv {args.conv_algo}{conv}, load average "
+        f"{args.threads} threads, conv {args.conv_algo}{conv}, {args.clock} clock"
+        f"{' (the main thread)' if args.clock == 'cpu' else ''}, load average "
         f"{common.load_average()}, {args.steps} steps after {args.warmup} warm-up.",
         "",
         f"Plain step (no timers): median {1e3 * common.median(plain):.1f} ms "

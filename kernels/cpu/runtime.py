@@ -112,6 +112,28 @@ class _Pool:
                 outbox.put((k, None, e))
 
 
+def _keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for the next allocation -> True if it agreed.
+
+    NOTE: by default glibc gives big blocks (from 128 KB, a limit it raises to 32 MB as
+    such blocks are freed) straight back to the kernel, and trims the top of its heap once
+    128 KB there are free. A training step frees its activations and gradients and
+    allocates the same sizes again in the next step, so each step mapped them afresh and
+    the kernel zeroed every 4 KB page at its first write: on the small recipe (1 thread,
+    CPU time, 2026-12-04) ReLU's backward took 15-19 ms a step that way and 9 ms with the
+    memory kept. The peak resident size stays the same (264 and 288 MB above the imports
+    for the small recipe, 2855 and 2878 MB for VGG-D at 224, batch 8), but the process no
+    longer hands memory back to the system until it exits. Elsewhere than glibc: nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+KEEPS_FREED_MEMORY = _keep_freed_memory()
 _pool = _Pool()
 _blas_threads_local = _openblas_set_threads_local()
 if _blas_threads_local is not None:

@@ -1,7 +1,7 @@
 """The small Imagenette recipe written as a plain PyTorch user writes it (issue 26's yardstick).
 
     python benchmarks/train_torch_plain.py                  # ../shared/data/imagenette2-224
-    python benchmarks/train_torch_plain.py DIR --epochs 12 --threads 2
+    python benchmarks/train_torch_plain.py --data DIR --epochs 12 --threads 2
 
 Unlike `train_torch_twin.py`, which feeds torch from minivgg's own loader so that only the
 engines differ, nothing here comes from minivgg: the wall time it prints is what a PyTorch
@@ -40,24 +40,20 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".we
 VGG_A = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
+# The README's small recipe (Sec. 3.1 scaled down); each value can be changed by its flag.
+RECIPE = {"batch-size": 64, "lr": 0.01, "momentum": 0.9, "wd": 5e-4, "dropout": 0.5,
+          "width": 0.25, "fc-width": 512, "scale": 72, "crop": 64, "pca-std": 0.1, "seed": 0}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("data", metavar="DIR", nargs="?", default=DEFAULT_DATA,
+    p.add_argument("--data", metavar="DIR", default=DEFAULT_DATA,
                    help="folder with train/<class>/ and val/<class>/ (default: "
                         "../shared/data/imagenette2-224)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("-b", "--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=5e-4, dest="weight_decay")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--fc-width", type=int, default=512)
-    p.add_argument("--scale", type=int, default=72, metavar="S")
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--pca-std", type=float, default=0.1, help="colour shift (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    for name, value in RECIPE.items():
+        p.add_argument(f"--{name}", type=type(value), default=value, help=f"(default {value})")
     return p.parse_args(argv)
 
 
@@ -208,7 +204,7 @@ def main(argv=None):
           flush=True)
     net = vgg_a(args.width, args.fc_width, len(classes), args.crop, args.dropout)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
+                          weight_decay=args.wd)
     # lr ÷10 after `patience` epochs without a better error, at most 3 times (min_lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=0.1, patience=2, threshold=1e-4, threshold_mode="abs",

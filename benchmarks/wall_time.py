@@ -64,7 +64,7 @@ def commands(args, folder):
                "--cache", "-j", "1", "--threads", str(args.threads),
                # the pair's own folder; --overwrite for a run re-started by --resume
                "--output", os.path.join(folder, "minivgg"), "--overwrite"]
-    torch = [sys.executable, os.path.join(HERE, "train_torch_plain.py"), args.data,
+    torch = [sys.executable, os.path.join(HERE, "train_torch_plain.py"), "--data", args.data,
              "--epochs", str(args.epochs), "--threads", str(args.threads)]
     return {"minivgg": minivgg, "torch": torch}
 

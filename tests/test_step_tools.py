@@ -109,7 +109,7 @@ def test_plain_torch_net_is_the_twin_of_minivgg_vgg_a(torch):
 
 def test_plain_torch_script_trains_and_prints_every_epoch(image_folder, capsys, torch):
     plain = load_script("benchmarks/train_torch_plain.py")
-    assert plain.main([str(image_folder), "--epochs", "2", "-b", "4"]) == 0
+    assert plain.main(["--data", str(image_folder), "--epochs", "2", "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "8 train and 4 val images decoded" in out
     epochs = re.findall(r"epoch (\d)/2: train loss ([0-9.]+) \| val top-1 ([0-9.]+)%", out)
@@ -147,7 +147,8 @@ def test_wall_time_runs_both_and_appends_a_row_per_pair(image_folder, tmp_path):
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         seconds_m, seconds_t = float(cells[4]), float(cells[5])
-        assert float(cells[8].strip("*")) == pytest.approx(seconds_m / seconds_t, abs=0.01)
+        # the seconds are rounded to 0.1 s in the row, the ratio is taken before that
+        assert float(cells[8].strip("*")) == pytest.approx(seconds_m / seconds_t, rel=0.05)
         assert cells[6].endswith("%") and cells[7].endswith("%")
         assert "python examples/train_imagenet.py" in cells[10] and "--cache" in cells[10]
         assert "python benchmarks/train_torch_plain.py" in cells[10]

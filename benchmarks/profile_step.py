@@ -101,15 +101,14 @@ class Profile:
     def push(self, label):
         self.stack.append([label, self.clock(), 0.0])
 
-    def pop(self, taken_out=0.0):
-        """Close the innermost timer; `taken_out`: seconds that belong to another label
-        (already added there), so neither this label nor its parent counts them again."""
+    def pop(self):
+        """Close the innermost timer: its time less its nested timers' goes to its label,
+        and all of it counts as nested time of the timer around it."""
         label, start, nested = self.stack.pop()
         elapsed = self.clock() - start
-        self.add(label, elapsed - nested - taken_out, count=True)
+        self.add(label, elapsed - nested, count=True)
         if self.stack:
-            self.stack[-1][2] += elapsed - taken_out
-        return elapsed
+            self.stack[-1][2] += elapsed
 
     def add(self, label, seconds, count=False):
         if label not in self.seconds:
@@ -168,7 +167,7 @@ def timed_map_ranges(prof, map_ranges):
         result = map_ranges(timed_job, n_items, elements)
         handoff = max(0.0, prof.clock() - start - max(durations, default=0.0))
         prof.add((op, "hand-off"), handoff, count=True)
-        if prof.stack:
+        if prof.stack:  # not the op's own time: take it out of the timer around
             prof.stack[-1][2] += handoff
         return result
     return wrapper

@@ -5,8 +5,7 @@ thread pools that spin-wait and meet at a barrier after every GEMM and every ker
 busy 2-core machine one descheduled thread then stalls the other: we measured training
 steps 5-15x slower than with one thread. Here every piece of work (a range of im2col chunks
 and their GEMMs, a range of pooling planes) runs start to finish on one thread of one pool,
-with a single-threaded BLAS call inside, and the threads only meet when an op is done. The
-calling thread is one of them: it runs the last range itself (`map_ranges`).
+with a single-threaded BLAS call inside, and the threads only meet when an op is done.
 
 `map_ranges` is the one way work is spread: contiguous ranges fixed by the sizes and the
 thread count, never by timing, so every result (and every sum across ranges, taken in range
@@ -79,9 +78,11 @@ class _Pool:
     NOTE: lighter than `concurrent.futures.ThreadPoolExecutor`, which `map_ranges` used
     before: no Future, no Python-level Condition per task. A task goes to its thread
     through a `queue.SimpleQueue` (a C lock) and comes back through another, made per call,
-    so calls from several threads at once never mix their results. The calling thread runs
-    the last range itself, so a two-thread call wakes one helper, not two, and the caller
-    does not sleep while its cores have work.
+    so calls from several threads at once never mix their results.
+    NOTE: the calling thread waits; it does not run a range itself. Tried: it then had to
+    switch its BLAS to one thread for the range and back for the fc layers
+    (`openblas_set_num_threads_local`), and OpenBLAS's own threads, woken each time, burnt
+    0.9-1.7 s of CPU per small-recipe step against 0.31 s (2 threads, load average 8-17).
     """
 
     def __init__(self):
@@ -135,9 +136,6 @@ def _keep_freed_memory():
 
 KEEPS_FREED_MEMORY = _keep_freed_memory()
 _pool = _Pool()
-_blas_threads_local = _openblas_set_threads_local()
-if _blas_threads_local is not None:
-    _blas_threads_local.restype = ctypes.c_int  # it returns the previous setting
 
 
 workspace = Workspace(np, per_thread=True)
@@ -178,14 +176,10 @@ def map_ranges(job, n_items, elements=None):
     # caller made for this work hold on the helpers too: NumPy's `np.errstate` (training
     # silences overflow warnings and checks the loss itself) lives in a context variable.
     # One copy per range, because one context cannot be entered by two threads at once.
-    for k, inbox in enumerate(_pool.helpers(T - 1)):
+    for k, inbox in enumerate(_pool.helpers(T)):
         inbox.put((contextvars.copy_context(), job, bounds[k], bounds[k + 1], k, outbox))
     results, errors = [None] * T, [None] * T
-    try:
-        results[T - 1] = _run_single_threaded_blas(job, bounds[T - 1], bounds[T])
-    except BaseException as e:
-        errors[T - 1] = e
-    for _ in range(T - 1):  # wait for every helper: their ranges use the caller's arrays
+    for _ in range(T):  # wait for every range, even after an error: they use our arrays
         k, result, error = outbox.get()
         results[k], errors[k] = result, error
     first = next((e for e in errors if e is not None), None)
@@ -193,14 +187,3 @@ def map_ranges(job, n_items, elements=None):
         raise first
     return results
 
-
-def _run_single_threaded_blas(job, t0, t1):
-    """job(t0, t1) on this thread with BLAS on one thread, as on the helpers: the helpers
-    run GEMMs at the same time, and a multi-threaded BLAS here would take their cores."""
-    if _blas_threads_local is None:
-        return job(t0, t1)
-    previous = _blas_threads_local(1)
-    try:
-        return job(t0, t1)
-    finally:
-        _blas_threads_local(previous)

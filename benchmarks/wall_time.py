@@ -158,9 +158,12 @@ def pair_folder(args):
 
 def main(argv=None, run=run_one):
     args = parse_args(argv)
+    # the runs start in the repository root: paths typed relative to here must still hold
+    args.data = os.path.abspath(args.data)
     folder = pair_folder(args)
     if folder is None:
         return 2
+    folder = os.path.abspath(folder)
     results = {}
     for name, argv_ in commands(args, folder).items():
         path = os.path.join(folder, f"{name}.json")

@@ -392,7 +392,7 @@ def test_max_pool2d_tie_sends_the_gradient_to_the_first_maximum():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 7, 9), (1, 2, 6, 6), (3, 1, 2, 5)])
-def test_max_pool2x2_fast_path_equals_the_general_kernel_bit_for_bit(shape, dtype):
+def test_max_pool2x2_fast_paths_equal_the_general_kernels_bit_for_bit(shape, dtype):
     from minivgg.kernels.cpu import pool
     x = rand(np.random.default_rng(12), shape, dtype)
     x[0, 0, :2, :2] = [[1.0, 1.0], [1.0, 0.5]]  # a tie: the first maximum wins
@@ -403,6 +403,12 @@ def test_max_pool2x2_fast_path_equals_the_general_kernel_bit_for_bit(shape, dtyp
     pool._max_pool2d_forward_kernel(x, 2, 2, 2, 2, ry, rarg, 0, shape[0] * shape[1])
     np.testing.assert_array_equal(y.view(f"i{y.itemsize}"), ry.view(f"i{y.itemsize}"))
     np.testing.assert_array_equal(arg, rarg)
+    gy = rand(np.random.default_rng(14), y.shape, dtype)
+    gy[0, 0, 0, 0] = -0.0
+    gx = cpu.max_pool2d_backward(gy, arg, x.shape, (2, 2), (2, 2))
+    want = np.zeros_like(x)
+    pool._max_pool2d_backward_kernel(gy, arg, 2, 2, 2, want, 0, shape[0] * shape[1])
+    np.testing.assert_array_equal(gx.view(f"i{gx.itemsize}"), want.view(f"i{gx.itemsize}"))
 
 
 def test_relu_backward_is_the_product_gy_times_y_above_zero_bit_for_bit(monkeypatch):

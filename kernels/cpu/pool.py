@@ -107,13 +107,36 @@ def _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1):
                 gx[n, c, oy * SH + k // KW, ox * SW + k % KW] += gy[n, c, oy, ox]
 
 
+@njit(**JIT)
+def _max_pool2x2_backward_kernel(gy, argmax, gx):
+    """`_max_pool2d_backward_kernel` for 2×2/s2 windows inside whole planes (P, ...): the
+    same additions into a zeroed gx, 2.4x faster (the small recipe's pool1): the winner's
+    row is one of two row views, its column 2*ox + (k & 1), and no division by KW."""
+    for p in range(gx.shape[0]):
+        gp, ap, xp = gy[p], argmax[p], gx[p]
+        for oy in range(gp.shape[0]):
+            g_row, a_row = gp[oy], ap[oy]
+            top, bottom = xp[2 * oy], xp[2 * oy + 1]
+            for ox in range(g_row.shape[0]):
+                k = a_row[ox]
+                row = top if k < 2 else bottom
+                row[2 * ox + (k & 1)] += g_row[ox]
+
+
 def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
     """Route each output gradient to the input that won its window (either mode: the
     argmax offsets of a clipped ceil-mode window always point inside the input)."""
-    (_, KW), (SH, SW) = kernel_size, stride
+    (KH, KW), (SH, SW) = kernel_size, stride
     gx = np.zeros(x_shape, dtype=gy.dtype)
     N, C = gy.shape[0], gy.shape[1]
     gy, argmax = np.ascontiguousarray(gy), np.ascontiguousarray(argmax)
+    (H, W), (OH, OW) = x_shape[2:], gy.shape[2:]
+    if (KH, KW, SH, SW) == (2, 2, 2, 2) and 2 * OH <= H and 2 * OW <= W:  # whole windows
+        planes = (gy.reshape(N * C, OH, OW), argmax.reshape(N * C, OH, OW),
+                  gx.reshape(N * C, H, W))
+        map_ranges(lambda t0, t1: _max_pool2x2_backward_kernel(*(a[t0:t1] for a in planes)),
+                   N * C, elements=gx.size)
+        return gx
     map_ranges(lambda t0, t1: _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1),
                N * C, elements=gx.size)
     return gx

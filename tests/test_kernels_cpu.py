@@ -390,6 +390,85 @@ def test_max_pool2d_tie_sends_the_gradient_to_the_first_maximum():
                                              [1, 0, 1, 0], [0, 0, 0, 0]])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9), (1, 2, 6, 6), (3, 1, 2, 5)])
+def test_max_pool2x2_fast_paths_equal_the_general_kernels_bit_for_bit(shape, dtype):
+    from minivgg.kernels.cpu import pool
+    x = rand(np.random.default_rng(12), shape, dtype)
+    x[0, 0, :2, :2] = [[1.0, 1.0], [1.0, 0.5]]  # a tie: the first maximum wins
+    x[-1, -1, 0, 0], x[0, -1, 1, 1] = np.nan, np.nan  # NaN first, NaN last in a window
+    x[-1, 0, :2, 2:4] = -0.0
+    y, arg = cpu.max_pool2d_forward(x, (2, 2), (2, 2))  # odd H, W: rows left over
+    ry, rarg = np.empty_like(y), np.empty_like(arg)
+    pool._max_pool2d_forward_kernel(x, 2, 2, 2, 2, ry, rarg, 0, shape[0] * shape[1])
+    np.testing.assert_array_equal(y.view(f"i{y.itemsize}"), ry.view(f"i{y.itemsize}"))
+    np.testing.assert_array_equal(arg, rarg)
+    gy = rand(np.random.default_rng(14), y.shape, dtype)
+    gy[0, 0, 0, 0] = -0.0
+    gx = cpu.max_pool2d_backward(gy, arg, x.shape, (2, 2), (2, 2))
+    want = np.zeros_like(x)
+    pool._max_pool2d_backward_kernel(gy, arg, 2, 2, 2, want, 0, shape[0] * shape[1])
+    np.testing.assert_array_equal(gx.view(f"i{gx.itemsize}"), want.view(f"i{gx.itemsize}"))
+
+
+def test_relu_backward_is_the_product_gy_times_y_above_zero_bit_for_bit(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    rng = np.random.default_rng(13)
+    y = np.maximum(rand(rng, (3, 70_001), np.float32), 0)  # above INLINE_ELEMENTS
+    gy = rand(rng, y.shape, np.float32)
+    gy[:, ::5], gy[:, 1::7] = np.nan, -gy[:, 1::7]
+    gx = cpu.relu_backward(y, gy)
+    want = np.multiply(gy, y > 0)  # NaN * 0 stays NaN, -g * 0 is -0.0
+    np.testing.assert_array_equal(gx.view(np.int32), want.view(np.int32))
+
+
+# ----------------------------------------------------------------------------------------
+# The thread pool: ranges, results, errors
+# ----------------------------------------------------------------------------------------
+
+def test_map_ranges_returns_each_range_in_order_with_the_callers_settings(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+
+    def job(t0, t1):
+        return t0, t1, np.geterr()["over"]
+
+    with np.errstate(over="ignore"):
+        assert runtime.map_ranges(job, 10) == [(0, 3, "ignore"), (3, 6, "ignore"),
+                                               (6, 10, "ignore")]
+    assert runtime.map_ranges(job, 10, elements=10) == [(0, 10, np.geterr()["over"])]
+
+
+def test_map_ranges_raises_a_helpers_error_after_every_range_is_done(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    finished = []
+
+    def job(t0, t1):
+        if t0 == 0:
+            raise ValueError("range 0 failed")
+        finished.append(t0)
+
+    with pytest.raises(ValueError, match="range 0 failed"):
+        runtime.map_ranges(job, 4)
+    assert finished == [2]  # the other range ran to its end first
+    assert runtime.map_ranges(lambda t0, t1: t1 - t0, 4) == [2, 2]  # the pool still works
+
+
+def test_map_ranges_inside_a_helpers_range_runs_there_with_the_same_ranges(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    import threading
+
+    def inner(t0, t1):
+        return t0, t1, threading.get_ident()
+
+    def outer(t0, t1):
+        return runtime.map_ranges(inner, 6), threading.get_ident()
+
+    results = runtime.map_ranges(outer, 2)
+    helper_inner, helper = results[0]
+    assert [r[:2] for r in helper_inner] == [(0, 3), (3, 6)]
+    assert {r[2] for r in helper_inner} == {helper}  # nothing handed to a busy pool
+
+
 # ----------------------------------------------------------------------------------------
 # ReLU, LRN
 # ----------------------------------------------------------------------------------------

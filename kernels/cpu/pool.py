@@ -40,6 +40,35 @@ def _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1):
                 argmax[n, c, oy, ox] = best_k
 
 
+@njit(**JIT)
+def _max_pool2x2_forward_kernel(x, y, argmax):
+    """The 2×2/s2 windows of whole planes x (P, H, W) -> y, argmax (P, OH, OW), every window
+    inside the plane: Sec. 2.1's pooling, the only one VGG has.
+
+    The same comparisons in the same order as `_max_pool2d_forward_kernel`, so the same
+    results bit for bit (NaN and ties included), 4x faster (measured on the small recipe's
+    pool1): the window's four loads are fixed offsets in two row views, and every index
+    comes from range(n), which Numba knows is never negative, so it checks none of them
+    for Python's negative wraparound."""
+    for p in range(x.shape[0]):
+        xp, yp, ap = x[p], y[p], argmax[p]
+        for oy in range(yp.shape[0]):
+            top, bottom, y_row, a_row = xp[2 * oy], xp[2 * oy + 1], yp[oy], ap[oy]
+            for ox in range(y_row.shape[0]):
+                best, best_k = top[2 * ox], 0
+                v = top[2 * ox + 1]
+                if v > best:  # NOTE: strict, as below: the first maximum wins a tie
+                    best, best_k = v, 1
+                v = bottom[2 * ox]
+                if v > best:
+                    best, best_k = v, 2
+                v = bottom[2 * ox + 1]
+                if v > best:
+                    best, best_k = v, 3
+                y_row[ox] = best
+                a_row[ox] = best_k
+
+
 def max_pool2d_forward(x, kernel_size, stride, ceil_mode=False):
     """(N, C, H, W) -> y (N, C, OH, OW) and argmax (N, C, OH, OW), no padding.
 
@@ -52,6 +81,11 @@ def max_pool2d_forward(x, kernel_size, stride, ceil_mode=False):
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N, C, OH, OW), dtype=np.int32)
     x = np.ascontiguousarray(x)
+    if (KH, KW, SH, SW) == (2, 2, 2, 2) and 2 * OH <= H and 2 * OW <= W:  # whole windows
+        planes = x.reshape(N * C, H, W), y.reshape(N * C, OH, OW), argmax.reshape(N * C, OH, OW)
+        map_ranges(lambda t0, t1: _max_pool2x2_forward_kernel(*(a[t0:t1] for a in planes)),
+                   N * C, elements=x.size)
+        return y, argmax
     map_ranges(lambda t0, t1: _max_pool2d_forward_kernel(x, KH, KW, SH, SW, y, argmax, t0, t1),
                N * C, elements=x.size)
     return y, argmax
@@ -73,6 +107,22 @@ def _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1):
                 gx[n, c, oy * SH + k // KW, ox * SW + k % KW] += gy[n, c, oy, ox]
 
 
+@njit(**JIT)
+def _max_pool2x2_backward_kernel(gy, argmax, gx):
+    """`_max_pool2d_backward_kernel` for 2×2/s2 windows inside whole planes (P, ...): the
+    same additions into a zeroed gx, 2.4x faster (the small recipe's pool1): the winner's
+    row is one of two row views, its column 2*ox + (k & 1), and no division by KW."""
+    for p in range(gx.shape[0]):
+        gp, ap, xp = gy[p], argmax[p], gx[p]
+        for oy in range(gp.shape[0]):
+            g_row, a_row = gp[oy], ap[oy]
+            top, bottom = xp[2 * oy], xp[2 * oy + 1]
+            for ox in range(g_row.shape[0]):
+                k = a_row[ox]
+                row = top if k < 2 else bottom
+                row[2 * ox + (k & 1)] += g_row[ox]
+
+
 def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
     """Route each output gradient to the input that won its window (either mode: the
     argmax offsets of a clipped ceil-mode window always point inside the input)."""
@@ -80,6 +130,13 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
     gx = np.zeros(x_shape, dtype=gy.dtype)
     N, C = gy.shape[0], gy.shape[1]
     gy, argmax = np.ascontiguousarray(gy), np.ascontiguousarray(argmax)
+    (H, W), (OH, OW) = x_shape[2:], gy.shape[2:]
+    if (KH, KW, SH, SW) == (2, 2, 2, 2) and 2 * OH <= H and 2 * OW <= W:  # whole windows
+        planes = (gy.reshape(N * C, OH, OW), argmax.reshape(N * C, OH, OW),
+                  gx.reshape(N * C, H, W))
+        map_ranges(lambda t0, t1: _max_pool2x2_backward_kernel(*(a[t0:t1] for a in planes)),
+                   N * C, elements=gx.size)
+        return gx
     map_ranges(lambda t0, t1: _max_pool2d_backward_kernel(gy, argmax, KW, SH, SW, gx, t0, t1),
                N * C, elements=gx.size)
     return gx

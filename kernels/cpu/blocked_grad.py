@@ -11,16 +11,22 @@ The input gradient is a forward convolution: gy convolved with the filters turne
 and with their channel axes swapped (`rotated_filters`), so the forward micro-kernel serves
 it unchanged, with gy's OCB blocks as its input blocks and x's CB blocks as its outputs.
 
-The weight gradient has a micro-kernel of its own (`_weight_tile`). For one (output-channel
-block ob, input-channel block cb, tap ky, kx) it keeps the 16×16 tile gW[ob, cb, ky, kx]
-in 16 `<16 x float>` accumulators, one per input channel ic, each holding the 16 output
-channels, and sums over every image, row and pixel in that fixed order:
+The weight gradient has a micro-kernel of its own (`_weight_tile`). For one (pair of
+output-channel blocks ob, ob+1, input-channel block cb, tap ky, kx, half of the 16 input
+channels) it keeps 8 ic × 2 blocks of gW[·, cb, ky, kx] in 16 `<16 x float>` accumulators,
+each holding 16 output channels, and sums over every image, row and pixel in that order:
 
     for n in range(N): for oy in range(H): for ox in range(W):        (loops in the IR)
-        g = gy[n, ob, oy, ox, :]                                       (one 64-byte load)
-        for ic in range(16):                                           (unrolled)
-            acc[ic] = fma(broadcast(x[n, cb, oy+ky-1, ox+kx-1, ic]), g, acc[ic])
+        g[k] = gy[n, ob+k, oy, ox, :] for k = 0, 1                     (two 64-byte loads)
+        for ic in half:                                                (unrolled, 8)
+            v = broadcast(x[n, cb, oy+ky-1, ox+kx-1, ic])
+            acc[k][ic] = fma(v, g[k], acc[k][ic]) for k = 0, 1
 
+Each broadcast feeds two FMAs (the one-block, 16-ic tile it replaced: one), and the 18
+items of one (pair, cb) take turns on a few rows of one image at a time, so x and gy come
+from L1 (`GW_CHUNK_BYTES`): 16 -> 32 @ 32×32 went from 3.5 to 2.5 ms, 64 -> 64 @ 16×16
+from 6.0 to 4.1, 128 -> 128 @ 8×8 from 5.5 to 4.3 (batch 32, one thread, CPU time, best
+of 15, 2026-12-04 20:02 UTC; /tmp script timing `weight_grad_from_padded`).
 The tile is stored as block_filters lays filters out, wb[ob, cb, ky, kx, ic, :], and
 unblocked at the end. One (ob, cb, tap) item is one thread's whole sum, so the result does
 not depend on the thread count. As in the forward pass, the IR is emitted from a Numba
@@ -60,30 +66,35 @@ def conv2d_input_grad_blocked(gyb, W, vector=None):
     return conv2d_forward_blocked(gyb, wb, block_bias(None, C, gyb.dtype), vector=vector)
 
 
-# Bytes of x and gy (one channel block of each) a weight-gradient item sums before the next
-# item takes over: half of this CPU's 2 MiB L2 per core. On 16 -> 32 channels at 32×32,
-# batch 32 (a block of x and one of gy are 4.4 MB) the tiles took 2.5-2.6 ms against
-# 2.8-3.0 swept over the whole batch (one thread, loaded machine); even on smaller maps.
-GW_CHUNK_BYTES = 1 << 20
+# Bytes of x and gy (one block of x, two of gy) the 18 items of one (pair, cb) take turns
+# on: rows of one image at a time, about L1's size. Measured 2026-12-04 20:02 UTC (one
+# thread, CPU time, best of 15, `weight_grad_from_padded`, batch 32): 32 KiB against whole
+# images (1 MiB): 2.49 vs 2.95 ms on 16 -> 32 @ 32×32, 4.11 vs 4.75 on 64 -> 64 @ 16×16,
+# 4.32 vs 4.21 on 128 -> 128 @ 8×8 (the old one-block 16-ic tile: 3.5, 6.0, 5.5).
+GW_CHUNK_BYTES = 1 << 15
 
 # ----------------------------------------------------------------------------------------
 # Weight gradient: the AVX-512 micro-kernel, as LLVM IR emitted from Numba
 # ----------------------------------------------------------------------------------------
 
-def _emit_pixel(builder, fma, acc, xq, gq):
-    """acc[ic] += x[ic] · g[:] for the 16 input channels ic of one pixel (unrolled)."""
-    g = builder.load(_vector_pointer(builder, gq), align=4)
-    values = [builder.load(a) for a in acc]
-    for ic in range(BLOCK):
-        xs = builder.load(builder.gep(xq, [ir.Constant(_I64, ic)]), align=4)
-        values[ic] = builder.call(fma, [_splat(builder, xs), g, values[ic]])
-    for a, v in zip(acc, values):
-        builder.store(v, a)
+def _emit_pixel(builder, fma, acc, xq, gq, gstep):
+    """acc[k][i] += x[i] · g_k[:] for the input channels i of one pixel and each output-channel
+    block k (unrolled), whose gy lies `gstep` floats after block k-1's."""
+    g = [builder.load(_vector_pointer(builder, builder.gep(gq, [builder.mul(
+        gstep, ir.Constant(_I64, k))])), align=4) for k in range(len(acc))]
+    values = [[builder.load(a) for a in row] for row in acc]
+    for i in range(len(acc[0])):
+        x = _splat(builder, builder.load(builder.gep(xq, [ir.Constant(_I64, i)]), align=4))
+        for k in range(len(acc)):
+            values[k][i] = builder.call(fma, [x, g[k], values[k][i]])
+    for row, vrow in zip(acc, values):
+        for a, v in zip(row, vrow):
+            builder.store(v, a)
 
 
 def _emit_pixels(builder, acc, x_at, g_at, sizes, x_strides, g_strides):
     """The loops n, oy, ox around `_emit_pixel`; x_at/g_at point at image 0, row 0, pixel 0,
-    sizes = (N, H, W), *_strides = (image, row) strides in floats (a pixel is 16)."""
+    sizes = (N, H, W), *_strides = (image, row, block) strides in floats (a pixel is 16)."""
     fma = _fma(builder)
     N, H, W = sizes
     with cgutils.for_range(builder, N) as n:
@@ -95,54 +106,76 @@ def _emit_pixels(builder, acc, x_at, g_at, sizes, x_strides, g_strides):
             with cgutils.for_range(builder, W) as ox:
                 step = builder.mul(ox.index, ir.Constant(_I64, BLOCK))
                 _emit_pixel(builder, fma, acc, builder.gep(xr, [step]),
-                            builder.gep(gr, [step]))
+                            builder.gep(gr, [step]), g_strides[2])
 
 
-@intrinsic
-def _weight_tile(typingctx, p, x0, ximg, xrow, gy, g0, gimg, grow, N, H, W, gw, w0, resume):
-    """gw.flat[w0 + 16ic : +16] = (its value if `resume`, else 0) + the sum over (n, oy, ox)
-    of p.flat[x0 + n·ximg + oy·xrow + 16ox + ic] · gy.flat[g0 + n·gimg + oy·grow + 16ox :
-    +16], for ic < 16. A tile summed over images 0..k-1, then resumed over k..N-1, has the
-    bits of one sum over 0..N-1 (the accumulators round-trip through memory exactly)."""
+@intrinsic(prefer_literal=True)
+def _weight_tile(typingctx, p, x0, ximg, xrow, gy, g0, gimg, grow, gstep, N, H, W, gw, w0,
+                 wstep, resume, nic, nob):
+    """For k < `nob` output-channel blocks and i < `nic` input channels (both literals):
+    gw.flat[w0 + k·wstep + 16i : +16] = (its value if `resume`, else 0) + the sum over
+    (n, oy, ox) of p.flat[x0 + n·ximg + oy·xrow + 16ox + i] · gy.flat[g0 + k·gstep +
+    n·gimg + oy·grow + 16ox : +16]. A tile summed over images 0..k-1, then resumed over
+    k..N-1, has the bits of one sum over 0..N-1 (the accumulators round-trip through memory
+    exactly)."""
+    if not (isinstance(nic, types.IntegerLiteral) and isinstance(nob, types.IntegerLiteral)):
+        return None
     i = types.intp
 
     def codegen(context, builder, sig, args):
-        (p_, x0_, ximg_, xrow_, gy_, g0_, gimg_, grow_, N_, H_, W_, gw_, w0_, resume_) = args
+        (p_, x0_, ximg_, xrow_, gy_, g0_, gimg_, grow_, gstep_, N_, H_, W_, gw_, w0_, wstep_,
+         resume_, _, _) = args
         ta = sig.args
-        acc = [cgutils.alloca_once(builder, _V16) for _ in range(BLOCK)]
+        acc = [[cgutils.alloca_once(builder, _V16) for _ in range(nic.literal_value)]
+               for _ in range(nob.literal_value)]
         x_at = _float_pointer(context, builder, ta[0], p_, x0_)
         g_at = _float_pointer(context, builder, ta[4], gy_, g0_)
-        w_at = _float_pointer(context, builder, ta[11], gw_, w0_)
-        tile = [_vector_pointer(builder, builder.gep(w_at, [ir.Constant(_I64, ic * BLOCK)]))
-                for ic in range(BLOCK)]
+        tile = [[_vector_pointer(builder, _float_pointer(context, builder, ta[12], gw_,
+                 builder.add(w0_, builder.add(builder.mul(wstep_, ir.Constant(_I64, k)),
+                                              ir.Constant(_I64, ic * BLOCK)))))
+                 for ic in range(nic.literal_value)] for k in range(nob.literal_value)]
         zero = ir.Constant(_V16, [0.0] * BLOCK)
-        for a, ptr in zip(acc, tile):
+        for a, ptr in zip(sum(acc, []), sum(tile, [])):
             builder.store(builder.select(resume_, builder.load(ptr, align=4), zero), a)
-        _emit_pixels(builder, acc, x_at, g_at, (N_, H_, W_), (ximg_, xrow_), (gimg_, grow_))
-        for a, ptr in zip(acc, tile):
+        _emit_pixels(builder, acc, x_at, g_at, (N_, H_, W_), (ximg_, xrow_),
+                     (gimg_, grow_, gstep_))
+        for a, ptr in zip(sum(acc, []), sum(tile, [])):
             builder.store(builder.load(a), ptr, align=4)
         return context.get_dummy_value()
 
-    return types.void(p, i, i, i, gy, i, i, i, i, i, i, gw, i, types.boolean), codegen
+    return (types.void(p, i, i, i, gy, i, i, i, i, i, i, i, gw, i, i, types.boolean, nic, nob),
+            codegen)
 
 
 @njit(**JIT)
-def _weight_tiles_avx512(p, gy, gw, t0, t1, images):
-    """Items t0..t1-1, item t = (ob, cb, tap) in that order (tap fastest), by `_weight_tile`,
-    `images` images at a time: every item sums one chunk of images (while it is in cache),
-    then resumes on the next."""
+def _weight_tiles_avx512(p, gy, gw, t0, t1, rows):
+    """Items t0..t1-1, item t = (pair of output-channel blocks, cb, tap, half of the input
+    channels) in that order, by `_weight_tile` (an odd OCB's last pair is one block). The
+    18 items of one (pair, cb) share their x and gy: they take turns on `rows` rows of one
+    image at a time (kept in L1), each resuming its tile where the last chunk left it."""
     N, OCB, H, W = gy.shape[0], gy.shape[1], gy.shape[2], gy.shape[3]
     CB = p.shape[1]
     xrow = p.shape[3] * BLOCK
     ximg = CB * p.shape[2] * xrow
-    gimg = OCB * H * W * BLOCK
-    for n0 in range(0, N, images):
-        for t in range(t0, t1):
-            ob, cb, tap = t // (CB * 9), t // 9 % CB, t % 9
-            x0 = n0 * ximg + (cb * p.shape[2] + tap // 3) * xrow + tap % 3 * BLOCK
-            g0 = n0 * gimg + ob * H * W * BLOCK
-            _weight_tile(p, x0, ximg, xrow, gy, g0, gimg, W * BLOCK,
-                         min(images, N - n0), H, W, gw, t * BLOCK * BLOCK, n0 > 0)
+    gimg, gstep, wstep = OCB * H * W * BLOCK, H * W * BLOCK, CB * 9 * BLOCK * BLOCK
+    for group in range(t0 // 18, (t1 + 17) // 18):
+        ob, cb = group // CB * 2, group % CB
+        for n in range(N):
+            for r0 in range(0, H, rows):
+                for t in range(max(t0, group * 18), min(t1, group * 18 + 18)):
+                    tap, half = t // 2 % 9, t % 2
+                    x0 = (n * ximg + (cb * p.shape[2] + r0 + tap // 3) * xrow
+                          + tap % 3 * BLOCK + half * 8)
+                    g0 = n * gimg + ob * gstep + r0 * W * BLOCK
+                    w0 = (((ob * CB + cb) * 9 + tap) * BLOCK + half * 8) * BLOCK
+                    resume = n > 0 or r0 > 0
+                    R = min(rows, H - r0)
+                    if ob + 1 < OCB:
+                        _weight_tile(p, x0, ximg, xrow, gy, g0, gimg, W * BLOCK, gstep,
+                                     1, R, W, gw, w0, wstep, resume, 8, 2)
+                    else:
+                        _weight_tile(p, x0, ximg, xrow, gy, g0, gimg, W * BLOCK, gstep,
+                                     1, R, W, gw, w0, wstep, resume, 8, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,10 +183,10 @@ def _weight_tiles_avx512(p, gy, gw, t0, t1, images):
 # ----------------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _weight_tiles_loops(p, gy, gw, t0, t1, images):
+def _weight_tiles_loops(p, gy, gw, t0, t1, rows):
     """`_weight_tiles_avx512`, one multiply-add at a time in the same order (multiply then
-    add, so rounded twice where the FMA rounds once). `images` only keeps the signature:
-    chunking the images changes no sum's order."""
+    add, so rounded twice where the FMA rounds once). `rows` only keeps the signature:
+    chunking the rows changes no sum's order."""
     N, H, W = gy.shape[0], gy.shape[2], gy.shape[3]
     CB = p.shape[1]
     acc = np.empty((BLOCK, BLOCK), p.dtype)
@@ -228,9 +261,11 @@ def weight_grad_from_padded(p, gyb, C=None, OC=None, vector=None):
     p = np.ascontiguousarray(p)
     gy = np.ascontiguousarray(gyb, dtype=dtype)
     gw = np.empty((OCB, CB, 3, 3, BLOCK, BLOCK), dtype)
-    # images per chunk: one input block and one gy block of them in GW_CHUNK_BYTES
-    images = max(1, GW_CHUNK_BYTES // (((H + 2) * (W + 2) + H * W) * BLOCK * p.itemsize))
-    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, images), OCB * CB * 9)
+    # rows per chunk: R+2 rows of x's block and R rows of two gy blocks in GW_CHUNK_BYTES
+    row = (W + 2 + 2 * W) * BLOCK * p.itemsize
+    rows = max(1, GW_CHUNK_BYTES // row - 2)
+    items = (OCB + 1) // 2 * CB * 18 if vector else OCB * CB * 9
+    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows), items)
     gb = np.empty(OCB * BLOCK, np.float64)
     _bias_grad(gy, gb)
     gb = gb[:OC].astype(dtype)

@@ -158,6 +158,7 @@ def conv2d_forward(dev: "Primitives", x, W, b, stride, padding):
     b = xp.zeros(OC, dtype=x.dtype) if b is None else xp.ascontiguousarray(b, dtype=x.dtype)
     y = xp.empty((N, OC, OH, OW), dtype=x.dtype)
     chunks = _plan(dev, x, W, OH, OW)
+    Wmat = dev.pack_weights(Wmat)  # once per call, not per chunk
 
     def job(t0, t1):
         for n0, n1, oy0, oy1 in chunks[t0:t1]:
@@ -198,6 +199,7 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
     x, gy = xp.ascontiguousarray(x), xp.ascontiguousarray(gy)
     Wmat = xp.ascontiguousarray(W).reshape(OC, -1)
     CKK = Wmat.shape[1]
+    WmatT = dev.pack_weights(Wmat.T) if need_gx else None  # once per call, not per chunk
     # NOTE: zeros, not empty: a band's col2im adds into the halo rows it shares with the
     # neighbouring band.
     gx = xp.zeros_like(x) if need_gx else None
@@ -222,7 +224,7 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
                 gW += part
             if need_gx:
                 gcols = cols  # cols is spent: its buffer takes W^T @ gy (and is scratch)
-                dev.matmul(Wmat.T, gycols, gcols)
+                dev.matmul(WmatT, gycols, gcols)
                 dev.col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
         return gW
 
@@ -296,6 +298,12 @@ class Primitives:
 
     def matmul(self, A, B, out):
         """out = A @ B for 2-D A, B (either may be a transposed view): the im2col GEMMs."""
+        raise NotImplementedError
+
+    def pack_weights(self, A):
+        """A (I, J) or a stack (T, I, J), made ready to be the left operand of `matmul` or
+        `point_gemms` in every chunk of a layer call (the CPU packs bf16 tiles once here; A
+        itself in fp32 and on the GPU)."""
         raise NotImplementedError
 
     # --- Winograd F(m×m, 3×3) (kernels/winograd.py); each device holds the matrices -----

@@ -157,8 +157,12 @@ def array_module(a):
 
 def kernels_for(a):
     """The kernel table (module) for the device that holds `a`."""
-    found = _backend_of(a)
-    return (found or _BY_NAME["cpu"]).kernels()
+    found = _backend_of(a) or _BY_NAME["cpu"]
+    if _precision != "fp32" and found.name != "cpu":
+        raise RuntimeError(f"precision {_precision!r} runs on the CPU only (AMX tiles); the GPU "
+                           f"keeps fp32 (or TF32, set_tf32): call set_precision('fp32') "
+                           f"before using {found.name!r} arrays")
+    return found.kernels()
 
 
 def to_numpy(a):
@@ -227,6 +231,38 @@ def conv_algorithm_for(x, W, stride, padding):
         N, C, H, Wd = x.shape
         return winograd.auto_algorithm(device_of(x), N, C, H, Wd)
     return _conv_algorithm
+
+
+# ----------------------------------------------------------------------------------------
+# Precision of the CPU's GEMMs: fp32, or bf16 operands with fp32 sums on AMX tiles
+# ----------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16")
+
+_precision = "fp32"
+
+
+def set_precision(name):
+    """Run the CPU's conv and fc GEMMs in `name`, one of `PRECISIONS`, from now on.
+
+    "bf16": every GEMM (im2col's three, Winograd's per-point products, the fc layers) takes
+    bf16-rounded operands and sums in fp32 on the AMX tiles (kernels/cpu/matmul.py);
+    direct convolution multiplies bf16-rounded operands. Everything else stays fp32.
+    Without AMX the same rounded operands go through the fp32 GEMMs, with one warning that
+    names the missing CPU feature. CPU only: ops on CUDA arrays raise while "bf16" is set
+    (the GPU keeps fp32, or TF32 with `set_tf32`). "fp32" gives the same bits as never
+    having switched.
+    """
+    global _precision
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+    importlib.import_module("minivgg.kernels.cpu.matmul").set_precision(name)
+    _precision = name
+
+
+def get_precision():
+    """"fp32" or "bf16", as `set_precision` left it."""
+    return _precision
 
 
 # ----------------------------------------------------------------------------------------

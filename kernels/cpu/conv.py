@@ -5,8 +5,8 @@ The drivers, `conv2d_forward` and `conv2d_backward`, are written once in `kernel
 (im2col), `kernels/winograd.py` and `kernels/direct.py` for both devices; `CpuPrimitives` at
 the end of this file hands them the CPU's kernels: the loops here, the Winograd transforms of
 `winograd.py` and the direct kernels of `direct.py`. The loops that move data are Numba
-kernels compiled once and cached on disk; the GEMMs are NumPy's BLAS, one per chunk, each on
-one thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy
+kernels compiled once and cached on disk; the GEMMs (`matmul.py`: NumPy's BLAS in fp32, the
+AMX tiles in bf16) are one per chunk, each on one thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy
 version of im2col that these are tested against is `kernels/reference.py`.
 """
 
@@ -15,6 +15,7 @@ from numba import njit
 
 from minivgg.kernels import common
 from minivgg.kernels.cpu import direct as cpu_direct
+from minivgg.kernels.cpu import matmul as cpu_matmul
 from minivgg.kernels.cpu import runtime
 from minivgg.kernels.cpu import winograd as cpu_winograd
 from minivgg.kernels.cpu.runtime import JIT, num_threads
@@ -292,9 +293,22 @@ class CpuPrimitives(common.Primitives):
         return num_threads()
 
     @staticmethod
-    def matmul(A, B, out):
-        """out = A @ B by NumPy's BLAS (single-threaded inside the pool's threads)."""
-        np.matmul(A, B, out=out)
+    def direct_conv(x, W, b, y):
+        """`cpu/direct.py`'s kernel, on bf16-rounded x and W under bf16 (no GEMM to
+        hand them to: the rounding is the whole of bf16 here)."""
+        round_operand = cpu_matmul.round_operand
+        cpu_direct.direct_conv(round_operand(x), round_operand(W), b, y)
+
+    @staticmethod
+    def direct_weight_grad(x, gy, gW):
+        """`cpu/direct.py`'s kernel, on bf16-rounded x and gy under bf16."""
+        round_operand = cpu_matmul.round_operand
+        cpu_direct.direct_weight_grad(round_operand(x), round_operand(gy), gW)
+
+    # the GEMMs, in the precision `backend.set_precision` chose (cpu/matmul.py)
+    matmul = staticmethod(cpu_matmul.matmul)
+    point_gemms = staticmethod(cpu_matmul.point_gemms)
+    pack_weights = staticmethod(cpu_matmul.pack_weights)
 
     map_ranges = staticmethod(runtime.map_ranges)
     workspace = staticmethod(runtime.workspace)
@@ -303,14 +317,11 @@ class CpuPrimitives(common.Primitives):
     cols_to_nchw = staticmethod(cols_to_nchw)
     nchw_to_cols = staticmethod(nchw_to_cols)
     add_bias = staticmethod(add_bias)
-    point_gemms = staticmethod(cpu_winograd.point_gemms)
     input_transform = staticmethod(cpu_winograd.input_transform)
     grad_output_transform = staticmethod(cpu_winograd.grad_output_transform)
     output_transform = staticmethod(cpu_winograd.output_transform)
     filter_transform = staticmethod(cpu_winograd.filter_transform)
     filter_grad_transform = staticmethod(cpu_winograd.filter_grad_transform)
-    direct_conv = staticmethod(cpu_direct.direct_conv)
-    direct_weight_grad = staticmethod(cpu_direct.direct_weight_grad)
 
 
 PRIMITIVES = CpuPrimitives()

@@ -6,12 +6,13 @@ reads it: the im2col drivers' `matmul` (forward and both backward products), Win
 `point_gemms`, the fc layers' `fc_matmul`. Under "fp32" each is the NumPy call it always
 was, so switching back gives the same bits as never having switched.
 
-Under "bf16" the operands are rounded to bf16 (round to nearest even) and the products summed
+Under "bf16" the float32 operands are rounded to bf16 (round to nearest even) and the products summed
 in fp32; the output stays fp32, and so does everything around the GEMMs (activations between
 layers, master weights, SGD, loss, soft-max, LRN, pooling, reductions). The left operand a
 driver multiplies by in every chunk (the conv weights, Winograd's transformed filters) is
 packed once per layer call by `pack_weights`, not once per chunk. Without AMX the same rounded
 operands go through NumPy's fp32 matmul (`amx.gemm_bf16`'s fallback, which warns once).
+float64 arrays (gradient checks, the accuracy references) are multiplied in float64 always.
 NOTE: the fc layers run on the calling thread with all the pool's threads (`parallel=True`);
 the conv GEMMs run inside a pool job, on that thread alone (`parallel=False`).
 """
@@ -35,6 +36,11 @@ def set_precision(name):
     PRECISION = name
 
 
+def _bf16(a):
+    """Whether a product with float32 `a` (an operand or the output) runs in bf16."""
+    return PRECISION == "bf16" and a.dtype == np.float32
+
+
 def fc_matmul(a, b):
     """a @ b for 2-D arrays (either may be a transposed view) -> a new float32 array.
 
@@ -42,7 +48,7 @@ def fc_matmul(a, b):
     (`runtime.py`), these run on the calling thread: NumPy's BLAS with its own threads in
     fp32, the pool's threads in bf16.
     """
-    if PRECISION == "bf16":
+    if _bf16(a) and _bf16(b):
         return amx.gemm_bf16(a, b)
     return np.matmul(a, b)
 
@@ -51,7 +57,7 @@ def pack_weights(A):
     """A (I, J), or a stack (T, I, J), made ready to be the left operand of `matmul` /
     `point_gemms` in every chunk of one layer call: A itself in fp32; in bf16 its `pack_a`
     tiles (one per matrix of a stack), or without AMX A rounded to bf16 once."""
-    if PRECISION != "bf16":
+    if not _bf16(A):
         return A
     if not amx_available()[0]:
         return round_to_bf16(A)
@@ -63,7 +69,7 @@ def pack_weights(A):
 def matmul(A, B, out):
     """out = A @ B for 2-D A (or `pack_weights(A)`), B (either may be a transposed view):
     the im2col GEMMs, run on the calling thread (a pool job)."""
-    if PRECISION == "bf16":
+    if _bf16(out):
         amx.gemm_bf16(A, B, out=out, parallel=False)
     else:
         np.matmul(A, B, out=out)
@@ -72,7 +78,7 @@ def matmul(A, B, out):
 def point_gemms(A, B, out):
     """out[t] = A[t] @ B[t] for every Winograd transform point t: A (α², I, J) (or
     `pack_weights(A)`), B (α², J, K), possibly with its last two axes swapped."""
-    if PRECISION != "bf16":
+    if not _bf16(out):
         point_gemms_fp32(A, B, out)
         return
     for t in range(out.shape[0]):
@@ -82,4 +88,4 @@ def point_gemms(A, B, out):
 def round_operand(x):
     """x rounded to bf16 (as float32) under "bf16", else x itself: the operands of the
     kernels that multiply without a GEMM (direct convolution)."""
-    return round_to_bf16(x) if PRECISION == "bf16" else x
+    return round_to_bf16(x) if _bf16(x) else x

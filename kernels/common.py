@@ -197,8 +197,7 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
     (SH, SW), (PH, PW) = stride, padding
     OH, OW = gy.shape[2], gy.shape[3]
     x, gy = xp.ascontiguousarray(x), xp.ascontiguousarray(gy)
-    Wmat = xp.ascontiguousarray(W).reshape(OC, -1)
-    CKK = Wmat.shape[1]
+    Wmat, CKK = xp.ascontiguousarray(W).reshape(OC, -1), C * KH * KW
     WmatT = dev.pack_weights(Wmat.T) if need_gx else None  # once per call, not per chunk
     # NOTE: zeros, not empty: a band's col2im adds into the halo rows it shares with the
     # neighbouring band.

@@ -285,3 +285,31 @@ def test_bf16_on_a_real_gpu_raises(rng):
     backend.set_precision("bf16")
     with pytest.raises(RuntimeError, match="CPU only"):
         F.conv2d(x, W, None, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Training: checkpoints stay fp32 and record the precision; a resume keeps it
+# ----------------------------------------------------------------------------------------
+
+def test_a_bf16_run_records_its_precision_and_a_resume_keeps_it(tmp_path):
+    from minivgg import checkpoint
+    from test_train import run_fit
+    first = tmp_path / "bf16"
+    _, lines = run_fit(first, precision="bf16")
+    assert any("bf16 GEMMs" in line for line in lines)
+    state, _, meta = checkpoint.load(first / "last.npz")
+    assert meta["precision"] == "bf16" and meta["config"]["precision"] == "bf16"
+    assert all(a.dtype == np.float32 for a in state.values())
+    backend.set_precision("fp32")
+    kept, given = tmp_path / "kept", tmp_path / "given"
+    run_fit(kept, epochs=2, resume=str(first / "last.npz"))
+    assert checkpoint.load(kept / "last.npz")[2]["precision"] == "bf16"
+    run_fit(given, epochs=2, precision="fp32", resume=str(first / "last.npz"))
+    assert checkpoint.load(given / "last.npz")[2]["precision"] == "fp32"
+
+
+def test_a_bad_precision_flag_is_a_training_error(tmp_path):
+    from minivgg.train import TrainingError
+    from test_train import run_fit
+    with pytest.raises(TrainingError, match="--precision must be one of fp32, bf16"):
+        run_fit(tmp_path, precision="fp16")

@@ -164,7 +164,7 @@ def conv2d_forward(dev: "Primitives", x, W, b, stride, padding):
         for n0, n1, oy0, oy1 in chunks[t0:t1]:
             P = (n1 - n0) * (oy1 - oy0) * OW
             cols = dev.workspace("cols", (Wmat.shape[1], P), x.dtype)
-            dev.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+            cols = dev.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, False)
             if n1 - n0 == 1:
                 ycols = y[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
                 dev.matmul(Wmat, cols, ycols)
@@ -214,12 +214,12 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
                 gycols = dev.workspace("ycols", (OC, P), x.dtype)
                 dev.nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
             cols = dev.workspace("cols", (CKK, P), x.dtype)
-            dev.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+            colsT = dev.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, True)
             if k == 0:
-                dev.matmul(gycols, cols.T, gW)
+                dev.matmul(gycols, colsT, gW)
             else:
                 part = dev.workspace("gW", (OC, CKK), x.dtype)
-                dev.matmul(gycols, cols.T, part)
+                dev.matmul(gycols, colsT, part)
                 gW += part
             if need_gx:
                 gcols = cols  # cols is spent: its buffer takes W^T @ gy (and is scratch)
@@ -297,6 +297,11 @@ class Primitives:
 
     def matmul(self, A, B, out):
         """out = A @ B for 2-D A, B (either may be a transposed view): the im2col GEMMs."""
+        raise NotImplementedError
+
+    def im2col_operand(self, x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, transposed):
+        """The chunk's im2col matrix as the GEMM operand `matmul` takes (its transpose with
+        `transposed`): cols filled by `im2col_chunk`, or (the CPU in bf16) packed tiles."""
         raise NotImplementedError
 
     def pack_weights(self, A):

@@ -313,3 +313,24 @@ def test_a_bad_precision_flag_is_a_training_error(tmp_path):
     from test_train import run_fit
     with pytest.raises(TrainingError, match="--precision must be one of fp32, bf16"):
         run_fit(tmp_path, precision="fp16")
+
+
+# ----------------------------------------------------------------------------------------
+# im2col straight into bf16 tiles (kernels/cpu/im2col_bf16.py)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, k, p", [((3, 5, 7, 6), 3, 1), ((1, 7, 13, 11), 3, 1),
+                                         ((2, 4, 5, 5), 1, 0), ((2, 40, 4, 3), 3, 1)])
+def test_im2col_operand_equals_packing_the_float32_cols(shape, k, p, rng):
+    """Written from x, the tiles equal `amx.pack_b` of `im2col_chunk`'s cols (and of cols^T)
+    for whole batches, single images and bands of rows (edge tiles in every direction)."""
+    from minivgg.kernels.cpu import amx, conv, im2col_bf16
+    N, C, H, W = shape
+    x = rng.normal(size=shape).astype(np.float32)
+    for n0, n1, oy0, oy1 in [(0, N, 0, H), (0, 1, 1, H - 1), (N - 1, N, 0, H)]:
+        cols = np.empty((C * k * k, (n1 - n0) * (oy1 - oy0) * W), np.float32)
+        conv.im2col_chunk(x, n0, n1, oy0, oy1, k, k, 1, 1, p, p, cols)
+        for transposed, want in ((False, amx.pack_b(cols)), (True, amx.pack_b(cols.T))):
+            got = im2col_bf16.im2col_operand(x, n0, n1, oy0, oy1, k, k, p, p, transposed)
+            assert got.shape == want.shape
+            assert np.array_equal(got.tiles, want.tiles), (n0, n1, oy0, oy1, transposed)

@@ -15,6 +15,7 @@ from numba import njit
 
 from minivgg.kernels import common
 from minivgg.kernels.cpu import direct as cpu_direct
+from minivgg.kernels.cpu import im2col_bf16
 from minivgg.kernels.cpu import matmul as cpu_matmul
 from minivgg.kernels.cpu import runtime
 from minivgg.kernels.cpu import winograd as cpu_winograd
@@ -304,6 +305,15 @@ class CpuPrimitives(common.Primitives):
         """`cpu/direct.py`'s kernel, on bf16-rounded x and gy under bf16."""
         round_operand = cpu_matmul.round_operand
         cpu_direct.direct_weight_grad(round_operand(x), round_operand(gy), gW)
+
+    @staticmethod
+    def im2col_operand(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, transposed):
+        """cols filled by `im2col_chunk` (cols.T with `transposed`); under bf16 on AMX, for
+        "same" convolutions, bf16 tiles packed straight from x (`cpu/im2col_bf16.py`)."""
+        if cpu_matmul.packs_bf16(x) and flat_copy_applies(SH, SW, PW, KW, x.shape[3]):
+            return im2col_bf16.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, PH, PW, transposed)
+        im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+        return cols.T if transposed else cols
 
     # the GEMMs, in the precision `backend.set_precision` chose (cpu/matmul.py)
     matmul = staticmethod(cpu_matmul.matmul)

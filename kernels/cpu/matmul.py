@@ -41,6 +41,11 @@ def _bf16(a):
     return PRECISION == "bf16" and a.dtype == np.float32
 
 
+def packs_bf16(a):
+    """Whether a GEMM operand made from float32 `a` is packed for AMX (bf16 and AMX here)."""
+    return _bf16(a) and amx_available()[0]
+
+
 def fc_matmul(a, b):
     """a @ b for 2-D arrays (either may be a transposed view) -> a new float32 array.
 
@@ -59,7 +64,7 @@ def pack_weights(A):
     tiles (one per matrix of a stack), or without AMX A rounded to bf16 once."""
     if not _bf16(A):
         return A
-    if not amx_available()[0]:
+    if not packs_bf16(A):
         return round_to_bf16(A)
     if A.ndim == 3:
         return [amx.pack_a(a) for a in A]

@@ -147,7 +147,8 @@ OUT_HEADER = """# bf16 mixed precision: accuracy against float64
 
 Produced by `benchmarks/bf16_accuracy.py` (its docstring says what is measured; accuracy
 does not depend on machine load). The conclusions drawn from it (the tolerances of
-tests/test_bf16.py, `auto` avoiding F(4×4,3×3) under bf16) are in README.md, "bf16 on AMX".
+tests/test_bf16.py; `auto` running im2col where it would run Winograd under bf16) are in
+README.md, "bf16 on AMX".
 """
 
 

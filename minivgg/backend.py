@@ -230,9 +230,11 @@ def conv_algorithm_for(x, W, stride, padding):
     if _conv_algorithm == "auto":
         N, C, H, Wd = x.shape
         picked = winograd.auto_algorithm(device_of(x), N, C, H, Wd)
-        # NOTE: F(4×4,3×3) with bf16 operands errs 20× more than im2col (0.3 of the
-        # output's RMS, benchmarks/bf16_accuracy.md); F(2×2,3×3) stays within 2×.
-        return "winograd" if picked == "winograd4" and _precision == "bf16" else picked
+        # NOTE: under bf16, im2col where the rule picks Winograd: F(4×4,3×3) with bf16
+        # operands errs 20× more than im2col (benchmarks/bf16_accuracy.md), F(2×2,3×3) 1.5×,
+        # and im2col's AMX GEMMs ran faster than either on every such VGG-16 layer
+        # (README.md, "bf16 on AMX").
+        return "im2col" if _precision == "bf16" and picked.startswith("winograd") else picked
     return _conv_algorithm
 
 

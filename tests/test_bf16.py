@@ -172,12 +172,15 @@ def test_linear_bf16_matches_torch_float64_and_the_rounded_product(n, fin, fout,
     assert_close_bf16(y, x64 @ W64.T + b, "bf16_operands")
 
 
-def test_auto_avoids_winograd4_under_bf16():
-    x, W = np.empty((4, 64, 56, 56), np.float32), np.empty((64, 64, 3, 3), np.float32)
+@pytest.mark.parametrize("shape, fp32, bf16", [((4, 64, 56, 56), "winograd4", "im2col"),
+                                               ((1, 64, 24, 24), "winograd", "im2col"),
+                                               ((4, 3, 56, 56), "direct", "direct")])
+def test_auto_runs_im2col_instead_of_winograd_under_bf16(shape, fp32, bf16):
+    x, W = np.empty(shape, np.float32), np.empty((64, shape[1], 3, 3), np.float32)
     backend.set_conv_algorithm("auto")
-    assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) == "winograd4"
+    assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) == fp32
     backend.set_precision("bf16")
-    assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) == "winograd"
+    assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) == bf16
 
 
 def test_a_bf16_training_step_repeats_bit_for_bit(rng):

@@ -21,6 +21,7 @@ import pytest
 
 from minivgg import Tensor, backend
 from minivgg import functional as F
+from minivgg.kernels.cpu.amx_isa import amx_available
 from minivgg.kernels.cpu.bf16 import round_to_bf16
 from conftest import REPO, TOLERANCES, tensor, to_numpy
 from test_ops import naive_conv2d
@@ -214,7 +215,8 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     import numpy as np
     from minivgg import Tensor, backend, functional as F
     from minivgg.kernels.cpu import amx_isa
-    from minivgg.kernels.cpu.bf16 import round_to_bf16
+    from minivgg.kernels.cpu.amx_isa import amx_available
+from minivgg.kernels.cpu.bf16 import round_to_bf16
     if {patch_flags}:  # a CPU with AMX tiles but without their bf16 multiply
         amx_isa._cpu_flags = lambda: {{"avx512f", "amx_tile"}}
     rng = np.random.default_rng(0)
@@ -337,3 +339,17 @@ def test_im2col_operand_equals_packing_the_float32_cols(shape, k, p, rng):
             got = im2col_bf16.im2col_operand(x, n0, n1, oy0, oy1, k, k, p, p, transposed)
             assert got.shape == want.shape
             assert np.array_equal(got.tiles, want.tiles), (n0, n1, oy0, oy1, transposed)
+
+
+@pytest.mark.skipif(not amx_available()[0], reason="the fallback's BLAS may sum otherwise")
+def test_fc_matmul_in_column_blocks_gives_the_same_bits(rng, monkeypatch):
+    """fc6-sized weights are packed a block of columns at a time; the blocks do not change
+    a single output bit (each output is one fixed-order sum over K)."""
+    from minivgg.kernels.cpu import matmul
+    a = rng.normal(size=(3, 300)).astype(np.float32)
+    W = rng.normal(size=(200, 300)).astype(np.float32)
+    backend.set_precision("bf16")
+    whole = matmul.fc_matmul(a, W.T)
+    monkeypatch.setattr(matmul, "FC_PACK_BYTES", 300 * 2 * 64)  # blocks of 64 columns
+    assert np.array_equal(matmul.fc_matmul(a, W.T), whole)
+    assert np.array_equal(matmul.fc_matmul(a.T.copy().T, W.T), whole)

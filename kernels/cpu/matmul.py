@@ -46,16 +46,31 @@ def packs_bf16(a):
     return _bf16(a) and amx_available()[0]
 
 
+# bf16 tiles of the fc layers' right operand packed at once: fc6's weights (25088 x 4096)
+# packed whole would be a 205 MB transient on top of the step's peak; in column blocks of
+# at most this many bytes they are 32 MB.
+FC_PACK_BYTES = 32 * 2**20
+
+
 def fc_matmul(a, b):
     """a @ b for 2-D arrays (either may be a transposed view) -> a new float32 array.
 
     NOTE: unlike the conv GEMMs, which run single-threaded inside the pool's threads
     (`runtime.py`), these run on the calling thread: NumPy's BLAS with its own threads in
-    fp32, the pool's threads in bf16.
+    fp32, the pool's threads in bf16. In bf16, b is packed a block of columns at a time
+    (FC_PACK_BYTES); every output is still one sum over all of K in the kernel's fixed
+    order, so the blocks do not change the bits.
     """
-    if _bf16(a) and _bf16(b):
+    if not (_bf16(a) and _bf16(b)):
+        return np.matmul(a, b)
+    (M, K), N = a.shape, b.shape[1]
+    step = max(32, FC_PACK_BYTES // (2 * K) // 32 * 32)
+    if step >= N:
         return amx.gemm_bf16(a, b)
-    return np.matmul(a, b)
+    out = np.empty((M, N), np.float32)
+    for j0 in range(0, N, step):
+        out[:, j0:j0 + step] = amx.gemm_bf16(a, b[:, j0:j0 + step])
+    return out
 
 
 def pack_weights(A):

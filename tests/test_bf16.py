@@ -215,8 +215,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     import numpy as np
     from minivgg import Tensor, backend, functional as F
     from minivgg.kernels.cpu import amx_isa
-    from minivgg.kernels.cpu.amx_isa import amx_available
-from minivgg.kernels.cpu.bf16 import round_to_bf16
+    from minivgg.kernels.cpu.bf16 import round_to_bf16
     if {patch_flags}:  # a CPU with AMX tiles but without their bf16 multiply
         amx_isa._cpu_flags = lambda: {{"avx512f", "amx_tile"}}
     rng = np.random.default_rng(0)

@@ -352,3 +352,15 @@ def test_fc_matmul_in_column_blocks_gives_the_same_bits(rng, monkeypatch):
     monkeypatch.setattr(matmul, "FC_PACK_BYTES", 300 * 2 * 64)  # blocks of 64 columns
     assert np.array_equal(matmul.fc_matmul(a, W.T), whole)
     assert np.array_equal(matmul.fc_matmul(a.T.copy().T, W.T), whole)
+
+
+def test_the_scripts_take_precision_and_default_to_fp32_or_the_stored_one():
+    from conftest import load_example
+    evaluate, train = load_example("evaluate_imagenet"), load_example("train_imagenet")
+    assert evaluate.parse_args(["c.npz", "--data", "d"]).precision == "fp32"
+    assert evaluate.parse_args(["c.npz", "--data", "d", "--precision", "bf16"]).precision \
+        == "bf16"
+    assert train.parse_args([]).precision is None  # fp32, or on resume the stored one
+    assert train.parse_args(["--precision", "bf16"]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--precision", "fp16"])

@@ -10,8 +10,10 @@ plans for `--batch` images and the CPU's 16 MB im2col budget), on one thread:
 - AMX GEMM: the same product on AMX tiles, both operands packed;
 - bf16 colsᵀ→tiles and AMX gW GEMM: the weight gradient's operand and product.
 
-Times are the minimum of `--repeats` interleaved calls (the minimum, not the median: on a
-shared machine it is the figure least disturbed by other processes). Needs AMX.
+Times are the thread's CPU time (`time.thread_time`: every part runs on the calling thread,
+so time the thread spent descheduled does not count), the minimum of `--repeats`
+interleaved calls: on a shared machine the figures least disturbed by other processes,
+though they still share its caches and memory bandwidth. Needs AMX.
 
     python benchmarks/bf16_parts.py
     python benchmarks/bf16_parts.py --batch 8 --repeats 20
@@ -65,9 +67,9 @@ def chunk_parts(C, OC, H, batch, repeats, rng):
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], time.thread_time() - t0)
     return P, {name: t * 1e3 for name, t in best.items()}
 
 
@@ -88,7 +90,7 @@ def main(argv=None):
     text = common.header(f"bf16 conv parts, one im2col chunk, 1 thread, batch {args.batch}",
                          1) + "\n" + common.markdown_table(
         ["layer", "CKK", "P"] + [f"{c} ms" for c in COLUMNS], rows) + (
-        f"\n\nMinimum of {args.repeats} interleaved calls. Forward per chunk: fp32 = im2col + "
+        f"\n\nThread CPU time, minimum of {args.repeats} interleaved calls. Forward per chunk: fp32 = im2col + "
         "fp32 GEMM; bf16 = cols→tiles + AMX GEMM (W packed once per layer call).")
     print(text)
 

@@ -26,7 +26,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (puts the repository root on sys.path)
+# first: winograd_accuracy imports common, which puts the repository root on sys.path
+from winograd_accuracy import VGG16_CONVS, layer_inputs, relative_error  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -34,7 +35,6 @@ from minivgg import backend  # noqa: E402
 from minivgg.kernels import cpu  # noqa: E402
 from minivgg.kernels.cpu.amx_isa import amx_available  # noqa: E402
 from minivgg.kernels.cpu.bf16 import round_to_bf16  # noqa: E402
-from winograd_accuracy import VGG16_CONVS, layer_inputs, relative_error  # noqa: E402
 
 # column title -> the CPU kernel table's conv algorithm
 ALGORITHMS = {"im2col": "im2col", "F(2x2,3x3)": "winograd", "F(4x4,3x3)": "winograd4",

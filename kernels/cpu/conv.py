@@ -19,6 +19,7 @@ from minivgg.kernels.cpu import im2col_bf16
 from minivgg.kernels.cpu import matmul as cpu_matmul
 from minivgg.kernels.cpu import runtime
 from minivgg.kernels.cpu import winograd as cpu_winograd
+from minivgg.kernels.cpu.flat_copy import flat_span, wrapped_columns
 from minivgg.kernels.cpu.runtime import JIT, num_threads
 from minivgg.kernels.shapes import conv_output_size
 
@@ -112,12 +113,6 @@ def _im2col_general_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
 # 2-5x faster than copying row by row (each short row costs a slice and its bounds).
 
 @njit(**JIT)
-def _wrapped_columns(kx, PW, W):
-    """Columns ox whose input column ox + kx - PW falls outside 0..W-1: [0, lo) and [hi, W)."""
-    return min(W, max(0, PW - kx)), max(0, min(W, W + PW - kx))
-
-
-@njit(**JIT)
 def _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols):
     """`im2col_chunk` for SH = SW = 1 and OW = W, by flat copies (see above)."""
     N, C, H, W = x.shape
@@ -126,16 +121,9 @@ def _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols):
     KK = KH * KW
     for r in range(C * KK):
         c, ky, kx = r // KK, (r % KK) // KW, r % KW
-        # output rows oy0 <= oy < oy1 whose input row oy + ky - PH lies inside 0..H-1
-        oy_lo = min(oy1, max(oy0, PH - ky))
-        oy_hi = max(oy_lo, min(oy1, H + PH - ky))
-        a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
-        shift = oy0 * W + (ky - PH) * W + (kx - PW)  # cols entry p reads xf[..., p + shift]
-        # NOTE: a wrapped entry at either end of the plane would read outside it (index -1
-        # means the last element to NumPy); clip them: they are zeroed below anyway.
-        lo = max(a, -shift)
-        hi = max(lo, min(b, H * W - shift))
-        ox_lo, ox_hi = _wrapped_columns(kx, PW, W)
+        # cols entry p reads xf[..., p + shift] for a <= p < b (clipped to [lo, hi))
+        a, b, shift, lo, hi = flat_span(oy0, oy1, ky, kx, PH, PW, H, W)
+        ox_lo, ox_hi = wrapped_columns(kx, PW, W)
         for i in range(n1 - n0):
             dst = cols[r, i * block:(i + 1) * block]
             dst[:a] = 0
@@ -167,14 +155,9 @@ def _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx):
         i, c = task // C, task % C
         for k in range(KK):
             ky, kx = k // KW, k % KW
-            oy_lo = min(oy1, max(oy0, PH - ky))
-            oy_hi = max(oy_lo, min(oy1, H + PH - ky))
-            a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
-            shift = oy0 * W + (ky - PH) * W + (kx - PW)
-            lo = max(a, -shift)
-            hi = max(lo, min(b, H * W - shift))
+            a, b, shift, lo, hi = flat_span(oy0, oy1, ky, kx, PH, PW, H, W)
             src = cols[c * KK + k, i * block:(i + 1) * block]
-            ox_lo, ox_hi = _wrapped_columns(kx, PW, W)
+            ox_lo, ox_hi = wrapped_columns(kx, PW, W)
             for q in range(a, b, W):  # scalar loops: a strided slice per column costs more
                 for ox in range(ox_lo):
                     src[q + ox] = 0

@@ -21,6 +21,7 @@ from numba import njit
 from minivgg.kernels.cpu.amx import Packed
 from minivgg.kernels.cpu.amx_isa import TILE_K, TILE_N
 from minivgg.kernels.cpu.bf16 import bf16_bits
+from minivgg.kernels.cpu.flat_copy import flat_span, wrapped_columns
 from minivgg.kernels.cpu.runtime import JIT, workspace
 
 # Column tiles per strip of `_im2col_packed_b`: 128 (2048 columns, 8 KB per row piece; the
@@ -40,14 +41,8 @@ def _row_piece(xf, n0, oy0, oy1, r, KH, KW, PH, PW, H, W, col0, col1, dst):
     KK = KH * KW
     c, ky, kx = r // KK, (r % KK) // KW, r % KW
     block = (oy1 - oy0) * W
-    oy_lo = min(oy1, max(oy0, PH - ky))
-    oy_hi = max(oy_lo, min(oy1, H + PH - ky))
-    a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
-    shift = oy0 * W + (ky - PH) * W + (kx - PW)
-    lo = max(a, -shift)
-    hi = max(lo, min(b, H * W - shift))
-    # output columns whose input column wraps into the next row (conv._wrapped_columns)
-    ox_lo, ox_hi = min(W, max(0, PW - kx)), max(0, min(W, W + PW - kx))
+    _, _, shift, lo, hi = flat_span(oy0, oy1, ky, kx, PH, PW, H, W)
+    ox_lo, ox_hi = wrapped_columns(kx, PW, W)
     col = col0
     while col < col1:
         i = col // block

@@ -13,12 +13,13 @@ it on (`--tf32 on`).
     python benchmarks/bench_layers.py --net small --append # the small recipe, batch 32
     python benchmarks/bench_layers.py --device cuda --batch 64 --tf32 off --append
     python benchmarks/bench_layers.py --only conv --algo all   # im2col, F(2,3), F(4,3),
-                                                               # direct, torch
+                                                               # direct, blocked, torch
 
 `--algo` puts minivgg's conv algorithms side by side on every conv row (`all`: im2col,
-winograd = F(2×2,3×3), winograd4 = F(4×4,3×3), direct (kernels/direct.py), and `auto`'s
-pick), timed interleaved with PyTorch in one run. Convolutions Winograd and direct cannot
-run (1×1) run im2col whatever is asked.
+winograd = F(2×2,3×3), winograd4 = F(4×4,3×3), direct (kernels/direct.py), blocked
+(kernels/cpu/blocked.py; on the GPU the CUDA twin), and `auto`'s pick when asked, as in
+`--algo all,auto`), timed interleaved with PyTorch in one run. Convolutions Winograd,
+direct and blocked cannot run (1×1) run im2col whatever is asked.
 
 GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`), i.e.
 of the direct algorithm, whichever algorithm ran: Winograd does fewer multiplications, so

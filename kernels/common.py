@@ -346,6 +346,18 @@ class Primitives:
         entry in an order fixed by the shapes."""
         raise NotImplementedError
 
+    # --- blocked direct convolution, 3×3/s1/p1, on the nChw16c layout ---------------------
+    def blocked_conv2d_forward(self, x, W, b):
+        """y (N, OC, H, W) = conv(x, W) + b, from x (N, C, H, W), W (OC, C, 3, 3) and b
+        (OC,) or None, by a direct convolution on channels blocked by 16 (the CPU's
+        `kernels/cpu/blocked.py`); NCHW in and out, whatever layout it uses inside."""
+        raise NotImplementedError
+
+    def blocked_conv2d_backward(self, x, W, gy, need_gx):
+        """(gx or None, gW, gb) of `blocked_conv2d_forward`, gy (N, OC, H, W); gx only with
+        `need_gx`; every sum in an order fixed by the shapes."""
+        raise NotImplementedError
+
     # --- the conv entry points of the kernel tables, written once -------------------------
     def im2col(self, x, KH, KW, SH, SW, PH, PW):
         """(N, C, H, W) -> cols (N, C*KH*KW, OH*OW), the whole batch at once (tests,
@@ -358,24 +370,28 @@ class Primitives:
 
     def conv2d_forward(self, x, W, b, stride, padding, algorithm="im2col"):
         """y = conv(x, W) + b -> (N, OC, OH, OW) by `algorithm`: "im2col" (the driver
-        `conv2d_forward` above), "winograd"/"winograd4" (`kernels/winograd.py`) or
-        "direct" (`kernels/direct.py`)."""
+        `conv2d_forward` above), "winograd"/"winograd4" (`kernels/winograd.py`), "direct"
+        (`kernels/direct.py`) or "blocked" (the device's `blocked_conv2d_forward`)."""
         if algorithm == "im2col":
             return conv2d_forward(self, x, W, b, stride, padding)
         _check_3x3_same(algorithm, W, stride, padding)
         if algorithm == "direct":
             return direct.conv2d_forward(self, x, W, b)
+        if algorithm == "blocked":
+            return self.blocked_conv2d_forward(x, W, b)
         return winograd.conv2d_forward(self, x, W, b, winograd.ALGORITHMS[algorithm])
 
     def conv2d_backward(self, x, W, gy, stride, padding, need_gx=True, algorithm="im2col"):
         """(gx or None, gW, gb) by the forward's `algorithm`; see the driver
         `conv2d_backward` above (its sums' fixed order), `kernels/winograd.py` and
-        `kernels/direct.py`."""
+        `kernels/direct.py`, or the device's `blocked_conv2d_backward`."""
         if algorithm == "im2col":
             return conv2d_backward(self, x, W, gy, stride, padding, need_gx)
         _check_3x3_same(algorithm, W, stride, padding)
         if algorithm == "direct":
             return direct.conv2d_backward(self, x, W, gy, need_gx)
+        if algorithm == "blocked":
+            return self.blocked_conv2d_backward(x, W, gy, need_gx)
         return winograd.conv2d_backward(self, x, W, gy, need_gx,
                                         winograd.ALGORITHMS[algorithm])
 

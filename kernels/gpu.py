@@ -9,10 +9,10 @@ see `kernels/common.py`.
 Three kinds of work:
 
 * memory moves, transforms and elementwise math (im2col, col2im, Winograd's transforms,
-  direct convolution, pooling, ReLU, LRN, dropout, softmax cross-entropy, SGD) are
-  hand-written CUDA C in `kernels/cuda/*.cu`. Each kernel carries the name of the function
-  here that launches it and the parameter names of the CPU twin, and a header comment
-  saying how a thread index maps to (n, c, y, x);
+  direct and register-blocked direct convolution, pooling, ReLU, LRN, dropout, softmax
+  cross-entropy, SGD) are hand-written CUDA C in `kernels/cuda/*.cu`. Each kernel carries
+  the name of the function here that launches it and the parameter names of the CPU twin,
+  and a header comment saying how a thread index maps to (n, c, y, x);
 * GEMMs go to cuBLAS (`gemm` below) through CuPy's public binding `cupy.cuda.cublas`, one
   per chunk of the batch, with the compute type chosen per call: TF32 only for float32
   im2col GEMMs after `minivgg.backend.set_tf32(True)`, never for Winograd's;
@@ -30,7 +30,7 @@ import cupy as cp
 import numpy as np
 
 from minivgg import backend  # loaded first: only `backend.kernels_for` imports this module
-from minivgg.kernels import common
+from minivgg.kernels import common, direct
 from minivgg.kernels.shapes import conv_output_size, pool_output_size
 
 # Bytes of im2col matrix built at once. Larger than on the CPU (no cache to stay near): a
@@ -51,10 +51,17 @@ KERNELS = {
     "winograd.cu": ("tile_transform", "output_transform", "filter_transform",
                     "filter_grad_transform"),
     "direct.cu": ("direct_conv", "direct_weight_grad"),
+    "blocked.cu": ("blocked_conv", "blocked_weight_grad", "blocked_weight_grad_sum"),
 }
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65536  # kernels loop over the rest (grid-stride loops, see common.cuh)
+# blocked.cu's block shape: BLOCKED_THREADS threads, one per register block of a forward
+# tile of TILE_H × TILE_W pixels × TILE_OC channels; GRAD_TILE² channel pairs a gW block.
+BLOCKED_THREADS, BLOCKED_TILE, GRAD_TILE = 256, (8, 32, 16), 16
+# Blocks the blocked weight gradient aims for: its (image, row) axis is cut into this many
+# ranges, over the blocks of 16 × 16 channels, whose sums are then added in order.
+BLOCKED_GRAD_BLOCKS = 512
 
 _modules = {}  # source file -> cupy.RawModule, compiled once per process
 _functions = {}  # "im2col_chunk<float>" -> cupy.RawKernel
@@ -86,9 +93,10 @@ def _kernel(name, dtype):
     return _functions[expression]
 
 
-def _launch(name, dtype, count, *args, blocks=None):
+def _launch(name, dtype, count, *args, blocks=None, threads=None):
     """Run kernel `name<dtype>` with one thread per element of `count` (capped grid), or,
-    given `blocks`, that many blocks of THREADS_PER_BLOCK threads (capped too).
+    given `blocks`, that many blocks of THREADS_PER_BLOCK (or `threads`) threads (capped
+    too).
 
     Arguments are passed as the kernel declares them: CuPy arrays as pointers, Python ints
     as `int`, Python floats as `T`; NumPy scalars (np.int64 for `long long`, np.float32,
@@ -100,9 +108,10 @@ def _launch(name, dtype, count, *args, blocks=None):
         return
     typed = [np.int32(a) if isinstance(a, int) else
              np.dtype(dtype).type(a) if isinstance(a, float) else a for a in args]
+    threads = threads or THREADS_PER_BLOCK
     if blocks is None:
-        blocks = (count + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-    _kernel(name, dtype)((min(blocks, MAX_BLOCKS),), (THREADS_PER_BLOCK,), tuple(typed))
+        blocks = (count + threads - 1) // threads
+    _kernel(name, dtype)((min(blocks, MAX_BLOCKS),), (threads,), tuple(typed))
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,6 +335,61 @@ class CudaPrimitives(common.Primitives):
         _launch("direct_weight_grad", gW.dtype, gW.size,
                 cp.ascontiguousarray(x, dtype=gW.dtype), cp.ascontiguousarray(gy, dtype=gW.dtype),
                 gW, N, C, H, Wd, gy.shape[1], blocks=gW.size)
+
+    # --- register-blocked direct convolution, 3×3/s1/p1 (blocked.cu) ----------------------
+    def blocked_conv2d_forward(self, x, W, b):
+        """y = conv(x, W) + b -> (N, OC, H, W): each thread a register block of 4 pixels ×
+        4 output channels, the input tile and filter block staged in shared memory."""
+        x = cp.ascontiguousarray(x)
+        N, C, H, Wd = x.shape
+        OC = W.shape[0]
+        b = cp.zeros(OC, x.dtype) if b is None else cp.ascontiguousarray(b, dtype=x.dtype)
+        y = cp.empty((N, OC, H, Wd), dtype=x.dtype)
+        self.blocked_conv(x, cp.ascontiguousarray(W, dtype=x.dtype), b, y)
+        return y
+
+    def blocked_conv2d_backward(self, x, W, gy, need_gx):
+        """(gx or None, gW, gb): gx by the forward kernel on the rotated filters, gW by
+        16 × 16-channel blocks over fixed row ranges added in order (bit for bit repeatable)."""
+        x = cp.ascontiguousarray(x)
+        gy = cp.ascontiguousarray(gy, dtype=x.dtype)
+        (N, C, H, _), OC = x.shape, gy.shape[1]
+        gx = None
+        if need_gx:
+            gx = cp.empty(x.shape, dtype=x.dtype)
+            self.blocked_conv(gy, direct.rotated_filters(cp, W.astype(x.dtype, copy=False)),
+                              cp.zeros(C, x.dtype), gx)
+        gW = cp.empty((OC, C, 3, 3), dtype=x.dtype)
+        channel_blocks = -(-OC // GRAD_TILE) * -(-C // GRAD_TILE)
+        splits = max(1, min(N * H, BLOCKED_GRAD_BLOCKS // channel_blocks))
+        partial = gW[None] if splits == 1 else self.workspace(
+            "blocked_partial", (splits, OC, C, 3, 3), x.dtype)
+        self.blocked_weight_grad(x, gy, partial)
+        if splits > 1:
+            self.blocked_weight_grad_sum(partial, gW)
+        return gx, gW, gy.sum(axis=(0, 2, 3))
+
+    def blocked_conv(self, x, W, b, y):
+        """y (N, OC, H, W) = conv(x, W) + b, one BLOCKED_TILE of y a block."""
+        N, C, H, Wd = x.shape
+        OC = y.shape[1]
+        TH, TW, TOC = BLOCKED_TILE
+        tiles = N * -(-H // TH) * -(-Wd // TW) * -(-OC // TOC)
+        _launch("blocked_conv", x.dtype, tiles, x, W, b, y, N, C, H, Wd, OC, blocks=tiles,
+                threads=BLOCKED_THREADS)
+
+    def blocked_weight_grad(self, x, gy, partial):
+        """partial (S, OC, C, 3, 3): gW summed over each of S ranges of the (image, row) axis."""
+        N, C, H, Wd = x.shape
+        splits, OC = partial.shape[:2]
+        jobs = splits * -(-OC // GRAD_TILE) * -(-C // GRAD_TILE)
+        _launch("blocked_weight_grad", x.dtype, jobs, x, gy, partial, N, C, H, Wd, OC, splits,
+                blocks=jobs, threads=BLOCKED_THREADS)
+
+    def blocked_weight_grad_sum(self, partial, gW):
+        """gW = partial.sum(axis=0), the ranges added in order."""
+        _launch("blocked_weight_grad_sum", gW.dtype, gW.size, partial, gW, partial.shape[0],
+                gW.size)
 
 
 PRIMITIVES = CudaPrimitives()

@@ -110,7 +110,11 @@ def tile_grid(H, W, m):
 ALGORITHMS = {"winograd": 2, "winograd4": 4}
 
 
-def auto_algorithm(device, N, C, H, W):
+# The largest layer input (C·N·H·W values) "auto" gives the blocked kernel: 2 MiB of float32.
+BLOCKED_MAX_INPUT = 1 << 19
+
+
+def auto_algorithm(device, N, C, H, W, blocked=False):
     """The algorithm "auto" runs for a 3×3/s1/p1 layer: a fixed rule of the shapes.
 
     NOTE: a rule, not a timing. Timing each shape on first use (cuDNN's benchmark mode)
@@ -118,10 +122,21 @@ def auto_algorithm(device, N, C, H, W):
     machine is busy, and then a resumed run would not be bit-identical to an uninterrupted
     one. The rule depends only on the shapes, so every run makes the same choices.
 
+    `blocked`: whether the CPU's blocked direct convolution (`kernels/cpu/blocked.py`) runs
+    its AVX-512 micro-kernel on this layer (float32 on a CPU with AVX-512; the caller,
+    `backend.conv_algorithm_for`, asks). Its plain-loop fallback is never picked.
+
     On the CPU the filter transforms cost about α²·C·OC per call whatever the batch, while
     the saving grows with the output pixels N·H·W, so
       * C < 8 (the RGB layer): direct convolution (kernels/direct.py); Winograd's GEMMs and
         im2col's would have an inner dimension of C = 3 or 27, far too thin for BLAS;
+      * with `blocked`, C <= 128 and an input of at most 2^19 values (C·N·H·W, 2 MiB of
+        float32, one core's L2 here): the blocked direct convolution. On such thin layers
+        im2col's copies and Winograd's transforms cost as much as the GEMMs they feed, while
+        the blocked kernel keeps 8 pixels × 32 output channels in registers; its weight
+        gradient sweeps x and gy once per 16×16 tile and tap, which pays while they stay in
+        cache. With more channels or bigger maps F(4×4,3×3)'s 4× fewer multiplications win
+        (every VGG-16 layer at 224×224);
       * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications;
       * 512 <= N·H·W < 1536: F(2×2,3×3), whose filters are 2.25× smaller;
       * smaller: im2col; the transforms cost more than the multiplications they save.
@@ -135,6 +150,8 @@ def auto_algorithm(device, N, C, H, W):
     if C < 8:
         return "direct"
     pixels = N * H * W
+    if blocked and C <= 128 and C * pixels <= BLOCKED_MAX_INPUT:
+        return "blocked"
     if pixels >= 1536:
         return "winograd4"
     return "winograd" if pixels >= 512 else "im2col"

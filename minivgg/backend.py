@@ -191,14 +191,17 @@ def as_array_like(a, like):
 # direct convolution (kernels/direct.py)
 # ----------------------------------------------------------------------------------------
 
-# "im2col": every conv by im2col + GEMM (section 3 of the walkthrough), the default.
+# "im2col": every conv by im2col + GEMM (section 3 of the walkthrough).
 # "winograd", "winograd4": Winograd F(2×2,3×3) / F(4×4,3×3) for every 3×3/s1/p1 conv.
 # "direct": the 3×3 sum written out, no im2col matrix, for every 3×3/s1/p1 conv.
-# "auto": per layer, by a fixed rule of the shapes (`kernels/winograd.py: auto_algorithm`).
+# "blocked": the same sum with channels in blocks of 16 and a register-blocked micro-kernel
+#            (kernels/cpu/blocked.py), for every 3×3/s1/p1 conv.
+# "auto": per layer, by a fixed rule of the shapes (`kernels/winograd.py: auto_algorithm`),
+#         the default.
 # Convolutions the others cannot run (config C's 1×1, strides, other paddings) use im2col.
-CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4", "direct")
+CONV_ALGORITHMS = ("auto", "im2col", "winograd", "winograd4", "direct", "blocked")
 
-_conv_algorithm = "im2col"
+_conv_algorithm = "auto"
 
 
 def set_conv_algorithm(name):
@@ -209,7 +212,9 @@ def set_conv_algorithm(name):
     a run and its resume make the same choices and stay bit-identical (with the same
     thread count, which, as for im2col, sets how the weight gradient's sums are split, and
     the same minivgg: a change of the rule, such as conv1_1 moving from im2col to direct
-    convolution, changes the rounding of a run resumed across it).
+    convolution, changes the rounding of a run resumed across it). The rule picks "blocked"
+    only for float32 on a CPU with AVX-512, so a run resumed on a CPU without it takes
+    another algorithm from there on. "auto" is the default.
     """
     global _conv_algorithm
     if name not in CONV_ALGORITHMS:
@@ -223,19 +228,29 @@ def get_conv_algorithm():
 
 
 def conv_algorithm_for(x, W, stride, padding):
-    """The algorithm that runs conv(x, W): "im2col", "winograd", "winograd4" or "direct"."""
+    """The algorithm that runs conv(x, W): "im2col", "winograd", "winograd4", "direct" or
+    "blocked"."""
     from minivgg.kernels import shapes, winograd
     if _conv_algorithm == "im2col" or not shapes.is_3x3_same(W.shape, stride, padding):
         return "im2col"
     if _conv_algorithm == "auto":
         N, C, H, Wd = x.shape
-        picked = winograd.auto_algorithm(device_of(x), N, C, H, Wd)
+        device = device_of(x)
+        picked = winograd.auto_algorithm(device, N, C, H, Wd,
+                                         blocked=device == "cpu" and _blocked_is_fast(x))
         # NOTE: under bf16, im2col where the rule picks Winograd: F(4×4,3×3) with bf16
         # operands errs 20× more than im2col (benchmarks/bf16_accuracy.md), F(2×2,3×3) 1.5×,
-        # and im2col's AMX GEMMs ran faster than either on every such VGG-16 layer
-        # (README.md, "bf16 on AMX").
+        # and im2col's AMX GEMMs ran faster than F(2×2,3×3)'s on every VGG-16 layer
+        # (README.md, "bf16 on AMX"). "direct" and "blocked" stay, on bf16-rounded operands.
         return "im2col" if _precision == "bf16" and picked.startswith("winograd") else picked
     return _conv_algorithm
+
+
+def _blocked_is_fast(x):
+    """Whether the CPU's "blocked" conv runs its AVX-512 micro-kernel on x (float32 on a CPU
+    with AVX-512; elsewhere it runs plain loops, far slower than the other algorithms)."""
+    from minivgg.kernels.cpu import blocked
+    return x.dtype == np.float32 and not blocked.avx512_reason()
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,7 +267,8 @@ def set_precision(name):
 
     "bf16": every GEMM (im2col's three, Winograd's per-point products, the fc layers) takes
     bf16-rounded operands and sums in fp32 on the AMX tiles (kernels/cpu/matmul.py);
-    direct convolution multiplies bf16-rounded operands. Everything else stays fp32.
+    the direct convolutions ("direct", "blocked") multiply bf16-rounded operands. Everything
+    else stays fp32.
     Without AMX the same rounded operands go through the fp32 GEMMs, with one warning that
     names the missing CPU feature. CPU only: ops on CUDA arrays raise while "bf16" is set
     (the GPU keeps fp32, or TF32 with `set_tf32`). "fp32" gives the same bits as never

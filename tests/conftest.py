@@ -115,8 +115,10 @@ def assert_close(actual, expected, op, dtype, what=""):
 
 @pytest.fixture(autouse=True)
 def _conv_algorithm_restored():
-    """Every test starts with im2col convolutions; a test (or a training run, which sets
-    its --conv-algo) that changes the process-wide choice cannot leak it into the next."""
+    """Every test starts with im2col convolutions (the library starts in "auto", whose
+    choices depend on the CPU; a test asks for another algorithm by name); a test (or a
+    training run, which sets its --conv-algo) that changes the process-wide choice cannot
+    leak it into the next."""
     backend.set_conv_algorithm("im2col")
     yield
     backend.set_conv_algorithm("im2col")

@@ -5,6 +5,8 @@ device array type of its own), given here a device count, a current device and a
 capability, so no GPU is needed.
 """
 
+import os
+import subprocess
 import sys
 import types
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import standin_cupy as standin
+from conftest import REPO
 from minivgg import backend
 from minivgg.kernels import cpu
 
@@ -114,3 +117,13 @@ def test_tf32_on_an_ampere_gpu_is_on_and_off_as_asked(monkeypatch, registry):
     assert backend.tf32_enabled() and _float32_compute_type(fake) == "tf32"
     backend.set_tf32(False)
     assert not backend.tf32_enabled() and _float32_compute_type(fake) == "default"
+
+
+def test_a_fresh_process_starts_with_the_auto_conv_algorithm():
+    """The library default is "auto" (the tests' fixture pins im2col, so ask a new process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from minivgg import backend; print(backend.get_conv_algorithm())"],
+        env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "auto"

@@ -7,9 +7,14 @@ Shapes chosen against the blocking: channel counts that are not multiples of 16 
 AVX-512 micro-kernel (where this CPU has it) and the plain-loop fallback run here.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from conftest import REPO
 from minivgg.kernels import cpu
 from minivgg.kernels.cpu import blocked
 from test_ops import naive_conv2d
@@ -111,8 +116,10 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
 
 @pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
-    """16 input channels × 8 pixels = 128 `vfmadd231ps mem{1to16}, zmm, zmm` per tap, and
-    no accumulator spilled to the stack inside the reduction."""
+    """The driver compiles four block shapes, PIX or 4 pixels × 2 or 1 blocks of 16 output
+    channels: per tap 16 input channels × 36 = 576 `vfmadd231ps` on zmm registers. Each
+    input value is broadcast once: a `vbroadcastss` feeding two FMAs (2 blocks) or folded
+    into the one FMA as `mem{1to16}` (1 block). No zmm register is spilled to the stack."""
     x, Wt, b = random_case((1, 16, 2, 8, 16))
     blocked_forward(x, Wt, b, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
@@ -124,6 +131,69 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     fresh(xb, wb, blocked.block_bias(b, 16), y, p, 0, 2, False)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
-    assert len(fmas) == 16 * blocked.PIX
-    assert all("zmm" in f and "{1to16}" in f for f in fmas)
+    values = 16 * (blocked.PIX + 4)  # input values loaded per tap, in each pair of shapes
+    assert len(fmas) == 16 * (2 * blocked.PIX + blocked.PIX + 2 * 4 + 4)
+    assert all("zmm" in f for f in fmas)
+    assert sum("{1to16}" in f for f in fmas) == values
+    assert sum("vbroadcastss" in line for line in asm.splitlines()) == values
     assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())
+
+
+def test_blocked_conv2d_entry_points_give_the_same_bits_at_1_and_2_threads(monkeypatch):
+    """y, gx, gW and gb of the algorithm "blocked", NCHW in and out, through the CPU table:
+    every output and every gW tile is one thread's fixed-order sum."""
+    x, Wt, b = random_case((3, 20, 7, 11, 36), seed=6)
+    gy = np.random.default_rng(7).normal(size=(3, 36, 7, 11)).astype(np.float32)
+    results = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+        y = cpu.conv2d_forward(x, Wt, b, (1, 1), (1, 1), "blocked")
+        results.append([y, *cpu.conv2d_backward(x, Wt, gy, (1, 1), (1, 1), True, "blocked")])
+    for one, two in zip(*results):
+        assert one.dtype == np.float32 and np.array_equal(one, two)
+
+
+FALLBACK_SCRIPT = """
+import numpy as np
+from minivgg.kernels import cpu
+from minivgg.kernels.cpu import blocked
+assert blocked.avx512_reason() == "MINIVGG_DISABLE_AVX512 is set"
+rng = np.random.default_rng(8)
+x = rng.normal(size=(2, 19, 6, 9)).astype(np.float32)
+W = (rng.normal(size=(24, 19, 3, 3)) / 13).astype(np.float32)
+b, gy = rng.normal(size=24).astype(np.float32), rng.normal(size=(2, 24, 6, 9)).astype(np.float32)
+ours = [cpu.conv2d_forward(x, W, b, (1, 1), (1, 1), "blocked"),
+        *cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), True, "blocked")]
+ref = [cpu.conv2d_forward(x, W, b, (1, 1), (1, 1), "im2col"),
+       *cpu.conv2d_backward(x, W, gy, (1, 1), (1, 1), True, "im2col")]
+for a, r in zip(ours, ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+from minivgg import backend
+backend.set_conv_algorithm("auto")
+assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) != "blocked"
+print("ok")
+"""
+
+
+def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_process():
+    """MINIVGG_DISABLE_AVX512=1, set before anything is imported: the algorithm "blocked"
+    still gives im2col's results (forward and all three gradients), by the plain loops, and
+    "auto" does not pick it for a thin layer it would otherwise run."""
+    env = dict(os.environ, MINIVGG_DISABLE_AVX512="1", PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_layout_kernels_match_the_numpy_layout_functions(dtype):
+    """`blocked_nchw`'s converters (one pass, spread over the pool) against `to_blocked` /
+    `from_blocked`: channels past C are zeros, the optional one-pixel border too."""
+    from minivgg.kernels.cpu import blocked_nchw
+    x = np.random.default_rng(9).normal(size=(3, 19, 5, 7)).astype(dtype)
+    xb = blocked_nchw._to_blocked(x, dtype, 0, "test_x")
+    assert xb.dtype == dtype and np.array_equal(xb, blocked.to_blocked(x))
+    xpad = blocked_nchw._to_blocked(x, dtype, 1, "test_xpad")
+    assert np.array_equal(xpad, np.pad(xb, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))))
+    assert np.array_equal(blocked_nchw._from_blocked(xb, 19), x)

@@ -111,9 +111,19 @@ def test_weight_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     fresh = blocked.njit(nogil=True)(blocked_grad._weight_tiles_avx512.py_func)
     p = np.zeros((1, 1, 4, 10, 16), np.float32)
     gw = np.empty((1, 1, 3, 3, 16, 16), np.float32)
-    fresh(p, blocked.to_blocked(gy), gw, 0, 9)
+    fresh(p, blocked.to_blocked(gy), gw, 0, 9, 1)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     assert len(fmas) == blocked.BLOCK
     assert all("zmm" in f and "{1to16}" in f for f in fmas)
     assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())
+
+
+@pytest.mark.parametrize("vector", PATHS)
+def test_weight_gradient_has_the_same_bits_in_chunks_of_one_image(monkeypatch, vector):
+    """Summing a tile one image at a time (resuming from the stored tile) gives the bits of
+    the default chunks: the order of every sum is (image, row, pixel) either way."""
+    x, Wt, gy = random_gradient_case((5, 20, 6, 9, 24), seed=11)
+    whole = blocked_grads(x, Wt, gy, vector=vector)[1]
+    monkeypatch.setattr(blocked_grad, "GW_CHUNK_BYTES", 1)
+    assert np.array_equal(blocked_grads(x, Wt, gy, vector=vector)[1], whole)

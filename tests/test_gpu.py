@@ -147,7 +147,9 @@ def test_kernel_table_conv_building_blocks_agree_on_cpu_and_gpu(cuda, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "direct"])
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4", "direct", pytest.param(
+    "blocked", marks=pytest.mark.skipif("blocked" not in backend.CONV_ALGORITHMS,
+                                        reason="'blocked' is not a conv algorithm here"))])
 def test_conv_algorithms_agree_on_cpu_and_gpu(algorithm, cuda, rng):
     """Winograd's transforms and the direct kernels on the GPU against the CPU's, forward and
     backward, on an odd, non-square shape (the emulated twin of this test runs in CI)."""
@@ -164,6 +166,32 @@ def test_conv_algorithms_agree_on_cpu_and_gpu(algorithm, cuda, rng):
     for got, want in zip(kern.conv2d_backward(d[0], d[1], d[3], *args, True, algorithm),
                          cpu.conv2d_backward(x, W, gy, *args, True, algorithm)):
         assert_close(got, want, "conv2d", np.float32)
+
+
+@pytest.mark.gpu
+def test_blocked_kernels_agree_with_the_cpu_and_repeat_bit_for_bit(cuda, rng):
+    """blocked.cu's forward, input and weight gradients on a shape of several tiles and
+    channel blocks each way, against the CPU's direct convolution; a second call gives the
+    same bits (its sums have a fixed order, whatever the GPU's threads do at once)."""
+    from minivgg.kernels import cpu
+    x = rng.normal(size=(2, 20, 37, 70)).astype(np.float32)
+    W = (rng.normal(size=(33, 20, 3, 3)) / np.sqrt(180)).astype(np.float32)
+    b = rng.normal(size=33).astype(np.float32)
+    gy = rng.normal(size=(2, 33, 37, 70)).astype(np.float32)
+    d = [backend.to_device(a, cuda) for a in (x, W, b, gy)]
+    prims = backend.kernels_for(d[0]).PRIMITIVES
+
+    def run():
+        y = prims.blocked_conv2d_forward(d[0], d[1], d[2])
+        return [to_numpy(a) for a in (y, *prims.blocked_conv2d_backward(d[0], d[1], d[3], True))]
+
+    first, second = run(), run()
+    args = ((1, 1), (1, 1))
+    want = [cpu.conv2d_forward(x, W, b, *args, "direct"),
+            *cpu.conv2d_backward(x, W, gy, *args, True, "direct")]
+    for got, again, expected in zip(first, second, want):
+        assert_close(got, expected, "conv2d", np.float32)
+        np.testing.assert_array_equal(again, got)
 
 
 @pytest.mark.gpu

@@ -147,8 +147,9 @@ def test_conv2d_matches_torch_on_random_shapes(seed, device, torch):
 
 
 # The algorithms that run 3×3/s1/p1 convolutions, on their own random shapes: channels
-# from 1 to 20, maps from 1×1 to 15×13, batch 1 to 4 (so that "auto" takes every branch).
-@pytest.mark.parametrize("seed", range(6))
+# from 1 to 20, maps from 1×1 to 15×13, batch 1 to 4 (so that "auto" takes every branch),
+# and two fixed ones against the blocked kernel's 16-channel, 8-pixel blocks.
+@pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("algorithm", backend.CONV_ALGORITHMS)
 def test_conv2d_3x3_matches_torch_on_random_shapes(algorithm, seed, device, torch):
     backend.set_conv_algorithm(algorithm)
@@ -156,15 +157,20 @@ def test_conv2d_3x3_matches_torch_on_random_shapes(algorithm, seed, device, torc
     N, H, W = int(rng.integers(1, 5)), int(rng.integers(1, 16)), int(rng.integers(1, 14))
     C, OC = (int(v) for v in rng.integers(1, 21, size=2))
     if seed < 2:  # enough channels and pixels for "auto" to pick F(4×4,3×3), F(2×2,3×3)
-        N, C, H, W = [(4, 12, 25, 19), (3, 9, 14, 13)][seed]
+        N, C, H, W = [(4, 130, 25, 19), (3, 132, 14, 13)][seed]
+    if seed >= 6:  # a 1×1 map and a one-row map, channels past one block of 16, batch 1
+        N, C, H, W, OC = [(1, 33, 1, 1, 17), (1, 18, 1, 9, 40)][seed - 6]
     arrays = [rng.normal(size=(N, C, H, W)), rng.normal(size=(OC, C, 3, 3)) / np.sqrt(9 * C),
               rng.normal(size=OC)]
-    x = tensor(arrays[0], device)
+    x = tensor(arrays[0], device, np.float32)  # the dtype compare_with_torch runs in
     ran = backend.conv_algorithm_for(x.data, arrays[1], (1, 1), (1, 1))
     assert ran == algorithm or algorithm == "auto"
     if algorithm == "auto" and device == "cpu":
         from minivgg.kernels import winograd
-        assert ran == winograd.auto_algorithm("cpu", N, C, H, W)
+        from minivgg.kernels.cpu import blocked
+        fast = not blocked.avx512_reason()
+        assert ran == winograd.auto_algorithm("cpu", N, C, H, W, blocked=fast)
+        assert fast or ran != "blocked"
         if seed < 2:
             assert ran == ["winograd4", "winograd"][seed]
     compare_with_torch(

@@ -233,20 +233,35 @@ def test_convolutions_winograd_cannot_run_fall_back_to_im2col(algorithm, conv_al
         assert backend.conv_algorithm_for(x, np.zeros(shape), stride, padding) == "im2col"
 
 
-def test_auto_rule_by_layer_shape(conv_algorithm):
-    """VGG-16 at batch 8 and the small recipe (width 0.25, 64×64, batch 32)."""
+@pytest.mark.parametrize("fast_blocked", [True, False], ids=["avx512", "no_avx512"])
+def test_auto_rule_by_layer_shape(fast_blocked, conv_algorithm, monkeypatch):
+    """VGG-16 at batch 8 and the small recipe (width 0.25, 64×64, batch 32), in float32,
+    with and without AVX-512 for the blocked kernel; float64 never runs "blocked"."""
+    from minivgg.kernels.cpu import blocked
+    if not fast_blocked:
+        monkeypatch.setenv("MINIVGG_DISABLE_AVX512", "1")
+    elif blocked.avx512_reason():
+        pytest.skip(blocked.avx512_reason())
     conv_algorithm("auto")
     W3 = np.zeros((8, 8, 3, 3))
 
-    def pick(N, C, H):
-        return backend.conv_algorithm_for(np.zeros((N, C, H, H)), W3, (1, 1), (1, 1))
+    def pick(N, C, H, dtype=np.float32):
+        return backend.conv_algorithm_for(np.zeros((N, C, H, H), dtype), W3, (1, 1), (1, 1))
 
     assert pick(8, 3, 224) == "direct"  # conv1_1: C = 3
     assert pick(32, 3, 64) == "direct"
-    assert [pick(8, 64, s) for s in (224, 112, 56, 28, 14)] == ["winograd4"] * 5
+    vgg16 = [(64, 224), (64, 112), (128, 112), (128, 56), (256, 56), (256, 28), (512, 28),
+             (512, 14)]
+    assert [pick(8, C, s) for C, s in vgg16] == ["winograd4"] * 8
     assert pick(4, 512, 14) == "winograd"  # 784 output pixels
     assert pick(1, 512, 14) == "im2col"  # one image's conv5: 196 pixels
-    assert [pick(32, 16, s) for s in (64, 32, 16, 8, 4)] == ["winograd4"] * 4 + ["winograd"]
+    small = [(16, 32), (32, 16), (64, 16), (64, 8), (128, 8), (128, 4)]  # conv2 ... conv5
+    winograd = ["winograd4"] * 5 + ["winograd"]
+    assert [pick(32, C, s) for C, s in small] == (["blocked"] * 6 if fast_blocked
+                                                   else winograd)
+    assert [pick(32, C, s, np.float64) for C, s in small] == winograd
+    assert pick(32, 16, 33) == "winograd4"  # an input just past 2^19 values (32×16×32×32)
+    assert pick(8, 256, 8) == "winograd"  # a small input, but more than 128 channels
 
 
 def model_step():

@@ -1,7 +1,7 @@
 """A register-blocked direct convolution on a channel-blocked layout (fp32, 3×3/s1/p1), forward.
 
-The first step of issue 26: thin layers (16-128 channels) at PyTorch's speed. NOT wired into
-`auto` or the conv entry points yet; it has its own layout and API:
+Issue 26: thin layers (16-128 channels) at PyTorch's speed. The conv algorithm "blocked"
+runs it through `blocked_nchw.py` (NCHW in and out); here it has its own layout and API:
 
     to_blocked(x)           x (N, C, H, W)       -> xb (N, CB, H, W, 16)       "nChw16c"
     from_blocked(yb, C)     yb (N, CB, H, W, 16) -> y (N, C, H, W)
@@ -10,19 +10,26 @@ The first step of issue 26: thin layers (16-128 channels) at PyTorch's speed. NO
     conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None) -> yb (N, OCB, H, W, 16)
 
 CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x, in W and in b), so
-they add nothing and come out as zeros (ReLU keeps them zero).
+they add nothing and come out as zeros (ReLU keeps them zero). float64 arrays run the plain
+loops below in float64 (the tests' exact oracles); the micro-kernel is float32 only.
 
-The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × 16 output
-channels, PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
+The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × two blocks of
+16 output channels, 2·PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
 
     for cb in range(CB): for ky in range(3): for kx in range(3):       (loops in the IR)
         for ic in range(16):                                           (unrolled)
-            w = the 16 output channels' weights of (cb, ky, kx, ic)    (one 64-byte load)
-            for p in range(PIX): acc[p] = fma(broadcast(x[cb, oy+ky, ox0+p+kx, ic]), w, acc[p])
+            w[k] = block k's 16 output channels' weights of (cb, ky, kx, ic), k = 0, 1
+                                                                       (two 64-byte loads)
+            for p in range(PIX):
+                v = broadcast(x[cb, oy+ky, ox0+p+kx, ic])
+                acc[k][p] = fma(v, w[k], acc[k][p]) for k = 0, 1
 
 then adds the bias, applies ReLU if asked, and stores the pixels that exist. Each output
 is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does not depend
-on the thread count.
+on the thread count (nor on the block shape). Each input value loaded feeds 32 FMAs and each
+filter vector 8: against one block of 16 channels (16 and 8), the second block made the
+forward pass 10-25% faster on 16-128 channels (2026-12-04, one thread, loaded machine);
+blocks of 4 pixels doubled it on 4×4 maps.
 
 What made it vectorise: Numba's loops do not, written plainly (the accumulators live in an
 array in memory and fastmath is off, so LLVM may neither keep them in registers across the
@@ -31,8 +38,10 @@ reduction nor fuse the multiply-adds). So the micro-kernel is a `numba.extending
 of the filter, a scalar load + `shufflevector` splat of each input value, and
 `llvm.fma.v16f32`. The accumulators are allocas in the function's entry block, which LLVM's
 SROA/mem2reg turns into registers (phis around the loops); on AVX-512 the inner body
-compiles to `vfmadd231ps zmm, zmm, dword ptr [...]{1to16}` (the broadcast folded into the
-FMA), checked by tests/test_blocked.py through `inspect_asm`.
+compiles to one `vbroadcastss zmm, dword ptr [...]` per input value feeding two
+`vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the broadcast folded into the
+FMA as `dword ptr [...]{1to16}`), with no register spilled, as tests/test_blocked.py checks
+through `inspect_asm`.
 
 Without AVX-512 (or with MINIVGG_DISABLE_AVX512=1, NUMBA_DISABLE_JIT=1, or Numba compiling
 for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (multiply, then
@@ -43,6 +52,7 @@ own, (CB, H+2, WQ+2, 16) with WQ = W rounded up to PIX, so the kernel reads ever
 edge test; a block past the row's end computes on zeros and stores nothing.
 """
 
+import functools
 import os
 
 import numba
@@ -56,8 +66,9 @@ from minivgg.kernels.cpu.amx_isa import _cpu_flags
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 
 BLOCK = 16  # channels per block: one zmm register of fp32
-# Output pixels per register block: PIX accumulators + the filter vector, of 32 zmm registers.
-# NOTE: more (14) leaves fewer pixels wasted on 14·k-wide maps but more on 8·k-wide ones.
+# Output pixels per register block: 2·PIX accumulators + two filter vectors + a broadcast,
+# of 32 zmm registers. NOTE: more (12, 14) leaves fewer pixels wasted on 12·k- or 14·k-wide
+# maps but more on the 8·k-wide ones; maps at most 4 wide take blocks of 4.
 PIX = 8
 
 _F32 = ir.FloatType()
@@ -73,10 +84,16 @@ def _blocks(C):
     return -(-C // BLOCK)
 
 
+def _float(dtype):
+    """float64 stays float64 (the tests' exact oracle runs the loop path); all else float32."""
+    return np.result_type(dtype, np.float32)
+
+
 def to_blocked(x):
-    """x (N, C, H, W) -> xb (N, CB, H, W, 16) float32, channels zero-padded to CB·16."""
+    """x (N, C, H, W) -> xb (N, CB, H, W, 16), channels zero-padded to CB·16; float32
+    (float64 stays float64)."""
     N, C, H, W = x.shape
-    xb = np.zeros((N, _blocks(C) * BLOCK, H, W), np.float32)
+    xb = np.zeros((N, _blocks(C) * BLOCK, H, W), _float(x.dtype))
     xb[:, :C] = x
     return np.ascontiguousarray(xb.reshape(N, -1, BLOCK, H, W).transpose(0, 1, 3, 4, 2))
 
@@ -94,15 +111,15 @@ def block_filters(W):
     wb[ob, cb, ky, kx, i, o] = W[16·ob + o, 16·cb + i, ky, kx]: for one tap and one input
     channel, the 16 output channels' weights are contiguous, one vector load."""
     OC, C, KH, KW = W.shape
-    Wp = np.zeros((_blocks(OC) * BLOCK, _blocks(C) * BLOCK, KH, KW), np.float32)
+    Wp = np.zeros((_blocks(OC) * BLOCK, _blocks(C) * BLOCK, KH, KW), _float(W.dtype))
     Wp[:OC, :C] = W
     Wp = Wp.reshape(_blocks(OC), BLOCK, _blocks(C), BLOCK, KH, KW)
     return np.ascontiguousarray(Wp.transpose(0, 2, 4, 5, 3, 1))
 
 
-def block_bias(b, OC):
-    """b (OC,) or None -> (OCB·16,) float32, zero-padded."""
-    bb = np.zeros(_blocks(OC) * BLOCK, np.float32)
+def block_bias(b, OC, dtype=np.float32):
+    """b (OC,) or None -> (OCB·16,) of `dtype`, zero-padded."""
+    bb = np.zeros(_blocks(OC) * BLOCK, dtype)
     if b is not None:
         bb[:OC] = b
     return bb
@@ -134,24 +151,29 @@ def _fma(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
 
 
-def _emit_tap(builder, fma, acc, xptr, wptr):
-    """acc[p] += x[p, ic] · w[ic, :] for the 16 input channels ic of one tap (unrolled)."""
-    values = [builder.load(a) for a in acc]
+def _emit_tap(builder, fma, acc, xptr, wptr, wstep):
+    """acc[k][p] += x[p, ic] · w_k[ic, :] for the 16 input channels ic of one tap (unrolled),
+    for each output-channel block k, whose filters lie `wstep` floats after block k-1's."""
+    values = [[builder.load(a) for a in row] for row in acc]
     for ic in range(BLOCK):
-        w = builder.load(_vector_pointer(builder, builder.gep(
-            wptr, [ir.Constant(_I64, ic * BLOCK)])), align=4)
-        for p in range(len(acc)):
+        w = [builder.load(_vector_pointer(builder, builder.gep(wptr, [builder.add(
+            builder.mul(wstep, ir.Constant(_I64, k)), ir.Constant(_I64, ic * BLOCK))])),
+            align=4) for k in range(len(acc))]
+        for p in range(len(acc[0])):
             xs = builder.load(builder.gep(xptr, [ir.Constant(_I64, p * BLOCK + ic)]), align=4)
-            values[p] = builder.call(fma, [_splat(builder, xs), w, values[p]])
-    for a, v in zip(acc, values):
-        builder.store(v, a)
+            x = _splat(builder, xs)
+            for k in range(len(acc)):
+                values[k][p] = builder.call(fma, [x, w[k], values[k][p]])
+    for row, vrow in zip(acc, values):
+        for a, v in zip(row, vrow):
+            builder.store(v, a)
 
 
-def _emit_reduction(builder, acc, x_at, w_at, CB, cstride, rstride):
+def _emit_reduction(builder, acc, x_at, w_at, CB, cstride, rstride, wstep):
     """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
     tap (cb = ky = kx = 0); the filter block of one tap is 16×16 floats further on."""
     fma = _fma(builder)
-    for a in acc:
+    for a in (a for row in acc for a in row):
         builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)
     with cgutils.for_range(builder, CB) as cb:
         xc = builder.gep(x_at, [builder.mul(cb.index, cstride)])
@@ -162,7 +184,7 @@ def _emit_reduction(builder, acc, x_at, w_at, CB, cstride, rstride):
             with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
                 xt = builder.gep(xr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK))])
                 wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
-                _emit_tap(builder, fma, acc, xt, wt)
+                _emit_tap(builder, fma, acc, xt, wt, wstep)
 
 
 def _emit_epilogue(builder, acc, bias, y_at, valid, relu):
@@ -179,29 +201,37 @@ def _emit_epilogue(builder, acc, bias, y_at, valid, relu):
 
 
 @intrinsic(prefer_literal=True)
-def _conv_block(typingctx, xp, x0, rstride, cstride, CB, wb, w0, bb, b0, y, y0, valid, relu,
-                pix):
-    """y.flat[y0 + 16p : +16] = bias + sum over (cb, ky, kx, ic) of xp.flat[x0 + cb·cstride
-    + ky·rstride + (p+kx)·16 + ic] · wb.flat[w0 + ((cb·9 + 3ky + kx)·16 + ic)·16 : +16],
-    for p < valid of `pix` (a literal) pixels; bias = bb.flat[b0 : +16]."""
-    if not isinstance(pix, types.IntegerLiteral):
+def _conv_block(typingctx, xp, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep,
+                valid, relu, pix, nob):
+    """For k < `nob` output-channel blocks and p < valid of `pix` pixels (both literals):
+    y.flat[y0 + k·ystep + 16p : +16] = bias_k + sum over (cb, ky, kx, ic) of
+    xp.flat[x0 + cb·cstride + ky·rstride + (p+kx)·16 + ic] ·
+    wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 : +16], bias_k = bb.flat[b0 + 16k
+    : +16]."""
+    if not (isinstance(pix, types.IntegerLiteral) and isinstance(nob, types.IntegerLiteral)):
         return None
     i = types.intp
 
     def codegen(context, builder, sig, args):
-        (xp_, x0_, rs_, cs_, CB_, wb_, w0_, bb_, b0_, y_, y0_, valid_, relu_, _) = args
+        (xp_, x0_, rs_, cs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ys_, valid_, relu_,
+         _, _) = args
         ta = sig.args
-        acc = [cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
+        acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
+               for _ in range(nob.literal_value)]
         x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
         w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
-        _emit_reduction(builder, acc, x_at, w_at, CB_, cs_, rs_)
-        bias = builder.load(_vector_pointer(
-            builder, _float_pointer(context, builder, ta[7], bb_, b0_)), align=4)
-        y_at = _float_pointer(context, builder, ta[9], y_, y0_)
-        _emit_epilogue(builder, acc, bias, y_at, valid_, relu_)
+        _emit_reduction(builder, acc, x_at, w_at, CB_, cs_, rs_, ws_)
+        for k, row in enumerate(acc):
+            b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
+            bias = builder.load(_vector_pointer(
+                builder, _float_pointer(context, builder, ta[8], bb_, b_k)), align=4)
+            y_k = builder.add(y0_, builder.mul(ys_, ir.Constant(_I64, k)))
+            y_at = _float_pointer(context, builder, ta[10], y_, y_k)
+            _emit_epilogue(builder, row, bias, y_at, valid_, relu_)
         return context.get_dummy_value()
 
-    return types.void(xp, i, i, i, i, wb, i, bb, i, y, i, i, types.boolean, pix), codegen
+    return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, types.boolean, pix, nob),
+            codegen)
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,31 +275,53 @@ def _pad_image(xb, n, p):
 
 
 @njit(**JIT)
+def _blocks_at(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid, relu,
+               pix, nob):
+    """`_conv_block` with its literal shape chosen at run time: pix 4 or PIX, nob 1 or 2."""
+    if pix == 4 and nob == 2:
+        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
+                    relu, 4, 2)
+    elif pix == 4:
+        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
+                    relu, 4, 1)
+    elif nob == 2:
+        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
+                    relu, PIX, 2)
+    else:
+        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
+                    relu, PIX, 1)
+
+
+@njit(**JIT)
 def _conv_rows_avx512(xb, wb, bb, y, p, t0, t1, relu):
-    """Items t0..t1-1, item t = (n, ob, oy) in that order (oy fastest), by `_conv_block`."""
+    """Items t0..t1-1, item t = (n, pair of output-channel blocks, oy) in that order (oy
+    fastest), by `_conv_block`; an odd OCB's last pair is one block. Maps at most 4 wide
+    take blocks of 4 pixels (8 would compute on padding half the time)."""
     OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
-    CB = xb.shape[1]
+    CB, pairs = xb.shape[1], (y.shape[1] + 1) // 2
     rstride = p.shape[2] * BLOCK
     cstride = p.shape[1] * rstride
+    wstep, ystep = CB * 9 * BLOCK * BLOCK, H * W * BLOCK
+    pix = 4 if W <= 4 else PIX
     last = -1
     for t in range(t0, t1):
-        n, r = t // (OCB * H), t % (OCB * H)
-        ob, oy = r // H, r % H
+        n, r = t // (pairs * H), t % (pairs * H)
+        ob, oy = r // H * 2, r % H
         if n != last:  # consecutive items of one image share its padded copy
             _pad_image(xb, n, p)
             last = n
-        for ox0 in range(0, W, PIX):
+        for ox0 in range(0, W, pix):
             y0 = (((n * OCB + ob) * H + oy) * W + ox0) * BLOCK
-            _conv_block(p, oy * rstride + ox0 * BLOCK, rstride, cstride, CB,
-                        wb, ob * CB * 9 * BLOCK * BLOCK, bb, ob * BLOCK,
-                        y, y0, W - ox0, relu, PIX)
+            _blocks_at(p, oy * rstride + ox0 * BLOCK, rstride, cstride, CB, wb, ob * wstep,
+                       wstep, bb, ob * BLOCK, y, y0, ystep, W - ox0, relu, pix,
+                       min(2, OCB - ob))
 
 
 @njit(**JIT)
 def _conv_rows_loops(xb, wb, bb, y, p, t0, t1, relu):
     """`_conv_rows_avx512` with `_conv_block_loops` as the micro-kernel."""
     OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
-    acc = np.empty((PIX, BLOCK), np.float32)
+    acc = np.empty((PIX, BLOCK), y.dtype)
     last = -1
     for t in range(t0, t1):
         n, r = t // (OCB * H), t % (OCB * H)
@@ -294,32 +346,41 @@ def avx512_reason():
     # NOTE: a portable cache (NUMBA_CPU_NAME=generic) must not hold AVX-512 code.
     if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
         return f"Numba compiles for NUMBA_CPU_NAME={numba.config.CPU_NAME}"
-    if "avx512f" not in _cpu_flags():
+    if not _has_avx512f():
         return "this CPU has no avx512f (/proc/cpuinfo flags)"
     return ""
+
+
+@functools.cache
+def _has_avx512f():
+    # NOTE: once per process: "auto" asks at every 3×3 conv, and /proc/cpuinfo is long on
+    # a machine with many cores.
+    return "avx512f" in _cpu_flags()
 
 
 def conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None):
     """yb (N, OCB, H, W, 16) = conv(xb, wb) + bb (then ReLU if `relu`), 3×3/s1/p1.
 
-    xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`, all float32.
-    `vector`: True for the AVX-512 micro-kernel, False for the plain loops, None to choose
-    by `avx512_reason()`. Items (image, output-channel block, output row) are spread over
+    xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`, all float32 (or
+    all float64, which only the loops run). `vector`: True for the AVX-512 micro-kernel,
+    False for the plain loops, None to choose by `avx512_reason()`. Items (image, output-channel block, output row) are spread over
     the pool in contiguous ranges; each output is computed by one thread in a fixed order.
     """
     N, CB, H, W, _ = xb.shape
     OCB = wb.shape[0]
     assert wb.shape == (OCB, CB, 3, 3, BLOCK, BLOCK) and bb.shape == (OCB * BLOCK,)
+    dtype = _float(xb.dtype)
     if vector is None:
-        vector = not avx512_reason()
+        vector = dtype == np.float32 and not avx512_reason()
+    assert not (vector and dtype != np.float32), "the AVX-512 micro-kernel is float32 only"
     rows = _conv_rows_avx512 if vector else _conv_rows_loops
-    xb, wb, bb = (np.ascontiguousarray(a, dtype=np.float32) for a in (xb, wb, bb))
-    y = np.empty((N, OCB, H, W, BLOCK), np.float32)
+    xb, wb, bb = (np.ascontiguousarray(a, dtype=dtype) for a in (xb, wb, bb))
+    y = np.empty((N, OCB, H, W, BLOCK), dtype)
     WQ = -(-W // PIX) * PIX
 
     def job(t0, t1):
-        p = workspace("blocked_pad", (CB, H + 2, WQ + 2, BLOCK), np.float32)
+        p = workspace("blocked_pad", (CB, H + 2, WQ + 2, BLOCK), dtype)
         rows(xb, wb, bb, y, p, t0, t1, bool(relu))
 
-    map_ranges(job, N * OCB * H)
+    map_ranges(job, N * ((OCB + 1) // 2 if vector else OCB) * H)
     return y

@@ -4,9 +4,11 @@ and `CpuPrimitives`, the CPU's side of `common.Primitives`.
 The drivers, `conv2d_forward` and `conv2d_backward`, are written once in `kernels/common.py`
 (im2col), `kernels/winograd.py` and `kernels/direct.py` for both devices; `CpuPrimitives` at
 the end of this file hands them the CPU's kernels: the loops here, the Winograd transforms of
-`winograd.py` and the direct kernels of `direct.py`. The loops that move data are Numba
-kernels compiled once and cached on disk; the GEMMs (`matmul.py`: NumPy's BLAS in fp32, the
-AMX tiles in bf16) are one per chunk, each on one thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy
+`winograd.py`, the direct kernels of `direct.py` and the blocked direct convolution of
+`blocked_nchw.py` (NCHW in and out). The loops that move data are Numba kernels compiled
+once and cached on disk; the GEMMs (`matmul.py`: NumPy's BLAS in fp32, the AMX tiles in
+bf16) are one per chunk, each on one thread of `runtime`'s pool. Shape legend: see
+`kernels/common.py`. The plain NumPy
 version of im2col that these are tested against is `kernels/reference.py`.
 """
 
@@ -14,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels import common
+from minivgg.kernels.cpu import blocked_nchw
 from minivgg.kernels.cpu import direct as cpu_direct
 from minivgg.kernels.cpu import im2col_bf16
 from minivgg.kernels.cpu import matmul as cpu_matmul
@@ -257,7 +260,7 @@ def add_bias(ycols, b):
 class CpuPrimitives(common.Primitives):
     """The CPU's kernels, as the shared drivers call them: each name is the Numba kernel or
     the NumPy call itself (no wrapper in between), from this file, `cpu/winograd.py`,
-    `cpu/direct.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
+    `cpu/direct.py`, `cpu/blocked_nchw.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
 
     xp = np
 
@@ -297,6 +300,23 @@ class CpuPrimitives(common.Primitives):
             return im2col_bf16.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, PH, PW, transposed)
         im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
         return cols.T if transposed else cols
+
+    @staticmethod
+    def blocked_conv2d_forward(x, W, b):
+        """`cpu/blocked_nchw.py`'s, on bf16-rounded x and W under bf16 (a direct
+        convolution: no GEMM for the AMX tiles)."""
+        round_operand = cpu_matmul.round_operand
+        return blocked_nchw.blocked_conv2d_forward(round_operand(x), round_operand(W), b)
+
+    @staticmethod
+    def blocked_conv2d_backward(x, W, gy, need_gx):
+        """`cpu/blocked_nchw.py`'s, on bf16-rounded x, W and gy under bf16; the bias
+        gradient, a reduction, stays the fp32 sum of gy."""
+        rounded = [cpu_matmul.round_operand(a) for a in (x, W, gy)]
+        gx, gW, gb = blocked_nchw.blocked_conv2d_backward(*rounded, need_gx)
+        if rounded[2] is not gy:  # bf16: gb from the fp32 gy
+            gb = gy.sum(axis=(0, 2, 3))
+        return gx, gW, gb
 
     # the GEMMs, in the precision `backend.set_precision` chose (cpu/matmul.py)
     matmul = staticmethod(cpu_matmul.matmul)

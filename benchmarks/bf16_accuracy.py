@@ -5,8 +5,9 @@ The companion of `winograd_accuracy.py` (same layers, inputs and error measure) 
 bits, round to nearest even) and sums in fp32 (`kernels/cpu/matmul.py`, the AMX kernel or
 its fallback). For each conv layer of configuration D (Table 1, true channel counts,
 spatial size capped at `--size`) the forward output y, the input gradient gx and the weight
-gradient gW are computed by im2col, Winograd F(2×2,3×3), F(4×4,3×3) and direct convolution
-in bf16 and compared with im2col in float64 on the same float32 inputs:
+gradient gW are computed by im2col, Winograd F(2×2,3×3), F(4×4,3×3), direct convolution and
+the blocked direct convolution in bf16 and compared with im2col in float64 on the same
+float32 inputs:
 
     max |result - exact64| / RMS(exact64)
 
@@ -38,7 +39,7 @@ from minivgg.kernels.cpu.bf16 import round_to_bf16  # noqa: E402
 
 # column title -> the CPU kernel table's conv algorithm
 ALGORITHMS = {"im2col": "im2col", "F(2x2,3x3)": "winograd", "F(4x4,3x3)": "winograd4",
-              "direct": "direct"}
+              "direct": "direct", "blocked": "blocked"}
 FCS = [("fc6", 25088, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
 
 

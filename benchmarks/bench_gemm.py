@@ -3,9 +3,14 @@
 The shapes are the convolutions' GEMMs as im2col lays them out: Y (M, N) = W (M, K) @
 cols (K, N), M = output channels, K = input channels × 9, N = output pixels.
 
-    python benchmarks/bench_gemm.py                     # VGG-16 at 224 and the small recipe
-    python benchmarks/bench_gemm.py --nets vgg16 --append
-    python benchmarks/bench_gemm.py --shapes conv3_1,4096x1152x256 --rounds 3
+    python benchmarks/bench_gemm.py --precision bf16    # VGG-16 at 224 and the small recipe
+    python benchmarks/bench_gemm.py --precision bf16 --nets vgg16 --append
+    python benchmarks/bench_gemm.py --precision bf16 --shapes conv3_1,4096x1152x256 --rounds 3
+    python benchmarks/bench_gemm.py                     # fp32: minivgg's GEMM, torch fp32
+
+`--precision fp32` (the default, as in every benchmark) times minivgg's fp32 GEMM
+(`kernels/cpu/matmul.py`, NumPy's BLAS) against PyTorch's fp32 matmul and NumPy; `bf16` the
+AMX kernel against PyTorch's bf16 matmul, in the columns below.
 
 N, stated: `vgg16` is configuration D at 224×224 with N = the pixels of one image (batch 1,
 the unit an im2col chunk of the CPU path covers), so conv1_x has N = 50176 and conv5_x
@@ -58,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="turns of the three workers")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per shape and worker")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per shape and worker")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="minivgg's GEMM and PyTorch's dtype (see above)")
     p.add_argument("--append", action="store_true", help="append the table to the README")
     p.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     p.add_argument("--worker-shapes", help=argparse.SUPPRESS)
@@ -115,6 +122,16 @@ def time_calls(fns, warmup, repeats):
 
 def minivgg_worker(shapes, args):
     import numpy as np
+    if args.precision == "fp32":
+        from minivgg.kernels.cpu import matmul
+        results = {}
+        for label, M, K, N in shapes:
+            W, cols = operands(M, K, N)
+            out = np.empty((M, N), np.float32)
+            results[label] = time_calls({"layer": lambda: matmul.matmul(W, cols, out)},
+                                        args.warmup, args.repeats)
+            results[label]["kernel"] = results[label]["layer"]  # one GEMM, nothing to pack
+        return results
     from minivgg.kernels.cpu import amx, amx_isa
     available, reason = amx_isa.amx_available()
     if not available:
@@ -136,9 +153,10 @@ def torch_worker(shapes, args):
     torch.set_num_threads(args.threads)
     results = {}
     for label, M, K, N in shapes:
-        W, cols = (torch.from_numpy(x).to(torch.bfloat16) for x in operands(M, K, N))
-        out = torch.empty((M, N), dtype=torch.bfloat16)
-        results[label] = time_calls({"bf16": lambda: torch.matmul(W, cols, out=out)},
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        W, cols = (torch.from_numpy(x).to(dtype) for x in operands(M, K, N))
+        out = torch.empty((M, N), dtype=dtype)
+        results[label] = time_calls({"torch": lambda: torch.matmul(W, cols, out=out)},
                                     args.warmup, args.repeats)
     return results
 
@@ -160,7 +178,8 @@ WORKERS = {"minivgg": minivgg_worker, "torch": torch_worker, "numpy": numpy_work
 def run_worker(args, lib, shapes):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib,
            "--worker-shapes", json.dumps(shapes), "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--precision", args.precision]
     return common.run_worker(cmd, f"{lib} worker")
 
 
@@ -194,7 +213,7 @@ def main(argv=None):
         flops = 2 * M * K * N
         layer, t_layer = seconds("minivgg", "layer", label)
         kernel, t_kernel = seconds("minivgg", "kernel", label)
-        torch_rounds, t_torch = seconds("torch", "bf16", label)
+        torch_rounds, t_torch = seconds("torch", "torch", label)
         numpy_rounds, t_numpy = seconds("numpy", "fp32", label)
         rows.append([label, M, K, N, f"{flops / 1e9:.2f}",
                      f"{common.gflops(flops, t_layer):.0f}",
@@ -206,16 +225,21 @@ def main(argv=None):
                      f"{common.median_ratio(numpy_rounds, layer):.2f}"])
         print(" | ".join(str(v) for v in rows[-1]), flush=True)
 
-    headers = ["layers", "M", "K", "N", "GFLOP per call", "minivgg AMX GFLOP/s (W packed)",
-               "AMX kernel GFLOP/s (both packed)", "torch bf16 GFLOP/s", "NumPy fp32 GFLOP/s",
-               "minivgg / torch bf16", "AMX kernel / torch bf16", "minivgg / NumPy fp32"]
-    text = common.header("GEMM, bf16 AMX", args.threads) + "\n" + common.markdown_table(
+    p = args.precision
+    ours = "minivgg AMX GFLOP/s (W packed)" if p == "bf16" else "minivgg fp32 GFLOP/s"
+    kernel = "AMX kernel" if p == "bf16" else "minivgg fp32 (the same)"
+    headers = ["layers", "M", "K", "N", "GFLOP per call", ours,
+               f"{kernel} GFLOP/s (both packed)", f"torch {p} GFLOP/s", "NumPy fp32 GFLOP/s",
+               f"minivgg / torch {p}", f"{kernel} / torch {p}", "minivgg / NumPy fp32"]
+    title = "GEMM, bf16 AMX" if p == "bf16" else "GEMM, fp32"
+    text = common.header(title, args.threads) + "\n" + common.markdown_table(
         headers, rows) + (
         f"\n\nY (M, N) = W (M, K) @ cols (K, N); vgg16: N = pixels of one image at 224, "
         f"small: N = pixels of a batch of 32 at 64 (A w0.25). Medians over {args.rounds} "
         f"rounds x {args.repeats} calls, each library in its own process; ratios are "
-        f"throughput ratios (median over rounds); minivgg's column rounds and packs cols "
-        f"in every call, W once.")
+        f"throughput ratios (median over rounds)" + (
+            "; minivgg's column rounds and packs cols in every call, W once." if p == "bf16"
+            else "; minivgg's fp32 GEMM is NumPy's, called as a conv chunk calls it."))
     common.publish(text, args.append)
 
 

@@ -34,7 +34,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
-from minivgg.backend import CONV_ALGORITHMS  # noqa: E402
+from minivgg.backend import CONV_ALGORITHMS, PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,8 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--algo", default="im2col",
                    help="comma-separated conv algorithms of minivgg to time side by side: "
                         f"{', '.join(ALGOS)}, or all (default: im2col)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="CPU only: minivgg's GEMMs (backend.set_precision); bf16 runs "
+                        "PyTorch under torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--append", action="store_true", help="append the table to the README")
     args = p.parse_args(argv)
+    if args.precision != "fp32" and args.device != "cpu":
+        p.error("--precision bf16 runs on the CPU only (the GPU keeps fp32/TF32)")
     args.algos = []
     for a in args.algo.split(","):
         for name in (ALGOS[:-1] if a == "all" else [a] if a else []):
@@ -166,7 +171,22 @@ def minivgg_layer(kind, spec, batch, device, rng):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def torch_layer(kind, spec, batch, device, seed):
+def torch_layer(kind, spec, batch, device, seed, precision="fp32"):
+    """{"fwd": fn, "fwd+bwd": fn} of the layer in PyTorch; in bf16 under CPU autocast."""
+    import torch
+    fns = _torch_layer(kind, spec, batch, device, seed)
+    if precision == "fp32":
+        return fns
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+        return run
+    return {name: autocast(fn) for name, fn in fns.items()}
+
+
+def _torch_layer(kind, spec, batch, device, seed):
     import torch
     import torch.nn.functional as TF
     g = torch.Generator().manual_seed(seed)
@@ -195,7 +215,7 @@ def torch_layer(kind, spec, batch, device, seed):
         params = [(arr(n_out, n_in) * 0.01).requires_grad_(), arr(n_out).requires_grad_()]
         op = lambda x: TF.linear(x, params[0], params[1])  # noqa: E731
     with torch.no_grad():
-        gy = torch.ones_like(op(x))
+        gy = torch.ones_like(op(x), dtype=torch.float32)
 
     def fwd():
         with torch.no_grad():
@@ -239,21 +259,22 @@ def main(argv=None):
     common.set_threads(args.threads)
     import numpy as np
     import torch
+    from minivgg import backend
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
         torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
         torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm per shape
-        from minivgg import backend
         backend.require_cuda()
         backend.set_tf32(args.tf32 == "on")  # minivgg's switch; it overrides CUPY_TF32
+    backend.set_precision(args.precision)
     batch = args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
     wanted = [w for w in args.only.split(",") if w]
     passes = [p for p in args.passes.split(",") if p]
 
     rows = []
     print(f"batch {batch}, {args.threads} threads, device {args.device}, conv "
-          f"{','.join(args.algos)}, load {common.load_average()}")
+          f"{','.join(args.algos)}, {args.precision}, load {common.load_average()}")
     if common.load_warning(args.device):
         print(common.load_warning(args.device), file=sys.stderr)
     for name, kind, spec, flops_fwd in net_layers(args.net, batch):
@@ -261,7 +282,7 @@ def main(argv=None):
             continue
         rng = np.random.default_rng(0)
         ours = minivgg_layer(kind, spec, batch, args.device, rng)
-        ref = torch_layer(kind, spec, batch, args.device, 0)
+        ref = torch_layer(kind, spec, batch, args.device, 0, args.precision)
         first = kind == "conv" and spec[0] == 3
         algos = args.algos if kind == "conv" else args.algos[:1]
         for pas in passes:
@@ -300,6 +321,8 @@ def main(argv=None):
             f"fc{NETS[args.net][3]} {NETS[args.net][1]}px), {args.device}, batch {batch}"
     if args.device == "cuda":
         title += f", TF32 {args.tf32}"
+    if args.precision != "fp32":
+        title += f", {args.precision} (torch: CPU autocast {args.precision})"
     text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + "\n\nShapes: conv C x OC x H x K x padding, pool C x H x K, " \
         "lrn C x H, fc in x out. Times are medians; the time ratio is the median of the " \

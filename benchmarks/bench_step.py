@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--conv-algo", default="auto", choices=CONV_ALGORITHMS,
                    help="minivgg's 3x3 conv algorithm (minivgg.backend.set_conv_algorithm; "
                         "default auto: direct or Winograd per layer by a fixed shape rule)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="CPU only: minivgg's GEMMs (backend.set_precision); bf16 runs "
+                        "PyTorch's step under torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--append", action="store_true", help="append the table to the README")
     p.add_argument("--worker", choices=["minivgg", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -114,6 +117,7 @@ def minivgg_worker(args, case, batch):
         minivgg.backend.set_tf32(args.tf32 == "on")
     base = rss_mb()
     minivgg.backend.set_conv_algorithm(args.conv_algo)
+    minivgg.backend.set_precision(args.precision)
     config, width, fc_width, classes, size, _, _ = CASES[case]
     model = models.vgg(config, classes, width, fc_width, size, init="glorot", seed=0)
     if args.device == "cuda":
@@ -167,9 +171,12 @@ def torch_worker(args, case, batch):
     x = torch.randn(batch, 3, size, size, device=args.device)
     labels = torch.randint(0, classes, (batch,), device=args.device)
     loss_fn = torch.nn.CrossEntropyLoss()
+    # bf16: PyTorch's CPU mixed precision (its conv and linear in bf16, the loss in fp32)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step():
-        loss = loss_fn(model(x), labels)
+        with autocast:
+            loss = loss_fn(model(x), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -197,7 +204,7 @@ def run_worker(args, lib, case, batch):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--case", case,
            "--batch", str(batch), "--device", args.device, "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--tf32", args.tf32,
-           "--conv-algo", args.conv_algo]
+           "--conv-algo", args.conv_algo, "--precision", args.precision]
     return common.run_worker(cmd, f"{lib} worker for {case}")
 
 
@@ -213,8 +220,10 @@ def main(argv=None):
         return
 
     rows = []
-    print(f"{args.threads} threads, device {args.device}, conv {args.conv_algo}, load "
-          f"{common.load_average()}")
+    if args.precision != "fp32" and args.device != "cpu":
+        sys.exit("--precision bf16 runs on the CPU only (the GPU keeps fp32/TF32)")
+    print(f"{args.threads} threads, device {args.device}, conv {args.conv_algo}, "
+          f"{args.precision}, load {common.load_average()}")
     if common.load_warning(args.device):
         print(common.load_warning(args.device), file=sys.stderr)
     for case in [c for c in args.cases.split(",") if c]:
@@ -260,6 +269,8 @@ def main(argv=None):
     title = f"Training step, {args.device}, minivgg conv {args.conv_algo}"
     if args.device == "cuda":
         title += f", TF32 {args.tf32}"
+    if args.precision != "fp32":
+        title += f", {args.precision} (torch: CPU autocast {args.precision})"
     mem_note = ("GPU memory pool high-water mark" if args.device == "cuda" else
                 "peak RSS (VmHWM) during the timed steps, reset after warm-up")
     text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(

@@ -81,6 +81,9 @@ def parse_args(argv=None):
                    help="how 3x3 convs run (default: auto, Winograd where it was measured "
                         "faster, by a fixed rule of the layer shape; or im2col, winograd, "
                         "winograd4)")
+    p.add_argument("--precision", choices=backend.PRECISIONS, default="fp32",
+                   help="the CPU's conv and fc GEMMs: fp32 (default) or bf16 operands with "
+                        "fp32 sums on AMX tiles")
     p.add_argument("-p", "--print-freq", type=int, default=1,
                    help="progress line every N chunks of 32 images (0: none)")
     return p.parse_args(argv)
@@ -184,6 +187,9 @@ def main(argv=None):
                          f"{args.print_freq}")
     backend.check_device(args.device)
     backend.set_conv_algorithm(args.conv_algo)
+    if args.precision != "fp32" and args.device != "cpu":
+        raise UsageError(f"--precision {args.precision} runs on the CPU only (AMX tiles)")
+    backend.set_precision(args.precision)
     nets, metas = load_nets(args.checkpoints, args.device, args.batch_size, args.data,
                             args.dense_align, args.ceil_mode)
     s_texts, default_qs = zip(*(training_scales(m) for m in metas))

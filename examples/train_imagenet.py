@@ -58,6 +58,10 @@ def parse_args(argv=None):
                    help="how 3x3 convs run: auto (default: Winograd F(4x4,3x3) or F(2x2,3x3) "
                    "where it was measured faster, by a fixed rule of the layer shape), "
                    "im2col, winograd (F(2x2,3x3)) or winograd4 (F(4x4,3x3))")
+    p.add_argument("--precision", choices=backend.PRECISIONS,
+                   help="the CPU's conv and fc GEMMs: fp32 (default for a new run) or bf16 "
+                        "operands with fp32 sums on AMX tiles; a resume keeps the stored "
+                        "one unless given (weights and checkpoints stay fp32)")
     p.add_argument("--threads", type=int,
                    help="kernel threads per process (default: all cores; under mpirun: "
                         "cores / processes on the machine)")

@@ -32,6 +32,9 @@ from minivgg import nn, optim  # noqa: E402
 from minivgg.kernels import cpu as kernels  # noqa: E402
 from minivgg.kernels import reference  # noqa: E402
 from minivgg.kernels import winograd  # noqa: E402
+from minivgg.kernels.cpu import amx  # noqa: E402
+from minivgg.kernels.cpu.amx_isa import amx_available  # noqa: E402
+from minivgg.kernels.cpu.bf16 import from_bf16, to_bf16  # noqa: E402
 from minivgg.models import CONFIGS, VGG, parse_layer, vgg  # noqa: E402
 from minivgg.summary import layer_table  # noqa: E402
 from minivgg.tensor import Function, Tensor, _topological_order  # noqa: E402
@@ -384,6 +387,47 @@ def winograd_accuracy():
         error = np.abs(y - exact).max() / np.sqrt((exact ** 2).mean())
         bound = next(b for b in (1e-6, 1e-5, 1e-4, 1e-3) if error < b)
         print(f"  {name:12s} below {bound:.0e}")
+
+
+@section
+def bf16_bits():
+    x = np.float32(np.pi)
+    bits = int(x.view(np.uint32))
+    rounded = int(to_bf16(x)[0])
+    value = from_bf16(np.uint16(rounded))
+
+    def fields(b, mantissa_bits):
+        text = f"{b:0{9 + mantissa_bits}b}"
+        return f"{text[0]} {text[1:9]} {text[9:]}"
+    print(f"pi as float32: {x:.8f}")
+    print(f"  float32 bits  {fields(bits, 23)}   sign, 8 exponent, 23 mantissa")
+    print(f"  bf16 bits     {fields(rounded, 7)}           the top 16, rounded to nearest")
+    print(f"  bf16 value    {float(value):.8f}   relative error {abs(value - x) / x:.1e}")
+    print(f"bf16's unit roundoff 2^-8 = {2.0 ** -8:.1e}; float32's 2^-24 = {2.0 ** -24:.1e}")
+
+
+@section
+def vnni_layout():
+    B = np.arange(1, 13, dtype=np.float32).reshape(4, 3)  # K = 4 rows, N = 3 columns
+    tile = amx.pack_b(B).tiles[0, 0]  # (16 pair rows, 16 columns, 2): the first B tile
+    print("B (K=4 x N=3):")
+    print(B.astype(int))
+    print("its B tile, pair rows p = 0, 1 (row p holds K rows 2p and 2p+1, interleaved),")
+    print("first 3 of 16 columns, as (B[2p, j], B[2p+1, j]) pairs:")
+    for p in range(2):
+        pairs = [tuple(int(v) for v in from_bf16(tile[p, j])) for j in range(3)]
+        print(f"  p={p}: " + "  ".join(f"({a:2d},{b:2d})" for a, b in pairs))
+
+
+@section
+def tile_multiply():
+    A = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)   # M = 2, K = 4
+    B = np.arange(1, 13, dtype=np.float32).reshape(4, 3)     # K = 4, N = 3
+    terms = " + ".join(f"{A[0, 2 * p]:.0f}*{B[2 * p, 0]:.0f} + {A[0, 2 * p + 1]:.0f}*"
+                       f"{B[2 * p + 1, 0]:.0f}" for p in range(2))
+    print(f"C[0, 0] = sum over pairs p: {terms} = {(A @ B)[0, 0]:.0f}")
+    print("gemm_bf16(A, B), fp32 sums of bf16 products (AMX tiles, or their fallback):")
+    print(amx.gemm_bf16(A, B, amx=None if amx_available()[0] else False).astype(int))
 
 
 # ----------------------------------------------------------------------------------------

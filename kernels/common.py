@@ -158,12 +158,13 @@ def conv2d_forward(dev: "Primitives", x, W, b, stride, padding):
     b = xp.zeros(OC, dtype=x.dtype) if b is None else xp.ascontiguousarray(b, dtype=x.dtype)
     y = xp.empty((N, OC, OH, OW), dtype=x.dtype)
     chunks = _plan(dev, x, W, OH, OW)
+    Wmat = dev.pack_weights(Wmat)  # once per call, not per chunk
 
     def job(t0, t1):
         for n0, n1, oy0, oy1 in chunks[t0:t1]:
             P = (n1 - n0) * (oy1 - oy0) * OW
             cols = dev.workspace("cols", (Wmat.shape[1], P), x.dtype)
-            dev.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+            cols = dev.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, False)
             if n1 - n0 == 1:
                 ycols = y[n0].reshape(OC, OH * OW)[:, oy0 * OW:oy1 * OW]
                 dev.matmul(Wmat, cols, ycols)
@@ -196,8 +197,8 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
     (SH, SW), (PH, PW) = stride, padding
     OH, OW = gy.shape[2], gy.shape[3]
     x, gy = xp.ascontiguousarray(x), xp.ascontiguousarray(gy)
-    Wmat = xp.ascontiguousarray(W).reshape(OC, -1)
-    CKK = Wmat.shape[1]
+    Wmat, CKK = xp.ascontiguousarray(W).reshape(OC, -1), C * KH * KW
+    WmatT = dev.pack_weights(Wmat.T) if need_gx else None  # once per call, not per chunk
     # NOTE: zeros, not empty: a band's col2im adds into the halo rows it shares with the
     # neighbouring band.
     gx = xp.zeros_like(x) if need_gx else None
@@ -213,16 +214,16 @@ def conv2d_backward(dev: "Primitives", x, W, gy, stride, padding, need_gx=True):
                 gycols = dev.workspace("ycols", (OC, P), x.dtype)
                 dev.nchw_to_cols(gy, n0, n1, oy0, oy1, gycols)
             cols = dev.workspace("cols", (CKK, P), x.dtype)
-            dev.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+            colsT = dev.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, True)
             if k == 0:
-                dev.matmul(gycols, cols.T, gW)
+                dev.matmul(gycols, colsT, gW)
             else:
                 part = dev.workspace("gW", (OC, CKK), x.dtype)
-                dev.matmul(gycols, cols.T, part)
+                dev.matmul(gycols, colsT, part)
                 gW += part
             if need_gx:
                 gcols = cols  # cols is spent: its buffer takes W^T @ gy (and is scratch)
-                dev.matmul(Wmat.T, gycols, gcols)
+                dev.matmul(WmatT, gycols, gcols)
                 dev.col2im_chunk(gcols, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, gx)
         return gW
 
@@ -296,6 +297,17 @@ class Primitives:
 
     def matmul(self, A, B, out):
         """out = A @ B for 2-D A, B (either may be a transposed view): the im2col GEMMs."""
+        raise NotImplementedError
+
+    def im2col_operand(self, x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, transposed):
+        """The chunk's im2col matrix as the GEMM operand `matmul` takes (its transpose with
+        `transposed`): cols filled by `im2col_chunk`, or (the CPU in bf16) packed tiles."""
+        raise NotImplementedError
+
+    def pack_weights(self, A):
+        """A (I, J) or a stack (T, I, J), made ready to be the left operand of `matmul` or
+        `point_gemms` in every chunk of a layer call (the CPU packs bf16 tiles once here; A
+        itself in fp32 and on the GPU)."""
         raise NotImplementedError
 
     # --- Winograd F(m×m, 3×3) (kernels/winograd.py); each device holds the matrices -----

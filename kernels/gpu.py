@@ -271,6 +271,15 @@ class CudaPrimitives(common.Primitives):
         """out = A @ B, one cuBLAS call; float32 in TF32 when `backend.set_tf32(True)`."""
         gemm(A, B, out, allow_tf32=True)
 
+    def im2col_operand(self, x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, transposed):
+        """cols filled by `im2col_chunk`, as the GEMM reads it (cols.T with `transposed`)."""
+        self.im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+        return cols.T if transposed else cols
+
+    def pack_weights(self, A):
+        """A itself: cuBLAS reads the weights as they are (the GPU stays fp32/TF32)."""
+        return A
+
     # --- Winograd (winograd.cu; its matrices are constants there) ------------------------
     def point_gemms(self, A, B, out):
         """out[t] = A[t] @ B[t] for every transform point t: one strided-batched cuBLAS

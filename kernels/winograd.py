@@ -206,7 +206,7 @@ def _convolve(dev: "Primitives", x, U, b, m):
     # half the traffic (deep layers' U is 38 MB, and their tiles miss L2 anyway).
     chunk_bytes = max(dev.winograd_chunk_bytes, U.nbytes)
     chunks = tile_chunks(N * TH, row_bytes, chunk_bytes, dev.num_parts(), TW)
-    Umat = U.reshape(a2, OC, C)
+    Umat = dev.pack_weights(U.reshape(a2, OC, C))  # once per call, not per chunk
 
     def job(t0, t1):
         for r0, r1 in chunks[t0:t1]:

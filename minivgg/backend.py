@@ -157,8 +157,12 @@ def array_module(a):
 
 def kernels_for(a):
     """The kernel table (module) for the device that holds `a`."""
-    found = _backend_of(a)
-    return (found or _BY_NAME["cpu"]).kernels()
+    found = _backend_of(a) or _BY_NAME["cpu"]
+    if _precision != "fp32" and found.name != "cpu":
+        raise RuntimeError(f"precision {_precision!r} runs on the CPU only (AMX tiles); the GPU "
+                           f"keeps fp32 (or TF32, set_tf32): call set_precision('fp32') "
+                           f"before using {found.name!r} arrays")
+    return found.kernels()
 
 
 def to_numpy(a):
@@ -232,8 +236,13 @@ def conv_algorithm_for(x, W, stride, padding):
     if _conv_algorithm == "auto":
         N, C, H, Wd = x.shape
         device = device_of(x)
-        return winograd.auto_algorithm(device, N, C, H, Wd,
-                                       blocked=device == "cpu" and _blocked_is_fast(x))
+        picked = winograd.auto_algorithm(device, N, C, H, Wd,
+                                         blocked=device == "cpu" and _blocked_is_fast(x))
+        # NOTE: under bf16, im2col where the rule picks Winograd: F(4×4,3×3) with bf16
+        # operands errs 20× more than im2col (benchmarks/bf16_accuracy.md), F(2×2,3×3) 1.5×,
+        # and im2col's AMX GEMMs ran faster than F(2×2,3×3)'s on every VGG-16 layer
+        # (README.md, "bf16 on AMX"). "direct" and "blocked" stay, on bf16-rounded operands.
+        return "im2col" if _precision == "bf16" and picked.startswith("winograd") else picked
     return _conv_algorithm
 
 
@@ -242,6 +251,39 @@ def _blocked_is_fast(x):
     with AVX-512; elsewhere it runs plain loops, far slower than the other algorithms)."""
     from minivgg.kernels.cpu import blocked
     return x.dtype == np.float32 and not blocked.avx512_reason()
+
+
+# ----------------------------------------------------------------------------------------
+# Precision of the CPU's GEMMs: fp32, or bf16 operands with fp32 sums on AMX tiles
+# ----------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16")
+
+_precision = "fp32"
+
+
+def set_precision(name):
+    """Run the CPU's conv and fc GEMMs in `name`, one of `PRECISIONS`, from now on.
+
+    "bf16": every GEMM (im2col's three, Winograd's per-point products, the fc layers) takes
+    bf16-rounded operands and sums in fp32 on the AMX tiles (kernels/cpu/matmul.py);
+    the direct convolutions ("direct", "blocked") multiply bf16-rounded operands. Everything
+    else stays fp32.
+    Without AMX the same rounded operands go through the fp32 GEMMs, with one warning that
+    names the missing CPU feature. CPU only: ops on CUDA arrays raise while "bf16" is set
+    (the GPU keeps fp32, or TF32 with `set_tf32`). "fp32" gives the same bits as never
+    having switched.
+    """
+    global _precision
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+    importlib.import_module("minivgg.kernels.cpu.matmul").set_precision(name)
+    _precision = name
+
+
+def get_precision():
+    """"fp32" or "bf16", as `set_precision` left it."""
+    return _precision
 
 
 # ----------------------------------------------------------------------------------------

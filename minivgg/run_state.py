@@ -106,6 +106,7 @@ def training_meta(run, epochs_done):
             "scheduler": run.scheduler.state_dict(),
             "rng": {"host": backend.get_rng_state(), "loader_seed": run.loader_seed},
             "best_val_top1_err": run.best, "synthetic": cfg.synthetic,
+            "precision": backend.get_precision(),  # the weights themselves stay fp32
             "data_order": data_order(run.train_loader.dataset),
             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
 

@@ -58,6 +58,9 @@ class TrainConfig:
     # 3×3 convs by im2col, Winograd ("winograd", "winograd4"), or "auto": a fixed rule per
     # layer shape (kernels/winograd.py), so a resume with the same flag stays bit-identical
     conv_algo: str = "auto"
+    # the CPU's conv and fc GEMMs: "fp32", or "bf16" operands with fp32 sums on AMX tiles
+    # (backend.set_precision); None: fp32 for a new run, the stored one on resume
+    precision: str = None
     threads: int = None          # kernel threads; None: all cores, or under MPI
                                  # cores / ranks on the machine (distributed.init)
     output: str = None           # None: runs/<data name>-<arch>, or the --resume folder
@@ -132,6 +135,9 @@ def check_config(cfg):
         backend.set_conv_algorithm(cfg.conv_algo)
     except ValueError as e:
         raise TrainingError(f"--conv-algo: {e}") from e
+    if cfg.precision not in (None, *backend.PRECISIONS):
+        raise TrainingError(f"--precision must be one of {', '.join(backend.PRECISIONS)}, "
+                            f"got {cfg.precision!r}")
     try:
         return device, models.canonical_config(cfg.arch)
     except ValueError as e:

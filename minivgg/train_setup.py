@@ -78,6 +78,7 @@ def setup(cfg, log=print, group=None):
     device, arch = check_config(cfg)
     say = _with_label(log if group.is_root else _quiet, cfg.label)
     resumed = run_state.read_resume_checkpoint(cfg)  # first: it holds the data statistics
+    choose_precision(cfg, resumed, device)
     paths, lock = prepare_output(cfg, arch, group, say)
     try:
         run = _build(cfg, group, say, resumed, arch, device)
@@ -120,6 +121,17 @@ def _build(cfg, group, say, resumed, arch, device):
                paths=None, loader_seed=seed, log=say, start_epoch=start_epoch, best=best,
                last_good=cfg.resume, resume_progress=progress,
                replicas=Replicas(group, model.parameters()))
+
+
+def choose_precision(cfg, resumed, device):
+    """Set the GEMMs' precision: --precision, else the one that trained the --resume
+    checkpoint, else fp32; written back into `cfg` (and so into the checkpoints)."""
+    stored = resumed[2].get("precision", "fp32") if resumed else "fp32"
+    cfg.precision = cfg.precision or stored
+    if cfg.precision != "fp32" and device != "cpu":
+        raise TrainingError(f"--precision {cfg.precision} runs on the CPU only (AMX tiles); "
+                            f"on {device} use --precision fp32")
+    backend.set_precision(cfg.precision)
 
 
 def prepare_output(cfg, arch, group, say):
@@ -169,6 +181,7 @@ def describe(cfg, arch, model, train_set, val_set, device, resumed, group):
             + (f"..{cfg.scales[1]}" if cfg.scale_jitter else "")
             + f", crop {cfg.crop}, Q={cfg.Q}; batch {cfg.batch_size}, {cfg.workers} "
             f"workers, device {device}, conv {cfg.conv_algo}"
+            + (f", {cfg.precision} GEMMs" if cfg.precision not in (None, "fp32") else "")
             + (f"; {group.description}" if group.size > 1 else ""))
 
 

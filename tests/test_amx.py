@@ -162,10 +162,16 @@ def test_packed_tiles_start_on_a_cache_line():
         assert amx.pack_b(X).tiles.ctypes.data % 64 == 0
 
 
-def test_pack_of_a_transposed_view_equals_pack_of_the_copy():
-    X = np.random.default_rng(2).standard_normal((45, 70)).astype(np.float32)
+@pytest.mark.parametrize("shape", [(45, 70), (16, 32), (2, 1), (130, 97)])
+def test_pack_of_a_transposed_view_equals_pack_of_the_copy(shape):
+    # pack_b of a transposed view takes its own kernel (`_pack_b_rows`); so does a
+    # transposed column slice (a band of an image's gradient in the conv weight gradient)
+    X = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     assert np.array_equal(amx.pack_a(X, trans=True).tiles, amx.pack_a(X.T.copy()).tiles)
     assert np.array_equal(amx.pack_b(X, trans=True).tiles, amx.pack_b(X.T.copy()).tiles)
+    band = np.random.default_rng(3).standard_normal((shape[0], 2 * shape[1] + 5),
+                                                    dtype=np.float32)[:, 3:3 + shape[1]]
+    assert np.array_equal(amx.pack_b(band.T).tiles, amx.pack_b(band.T.copy()).tiles)
 
 
 # ----------------------------------------------------------------------------------------

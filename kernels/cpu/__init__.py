@@ -7,7 +7,7 @@ One module per op family, mirroring `kernels/cuda/*.cu`:
                    conv drivers (kernels/common.py, winograd.py, direct.py) call
     pool.py        max-pooling            lrn.py    local response normalisation
     activation.py  ReLU, dropout mask     loss.py   softmax cross-entropy
-    sgd.py         the SGD update         matmul.py the fc layers' products
+    sgd.py         the SGD update         matmul.py the GEMMs, fp32 or bf16 (AMX)
 
 This package exports the table's entry points (`common.ENTRY_POINTS`, the same names and
 parameters as `kernels/gpu.py`). Set `NUMBA_DISABLE_JIT=1` to run (and step through) every

@@ -208,6 +208,37 @@ def _pack_b_tiles(B, pairs, n0, n1):
                             pairs[n, kb, p, j] = low | (high << np.uint32(16))
 
 
+@njit(**JIT)
+def _pack_b_rows(S, pairs, n0, n1):
+    """pairs[n0:n1] of `Packed` B from B = S.T, S (N, K) float32 with contiguous rows.
+
+    NOTE: B's columns are S's rows, so a VNNI pair (B[k, j], B[k + 1, j]) is two adjacent
+    values of row j of S: 32 values of a row rounded to bf16 side by side *are* 16 pairs
+    (x86 is little-endian). One tile at a time: 16 rows of S, 128 bytes of each, rounded
+    into `rows` (contiguous, so the rounding vectorises), then the 16 x 16 pairs transposed
+    into the tile. (`_pack_b_tiles` on such a B reads one float per cache line.)
+    """
+    N, K = S.shape
+    Kb = pairs.shape[1]
+    rows = np.zeros((TILE_N, TILE_K), np.uint16)
+    rows_pairs = rows.view(np.uint32)  # (16, 16): pair p of row j at [j, p]
+    for n in range(n0, n1):
+        for kb in range(Kb):
+            k0 = kb * TILE_K
+            for j in range(TILE_N):
+                row = n * TILE_N + j
+                if row < N and k0 + TILE_K <= K:
+                    for k in range(TILE_K):
+                        rows[j, k] = bf16_bits(S[row, k0 + k])
+                else:
+                    for k in range(TILE_K):
+                        inside = row < N and k0 + k < K
+                        rows[j, k] = bf16_bits(S[row, k0 + k]) if inside else 0
+            for p in range(TILE_K // 2):
+                for j in range(TILE_N):
+                    pairs[n, kb, p, j] = rows_pairs[j, p]
+
+
 def _as_matrix(x, name):
     x = np.asarray(x)
     if x.ndim != 2:
@@ -242,7 +273,12 @@ def pack_b(B, trans=False, parallel=True):
     tiles = aligned_empty((_ceil_div(N, TILE_N), _ceil_div(K, TILE_K), TILE_K // 2, TILE_N, 2),
                           np.uint16)
     pairs = tiles.view(np.uint32)[..., 0]
-    spread(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size, parallel)
+    if B.strides[0] == B.itemsize and N > 1:  # B's columns lie in memory: `_pack_b_rows`
+        S = B.T
+        spread(lambda n0, n1: _pack_b_rows(S, pairs, n0, n1), tiles.shape[0], B.size, parallel)
+    else:
+        spread(lambda n0, n1: _pack_b_tiles(B, pairs, n0, n1), tiles.shape[0], B.size,
+               parallel)
     return Packed("B", tiles, K, N)
 
 

@@ -5,9 +5,10 @@ The drivers, `conv2d_forward` and `conv2d_backward`, are written once in `kernel
 (im2col), `kernels/winograd.py` and `kernels/direct.py` for both devices; `CpuPrimitives` at
 the end of this file hands them the CPU's kernels: the loops here, the Winograd transforms of
 `winograd.py`, the direct kernels of `direct.py` and the blocked direct convolution of
-`blocked_nchw.py` (NCHW in and out). The loops that move data are Numba
-kernels compiled once and cached on disk; the GEMMs are NumPy's BLAS, one per chunk, each on
-one thread of `runtime`'s pool. Shape legend: see `kernels/common.py`. The plain NumPy
+`blocked_nchw.py` (NCHW in and out). The loops that move data are Numba kernels compiled
+once and cached on disk; the GEMMs (`matmul.py`: NumPy's BLAS in fp32, the AMX tiles in
+bf16) are one per chunk, each on one thread of `runtime`'s pool. Shape legend: see
+`kernels/common.py`. The plain NumPy
 version of im2col that these are tested against is `kernels/reference.py`.
 """
 
@@ -17,8 +18,11 @@ from numba import njit
 from minivgg.kernels import common
 from minivgg.kernels.cpu import blocked_nchw
 from minivgg.kernels.cpu import direct as cpu_direct
+from minivgg.kernels.cpu import im2col_bf16
+from minivgg.kernels.cpu import matmul as cpu_matmul
 from minivgg.kernels.cpu import runtime
 from minivgg.kernels.cpu import winograd as cpu_winograd
+from minivgg.kernels.cpu.flat_copy import flat_span, wrapped_columns
 from minivgg.kernels.cpu.runtime import JIT, num_threads
 from minivgg.kernels.shapes import conv_output_size
 
@@ -112,12 +116,6 @@ def _im2col_general_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols):
 # 2-5x faster than copying row by row (each short row costs a slice and its bounds).
 
 @njit(**JIT)
-def _wrapped_columns(kx, PW, W):
-    """Columns ox whose input column ox + kx - PW falls outside 0..W-1: [0, lo) and [hi, W)."""
-    return min(W, max(0, PW - kx)), max(0, min(W, W + PW - kx))
-
-
-@njit(**JIT)
 def _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols):
     """`im2col_chunk` for SH = SW = 1 and OW = W, by flat copies (see above)."""
     N, C, H, W = x.shape
@@ -126,16 +124,9 @@ def _im2col_same_chunk(x, n0, n1, oy0, oy1, KH, KW, PH, PW, cols):
     KK = KH * KW
     for r in range(C * KK):
         c, ky, kx = r // KK, (r % KK) // KW, r % KW
-        # output rows oy0 <= oy < oy1 whose input row oy + ky - PH lies inside 0..H-1
-        oy_lo = min(oy1, max(oy0, PH - ky))
-        oy_hi = max(oy_lo, min(oy1, H + PH - ky))
-        a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
-        shift = oy0 * W + (ky - PH) * W + (kx - PW)  # cols entry p reads xf[..., p + shift]
-        # NOTE: a wrapped entry at either end of the plane would read outside it (index -1
-        # means the last element to NumPy); clip them: they are zeroed below anyway.
-        lo = max(a, -shift)
-        hi = max(lo, min(b, H * W - shift))
-        ox_lo, ox_hi = _wrapped_columns(kx, PW, W)
+        # cols entry p reads xf[..., p + shift] for a <= p < b (clipped to [lo, hi))
+        a, b, shift, lo, hi = flat_span(oy0, oy1, ky, kx, PH, PW, H, W)
+        ox_lo, ox_hi = wrapped_columns(kx, PW, W)
         for i in range(n1 - n0):
             dst = cols[r, i * block:(i + 1) * block]
             dst[:a] = 0
@@ -167,14 +158,9 @@ def _col2im_same_chunk(cols, n0, n1, oy0, oy1, KH, KW, PH, PW, gx):
         i, c = task // C, task % C
         for k in range(KK):
             ky, kx = k // KW, k % KW
-            oy_lo = min(oy1, max(oy0, PH - ky))
-            oy_hi = max(oy_lo, min(oy1, H + PH - ky))
-            a, b = (oy_lo - oy0) * W, (oy_hi - oy0) * W
-            shift = oy0 * W + (ky - PH) * W + (kx - PW)
-            lo = max(a, -shift)
-            hi = max(lo, min(b, H * W - shift))
+            a, b, shift, lo, hi = flat_span(oy0, oy1, ky, kx, PH, PW, H, W)
             src = cols[c * KK + k, i * block:(i + 1) * block]
-            ox_lo, ox_hi = _wrapped_columns(kx, PW, W)
+            ox_lo, ox_hi = wrapped_columns(kx, PW, W)
             for q in range(a, b, W):  # scalar loops: a strided slice per column costs more
                 for ox in range(ox_lo):
                     src[q + ox] = 0
@@ -294,9 +280,48 @@ class CpuPrimitives(common.Primitives):
         return num_threads()
 
     @staticmethod
-    def matmul(A, B, out):
-        """out = A @ B by NumPy's BLAS (single-threaded inside the pool's threads)."""
-        np.matmul(A, B, out=out)
+    def direct_conv(x, W, b, y):
+        """`cpu/direct.py`'s kernel, on bf16-rounded x and W under bf16 (no GEMM to
+        hand them to: the rounding is the whole of bf16 here)."""
+        round_operand = cpu_matmul.round_operand
+        cpu_direct.direct_conv(round_operand(x), round_operand(W), b, y)
+
+    @staticmethod
+    def direct_weight_grad(x, gy, gW):
+        """`cpu/direct.py`'s kernel, on bf16-rounded x and gy under bf16."""
+        round_operand = cpu_matmul.round_operand
+        cpu_direct.direct_weight_grad(round_operand(x), round_operand(gy), gW)
+
+    @staticmethod
+    def im2col_operand(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols, transposed):
+        """cols filled by `im2col_chunk` (cols.T with `transposed`); under bf16 on AMX, for
+        "same" convolutions, bf16 tiles packed straight from x (`cpu/im2col_bf16.py`)."""
+        if cpu_matmul.packs_bf16(x) and flat_copy_applies(SH, SW, PW, KW, x.shape[3]):
+            return im2col_bf16.im2col_operand(x, n0, n1, oy0, oy1, KH, KW, PH, PW, transposed)
+        im2col_chunk(x, n0, n1, oy0, oy1, KH, KW, SH, SW, PH, PW, cols)
+        return cols.T if transposed else cols
+
+    @staticmethod
+    def blocked_conv2d_forward(x, W, b):
+        """`cpu/blocked_nchw.py`'s, on bf16-rounded x and W under bf16 (a direct
+        convolution: no GEMM for the AMX tiles)."""
+        round_operand = cpu_matmul.round_operand
+        return blocked_nchw.blocked_conv2d_forward(round_operand(x), round_operand(W), b)
+
+    @staticmethod
+    def blocked_conv2d_backward(x, W, gy, need_gx):
+        """`cpu/blocked_nchw.py`'s, on bf16-rounded x, W and gy under bf16; the bias
+        gradient, a reduction, stays the fp32 sum of gy."""
+        rounded = [cpu_matmul.round_operand(a) for a in (x, W, gy)]
+        gx, gW, gb = blocked_nchw.blocked_conv2d_backward(*rounded, need_gx)
+        if rounded[2] is not gy:  # bf16: gb from the fp32 gy
+            gb = gy.sum(axis=(0, 2, 3))
+        return gx, gW, gb
+
+    # the GEMMs, in the precision `backend.set_precision` chose (cpu/matmul.py)
+    matmul = staticmethod(cpu_matmul.matmul)
+    point_gemms = staticmethod(cpu_matmul.point_gemms)
+    pack_weights = staticmethod(cpu_matmul.pack_weights)
 
     map_ranges = staticmethod(runtime.map_ranges)
     workspace = staticmethod(runtime.workspace)
@@ -305,16 +330,11 @@ class CpuPrimitives(common.Primitives):
     cols_to_nchw = staticmethod(cols_to_nchw)
     nchw_to_cols = staticmethod(nchw_to_cols)
     add_bias = staticmethod(add_bias)
-    point_gemms = staticmethod(cpu_winograd.point_gemms)
     input_transform = staticmethod(cpu_winograd.input_transform)
     grad_output_transform = staticmethod(cpu_winograd.grad_output_transform)
     output_transform = staticmethod(cpu_winograd.output_transform)
     filter_transform = staticmethod(cpu_winograd.filter_transform)
     filter_grad_transform = staticmethod(cpu_winograd.filter_grad_transform)
-    direct_conv = staticmethod(cpu_direct.direct_conv)
-    direct_weight_grad = staticmethod(cpu_direct.direct_weight_grad)
-    blocked_conv2d_forward = staticmethod(blocked_nchw.blocked_conv2d_forward)
-    blocked_conv2d_backward = staticmethod(blocked_nchw.blocked_conv2d_backward)
 
 
 PRIMITIVES = CpuPrimitives()

@@ -144,3 +144,24 @@ def test_report_gives_seed_intervals_and_welchs_test(study, tmp_path):
     assert "| A features vs A scratch | 5 | +30.0 points" in doc
     assert "| A | features of an untrained net | pending | pending |" in doc
     assert "| A features vs A untrained | 5 | pending (2 seeds each needed) | |" in doc
+
+
+def test_depth_finding_names_where_the_difference_holds(study, tmp_path):
+    """A win at one shot count and no significant difference at another is said as such,
+    and the source nets' own errors are compared beside it."""
+    rec = tmp_path / "rec"
+    acc = {"A": ([50.0, 58.0, 44.0], [70.0, 71.0, 72.0]),
+           "D": ([52.0, 45.0, 57.0], [60.0, 61.0, 62.0])}
+    for arch, (five, every) in acc.items():
+        for s in range(3):
+            write_record(rec, f"feat-src-{arch}-s{s}", kind="features", arch=arch, seed=s,
+                         accuracy={"5": five[s] / 100, "all": every[s] / 100})
+            write_record(rec, f"src-{arch}-s{s}", kind="train", arch=arch, seed=s, epochs=12,
+                         final_val_top1_err=(0.30 if arch == "A" else 0.40) + 0.01 * s)
+    args = study.parse_args(["data", "--record", str(rec), "--doc",
+                             str(tmp_path / "t.md"), "--shots", "5", "all"])
+    study.write_report(args)
+    doc = (tmp_path / "t.md").read_text()
+    assert ("**A's features transfer better at all labelled images per class; no significant "
+            "difference at 5 labelled images per class**") in doc
+    assert "D − A = +10.0 points (p < 0.001). After 12 epochs the deeper net is" in doc

@@ -556,3 +556,21 @@ def test_sgd_update_matches_pytorch_convention(dtype):
     cpu.sgd_update(ws, gs, vs, 0.1, 0.9, 5e-4)
     for got, want in zip(ws + vs, want_w + want_v):
         np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("setting, expected", [("0", "False"), ("1", "glibc")])
+def test_keeping_freed_memory_can_be_turned_off(setting, expected):
+    """runtime asks glibc to keep freed memory (process-wide) unless
+    MINIVGG_KEEP_FREED_MEMORY=0; off glibc it cannot ask and says False."""
+    import platform
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MINIVGG_KEEP_FREED_MEMORY=setting,
+               PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", "from minivgg.kernels.cpu import runtime; "
+                          "print(runtime.KEEPS_FREED_MEMORY)"], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    if expected == "glibc":
+        expected = str(platform.libc_ver()[0] == "glibc")
+    assert out == expected

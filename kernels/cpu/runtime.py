@@ -125,7 +125,11 @@ def _keep_freed_memory():
     memory kept. The peak resident size stays the same (264 and 288 MB above the imports
     for the small recipe, 2855 and 2878 MB for VGG-D at 224, batch 8), but the process no
     longer hands memory back to the system until it exits. Elsewhere than glibc: nothing.
+    The setting is process-wide, made when the CPU kernels are first imported; a program
+    that embeds minivgg and wants glibc's default sets MINIVGG_KEEP_FREED_MEMORY=0.
     """
+    if os.environ.get("MINIVGG_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

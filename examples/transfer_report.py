@@ -151,10 +151,8 @@ def source_finding(records, args):
     return text
 
 
-def write_report(args, names):
-    """docs/transfer.md (args.doc) from the records in args.record; `names`: every run."""
-    records = load_records(args)
-    done = sum(n in records for n in names)
+def accuracy_rows(records, args):
+    """The table's rows: each method and net, a cell per shot count."""
     rows = []
     for label, prefix in (("features of the source-trained net", "feat-src"),
                           ("features of an untrained net", "feat-untrained"),
@@ -162,6 +160,12 @@ def write_report(args, names):
         for arch in args.archs:
             rows.append(f"| {arch} | {label} | " + " | ".join(
                 cell(accuracies(records, prefix, arch, k)) for k in args.shots) + " |")
+    return rows
+
+
+def test_rows(records, args):
+    """Welch's tests: D against A features, and each net's features against its untrained
+    twin and against training from scratch, per shot count."""
     tests = []
     for k in args.shots:
         a, d = args.archs[0], args.archs[-1]
@@ -175,6 +179,33 @@ def write_report(args, names):
                                     accuracies(records, "feat-untrained", arch, k), k))
             tests.append(comparison(f"{arch} features", feats, f"{arch} scratch",
                                     accuracies(records, "scratch", arch, k), k))
+    return tests
+
+
+def setting_text(args):
+    """The report's "Setting" paragraph: the split, the recipe, the features, the baselines."""
+    return f"""**Setting.** The first half of the classes in sorted wnid order is the source task (on
+Imagenette: tench, English springer, cassette player, chain saw, church), the second half
+the target task (French horn, garbage truck, gas pump, golf ball, parachute). Nets
+{' and '.join(args.archs)} are trained on the source classes only ({args.seeds} seed(s)
+each, the README's small recipe: width 0.25, fc 512, 64-pixel crops from S = 72,
+{args.epochs} epochs). Their `{args.layer}` features of the target
+images (dense at Q ∈ {{{', '.join(map(str, args.scales))}}}, averaged over flips and
+scales, L2-normalised: App. B's recipe, its Q scaled by 64/224) feed a linear SVM
+(scikit-learn's LinearSVC, C = {args.C}) trained on k labelled target images per class
+(the same k images for every method of a seed), scored on all target val images. The
+baselines: the same features from an untrained net (Glorot init), and the same
+architecture trained from scratch on the k labelled images (up to {args.max_epochs}
+epochs, so a small k still gets SGD steps), scored densely at the same Q with flips.
+Cells: mean target val accuracy (%) over seeds ± the half-width of the 95% t interval;
+comparisons use Welch's t-test over seeds (two-sided)."""
+
+
+def write_report(args, names):
+    """docs/transfer.md (args.doc) from the records in args.record; `names`: every run."""
+    records = load_records(args)
+    done = sum(n in records for n in names)
+    rows, tests = accuracy_rows(records, args), test_rows(records, args)
     source = [f"| {n} | {rec['epochs']} | {100 * rec['final_val_top1_err']:.1f} |"
               for n, rec in records.items() if rec.get("kind") == "train"]
     paper = ";\n".join(f"{task} {score}" for task, score in PAPER_APP_B)
@@ -191,21 +222,7 @@ PYTHONPATH=$PWD python examples/transfer_study.py {data} --out {out}
 PYTHONPATH=$PWD python examples/transfer_study.py {data} --out {out} --doc-only
 ```
 
-**Setting.** The first half of the classes in sorted wnid order is the source task (on
-Imagenette: tench, English springer, cassette player, chain saw, church), the second half
-the target task (French horn, garbage truck, gas pump, golf ball, parachute). Nets
-{' and '.join(args.archs)} are trained on the source classes only ({args.seeds} seed(s)
-each, the README's small recipe: width 0.25, fc 512, 64-pixel crops from S = 72,
-{args.epochs} epochs). Their `{args.layer}` features of the target
-images (dense at Q ∈ {{{', '.join(map(str, args.scales))}}}, averaged over flips and
-scales, L2-normalised: App. B's recipe, its Q scaled by 64/224) feed a linear SVM
-(scikit-learn's LinearSVC, C = {args.C}) trained on k labelled target images per class
-(the same k images for every method of a seed), scored on all target val images. The
-baselines: the same features from an untrained net (Glorot init), and the same
-architecture trained from scratch on the k labelled images (up to {args.max_epochs}
-epochs, so a small k still gets SGD steps), scored densely at the same Q with flips.
-Cells: mean target val accuracy (%) over seeds ± the half-width of the 95% t interval;
-comparisons use Welch's t-test over seeds (two-sided).
+{setting_text(args)}
 
 ## Target val accuracy (%)
 

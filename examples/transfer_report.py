@@ -17,7 +17,7 @@ import numpy as np
 
 from minivgg import checkpoint
 from reproduce_tables import read_json
-from reproduction_report import p_text
+from reproduction_stats import p_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's App. B (D and E as fixed feature extractors, linear SVM), for orientation.

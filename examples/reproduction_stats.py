@@ -1,0 +1,228 @@
+"""Reading the study's runs, and the statistics the verdicts of docs/reproduction.md rest on.
+
+`Results` gathers what the run folders hold (metrics.csv, timing.json, posteriors.npz) and
+scores the soft-max outputs; the rest turns errors into the report's words:
+
+* A single run's 95% interval is Wilson's binomial interval over the test images: it
+  measures test-sample noise only (`wilson`, `cell`).
+* Training noise is measured by the seeds (`seed_noise`): a difference smaller than the
+  largest seed-to-seed difference seen is called "within noise" (`verdict`); where the
+  paper's finding is itself "no difference", one within noise is "consistent".
+* Two protocols or nets scored on the *same* images are compared by an exact McNemar test
+  (`paired_test`), and a direction across nets by a sign test (`sign_test`).
+
+Used by examples/reproduction_sections.py (the tables) and examples/reproduction_report.py
+(the plots and the document); `p_text` also by examples/transfer_report.py.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from minivgg import evaluate, metrics
+from reproduce_tables import epochs_done, read_json, results_folder
+
+PENDING = "pending"
+LAST_EPOCHS = 3  # the report's "mean of the last epochs" of the val curve
+
+
+# ----------------------------------------------------------------------------------------
+# Reading the runs
+# ----------------------------------------------------------------------------------------
+
+class Results:
+    """What is known about each run: curves, timing and test-set soft-max outputs."""
+
+    def __init__(self, args, study):
+        self.args, self.study, self.epochs = args, study, args.epochs
+        self.rows, self.parts, self.timing, self.done = {}, {}, {}, {}
+        for run in study:
+            path = results_folder(args, run)
+            try:
+                self.rows[run.name] = metrics.read_metrics(os.path.join(path, "metrics.csv"))
+            except (OSError, ValueError):
+                self.rows[run.name] = []
+            self.done[run.name] = epochs_done(args, run) >= args.epochs
+            self.timing[run.name] = read_json(os.path.join(path, "timing.json"), [])
+            npz = os.path.join(path, "posteriors.npz")
+            self.parts[run.name] = dict(np.load(npz)) if os.path.isfile(npz) else {}
+
+    def probs(self, name, key, subset=False):
+        """(probs, labels) of one run's part, restricted to the subset if asked; or None."""
+        parts = self.parts.get(name, {})
+        if key not in parts:
+            return None
+        probs, labels = parts[key], parts["labels"]
+        if key.startswith("multicrop"):
+            return probs, labels[parts["subset"]]
+        if subset:
+            return probs[parts["subset"]], labels[parts["subset"]]
+        return probs, labels
+
+    def combined(self, names, keys, subset=False):
+        """Soft-max averaged over `keys` (scales, methods) and runs (fusion) -> (p, y)."""
+        got = [self.probs(n, k, subset) for n in names for k in keys]
+        if not got or any(g is None for g in got):
+            return None
+        return evaluate.average([p for p, _ in got]), got[0][1]
+
+    def error(self, names, keys, subset=False):
+        """(top-1 %, top-5 %, n) of the averaged soft-max, or None when pending."""
+        return errors(self.combined(names, keys, subset))
+
+    def final_val(self, name):
+        """Last epoch's centre-crop val top-1 % from metrics.csv (None if unfinished)."""
+        rows = self.rows.get(name) or []
+        if not self.done.get(name) or not rows:
+            return None
+        return 100.0 * float(rows[-1]["val_top1_err"])
+
+    def wall_seconds(self, name):
+        rows = self.rows.get(name) or []
+        return sum(float(r["seconds"]) for r in rows if r.get("seconds")) if rows else None
+
+
+def errors(out):
+    """(top-1 %, top-5 %, n) of soft-max outputs (probs, labels), or None when pending."""
+    if out is None:
+        return None
+    probs, labels = out
+    miss = metrics.topk_errors(probs, labels, (1, 5))
+    n = len(labels)
+    return 100.0 * miss[1] / n, 100.0 * miss[5] / n, n
+
+
+def wilson(err_percent, n, z=1.96):
+    """95% Wilson interval (in %) of an error rate measured on n images."""
+    p = err_percent / 100.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def binomial_half_width(err_percent, n, z=1.96):
+    """Half-width (points) of the normal-approximation 95% interval of an error rate."""
+    p = err_percent / 100.0
+    return 100 * z * math.sqrt(max(p * (1 - p), 1e-4) / n)
+
+
+def cell(err, with_ci=True):
+    """'42.3 [40.8, 43.9] / 8.1' or 'pending'."""
+    if err is None:
+        return PENDING
+    top1, top5, n = err
+    if not with_ci:
+        return f"{top1:.1f} / {top5:.1f}"
+    lo, hi = wilson(top1, n)
+    return f"{top1:.1f} [{lo:.1f}, {hi:.1f}] / {top5:.1f}"
+
+
+# ----------------------------------------------------------------------------------------
+# Paired comparisons
+# ----------------------------------------------------------------------------------------
+
+def sign_test(k, n):
+    """P(at least k of n fair coin flips land one way): the one-sided sign test."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+def paired_test(a, b):
+    """Exact McNemar test of two protocols scored on the *same* images.
+
+    a, b: (probs, labels). Only the images where exactly one of the two is right (top-1)
+    tell them apart; under "no difference" each such image is a fair coin flip. Returns
+    (only a right, only b right, two-sided p). Far more sensitive than comparing two
+    binomial intervals, which treat the two error rates as independent samples."""
+    right_a = a[0].argmax(1) == a[1]
+    right_b = b[0].argmax(1) == b[1]
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+    n = only_a + only_b  # two-sided: twice the tail beyond the larger count
+    return only_a, only_b, min(1.0, 2 * sign_test(max(only_a, only_b), n))
+
+
+def p_text(p):
+    """A p-value as the report prints it: small ones as a bound, not as 0.00."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+
+
+def paired_verdict(expected_winner, other_name, other):
+    """'reproduced' when `expected_winner` is right on significantly more images than
+    `other`, 'not reproduced' when significantly fewer, else 'within noise'."""
+    only_new, only_old, p = paired_test(expected_winner, other)
+    word = ("within noise" if p >= 0.05 else
+            "reproduced" if only_new > only_old else "not reproduced")
+    return (f"**{word}** (right only with it on {images(only_new)}, only with "
+            f"{other_name} on {only_old}: McNemar {p_text(p)})")
+
+
+def images(k):
+    return f"{k} image" + ("" if k == 1 else "s")
+
+
+# ----------------------------------------------------------------------------------------
+# Noise, and the verdicts' words
+# ----------------------------------------------------------------------------------------
+
+def seed_noise(res):
+    """Largest top-1 difference between seeds of the same net (dense, Q = 72), or None."""
+    gaps = []
+    for arch in ("A", "D"):
+        errs = [res.error([r.name], ["dense@72"]) for r in table3_runs(res, arch)]
+        errs = [e[0] for e in errs if e is not None]
+        if len(errs) >= 2:
+            gaps.append(max(errs) - min(errs))
+    return max(gaps) if gaps else None
+
+
+def noise_floor(noise):
+    """(points, where they come from): the seed noise, or ~ the binomial CI before seeds."""
+    if noise is not None:
+        return noise, "the largest seed-to-seed difference"
+    return 1.5, "about the binomial interval: *provisional*, seed noise not measured yet"
+
+
+def verdict(diff, noise, expect_negative=True, what="", null_finding=False):
+    """'reproduced', 'not reproduced' or 'within noise' for a difference in top-1 points.
+    null_finding: the paper itself found no difference, so one within noise is called
+    'consistent (within noise)'."""
+    if diff is None:
+        return f"{what}: {PENDING}."
+    floor, source = noise_floor(noise)
+    if abs(diff) <= floor:
+        word = "consistent (within noise)" if null_finding else "within noise"
+    elif (diff < 0) == expect_negative:
+        word = "reproduced"
+    else:
+        word = "not reproduced"
+    return (f"{what}: **{word}** (difference {diff:+.1f} top-1 points; noise taken as "
+            f"{floor:.1f} points, {source}).")
+
+
+def diff_of(a, b):
+    return None if a is None or b is None else a[0] - b[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Picking runs
+# ----------------------------------------------------------------------------------------
+
+def table3_runs(res, arch):
+    """minivgg runs of `arch` at fixed S with Glorot init: Table 3's seeds."""
+    return [r for r in res.study if r.arch == arch and r.engine == "minivgg" and not r.jitter
+            and not r.warm_from]
+
+
+def mean_error(res, runs, keys):
+    errs = [res.error([r.name], keys) for r in runs]
+    errs = [e for e in errs if e is not None]
+    if not errs:
+        return None, []
+    return (float(np.mean([e[0] for e in errs])), float(np.mean([e[1] for e in errs])),
+            errs[0][2]), errs
+
+
+def late_val(res, name, last=LAST_EPOCHS):
+    """Mean centre-crop val top-1 (%) over a run's last `last` epochs."""
+    rows = (res.rows.get(name) or [])[-last:]
+    return float(np.mean([100 * float(r["val_top1_err"]) for r in rows]))

@@ -256,8 +256,23 @@ def picked_by_auto(kind, spec, batch, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    batch = set_up(args)
+    wanted = [w for w in args.only.split(",") if w]
+    print(f"batch {batch}, {args.threads} threads, device {args.device}, conv "
+          f"{','.join(args.algos)}, {args.precision}, load {common.load_average()}")
+    if common.load_warning(args.device):
+        print(common.load_warning(args.device), file=sys.stderr)
+    rows = []
+    for name, kind, spec, flops_fwd in net_layers(args.net, batch):
+        if wanted and kind not in wanted and name not in wanted:
+            continue
+        rows += time_layer(args, batch, name, kind, spec, flops_fwd)
+    common.publish(report(args, batch, rows), args.append)
+
+
+def set_up(args):
+    """Threads, TF32 and precision of both libraries, as asked -> the batch size."""
     common.set_threads(args.threads)
-    import numpy as np
     import torch
     from minivgg import backend
     torch.set_num_threads(args.threads)
@@ -268,44 +283,42 @@ def main(argv=None):
         backend.require_cuda()
         backend.set_tf32(args.tf32 == "on")  # minivgg's switch; it overrides CUPY_TF32
     backend.set_precision(args.precision)
-    batch = args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
-    wanted = [w for w in args.only.split(",") if w]
-    passes = [p for p in args.passes.split(",") if p]
+    return args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
 
+
+def time_layer(args, batch, name, kind, spec, flops_fwd):
+    """Time one layer on both libraries, each asked pass -> its table rows (also printed)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    ours = minivgg_layer(kind, spec, batch, args.device, rng)
+    ref = torch_layer(kind, spec, batch, args.device, 0, args.precision)
+    first = kind == "conv" and spec[0] == 3
+    algos = args.algos if kind == "conv" else args.algos[:1]
     rows = []
-    print(f"batch {batch}, {args.threads} threads, device {args.device}, conv "
-          f"{','.join(args.algos)}, {args.precision}, load {common.load_average()}")
-    if common.load_warning(args.device):
-        print(common.load_warning(args.device), file=sys.stderr)
-    for name, kind, spec, flops_fwd in net_layers(args.net, batch):
-        if wanted and kind not in wanted and name not in wanted:
-            continue
-        rng = np.random.default_rng(0)
-        ours = minivgg_layer(kind, spec, batch, args.device, rng)
-        ref = torch_layer(kind, spec, batch, args.device, 0, args.precision)
-        first = kind == "conv" and spec[0] == 3
-        algos = args.algos if kind == "conv" else args.algos[:1]
-        for pas in passes:
-            fns = {a: with_conv_algorithm(a, ours[pas]) for a in algos}
-            raw = common.time_interleaved({**fns, "torch": ref[pas]}, args.repeats,
-                                          args.warmup, args.device, raw=True)
-            t = {lib: common.median(times) for lib, times in raw.items()}
-            mult = 1 if pas == "fwd" else (2 if first else 3)
-            flops = 2 * flops_fwd * mult
-            cells = [[f"{t[a] * 1e3:.1f}" if a in t else "-" for a in args.algos],
-                     [f"{common.gflops(flops, t[a]):.0f}" if a in t and flops else "-"
-                      for a in args.algos],
-                     [f"{common.median_ratio(raw[a], raw['torch']):.2f}" if a in t else "-"
-                      for a in args.algos]]
-            row = [name, kind, "x".join(map(str, spec)), pas, *cells[0], f"{t['torch'] * 1e3:.1f}",
-                   *cells[1], f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
-                   *cells[2]]
-            if "auto" in args.algos:
-                row.insert(4, picked_by_auto(kind, spec, batch, args.device))
-            rows.append(row)
-            print(" | ".join(row), flush=True)
-        del ours, ref
+    for pas in [p for p in args.passes.split(",") if p]:
+        fns = {a: with_conv_algorithm(a, ours[pas]) for a in algos}
+        raw = common.time_interleaved({**fns, "torch": ref[pas]}, args.repeats,
+                                      args.warmup, args.device, raw=True)
+        t = {lib: common.median(times) for lib, times in raw.items()}
+        mult = 1 if pas == "fwd" else (2 if first else 3)
+        flops = 2 * flops_fwd * mult
+        cells = [[f"{t[a] * 1e3:.1f}" if a in t else "-" for a in args.algos],
+                 [f"{common.gflops(flops, t[a]):.0f}" if a in t and flops else "-"
+                  for a in args.algos],
+                 [f"{common.median_ratio(raw[a], raw['torch']):.2f}" if a in t else "-"
+                  for a in args.algos]]
+        row = [name, kind, "x".join(map(str, spec)), pas, *cells[0], f"{t['torch'] * 1e3:.1f}",
+               *cells[1], f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
+               *cells[2]]
+        if "auto" in args.algos:
+            row.insert(4, picked_by_auto(kind, spec, batch, args.device))
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+    return rows
 
+
+def report(args, batch, rows):
+    """The Markdown table of `rows` under its title and the machine's header."""
     ref_name = "cuDNN" if args.device == "cuda" else "torch"
     # a single algorithm keeps the old column names; several get one column each
     names = ["minivgg"] if args.algos == ["im2col"] else [f"minivgg {a}" for a in args.algos]
@@ -323,12 +336,11 @@ def main(argv=None):
         title += f", TF32 {args.tf32}"
     if args.precision != "fp32":
         title += f", {args.precision} (torch: CPU autocast {args.precision})"
-    text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
+    return common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + "\n\nShapes: conv C x OC x H x K x padding, pool C x H x K, " \
         "lrn C x H, fc in x out. Times are medians; the time ratio is the median of the " \
         "per-round ratios. Time ratio below 1 means minivgg is faster. GFLOP/s count the " \
         "direct algorithm's FLOPs, so Winograd's are effective rates."
-    common.publish(text, args.append)
 
 
 if __name__ == "__main__":

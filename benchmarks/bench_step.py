@@ -227,40 +227,50 @@ def main(argv=None):
     if common.load_warning(args.device):
         print(common.load_warning(args.device), file=sys.stderr)
     for case in [c for c in args.cases.split(",") if c]:
-        config, width, fc_width, classes, size, cpu_batch, gpu_batch = CASES[case]
-        batch = args.batch or (gpu_batch if args.device == "cuda" else cpu_batch)
-        results = {"minivgg": [], "torch": []}
-        for _ in range(args.rounds):
-            for lib in ("minivgg", "torch"):
-                results[lib].append(run_worker(args, lib, case, batch))
-                r = results[lib][-1]
-                print(f"  {case} {lib}: steps {['%.3f' % t for t in r['times']]} s, "
-                      f"peak {r['peak_mb']:.0f} MB", flush=True)
-        t = {lib: common.median([s for r in rs for s in r["times"]])
-             for lib, rs in results.items()}
-        # The speed ratio of each worker pair (ran back to back, so under about the same
-        # load), then the median over pairs: see `common.median_ratio`.
-        pair_t = {lib: [common.median(r["times"]) for r in rs] for lib, rs in results.items()}
-        speed_ratio = common.median_ratio(pair_t["torch"], pair_t["minivgg"])
-        print(f"  {case} speed ratio per pair: "
-              f"{['%.2f' % (b / a) for a, b in zip(pair_t['minivgg'], pair_t['torch'])]}")
-        peak = {lib: max(r["peak_mb"] for r in rs) for lib, rs in results.items()}
-        above = {lib: max(r["peak_mb"] - r["base_mb"] for r in rs)
-                 for lib, rs in results.items()}
-        _, table = common.layer_rows(config, size, width, fc_width, classes)
-        flops = common.training_flops(table, batch)
-        label = f"{config} w{width:g} fc{fc_width} {size}px" if case == "small" else \
-            f"{config} {size}px"
-        rows.append([label, batch, f"{t['minivgg']:.3f}", f"{t['torch']:.3f}",
-                     f"{batch / t['minivgg']:.1f}", f"{batch / t['torch']:.1f}",
-                     f"{speed_ratio:.2f}",
-                     f"{common.gflops(flops, t['minivgg']):.0f}",
-                     f"{common.gflops(flops, t['torch']):.0f}",
-                     f"{peak['minivgg']:.0f} / {above['minivgg']:.0f}",
-                     f"{peak['torch']:.0f} / {above['torch']:.0f}",
-                     f"{above['minivgg'] / above['torch']:.2f}"])
+        rows.append(time_case(args, case))
         print(" | ".join(str(v) for v in rows[-1]), flush=True)
+    common.publish(report(args, rows), args.append)
 
+
+def time_case(args, case):
+    """Time `case`'s training step in `args.rounds` worker pairs (minivgg, then PyTorch,
+    back to back) -> its table row."""
+    config, width, fc_width, classes, size, cpu_batch, gpu_batch = CASES[case]
+    batch = args.batch or (gpu_batch if args.device == "cuda" else cpu_batch)
+    results = {"minivgg": [], "torch": []}
+    for _ in range(args.rounds):
+        for lib in ("minivgg", "torch"):
+            results[lib].append(run_worker(args, lib, case, batch))
+            r = results[lib][-1]
+            print(f"  {case} {lib}: steps {['%.3f' % t for t in r['times']]} s, "
+                  f"peak {r['peak_mb']:.0f} MB", flush=True)
+    t = {lib: common.median([s for r in rs for s in r["times"]])
+         for lib, rs in results.items()}
+    # The speed ratio of each worker pair (ran back to back, so under about the same
+    # load), then the median over pairs: see `common.median_ratio`.
+    pair_t = {lib: [common.median(r["times"]) for r in rs] for lib, rs in results.items()}
+    speed_ratio = common.median_ratio(pair_t["torch"], pair_t["minivgg"])
+    print(f"  {case} speed ratio per pair: "
+          f"{['%.2f' % (b / a) for a, b in zip(pair_t['minivgg'], pair_t['torch'])]}")
+    peak = {lib: max(r["peak_mb"] for r in rs) for lib, rs in results.items()}
+    above = {lib: max(r["peak_mb"] - r["base_mb"] for r in rs)
+             for lib, rs in results.items()}
+    _, table = common.layer_rows(config, size, width, fc_width, classes)
+    flops = common.training_flops(table, batch)
+    label = f"{config} w{width:g} fc{fc_width} {size}px" if case == "small" else \
+        f"{config} {size}px"
+    return [label, batch, f"{t['minivgg']:.3f}", f"{t['torch']:.3f}",
+            f"{batch / t['minivgg']:.1f}", f"{batch / t['torch']:.1f}",
+            f"{speed_ratio:.2f}",
+            f"{common.gflops(flops, t['minivgg']):.0f}",
+            f"{common.gflops(flops, t['torch']):.0f}",
+            f"{peak['minivgg']:.0f} / {above['minivgg']:.0f}",
+            f"{peak['torch']:.0f} / {above['torch']:.0f}",
+            f"{above['minivgg'] / above['torch']:.2f}"]
+
+
+def report(args, rows):
+    """The Markdown table of `rows` under its title and the machine's header."""
     ref = "cuDNN" if args.device == "cuda" else "torch"
     headers = ["net", "batch", "minivgg s/step", f"{ref} s/step", "minivgg img/s",
                f"{ref} img/s", "speed ratio (img/s minivgg / torch)", "minivgg GFLOP/s",
@@ -273,11 +283,10 @@ def main(argv=None):
         title += f", {args.precision} (torch: CPU autocast {args.precision})"
     mem_note = ("GPU memory pool high-water mark" if args.device == "cuda" else
                 "peak RSS (VmHWM) during the timed steps, reset after warm-up")
-    text = common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
+    return common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + f"\n\nMedians over {args.rounds} worker pairs x {args.steps} " \
         f"steps; the speed ratio is the median over worker pairs of each pair's ratio " \
         f"of medians. Memory: {mem_note}. Speed ratio above 1 means minivgg is faster."
-    common.publish(text, args.append)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ modules, optimizer state and checkpoints between devices.
 The agreement tests need a GPU (mark `gpu`, skipped cleanly without one): each runs the same
 float32 computation on "cpu" and "cuda" and compares with the one tolerance table in
 conftest.py. The tests at the end run everywhere: the device-independent parts (prefetch
-on the CPU, the clear error where CUDA is missing). test_ops.py already runs every op on
-both devices against PyTorch and naive loops; test_cuda_kernels_emulated.py runs the CUDA
-kernels on the CPU.
+on the CPU, the clear error where CUDA is missing). test_ops.py and test_tensor_ops.py
+already run every op on both devices against PyTorch and naive loops;
+test_cuda_kernels_emulated.py runs the CUDA kernels on the CPU.
 """
 
 import numpy as np

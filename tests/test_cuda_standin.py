@@ -185,6 +185,19 @@ def test_every_kernel_matches_cpu_with_a_tiny_grid(blocks, gpu, monkeypatch, rng
     monkeypatch.setattr(gpu, "THREADS_PER_BLOCK", 32)
 
     x = rng.normal(size=(2, 3, 9, 7)).astype(dtype)
+    _conv_matches_cpu(gpu, monkeypatch, x, rng)
+    _pool_relu_lrn_match_cpu(gpu, x, rng)
+    _cross_entropy_matches_cpu(gpu, rng)
+    # the mask is a function of (seed, index) only, whatever the launch shape
+    np.testing.assert_array_equal(
+        host(gpu.dropout_mask((40, 30), 0.3, np.dtype(dtype), np.random.default_rng(5))),
+        dropout_full_grid)
+    _sgd_matches_cpu(gpu, rng)
+
+
+def _conv_matches_cpu(gpu, monkeypatch, x, rng):
+    """conv2d forward and backward (stride 2×1): im2col of the whole batch, and in bands."""
+    dtype = x.dtype
     W, b = rng.normal(size=(4, 3, 3, 3)).astype(dtype), rng.normal(size=4).astype(dtype)
     for chunk_bytes in (gpu.IM2COL_CHUNK_BYTES, 3 * 27 * 4 * 4):  # whole batch; row bands
         monkeypatch.setattr(gpu, "IM2COL_CHUNK_BYTES", chunk_bytes)
@@ -195,6 +208,10 @@ def test_every_kernel_matches_cpu_with_a_tiny_grid(blocks, gpu, monkeypatch, rng
                              cpu.conv2d_backward(x, W, gy, (2, 1), (1, 1))):
             assert_close(host(got), want, "conv2d", dtype)
 
+
+def _pool_relu_lrn_match_cpu(gpu, x, rng):
+    """max_pool2d (with ties), relu and LRN, forward and backward."""
+    dtype = x.dtype
     xi = rng.integers(-3, 4, size=x.shape).astype(dtype)  # ties
     y, argmax = gpu.max_pool2d_forward(dev(xi), (3, 3), (2, 2))
     y_cpu, argmax_cpu = cpu.max_pool2d_forward(xi, (3, 3), (2, 2))
@@ -216,6 +233,8 @@ def test_every_kernel_matches_cpu_with_a_tiny_grid(blocks, gpu, monkeypatch, rng
                  cpu.lrn_backward(x, ys_cpu, scale_cpu, gx, 5, 1e-2, 0.75),
                  "local_response_norm", dtype)
 
+
+def _cross_entropy_matches_cpu(gpu, rng, dtype=np.float32):
     logits, labels = rng.normal(size=(70, 9)).astype(dtype), rng.integers(0, 9, 70)
     loss, probs = gpu.softmax_cross_entropy_forward(dev(logits), dev(labels))
     loss_cpu, probs_cpu = cpu.softmax_cross_entropy_forward(logits, labels)
@@ -225,11 +244,8 @@ def test_every_kernel_matches_cpu_with_a_tiny_grid(blocks, gpu, monkeypatch, rng
                  cpu.softmax_cross_entropy_backward(probs_cpu, labels, gloss),
                  "cross_entropy", dtype)
 
-    # the mask is a function of (seed, index) only, whatever the launch shape
-    np.testing.assert_array_equal(
-        host(gpu.dropout_mask((40, 30), 0.3, np.dtype(dtype), np.random.default_rng(5))),
-        dropout_full_grid)
 
+def _sgd_matches_cpu(gpu, rng, dtype=np.float32):
     params = [rng.normal(size=s).astype(dtype) for s in [(4, 3, 3, 3), (4,), (50, 7)]]
     grads = [rng.normal(size=p.shape).astype(dtype) for p in params]
     params_gpu, velocities_gpu = [dev(p) for p in params], [standin.zeros_like(p)

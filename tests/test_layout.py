@@ -4,7 +4,8 @@
   latter installed as `minivgg.kernels`), counting the imports inside functions too. The
   one loop style.md allows, tensor <-> functional, is not even needed: functional binds
   Tensor's operators itself (`functional._bind_operators`).
-* Small pieces: no file over 600 lines, no function over 60 lines.
+* Small pieces: no file over 600 lines, no function over 60 lines, in the packages and in
+  the scripts and tests around them (examples/, benchmarks/, tests/) alike.
 """
 
 import ast
@@ -18,6 +19,8 @@ PACKAGES = {"minivgg": os.path.join(REPO, "minivgg"),
             "minivgg.kernels": os.path.join(REPO, "kernels")}
 ALLOWED_CYCLES = [{"minivgg.tensor", "minivgg.functional"}]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 60
+# Held to the size limits too, though not part of the import graph: scripts and tests.
+OTHER_FOLDERS = ("examples", "benchmarks", "tests")
 
 
 def source_files(package):
@@ -132,13 +135,26 @@ def test_the_checkpoint_file_format_is_a_leaf():
     assert import_graph()["minivgg.checkpoint"] == set()
 
 
-def oversized(package):
+def python_files(folder):
+    """Paths of the .py files under REPO/`folder`, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, folder)):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        found += [os.path.join(dirpath, n) for n in sorted(filenames) if n.endswith(".py")]
+    return found
+
+
+def package_files(package):
+    """Paths of the modules of `package` in the import graph (minivgg or minivgg.kernels)."""
+    return [path for module, path in MODULES.items()
+            if module.startswith("minivgg.kernels") == (package == "minivgg.kernels")]
+
+
+def oversized(paths):
     """'path: N lines' for every file, and 'path:line name(): N lines' for every function,
-    of `package` over the limits."""
+    of `paths` over the limits."""
     problems = []
-    for module, path in MODULES.items():
-        if module.startswith("minivgg.kernels") != (package == "minivgg.kernels"):
-            continue
+    for path in paths:
         text = open(path, encoding="utf-8").read()
         rel = os.path.relpath(path, REPO)
         lines = text.count("\n")
@@ -152,9 +168,21 @@ def oversized(package):
     return problems
 
 
+def test_the_size_check_sees_every_folder():
+    assert os.path.join(REPO, "tests", "test_layout.py") in python_files("tests")
+    assert os.path.join(REPO, "tests", "support", "standin_cupy.py") in python_files("tests")
+    assert os.path.join(REPO, "kernels", "cpu", "conv.py") in package_files("minivgg.kernels")
+    assert all(python_files(folder) for folder in OTHER_FOLDERS)
+
+
 def test_minivgg_files_and_functions_are_small():
-    assert oversized("minivgg") == []
+    assert oversized(package_files("minivgg")) == []
 
 
 def test_kernels_files_and_functions_are_small():
-    assert oversized("minivgg.kernels") == []
+    assert oversized(package_files("minivgg.kernels")) == []
+
+
+@pytest.mark.parametrize("folder", OTHER_FOLDERS)
+def test_script_and_test_files_and_functions_are_small(folder):
+    assert oversized(python_files(folder)) == []

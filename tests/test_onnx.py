@@ -1,6 +1,6 @@
 """ONNX export (minivgg.pretrained.onnx_export), with ONNX Runtime as the oracle: the logits
 of the exported graph must equal minivgg's, for A, A-LRN (both LRN α conventions), C (1×1
-convs), D at small width and at full size, ceil-mode pools, and the fully-convolutional
+convs) and D, each at small width and at full size, ceil-mode pools, and the fully-convolutional
 head; the CLI's refusals leave every file the user had as it was."""
 
 import json

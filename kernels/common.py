@@ -33,7 +33,8 @@ from minivgg.kernels.shapes import conv_output_size, is_3x3_same
 # (tests/test_cuda_compile.py checks it). `minivgg.functional` calls nothing else.
 ENTRY_POINTS = (
     "conv2d_forward", "conv2d_backward", "im2col", "col2im",
-    "max_pool2d_forward", "max_pool2d_backward", "relu_forward", "relu_backward",
+    "max_pool2d_forward", "max_pool2d_backward", "relu_max_pool2d_forward",
+    "relu_max_pool2d_backward", "relu_forward", "relu_backward",
     "lrn_forward", "lrn_backward", "dropout_mask",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "sgd_update",
     "fc_matmul",

@@ -443,13 +443,33 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride):
     return gx
 
 
+def relu_max_pool2d_forward(x, kernel_size, stride, ceil_mode=False):
+    """max_pool2d_forward(relu_forward(x), ...): the CPU table's fused pass, in two."""
+    return max_pool2d_forward(relu_forward(x), kernel_size, stride, ceil_mode)
+
+
+def relu_max_pool2d_backward(gy, argmax, y, x_shape, kernel_size, stride):
+    """The gradient with respect to x of relu_max_pool2d_forward(x) -> (y, argmax), as the
+    CPU table's general path computes it: ReLU's backward with relu(x) > 0 replaced by the
+    winners of a window with y > 0 (the only places the pool's gradient can be nonzero)."""
+    gx = max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride)
+    positive = max_pool2d_backward((y > 0).astype(gy.dtype), argmax, x_shape, kernel_size,
+                                   stride)
+    return relu_backward(positive, gx)
+
+
 # ----------------------------------------------------------------------------------------
 # ReLU
 # ----------------------------------------------------------------------------------------
 
-def relu_forward(x):
+def relu_forward(x, y=None):
+    """max(x, 0) -> a new array, or into `y` (which may be x itself: in place)."""
     x = cp.ascontiguousarray(x)
-    y = cp.empty_like(x)
+    if y is None:
+        y = cp.empty_like(x)
+    elif not (y.flags.c_contiguous and y.shape == x.shape and y.dtype == x.dtype):
+        raise ValueError(f"relu_forward: the output must be a C-contiguous {x.dtype} array "
+                         f"of shape {x.shape}, got {y.dtype} {y.shape}")
     _launch("relu_forward", x.dtype, x.size, x, y, np.int64(x.size))
     return y
 

@@ -296,7 +296,7 @@ class Conv2d(Function):
         return kern.conv2d_forward(x, W, b, self.stride, self.padding, algorithm)
 
     def backward(self, gy):
-        x, W, has_bias, algorithm = self.saved
+        x, W, has_bias, algorithm = self.saved[:4]  # minivgg.fused.Conv2dReLU saves more
         kern = backend.kernels_for(x)
         need_gx = self.inputs[0].requires_grad  # conv1_1 never needs d loss / d image
         gx, gW, gb = kern.conv2d_backward(x, W, gy, self.stride, self.padding, need_gx,
@@ -351,6 +351,12 @@ def max_pool2d(x, kernel_size=2, stride=None, ceil_mode=False, where="max_pool2d
     the caller in error messages.
     """
     x = as_tensor(x)
+    kernel_size, stride = check_pool_args(x, kernel_size, stride, where)
+    return MaxPool2d(kernel_size, stride, bool(ceil_mode))(x)
+
+
+def check_pool_args(x, kernel_size, stride, where="max_pool2d"):
+    """All checks of a max-pool call -> (kernel_size, stride) as pairs."""
     check_float_input(x, where, 4)
     kernel_size = pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None else pair(stride, "stride")
@@ -360,7 +366,7 @@ def max_pool2d(x, kernel_size=2, stride=None, ceil_mode=False, where="max_pool2d
     if x.shape[2] < kernel_size[0] or x.shape[3] < kernel_size[1]:
         raise ValueError(f"{where}: input shape {x.shape} is smaller than the "
                          f"{kernel_size[0]}x{kernel_size[1]} window")
-    return MaxPool2d(kernel_size, stride, bool(ceil_mode))(x)
+    return kernel_size, stride
 
 
 # ----------------------------------------------------------------------------------------

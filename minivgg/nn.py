@@ -11,6 +11,7 @@ import numpy as np
 
 from minivgg import backend
 from minivgg import functional as F
+from minivgg.fused import conv2d_relu, relu_max_pool2d
 from minivgg.tensor import Tensor
 
 
@@ -170,9 +171,11 @@ class Conv2d(Module):
         self.weight = Parameter(_zeros((out_channels, in_channels, kh, kw), dtype))
         self.bias = Parameter(_zeros((out_channels,), dtype)) if bias else None
 
-    def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
-                        where=self.name or "Conv2d")
+    def forward(self, x, relu=False):
+        """The convolution; with `relu`, the ReLU after it too, as one op (`fused.py`)."""
+        conv = conv2d_relu if relu else F.conv2d
+        return conv(x, self.weight, self.bias, self.stride, self.padding,
+                    where=self.name or "Conv2d")
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, "
@@ -207,9 +210,11 @@ class MaxPool2d(Module):
     def __init__(self, kernel_size=2, stride=None, ceil_mode=False):
         self.kernel_size, self.stride, self.ceil_mode = kernel_size, stride, ceil_mode
 
-    def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.ceil_mode,
-                            where=self.name or "MaxPool2d")
+    def forward(self, x, relu=False):
+        """The pool; with `relu`, of max(x, 0): the ReLU before it as one op (`fused.py`)."""
+        pool = relu_max_pool2d if relu else F.max_pool2d
+        return pool(x, self.kernel_size, self.stride, self.ceil_mode,
+                    where=self.name or "MaxPool2d")
 
     def __repr__(self):
         ceil = ", ceil_mode=True" if self.ceil_mode else ""
@@ -278,8 +283,24 @@ class Sequential(Module):
         return list(self)[key]
 
     def forward(self, x):
-        for layer in self:
-            x = layer(x)
+        """The layers in order.
+
+        NOTE: a ReLU directly followed by a MaxPool2d, and else a Conv2d directly followed
+        by a ReLU, run as one op each (`minivgg.fused`: bit for bit the two layers, less
+        memory traffic); the ReLU layer's own forward is then not called. `activations()`
+        calls every layer's.
+        """
+        layers = list(self) + [None]
+        i = 0
+        while layers[i] is not None:
+            layer, after = layers[i], layers[i + 1]
+            if type(layer) is ReLU and type(after) is MaxPool2d:
+                x, i = after(x, relu=True), i + 2
+            elif type(layer) is Conv2d and type(after) is ReLU and \
+                    type(layers[i + 2]) is not MaxPool2d:
+                x, i = layer(x, relu=True), i + 2
+            else:
+                x, i = layer(x), i + 1
         return x
 
     def layer_names(self):

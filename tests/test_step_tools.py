@@ -56,8 +56,9 @@ def table_rows(text, title):
 
 def test_profile_step_rows_add_up_to_the_instrumented_step(tmp_path, threads_restored):
     from minivgg import functional, nn
+    from minivgg.kernels import cpu
     profile_step = load_script("benchmarks/profile_step.py")
-    call = nn.Module.__call__
+    call, relu_kernel = nn.Module.__call__, cpu.relu_forward
     out = tmp_path / "profile.md"
     assert profile_step.main(["--width", "0.0625", "--fc-width", "16", "--size", "32",
                               "--batch", "2", "--steps", "2", "--warmup", "1",
@@ -70,14 +71,15 @@ def test_profile_step_rows_add_up_to_the_instrumented_step(tmp_path, threads_res
         assert sum(rows.values()) == pytest.approx(total, abs=0.01 * len(rows))
         assert total == pytest.approx(step_ms, abs=0.06)
     kinds = table_rows(text, "By op kind:")
-    for op in ("conv fwd", "conv bwd", "relu fwd", "relu bwd", "max-pool fwd", "max-pool bwd",
-               "fc fwd", "fc bwd", "softmax-CE loss fwd", "SGD update",
+    # NOTE: VGG's pools all follow a ReLU, so they run fused with it (minivgg.fused)
+    for op in ("conv fwd", "conv bwd", "relu fwd", "relu bwd", "relu + max-pool fwd",
+               "relu + max-pool bwd", "fc fwd", "fc bwd", "softmax-CE loss fwd", "SGD update",
                "autograd bookkeeping, forward", "autograd bookkeeping, backward"):
         assert kinds[op] > 0, op
     layers = table_rows(text, "By op and layer:")
     assert {"conv1_1 fwd", "conv5_2 bwd", "fc6 fwd", "fc8 bwd"} <= set(layers)
     # every wrapper is taken off again
-    assert nn.Module.__call__ is call and functional.np is np
+    assert nn.Module.__call__ is call and functional.np is np and cpu.relu_forward is relu_kernel
 
 
 def test_profile_timers_count_nested_time_once():

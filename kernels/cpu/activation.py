@@ -7,14 +7,27 @@ from numba import njit
 from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
 
-def relu_forward(x):
-    # NOTE: NumPy's maximum: vectorised, and it keeps NaN as NaN, as PyTorch does (a
-    # Numba `max(x, 0)` would not). The pool runs it on one range per thread.
+def relu_forward(x, y=None):
+    """max(x, 0) -> a new array, or into `y` (which may be x itself: in place).
+
+    NOTE: NumPy's maximum: vectorised, and it keeps NaN as NaN, as PyTorch does (a Numba
+    `max(x, 0)` would not). The pool runs it on one range per thread. In place on a
+    convolution's fresh output (`minivgg.fused.Conv2dReLU`) it saves a new array."""
     x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
+    y = np.empty_like(x) if y is None else check_out(y, x, "relu_forward")
     xf, yf = x.reshape(-1), y.reshape(-1)
     map_ranges(lambda t0, t1: np.maximum(xf[t0:t1], 0, out=yf[t0:t1]), x.size, elements=x.size)
     return y
+
+
+def check_out(out, x, where):
+    """An output array `out` must be C-contiguous, with x's shape and dtype -> out."""
+    if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.shape == x.shape
+            and out.dtype == x.dtype):
+        raise ValueError(f"{where}: the output must be a C-contiguous {x.dtype} array of "
+                         f"shape {x.shape}, got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{getattr(out, 'shape', '')}")
+    return out
 
 
 @njit(**JIT)

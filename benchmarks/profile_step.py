@@ -11,7 +11,9 @@ steps (Numba loads its cache, the workspaces grow), the script times `--steps` p
 then the same number with timers wrapped around:
 
 * every op's forward and backward (`Function.forward` / `.backward` of each class in
-  `minivgg.functional`; convolutions and fc layers per layer, by the module that ran them);
+  `minivgg.functional` and `minivgg.fused`; convolutions and fc layers per layer, by the
+  module that ran them; the ReLU passes of a fused conv + ReLU count as relu all the same,
+  a fused ReLU + max-pool has a row of its own);
 * inside an op, what it spends handing work to the thread pool (`runtime.map_ranges`: the
   call's wall time less its longest job), copying (`np.ascontiguousarray`, `np.array`) and
   allocating (`np.empty`, `np.zeros`, `..._like`): the NumPy module the kernels and ops see
@@ -49,7 +51,7 @@ PROXIED = ("minivgg.tensor", "minivgg.functional", "minivgg.optim",
            "minivgg.kernels.common", "minivgg.kernels.winograd", "minivgg.kernels.direct")
 OP_NAMES = {"ReLU": "relu", "MaxPool2d": "max-pool", "Dropout": "dropout",
             "CrossEntropy": "softmax-CE loss", "Reshape": "flatten", "Linear": "fc",
-            "Conv2d": "conv"}
+            "Conv2d": "conv", "Conv2dReLU": "conv", "ReLUMaxPool2d": "relu + max-pool"}
 PARTS = ("hand-off", "copies", "allocations")
 
 
@@ -126,7 +128,10 @@ class Profile:
         def wrapper(*args, **kwargs):
             if not self.on_main():
                 return fn(*args, **kwargs)
-            self.push(label_of(args))
+            label = label_of(args)
+            if self.stack and self.stack[-1][0] == label:  # Conv2dReLU's super().forward
+                return fn(*args, **kwargs)
+            self.push(label)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -183,6 +188,21 @@ def op_label(prof, fn, direction):
     return (f"{getattr(fn, '_profile_kind', type(fn).__name__.lower())} {direction}", "self")
 
 
+def relu_kernel_timer(prof, kernel, label):
+    """The kernel table's ReLU pass, booked as `label` also when a fused op runs it
+    (`minivgg.fused.Conv2dReLU`: the ReLU in place on the convolution's output, and its
+    mask in backward)."""
+    def wrapper(*args, **kwargs):
+        if not prof.on_main() or prof.current_op() == label:
+            return kernel(*args, **kwargs)
+        prof.push((label, "self"))
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            prof.pop()
+    return wrapper
+
+
 class Patches:
     """Attributes replaced for the profile and put back afterwards."""
 
@@ -232,6 +252,9 @@ def instrument(prof):
             if name in cls.__dict__:
                 patches.set(cls, name, prof.timed(
                     cls.__dict__[name], lambda args, d=direction: op_label(prof, args[0], d)))
+    from minivgg.kernels import cpu
+    for name, label in (("relu_forward", "relu fwd"), ("relu_backward", "relu bwd")):
+        patches.set(cpu, name, relu_kernel_timer(prof, getattr(cpu, name), label))
     proxy = numpy_proxy(prof, np)
     kernel_modules = [m for n, m in sorted(sys.modules.items())
                       if n.startswith("minivgg.kernels.cpu.") and m is not None]

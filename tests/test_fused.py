@@ -72,6 +72,37 @@ def test_relu_forward_in_place_and_a_bad_output_array():
             cpu.relu_forward(x, bad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [((2, 3, 8, 6), 2, 2, False), ((1, 2, 9, 7), 3, 2, True)])
+def test_cuda_twins_of_the_fused_kernels_match_the_cpu_bit_for_bit(case, dtype, rng):
+    """kernels/gpu.py's relu_max_pool2d_* and in-place relu_forward, on the host emulator
+    (tests/test_cuda_kernels_emulated.py): forward gives the CPU table's bits, backward
+    those of the GPU's own two kernels (its relu_backward selects, 0 or gy, where the CPU's
+    multiplies: the two tables differ in the sign of some zeros)."""
+    from cuda_host_emulator import have_compiler, load_emulated_cuda_kernels
+    if not have_compiler():
+        pytest.skip("g++ not found")
+    import standin_cupy as standin
+    gpu, dev, host = load_emulated_cuda_kernels(), standin.asarray, standin.asnumpy
+    standin.reset()
+    shape, K, s, ceil_mode = case
+    x = rng.integers(-3, 4, size=shape).astype(dtype)  # ties, zeros, windows of negatives
+    y, arg = gpu.relu_max_pool2d_forward(dev(x), (K, K), (s, s), ceil_mode)
+    y_cpu, arg_cpu = cpu.relu_max_pool2d_forward(x, (K, K), (s, s), ceil_mode)
+    np.testing.assert_array_equal(bits(host(y)), bits(y_cpu))
+    np.testing.assert_array_equal(host(arg), arg_cpu)
+    gy = rng.normal(size=y_cpu.shape).astype(dtype)
+    gy.reshape(-1)[::3] = -gy.reshape(-1)[::3]
+    gx = gpu.relu_max_pool2d_backward(dev(gy), arg, y, shape, (K, K), (s, s))
+    want = gpu.relu_backward(gpu.relu_forward(dev(x)),
+                             gpu.max_pool2d_backward(dev(gy), arg, shape, (K, K), (s, s)))
+    np.testing.assert_array_equal(bits(host(gx)), bits(host(want)))
+    xd = dev(x)
+    assert gpu.relu_forward(xd, xd) is xd
+    np.testing.assert_array_equal(bits(host(xd)), bits(cpu.relu_forward(x)))
+    assert not standin.hazards, standin.hazards
+
+
 # ----------------------------------------------------------------------------------------
 # Ops, values and gradients
 # ----------------------------------------------------------------------------------------

@@ -97,6 +97,20 @@ def test_profile_timers_count_nested_time_once():
     assert inner + outer == pytest.approx(elapsed, abs=1e-3)
 
 
+# --- ops_vs_torch.py ---------------------------------------------------------------------
+
+def test_ops_vs_torch_times_every_op_of_both_libraries(tmp_path, torch, threads_restored):
+    script = load_script("benchmarks/ops_vs_torch.py")
+    out = tmp_path / "ops.md"
+    assert script.main(["--repeats", "1", "--output", str(out)]) == 0
+    table = [line.strip("|").split("|") for line in out.read_text().splitlines()
+             if line.startswith("| ") and not line.startswith("| op |")]
+    rows = {cells[0].strip(): float(cells[1]) for cells in table}
+    assert {"relu + max-pool fwd (5 pools; minivgg fused)", "fc bwd (3 layers: gx, gW, gb)",
+            "SGD update (all parameters)"} <= set(rows)
+    assert all(ms >= 0 for ms in rows.values())
+
+
 # --- train_torch_plain.py ---------------------------------------------------------------
 
 def test_plain_torch_net_is_the_twin_of_minivgg_vgg_a(torch):

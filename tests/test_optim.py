@@ -212,3 +212,23 @@ def test_plateau_rejects_bad_mode_and_factor():
         optim.ReduceLROnPlateau(opt, mode="up")
     with pytest.raises(ValueError, match="factor"):
         optim.ReduceLROnPlateau(opt, factor=10)
+
+
+def test_sgd_kernel_updates_all_parameters_in_one_call_with_each_ones_bits(monkeypatch):
+    """The CPU kernel cuts one range of all the parameters' elements per thread; each
+    parameter (mixed dtypes, sizes on both sides of a range boundary, one empty) gets
+    the bits of an update of its own."""
+    from minivgg.kernels import cpu
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+    rng = np.random.default_rng(15)
+    shapes = [(70_001,), (3, 5), (0,), (40_000, 3), (7,), (2, 3, 3, 3)]
+    dtypes = [np.float32, np.float64, np.float32, np.float32, np.float64, np.float32]
+    ws, gs, vs = ([rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+                  for _ in range(3))
+    want = [(w.copy(), v.copy()) for w, v in zip(ws, vs)]
+    for (w, v), g in zip(want, gs):
+        cpu.sgd_update([w], [g], [v], 0.01, 0.9, 5e-4)
+    cpu.sgd_update(ws, gs, vs, 0.01, 0.9, 5e-4)
+    for w, v, (w2, v2) in zip(ws, vs, want):
+        for a, b in ((w, w2), (v, v2)):
+            np.testing.assert_array_equal(a.view(f"i{a.itemsize}"), b.view(f"i{b.itemsize}"))

@@ -21,13 +21,27 @@ def _sgd_update_kernel(w, g, v, lr, momentum, weight_decay):
 
 
 def sgd_update(params, grads, velocities, lr, momentum, weight_decay):
-    """In place, for every parameter: g = grad + wd*w; v = momentum*v + g; w -= lr*v."""
+    """In place, for every parameter: g = grad + wd*w; v = momentum*v + g; w -= lr*v.
+
+    NOTE: one `map_ranges` call for all the parameters, its ranges cut from their elements
+    laid end to end, not one call per parameter: the small recipe's 22 parameters made 6
+    hand-offs to the pool a step (and 16 calls run inline), each a wait for the helper
+    threads, which on a loaded machine costs more than the update itself. The arithmetic
+    of each element is the same, so the bits are too."""
+    pieces, start = [], 0  # (w, g, v flat, first element's index, the scalars in w's dtype)
     for w, g, v in zip(params, grads, velocities):
         if not (w.flags.c_contiguous and v.flags.c_contiguous):
             raise ValueError("sgd_update: parameters and velocities must be contiguous")
         g = np.ascontiguousarray(g, dtype=w.dtype)
         t = w.dtype.type
-        wf, gf, vf = w.reshape(-1), g.reshape(-1), v.reshape(-1)
-        lr_, m_, wd_ = t(lr), t(momentum), t(weight_decay)
-        map_ranges(lambda t0, t1: _sgd_update_kernel(wf[t0:t1], gf[t0:t1], vf[t0:t1], lr_, m_,
-                                                     wd_), w.size, elements=w.size)
+        pieces.append((w.reshape(-1), g.reshape(-1), v.reshape(-1), start,
+                       (t(lr), t(momentum), t(weight_decay))))
+        start += w.size
+
+    def job(t0, t1):
+        for wf, gf, vf, first, scalars in pieces:
+            a, b = max(t0 - first, 0), min(t1 - first, wf.size)
+            if a < b:
+                _sgd_update_kernel(wf[a:b], gf[a:b], vf[a:b], *scalars)
+
+    map_ranges(job, start, elements=start)

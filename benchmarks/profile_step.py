@@ -258,16 +258,20 @@ def instrument(prof):
     proxy = numpy_proxy(prof, np)
     kernel_modules = [m for n, m in sorted(sys.modules.items())
                       if n.startswith("minivgg.kernels.cpu.") and m is not None]
+    # NOTE: the original, taken before the loop patches runtime's own name: compared with
+    # runtime.map_ranges as it goes, the modules after "runtime" (sgd, winograd) were left
+    # unpatched and the device class's map_ranges was wrapped twice (its hand-offs booked
+    # twice), until 2026-12-05.
+    original = runtime.map_ranges
     for module in [importlib.import_module(n) for n in PROXIED] + kernel_modules:
         if getattr(module, "np", None) is np:
             patches.set(module, "np", proxy)
-        if getattr(module, "map_ranges", None) is runtime.map_ranges:
-            patches.set(module, "map_ranges", timed_map_ranges(prof, runtime.map_ranges))
+        if getattr(module, "map_ranges", None) is original:
+            patches.set(module, "map_ranges", timed_map_ranges(prof, original))
     for module in kernel_modules:  # the device object the conv drivers call (`dev.xp`)
         for obj in vars(module).values():
             if isinstance(obj, type) and obj.__dict__.get("map_ranges") is not None:
-                patches.set(obj, "map_ranges", staticmethod(
-                    timed_map_ranges(prof, runtime.map_ranges)))
+                patches.set(obj, "map_ranges", staticmethod(timed_map_ranges(prof, original)))
             if isinstance(obj, type) and obj.__dict__.get("xp") is np:
                 patches.set(obj, "xp", proxy)
     return patches

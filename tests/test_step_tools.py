@@ -82,6 +82,24 @@ def test_profile_step_rows_add_up_to_the_instrumented_step(tmp_path, threads_res
     assert nn.Module.__call__ is call and functional.np is np and cpu.relu_forward is relu_kernel
 
 
+def test_profile_wraps_each_map_ranges_of_the_kernels_once():
+    """Every kernel module's map_ranges (sgd's too, after "runtime" in name order) and the
+    device class's are timed, each by one wrapper: a call books one hand-off."""
+    from minivgg.kernels.cpu import conv, runtime, sgd
+    profile_step = load_script("benchmarks/profile_step.py")
+    original, prof = runtime.map_ranges, profile_step.Profile()
+    patches = profile_step.instrument(prof)
+    try:
+        assert sgd.map_ranges is not original
+        prof.push(("op", "self"))
+        conv.CpuPrimitives.map_ranges(lambda t0, t1: None, 4)
+        prof.pop()
+    finally:
+        patches.undo()
+    assert prof.calls[("op", "hand-off")] == 1
+    assert runtime.map_ranges is original and sgd.map_ranges is original
+
+
 def test_profile_timers_count_nested_time_once():
     prof = load_script("benchmarks/profile_step.py").Profile()
     start = time.perf_counter()

@@ -1,0 +1,294 @@
+"""The conv algorithm "blocked" under bf16 on AMX: an implicit-GEMM direct convolution
+(3×3/s1/p1) on the tile registers, no im2col matrix. The weight gradient is in
+`blocked_amx_grad.py`; `CpuPrimitives` (conv.py) runs both when the precision is bf16 and
+`amx_isa.amx_available()`, else the fp32 kernel on bf16-rounded operands.
+
+    conv2d_forward_amx(x, W, b)        -> y (N, OC, H, W) float32
+    conv2d_input_grad_amx(gy, W)       -> gx (N, C, H, W) float32
+
+**Flat padded positions.** Each image is zero-padded by one pixel, Hp = H + 2, Wp = W + 2,
+and the padded pixels of the whole batch are numbered q = n·Hp·Wp + i·Wp + j. Output pixel
+(n, oy, ox) is computed at q = n·Hp·Wp + oy·Wp + ox; its tap (ky, kx) reads the padded input
+at q + s with s = ky·Wp + kx, the same constant shift for every output. So 16 consecutive
+outputs q..q+15 read 16 consecutive inputs q+s..q+s+15, whatever rows and images they span.
+Outputs at q whose oy >= H or ox >= W (2 of every Wp, and 2 rows per image) are computed
+from zeros and neighbours, and dropped: a waste of about 2/Wp + 2/Hp, in exchange for tiles
+that run across rows and images (a 4×4 map still fills 16-wide tiles).
+
+**The GEMM.** Y^T (OC × positions) = Σ_tap W_tap (OC × C) @ X_tap (C × positions):
+
+    A tile: 16 output channels × 32 input channels of W_tap, packed once per call
+            (`pack_filters`: (OCt, 9, Kb, 16, 32) bf16, 1 KB per tile)
+    B tile: 16 channel pairs × 16 positions × 2 bf16 (VNNI): row p holds, for positions
+            q+s..q+s+15, the bf16 of channels 2p and 2p+1 side by side
+    C tile: 16 output channels × 16 positions, fp32
+
+The input is kept as channel pairs (`to_pairs`: xq (Cp/2, L, 2) bf16, Cp = C rounded up to
+32, zero channels and zero borders), so row p of a B tile is 64 contiguous bytes at
+xq[p, q+s] and the 16 rows are L·4 bytes apart: ONE `tileload` straight from xq, for any
+shift s. Each C tile holds 16 channels × 16 consecutive positions, so its rows are pieces of
+NCHW output rows: the epilogue (`_scatter`) copies them out contiguously, with the bias.
+The blocking is amx.py's: tiles 0-3 a 2 × 2 block of C (32 channels × 32 positions), 4-5
+two A tiles, 6-7 two B tiles, four tdpbf16ps per four loads, over (tap, Kb) in that fixed
+order.
+
+**Input gradient.** gx = the same kernel on gy (as channel pairs, padded) with the filters
+rotated 180° and their in/out channels swapped (`rotated_filters`).
+
+**Threads.** The positions are cut in blocks of `QBLOCK` (fewer when the layer has fewer
+positions than threads × QBLOCK), each thread gets a contiguous range of blocks
+(`runtime.map_ranges`). Every output is one thread's sum in the fixed (tap, Kb) order,
+whatever the block or thread count: the same bits at any thread count.
+
+**Numbers.** bf16 operands (round to nearest even), fp32 sums in the tiles, fp32 output
+(see amx.py's docstring for why). The reference the tests hold it to: the float64
+convolution of the bf16-rounded operands.
+"""
+
+import numpy as np
+from numba import njit
+
+from minivgg.kernels.cpu.amx import aligned_empty
+from minivgg.kernels.cpu.amx_isa import (TILE_CONFIG, TILE_ELEMENTS, amx_available, ldtilecfg,
+                                         tdpbf16ps, tileload, tilerelease, tilestore,
+                                         tilezero)
+from minivgg.kernels.cpu.bf16 import bf16_bits
+from minivgg.kernels.cpu.runtime import JIT, map_ranges, num_threads, workspace
+
+# Positions per block of work: 256 (16 tiles). A block's input (Cp·2 bytes per position,
+# plus the 2·Wp + 2 halo) and a 32-channel panel of filters stay in L2 while every panel
+# of output channels passes over it.
+QBLOCK = 256
+TAPS = 9
+
+
+def _ceil_to(a, b):
+    return -(-a // b) * b
+
+
+class FlatGeometry:
+    """The flat padded numbering of an (N, C, H, W) batch (module docstring): Q positions
+    computed (a whole number of blocks), L positions stored per channel (Q plus the largest
+    shift and one tile of slack, all zeros)."""
+
+    def __init__(self, N, H, W, threads=None):
+        self.N, self.H, self.W = N, H, W
+        self.Hp, self.Wp = H + 2, W + 2
+        self.plane = self.Hp * self.Wp
+        last = (N - 1) * self.plane + (H - 1) * self.Wp + W  # one past the last output
+        threads = threads or num_threads()
+        self.qblock = min(QBLOCK, _ceil_to(-(-last // threads), 32))
+        self.Q = _ceil_to(last, self.qblock)
+        self.L = self.Q + 2 * self.Wp + 2 + 32
+
+    def shifts(self):
+        return np.array([ky * self.Wp + kx for ky in range(3) for kx in range(3)], np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# Layouts: input as bf16 channel pairs, filters as A tiles
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _pairs_range(x, xw, Wp, plane, p0, p1):
+    """xw[p, q] = the pair (bf16(x[n, 2p, i, j]), bf16(x[n, 2p + 1, i, j])) as one uint32
+    (low half first: x86 is little-endian) at the padded position q of (n, i, j), for the
+    channel pairs p0..p1-1; zeros on the border, past C and past the last image."""
+    N, C, H, W = x.shape
+    for p in range(p0, p1):
+        xw[p] = 0
+        c0, c1 = 2 * p, 2 * p + 1
+        if c0 >= C:
+            continue
+        for n in range(N):
+            for i in range(H):
+                base = n * plane + (i + 1) * Wp + 1
+                if c1 < C:
+                    for j in range(W):
+                        xw[p, base + j] = (np.uint32(bf16_bits(x[n, c0, i, j]))
+                                           | np.uint32(bf16_bits(x[n, c1, i, j])) << 16)
+                else:
+                    for j in range(W):
+                        xw[p, base + j] = np.uint32(bf16_bits(x[n, c0, i, j]))
+
+
+def to_pairs(x, geometry):
+    """x (N, C, H, W) float -> xq (Cp/2, L, 2) uint16: bf16 channel pairs, padded, flat."""
+    C = x.shape[1]
+    Cp = _ceil_to(C, 32)
+    xq = np.empty((Cp // 2, geometry.L, 2), np.uint16)
+    xw = xq.view(np.uint32)[..., 0]
+    x = np.ascontiguousarray(x, np.float32)
+    g = geometry
+    map_ranges(lambda p0, p1: _pairs_range(x, xw, g.Wp, g.plane, p0, p1), Cp // 2,
+               elements=xq.size)
+    return xq
+
+
+@njit(**JIT)
+def _pack_filters(W, out):
+    """out[o, 3ky + kx, kb, i, k] = bf16(W[16o + i, 32kb + k, ky, kx]) (zeros around W:
+    `out` comes zeroed), in W's order."""
+    OC, C = W.shape[0], W.shape[1]
+    for oc in range(OC):
+        o, i = oc // 16, oc % 16
+        for c in range(C):
+            kb, k = c // 32, c % 32
+            for ky in range(3):
+                for kx in range(3):
+                    out[o, 3 * ky + kx, kb, i, k] = bf16_bits(W[oc, c, ky, kx])
+
+
+def pack_filters(W):
+    """W (OC, C, 3, 3) -> (OCt, 9, Kb, 16, 32) uint16: A tile (o, tap, kb) holds
+    bf16(W[16o + i, 32kb + k, ky, kx]), zeros past OC and C; tap = 3·ky + kx."""
+    OC, C = W.shape[:2]
+    out = aligned_empty((_ceil_to(OC, 16) // 16, TAPS, _ceil_to(C, 32) // 32, 16, 32),
+                        np.uint16)
+    out[...] = 0
+    _pack_filters(np.ascontiguousarray(W, np.float32), out)
+    return out
+
+
+def rotated_filters(W):
+    """The filters of the input gradient: W'[c, oc, ky, kx] = W[oc, c, 2 - ky, 2 - kx]."""
+    return np.ascontiguousarray(np.asarray(W).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+
+
+# ----------------------------------------------------------------------------------------
+# The kernel: 2 × 2 C tiles (32 channels × 32 positions) over all taps and channel blocks
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _tile_pair_sum(wt, xq, shifts, o, qt, two_m):
+    """C tiles 0-3 = the sums of output channel tiles o, o+1 (o+1 only if two_m) at the
+    positions qt..qt+31, over (tap, kb) in that order (the module docstring's GEMM)."""
+    Kb = wt.shape[2]
+    L = xq.shape[1]
+    b_stride = L * 4                 # bytes between channel pairs in xq
+    next_m = TAPS * Kb * TILE_ELEMENTS  # A tile (o+1, tap, kb) is this far on
+    tilezero(0)
+    tilezero(1)
+    tilezero(2)
+    tilezero(3)
+    a = o * next_m
+    for tap in range(TAPS):
+        bq = (qt + shifts[tap]) * 2  # xq[0, qt + s, 0]
+        for _ in range(Kb):
+            tileload(4, wt, a, 64)
+            tileload(6, xq, bq, b_stride)
+            tdpbf16ps(0, 4, 6)
+            tileload(7, xq, bq + 32, b_stride)  # 16 positions on
+            tdpbf16ps(1, 4, 7)
+            if two_m:
+                tileload(5, wt, a + next_m, 64)
+                tdpbf16ps(2, 5, 6)
+                tdpbf16ps(3, 5, 7)
+            a += TILE_ELEMENTS
+            bq += 32 * L                 # 16 channel pairs on
+        # (a has walked over this tap's Kb tiles: it now points at the next tap's)
+
+
+@njit(**JIT)
+def _scatter(ybuf, y, b, oc0, noc, q0, q1, Wp, plane):
+    """y[n, oc0 + c, oy, ox] = ybuf[c, q - q0] + b[oc0 + c] for the positions q0..q1-1 that
+    are outputs, one piece of an output row at a time (contiguous in both)."""
+    N, _, H, W = y.shape
+    q = q0
+    while q < q1:
+        n = q // plane
+        r = q - n * plane
+        oy = r // Wp
+        ox = r - oy * Wp
+        end = min(q1, q + Wp - ox)     # the end of this padded row
+        if n < N and oy < H and ox < W:
+            ox_end = min(W, ox + end - q)
+            off = q - q0 - ox
+            for c in range(noc):
+                bias = b[oc0 + c]
+                for t in range(ox, ox_end):
+                    y[n, oc0 + c, oy, t] = ybuf[c, off + t] + bias
+        q = end
+
+
+@njit(**JIT)
+def _conv_blocks(config, wt, xq, shifts, ybuf, y, b, blk0, blk1, Wp, plane):
+    """y (NCHW) at the positions of blocks blk0..blk1-1 (ybuf (32, block) fp32 is the
+    thread's scratch): per block, per pair of output channel tiles, every 32 positions'
+    sums, stored to ybuf, then copied out with the bias."""
+    OCt, OC = wt.shape[0], y.shape[1]
+    qb = ybuf.shape[1]
+    c_stride = qb * 4
+    ldtilecfg(config)
+    for blk in range(blk0, blk1):
+        q0 = blk * qb
+        for o in range(0, OCt, 2):
+            two_m = o + 1 < OCt
+            for qt in range(q0, q0 + qb, 32):
+                _tile_pair_sum(wt, xq, shifts, o, qt, two_m)
+                c = qt - q0
+                tilestore(0, ybuf, c, c_stride)
+                tilestore(1, ybuf, c + 16, c_stride)
+                if two_m:
+                    tilestore(2, ybuf, 16 * qb + c, c_stride)
+                    tilestore(3, ybuf, 16 * qb + c + 16, c_stride)
+            _scatter(ybuf, y, b, 16 * o, min(32, OC - 16 * o), q0, q0 + qb, Wp, plane)
+    tilerelease()
+
+
+def require_amx():
+    """Raise unless this process may run the tiles. NOTE: it must be asked first: without
+    Linux's permission (amx_available asks for it) the first tile load is SIGILL."""
+    available, reason = amx_available()
+    if not available:
+        raise RuntimeError(f"AMX is not available: {reason}")
+
+
+def _run(wt, xq, geometry, out, bias):
+    """out (N, OC, H, W) float32 = the convolution of the pairs xq by the tiles wt + bias."""
+    require_amx()
+    shifts = geometry.shifts()
+    qb = geometry.qblock
+
+    def job(blk0, blk1):
+        ybuf = workspace("amx_conv_out", (32, qb), np.float32)
+        _conv_blocks(TILE_CONFIG, wt, xq, shifts, ybuf, out, bias, blk0, blk1,
+                     geometry.Wp, geometry.plane)
+
+    map_ranges(job, geometry.Q // qb)
+    return out
+
+
+def _check(x, W, name):
+    if x.ndim != 4 or W.ndim != 4 or W.shape[2:] != (3, 3):
+        raise ValueError(f"{name}: expected x (N, C, H, W) and W (OC, C, 3, 3), got "
+                         f"{x.shape} and {W.shape}")
+
+
+def conv2d_forward_amx(x, W, b):
+    """y (N, OC, H, W) float32 = conv(bf16(x), bf16(W)) + b, 3×3/s1/p1, summed in fp32."""
+    x, W = np.asarray(x), np.asarray(W)
+    _check(x, W, "conv2d_forward_amx")
+    N, C, H, Wd = x.shape
+    OC = W.shape[0]
+    if W.shape[1] != C:
+        raise ValueError(f"conv2d_forward_amx: x has {C} channels, W expects {W.shape[1]}")
+    geometry = FlatGeometry(N, H, Wd)
+    bias = np.zeros(OC, np.float32) if b is None else np.asarray(b, np.float32)
+    y = np.empty((N, OC, H, Wd), np.float32)
+    return _run(pack_filters(W), to_pairs(x, geometry), geometry, y, bias)
+
+
+def conv2d_input_grad_amx(gy, W):
+    """gx (N, C, H, W) float32 of `conv2d_forward_amx`: gy (N, OC, H, W) convolved with
+    the rotated, transposed filters (bf16 operands, fp32 sums)."""
+    gy, W = np.asarray(gy), np.asarray(W)
+    _check(gy, W, "conv2d_input_grad_amx")
+    N, OC, H, Wd = gy.shape
+    if W.shape[0] != OC:
+        raise ValueError(f"conv2d_input_grad_amx: gy has {OC} channels, W makes {W.shape[0]}")
+    C = W.shape[1]
+    geometry = FlatGeometry(N, H, Wd)
+    gx = np.empty((N, C, H, Wd), np.float32)
+    return _run(pack_filters(rotated_filters(W)), to_pairs(gy, geometry), geometry, gx,
+                np.zeros(C, np.float32))

@@ -1,0 +1,198 @@
+"""The weight gradient of the AMX direct convolution (`blocked_amx.py`, whose docstring
+sets out the flat padded positions q and the shifts s = ky·Wp + kx).
+
+    conv2d_weight_grad_amx(x, gy) -> gW (OC, C, 3, 3) float32
+
+**The GEMM.** gW[oc, c, ky, kx] = Σ_q x(q + s)[c] · gy(q)[oc], a product whose reduction runs
+over the positions. Per tap, gW_tap^T (C × OC) = X_s (C × positions) @ GY^T (positions × OC):
+
+    A tile: 16 input channels × 32 consecutive positions q+s.., straight from xc
+            (`to_channel_rows`: (Cp, L) bf16, each channel's padded flat positions in a
+            row, so an A tile is 16 rows of 64 contiguous bytes, L·2 bytes apart: any
+            shift s, no copy)
+    B tile: 16 position pairs × 16 output channels × 2 bf16 (VNNI), from gyv
+            (`to_position_pairs`: (Q/2, OCp, 2) bf16, gy at the output positions and
+            zero at the dropped ones, so the dropped positions add exact zeros)
+    C tile: 16 input channels × 16 output channels of one tap, fp32
+
+**Blocking and order.** Tiles 0-3 hold 2 × 2 C tiles (32 input × 32 output channels of
+one tap), 4-5 two A tiles, 6-7 two B tiles. The positions are cut in chunks of
+`chunk_positions` (the chunk's x and gy stay in L2 while every C tile passes over them);
+between chunks the C tiles are stored and reloaded, which is exact. Each C tile sums its
+positions in order 0, 32, 64, ... whatever the chunk size.
+
+**Threads.** The output tiles are shared out: units (input channel tile pair, tap), a
+contiguous range per thread (`runtime.map_ranges`); a unit's sums are one thread's, over all
+positions, in the fixed order: the same bits at any thread count.
+"""
+
+import numpy as np
+from numba import njit
+
+from minivgg.kernels.cpu.amx_isa import (TILE_CONFIG, ldtilecfg, tdpbf16ps, tileload,
+                                         tilerelease, tilestore, tilezero)
+from minivgg.kernels.cpu.bf16 import bf16_bits
+from minivgg.kernels.cpu.blocked_amx import TAPS, FlatGeometry, _ceil_to, require_amx
+from minivgg.kernels.cpu.runtime import JIT, map_ranges
+
+# Bytes of x and gy (bf16) a chunk of positions holds: about half of a core's 2 MB L2.
+CHUNK_BYTES = 2**20
+
+
+def chunk_positions(Cp, OCp):
+    """Positions per chunk: CHUNK_BYTES of x's and gy's rows, a multiple of 32."""
+    return max(32, CHUNK_BYTES // ((Cp + OCp) * 2) // 32 * 32)
+
+
+# ----------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _rows_range(x, xc, Wp, plane, c0, c1):
+    """xc[c, q] = bf16(x[n, c, i, j]) at the padded position q of (n, i, j), for the
+    channels c0..c1-1; zeros on the border, past C and past the last image."""
+    N, C, H, W = x.shape
+    for c in range(c0, c1):
+        xc[c] = 0
+        if c >= C:
+            continue
+        for n in range(N):
+            for i in range(H):
+                base = n * plane + (i + 1) * Wp + 1
+                for j in range(W):
+                    xc[c, base + j] = bf16_bits(x[n, c, i, j])
+
+
+def to_channel_rows(x, geometry):
+    """x (N, C, H, W) float -> xc (Cp, L) uint16, Cp = C rounded up to 16."""
+    Cp = _ceil_to(x.shape[1], 16)
+    xc = np.empty((Cp, geometry.L), np.uint16)
+    x = np.ascontiguousarray(x, np.float32)
+    g = geometry
+    map_ranges(lambda c0, c1: _rows_range(x, xc, g.Wp, g.plane, c0, c1), Cp,
+               elements=xc.size)
+    return xc
+
+
+@njit(**JIT)
+def _position_pairs_range(gy, gyv, Wp, plane, r0, r1):
+    """gyv[q // 2, oc, q % 2] = bf16(gy[n, oc, oy, ox]) at the output position
+    q = n·plane + oy·Wp + ox, for the output rows r = n·H + oy in r0..r1-1; the two padding
+    positions after each row are zeroed here, the rest of gyv by the caller."""
+    N, OC, H, W = gy.shape
+    for r in range(r0, r1):
+        n, oy = r // H, r % H
+        base = n * plane + oy * Wp
+        for oc in range(OC):
+            for ox in range(W):
+                q = base + ox
+                gyv[q >> 1, oc, q & 1] = bf16_bits(gy[n, oc, oy, ox])
+        for q in range(base + W, base + Wp):
+            gyv[q >> 1, :, q & 1] = 0
+
+
+def to_position_pairs(gy, geometry):
+    """gy (N, OC, H, W) float -> gyv (Q/2, OCp, 2) uint16, OCp = OC rounded up to 16,
+    zero at every position that is not an output."""
+    N, OC, H, W = gy.shape
+    g = geometry
+    gyv = np.empty((g.Q // 2, _ceil_to(OC, 16), 2), np.uint16)
+    gyv[:, OC:] = 0
+    flat = gyv.reshape(-1, gyv.shape[1] * 2)   # (Q/2, ...): whole position pairs
+    # the 2 padding rows under each image, and the end; NOTE: the pair that straddles two
+    # images is zeroed whole, and its second position (an output) written afterwards
+    for n in range(N):
+        start = (n * g.plane + H * g.Wp) // 2
+        flat[start:-(-(n + 1) * g.plane // 2) if n + 1 < N else g.Q // 2] = 0
+    gy = np.ascontiguousarray(gy, np.float32)
+    map_ranges(lambda r0, r1: _position_pairs_range(gy, gyv, g.Wp, g.plane, r0, r1),
+               N * H, elements=gy.size)
+    return gyv
+
+
+# ----------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def _tile_pair_grad(xc, gyv, gwt, m, n, s, tap, k0, k1, two_m, two_n):
+    """C tiles (m, n), (m, n+1), (m+1, n), (m+1, n+1) of gW_tap^T += the positions k0..k1-1
+    (from zero when k0 == 0, else reloaded from gwt (9, Cp, OCp) fp32), and stored back."""
+    L, OCp = xc.shape[1], gyv.shape[1]
+    Cw, OCw = gwt.shape[1], gwt.shape[2]    # whole pairs of tiles
+    a_stride, b_stride, c_stride = L * 2, OCp * 4, OCw * 4
+    c0 = (tap * Cw + 16 * m) * OCw + 16 * n
+    c2 = c0 + 16 * OCw
+    if k0 == 0:
+        tilezero(0)
+        tilezero(1)
+        tilezero(2)
+        tilezero(3)
+    else:
+        tileload(0, gwt, c0, c_stride)
+        tileload(1, gwt, c0 + 16, c_stride)
+        tileload(2, gwt, c2, c_stride)
+        tileload(3, gwt, c2 + 16, c_stride)
+    a = 16 * m * L + k0 + s                 # xc[16m, k0 + s]
+    b = (k0 // 2 * OCp + 16 * n) * 2        # gyv[k0 / 2, 16n, 0]
+    for _ in range(k0, k1, 32):
+        tileload(4, xc, a, a_stride)
+        tileload(6, gyv, b, b_stride)
+        tdpbf16ps(0, 4, 6)
+        if two_n:
+            tileload(7, gyv, b + 32, b_stride)
+            tdpbf16ps(1, 4, 7)
+        if two_m:
+            tileload(5, xc, a + 16 * L, a_stride)
+            tdpbf16ps(2, 5, 6)
+            if two_n:
+                tdpbf16ps(3, 5, 7)
+        a += 32
+        b += 32 * OCp                     # 16 position pairs on
+    tilestore(0, gwt, c0, c_stride)
+    tilestore(1, gwt, c0 + 16, c_stride)
+    tilestore(2, gwt, c2, c_stride)
+    tilestore(3, gwt, c2 + 16, c_stride)
+
+
+@njit(**JIT)
+def _grad_units(config, xc, gyv, gwt, shifts, u0, u1, chunk):
+    """The units u0..u1-1 (u = 9·(input tile pair) + tap) of gwt, over all positions,
+    a chunk at a time. NOTE: tiles past the last input or output channel tile are
+    computed from zeros (two_m / two_n skip their multiplies) and stored into gwt's
+    padding, which the caller drops."""
+    Q = 2 * gyv.shape[0]
+    Mt, Nt = xc.shape[0] // 16, gyv.shape[1] // 16
+    ldtilecfg(config)
+    for k0 in range(0, Q, chunk):
+        k1 = min(k0 + chunk, Q)
+        for u in range(u0, u1):
+            m, tap = 2 * (u // TAPS), u % TAPS
+            for n in range(0, Nt, 2):
+                _tile_pair_grad(xc, gyv, gwt, m, n, shifts[tap], tap, k0, k1, m + 1 < Mt,
+                                n + 1 < Nt)
+    tilerelease()
+
+
+def conv2d_weight_grad_amx(x, gy):
+    """gW (OC, C, 3, 3) float32 = Σ over the batch and positions of bf16(x) ⊗ bf16(gy),
+    3×3/s1/p1, summed in fp32 (module docstring)."""
+    x, gy = np.asarray(x), np.asarray(gy)
+    if x.ndim != 4 or gy.ndim != 4 or x.shape[0] != gy.shape[0] or x.shape[2:] != gy.shape[2:]:
+        raise ValueError(f"conv2d_weight_grad_amx: x {x.shape} and gy {gy.shape} must be "
+                         f"(N, C, H, W) and (N, OC, H, W)")
+    require_amx()
+    N, C, H, W = x.shape
+    OC = gy.shape[1]
+    geometry = FlatGeometry(N, H, W)
+    xc, gyv = to_channel_rows(x, geometry), to_position_pairs(gy, geometry)
+    Cp, OCp = xc.shape[0], gyv.shape[1]
+    # room for whole 2 x 2 blocks of tiles: one more tile of each when the count is odd
+    gwt = np.empty((TAPS, _ceil_to(Cp, 32), _ceil_to(OCp, 32)), np.float32)
+    units = TAPS * (_ceil_to(Cp, 32) // 32)
+    chunk = chunk_positions(Cp, OCp)
+    shifts = geometry.shifts()
+    map_ranges(lambda u0, u1: _grad_units(TILE_CONFIG, xc, gyv, gwt, shifts, u0, u1, chunk),
+               units)
+    return np.ascontiguousarray(gwt[:, :C, :OC].transpose(2, 1, 0)).reshape(OC, C, 3, 3)

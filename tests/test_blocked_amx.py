@@ -141,3 +141,17 @@ def test_without_amx_blocked_runs_the_fp32_kernel_on_rounded_operands():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 224, 224), (8, 64, 224, 224), (2, 512, 14, 14),
+                                   (32, 16, 32, 32), (1, 128, 1, 1)])
+def test_auto_under_bf16_picks_blocked_for_every_3x3_layer_where_amx_runs(shape):
+    """The rule of `backend._amx_is_fast`: with AMX, "blocked" whatever the shape (it was
+    the fastest on every layer measured); without it, not the AMX kernel's rule."""
+    x, W = np.empty(shape, np.float32), np.empty((8, shape[1], 3, 3), np.float32)
+    backend.set_conv_algorithm("auto")
+    backend.set_precision("bf16")
+    picked = backend.conv_algorithm_for(x, W, (1, 1), (1, 1))
+    assert (picked == "blocked") if AMX else (picked != "blocked" or shape[1] >= 8)
+    assert backend.conv_algorithm_for(x, W, (2, 2), (1, 1)) == "im2col"
+    assert backend.conv_algorithm_for(np.zeros(shape), W, (1, 1), (1, 1)) != "blocked"

@@ -66,6 +66,13 @@ def _ceil_to(a, b):
     return -(-a // b) * b
 
 
+def spread_row(n):
+    """n (a multiple of 16) floats or bf16 pairs per row, plus 16 where n / 16 is even: rows
+    of 4-byte values an odd number of 64-byte lines apart fall in different cache sets (see
+    `FlatGeometry.L`)."""
+    return n + 16 if n // 16 % 2 == 0 else n
+
+
 class FlatGeometry:
     """The flat padded numbering of an (N, C, H, W) batch (module docstring; Wp = W + 2,
     or W + 3 for an odd W, which keeps it even): Q positions
@@ -83,7 +90,10 @@ class FlatGeometry:
         threads = threads or num_threads()
         self.qblock = min(QBLOCK, _ceil_to(-(-last // threads), 32))
         self.Q = _ceil_to(last, self.qblock)
-        self.L = self.Q + 2 * self.Wp + 2 + 32
+        # NOTE: L ≡ 32 (mod 64), so the 16 rows of a tile, L·2 or L·4 bytes apart, fall in
+        # 16 different sets of the 64-set L1 cache (a multiple of 4 KB apart they would all
+        # fall in one set, whose 12 ways cannot hold them)
+        self.L = _ceil_to(self.Q + 2 * self.Wp + 2 + 32, 64) + 32
 
     def shifts(self):
         return np.array([ky * self.Wp + kx for ky in range(3) for kx in range(3)], np.int64)
@@ -227,13 +237,13 @@ def _scatter(ybuf, y, b, oc0, noc, q0, q1, Wp, plane):
 
 
 @njit(**JIT)
-def _conv_blocks(config, wt, xq, shifts, ybuf, y, b, blk0, blk1, Wp, plane):
-    """y (NCHW) at the positions of blocks blk0..blk1-1 (ybuf (32, block) fp32 is the
-    thread's scratch): per block, per pair of output channel tiles, every 32 positions'
-    sums, stored to ybuf, then copied out with the bias."""
+def _conv_blocks(config, wt, xq, shifts, ybuf, y, b, qb, blk0, blk1, Wp, plane):
+    """y (NCHW) at the positions of the blocks of qb positions blk0..blk1-1 (ybuf (32, row
+    >= qb) fp32 is the thread's scratch): per block, per pair of output channel tiles,
+    every 32 positions' sums, stored to ybuf, then copied out with the bias."""
     OCt, OC = wt.shape[0], y.shape[1]
-    qb = ybuf.shape[1]
-    c_stride = qb * 4
+    row = ybuf.shape[1]
+    c_stride = row * 4
     ldtilecfg(config)
     for blk in range(blk0, blk1):
         q0 = blk * qb
@@ -245,8 +255,8 @@ def _conv_blocks(config, wt, xq, shifts, ybuf, y, b, blk0, blk1, Wp, plane):
                 tilestore(0, ybuf, c, c_stride)
                 tilestore(1, ybuf, c + 16, c_stride)
                 if two_m:
-                    tilestore(2, ybuf, 16 * qb + c, c_stride)
-                    tilestore(3, ybuf, 16 * qb + c + 16, c_stride)
+                    tilestore(2, ybuf, 16 * row + c, c_stride)
+                    tilestore(3, ybuf, 16 * row + c + 16, c_stride)
             _scatter(ybuf, y, b, 16 * o, min(32, OC - 16 * o), q0, q0 + qb, Wp, plane)
     tilerelease()
 
@@ -266,8 +276,8 @@ def _run(wt, xq, geometry, out, bias):
     qb = geometry.qblock
 
     def job(blk0, blk1):
-        ybuf = workspace("amx_conv_out", (32, qb), np.float32)
-        _conv_blocks(TILE_CONFIG, wt, xq, shifts, ybuf, out, bias, blk0, blk1,
+        ybuf = workspace("amx_conv_out", (32, spread_row(qb)), np.float32)
+        _conv_blocks(TILE_CONFIG, wt, xq, shifts, ybuf, out, bias, qb, blk0, blk1,
                      geometry.Wp, geometry.plane)
 
     map_ranges(job, geometry.Q // qb)

@@ -32,16 +32,30 @@ from numba import njit
 from minivgg.kernels.cpu.amx_isa import (TILE_CONFIG, ldtilecfg, tdpbf16ps, tileload,
                                          tilerelease, tilestore, tilezero)
 from minivgg.kernels.cpu.bf16 import bf16_bits
-from minivgg.kernels.cpu.blocked_amx import TAPS, FlatGeometry, _ceil_to, require_amx
+from minivgg.kernels.cpu.blocked_amx import (TAPS, FlatGeometry, _ceil_to, require_amx,
+                                              spread_row)
 from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
-# Bytes of x and gy (bf16) a chunk of positions holds: about half of a core's 2 MB L2.
+# A chunk of positions: at most CHUNK_POSITIONS, and at most CHUNK_BYTES of gy (bf16); a
+# group of units: GROUP_BYTES of their C tiles (fp32). With both in L2, the group's C tiles
+# are stored and reloaded there between chunks, and the chunk's gy is read from L2 by every
+# unit of the group. NOTE: picked from single-thread probes at batch 8 (2026-12-05, shared
+# machine, load average 5): 2048 positions and 1 MB groups ran best on 128 and 256
+# channels (900-1090 GFLOP/s against 500-560 ungrouped), 1024 on 512 channels (450-480);
+# 256 to 16384 positions were tried.
+CHUNK_POSITIONS = 2048
 CHUNK_BYTES = 2**20
+GROUP_BYTES = 2**20
 
 
-def chunk_positions(Cp, OCp):
-    """Positions per chunk: CHUNK_BYTES of x's and gy's rows, a multiple of 32."""
-    return max(32, CHUNK_BYTES // ((Cp + OCp) * 2) // 32 * 32)
+def chunk_positions(OCp):
+    """Positions per chunk (a multiple of 32): see CHUNK_POSITIONS."""
+    return max(32, min(CHUNK_POSITIONS, CHUNK_BYTES // (OCp * 2) // 32 * 32))
+
+
+def group_units(OCw):
+    """Units per group: GROUP_BYTES of their C tiles (32 input × OCw output channels)."""
+    return max(1, GROUP_BYTES // (32 * OCw * 4))
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,11 +117,11 @@ def _position_pairs_range(gy, gyw, Wp, plane, r0, r1):
 
 
 def to_position_pairs(gy, geometry):
-    """gy (N, OC, H, W) float -> gyv (Q/2, OCp, 2) uint16, OCp = OC rounded up to 16,
-    zero at every position that is not an output."""
+    """gy (N, OC, H, W) float -> gyv (Q/2, OCs, 2) uint16, OCs = OC rounded up to 16 (and
+    `spread_row`), zero at every position that is not an output and past OC."""
     N, OC, H, W = gy.shape
     g = geometry
-    gyv = np.empty((g.Q // 2, _ceil_to(OC, 16), 2), np.uint16)
+    gyv = np.empty((g.Q // 2, spread_row(_ceil_to(OC, 16)), 2), np.uint16)
     gyw = gyv.view(np.uint32)[..., 0]
     for n in range(N):  # the 2 padding rows under each image, and the end
         gyw[(n * g.plane + H * g.Wp) // 2:(n + 1) * g.plane // 2 if n + 1 < N else None] = 0
@@ -163,21 +177,23 @@ def _tile_pair_grad(xc, gyv, gwt, m, n, s, tap, k0, k1, two_m, two_n):
 
 
 @njit(**JIT)
-def _grad_units(config, xc, gyv, gwt, shifts, u0, u1, chunk):
-    """The units u0..u1-1 (u = 9·(input tile pair) + tap) of gwt, over all positions,
-    a chunk at a time. NOTE: tiles past the last input or output channel tile are
-    computed from zeros (two_m / two_n skip their multiplies) and stored into gwt's
-    padding, which the caller drops."""
+def _grad_units(config, xc, gyv, gwt, shifts, Nt, u0, u1, chunk, group):
+    """The units u0..u1-1 (u = 9·(input tile pair) + tap) of gwt over all positions:
+    `group` units at a time (their C tiles stay in L2), a chunk of positions at a time
+    (the chunk's gy stays in L2 while the group's units pass over it). NOTE: tiles past the
+    last input or output channel tile are computed from zeros (two_m / two_n skip their
+    multiplies) and stored into gwt's padding, which the caller drops."""
     Q = 2 * gyv.shape[0]
-    Mt, Nt = xc.shape[0] // 16, gyv.shape[1] // 16
+    Mt = xc.shape[0] // 16   # input channel tiles (Nt: output channel tiles)
     ldtilecfg(config)
-    for k0 in range(0, Q, chunk):
-        k1 = min(k0 + chunk, Q)
-        for u in range(u0, u1):
-            m, tap = 2 * (u // TAPS), u % TAPS
-            for n in range(0, Nt, 2):
-                _tile_pair_grad(xc, gyv, gwt, m, n, shifts[tap], tap, k0, k1, m + 1 < Mt,
-                                n + 1 < Nt)
+    for g0 in range(u0, u1, group):
+        for k0 in range(0, Q, chunk):
+            k1 = min(k0 + chunk, Q)
+            for u in range(g0, min(g0 + group, u1)):
+                m, tap = 2 * (u // TAPS), u % TAPS
+                for n in range(0, Nt, 2):
+                    _tile_pair_grad(xc, gyv, gwt, m, n, shifts[tap], tap, k0, k1,
+                                    m + 1 < Mt, n + 1 < Nt)
     tilerelease()
 
 
@@ -205,14 +221,14 @@ def conv2d_weight_grad_amx(x, gy):
     OC = gy.shape[1]
     geometry = FlatGeometry(N, H, W)
     xc, gyv = to_channel_rows(x, geometry), to_position_pairs(gy, geometry)
-    Cp, OCp = xc.shape[0], gyv.shape[1]
+    Cp, OCp = xc.shape[0], _ceil_to(OC, 16)
     # room for whole 2 x 2 blocks of tiles: one more tile of each when the count is odd
-    gwt = np.empty((TAPS, _ceil_to(Cp, 32), _ceil_to(OCp, 32)), np.float32)
+    gwt = np.empty((TAPS, _ceil_to(Cp, 32), spread_row(_ceil_to(OCp, 32))), np.float32)
     units = TAPS * (_ceil_to(Cp, 32) // 32)
-    chunk = chunk_positions(Cp, OCp)
+    chunk, group = chunk_positions(OCp), group_units(gwt.shape[2])
     shifts = geometry.shifts()
-    map_ranges(lambda u0, u1: _grad_units(TILE_CONFIG, xc, gyv, gwt, shifts, u0, u1, chunk),
-               units)
+    map_ranges(lambda u0, u1: _grad_units(TILE_CONFIG, xc, gyv, gwt, shifts, OCp // 16, u0,
+                                          u1, chunk, group), units)
     gW = np.empty((OC, C, TAPS), np.float32)
     map_ranges(lambda c0, c1: _untile_range(gwt, gW, c0, c1), C, elements=gW.size)
     return gW.reshape(OC, C, 3, 3)

@@ -76,6 +76,23 @@ def test_results_are_the_same_bits_at_one_and_two_threads(shape, rng, monkeypatc
 
 
 @requires_amx
+def test_a_batch_cut_in_chunks_of_one_image_gives_the_same_sums(rng, monkeypatch):
+    """IMAGE_CHUNK_BYTES below one image: every call runs image by image (gW going on from
+    the sums so far), still the fp32 sums of the rounded operands, the same y and gx bits
+    (each output is one image's), and the same bits at 1 and 2 threads."""
+    data = arrays(rng, 3, 17, 7, 9, 40)
+    whole = ours(*data)
+    monkeypatch.setattr(blocked_amx, "IMAGE_CHUNK_BYTES", 1)
+    assert blocked_amx.image_chunks(3, 100) == [(0, 1), (1, 2), (2, 3)]
+    chunked = ours(*data)
+    assert np.array_equal(chunked[0], whole[0]) and np.array_equal(chunked[1], whole[1])
+    for name, a, e in zip(("y", "gx", "gW"), chunked, exact(*data)):
+        assert_close_bf16(a, e, "bf16_operands", name)
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    assert all(np.array_equal(a, b) for a, b in zip(ours(*data), chunked))
+
+
+@requires_amx
 def test_the_blocked_algorithm_under_bf16_runs_the_tile_kernels(rng, monkeypatch):
     """Through the kernel table: the AMX results, and gb the fp32 sum of gy."""
     x, Wt, b, gy = arrays(rng, 2, 5, 6, 7, 9)

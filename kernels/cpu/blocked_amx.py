@@ -32,8 +32,30 @@ The blocking is amx.py's: tiles 0-3 a 2 × 2 block of C (32 channels × 32 posit
 two A tiles, 6-7 two B tiles, four tdpbf16ps per four loads, over (tap, Kb) in that fixed
 order.
 
+Why channels × positions, not positions × channels (A = 16 positions × 32 channels straight
+from a channel-last x, also one tile load per shift): its C tiles would hold positions ×
+channels, and every output would need a transpose back to NCHW, the layout of the layers
+around (ReLU, pooling) and of `Tensor`. Here the epilogue is a plain copy.
+
 **Input gradient.** gx = the same kernel on gy (as channel pairs, padded) with the filters
-rotated 180° and their in/out channels swapped (`rotated_filters`).
+rotated 180° and their in/out channels swapped (`rotated_filters`; `pack_filters(W,
+rotate=True)` packs them without the copy).
+
+**Cache sets.** The 16 rows of a tile lie L·4 (xq) or row·4 (ybuf) bytes apart; were that a
+multiple of 4 KB, all 16 would fall in one set of the 64-set, 12-way L1 and evict each other
+at every load. So L ≡ 32 (mod 64) and the scratch rows are `spread_row` long (an odd number
+of 64-byte lines, or twice one). NOTE: by that argument, not by a measurement: on the shared
+machine an A/B of the two layouts swung 2× either way from run to run (load average 17).
+
+**Memory.** A layer runs a chunk of images at a time (`image_chunks`: at most
+IMAGE_CHUNK_BYTES, 16 MB, of bf16 layout, or one image), so besides its output it holds xq
+for one chunk (the input in bf16, about half of it in fp32), the packed filters and per
+thread a 32 × 272 fp32 scratch (`workspace`); the weight gradient holds one chunk of x and
+of gy in bf16. Whole-batch layouts made the bf16 VGG-D step (batch 8) peak at 3103 MB above
+the imports against fp32's 2896 (`bench_step.py`, 2026-12-05 07:35 UTC): conv1_2's input
+alone is 52 MB in bf16. The layouts are plain `np.empty`, not workspaces, which would keep
+the largest layer's size for the rest of the run (glibc hands the freed memory to the next
+call: `runtime._keep_freed_memory`).
 
 **Threads.** The positions are cut in blocks of `QBLOCK` (fewer when the layer has fewer
 positions than threads × QBLOCK), each thread gets a contiguous range of blocks
@@ -60,6 +82,10 @@ from minivgg.kernels.cpu.runtime import JIT, map_ranges, num_threads, workspace
 # of output channels passes over it.
 QBLOCK = 256
 TAPS = 9
+# Bytes of bf16 layout made at once: a layer runs a chunk of images at a time (`image_chunks`),
+# so its transient copies stay small next to the activations (conv1_2's input at batch 8
+# would be 52 MB in bf16, 6.5 MB per image).
+IMAGE_CHUNK_BYTES = 16 * 2**20
 
 
 def _ceil_to(a, b):
@@ -290,6 +316,28 @@ def _check(x, W, name):
                          f"{x.shape} and {W.shape}")
 
 
+def image_chunks(N, per_image_bytes):
+    """(n0, n1) ranges of images whose bf16 layouts take at most IMAGE_CHUNK_BYTES (one
+    image at least): fixed by the shapes, never by the thread count."""
+    step = max(1, IMAGE_CHUNK_BYTES // per_image_bytes)
+    return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
+def layout_bytes(C, H, W):
+    """Bytes of one image's bf16 layout with C channels (padded, flat)."""
+    return _ceil_to(C, 32) * 2 * (H + 2) * (W + 2 + W % 2)
+
+
+def _convolve(x, wt, out, bias):
+    """out = the convolution of x by the packed tiles wt, + bias, a chunk of images at a
+    time (each chunk's pairs made, used and dropped)."""
+    N, C, H, W = x.shape
+    for n0, n1 in image_chunks(N, layout_bytes(C, H, W)):
+        geometry = FlatGeometry(n1 - n0, H, W)
+        _run(wt, to_pairs(x[n0:n1], geometry), geometry, out[n0:n1], bias)
+    return out
+
+
 def conv2d_forward_amx(x, W, b):
     """y (N, OC, H, W) float32 = conv(bf16(x), bf16(W)) + b, 3×3/s1/p1, summed in fp32."""
     x, W = np.asarray(x), np.asarray(W)
@@ -298,10 +346,9 @@ def conv2d_forward_amx(x, W, b):
     OC = W.shape[0]
     if W.shape[1] != C:
         raise ValueError(f"conv2d_forward_amx: x has {C} channels, W expects {W.shape[1]}")
-    geometry = FlatGeometry(N, H, Wd)
     bias = np.zeros(OC, np.float32) if b is None else np.asarray(b, np.float32)
     y = np.empty((N, OC, H, Wd), np.float32)
-    return _run(pack_filters(W), to_pairs(x, geometry), geometry, y, bias)
+    return _convolve(x, pack_filters(W), y, bias)
 
 
 def conv2d_input_grad_amx(gy, W):
@@ -313,7 +360,5 @@ def conv2d_input_grad_amx(gy, W):
     if W.shape[0] != OC:
         raise ValueError(f"conv2d_input_grad_amx: gy has {OC} channels, W makes {W.shape[0]}")
     C = W.shape[1]
-    geometry = FlatGeometry(N, H, Wd)
     gx = np.empty((N, C, H, Wd), np.float32)
-    return _run(pack_filters(W, rotate=True), to_pairs(gy, geometry), geometry, gx,
-                np.zeros(C, np.float32))
+    return _convolve(gy, pack_filters(W, rotate=True), gx, np.zeros(C, np.float32))

@@ -260,7 +260,8 @@ def add_bias(ycols, b):
 class CpuPrimitives(common.Primitives):
     """The CPU's kernels, as the shared drivers call them: each name is the Numba kernel or
     the NumPy call itself (no wrapper in between), from this file, `cpu/winograd.py`,
-    `cpu/direct.py`, `cpu/blocked_nchw.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
+    `cpu/direct.py`, `cpu/blocked_nchw.py` (`cpu/blocked_amx.py` under bf16) and
+    `cpu/runtime.py`. Contract: `common.Primitives`."""
 
     xp = np
 
@@ -317,8 +318,10 @@ class CpuPrimitives(common.Primitives):
         kernels on bf16-rounded x, W and gy. The bias gradient, a reduction, stays the
         fp32 sum of gy."""
         if cpu_matmul.packs_bf16(x):
+            # NOTE: gW first: its bf16 copies of x and gy are gone before gx exists
+            gW = blocked_amx_grad.conv2d_weight_grad_amx(x, gy)
             gx = blocked_amx.conv2d_input_grad_amx(gy, W) if need_gx else None
-            return gx, blocked_amx_grad.conv2d_weight_grad_amx(x, gy), gy.sum(axis=(0, 2, 3))
+            return gx, gW, gy.sum(axis=(0, 2, 3))
         rounded = [cpu_matmul.round_operand(a) for a in (x, W, gy)]
         gx, gW, gb = blocked_nchw.blocked_conv2d_backward(*rounded, need_gx)
         if rounded[2] is not gy:  # bf16: gb from the fp32 gy

@@ -52,7 +52,7 @@ IMAGE_CHUNK_BYTES, 16 MB, of bf16 layout, or one image), so besides its output i
 for one chunk (the input in bf16, about half of it in fp32), the packed filters and per
 thread a 32 × 272 fp32 scratch (`workspace`); the weight gradient holds one chunk of x and
 of gy in bf16. Whole-batch layouts made the bf16 VGG-D step (batch 8) peak at 3103 MB above
-the imports against fp32's 2896 (`bench_step.py`, 2026-12-05 07:35 UTC): conv1_2's input
+the imports against fp32's 2897 (`bench_step.py`, 2026-12-05 07:35 UTC): conv1_2's input
 alone is 52 MB in bf16. The layouts are plain `np.empty`, not workspaces, which would keep
 the largest layer's size for the rest of the run (glibc hands the freed memory to the next
 call: `runtime._keep_freed_memory`).
@@ -65,6 +65,44 @@ whatever the block or thread count: the same bits at any thread count.
 **Numbers.** bf16 operands (round to nearest even), fp32 sums in the tiles, fp32 output
 (see amx.py's docstring for why). The reference the tests hold it to: the float64
 convolution of the bf16-rounded operands.
+
+**Measured** (taken on a SHARED machine, 2026-12-05 07:43 UTC, load average 4.5-4.7 on 2
+cores; indicative only, the quiet tables belong in benchmarks/README.md): GFLOP/s of each
+pass, whole calls (layouts, filter packing, epilogue included), one thread, the fastest of
+3 by CPU time; `python benchmarks/bench_blocked_amx.py [--net small]`. amx: this kernel;
+im2col: the bf16 im2col path (im2col into tiles + the AMX GEMM); torch: PyTorch 2.13's
+bf16 conv (oneDNN), its own process, one thread.
+
+    VGG-16 at batch 2          fwd               gx                gW
+    C -> OC @ side        amx im2col torch  amx im2col torch  amx im2col torch
+    3->64 @224          34     35    12    58     29    42    27     22    40
+    64->64 @224        417    114   195   404     48   200   274    133   353
+    64->128 @112       452    188   154   513     87   533   444    182   536
+    128->128 @112      598    211   278   559     89   270   363    217   461
+    128->256 @56       640    314   704   662    147   707   365    385   604
+    256->256 @56       732    352   924   687    136   783   425    352   606
+    256->512 @28       547    495   903   475    200   736   332    488   745
+    512->512 @28       537    474  1035   475    233   942   394    418   787
+    512->512 @14       252    340   792   289    153   738   284    377   395
+
+    small recipe, batch 32      fwd               gx                gW
+    C -> OC @ side        amx im2col torch  amx im2col torch  amx im2col torch
+    3->16 @64           31     19    49    40     11    71    30     16    62
+    16->32 @32         190     47   221   246     27   266   158     49   247
+    32->64 @16         328     98   446   359     57   444   251    102   389
+    64->64 @16         457     94   613   426     61   613   306    101   512
+    64->128 @8         359    142   626   394     94   488   230    163   322
+    128->128 @8        470    157   764   424     87   671   444    171   334
+    128->128 @4        263     87   393   228     75   428   161     89   140
+
+The tile kernel alone reached 500-950 GFLOP/s forward at batch 8 (conv1_2 the lowest,
+conv3 the highest); what the whole calls lose on top is the bf16 layouts (conv1_2's
+`to_pairs` at batch 8: 14 ms of a 67 ms forward), the filter packing (4 ms per call on
+512 channels, which small batches feel: conv5 at batch 2) and, at batch 2, the weight
+gradient's short sums (512 positions on conv5) against its 9·C·OC outputs. A VGG-D
+training step at 224, batch 8, bf16, one thread (CPU time of `profile_step.py --clock cpu
+--threads 1`, load average 4-6): 2.5-2.9 s with "auto" running this kernel for every
+layer, against 4.6 s with the bf16 im2col path and 3.2-3.7 s for PyTorch under autocast.
 """
 
 import numpy as np

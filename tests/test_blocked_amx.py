@@ -28,9 +28,10 @@ AMX, WHY_NOT = amx_available()
 requires_amx = pytest.mark.skipif(not AMX, reason=f"no AMX here: {WHY_NOT}")
 
 # (N, C, H, W, OC): channel counts off the 16/32 tiles, maps of 1×1 to 7×9, batch 1 and 3,
-# and one VGG-like layer with whole tiles
+# one VGG-like layer with whole tiles, and RGB-like layers of 1 to 4 channels
 SHAPES = [(1, 3, 1, 1, 5), (3, 5, 2, 3, 17), (1, 17, 7, 9, 40), (3, 40, 7, 9, 3),
-          (1, 40, 2, 3, 33), (3, 17, 1, 1, 5), (2, 64, 8, 8, 64)]
+          (1, 40, 2, 3, 33), (3, 17, 1, 1, 5), (2, 64, 8, 8, 64), (2, 3, 7, 9, 17),
+          (1, 2, 5, 6, 16), (3, 1, 9, 7, 33), (1, 4, 6, 5, 20)]
 
 
 def arrays(rng, N, C, H, W, OC):
@@ -64,7 +65,7 @@ def test_forward_and_both_gradients_are_the_fp32_sums_of_the_rounded_operands(sh
 
 
 @requires_amx
-@pytest.mark.parametrize("shape", [(3, 17, 7, 9, 40), (2, 64, 8, 8, 64)])
+@pytest.mark.parametrize("shape", [(3, 17, 7, 9, 40), (2, 64, 8, 8, 64), (3, 3, 9, 7, 20)])
 def test_results_are_the_same_bits_at_one_and_two_threads(shape, rng, monkeypatch):
     data = arrays(rng, *shape)
     monkeypatch.setenv("NUMBA_NUM_THREADS", "1")

@@ -95,6 +95,12 @@ bf16 conv (oneDNN), its own process, one thread.
     128->128 @8        470    157   764   424     87   671   444    171   334
     128->128 @4        263     87   393   228     75   428   161     89   140
 
+Tried and dropped: folding conv1_1's taps into its channels (9·C = 27 of one 32-wide K
+block, one tap instead of 9 taps of 32 channels, 29 of them zero). The kernel ran 1.3×
+faster (3.1 -> 2.3 ms, the small recipe's conv1_1 at batch 32, one thread), but the folded
+layout took 5.7 ms to build against `to_pairs`' 0.5: a layer this thin is bound by its
+tile stores and epilogue, not by tdpbf16ps.
+
 The tile kernel alone reached 500-950 GFLOP/s forward at batch 8 (conv1_2 the lowest,
 conv3 the highest); what the whole calls lose on top is the bf16 layouts (conv1_2's
 `to_pairs` at batch 8: 14 ms of a 67 ms forward), the filter packing (4 ms per call on

@@ -26,10 +26,15 @@ one tap), 4-5 two A tiles, 6-7 two B tiles. The units (below) are taken a group 
 chunk at a time (`chunk_positions`: the chunk's gy stays in L2 while the group's units pass
 over it, and the chunk's x rows of one unit in L1 while its output channel pairs do);
 between chunks the C tiles are stored and reloaded, which is exact. Each C tile sums its
-positions in order 0, 32, 64, ... whatever the chunk and group sizes. Ungrouped, with the
+positions in order 0, 32, 64, ... whatever the chunk and group sizes; the batch itself
+is taken a chunk of images at a time (`blocked_amx.image_chunks`, 16 MB of bf16 x and gy),
+each going on from the sums of the images before. Ungrouped, with the
 whole gW (9.4 MB for conv4/5) stored and reloaded at every chunk, the kernel ran at
 500-560 GFLOP/s on 128 and 256 channels at batch 8 against 900-1090 grouped (one thread,
-CPU time, load average 5).
+CPU time, load average 5; NOTE: on this shared machine the same call's CPU time swung
+up to 4× from run to run (the cause is not established: the other processes' use of the
+shared caches, or of the host core under this VM): every number here is the fastest of a
+few runs).
 
 **gW's layout.** The kernel writes gWt (9, C, OC), tap-major (its C tiles); `_untile_range`
 turns it into (OC, C, 3, 3) in a compiled loop (NumPy's transposing copy took 17 ms on

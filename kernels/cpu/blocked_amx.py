@@ -105,10 +105,22 @@ The tile kernel alone reached 500-950 GFLOP/s forward at batch 8 (conv1_2 the lo
 conv3 the highest); what the whole calls lose on top is the bf16 layouts (conv1_2's
 `to_pairs` at batch 8: 14 ms of a 67 ms forward), the filter packing (4 ms per call on
 512 channels, which small batches feel: conv5 at batch 2) and, at batch 2, the weight
-gradient's short sums (512 positions on conv5) against its 9·C·OC outputs. A VGG-D
-training step at 224, batch 8, bf16, one thread (CPU time of `profile_step.py --clock cpu
---threads 1`, load average 4-6): 2.5-2.9 s with "auto" running this kernel for every
-layer, against 4.6 s with the bf16 im2col path and 3.2-3.7 s for PyTorch under autocast.
+gradient's short sums (512 positions on conv5) against its 9·C·OC outputs.
+
+Training steps, bf16, one thread (shared machine, 2026-12-05): VGG-D at 224, batch 8, by
+`profile_step.py --clock cpu --threads 1` (CPU time, load average 2.5-4): 2.47-2.56 s with
+"auto" running this kernel for every layer, against 4.6 s with the bf16 im2col path, and
+3.24-3.68 s of CPU time for PyTorch under autocast; `bench_step.py --precision bf16
+--threads 1 --rounds 2` (wall time, load average 1.5): VGG-D 1.43× PyTorch's images/s
+(the two rounds 1.35 and 1.52), the small recipe 1.01× (0.87 and 1.15). The conv layers
+are then about two thirds of the step; fc6's backward (the bf16 fc GEMM, not this
+kernel) takes 0.4-0.5 s of it. Two threads: too noisy to quote (the same call's wall time
+swung 2× from run to run); the 64- and 256-channel layers ran 1.8-2× faster on two
+threads when undisturbed, the 512-channel ones about 1.0× (cause not established).
+
+Tried and dropped as well: gy's two bf16 layouts made in one pass, with gW and gx taken
+chunk by chunk together: slower (conv1_2's backward at batch 8, 176 ms against 152), its
+chunks holding three layouts fit one image where two fit two.
 """
 
 import numpy as np

@@ -114,7 +114,7 @@ Training steps, bf16, one thread (shared machine, 2026-12-05): VGG-D at 224, bat
 --threads 1 --rounds 2` (wall time, load average 1.5): VGG-D 1.43× PyTorch's images/s
 (the two rounds 1.35 and 1.52), the small recipe 1.01× (0.87 and 1.15). The conv layers
 are then about two thirds of the step; fc6's backward (the bf16 fc GEMM, not this
-kernel) takes 0.4-0.5 s of it. Two threads: too noisy to quote (the same call's wall time
+kernel) takes 0.3-0.5 s of it. Two threads: too noisy to quote (the same call's wall time
 swung 2× from run to run); the 64- and 256-channel layers ran 1.8-2× faster on two
 threads when undisturbed, the 512-channel ones about 1.0× (cause not established).
 
@@ -226,14 +226,15 @@ def to_pairs(x, geometry):
 
 
 @njit(**JIT)
-def _pack_filters(W, out, rotate):
+def _pack_filters(W, out, rotate, r0, r1):
     """out[o, 3ky + kx, kb, i, k] = bf16(W[16o + i, 32kb + k, ky, kx]) (`out` comes zeroed:
     zeros around W), in W's order; with `rotate`, of the input gradient's filters
-    W'[c, oc, ky, kx] = W[oc, c, 2 - ky, 2 - kx] instead (`rotated_filters`, not copied)."""
+    W'[c, oc, ky, kx] = W[oc, c, 2 - ky, 2 - kx] instead (`rotated_filters`, not copied);
+    the tile rows r0..r1-1 (W's oc, or its c when rotated)."""
     OC, C = W.shape[0], W.shape[1]
     # NOTE: the outer loop runs over the packed tiles' rows (W's oc, or its c when rotated),
     # so the writes go to one tile row after another; the reads are W's 9 taps, together
-    for r in range(C if rotate else OC):
+    for r in range(r0, r1):
         for m in range(OC if rotate else C):
             a, b = (m, r) if rotate else (r, m)  # W[a, b] lands in row r, column m
             o, i, kb, k = r // 16, r % 16, m // 32, m % 32
@@ -252,7 +253,8 @@ def pack_filters(W, rotate=False):
     out = aligned_empty((_ceil_to(OC, 16) // 16, TAPS, _ceil_to(C, 32) // 32, 16, 32),
                         np.uint16)
     out[...] = 0
-    _pack_filters(np.ascontiguousarray(W, np.float32), out, rotate)
+    W = np.ascontiguousarray(W, np.float32)
+    map_ranges(lambda r0, r1: _pack_filters(W, out, rotate, r0, r1), OC, elements=W.size)
     return out
 
 

@@ -253,11 +253,12 @@ def _amx_is_fast(x):
     CPU with AMX (`amx_isa.amx_available`), where "blocked" is the AMX direct convolution
     (kernels/cpu/blocked_amx.py). NOTE: measured against bf16 im2col, the rounded fp32
     kernels and direct (C = 3), one thread, CPU time (benchmarks/bench_blocked_amx.py,
-    2026-12-05, shared machine, load average 10-13): its forward + backward was the fastest
-    on every layer of the small recipe (2-5× im2col's) and of VGG-16 at batch 2 (1.1-4×;
-    conv1_1, forward + weight gradient: 21 ms against direct's 26 and im2col's 25); the
-    closest, conv5 at 14×14 with 2 images (19 ms against im2col's 21), only gains with the
-    batch. So under bf16 with AMX the rule is one algorithm, whatever the shape."""
+    2026-12-05, shared machine, load average 4.5-13, two runs): its forward + backward was
+    the fastest on every layer of the small recipe (2-5× im2col's) and of VGG-16 at batch 2
+    (1.1-4.4×; conv1_1, forward + weight gradient: 21-23 ms against direct's 26 and
+    im2col's 25-26); the closest, conv5 at 14×14 with 2 images (19-20 ms against im2col's
+    21-22), only gains with the batch. So under bf16 with AMX the rule is one algorithm,
+    whatever the shape."""
     if _precision != "bf16" or x.dtype != np.float32:
         return False
     from minivgg.kernels.cpu.amx_isa import amx_available

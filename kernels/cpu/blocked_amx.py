@@ -6,8 +6,8 @@
     conv2d_forward_amx(x, W, b)        -> y (N, OC, H, W) float32
     conv2d_input_grad_amx(gy, W)       -> gx (N, C, H, W) float32
 
-**Flat padded positions.** Each image is zero-padded by one pixel, Hp = H + 2, Wp = W + 2,
-and the padded pixels of the whole batch are numbered q = n·Hp·Wp + i·Wp + j. Output pixel
+**Flat padded positions.** Each image is zero-padded by one pixel, Hp = H + 2, Wp = W + 2
+(W + 3 for an odd W: `FlatGeometry`), and the padded pixels of the whole batch are numbered q = n·Hp·Wp + i·Wp + j. Output pixel
 (n, oy, ox) is computed at q = n·Hp·Wp + oy·Wp + ox; its tap (ky, kx) reads the padded input
 at q + s with s = ky·Wp + kx, the same constant shift for every output. So 16 consecutive
 outputs q..q+15 read 16 consecutive inputs q+s..q+s+15, whatever rows and images they span.
@@ -51,11 +51,12 @@ machine an A/B of the two layouts swung 2× either way from run to run (load ave
 IMAGE_CHUNK_BYTES, 16 MB, of bf16 layout, or one image), so besides its output it holds xq
 for one chunk (the input in bf16, about half of it in fp32), the packed filters and per
 thread a 32 × 272 fp32 scratch (`workspace`); the weight gradient holds one chunk of x and
-of gy in bf16. Whole-batch layouts made the bf16 VGG-D step (batch 8) peak at 3103 MB above
-the imports against fp32's 2897 (`bench_step.py`, 2026-12-05 07:35 UTC): conv1_2's input
-alone is 52 MB in bf16. The layouts are plain `np.empty`, not workspaces, which would keep
-the largest layer's size for the rest of the run (glibc hands the freed memory to the next
-call: `runtime._keep_freed_memory`).
+of gy in bf16 (whole-batch layouts would be 52 MB each for conv1_2 at batch 8). The
+layouts are plain `np.empty`, not workspaces, which would keep the largest layer's size for
+the rest of the run (glibc hands the freed memory to the next call:
+`runtime._keep_freed_memory`). The bf16 VGG-D step at batch 8 (2 threads) still peaks at
+3088 MB above the imports against fp32's 2897 (bf16 with im2col: 3287): the peak lies in
+fc6's backward (the bf16 fc GEMM), not in a conv layer (RSS sampled by op, 2026-12-05).
 
 **Threads.** The positions are cut in blocks of `QBLOCK` (fewer when the layer has fewer
 positions than threads × QBLOCK), each thread gets a contiguous range of blocks

@@ -213,8 +213,9 @@ def set_conv_algorithm(name):
     thread count, which, as for im2col, sets how the weight gradient's sums are split, and
     the same minivgg: a change of the rule, such as conv1_1 moving from im2col to direct
     convolution, changes the rounding of a run resumed across it). The rule picks "blocked"
-    only for float32 on a CPU with AVX-512, so a run resumed on a CPU without it takes
-    another algorithm from there on. "auto" is the default.
+    only for float32 on a CPU with AVX-512 (under bf16: for every 3×3/s1/p1 layer on a CPU
+    with AMX), so a run resumed on a CPU without it takes another algorithm from there on.
+    "auto" is the default.
     """
     global _conv_algorithm
     if name not in CONV_ALGORITHMS:
@@ -236,14 +237,32 @@ def conv_algorithm_for(x, W, stride, padding):
     if _conv_algorithm == "auto":
         N, C, H, Wd = x.shape
         device = device_of(x)
+        if device == "cpu" and _amx_is_fast(x):
+            return "blocked"
         picked = winograd.auto_algorithm(device, N, C, H, Wd,
                                          blocked=device == "cpu" and _blocked_is_fast(x))
-        # NOTE: under bf16, im2col where the rule picks Winograd: F(4×4,3×3) with bf16
-        # operands errs 20× more than im2col (benchmarks/bf16_accuracy.md), F(2×2,3×3) 1.5×,
-        # and im2col's AMX GEMMs ran faster than F(2×2,3×3)'s on every VGG-16 layer
-        # (README.md, "bf16 on AMX"). "direct" and "blocked" stay, on bf16-rounded operands.
+        # NOTE: under bf16 without AMX, im2col where the rule picks Winograd: F(4×4,3×3)
+        # with bf16 operands errs 20× more than im2col (benchmarks/bf16_accuracy.md),
+        # F(2×2,3×3) 1.5×. "direct" and "blocked" stay, on bf16-rounded operands.
         return "im2col" if _precision == "bf16" and picked.startswith("winograd") else picked
     return _conv_algorithm
+
+
+def _amx_is_fast(x):
+    """Whether "auto" runs every 3×3/s1/p1 layer as "blocked": under bf16, float32 x, on a
+    CPU with AMX (`amx_isa.amx_available`), where "blocked" is the AMX direct convolution
+    (kernels/cpu/blocked_amx.py). NOTE: measured against bf16 im2col, the rounded fp32
+    kernels and direct (C = 3), one thread, CPU time (benchmarks/bench_blocked_amx.py,
+    2026-12-05, shared machine, load average 4.5-13, two runs): its forward + backward was
+    the fastest on every layer of the small recipe (2-5× im2col's) and of VGG-16 at batch 2
+    (1.1-4.4×; conv1_1, forward + weight gradient: 21-23 ms against direct's 26 and
+    im2col's 25-26); the closest, conv5 at 14×14 with 2 images (19-20 ms against im2col's
+    21-22), only gains with the batch. So under bf16 with AMX the rule is one algorithm,
+    whatever the shape."""
+    if _precision != "bf16" or x.dtype != np.float32:
+        return False
+    from minivgg.kernels.cpu.amx_isa import amx_available
+    return amx_available()[0]
 
 
 def _blocked_is_fast(x):
@@ -267,8 +286,9 @@ def set_precision(name):
 
     "bf16": every GEMM (im2col's three, Winograd's per-point products, the fc layers) takes
     bf16-rounded operands and sums in fp32 on the AMX tiles (kernels/cpu/matmul.py);
-    the direct convolutions ("direct", "blocked") multiply bf16-rounded operands. Everything
-    else stays fp32.
+    "blocked" runs as a direct convolution on the AMX tiles (kernels/cpu/blocked_amx.py),
+    which "auto" then picks for every 3×3 layer; "direct" multiplies bf16-rounded operands
+    (and so does "blocked" without AMX). Everything else stays fp32.
     Without AMX the same rounded operands go through the fp32 GEMMs, with one warning that
     names the missing CPU feature. CPU only: ops on CUDA arrays raise while "bf16" is set
     (the GPU keeps fp32, or TF32 with `set_tf32`). "fp32" gives the same bits as never

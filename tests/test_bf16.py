@@ -178,6 +178,7 @@ def test_linear_bf16_matches_torch_float64_and_the_rounded_product(n, fin, fout,
                                                ((4, 3, 56, 56), "direct", "direct"),
                                                ((2, 64, 16, 16), "blocked", "blocked")])
 def test_auto_runs_im2col_instead_of_winograd_under_bf16(shape, fp32, bf16):
+    """Without AMX; with it, every layer runs "blocked" (tests/test_blocked_amx.py)."""
     x, W = np.empty(shape, np.float32), np.empty((64, shape[1], 3, 3), np.float32)
     backend.set_conv_algorithm("auto")
     picked = backend.conv_algorithm_for(x, W, (1, 1), (1, 1))
@@ -185,7 +186,8 @@ def test_auto_runs_im2col_instead_of_winograd_under_bf16(shape, fp32, bf16):
         fp32, bf16 = picked, "im2col"
     assert picked == fp32
     backend.set_precision("bf16")
-    assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) == bf16
+    expected = "blocked" if amx_available()[0] else bf16
+    assert backend.conv_algorithm_for(x, W, (1, 1), (1, 1)) == expected
 
 
 def test_a_bf16_training_step_repeats_bit_for_bit(rng):

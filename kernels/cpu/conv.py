@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels import common
-from minivgg.kernels.cpu import blocked_nchw
+from minivgg.kernels.cpu import blocked_amx, blocked_amx_grad, blocked_nchw
 from minivgg.kernels.cpu import direct as cpu_direct
 from minivgg.kernels.cpu import im2col_bf16
 from minivgg.kernels.cpu import matmul as cpu_matmul
@@ -260,7 +260,8 @@ def add_bias(ycols, b):
 class CpuPrimitives(common.Primitives):
     """The CPU's kernels, as the shared drivers call them: each name is the Numba kernel or
     the NumPy call itself (no wrapper in between), from this file, `cpu/winograd.py`,
-    `cpu/direct.py`, `cpu/blocked_nchw.py` and `cpu/runtime.py`. Contract: `common.Primitives`."""
+    `cpu/direct.py`, `cpu/blocked_nchw.py` (`cpu/blocked_amx.py` under bf16) and
+    `cpu/runtime.py`. Contract: `common.Primitives`."""
 
     xp = np
 
@@ -303,15 +304,24 @@ class CpuPrimitives(common.Primitives):
 
     @staticmethod
     def blocked_conv2d_forward(x, W, b):
-        """`cpu/blocked_nchw.py`'s, on bf16-rounded x and W under bf16 (a direct
-        convolution: no GEMM for the AMX tiles)."""
+        """`cpu/blocked_nchw.py`'s; under bf16 on AMX the tile kernel of
+        `cpu/blocked_amx.py`, elsewhere under bf16 the fp32 kernel on bf16-rounded x and W."""
+        if cpu_matmul.packs_bf16(x):
+            return blocked_amx.conv2d_forward_amx(x, W, b)
         round_operand = cpu_matmul.round_operand
         return blocked_nchw.blocked_conv2d_forward(round_operand(x), round_operand(W), b)
 
     @staticmethod
     def blocked_conv2d_backward(x, W, gy, need_gx):
-        """`cpu/blocked_nchw.py`'s, on bf16-rounded x, W and gy under bf16; the bias
-        gradient, a reduction, stays the fp32 sum of gy."""
+        """`cpu/blocked_nchw.py`'s; under bf16 on AMX the tile kernels of
+        `cpu/blocked_amx.py` and `cpu/blocked_amx_grad.py`, elsewhere under bf16 the fp32
+        kernels on bf16-rounded x, W and gy. The bias gradient, a reduction, stays the
+        fp32 sum of gy."""
+        if cpu_matmul.packs_bf16(x):
+            # NOTE: gW first: its bf16 copies of x and gy are gone before gx exists
+            gW = blocked_amx_grad.conv2d_weight_grad_amx(x, gy)
+            gx = blocked_amx.conv2d_input_grad_amx(gy, W) if need_gx else None
+            return gx, gW, gy.sum(axis=(0, 2, 3))
         rounded = [cpu_matmul.round_operand(a) for a in (x, W, gy)]
         gx, gW, gb = blocked_nchw.blocked_conv2d_backward(*rounded, need_gx)
         if rounded[2] is not gy:  # bf16: gb from the fp32 gy

@@ -125,10 +125,9 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     # the cached machine code carries no assembly text: compile once more, uncached
     kernel = blocked._conv_rows_avx512.py_func
     fresh = blocked.njit(nogil=True)(kernel)
-    xb, wb = blocked.to_blocked(x), blocked.block_filters(Wt)
-    p = np.zeros((1, 4, 10, 16), np.float32)
-    y = np.empty((1, 1, 2, 8, 16), np.float32)
-    fresh(xb, wb, blocked.block_bias(b, 16), y, p, 0, 2, False)
+    p = np.zeros((16, 4, 10), np.float32)
+    y = np.empty((1, 16, 2, 8), np.float32)
+    fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 2, False)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     values = 16 * (blocked.PIX + 4)  # input values loaded per tap, in each pair of shapes
@@ -187,13 +186,15 @@ def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_pro
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_one_pass_layout_kernels_match_the_numpy_layout_functions(dtype):
-    """`blocked_nchw`'s converters (one pass, spread over the pool) against `to_blocked` /
-    `from_blocked`: channels past C are zeros, the optional one-pixel border too."""
+def test_one_pass_layout_kernels_match_numpy(dtype):
+    """`blocked_nchw._to_blocked` (one pass, spread over the pool) against `to_blocked`
+    (channels past C are zeros), and `pad_images`, the zero-bordered NCHW copy the kernels
+    read x from (planes past C and columns past the border are zeros too), against np.pad,
+    into a buffer full of garbage."""
     from minivgg.kernels.cpu import blocked_nchw
     x = np.random.default_rng(9).normal(size=(3, 19, 5, 7)).astype(dtype)
-    xb = blocked_nchw._to_blocked(x, dtype, 0, "test_x")
+    xb = blocked_nchw._to_blocked(x, dtype, "test_x")
     assert xb.dtype == dtype and np.array_equal(xb, blocked.to_blocked(x))
-    xpad = blocked_nchw._to_blocked(x, dtype, 1, "test_xpad")
-    assert np.array_equal(xpad, np.pad(xb, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))))
-    assert np.array_equal(blocked_nchw._from_blocked(xb, 19), x)
+    out = np.full((3, 32, 7, 11), np.nan, dtype)
+    padded = np.pad(x, ((0, 0), (0, 13), (1, 1), (1, 3)))
+    assert np.array_equal(blocked.pad_images(x, out), padded)

@@ -110,7 +110,7 @@ def test_weight_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     blocked_grads(x, Wt, gy, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
     fresh = blocked.njit(nogil=True)(blocked_grad._weight_tiles_avx512.py_func)
-    p = np.zeros((1, 1, 4, 10, 16), np.float32)
+    p = np.zeros((1, 16, 4, 10), np.float32)
     gw = np.empty((1, 1, 3, 3, 16, 16), np.float32)
     fresh(p, blocked.to_blocked(gy), gw, 0, 9, 1)
     asm = next(iter(fresh.inspect_asm().values()))

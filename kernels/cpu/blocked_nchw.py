@@ -39,85 +39,59 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels.cpu.blocked import (BLOCK, _blocks, _float, block_bias, block_filters,
-                                         conv2d_forward_blocked)
-from minivgg.kernels.cpu.blocked_grad import (conv2d_input_grad_blocked,
-                                              weight_grad_from_padded)
+                                         conv2d_nchw, pad_images)
+from minivgg.kernels.cpu.blocked_grad import weight_grad_from_padded
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 
 
 @njit(**JIT)
-def _block_planes(x, out, pad, t0, t1):
-    """out[n, cb, pad+i, pad+j, c] = x[n, 16·cb + c, i, j], zeros for channels past C, for
-    the items t = (n, cb) in t0..t1-1; with pad = 1 the one-pixel border is zeroed too.
-    One 64-byte pixel written at a time from 16 rows read side by side (2.3× faster than
-    a plane at a time on 16 channels of 32×32, about the same on 64 and 128)."""
+def _block_planes(x, out, t0, t1):
+    """out[n, cb, i, j, c] = x[n, 16·cb + c, i, j], zeros for channels past C, for the items
+    t = (n, cb) in t0..t1-1. One 64-byte pixel written at a time from 16 rows read side by
+    side (2.3× faster than a plane at a time on 16 channels of 32×32, about the same on 64
+    and 128)."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     CB = out.shape[1]
     for t in range(t0, t1):
         n, cb = t // CB, t % CB
         real = min(BLOCK, C - cb * BLOCK)
-        if pad:
-            out[n, cb, 0] = 0.0
-            out[n, cb, H + 1] = 0.0
-            out[n, cb, :, 0] = 0.0
-            out[n, cb, :, W + 1] = 0.0
         for i in range(H):
             for j in range(W):
                 for c in range(real):
-                    out[n, cb, pad + i, pad + j, c] = x[n, cb * BLOCK + c, i, j]
+                    out[n, cb, i, j, c] = x[n, cb * BLOCK + c, i, j]
                 for c in range(real, BLOCK):
-                    out[n, cb, pad + i, pad + j, c] = 0.0
+                    out[n, cb, i, j, c] = 0.0
 
 
-@njit(**JIT)
-def _unblock_planes(yb, y, t0, t1):
-    """y[n, 16·ob + o, i, j] = yb[n, ob, i, j, o] for the real channels of the items
-    t = (n, ob) in t0..t1-1."""
-    OC, H, W = y.shape[1], y.shape[2], y.shape[3]
-    OCB = yb.shape[1]
-    for t in range(t0, t1):
-        n, ob = t // OCB, t % OCB
-        for o in range(min(BLOCK, OC - ob * BLOCK)):
-            for i in range(H):
-                for j in range(W):
-                    y[n, ob * BLOCK + o, i, j] = yb[n, ob, i, j, o]
-
-
-def _to_blocked(x, dtype, pad, name):
-    """x (N, C, H, W) -> (N, CB, H+2pad, W+2pad, 16) in the workspace buffer `name`."""
+def _to_blocked(x, dtype, name):
+    """x (N, C, H, W) -> (N, CB, H, W, 16) in the workspace buffer `name`."""
     N, C, H, W = x.shape
-    out = workspace(name, (N, _blocks(C), H + 2 * pad, W + 2 * pad, BLOCK), dtype)
+    out = workspace(name, (N, _blocks(C), H, W, BLOCK), dtype)
     x = np.ascontiguousarray(x, dtype=dtype)
-    map_ranges(lambda t0, t1: _block_planes(x, out, pad, t0, t1), N * out.shape[1],
+    map_ranges(lambda t0, t1: _block_planes(x, out, t0, t1), N * out.shape[1],
                elements=out.size)
     return out
 
 
-def _from_blocked(yb, C):
-    """yb (N, CB, H, W, 16) -> a new y (N, C, H, W)."""
-    N, CB, H, W, _ = yb.shape
-    y = np.empty((N, C, H, W), yb.dtype)
-    map_ranges(lambda t0, t1: _unblock_planes(yb, y, t0, t1), N * CB, elements=y.size)
-    return y
-
-
 def blocked_conv2d_forward(x, W, b):
-    """y (N, OC, H, W) = conv(x, W) + b, 3×3/s1/p1, by the blocked kernel."""
+    """y (N, OC, H, W) = conv(x, W) + b, 3×3/s1/p1, by the blocked kernel (NCHW in and
+    out: `conv2d_nchw`)."""
     OC, dtype = W.shape[0], _float(x.dtype)
-    xb = _to_blocked(x, dtype, 0, "blocked_x")
-    wb = block_filters(np.asarray(W, dtype))
-    yb = conv2d_forward_blocked(xb, wb, block_bias(b, OC, dtype))
-    return _from_blocked(yb, OC)
+    return conv2d_nchw(np.asarray(x, dtype), block_filters(np.asarray(W, dtype)),
+                       block_bias(b, OC, dtype), OC)
 
 
 def blocked_conv2d_backward(x, W, gy, need_gx):
     """(gx or None, gW, gb) of `blocked_conv2d_forward`, in x's dtype."""
     OC, C = W.shape[:2]
+    N, _, H, Wd = x.shape
     dtype = _float(x.dtype)
-    gyb = _to_blocked(gy, dtype, 0, "blocked_gy")
     gx = None
-    if need_gx:
-        gx = _from_blocked(conv2d_input_grad_blocked(gyb, np.asarray(W, dtype)), C)
-    xpad = _to_blocked(x, dtype, 1, "blocked_xpad")
+    if need_gx:  # the forward kernel on gy, with the rotated filters
+        gx = conv2d_nchw(np.asarray(gy, dtype), block_filters(np.asarray(W, dtype), rotate=True),
+                         block_bias(None, C, dtype), C)
+    gyb = _to_blocked(gy, dtype, "blocked_gy")
+    xpad = pad_images(x, workspace("blocked_xpad", (N, _blocks(C) * BLOCK, H + 2, Wd + 2),
+                                   dtype))
     gW, gb = weight_grad_from_padded(xpad, gyb, C, OC)
     return gx, gW, gb

@@ -116,10 +116,11 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
 
 @pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
-    """The driver compiles four block shapes, PIX or 4 pixels × 2 or 1 blocks of 16 output
-    channels: per tap 16 input channels × 36 = 576 `vfmadd231ps` on zmm registers. Each
-    input value is broadcast once: a `vbroadcastss` feeding two FMAs (2 blocks) or folded
-    into the one FMA as `mem{1to16}` (1 block). No zmm register is spilled to the stack."""
+    """The driver compiles six block shapes, 2 or 1 blocks of 16 output channels × PIX
+    pixels of a row, 2 rows of 4 pixels, or 4 pixels: per tap 16 input channels × 60 = 960
+    `vfmadd231ps` on zmm registers. Each input value is broadcast once: a `vbroadcastss`
+    feeding two FMAs (2 blocks) or folded into the one FMA as `mem{1to16}` (1 block). No
+    zmm register is spilled to the stack, not even by the transposed stores of y."""
     x, Wt, b = random_case((1, 16, 2, 8, 16))
     blocked_forward(x, Wt, b, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
@@ -130,8 +131,8 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 2, False)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
-    values = 16 * (blocked.PIX + 4)  # input values loaded per tap, in each pair of shapes
-    assert len(fmas) == 16 * (2 * blocked.PIX + blocked.PIX + 2 * 4 + 4)
+    values = 16 * (blocked.PIX + 8 + 4)  # input values loaded per tap, in each pair of shapes
+    assert len(fmas) == 16 * 3 * values // 16
     assert all("zmm" in f for f in fmas)
     assert sum("{1to16}" in f for f in fmas) == values
     assert sum("vbroadcastss" in line for line in asm.splitlines()) == values

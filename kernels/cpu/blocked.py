@@ -178,11 +178,11 @@ def _fma(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
 
 
-def _emit_tap(builder, fma, acc, xptr, istride, wptr, wstep):
+def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep):
     """acc[k][p] += x[ic, p] · w_k[ic, :] for the 16 input channels ic of one tap (unrolled),
     for each output-channel block k, whose filters lie `wstep` floats after block k-1's.
-    x[ic, p] is xptr[ic·istride + p]: pixels side by side, one channel plane after another
-    (a zero-bordered NCHW image)."""
+    x[ic, p] is xptr[ic·istride + (p // pw)·rstride + p % pw]: rows of pw pixels side by
+    side, one channel plane after another (a zero-bordered NCHW image)."""
     values = [[builder.load(a) for a in row] for row in acc]
     for ic in range(BLOCK):
         w = [builder.load(_vector_pointer(builder, builder.gep(wptr, [builder.add(
@@ -190,7 +190,9 @@ def _emit_tap(builder, fma, acc, xptr, istride, wptr, wstep):
             align=4) for k in range(len(acc))]
         xc = builder.gep(xptr, [builder.mul(istride, ir.Constant(_I64, ic))])
         for p in range(len(acc[0])):
-            x = _splat(builder, builder.load(builder.gep(xc, [ir.Constant(_I64, p)]), align=4))
+            at = builder.add(builder.mul(rstride, ir.Constant(_I64, p // pw)),
+                             ir.Constant(_I64, p % pw))
+            x = _splat(builder, builder.load(builder.gep(xc, [at]), align=4))
             for k in range(len(acc)):
                 values[k][p] = builder.call(fma, [x, w[k], values[k][p]])
     for row, vrow in zip(acc, values):
@@ -198,7 +200,7 @@ def _emit_tap(builder, fma, acc, xptr, istride, wptr, wstep):
             builder.store(v, a)
 
 
-def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, wstep):
+def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep):
     """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
     tap (cb = ky = kx = 0); a block of 16 input channels is 16 planes of x, and the filter
     block of one tap is 16×16 floats."""
@@ -215,7 +217,7 @@ def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, wstep):
             with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
                 xt = builder.gep(xr, [kx.index])
                 wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
-                _emit_tap(builder, fma, acc, xt, istride, wt, wstep)
+                _emit_tap(builder, fma, acc, xt, istride, rstride, pw, wt, wstep)
 
 
 @functools.cache
@@ -290,25 +292,26 @@ def _emit_epilogue(builder, acc, bias, y_at, ycs, valid, real, relu):
 
 @intrinsic(prefer_literal=True)
 def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs,
-                valid, ochans, relu, pix, nob):
-    """For k < `nob` output-channel blocks, p < valid of `pix` pixels (both literals) and
-    o < ochans - 16k channels: y.flat[y0 + (16k + o)·ycs + p] = bias + the sum over
-    (cb, ky, kx, ic) of xp.flat[x0 + (16cb + ic)·istride + ky·rstride + p + kx] ·
+                valid, ochans, relu, pix, nob, pw):
+    """For k < `nob` output-channel blocks, p < valid of `pix` pixels, in rows of `pw`
+    (literals), and o < ochans - 16k channels: y.flat[y0 + (16k + o)·ycs + p] = bias + the
+    sum over (cb, ky, kx, ic) of xp.flat[x0 + (16cb + ic)·istride + (ky + p // pw)·rstride
+    + p % pw + kx] ·
     wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 + o], bias = bb.flat[b0 + 16k + o]:
     x a zero-bordered image, one plane per channel, and y NCHW."""
-    if not (isinstance(pix, types.IntegerLiteral) and isinstance(nob, types.IntegerLiteral)):
+    if not all(isinstance(a, types.IntegerLiteral) for a in (pix, nob, pw)):
         return None
     i = types.intp
 
     def codegen(context, builder, sig, args):
         (xp_, x0_, is_, rs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ycs_, valid_, ochans_,
-         relu_, _, _) = args
+         relu_, _, _, _) = args
         ta = sig.args
         acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
                for _ in range(nob.literal_value)]
         x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
         w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
-        _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, ws_)
+        _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, pw.literal_value, ws_)
         for k, row in enumerate(acc):
             b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
             bias = builder.load(_vector_pointer(
@@ -319,8 +322,8 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
             _emit_epilogue(builder, row, bias, y_at, ycs_, valid_, real, relu_)
         return context.get_dummy_value()
 
-    return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, types.boolean, pix, nob),
-            codegen)
+    return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, types.boolean, pix, nob,
+                       pw), codegen)
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,19 +397,26 @@ def pad_images(x, out):
 @njit(**JIT)
 def _blocks_at(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid, ochans,
                relu, pix, nob):
-    """`_conv_block` with its literal shape chosen at run time: pix 4 or PIX, nob 1 or 2."""
-    if pix == 4 and nob == 2:
+    """`_conv_block` with its literal shape chosen at run time: nob 1 or 2 blocks of PIX
+    pixels in one row, of 2 rows of 4 pixels (pix = -4), or of 4 pixels in one row."""
+    if pix == PIX and nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid,
-                    ochans, relu, 4, 2)
-    elif pix == 4:
+                    ochans, relu, PIX, 2, PIX)
+    elif pix == PIX:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid,
-                    ochans, relu, 4, 1)
+                    ochans, relu, PIX, 1, PIX)
+    elif pix == -4 and nob == 2:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid,
+                    ochans, relu, 8, 2, 4)
+    elif pix == -4:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid,
+                    ochans, relu, 8, 1, 4)
     elif nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid,
-                    ochans, relu, PIX, 2)
+                    ochans, relu, 4, 2, 4)
     else:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, valid,
-                    ochans, relu, PIX, 1)
+                    ochans, relu, 4, 1, 4)
 
 
 @njit(**JIT)
@@ -414,24 +424,28 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
     """Items t0..t1-1, item t = (n, pair of output-channel blocks, oy) in that order (oy
     fastest), by `_conv_block`; an odd OCB's last pair is one block. Image n of x (NCHW) is
     copied into p (consecutive items of one image share it); y (NCHW) is written straight
-    from the registers. Maps at most 4 wide take blocks of 4 pixels (8 would compute on
-    padding half the time)."""
+    from the registers. Maps 4 wide take blocks of 2 rows × 4 pixels (items of 2 rows, whose
+    8 outputs per channel lie side by side in y), maps 1-3 wide blocks of 4 pixels (8 would
+    compute on padding half the time or more)."""
     OCB, CB = wb.shape[0], wb.shape[1]
     OC, H, W = y.shape[1], y.shape[2], y.shape[3]
     pairs, rstride = (OCB + 1) // 2, p.shape[2]
     istride, wstep = p.shape[1] * rstride, CB * 9 * BLOCK * BLOCK
-    pix = 4 if W <= 4 else PIX
+    pix = PIX if W > 4 else (-4 if W == 4 else 4)
+    R = 2 if W == 4 else 1  # rows per item
+    G = (H + R - 1) // R
     last = -1
     for t in range(t0, t1):
-        n, r = t // (pairs * H), t % (pairs * H)
-        ob, oy = r // H * 2, r % H
+        n, r = t // (pairs * G), t % (pairs * G)
+        ob, oy = r // G * 2, r % G * R
         if n != last:
             _pad_image(x, n, p)
             last = n
-        for ox0 in range(0, W, pix):
+        for ox0 in range(0, W, abs(pix)):
             _blocks_at(p, oy * rstride + ox0, istride, rstride, CB, wb, ob * wstep, wstep, bb,
                        ob * BLOCK, y, ((n * OC + ob * BLOCK) * H + oy) * W + ox0, H * W,
-                       W - ox0, OC - ob * BLOCK, relu, pix, min(2, OCB - ob))
+                       (min(R, H - oy) * W if R == 2 else W - ox0), OC - ob * BLOCK, relu,
+                       pix, min(2, OCB - ob))
 
 
 @njit(**JIT)
@@ -503,10 +517,14 @@ def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None):
     y = np.empty((N, OC, H, W), dtype)
 
     def job(t0, t1):
-        p = workspace("blocked_pad", (CB * BLOCK, H + 2, row_width(W) + 2), dtype)
+        # one more row of zeros: a block of 2 rows starting on the last reads it
+        p = workspace("blocked_pad", (CB * BLOCK, H + 3, row_width(W) + 2), dtype)
         rows(x, wb, bb, y, p, t0, t1, bool(relu))
 
-    map_ranges(job, N * ((OCB + 1) // 2 if vector else OCB) * H)
+    if vector:  # (image, pair of blocks, row or pair of rows) as `_conv_rows_avx512` has them
+        map_ranges(job, N * ((OCB + 1) // 2) * (H if W != 4 else (H + 1) // 2))
+    else:
+        map_ranges(job, N * OCB * H)
     return y
 
 

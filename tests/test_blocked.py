@@ -188,14 +188,17 @@ def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_pro
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_layout_kernels_match_numpy(dtype):
-    """`blocked_nchw._to_blocked` (one pass, spread over the pool) against `to_blocked`
-    (channels past C are zeros), and `pad_images`, the zero-bordered NCHW copy the kernels
+    """`blocked_nchw._to_blocked` (one pass, spread over the pool; 16×16 blocks and the
+    pixels left over) against `to_blocked` (channels past C are zeros), and `pad_images`, the zero-bordered NCHW copy the kernels
     read x from (planes past C and columns past the border are zeros too), against np.pad,
     into a buffer full of garbage."""
     from minivgg.kernels.cpu import blocked_nchw
     x = np.random.default_rng(9).normal(size=(3, 19, 5, 7)).astype(dtype)
     xb = blocked_nchw._to_blocked(x, dtype, "test_x")
     assert xb.dtype == dtype and np.array_equal(xb, blocked.to_blocked(x))
+    if dtype == np.float32 and HAS_AVX512:  # 16×16 blocks turned in registers, and not
+        for turn in (True, False):
+            assert np.array_equal(blocked_nchw._to_blocked(x, dtype, "test_x", turn), xb)
     out = np.full((3, 32, 7, 11), np.nan, dtype)
     padded = np.pad(x, ((0, 0), (0, 13), (1, 1), (1, 3)))
     assert np.array_equal(blocked.pad_images(x, out), padded)

@@ -247,17 +247,24 @@ def _transpose_plan(P):
     return plan, vecs
 
 
+def emit_transpose(builder, vectors):
+    """`_transpose_plan`'s shuffles on P `<16 x float>` vectors -> (the P vectors of 16/P
+    channels × P pixels, their (pixel, channel) lanes)."""
+    plan, lanes = _transpose_plan(len(vectors))
+    for stage in plan:
+        vectors = [builder.shuffle_vector(vectors[a], vectors[b], ir.Constant(
+            ir.VectorType(_I32, len(mask)), mask)) for a, b, mask in stage]
+    return vectors, lanes
+
+
 def _emit_store_nchw(builder, vectors, y_at, ycs, valid, real):
     """y_at[o·ycs + p] = vectors[p][o] for o < real channels and p < valid pixels: the P
     vectors transposed in registers (`_transpose_plan`), then one masked P-float store per
     channel (`llvm.masked.store`: the lanes p >= valid, past a row's end, are not written;
     another thread may be writing there)."""
     P = len(vectors)
-    plan, lanes = _transpose_plan(P)
+    vectors, lanes = emit_transpose(builder, vectors)
     vt = ir.VectorType(_F32, P)
-    for stage in plan:
-        vectors = [builder.shuffle_vector(vectors[a], vectors[b], ir.Constant(
-            ir.VectorType(_I32, len(mask)), mask)) for a, b, mask in stage]
     rows = {}  # channel -> <P x float> of its P pixels
     for v, lane in zip(vectors, lanes):
         for k in range(0, BLOCK, P):

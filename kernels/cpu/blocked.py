@@ -1,17 +1,19 @@
-"""A register-blocked direct convolution on a channel-blocked layout (fp32, 3×3/s1/p1), forward.
+"""A register-blocked direct convolution with channel-blocked filters (fp32, 3×3/s1/p1),
+forward; x and y stay NCHW.
 
 Issue 26: thin layers (16-128 channels) at PyTorch's speed. The conv algorithm "blocked"
-runs it through `blocked_nchw.py` (NCHW in and out); here it has its own layout and API:
+runs it through `blocked_nchw.py`; the pieces:
 
-    to_blocked(x)           x (N, C, H, W)       -> xb (N, CB, H, W, 16)       "nChw16c"
-    from_blocked(yb, C)     yb (N, CB, H, W, 16) -> y (N, C, H, W)
     block_filters(W)        W (OC, C, 3, 3)      -> wb (OCB, CB, 3, 3, 16ic, 16oc)
+    block_filters(W, True)  the input gradient's rotated filters, blocked the same way
     block_bias(b, OC)       b (OC,) or None      -> bb (OCB*16,)
+    conv2d_nchw(x, wb, bb, OC, relu=False, vector=None) -> y (N, OC, H, W)
+    to_blocked(x) / from_blocked(xb, C)   NCHW <-> (N, CB, H, W, 16) "nChw16c"
     conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None) -> yb (N, OCB, H, W, 16)
 
-CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x, in W and in b), so
-they add nothing and come out as zeros (ReLU keeps them zero). float64 arrays run the plain
-loops below in float64 (the tests' exact oracles); the micro-kernel is float32 only.
+CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x's copy, in W and in
+b), so they add nothing. float64 arrays run the plain loops below in float64 (the tests'
+exact oracles); the micro-kernel is float32 only.
 
 The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × two blocks of
 16 output channels, 2·PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
@@ -21,15 +23,25 @@ The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × tw
             w[k] = block k's 16 output channels' weights of (cb, ky, kx, ic), k = 0, 1
                                                                        (two 64-byte loads)
             for p in range(PIX):
-                v = broadcast(x[cb, oy+ky, ox0+p+kx, ic])
+                v = broadcast(x[16cb + ic, oy+ky, ox0+p+kx])
                 acc[k][p] = fma(v, w[k], acc[k][p]) for k = 0, 1
 
-then adds the bias, applies ReLU if asked, and stores the pixels that exist. Each output
-is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does not depend
-on the thread count (nor on the block shape). Each input value loaded feeds 32 FMAs and each
-filter vector 8: against one block of 16 channels (16 and 8), the second block made the
-forward pass 10-25% faster on 16-128 channels (2026-12-04, one thread, loaded machine);
-blocks of 4 pixels doubled it on 4×4 maps.
+then adds the bias, applies ReLU if asked, turns each block's PIX × 16 accumulators into
+16 rows of PIX pixels in registers (`emit_transpose`: 24 shuffles) and stores them into
+y's NCHW rows (`llvm.masked.store`, so a block past the row's end writes nothing). Each
+output is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does
+not depend on the thread count (nor on the block shape). Each input value loaded feeds 32
+FMAs and each filter vector 8: against one block of 16 channels (16 and 8), the second
+block made the forward pass 10-25% faster on 16-128 channels (2026-12-04, one thread,
+loaded machine). Maps 4 wide take blocks of 2 rows × 4 pixels, whose 8 outputs per channel
+lie side by side in y (1.24 -> 1.05 ms on 128 -> 128 channels of 4×4, batch 32, where
+blocks of one row held 8 accumulators; 2026-12-05, one thread, CPU time, load average 5).
+
+No layout conversion: the kernel broadcasts x one value at a time, so x's layout costs
+nothing in the inner loop; it reads x's channel planes as they are (the channel stride is
+an argument) and writes y's as PyTorch's layers want them. The conversions it replaced
+(x to nChw16c, y back, per convolution; `blocked_nchw.py` has the numbers) had become up
+to a quarter of a thin layer's time.
 
 What made it vectorise: Numba's loops do not, written plainly (the accumulators live in an
 array in memory and fastmath is off, so LLVM may neither keep them in registers across the
@@ -48,8 +60,9 @@ for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (mu
 add: the numbers differ from the FMA path by rounding only).
 
 Spatial padding: each thread copies one image at a time into a zero-bordered buffer of its
-own, (CB, H+2, WQ+2, 16) with WQ = W rounded up to PIX, so the kernel reads every tap with no
-edge test; a block past the row's end computes on zeros and stores nothing.
+own (`_pad_image`: plain row copies), (CB·16, H+3, WQ+2) with WQ = W rounded up to PIX, so
+the kernel reads every tap with no edge test; a block past the row's end computes on
+zeros and stores nothing.
 """
 
 import functools
@@ -369,22 +382,19 @@ def row_width(W):
 
 
 @njit(**JIT)
-def _pad_image(x, n, p):
+def _pad_image(x, n, p, whole=True):
     """p (CB·16, H', W') = image n of x (N, C, H, W) at p[:C, 1:H+1, 1:W+1], zeros around it
     (the border, the columns past W+1, the planes past C): plain row copies, no layout
-    change."""
+    change. whole=False copies the image only: p's zeros are still there from the last.
+    (A driver zeroes its buffer at its first image only: on 128 channels of 4×4, 40 of the
+    70 values of a plane are zeros.)"""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    for c in range(p.shape[0]):
-        if c >= C:
-            p[c] = 0.0
-            continue
-        p[c, 0] = 0.0
-        p[c, H + 1:] = 0.0
+    if whole:
+        p[...] = 0.0
+    for c in range(C):
         for i in range(H):
-            p[c, i + 1, 0] = 0.0
             for j in range(W):
                 p[c, i + 1, j + 1] = x[n, c, i, j]
-            p[c, i + 1, W + 1:] = 0.0
 
 
 @njit(**JIT)
@@ -446,7 +456,7 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
         n, r = t // (pairs * G), t % (pairs * G)
         ob, oy = r // G * 2, r % G * R
         if n != last:
-            _pad_image(x, n, p)
+            _pad_image(x, n, p, last < 0)
             last = n
         for ox0 in range(0, W, abs(pix)):
             _blocks_at(p, oy * rstride + ox0, istride, rstride, CB, wb, ob * wstep, wstep, bb,
@@ -466,7 +476,7 @@ def _conv_rows_loops(x, wb, bb, y, p, t0, t1, relu):
         n, r = t // (OCB * H), t % (OCB * H)
         ob, oy = r // H, r % H
         if n != last:
-            _pad_image(x, n, p)
+            _pad_image(x, n, p, last < 0)
             last = n
         for ox0 in range(0, W, PIX):
             _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc)

@@ -1,15 +1,17 @@
 """The backward pass of the blocked direct convolution (kernels/cpu/blocked.py), fp32,
-3×3/s1/p1, on the nChw16c layout (float64 through the loops only, as in the forward pass).
-`blocked_nchw.py` gives them the conv entry points, NCHW in and out.
+3×3/s1/p1 (float64 through the loops only, as in the forward pass). `blocked_nchw.py`
+gives them the conv entry points, NCHW in and out.
 
     conv2d_input_grad_blocked(gyb, W, vector=None)            -> gxb (N, CB, H, W, 16)
     conv2d_weight_grad_blocked(xb, gyb, C, OC, vector=None)   -> gW (OC, C, 3, 3), gb (OC,)
     weight_grad_from_padded(p, gyb, C, OC, vector=None)       the same, from x's zero-bordered
-                                                              copy p (N, CB, H+2, W+2, 16)
+                                                              copy p (N, CB·16, H+2, W+2)
 
 The input gradient is a forward convolution: gy convolved with the filters turned by 180°
-and with their channel axes swapped (`rotated_filters`), so the forward micro-kernel serves
-it unchanged, with gy's OCB blocks as its input blocks and x's CB blocks as its outputs.
+and with their channel axes swapped (`block_filters(W, rotate=True)`), so the forward
+micro-kernel serves it unchanged, NCHW gy in and NCHW gx out (`conv2d_nchw`), with gy's
+OCB blocks as its input blocks and x's CB blocks as its outputs; the blocked API above
+wraps it in `from_blocked` / `to_blocked`.
 
 The weight gradient has a micro-kernel of its own (`_weight_tile`). For one (pair of
 output-channel blocks ob, ob+1, input-channel block cb, tap ky, kx, half of the 16 input
@@ -19,7 +21,7 @@ each holding 16 output channels, and sums over every image, row and pixel in tha
     for n in range(N): for oy in range(H): for ox in range(W):        (loops in the IR)
         g[k] = gy[n, ob+k, oy, ox, :] for k = 0, 1                     (two 64-byte loads)
         for ic in half:                                                (unrolled, 8)
-            v = broadcast(x[n, cb, oy+ky-1, ox+kx-1, ic])
+            v = broadcast(x[n, 16cb + ic, oy+ky-1, ox+kx-1])
             acc[k][ic] = fma(v, g[k], acc[k][ic]) for k = 0, 1
 
 Each broadcast feeds two FMAs (the one-block, 16-ic tile it replaced: one), and the 18
@@ -33,8 +35,9 @@ not depend on the thread count. As in the forward pass, the IR is emitted from a
 intrinsic (plain Numba loops keep the accumulators in memory and do not fuse), and on
 AVX-512 each multiply-add becomes `vfmadd231ps zmm, zmm, dword ptr [...]{1to16}`;
 without it `_weight_tile_loops` adds the same products in the same order (multiply, then
-add). The input is copied once into a zero-bordered (N, CB, H+2, W+2, 16) array, so no
-tap needs an edge test.
+add). gy comes in nChw16c (a vector of 16 output channels per pixel); x is only broadcast,
+so it stays NCHW: it is copied once into a zero-bordered (N, CB·16, H+2, W+2) array
+(`blocked.pad_images`, plain row copies), so no tap needs an edge test.
 """
 
 import numpy as np

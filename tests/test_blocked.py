@@ -116,26 +116,29 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
 
 @pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
-    """The driver compiles six block shapes, 2 or 1 blocks of 16 output channels × PIX
-    pixels of a row, 2 rows of 4 pixels, or 4 pixels: per tap 16 input channels × 60 = 960
-    `vfmadd231ps` on zmm registers. Each input value is broadcast once: a `vbroadcastss`
-    feeding two FMAs (2 blocks) or folded into the one FMA as `mem{1to16}` (1 block). No
-    zmm register is spilled to the stack, not even by the transposed stores of y."""
+    """The driver compiles six block shapes of 16 accumulators or fewer: 2 blocks of 16
+    output channels × PIX pixels of a row, 2 rows of 4 pixels, or 4 pixels; 1 block × 2
+    rows of PIX pixels, 2 rows of 4 or 4 pixels. Per tap that is 16 input channels × 68 =
+    1088 `vfmadd231ps` on zmm registers. Each input value is broadcast once: a
+    `vbroadcastss` feeding two FMAs (2 blocks) or folded into the one FMA as `mem{1to16}`
+    (1 block). No zmm register is spilled to the stack, not even by the transposed stores
+    of y."""
     x, Wt, b = random_case((1, 16, 2, 8, 16))
     blocked_forward(x, Wt, b, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
     kernel = blocked._conv_rows_avx512.py_func
     fresh = blocked.njit(nogil=True)(kernel)
-    p = np.zeros((16, 4, 10), np.float32)
+    p = np.zeros((16, 5, 10), np.float32)  # (C, H+3, WQ+2), as conv2d_nchw makes it
     y = np.empty((1, 16, 2, 8), np.float32)
-    fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 2, False)
+    fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 1, False)  # 1 item
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
-    values = 16 * (blocked.PIX + 8 + 4)  # input values loaded per tap, in each pair of shapes
-    assert len(fmas) == 16 * 3 * values // 16
+    pairs = 16 * (blocked.PIX + 8 + 4)  # input values per tap of the 2-block shapes
+    singles = 16 * (2 * blocked.PIX + 8 + 4)  # and of the 1-block shapes
+    assert len(fmas) == 2 * pairs + singles
     assert all("zmm" in f for f in fmas)
-    assert sum("{1to16}" in f for f in fmas) == values
-    assert sum("vbroadcastss" in line for line in asm.splitlines()) == values
+    assert sum("{1to16}" in f for f in fmas) == singles
+    assert sum("vbroadcastss" in line for line in asm.splitlines()) == pairs
     assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())
 
 

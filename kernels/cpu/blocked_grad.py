@@ -46,10 +46,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from minivgg.kernels.cpu.blocked import (BLOCK, _I64, _V16, _float, _float_pointer, _fma,
-                                         _splat, _vector_pointer, avx512_reason,
-                                         block_bias, block_filters, conv2d_nchw,
-                                         from_blocked, pad_images, to_blocked)
+from minivgg.kernels.cpu.blocked import (BLOCK, _float, avx512_reason, block_bias,
+                                         block_filters, conv2d_nchw, from_blocked,
+                                         pad_images, to_blocked)
+from minivgg.kernels.cpu.blocked_ir import (_I64, _V16, _float_pointer, _fma, _splat,
+                                            _vector_pointer)
 from minivgg.kernels.cpu.runtime import JIT, map_ranges
 
 

@@ -40,10 +40,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from minivgg.kernels.cpu.blocked import (BLOCK, _I64, _blocks, _float, _float_pointer,
-                                         _vector_pointer, avx512_reason, block_bias,
-                                         block_filters, conv2d_nchw, emit_transpose,
-                                         pad_images)
+from minivgg.kernels.cpu.blocked import (BLOCK, _blocks, _float, avx512_reason, block_bias,
+                                         block_filters, conv2d_nchw, pad_images)
+from minivgg.kernels.cpu.blocked_ir import (_I64, _float_pointer, _vector_pointer,
+                                            emit_transpose)
 from minivgg.kernels.cpu.blocked_grad import weight_grad_from_padded
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 

@@ -46,9 +46,9 @@ to a quarter of a thin layer's time.
 What made it vectorise: Numba's loops do not, written plainly (the accumulators live in an
 array in memory and fastmath is off, so LLVM may neither keep them in registers across the
 reduction nor fuse the multiply-adds). So the micro-kernel is a `numba.extending.intrinsic`
-(kernels/cpu/blocked_ir.py, as kernels/cpu/amx_isa.py emits AMX) that writes the LLVM IR itself: `<16 x float>` loads
-of the filter, a scalar load + `shufflevector` splat of each input value, and
-`llvm.fma.v16f32`. The accumulators are allocas in the function's entry block, which LLVM's
+(in kernels/cpu/blocked_ir.py, as kernels/cpu/amx_isa.py emits AMX) that writes the LLVM
+IR itself: `<16 x float>` loads of the filter, a scalar load + `shufflevector` splat of
+each input value, and `llvm.fma.v16f32`. The accumulators are allocas in the function's entry block, which LLVM's
 SROA/mem2reg turns into registers (phis around the loops); on AVX-512 the inner body
 compiles to one `vbroadcastss zmm, dword ptr [...]` per input value feeding two
 `vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the broadcast folded into the

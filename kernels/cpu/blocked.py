@@ -50,10 +50,10 @@ reduction nor fuse the multiply-adds). So the micro-kernel is a `numba.extending
 IR itself: `<16 x float>` loads of the filter, a scalar load + `shufflevector` splat of
 each input value, and `llvm.fma.v16f32`. The accumulators are allocas in the function's
 entry block, which LLVM's SROA/mem2reg turns into registers (phis around the loops); on
-AVX-512 the inner body compiles to one `vbroadcastss zmm, dword ptr [...]` per input value feeding two
-`vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the broadcast folded into the
-FMA as `dword ptr [...]{1to16}`), with no register spilled, as tests/test_blocked.py checks
-through `inspect_asm`.
+AVX-512 the inner body compiles to one `vbroadcastss zmm, dword ptr [...]` per input
+value feeding two `vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the
+broadcast folded into the FMA as `dword ptr [...]{1to16}`), with no register spilled, as
+tests/test_blocked.py checks through `inspect_asm`.
 
 Without AVX-512 (or with MINIVGG_DISABLE_AVX512=1, NUMBA_DISABLE_JIT=1, or Numba compiling
 for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (multiply, then

@@ -6,26 +6,36 @@ in and out: the CPU's `blocked_conv2d_forward` and `blocked_conv2d_backward`, wh
     blocked_conv2d_backward(x, W, gy, need_gx)   -> (gx or None, gW, gb)
 
 The layers around a convolution (ReLU, pooling, LRN, the FC layers) and `Tensor` keep NCHW,
-so each call converts its activations into the nChw16c layout and back: x and y in the
-forward pass; gy, gx and x (straight into the weight gradient's zero-bordered copy) in the
-backward pass. `_block_planes` and `_unblock_planes` do it in one pass each, spread over the
-pool by (image, channel block); the blocked inputs live in workspaces (`runtime.workspace`),
-reused from call to call.
+and so does the blocked kernel at its edges: it broadcasts x's values one at a time from a
+zero-bordered copy of each image's channel planes, made by the thread that uses it
+(`blocked._pad_image`, plain row copies), and writes y's rows from its registers
+(`blocked.conv2d_nchw`); the input gradient is the same kernel on gy with the rotated
+filters. What remains of the layout conversions is in the weight gradient, which needs gy
+as vectors of 16 output channels per pixel (`_to_blocked`: 16×16 blocks turned in
+registers, `_turn_block`) and a zero-bordered copy of x (`blocked.pad_images`); both live
+in workspaces (`runtime.workspace`), reused from call to call.
 
-Why convert at each convolution, not keep the conv stack blocked end to end (ReLU, pooling
-and LRN on nChw16c, converting once at the input and before fc6): the conversions are a
-small part of the layer. Measured 2026-12-04 18:52 UTC (CPU time of one thread, batch 32,
-load average 4.2 on 2 cores, so rough; the two-block kernel), converting x, y, gy, gx and
-x's bordered copy against the forward + backward of the whole layer:
+Measured (CPU time of one thread, batch 32, best of 15, shared 2-core machine, so rough),
+the conversions per forward + backward, before (2026-12-05 07:16 UTC, load average 2.6:
+x and gy to nChw16c, y and gx back, x's bordered copy in nChw16c) and now (07:48 and 07:50
+UTC, load average 1.9: gy to nChw16c and x's bordered copy, plus the in-kernel image copies
+of x and gy):
 
-    16 -> 32 channels @ 32×32:   2.0 ms of 11.6 (17%)
-    64 -> 64 channels @ 16×16:   1.6 ms of 16.9 (9%)
-    128 -> 128 channels @ 8×8:   0.8 ms of 15.2 (5%)
+    16 -> 32 channels @ 32×32:     2.08 ms  ->  0.50 + 0.23
+    32 -> 64 channels @ 16×16:     0.96     ->  0.27 + 0.13
+    64 -> 64 channels @ 16×16:     1.44     ->  0.36 + 0.18
+    64 -> 128 channels @ 8×8:      0.48     ->  0.15 + 0.07
+    128 -> 128 channels @ 8×8:     0.78     ->  0.21 + 0.09
+    128 -> 128 channels @ 4×4:     0.23     ->  0.06 + 0.05
 
-Staying blocked would save at most these, for a blocked twin of every other layer's kernels.
-The filters are re-blocked at every call for the same reason: `block_filters` and the
-rotated filters of the input gradient take 0.01 ms (16 -> 32) to 0.28 ms (128 -> 128), at
-most 1.5% of the layer, so they are not cached between forward and backward.
+against 7.9, 7.0, 13.4, 6.6, 13.1 and 3.9 ms for the whole layer now
+(benchmarks/bench_blocked_parts.py). Keeping the conv stack blocked end to end (ReLU,
+pooling and LRN on nChw16c, converting once at the input and before fc6) would save at
+most gy's conversion (0.31 ms of the 0.50 on 16 -> 32 channels; the bordered copies stay),
+for a blocked twin of every other layer's kernels: not worth it. The filters are blocked
+at every call for the same reason (`block_filters`, one pass: 0.05 ms and 0.08 ms for the
+rotated ones on 128 -> 128 channels, under 1% of the layer), so nothing is cached between
+forward and backward (W changes at every step anyway).
 
 Bias and ReLU: the bias is added in the kernel's epilogue; ReLU stays a layer of its own,
 although the kernel can apply it (`relu=`). In a small-recipe training step (one thread,
@@ -42,9 +52,9 @@ from numba.extending import intrinsic
 
 from minivgg.kernels.cpu.blocked import (BLOCK, _blocks, _float, avx512_reason, block_bias,
                                          block_filters, conv2d_nchw, pad_images)
+from minivgg.kernels.cpu.blocked_grad import weight_grad_from_padded
 from minivgg.kernels.cpu.blocked_ir import (_I64, _float_pointer, _vector_pointer,
                                             emit_transpose)
-from minivgg.kernels.cpu.blocked_grad import weight_grad_from_padded
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 
 

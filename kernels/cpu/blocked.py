@@ -222,25 +222,29 @@ def pad_images(x, out):
 def _blocks_at(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow, valid,
                vrows, ochans, relu, pix, nob):
     """`_conv_block` with its literal shape chosen at run time by pix: PIX (2 blocks × PIX
-    pixels of a row), 16 (1 block × 2 rows of PIX), -4 (2 rows of 4), 4 (4 of a row)."""
-    if pix == PIX:
+    pixels of a row), 16 (1 block × 2 rows of PIX), -4 (2 rows of 4), 4 (4 of a row), 64
+    (as 16, summing 4 input channels, not 16: conv1_1's 3)."""
+    if pix == 4 * BLOCK:  # 16 as for one block of 2 rows, x with 4 channels or fewer
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, PIX, 2, PIX)
+                    valid, vrows, ochans, relu, 16, 1, PIX, 4)
+    elif pix == PIX:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, PIX, 2, PIX, 16)
     elif pix == 16:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 16, 1, PIX)
+                    valid, vrows, ochans, relu, 16, 1, PIX, 16)
     elif pix == -4 and nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 8, 2, 4)
+                    valid, vrows, ochans, relu, 8, 2, 4, 16)
     elif pix == -4:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 8, 1, 4)
+                    valid, vrows, ochans, relu, 8, 1, 4, 16)
     elif nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 4, 2, 4)
+                    valid, vrows, ochans, relu, 4, 2, 4, 16)
     else:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 4, 1, 4)
+                    valid, vrows, ochans, relu, 4, 1, 4, 16)
 
 
 @njit(**JIT)
@@ -252,7 +256,8 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
     time, a lone block PIX pixels of both rows (16 accumulators either way, where 8 made
     the input gradient of 16 -> 32 channels 10% slower than the forward pass); maps 4 wide
     take blocks of both rows, maps 1-3 wide blocks of 4 pixels (8 would compute on padding
-    half the time or more)."""
+    half the time or more). A lone block on x of 4 channels or fewer (conv1_1's 3) sums
+    only those (the planes past them are zeros)."""
     OCB, CB = wb.shape[0], wb.shape[1]
     OC, H, W = y.shape[1], y.shape[2], y.shape[3]
     pairs, rstride = (OCB + 1) // 2, p.shape[2]
@@ -268,10 +273,10 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
         nob, rows = min(2, OCB - ob), min(2, H - oy)
         pix = PIX if W > 4 else (-4 if W == 4 else 4)
         if nob == 1 and pix == PIX:
-            pix = 16
-        both = pix == 16 or pix == -4  # one block covers both rows
+            pix = 4 * BLOCK if x.shape[1] <= 4 else 16
+        both = pix == 16 or pix == 4 * BLOCK or pix == -4  # one block covers both rows
         for r0 in range(0, rows, 2 if both else 1):
-            for ox0 in range(0, W, PIX if pix == 16 else abs(pix)):
+            for ox0 in range(0, W, PIX if pix >= 16 else abs(pix)):
                 _blocks_at(p, (oy + r0) * rstride + ox0, istride, rstride, CB, wb, ob * wstep,
                            wstep, bb, ob * BLOCK, y,
                            ((n * OC + ob * BLOCK) * H + oy + r0) * W + ox0, H * W, W, W - ox0,

@@ -159,13 +159,15 @@ def _weight_tile(typingctx, p, x0, ximg, xrow, xchan, gy, g0, gimg, grow, gstep,
 
 
 @njit(**JIT)
-def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs):
+def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C):
     """Items t0..t1-1, item t = (pair of output-channel blocks, cb, tap, half of the input
     channels) in that order, by `_weight_tile` (an odd OCB's last pair is one block). The
     18 items of one (pair, cb) share their x and gy: they take turns on `rows` rows of one
     image at a time, or (rows >= H) on `imgs` whole images at a time (kept in L1), each
     resuming its tile where the last chunk left it. p (N, CB·16, H+2, W+2): x,
-    zero-bordered, one plane per channel."""
+    zero-bordered, one plane per channel, of which the first C are not all zeros: items
+    on channels past C are skipped (their tiles are never read), and with C <= 4 (conv1_1)
+    the first half takes tiles of 4 input channels."""
     N, OCB, H, W = gy.shape[0], gy.shape[1], gy.shape[2], gy.shape[3]
     CB = p.shape[1] // BLOCK
     xrow = p.shape[3]
@@ -179,13 +181,21 @@ def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs):
             for r0 in range(0, H, rows):
                 for t in range(max(t0, group * 18), min(t1, group * 18 + 18)):
                     tap, half = t // 2 % 9, t % 2
+                    if cb * BLOCK + half * 8 >= C:
+                        continue
                     x0 = (n * ximg + (cb * BLOCK + half * 8) * xchan
                           + (r0 + tap // 3) * xrow + tap % 3)
                     g0 = n * gimg + ob * gstep + r0 * W * BLOCK
                     w0 = (((ob * CB + cb) * 9 + tap) * BLOCK + half * 8) * BLOCK
                     resume = n > 0 or r0 > 0
                     R = min(rows, H - r0)
-                    if ob + 1 < OCB:
+                    if C <= 4 and ob + 1 < OCB:
+                        _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
+                                     gstep, K, R, W, gw, w0, wstep, resume, 4, 2)
+                    elif C <= 4:
+                        _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
+                                     gstep, K, R, W, gw, w0, wstep, resume, 4, 1)
+                    elif ob + 1 < OCB:
                         _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
                                      gstep, K, R, W, gw, w0, wstep, resume, 8, 2)
                     else:
@@ -198,9 +208,9 @@ def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs):
 # ----------------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _weight_tiles_loops(p, gy, gw, t0, t1, rows, imgs):
+def _weight_tiles_loops(p, gy, gw, t0, t1, rows, imgs, C):
     """`_weight_tiles_avx512`, one multiply-add at a time in the same order (multiply then
-    add, so rounded twice where the FMA rounds once). `rows` and `imgs` only keep the
+    add, so rounded twice where the FMA rounds once). `rows`, `imgs` and `C` only keep the
     signature: chunking changes no sum's order."""
     N, H, W = gy.shape[0], gy.shape[2], gy.shape[3]
     CB = p.shape[1] // BLOCK
@@ -285,7 +295,7 @@ def weight_grad_from_padded(p, gyb, C=None, OC=None, vector=None):
     # each tile's 16 accumulators were loaded and stored for 256 multiply-adds.
     imgs = max(1, GW_CHUNK_BYTES // row // (H + 2)) if rows >= H else 1
     items = (OCB + 1) // 2 * CB * 18 if vector else OCB * CB * 9
-    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows, imgs), items)
+    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows, imgs, C), items)
     gb = np.empty(OCB * BLOCK, np.float64)
     _bias_grad(gy, gb)
     gb = gb[:OC].astype(dtype)

@@ -50,13 +50,14 @@ def _fma(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
 
 
-def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep):
-    """acc[k][p] += x[ic, p] · w_k[ic, :] for the 16 input channels ic of one tap (unrolled),
+def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep, nic=BLOCK):
+    """acc[k][p] += x[ic, p] · w_k[ic, :] for the first nic of the 16 input channels ic of
+    one tap (unrolled),
     for each output-channel block k, whose filters lie `wstep` floats after block k-1's.
     x[ic, p] is xptr[ic·istride + (p // pw)·rstride + p % pw]: rows of pw pixels side by
     side, one channel plane after another (a zero-bordered NCHW image)."""
     values = [[builder.load(a) for a in row] for row in acc]
-    for ic in range(BLOCK):
+    for ic in range(nic):
         w = [builder.load(_vector_pointer(builder, builder.gep(wptr, [builder.add(
             builder.mul(wstep, ir.Constant(_I64, k)), ir.Constant(_I64, ic * BLOCK))])),
             align=4) for k in range(len(acc))]
@@ -72,7 +73,7 @@ def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep):
             builder.store(v, a)
 
 
-def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep):
+def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, nic=BLOCK):
     """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
     tap (cb = ky = kx = 0); a block of 16 input channels is 16 planes of x, and the filter
     block of one tap is 16×16 floats."""
@@ -89,7 +90,7 @@ def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep):
             with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
                 xt = builder.gep(xr, [kx.index])
                 wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
-                _emit_tap(builder, fma, acc, xt, istride, rstride, pw, wt, wstep)
+                _emit_tap(builder, fma, acc, xt, istride, rstride, pw, wt, wstep, nic)
 
 
 @functools.cache
@@ -175,26 +176,29 @@ def _emit_epilogue(builder, acc, bias, y_at, shape, relu):
 
 @intrinsic(prefer_literal=True)
 def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs,
-                yrow, valid, vrows, ochans, relu, pix, nob, pw):
+                yrow, valid, vrows, ochans, relu, pix, nob, pw, nic):
     """For k < `nob` output-channel blocks, `pix` pixels in rows of `pw` (literals), of which
     rows r < vrows and pixels j < valid of each, and o < ochans - 16k channels:
     y.flat[y0 + (16k + o)·ycs + r·yrow + j] = bias + the sum over (cb, ky, kx, ic) of
     xp.flat[x0 + (16cb + ic)·istride + (ky + r)·rstride + j + kx] ·
     wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 + o], bias = bb.flat[b0 + 16k + o]:
-    x a zero-bordered image, one plane per channel, and y NCHW."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (pix, nob, pw)):
+    x a zero-bordered image, one plane per channel, and y NCHW. Only the first `nic` (a
+    literal) input channels of each block are summed: the others must be zeros (a layer of
+    C < 16 channels, nic = C rounded up to 4, skips the zero planes of its block)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (pix, nob, pw, nic)):
         return None
     i = types.intp
 
     def codegen(context, builder, sig, args):
         (xp_, x0_, is_, rs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ycs_, yrow_, valid_, vrows_,
-         ochans_, relu_, _, _, _) = args
+         ochans_, relu_, _, _, _, _) = args
         ta = sig.args
         acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
                for _ in range(nob.literal_value)]
         x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
         w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
-        _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, pw.literal_value, ws_)
+        _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, pw.literal_value, ws_,
+                        nic.literal_value)
         for k, row in enumerate(acc):
             b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
             bias = builder.load(_vector_pointer(
@@ -207,4 +211,4 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
         return context.get_dummy_value()
 
     return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, i, i, types.boolean,
-                       pix, nob, pw), codegen)
+                       pix, nob, pw, nic), codegen)

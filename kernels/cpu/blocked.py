@@ -37,6 +37,12 @@ loaded machine). Maps 4 wide take blocks of 2 rows × 4 pixels, whose 8 outputs 
 lie side by side in y (1.24 -> 1.05 ms on 128 -> 128 channels of 4×4, batch 32, where
 blocks of one row held 8 accumulators; 2026-12-05, one thread, CPU time, load average 5).
 
+A lone block of 16 output channels (an odd OCB's last) takes 2 rows × PIX pixels, 16
+accumulators again (with 8 the input gradient of 16 -> 32 channels ran 10% slower than the
+forward pass). An input of 4 channels or fewer (conv1_1's 3, under "blocked") sums 4 input
+channels per tap, not 16 of which 13 are zeros: 5.07 -> 1.58 ms on 3 -> 16 channels of
+64×64, batch 32 (one thread, CPU time, 2026-12-05 07:55 UTC, load average 1.5).
+
 No layout conversion: the kernel broadcasts x one value at a time, so x's layout costs
 nothing in the inner loop; it reads x's channel planes as they are (the channel stride is
 an argument) and writes y's as PyTorch's layers want them. The conversions it replaced

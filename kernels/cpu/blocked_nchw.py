@@ -28,11 +28,12 @@ of x and gy):
     128 -> 128 channels @ 8×8:     0.78     ->  0.21 + 0.09
     128 -> 128 channels @ 4×4:     0.23     ->  0.06 + 0.05
 
-against 8.0, 6.9, 12.8, 6.3, 13.2 and 3.6 ms for the whole layer's forward + backward now
-(benchmarks/bench_blocked_parts.py, 07:58 UTC, load average 1.0). Keeping the conv stack blocked end to end (ReLU,
-pooling and LRN on nChw16c, converting once at the input and before fc6) would save at
-most gy's conversion (0.31 ms of the 0.50 on 16 -> 32 channels; the bordered copies stay),
-for a blocked twin of every other layer's kernels: not worth it. The filters are blocked
+against 8.0, 6.9, 12.8, 6.3, 13.2 and 3.6 ms for the whole layer's forward + backward
+now (benchmarks/bench_blocked_parts.py, 07:58 UTC, load average 1.0). Keeping the conv
+stack blocked end to end (ReLU, pooling and LRN on nChw16c, converting once at the input
+and before fc6) would save at most gy's conversion (0.31 ms of the 0.50 on 16 -> 32
+channels; the bordered copies stay), for a blocked twin of every other layer's kernels:
+not worth it. The filters are blocked
 at every call for the same reason (`block_filters`, one pass: 0.05 ms and 0.08 ms for the
 rotated ones on 128 -> 128 channels, under 1% of the layer), so nothing is cached between
 forward and backward (W changes at every step anyway).

@@ -22,6 +22,7 @@ from test_ops import naive_conv2d
 # (N, C, H, W, OC)
 SHAPES = {
     "rgb_odd": (2, 3, 7, 5, 17),
+    "rgb_one_block": (2, 3, 6, 9, 16),  # a lone output block summing 4 input channels
     "c17_batch1": (1, 17, 6, 11, 40),
     "one_pixel": (1, 40, 1, 1, 3),
     "c40_wide": (2, 40, 3, 19, 33),
@@ -116,26 +117,30 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
 
 @pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
-    """The driver compiles four block shapes, PIX or 4 pixels × 2 or 1 blocks of 16 output
-    channels: per tap 16 input channels × 36 = 576 `vfmadd231ps` on zmm registers. Each
-    input value is broadcast once: a `vbroadcastss` feeding two FMAs (2 blocks) or folded
-    into the one FMA as `mem{1to16}` (1 block). No zmm register is spilled to the stack."""
+    """The driver compiles seven block shapes of 16 accumulators or fewer: 2 blocks of 16
+    output channels × PIX pixels of a row, 2 rows of 4 pixels, or 4 pixels; 1 block × 2
+    rows of PIX pixels, 2 rows of 4 or 4 pixels; and 1 block × 2 rows of PIX summing 4
+    input channels, not 16. Per tap that is 16 input channels × 68 + 4 × 16 = 1152
+    `vfmadd231ps` on zmm registers. Each input value is broadcast once: a
+    `vbroadcastss` feeding two FMAs (2 blocks) or folded into the one FMA as `mem{1to16}`
+    (1 block). No zmm register is spilled to the stack, not even by the transposed stores
+    of y."""
     x, Wt, b = random_case((1, 16, 2, 8, 16))
     blocked_forward(x, Wt, b, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
     kernel = blocked._conv_rows_avx512.py_func
     fresh = blocked.njit(nogil=True)(kernel)
-    xb, wb = blocked.to_blocked(x), blocked.block_filters(Wt)
-    p = np.zeros((1, 4, 10, 16), np.float32)
-    y = np.empty((1, 1, 2, 8, 16), np.float32)
-    fresh(xb, wb, blocked.block_bias(b, 16), y, p, 0, 2, False)
+    p = np.zeros((16, 5, 10), np.float32)  # (C, H+3, WQ+2), as conv2d_nchw makes it
+    y = np.empty((1, 16, 2, 8), np.float32)
+    fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 1, False)  # 1 item
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
-    values = 16 * (blocked.PIX + 4)  # input values loaded per tap, in each pair of shapes
-    assert len(fmas) == 16 * (2 * blocked.PIX + blocked.PIX + 2 * 4 + 4)
+    pairs = 16 * (blocked.PIX + 8 + 4)  # input values per tap of the 2-block shapes
+    singles = 16 * (2 * blocked.PIX + 8 + 4) + 4 * 2 * blocked.PIX  # 1-block (+ 4-channel)
+    assert len(fmas) == 2 * pairs + singles
     assert all("zmm" in f for f in fmas)
-    assert sum("{1to16}" in f for f in fmas) == values
-    assert sum("vbroadcastss" in line for line in asm.splitlines()) == values
+    assert sum("{1to16}" in f for f in fmas) == singles
+    assert sum("vbroadcastss" in line for line in asm.splitlines()) == pairs
     assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())
 
 
@@ -187,13 +192,18 @@ def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_pro
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_one_pass_layout_kernels_match_the_numpy_layout_functions(dtype):
-    """`blocked_nchw`'s converters (one pass, spread over the pool) against `to_blocked` /
-    `from_blocked`: channels past C are zeros, the optional one-pixel border too."""
+def test_one_pass_layout_kernels_match_numpy(dtype):
+    """`blocked_nchw._to_blocked` (one pass, spread over the pool; 16×16 blocks and the
+    pixels left over) against `to_blocked` (channels past C are zeros), and `pad_images`, the zero-bordered NCHW copy the kernels
+    read x from (planes past C and columns past the border are zeros too), against np.pad,
+    into a buffer full of garbage."""
     from minivgg.kernels.cpu import blocked_nchw
     x = np.random.default_rng(9).normal(size=(3, 19, 5, 7)).astype(dtype)
-    xb = blocked_nchw._to_blocked(x, dtype, 0, "test_x")
+    xb = blocked_nchw._to_blocked(x, dtype, "test_x")
     assert xb.dtype == dtype and np.array_equal(xb, blocked.to_blocked(x))
-    xpad = blocked_nchw._to_blocked(x, dtype, 1, "test_xpad")
-    assert np.array_equal(xpad, np.pad(xb, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))))
-    assert np.array_equal(blocked_nchw._from_blocked(xb, 19), x)
+    if dtype == np.float32 and HAS_AVX512:  # 16×16 blocks turned in registers, and not
+        for turn in (True, False):
+            assert np.array_equal(blocked_nchw._to_blocked(x, dtype, "test_x", turn), xb)
+    out = np.full((3, 32, 7, 11), np.nan, dtype)
+    padded = np.pad(x, ((0, 0), (0, 13), (1, 1), (1, 3)))
+    assert np.array_equal(blocked.pad_images(x, out), padded)

@@ -1,17 +1,19 @@
-"""A register-blocked direct convolution on a channel-blocked layout (fp32, 3×3/s1/p1), forward.
+"""A register-blocked direct convolution with channel-blocked filters (fp32, 3×3/s1/p1),
+forward; x and y stay NCHW.
 
 Issue 26: thin layers (16-128 channels) at PyTorch's speed. The conv algorithm "blocked"
-runs it through `blocked_nchw.py` (NCHW in and out); here it has its own layout and API:
+runs it through `blocked_nchw.py`; the pieces:
 
-    to_blocked(x)           x (N, C, H, W)       -> xb (N, CB, H, W, 16)       "nChw16c"
-    from_blocked(yb, C)     yb (N, CB, H, W, 16) -> y (N, C, H, W)
     block_filters(W)        W (OC, C, 3, 3)      -> wb (OCB, CB, 3, 3, 16ic, 16oc)
+    block_filters(W, True)  the input gradient's rotated filters, blocked the same way
     block_bias(b, OC)       b (OC,) or None      -> bb (OCB*16,)
+    conv2d_nchw(x, wb, bb, OC, relu=False, vector=None) -> y (N, OC, H, W)
+    to_blocked(x) / from_blocked(xb, C)   NCHW <-> (N, CB, H, W, 16) "nChw16c"
     conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None) -> yb (N, OCB, H, W, 16)
 
-CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x, in W and in b), so
-they add nothing and come out as zeros (ReLU keeps them zero). float64 arrays run the plain
-loops below in float64 (the tests' exact oracles); the micro-kernel is float32 only.
+CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x's copy, in W and in
+b), so they add nothing. float64 arrays run the plain loops below in float64 (the tests'
+exact oracles); the micro-kernel is float32 only.
 
 The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × two blocks of
 16 output channels, 2·PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
@@ -21,35 +23,52 @@ The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × tw
             w[k] = block k's 16 output channels' weights of (cb, ky, kx, ic), k = 0, 1
                                                                        (two 64-byte loads)
             for p in range(PIX):
-                v = broadcast(x[cb, oy+ky, ox0+p+kx, ic])
+                v = broadcast(x[16cb + ic, oy+ky, ox0+p+kx])
                 acc[k][p] = fma(v, w[k], acc[k][p]) for k = 0, 1
 
-then adds the bias, applies ReLU if asked, and stores the pixels that exist. Each output
-is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does not depend
-on the thread count (nor on the block shape). Each input value loaded feeds 32 FMAs and each
-filter vector 8: against one block of 16 channels (16 and 8), the second block made the
-forward pass 10-25% faster on 16-128 channels (2026-12-04, one thread, loaded machine);
-blocks of 4 pixels doubled it on 4×4 maps.
+then adds the bias, applies ReLU if asked, turns each block's PIX × 16 accumulators into
+16 rows of PIX pixels in registers (`emit_transpose`: 24 shuffles) and stores them into
+y's NCHW rows (`llvm.masked.store`, so a block past the row's end writes nothing). Each
+output is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does
+not depend on the thread count (nor on the block shape). Each input value loaded feeds 32
+FMAs and each filter vector 8: against one block of 16 channels (16 and 8), the second
+block made the forward pass 10-25% faster on 16-128 channels (2026-12-04, one thread,
+loaded machine). Maps 4 wide take blocks of 2 rows × 4 pixels, whose 8 outputs per channel
+lie side by side in y (1.24 -> 1.05 ms on 128 -> 128 channels of 4×4, batch 32, where
+blocks of one row held 8 accumulators; 2026-12-05, one thread, CPU time, load average 5).
+
+A lone block of 16 output channels (an odd OCB's last) takes 2 rows × PIX pixels, 16
+accumulators again (with 8 the input gradient of 16 -> 32 channels ran 10% slower than the
+forward pass). An input of 4 channels or fewer (conv1_1's 3, under "blocked") sums 4 input
+channels per tap, not 16 of which 13 are zeros: 5.07 -> 1.58 ms on 3 -> 16 channels of
+64×64, batch 32 (one thread, CPU time, 2026-12-05 07:55 UTC, load average 1.5).
+
+No layout conversion: the kernel broadcasts x one value at a time, so x's layout costs
+nothing in the inner loop; it reads x's channel planes as they are (the channel stride is
+an argument) and writes y's as PyTorch's layers want them. The conversions it replaced
+(x to nChw16c, y back, per convolution; `blocked_nchw.py` has the numbers) had become up
+to a quarter of a thin layer's time.
 
 What made it vectorise: Numba's loops do not, written plainly (the accumulators live in an
 array in memory and fastmath is off, so LLVM may neither keep them in registers across the
 reduction nor fuse the multiply-adds). So the micro-kernel is a `numba.extending.intrinsic`
-(as kernels/cpu/amx_isa.py emits AMX) that writes the LLVM IR itself: `<16 x float>` loads
-of the filter, a scalar load + `shufflevector` splat of each input value, and
-`llvm.fma.v16f32`. The accumulators are allocas in the function's entry block, which LLVM's
-SROA/mem2reg turns into registers (phis around the loops); on AVX-512 the inner body
-compiles to one `vbroadcastss zmm, dword ptr [...]` per input value feeding two
-`vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the broadcast folded into the
-FMA as `dword ptr [...]{1to16}`), with no register spilled, as tests/test_blocked.py checks
-through `inspect_asm`.
+(in kernels/cpu/blocked_ir.py, as kernels/cpu/amx_isa.py emits AMX) that writes the LLVM
+IR itself: `<16 x float>` loads of the filter, a scalar load + `shufflevector` splat of
+each input value, and `llvm.fma.v16f32`. The accumulators are allocas in the function's
+entry block, which LLVM's SROA/mem2reg turns into registers (phis around the loops); on
+AVX-512 the inner body compiles to one `vbroadcastss zmm, dword ptr [...]` per input
+value feeding two `vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the
+broadcast folded into the FMA as `dword ptr [...]{1to16}`), with no register spilled, as
+tests/test_blocked.py checks through `inspect_asm`.
 
 Without AVX-512 (or with MINIVGG_DISABLE_AVX512=1, NUMBA_DISABLE_JIT=1, or Numba compiling
 for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (multiply, then
 add: the numbers differ from the FMA path by rounding only).
 
 Spatial padding: each thread copies one image at a time into a zero-bordered buffer of its
-own, (CB, H+2, WQ+2, 16) with WQ = W rounded up to PIX, so the kernel reads every tap with no
-edge test; a block past the row's end computes on zeros and stores nothing.
+own (`_pad_image`: plain row copies), (CB·16, H+3, WQ+2) with WQ = W rounded up to PIX, so
+the kernel reads every tap with no edge test; a block past the row's end computes on
+zeros and stores nothing.
 """
 
 import functools
@@ -57,23 +76,11 @@ import os
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from minivgg.kernels.cpu.amx_isa import _cpu_flags
+from minivgg.kernels.cpu.blocked_ir import BLOCK, PIX, _conv_block
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
-
-BLOCK = 16  # channels per block: one zmm register of fp32
-# Output pixels per register block: 2·PIX accumulators + two filter vectors + a broadcast,
-# of 32 zmm registers. NOTE: more (12, 14) leaves fewer pixels wasted on 12·k- or 14·k-wide
-# maps but more on the 8·k-wide ones; maps at most 4 wide take blocks of 4.
-PIX = 8
-
-_F32 = ir.FloatType()
-_I32, _I64 = ir.IntType(32), ir.IntType(64)
-_V16 = ir.VectorType(_F32, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,16 +112,43 @@ def from_blocked(xb, C):
     return np.ascontiguousarray(x[:, :C])
 
 
-def block_filters(W):
+def block_filters(W, rotate=False):
     """W (OC, C, 3, 3) -> wb (OCB, CB, 3, 3, 16 input, 16 output channels), zero-padded.
 
     wb[ob, cb, ky, kx, i, o] = W[16·ob + o, 16·cb + i, ky, kx]: for one tap and one input
-    channel, the 16 output channels' weights are contiguous, one vector load."""
+    channel, the 16 output channels' weights are contiguous, one vector load.
+    rotate=True blocks the input gradient's filters instead, `rotated_filters(W)` (C, OC,
+    3, 3): each filter turned by 180°, the channel axes swapped, wb (CB, OCB, 3, 3, 16, 16)
+    with wb[cb, ob, ky, kx, o, i] = W[16·ob + o, 16·cb + i, 2-ky, 2-kx].
+    One pass of `_block_filters` in wb's order: 0.050 and 0.077 ms (plain and rotated) on
+    128 -> 128 channels, where NumPy's pad, transpose and copy (and a flip before them for
+    the rotated ones) took 0.066 and 0.163 (one thread, CPU time, best of 30, 2026-12-05
+    07:25 UTC, load average 3.0)."""
     OC, C, KH, KW = W.shape
-    Wp = np.zeros((_blocks(OC) * BLOCK, _blocks(C) * BLOCK, KH, KW), _float(W.dtype))
-    Wp[:OC, :C] = W
-    Wp = Wp.reshape(_blocks(OC), BLOCK, _blocks(C), BLOCK, KH, KW)
-    return np.ascontiguousarray(Wp.transpose(0, 2, 4, 5, 3, 1))
+    dtype = _float(W.dtype)
+    shape = (_blocks(C), _blocks(OC)) if rotate else (_blocks(OC), _blocks(C))
+    wb = np.empty(shape + (KH, KW, BLOCK, BLOCK), dtype)
+    _block_filters(np.ascontiguousarray(W, dtype=dtype), wb, rotate)
+    return wb
+
+
+@njit(**JIT)
+def _block_filters(W, wb, rotate):
+    """`block_filters` into wb, written in its own order (zeros past OC and C)."""
+    OC, C, KH, KW = W.shape
+    for A in range(wb.shape[0]):
+        for B in range(wb.shape[1]):
+            for ky in range(KH):
+                for kx in range(KW):
+                    for i in range(BLOCK):
+                        for o in range(BLOCK):
+                            if rotate:  # wb[cb, ob, ky, kx, o, i]
+                                oc, c = B * BLOCK + i, A * BLOCK + o
+                                u, v = KH - 1 - ky, KW - 1 - kx
+                            else:  # wb[ob, cb, ky, kx, i, o]
+                                oc, c, u, v = A * BLOCK + o, B * BLOCK + i, ky, kx
+                            inside = oc < OC and c < C
+                            wb[A, B, ky, kx, i, o] = W[oc, c, u, v] if inside else 0.0
 
 
 def block_bias(b, OC, dtype=np.float32):
@@ -126,215 +160,154 @@ def block_bias(b, OC, dtype=np.float32):
 
 
 # ----------------------------------------------------------------------------------------
-# The AVX-512 micro-kernel, as LLVM IR emitted from Numba
-# ----------------------------------------------------------------------------------------
-
-def _float_pointer(context, builder, array_type, array, index):
-    """A float* to element `index` of a Numba array."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.gep(data, [index])
-
-
-def _vector_pointer(builder, ptr):
-    return builder.bitcast(ptr, _V16.as_pointer())
-
-
-def _splat(builder, value):
-    """<16 x float> with every lane = value (becomes an embedded {1to16} broadcast)."""
-    one = builder.insert_element(ir.Constant(_V16, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(_V16, ir.Undefined),
-                                 ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK))
-
-
-def _fma(builder):
-    fnty = ir.FunctionType(_V16, [_V16, _V16, _V16])
-    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
-
-
-def _emit_tap(builder, fma, acc, xptr, wptr, wstep):
-    """acc[k][p] += x[p, ic] · w_k[ic, :] for the 16 input channels ic of one tap (unrolled),
-    for each output-channel block k, whose filters lie `wstep` floats after block k-1's."""
-    values = [[builder.load(a) for a in row] for row in acc]
-    for ic in range(BLOCK):
-        w = [builder.load(_vector_pointer(builder, builder.gep(wptr, [builder.add(
-            builder.mul(wstep, ir.Constant(_I64, k)), ir.Constant(_I64, ic * BLOCK))])),
-            align=4) for k in range(len(acc))]
-        for p in range(len(acc[0])):
-            xs = builder.load(builder.gep(xptr, [ir.Constant(_I64, p * BLOCK + ic)]), align=4)
-            x = _splat(builder, xs)
-            for k in range(len(acc)):
-                values[k][p] = builder.call(fma, [x, w[k], values[k][p]])
-    for row, vrow in zip(acc, values):
-        for a, v in zip(row, vrow):
-            builder.store(v, a)
-
-
-def _emit_reduction(builder, acc, x_at, w_at, CB, cstride, rstride, wstep):
-    """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
-    tap (cb = ky = kx = 0); the filter block of one tap is 16×16 floats further on."""
-    fma = _fma(builder)
-    for a in (a for row in acc for a in row):
-        builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)
-    with cgutils.for_range(builder, CB) as cb:
-        xc = builder.gep(x_at, [builder.mul(cb.index, cstride)])
-        wc = builder.gep(w_at, [builder.mul(cb.index, ir.Constant(_I64, 9 * BLOCK * BLOCK))])
-        with cgutils.for_range(builder, ir.Constant(_I64, 3)) as ky:
-            xr = builder.gep(xc, [builder.mul(ky.index, rstride)])
-            wr = builder.gep(wc, [builder.mul(ky.index, ir.Constant(_I64, 3 * BLOCK * BLOCK))])
-            with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
-                xt = builder.gep(xr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK))])
-                wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
-                _emit_tap(builder, fma, acc, xt, wt, wstep)
-
-
-def _emit_epilogue(builder, acc, bias, y_at, valid, relu):
-    """y[p] = acc[p] + bias (then max(·, 0) if relu; NaN stays NaN) for p < valid."""
-    zero = ir.Constant(_V16, [0.0] * BLOCK)
-    for p, a in enumerate(acc):
-        v = builder.fadd(builder.load(a), bias)
-        clipped = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
-        v = builder.select(relu, clipped, v)
-        inside = builder.icmp_signed("<", ir.Constant(_I64, p), valid)
-        with builder.if_then(inside, likely=True):
-            ptr = builder.gep(y_at, [ir.Constant(_I64, p * BLOCK)])
-            builder.store(v, _vector_pointer(builder, ptr), align=4)
-
-
-@intrinsic(prefer_literal=True)
-def _conv_block(typingctx, xp, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep,
-                valid, relu, pix, nob):
-    """For k < `nob` output-channel blocks and p < valid of `pix` pixels (both literals):
-    y.flat[y0 + k·ystep + 16p : +16] = bias_k + sum over (cb, ky, kx, ic) of
-    xp.flat[x0 + cb·cstride + ky·rstride + (p+kx)·16 + ic] ·
-    wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 : +16], bias_k = bb.flat[b0 + 16k
-    : +16]."""
-    if not (isinstance(pix, types.IntegerLiteral) and isinstance(nob, types.IntegerLiteral)):
-        return None
-    i = types.intp
-
-    def codegen(context, builder, sig, args):
-        (xp_, x0_, rs_, cs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ys_, valid_, relu_,
-         _, _) = args
-        ta = sig.args
-        acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
-               for _ in range(nob.literal_value)]
-        x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
-        w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
-        _emit_reduction(builder, acc, x_at, w_at, CB_, cs_, rs_, ws_)
-        for k, row in enumerate(acc):
-            b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
-            bias = builder.load(_vector_pointer(
-                builder, _float_pointer(context, builder, ta[8], bb_, b_k)), align=4)
-            y_k = builder.add(y0_, builder.mul(ys_, ir.Constant(_I64, k)))
-            y_at = _float_pointer(context, builder, ta[10], y_, y_k)
-            _emit_epilogue(builder, row, bias, y_at, valid_, relu_)
-        return context.get_dummy_value()
-
-    return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, types.boolean, pix, nob),
-            codegen)
-
-
-# ----------------------------------------------------------------------------------------
 # The same block in plain Numba loops (CPUs without AVX-512)
 # ----------------------------------------------------------------------------------------
 
 @njit(**JIT)
 def _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc):
-    """y[n, ob, oy, ox0 : ox0+PIX] as `_conv_block` computes it, one multiply-add at a time
-    (in the same order; multiply then add, so rounded twice where the FMA rounds once)."""
-    CB, W = p.shape[0], y.shape[3]
+    """y[n, 16ob : 16ob+16, oy, ox0 : ox0+PIX] (those that exist) as `_conv_block` computes
+    them from the zero-bordered image p (CB·16, H+2, WQ+2), one multiply-add at a time in
+    the same order (multiply then add, so rounded twice where the FMA rounds once)."""
+    CB, OC, W = wb.shape[1], y.shape[1], y.shape[3]
     acc[:, :] = 0.0
     for cb in range(CB):
         for ky in range(3):
             for kx in range(3):
                 for ic in range(BLOCK):
                     for q in range(PIX):
-                        xv = p[cb, oy + ky, ox0 + q + kx, ic]
+                        xv = p[cb * BLOCK + ic, oy + ky, ox0 + q + kx]
                         for o in range(BLOCK):
                             acc[q, o] += xv * wb[ob, cb, ky, kx, ic, o]
-    for q in range(min(PIX, W - ox0)):
-        for o in range(BLOCK):
+    for o in range(min(BLOCK, OC - ob * BLOCK)):
+        for q in range(min(PIX, W - ox0)):
             v = acc[q, o] + bb[ob * BLOCK + o]
-            y[n, ob, oy, ox0 + q, o] = 0.0 if relu and v < 0.0 else v
+            y[n, ob * BLOCK + o, oy, ox0 + q] = 0.0 if relu and v < 0.0 else v
 
 
 # ----------------------------------------------------------------------------------------
 # The driver: a range of (image, output-channel block, output row) items on one thread
 # ----------------------------------------------------------------------------------------
 
+def row_width(W):
+    """WQ: W rounded up to PIX. An image's zero-bordered copy is (CB·16, H+2, WQ+2), so a
+    block of pixels past the row's end reads zeros inside the buffer."""
+    return -(-W // PIX) * PIX
+
+
 @njit(**JIT)
-def _pad_image(xb, n, p):
-    """p (CB, H+2, WQ+2, 16) = image n of xb (N, CB, H, W, 16) inside a border of zeros."""
-    H, W = xb.shape[2], xb.shape[3]
-    p[...] = 0.0
-    for cb in range(xb.shape[1]):
+def _pad_image(x, n, p, whole=True):
+    """p (CB·16, H', W') = image n of x (N, C, H, W) at p[:C, 1:H+1, 1:W+1], zeros around it
+    (the border, the columns past W+1, the planes past C): plain row copies, no layout
+    change. whole=False copies the image only: p's zeros are still there from the last.
+    (A driver zeroes its buffer at its first image only: on 128 channels of 4×4, 40 of the
+    70 values of a plane are zeros.)"""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    if whole:
+        p[...] = 0.0
+    for c in range(C):
         for i in range(H):
             for j in range(W):
-                for c in range(BLOCK):
-                    p[cb, i + 1, j + 1, c] = xb[n, cb, i, j, c]
+                p[c, i + 1, j + 1] = x[n, c, i, j]
 
 
 @njit(**JIT)
-def _blocks_at(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid, relu,
-               pix, nob):
-    """`_conv_block` with its literal shape chosen at run time: pix 4 or PIX, nob 1 or 2."""
-    if pix == 4 and nob == 2:
-        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
-                    relu, 4, 2)
-    elif pix == 4:
-        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
-                    relu, 4, 1)
+def _pad_images(x, out, n0, n1):
+    for n in range(n0, n1):
+        _pad_image(x, n, out[n])
+
+
+def pad_images(x, out):
+    """out (N, CB·16, H+2, W'+2) = every image of x (N, C, H, W) as `_pad_image` copies it,
+    spread over the pool by image; returns out."""
+    x = np.ascontiguousarray(x, dtype=out.dtype)
+    map_ranges(lambda n0, n1: _pad_images(x, out, n0, n1), x.shape[0], elements=out.size)
+    return out
+
+
+@njit(**JIT)
+def _blocks_at(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow, valid,
+               vrows, ochans, relu, pix, nob):
+    """`_conv_block` with its literal shape chosen at run time by pix: PIX (2 blocks × PIX
+    pixels of a row), 16 (1 block × 2 rows of PIX), -4 (2 rows of 4), 4 (4 of a row), 64
+    (as 16, summing 4 input channels, not 16: conv1_1's 3)."""
+    if pix == 4 * BLOCK:  # 16 as for one block of 2 rows, x with 4 channels or fewer
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 16, 1, PIX, 4)
+    elif pix == PIX:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, PIX, 2, PIX, 16)
+    elif pix == 16:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 16, 1, PIX, 16)
+    elif pix == -4 and nob == 2:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 8, 2, 4, 16)
+    elif pix == -4:
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 8, 1, 4, 16)
     elif nob == 2:
-        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
-                    relu, PIX, 2)
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 4, 2, 4, 16)
     else:
-        _conv_block(p, x0, rstride, cstride, CB, wb, w0, wstep, bb, b0, y, y0, ystep, valid,
-                    relu, PIX, 1)
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 4, 1, 4, 16)
 
 
 @njit(**JIT)
-def _conv_rows_avx512(xb, wb, bb, y, p, t0, t1, relu):
-    """Items t0..t1-1, item t = (n, pair of output-channel blocks, oy) in that order (oy
-    fastest), by `_conv_block`; an odd OCB's last pair is one block. Maps at most 4 wide
-    take blocks of 4 pixels (8 would compute on padding half the time)."""
-    OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
-    CB, pairs = xb.shape[1], (y.shape[1] + 1) // 2
-    rstride = p.shape[2] * BLOCK
-    cstride = p.shape[1] * rstride
-    wstep, ystep = CB * 9 * BLOCK * BLOCK, H * W * BLOCK
-    pix = 4 if W <= 4 else PIX
+def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
+    """Items t0..t1-1, item t = (n, pair of output-channel blocks, pair of rows oy, oy+1) in
+    that order (rows fastest), by `_conv_block`; an odd OCB's last pair is one block. Image
+    n of x (NCHW) is copied into p (consecutive items of one image share it); y (NCHW) is
+    written straight from the registers. A pair of blocks takes PIX pixels of a row at a
+    time, a lone block PIX pixels of both rows (16 accumulators either way, where 8 made
+    the input gradient of 16 -> 32 channels 10% slower than the forward pass); maps 4 wide
+    take blocks of both rows, maps 1-3 wide blocks of 4 pixels (8 would compute on padding
+    half the time or more). A lone block on x of 4 channels or fewer (conv1_1's 3) sums
+    only those (the planes past them are zeros)."""
+    OCB, CB = wb.shape[0], wb.shape[1]
+    OC, H, W = y.shape[1], y.shape[2], y.shape[3]
+    pairs, rstride = (OCB + 1) // 2, p.shape[2]
+    istride, wstep = p.shape[1] * rstride, CB * 9 * BLOCK * BLOCK
+    G = (H + 1) // 2
     last = -1
     for t in range(t0, t1):
-        n, r = t // (pairs * H), t % (pairs * H)
-        ob, oy = r // H * 2, r % H
-        if n != last:  # consecutive items of one image share its padded copy
-            _pad_image(xb, n, p)
+        n, r = t // (pairs * G), t % (pairs * G)
+        ob, oy = r // G * 2, r % G * 2
+        if n != last:
+            _pad_image(x, n, p, last < 0)
             last = n
-        for ox0 in range(0, W, pix):
-            y0 = (((n * OCB + ob) * H + oy) * W + ox0) * BLOCK
-            _blocks_at(p, oy * rstride + ox0 * BLOCK, rstride, cstride, CB, wb, ob * wstep,
-                       wstep, bb, ob * BLOCK, y, y0, ystep, W - ox0, relu, pix,
-                       min(2, OCB - ob))
+        nob, rows = min(2, OCB - ob), min(2, H - oy)
+        pix = PIX if W > 4 else (-4 if W == 4 else 4)
+        if nob == 1 and pix == PIX:
+            pix = 4 * BLOCK if x.shape[1] <= 4 else 16
+        both = pix == 16 or pix == 4 * BLOCK or pix == -4  # one block covers both rows
+        for r0 in range(0, rows, 2 if both else 1):
+            for ox0 in range(0, W, PIX if pix >= 16 else abs(pix)):
+                _blocks_at(p, (oy + r0) * rstride + ox0, istride, rstride, CB, wb, ob * wstep,
+                           wstep, bb, ob * BLOCK, y,
+                           ((n * OC + ob * BLOCK) * H + oy + r0) * W + ox0, H * W, W, W - ox0,
+                           rows - r0, OC - ob * BLOCK, relu, pix, nob)
 
 
 @njit(**JIT)
-def _conv_rows_loops(xb, wb, bb, y, p, t0, t1, relu):
-    """`_conv_rows_avx512` with `_conv_block_loops` as the micro-kernel."""
-    OCB, H, W = y.shape[1], y.shape[2], y.shape[3]
+def _conv_rows_loops(x, wb, bb, y, p, t0, t1, relu):
+    """`_conv_rows_avx512` with `_conv_block_loops` as the micro-kernel, one block at a
+    time."""
+    OCB, H, W = wb.shape[0], y.shape[2], y.shape[3]
     acc = np.empty((PIX, BLOCK), y.dtype)
     last = -1
     for t in range(t0, t1):
         n, r = t // (OCB * H), t % (OCB * H)
         ob, oy = r // H, r % H
         if n != last:
-            _pad_image(xb, n, p)
+            _pad_image(x, n, p, last < 0)
             last = n
         for ox0 in range(0, W, PIX):
             _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc)
 
 
 # ----------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # ----------------------------------------------------------------------------------------
 
 def avx512_reason():
@@ -358,29 +331,49 @@ def _has_avx512f():
     return "avx512f" in _cpu_flags()
 
 
-def conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None):
-    """yb (N, OCB, H, W, 16) = conv(xb, wb) + bb (then ReLU if `relu`), 3×3/s1/p1.
 
-    xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`, all float32 (or
-    all float64, which only the loops run). `vector`: True for the AVX-512 micro-kernel,
-    False for the plain loops, None to choose by `avx512_reason()`. Items (image, output-channel block, output row) are spread over
-    the pool in contiguous ranges; each output is computed by one thread in a fixed order.
+
+def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None):
+    """y (N, OC, H, W) = conv(x, wb) + bb (then ReLU if `relu`), 3×3/s1/p1, x (N, C, H, W).
+
+    wb from `block_filters` (OC's and C's blocks), bb from `block_bias`; all float32, or
+    all float64 (which only the loops run). `vector`: True for the AVX-512 micro-kernel,
+    False for the plain loops, None to choose by `avx512_reason()`. Items (image,
+    output-channel block, output row) are spread over the pool in contiguous ranges; each
+    output is computed by one thread in a fixed order. Each thread copies one image at a
+    time into a zero-bordered buffer of its own, (CB·16, H+2, WQ+2) with WQ =
+    `row_width(W)`; the kernel broadcasts its values from there and writes y's rows
+    itself, so x and y need no conversion to the blocked layout.
     """
-    N, CB, H, W, _ = xb.shape
-    OCB = wb.shape[0]
+    N, C, H, W = x.shape
+    OCB, CB = wb.shape[:2]
     assert wb.shape == (OCB, CB, 3, 3, BLOCK, BLOCK) and bb.shape == (OCB * BLOCK,)
-    dtype = _float(xb.dtype)
+    assert _blocks(C) == CB and _blocks(OC) == OCB, "x, wb and OC do not match"
+    dtype = _float(x.dtype)
     if vector is None:
         vector = dtype == np.float32 and not avx512_reason()
     assert not (vector and dtype != np.float32), "the AVX-512 micro-kernel is float32 only"
     rows = _conv_rows_avx512 if vector else _conv_rows_loops
-    xb, wb, bb = (np.ascontiguousarray(a, dtype=dtype) for a in (xb, wb, bb))
-    y = np.empty((N, OCB, H, W, BLOCK), dtype)
-    WQ = -(-W // PIX) * PIX
+    x, wb, bb = (np.ascontiguousarray(a, dtype=dtype) for a in (x, wb, bb))
+    y = np.empty((N, OC, H, W), dtype)
 
     def job(t0, t1):
-        p = workspace("blocked_pad", (CB, H + 2, WQ + 2, BLOCK), dtype)
-        rows(xb, wb, bb, y, p, t0, t1, bool(relu))
+        # one more row of zeros: a block of 2 rows starting on the last reads it
+        p = workspace("blocked_pad", (CB * BLOCK, H + 3, row_width(W) + 2), dtype)
+        rows(x, wb, bb, y, p, t0, t1, bool(relu))
 
-    map_ranges(job, N * ((OCB + 1) // 2 if vector else OCB) * H)
+    if vector:  # (image, pair of blocks, pair of rows) as `_conv_rows_avx512` has them
+        map_ranges(job, N * ((OCB + 1) // 2) * ((H + 1) // 2))
+    else:
+        map_ranges(job, N * OCB * H)
     return y
+
+
+def conv2d_forward_blocked(xb, wb, bb, relu=False, vector=None):
+    """yb (N, OCB, H, W, 16) = conv(xb, wb) + bb (then ReLU if `relu`), 3×3/s1/p1, blocked
+    in and out: xb from `to_blocked`, wb from `block_filters`, bb from `block_bias`.
+    `conv2d_nchw` between `from_blocked` and `to_blocked` (every channel of the blocks:
+    the padded ones are zeros in, and zeros out)."""
+    OCB, CB = wb.shape[:2]
+    y = conv2d_nchw(from_blocked(xb, CB * BLOCK), wb, bb, OCB * BLOCK, relu, vector)
+    return to_blocked(y)

@@ -1,0 +1,214 @@
+"""The blocked convolution's micro-kernel (kernels/cpu/blocked.py), written as LLVM IR from
+a Numba intrinsic: `_conv_block` (PIX pixels × two blocks of 16 output channels, the whole
+C×3×3 reduction in `<16 x float>` registers, then the bias, ReLU and the NCHW stores), and
+the helpers `blocked_grad.py` and `blocked_nchw.py` share (`emit_transpose`, pointers,
+splats, the FMA). blocked.py's docstring tells the design and what was measured; this
+module only emits it.
+"""
+
+import functools
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+BLOCK = 16  # channels per block: one zmm register of fp32
+# Output pixels per register block: 2·PIX accumulators + two filter vectors + a broadcast,
+# of 32 zmm registers. NOTE: more (12, 14) leaves fewer pixels wasted on 12·k- or 14·k-wide
+# maps but more on the 8·k-wide ones; maps at most 4 wide take blocks of 4.
+PIX = 8
+
+_F32 = ir.FloatType()
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_V16 = ir.VectorType(_F32, BLOCK)
+
+
+# ----------------------------------------------------------------------------------------
+# The AVX-512 micro-kernel, as LLVM IR emitted from Numba
+# ----------------------------------------------------------------------------------------
+
+def _float_pointer(context, builder, array_type, array, index):
+    """A float* to element `index` of a Numba array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [index])
+
+
+def _vector_pointer(builder, ptr):
+    return builder.bitcast(ptr, _V16.as_pointer())
+
+
+def _splat(builder, value):
+    """<16 x float> with every lane = value (becomes an embedded {1to16} broadcast)."""
+    one = builder.insert_element(ir.Constant(_V16, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_V16, ir.Undefined),
+                                 ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK))
+
+
+def _fma(builder):
+    fnty = ir.FunctionType(_V16, [_V16, _V16, _V16])
+    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+
+
+def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep, nic=BLOCK):
+    """acc[k][p] += x[ic, p] · w_k[ic, :] for the first nic of the 16 input channels ic of
+    one tap (unrolled),
+    for each output-channel block k, whose filters lie `wstep` floats after block k-1's.
+    x[ic, p] is xptr[ic·istride + (p // pw)·rstride + p % pw]: rows of pw pixels side by
+    side, one channel plane after another (a zero-bordered NCHW image)."""
+    values = [[builder.load(a) for a in row] for row in acc]
+    for ic in range(nic):
+        w = [builder.load(_vector_pointer(builder, builder.gep(wptr, [builder.add(
+            builder.mul(wstep, ir.Constant(_I64, k)), ir.Constant(_I64, ic * BLOCK))])),
+            align=4) for k in range(len(acc))]
+        xc = builder.gep(xptr, [builder.mul(istride, ir.Constant(_I64, ic))])
+        for p in range(len(acc[0])):
+            at = builder.add(builder.mul(rstride, ir.Constant(_I64, p // pw)),
+                             ir.Constant(_I64, p % pw))
+            x = _splat(builder, builder.load(builder.gep(xc, [at]), align=4))
+            for k in range(len(acc)):
+                values[k][p] = builder.call(fma, [x, w[k], values[k][p]])
+    for row, vrow in zip(acc, values):
+        for a, v in zip(row, vrow):
+            builder.store(v, a)
+
+
+def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, nic=BLOCK):
+    """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
+    tap (cb = ky = kx = 0); a block of 16 input channels is 16 planes of x, and the filter
+    block of one tap is 16×16 floats."""
+    fma = _fma(builder)
+    for a in (a for row in acc for a in row):
+        builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)
+    cstride = builder.mul(istride, ir.Constant(_I64, BLOCK))
+    with cgutils.for_range(builder, CB) as cb:
+        xc = builder.gep(x_at, [builder.mul(cb.index, cstride)])
+        wc = builder.gep(w_at, [builder.mul(cb.index, ir.Constant(_I64, 9 * BLOCK * BLOCK))])
+        with cgutils.for_range(builder, ir.Constant(_I64, 3)) as ky:
+            xr = builder.gep(xc, [builder.mul(ky.index, rstride)])
+            wr = builder.gep(wc, [builder.mul(ky.index, ir.Constant(_I64, 3 * BLOCK * BLOCK))])
+            with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
+                xt = builder.gep(xr, [kx.index])
+                wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
+                _emit_tap(builder, fma, acc, xt, istride, rstride, pw, wt, wstep, nic)
+
+
+@functools.cache
+def _transpose_plan(P):
+    """Shuffles that turn P vectors of 16 channels (one per pixel) into P vectors of 16/P
+    channels × P pixels each, channel-major: stages of [(a, b, mask)], each a two-vector
+    shufflevector, log2(P) stages of P; and the final vectors' (pixel, channel) lanes."""
+    vecs = [[(p, o) for o in range(BLOCK)] for p in range(P)]
+    plan = []
+    while len({p for p, _ in vecs[0]}) < P:
+        groups = {}
+        for idx, v in enumerate(vecs):
+            groups.setdefault(tuple(sorted({o for _, o in v})), []).append(
+                (min(p for p, _ in v), idx))
+        stage, new = [], []
+        for chans, members in groups.items():
+            members.sort()
+            for (_, a), (_, b) in zip(members[0::2], members[1::2]):
+                pix = sorted({p for p, _ in vecs[a] + vecs[b]})
+                for part in (chans[:len(chans) // 2], chans[len(chans) // 2:]):
+                    lanes = [(p, o) for o in part for p in pix]
+                    stage.append((a, b, [vecs[a].index(q) if q in vecs[a]
+                                         else BLOCK + vecs[b].index(q) for q in lanes]))
+                    new.append(lanes)
+        plan.append(stage)
+        vecs = new
+    return plan, vecs
+
+
+def emit_transpose(builder, vectors):
+    """`_transpose_plan`'s shuffles on P `<16 x float>` vectors -> (the P vectors of 16/P
+    channels × P pixels, their (pixel, channel) lanes)."""
+    plan, lanes = _transpose_plan(len(vectors))
+    for stage in plan:
+        vectors = [builder.shuffle_vector(vectors[a], vectors[b], ir.Constant(
+            ir.VectorType(_I32, len(mask)), mask)) for a, b, mask in stage]
+    return vectors, lanes
+
+
+def _emit_store_nchw(builder, vectors, y_at, ycs, yrow, pw, valid, vrows, real):
+    """y_at[o·ycs + r·yrow + j] = vectors[r·pw + j][o] for o < real channels, rows r < vrows
+    and pixels j < valid of each row: the P vectors transposed in registers
+    (`_transpose_plan`), then one masked pw-float store per channel and row
+    (`llvm.masked.store`: pixels past a row's end are not written; another thread may be
+    writing there)."""
+    P = len(vectors)
+    vectors, lanes = emit_transpose(builder, vectors)
+    rows = {}  # (channel, row) -> <pw x float>
+    for v, lane in zip(vectors, lanes):
+        for k in range(0, BLOCK, pw):
+            rows[lane[k - k % P][1], k % P // pw] = v if pw == BLOCK else builder.shuffle_vector(
+                v, ir.Constant(_V16, ir.Undefined),
+                ir.Constant(ir.VectorType(_I32, pw), list(range(k, k + pw))))
+    vt, vi = ir.VectorType(_F32, pw), ir.VectorType(_I64, pw)
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(vi, ir.Undefined), valid, ir.Constant(_I32, 0)),
+        ir.Constant(vi, ir.Undefined), ir.Constant(ir.VectorType(_I32, pw), [0] * pw))
+    mask = builder.icmp_signed("<", ir.Constant(vi, list(range(pw))), splat)
+    store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        ir.VoidType(), [vt, vt.as_pointer(), _I32, mask.type]), f"llvm.masked.store.v{pw}f32.p0")
+    for o in range(BLOCK):
+        with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, o), real), likely=True):
+            for r in range(P // pw):
+                at = builder.bitcast(builder.gep(y_at, [builder.add(
+                    builder.mul(ycs, ir.Constant(_I64, o)),
+                    builder.mul(yrow, ir.Constant(_I64, r)))]), vt.as_pointer())
+                inside = builder.icmp_signed("<", ir.Constant(_I64, r), vrows)
+                with builder.if_then(inside, likely=True):
+                    builder.call(store, [rows[o, r], at, ir.Constant(_I32, 4), mask])
+
+
+def _emit_epilogue(builder, acc, bias, y_at, shape, relu):
+    """acc + bias (then max(·, 0) if relu; NaN stays NaN), written out in NCHW by
+    `_emit_store_nchw`, shape = its (ycs, yrow, pw, valid, vrows, real)."""
+    zero = ir.Constant(_V16, [0.0] * BLOCK)
+    vectors = []
+    for a in acc:
+        v = builder.fadd(builder.load(a), bias)
+        clipped = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+        vectors.append(builder.select(relu, clipped, v))
+    _emit_store_nchw(builder, vectors, y_at, *shape)
+
+
+@intrinsic(prefer_literal=True)
+def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs,
+                yrow, valid, vrows, ochans, relu, pix, nob, pw, nic):
+    """For k < `nob` output-channel blocks, `pix` pixels in rows of `pw` (literals), of which
+    rows r < vrows and pixels j < valid of each, and o < ochans - 16k channels:
+    y.flat[y0 + (16k + o)·ycs + r·yrow + j] = bias + the sum over (cb, ky, kx, ic) of
+    xp.flat[x0 + (16cb + ic)·istride + (ky + r)·rstride + j + kx] ·
+    wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 + o], bias = bb.flat[b0 + 16k + o]:
+    x a zero-bordered image, one plane per channel, and y NCHW. Only the first `nic` (a
+    literal) input channels of each block are summed: the others must be zeros (a layer of
+    C < 16 channels, nic = C rounded up to 4, skips the zero planes of its block)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (pix, nob, pw, nic)):
+        return None
+    i = types.intp
+
+    def codegen(context, builder, sig, args):
+        (xp_, x0_, is_, rs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ycs_, yrow_, valid_, vrows_,
+         ochans_, relu_, _, _, _, _) = args
+        ta = sig.args
+        acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
+               for _ in range(nob.literal_value)]
+        x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
+        w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
+        _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, pw.literal_value, ws_,
+                        nic.literal_value)
+        for k, row in enumerate(acc):
+            b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
+            bias = builder.load(_vector_pointer(
+                builder, _float_pointer(context, builder, ta[8], bb_, b_k)), align=4)
+            y_k = builder.add(y0_, builder.mul(ycs_, ir.Constant(_I64, k * BLOCK)))
+            y_at = _float_pointer(context, builder, ta[10], y_, y_k)
+            real = builder.sub(ochans_, ir.Constant(_I64, k * BLOCK))
+            _emit_epilogue(builder, row, bias, y_at, (ycs_, yrow_, pw.literal_value, valid_,
+                                                      vrows_, real), relu_)
+        return context.get_dummy_value()
+
+    return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, i, i, types.boolean,
+                       pix, nob, pw, nic), codegen)

@@ -175,7 +175,7 @@ def test_linear_bf16_matches_torch_float64_and_the_rounded_product(n, fin, fout,
 
 @pytest.mark.parametrize("shape, fp32, bf16", [((4, 256, 56, 56), "winograd4", "im2col"),
                                                ((1, 256, 24, 24), "winograd", "im2col"),
-                                               ((4, 3, 56, 56), "direct", "direct"),
+                                               ((4, 3, 224, 224), "direct", "direct"),
                                                ((2, 64, 16, 16), "blocked", "blocked")])
 def test_auto_runs_im2col_instead_of_winograd_under_bf16(shape, fp32, bf16):
     """Without AMX; with it, every layer runs "blocked" (tests/test_blocked_amx.py)."""

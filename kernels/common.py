@@ -347,7 +347,7 @@ class Primitives:
         entry in an order fixed by the shapes."""
         raise NotImplementedError
 
-    # --- blocked direct convolution, 3×3/s1/p1, on the nChw16c layout ---------------------
+    # --- blocked direct convolution, 3×3/s1/p1, channels in blocks inside -----------------
     def blocked_conv2d_forward(self, x, W, b):
         """y (N, OC, H, W) = conv(x, W) + b, from x (N, C, H, W), W (OC, C, 3, 3) and b
         (OC,) or None, by a direct convolution on channels blocked by 16 (the CPU's

@@ -43,7 +43,12 @@ def test_stream_is_gemm_bf16_bit_for_bit_and_an_fp32_sum(shape):
 @pytest.mark.parametrize("blocks", [(1, 1), (2, 3), (5, 2), (64, 8)])
 def test_block_sizes_do_not_change_the_bits(blocks):
     A, B = operands(9, 700, 300, seed=1)
-    assert same_bits(amx_stream.gemm_stream(A, B, *blocks), amx.gemm_bf16(A, B))
+    C = amx.gemm_bf16(A, B)
+    assert same_bits(amx_stream.gemm_stream(A, B, *blocks), C)
+    # B = S.T with S's rows contiguous (the forward's W.T): blocks of S's rows by K tiles
+    S = B.T.copy()
+    assert same_bits(amx_stream.gemm_stream(A, S.T, row_tiles=blocks[1],
+                                            row_k_tiles=blocks[0]), C)
 
 
 def test_views_and_the_transposed_operand_give_the_same_bits():
@@ -54,13 +59,17 @@ def test_views_and_the_transposed_operand_give_the_same_bits():
     assert same_bits(amx_stream.gemm_stream(A, B, parallel=False), C)
 
 
-def test_same_bits_at_one_and_two_threads(monkeypatch):
-    A, B = operands(8, 512, 3000, seed=3)  # 3 strips: two threads share them
+@pytest.mark.parametrize("transposed", [False, True], ids=["gy_W", "x_WT"])
+def test_same_bits_at_one_and_two_threads(transposed, monkeypatch):
+    A, B = operands(8, 512, 3000, seed=3)  # several strips: the threads share them
+    if transposed:
+        B = B.T.copy().T
     results = []
     for threads in ("1", "2", "3", "1"):
         monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
         results.append(amx_stream.gemm_stream(A, B))
     assert all(same_bits(C, results[0]) for C in results[1:])
+    assert same_bits(results[0], amx.gemm_bf16(A, B))
 
 
 def test_same_bits_in_fresh_processes_with_one_and_two_threads():
@@ -68,19 +77,21 @@ def test_same_bits_in_fresh_processes_with_one_and_two_threads():
               "rng = np.random.default_rng(7); "
               "A = rng.standard_normal((32, 1000)).astype(np.float32); "
               "B = rng.standard_normal((1000, 2500)).astype(np.float32); "
-              "print(hashlib.sha1(amx_stream.gemm_stream(A, B)).hexdigest())")
+              "print(hashlib.sha1(amx_stream.gemm_stream(A, B)).hexdigest(), "
+              "hashlib.sha1(amx_stream.gemm_stream(A, B.T.copy().T)).hexdigest())")
     digests = set()
     for threads in ("1", "2"):
         env = dict(os.environ, NUMBA_NUM_THREADS=threads)
+        env.pop("OMP_NUM_THREADS", None)
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                              text=True, check=True)
         digests.add(out.stdout.strip())
     assert len(digests) == 1
 
 
-def test_fc_matmul_streams_the_input_gradient_only(monkeypatch):
-    """gy W (W's rows contiguous, few rows) goes through gemm_stream; the forward x W.T and
-    the weight gradient gy.T x keep gemm_bf16; all give gemm_bf16's bits."""
+def test_fc_matmul_streams_the_forward_and_input_gradient(monkeypatch):
+    """x W.T and gy W (few rows) go through gemm_stream; the weight gradient gy.T x keeps
+    gemm_bf16; all give gemm_bf16's bits."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((8, 300)).astype(np.float32)
     W = rng.standard_normal((200, 300)).astype(np.float32)
@@ -96,7 +107,7 @@ def test_fc_matmul_streams_the_input_gradient_only(monkeypatch):
         assert same_bits(matmul.fc_matmul(gy.T, x), amx.gemm_bf16(gy.T, x))
     finally:
         backend.set_precision("fp32")
-    assert calls == [(200, 300)]
+    assert calls == [(200, 300), (300, 200)]
 
 
 def test_rejects_mismatched_shapes():

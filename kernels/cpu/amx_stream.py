@@ -39,7 +39,7 @@ sizes (tests/test_amx_stream.py checks both).
 import numpy as np
 from numba import njit
 
-from minivgg.kernels.cpu.amx import _as_matrix, aligned_empty, pack_a
+from minivgg.kernels.cpu.amx import _as_matrix, aligned_empty, pack_a, pack_b
 from minivgg.kernels.cpu.amx_isa import (TILE_CONFIG, TILE_ELEMENTS, TILE_K, TILE_M, TILE_N,
                                          amx_available, ldtilecfg, tdpbf16ps, tileload,
                                          tilerelease, tilestore, tilezero)
@@ -49,6 +49,10 @@ from minivgg.kernels.cpu.runtime import JIT, map_ranges
 # of packed B is 4 x 128 tiles of 1 KB = 512 KB, a quarter of a core's 2 MB L2.
 STREAM_K_TILES = 4
 STREAM_N_TILES = 128
+# The forward's blocks of W (B = W.T): tiles of 16 rows of W by K tiles per block; fc6's
+# whole rows (784 K tiles) in one block, 32 x 25088 bf16 = 1.6 MB, in a core's 2 MB L2.
+ROW_TILES = 2
+ROW_K_TILES = 1024
 # `matmul.fc_matmul` streams B when A has at most this many rows (fc layers at small batch).
 STREAM_MAX_M = 64
 
@@ -72,7 +76,7 @@ def _pack_rows_at(U, k0, k1, j0, j1, rows):
     """rows (kbk, 16, 16 ns) uint32 = B[k0:k1, j0:j1] rounded to bf16 in VNNI pairs, row p
     of K tile kb holding B[k, j] (low half) and B[k + 1, j] (high), k = k0 + 32 kb + 2 p,
     for every column j of the strip side by side: B tile n is rows[kb, :, 16 n:16 n + 16],
-    loaded with a stride of 64 ns bytes (`_tile_block_rows`). Zero past k1 and j1.
+    loaded with a stride of 64 ns bytes (`_tile_block_at`). Zero past k1 and j1.
     U: B's float32 bits (B.view(np.uint32)), B (K, N).
 
     NOTE: written row by row, in the order B is read, two rows of B at a time (tiles
@@ -98,12 +102,15 @@ def _pack_rows_at(U, k0, k1, j0, j1, rows):
 
 
 @njit(**JIT)
-def _tile_block_rows(a_tiles, rows, C, m, n, two_m, two_n, kbq, first):
-    """`amx._tile_block` with B in `_pack_rows_at`'s layout: C tiles [m, n], [m, n+1],
-    [m+1, n], [m+1, n+1] (+)= A tiles [m], [m+1] @ B tiles [n], [n+1] over K tiles
-    0..kbq-1 of the block, in that order. a_tiles (Mt, kbk, 16, 32) uint16; rows (kbk, 16,
-    16 ns) uint32; C (16 Mt, 16 ns) float32, C-contiguous."""
-    kbk, width = a_tiles.shape[1], rows.shape[2]
+def _tile_block_at(A, a, a_next, a_step, a_stride, B, b, b_next, b_step, b_stride, C, m, n,
+                   two_m, two_n, kbq, first):
+    """`amx._tile_block` with the tiles anywhere: C tiles [m, n], [m, n+1], [m+1, n],
+    [m+1, n+1] (+)= A tiles [m], [m+1] @ B tiles [n], [n+1] over kbq K tiles in order.
+
+    A tile [m] starts at A.flat[a] (A tile [m+1] a_next elements on, the next K tile
+    a_step on), its rows a_stride bytes apart; B likewise. C (16 Mt, 16 Nt) float32,
+    C-contiguous; first: the C tiles start from zero, else from C.
+    """
     stride = C.shape[1] * 4
     c0 = m * TILE_M * C.shape[1] + n * TILE_N
     c2 = c0 + TILE_M * C.shape[1]
@@ -120,23 +127,20 @@ def _tile_block_rows(a_tiles, rows, C, m, n, two_m, two_n, kbq, first):
             tileload(2, C, c2, stride)
             if two_n:
                 tileload(3, C, c2 + TILE_N, stride)
-    a = m * kbk * TILE_ELEMENTS
-    row_a = kbk * TILE_ELEMENTS
-    b = n * TILE_N                            # uint32 pairs: tile n starts 16 n along a row
     for _ in range(kbq):
-        tileload(4, a_tiles, a, 64)
-        tileload(6, rows, b, width * 4)
+        tileload(4, A, a, a_stride)
+        tileload(6, B, b, b_stride)
         tdpbf16ps(0, 4, 6)
         if two_n:
-            tileload(7, rows, b + TILE_N, width * 4)
+            tileload(7, B, b + b_next, b_stride)
             tdpbf16ps(1, 4, 7)
         if two_m:
-            tileload(5, a_tiles, a + row_a, 64)
+            tileload(5, A, a + a_next, a_stride)
             tdpbf16ps(2, 5, 6)
             if two_n:
                 tdpbf16ps(3, 5, 7)
-        a += TILE_ELEMENTS
-        b += (TILE_K // 2) * width
+        a += a_step
+        b += b_step
     tilestore(0, C, c0, stride)
     if two_n:
         tilestore(1, C, c0 + TILE_N, stride)
@@ -168,13 +172,69 @@ def _stream_columns(config, a_blocks, U, rows, C, out, s0, s1):
             k1 = min(k0 + kbk * TILE_K, K)
             _pack_rows_at(U, k0, k1, j0, j1, rows)
             kbq = (k1 - k0 + TILE_K - 1) // TILE_K
-            for n in range(0, ns, 2):
+            a_tiles = a_blocks[q]
+            for n in range(0, ns, 2):  # B tile n: 16 n pairs along each row of `rows`
                 for m in range(0, Mt, 2):
-                    _tile_block_rows(a_blocks[q], rows, C, m, n, m + 1 < Mt, n + 1 < ns, kbq,
-                                     q == 0)
+                    _tile_block_at(a_tiles, m * kbk * TILE_ELEMENTS, kbk * TILE_ELEMENTS,
+                                   TILE_ELEMENTS, 64, rows, n * TILE_N, TILE_N,
+                                   TILE_K // 2 * width, width * 4, C, m, n, m + 1 < Mt,
+                                   n + 1 < ns, kbq, q == 0)
         for i in range(M):
             for j in range(j1 - j0):
                 out[i, j0 + j] = C[i, j]
+    tilerelease()
+
+
+@njit(**JIT)
+def _round_rows_at(U, i0, i1, k0, k1, arows):
+    """arows (16 ms, 32 kbk) uint16 = S[i0:i1, k0:k1] rounded to bf16, zero past i1 and
+    k1: A tiles of `_stream_rows`, tile [m, kb] at arows[16 m, 32 kb], rows 64 kbk bytes
+    apart. U: S's float32 bits. Each row of S is read and written in one contiguous run."""
+    w = k1 - k0
+    for r in range(arows.shape[0]):
+        dst = arows[r]
+        if i0 + r < i1:
+            src = U[i0 + r, k0:k1]
+            for k in range(w):
+                dst[k] = np.uint16(_bf16_of_bits(src[k]))
+            dst[w:] = 0
+        else:
+            dst[:] = 0
+
+
+@njit(**JIT)
+def _stream_rows(config, b_blocks, U, arows, C, out, s0, s1):
+    """out[:, strips s0..s1-1] = A @ S.T on this thread, computed as its transpose S @ A.T:
+    S's rows (W's, out's columns) rounded a block at a time into `arows` as A tiles.
+
+    b_blocks (Q, Nt, kbk, 16, 16, 2): A.T's `pack_b` tiles cut in K blocks (zero tiles past
+    the end, never multiplied). U (N, K): S's float32 bits. arows (16 ms, 32 kbk) uint16;
+    C (16 ms, 16 Nt) float32.
+    """
+    M, N = out.shape
+    K = U.shape[1]
+    Q, Nt, kbk = b_blocks.shape[0], b_blocks.shape[1], b_blocks.shape[2]
+    height, length = arows.shape[0], arows.shape[1]  # rows of S per strip, K per block
+    ldtilecfg(config)
+    for s in range(s0, s1):
+        i0 = s * height
+        i1 = min(i0 + height, N)
+        ms = (i1 - i0 + TILE_M - 1) // TILE_M
+        for q in range(Q):
+            k0 = q * length
+            k1 = min(k0 + length, K)
+            _round_rows_at(U, i0, i1, k0, k1, arows)
+            kbq = (k1 - k0 + TILE_K - 1) // TILE_K
+            b_tiles = b_blocks[q]
+            for m in range(0, ms, 2):  # A tile m: 16 rows of `arows` from row 16 m
+                for n in range(0, Nt, 2):
+                    _tile_block_at(arows, m * TILE_M * length, TILE_M * length, TILE_K,
+                                   length * 2, b_tiles, n * kbk * TILE_ELEMENTS,
+                                   kbk * TILE_ELEMENTS, TILE_ELEMENTS, 64, C, m, n,
+                                   m + 1 < ms, n + 1 < Nt, kbq, q == 0)
+        for i in range(M):
+            for j in range(i1 - i0):
+                out[i, i0 + j] = C[j, i]
     tilerelease()
 
 
@@ -191,11 +251,14 @@ def _k_blocked(a_tiles, kbk):
     return blocks
 
 
-def gemm_stream(A, B, k_tiles=STREAM_K_TILES, n_tiles=STREAM_N_TILES, parallel=True):
+def gemm_stream(A, B, k_tiles=STREAM_K_TILES, n_tiles=STREAM_N_TILES, row_k_tiles=ROW_K_TILES,
+                row_tiles=ROW_TILES, parallel=True):
     """C (M, N) float32 = bf16(A) @ bf16(B) on AMX, bit for bit `amx.gemm_bf16(A, B)`, with B
     packed a block at a time (see the module docstring). A (M, K), B (K, N) float32, either
     may be a transposed view; M small (the batch). Needs AMX (`amx_available()`).
-    k_tiles, n_tiles: the block of B packed at once, in tiles (they do not change the bits).
+    k_tiles x n_tiles: the block of B packed at once, in tiles, where B's rows are
+    contiguous (gy W); row_tiles x row_k_tiles: the block of S where B = S.T with S's rows
+    contiguous (x W.T), computed as (S A.T).T. They do not change the bits.
     """
     available, reason = amx_available()
     if not available:  # NOTE: without Linux's permission the first tile load is SIGILL
@@ -204,17 +267,29 @@ def gemm_stream(A, B, k_tiles=STREAM_K_TILES, n_tiles=STREAM_N_TILES, parallel=T
     (M, K), N = A.shape, B.shape[1]
     if B.shape[0] != K:
         raise ValueError(f"gemm_stream: A is {M}x{K} but B is {B.shape[0]}x{N}")
-    U = B.view(np.uint32)  # NOTE: the same strides, so a view of any float32 B
     out = np.empty((M, N), np.float32)
-    a_blocks = _k_blocked(pack_a(A, parallel=parallel).tiles, k_tiles)
-    Mt = a_blocks.shape[1]
+    Kb, Nt = _ceil_div(K, TILE_K), _ceil_div(N, TILE_N)  # no block larger than the matrix
+    k_tiles, row_k_tiles = min(k_tiles, Kb), min(row_k_tiles, Kb)
+    n_tiles, row_tiles = min(n_tiles, Nt), min(row_tiles, Nt)
+    if B.strides[0] == B.itemsize and N > 1:  # B = S.T, S's rows contiguous: the forward
+        U = B.T.view(np.uint32)
+        b_blocks = _k_blocked(pack_b(A.T, parallel=parallel).tiles, row_k_tiles)
+        strips = _ceil_div(N, row_tiles * TILE_M)
 
-    def job(s0, s1):
-        rows = aligned_empty((k_tiles, TILE_K // 2, n_tiles * TILE_N), np.uint32)
-        C = aligned_empty((Mt * TILE_M, n_tiles * TILE_N), np.float32)
-        _stream_columns(TILE_CONFIG, a_blocks, U, rows, C, out, s0, s1)
+        def job(s0, s1):
+            arows = aligned_empty((row_tiles * TILE_M, row_k_tiles * TILE_K), np.uint16)
+            C = aligned_empty((row_tiles * TILE_M, b_blocks.shape[1] * TILE_N), np.float32)
+            _stream_rows(TILE_CONFIG, b_blocks, U, arows, C, out, s0, s1)
+    else:
+        U = B.view(np.uint32)  # NOTE: the same strides, so a view of any float32 B
+        a_blocks = _k_blocked(pack_a(A, parallel=parallel).tiles, k_tiles)
+        strips = _ceil_div(N, n_tiles * TILE_N)
 
-    strips = _ceil_div(N, n_tiles * TILE_N)
+        def job(s0, s1):
+            rows = aligned_empty((k_tiles, TILE_K // 2, n_tiles * TILE_N), np.uint32)
+            C = aligned_empty((a_blocks.shape[1] * TILE_M, n_tiles * TILE_N), np.float32)
+            _stream_columns(TILE_CONFIG, a_blocks, U, rows, C, out, s0, s1)
+
     if parallel:
         map_ranges(job, strips, B.size)
     else:

@@ -59,15 +59,16 @@ def fc_matmul(a, b):
     (`runtime.py`), these run on the calling thread: NumPy's BLAS with its own threads in
     fp32, the pool's threads in bf16. In bf16, b is packed a block of columns at a time
     (FC_PACK_BYTES); every output is still one sum over all of K in the kernel's fixed
-    order, so the blocks do not change the bits. With few rows in a and b's rows contiguous
-    (the input gradient gy W at small batch) b is packed in small blocks in cache as it is
-    multiplied (`amx_stream.gemm_stream`, the same bits).
+    order, so the blocks do not change the bits. With few rows in a (the forward x W.T and
+    the input gradient gy W at small batch) b is packed in small blocks in cache as it is
+    multiplied instead (`amx_stream.gemm_stream`, the same bits); the weight gradient gy.T x
+    (a with 4096 rows) keeps the path above.
     """
     if not (_bf16(a) and _bf16(b)):
         return np.matmul(a, b)
     (M, K), N = a.shape, b.shape[1]
-    if packs_bf16(a) and M <= amx_stream.STREAM_MAX_M and b.strides[1] == b.itemsize:
-        return amx_stream.gemm_stream(a, b)  # gx = gy W: W's rows contiguous, see there
+    if packs_bf16(a) and M <= amx_stream.STREAM_MAX_M and b.itemsize in b.strides:
+        return amx_stream.gemm_stream(a, b)  # x W.T and gy W at small batch: see there
     step = max(32, FC_PACK_BYTES // (2 * K) // 32 * 32)
     if step >= N:
         return amx.gemm_bf16(a, b)

@@ -1,39 +1,50 @@
-"""The fc layers' input gradient in bf16 at small batch: B packed a small block at a time,
-in cache, and multiplied at once (issue 23), so no packed copy of the weights is made.
+"""The fc layers' bf16 GEMMs at small batch, forward x W.T and input gradient gy W: the
+weights rounded and packed a small block at a time, in cache, and multiplied at once (issue
+23), so W is read once as float32 and no packed copy of it is ever made.
 
-**Why.** In fc6 (W: 4096 x 25088) at batch 8 or 32 the input gradient gx = gy W has a few
-rows on the left (the output gradient gy) and W on the right, with K = 4096 and W's rows
-contiguous along N. `gemm_bf16` packs all of B before it multiplies (`fc_matmul` in column
-blocks of FC_PACK_BYTES): `_pack_b_tiles` reads W down 512-column strips, a new 2 KB row
-piece for every two K rows, writes 205 MB of tiles and the kernel reads them back, each B
-tile feeding one tdpbf16ps. Single-thread CPU time (time.thread_time, min of 3-5) in ms,
-fc6, batch 8 / 32, `fc_matmul` before this module:
+**Why.** In fc6 (W: 4096 x 25088) at batch 8 or 32 the left operand is a few rows (x, or
+the output gradient gy) and the right one is W.T or W. `gemm_bf16` packs all of B before
+it multiplies (`fc_matmul` in column blocks of FC_PACK_BYTES): it reads W's 411 MB, writes
+205 MB of tiles, and the kernel reads them back, each B tile feeding one tdpbf16ps at batch
+8. Packing was most of the time. Single-thread CPU time (time.thread_time, min of 3-5), ms,
+fc6 at batch 8 / 32, before this module (load 0.9):
 
-    gx, bf16 (pack_b in blocks + kernel):  153 / 157  (load 0.9);  171 / 175  (load 6)
-    pack_b(W) alone:                       97 / 99    (load 0.9)
-    gx, fp32 (NumPy's BLAS):               81 / 91    (load 0.9);  75 / 93    (load 6)
+    forward, bf16:  68 / 72   of which pack_b(W.T) alone 50;   fp32 (NumPy's BLAS): 77 / 111
+    gx, bf16:      153 / 157  of which pack_b(W) alone 97;     fp32:                81 / 91
 
-**How.** `gemm_stream` packs A (the few rows) once, cut in K blocks of `STREAM_K_TILES`
-tiles. The output's columns are cut in strips of `STREAM_N_TILES` tiles; each thread takes a
-contiguous range of strips and, per strip, for each K block in order, packs that block of B
-into its own buffer (`_pack_tiles_at`, `amx._pack_b_tiles` on a block: two rows of B
-interleaved, read 4 KB at a time) and multiplies it into the strip's C tiles with
-`amx._tile_block`. W is read once, as float32; the packed block (512 KB) stays in L2; the only
-new memory is that buffer and a small C per thread. Measured (same units, load 4-6, fc6
-batch 8 / 32): K x N tiles per block 8 x 64: 80 / 84 ms; 4 x 128: 85 / 89; 16 x 32: 92 /
-96; 32 x 16: 131 / 145; 2 x 256: 102 / 110 (short K blocks reload C more often, narrow
-strips read W in short pieces).
+(`_pack_b_tiles` reads W down 512-column strips, 2 KB of two rows at a time.) The floor
+for reading W once is about 27 ms (`W.max()`); rounding it two rows at a time into a small
+buffer, 31 ms.
 
-NOTE: the forward (B = W.T, W's rows along K) was streamed the same way, with W's rows
-packed as A tiles of the transposed product (no transposing in the packing): 95-120 ms
-against `fc_matmul`'s 67-78 (`_pack_b_rows` on whole rows of W, in 32 MB column blocks);
-the forward keeps that path. The weight gradient (K = batch) keeps `gemm_bf16` too: 44 ms
-against BLAS's 86 (load 0.9), its cost the 411 MB fp32 output either way.
+**gx = gy W** (B = W, rows contiguous; `_stream_columns`). A (gy) is packed once, cut in K
+blocks of `STREAM_K_TILES` tiles. The output's columns are cut in strips of
+`STREAM_N_TILES` tiles; each thread takes a contiguous range of strips and, per strip, for
+each K block in order, rounds that block of W into its buffer (`_pack_rows_at`: a VNNI pair
+row is two rows of W side by side, written in the order they are read) and multiplies it
+into the strip's C tiles (`_tile_block_at`, B tiles loaded with the buffer's row stride).
+Measured while choosing (fc6, batch 8, load 2.5): block 4 x 128 tiles 59 ms; 8 x 64: 60;
+2 x 256: 63; 1 x 512: 68. Writing the same block as whole tiles (`amx._pack_b_tiles`'
+layout, 64-byte rows scattered 8 KB apart) and rounding through `bf16_bits` (a float32
+bitcast and a uint16 round trip, against `_bf16_of_bits` on uint32): 73-80.
+
+**forward x W.T** (B = W.T, W's rows along K; `_stream_rows`). Computed as its transpose
+W x.T: W's rows are the A operand, and an A tile row is 32 consecutive values of one row of
+W, so `_round_rows_at` just rounds ROW_TILES x 16 whole rows of W into a buffer (1.6 MB for
+fc6) that the kernel reads as A tiles with its row stride; x.T is packed once. Measured
+(fc6, batch 8 / 32, load 2.8-3.0): 2 x 16 rows, all of K at once: 45-50 / 51-55 ms;
+1 x 16: 54 / 67; 4 x 16: 58 / 50; K in blocks of 512 or 392 tiles: 65-73. The same
+stream writing whole A tiles (rows scattered 1 KB apart) took 95-120.
+
+The weight gradient gy.T x (K = batch, 4096 rows on the left) keeps `gemm_bf16`: fc6 43 ms
+against BLAS's 80-100 (on rounded operands too), its cost the 411 MB fp32 output either
+way; fc7 15-19 against 15 (load 3).
 
 **Same bits as `gemm_bf16`.** Each C tile sums its K tiles 0, 1, ... in order, its running
-sums stored to C and reloaded between K blocks (exact, fp32), exactly as `_gemm_tiles` does
-past BLOCK_K: the result is bit for bit `gemm_bf16`'s, at any thread count and any block
-sizes (tests/test_amx_stream.py checks both).
+sums stored to C and reloaded between K blocks (exact, fp32), as `_gemm_tiles` does past
+BLOCK_K; and tdpbf16ps's sum for one output is the same sequence of (exact) products
+whichever operand is A (Intel SDM's pseudo-code), so the transposed forward gives the same
+bits too. Bit for bit `gemm_bf16`, at any thread count (each C tile is one thread's) and
+any block sizes: tests/test_amx_stream.py checks all three.
 """
 
 import numpy as np

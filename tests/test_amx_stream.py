@@ -13,7 +13,7 @@ from minivgg import backend
 from minivgg.kernels.cpu import amx, amx_isa, amx_stream, bf16, matmul
 
 AMX, WHY_NOT = amx_isa.amx_available()
-pytestmark = pytest.mark.skipif(not AMX, reason=f"no AMX here: {WHY_NOT}")
+requires_amx = pytest.mark.skipif(not AMX, reason=f"no AMX here: {WHY_NOT}")
 
 # (M, K, N): odd edges in every dimension, K past one block, one column, the batch sizes
 SHAPES = [(1, 1, 1), (3, 100, 77), (8, 300, 1100), (17, 64, 1), (32, 257, 530), (33, 1000, 47),
@@ -30,16 +30,21 @@ def same_bits(x, y):
     return x.dtype == y.dtype and np.array_equal(x.view(np.uint32), y.view(np.uint32))
 
 
+@requires_amx
+@pytest.mark.parametrize("transposed", [False, True], ids=["gy_W", "x_WT"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_stream_is_gemm_bf16_bit_for_bit_and_an_fp32_sum(shape):
+def test_stream_is_gemm_bf16_bit_for_bit_and_an_fp32_sum(shape, transposed):
+    """Against the float64 product of the rounded operands: within K + 1 fp32 roundings
+    of the sum of |products|; B's rows contiguous (gy W) or its columns (x W.T)."""
     A, B = operands(*shape)
-    C = amx_stream.gemm_stream(A, B)
+    C = amx_stream.gemm_stream(A, B.T.copy().T if transposed else B)
     assert same_bits(C, amx.gemm_bf16(A, B))
     exact = bf16.reference_gemm_bf16(A, B)
     magnitude = bf16.reference_gemm_bf16(np.abs(A), np.abs(B))
     assert np.all(np.abs(C - exact) <= (shape[1] + 1) * 2.0**-24 * magnitude + 1e-30)
 
 
+@requires_amx
 @pytest.mark.parametrize("blocks", [(1, 1), (2, 3), (5, 2), (64, 8)])
 def test_block_sizes_do_not_change_the_bits(blocks):
     A, B = operands(9, 700, 300, seed=1)
@@ -51,6 +56,7 @@ def test_block_sizes_do_not_change_the_bits(blocks):
                                             row_k_tiles=blocks[0]), C)
 
 
+@requires_amx
 def test_views_and_the_transposed_operand_give_the_same_bits():
     A, B = operands(8, 333, 200, seed=2)
     C = amx.gemm_bf16(A, B)
@@ -59,6 +65,7 @@ def test_views_and_the_transposed_operand_give_the_same_bits():
     assert same_bits(amx_stream.gemm_stream(A, B, parallel=False), C)
 
 
+@requires_amx
 @pytest.mark.parametrize("transposed", [False, True], ids=["gy_W", "x_WT"])
 def test_same_bits_at_one_and_two_threads(transposed, monkeypatch):
     A, B = operands(8, 512, 3000, seed=3)  # several strips: the threads share them
@@ -72,6 +79,7 @@ def test_same_bits_at_one_and_two_threads(transposed, monkeypatch):
     assert same_bits(results[0], amx.gemm_bf16(A, B))
 
 
+@requires_amx
 def test_same_bits_in_fresh_processes_with_one_and_two_threads():
     script = ("import hashlib, numpy as np; from minivgg.kernels.cpu import amx_stream; "
               "rng = np.random.default_rng(7); "
@@ -89,6 +97,7 @@ def test_same_bits_in_fresh_processes_with_one_and_two_threads():
     assert len(digests) == 1
 
 
+@requires_amx
 def test_fc_matmul_streams_the_forward_and_input_gradient(monkeypatch):
     """x W.T and gy W (few rows) go through gemm_stream; the weight gradient gy.T x keeps
     gemm_bf16; all give gemm_bf16's bits."""
@@ -110,6 +119,25 @@ def test_fc_matmul_streams_the_forward_and_input_gradient(monkeypatch):
     assert calls == [(200, 300), (300, 200)]
 
 
+@requires_amx
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="A is 4x5 but B is 6x6"):
         amx_stream.gemm_stream(np.ones((4, 5), np.float32), np.ones((6, 6), np.float32))
+
+
+def test_without_amx_fc_matmul_keeps_the_fallback(monkeypatch):
+    """No AMX: the rounded operands go through NumPy's fp32 matmul, never gemm_stream."""
+    monkeypatch.setenv("MINIVGG_DISABLE_AMX", "1")
+    monkeypatch.setattr(amx_isa, "_warned", [True])  # the fallback's one warning: not here
+    monkeypatch.setattr(amx_stream, "gemm_stream", None)  # would fail if called
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 70)).astype(np.float32)
+    W = rng.standard_normal((50, 70)).astype(np.float32)
+    gy = rng.standard_normal((8, 50)).astype(np.float32)
+    backend.set_precision("bf16")
+    try:
+        y, gx = matmul.fc_matmul(x, W.T), matmul.fc_matmul(gy, W)
+    finally:
+        backend.set_precision("fp32")
+    assert np.array_equal(y, bf16.round_to_bf16(x) @ bf16.round_to_bf16(W.T))
+    assert np.array_equal(gx, bf16.round_to_bf16(gy) @ bf16.round_to_bf16(W))

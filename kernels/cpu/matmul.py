@@ -48,7 +48,8 @@ def packs_bf16(a):
 
 # bf16 tiles of the fc layers' right operand packed at once: fc6's weights (25088 x 4096)
 # packed whole would be a 205 MB transient on top of the step's peak; in column blocks of
-# at most this many bytes they are 32 MB.
+# at most this many bytes they are 32 MB. (At batch <= amx_stream.STREAM_MAX_M the forward
+# and the input gradient stream instead, with 2 MB at most per thread.)
 FC_PACK_BYTES = 32 * 2**20
 
 

@@ -349,9 +349,11 @@ def test_im2col_operand_equals_packing_the_float32_cols(shape, k, p, rng):
 @pytest.mark.skipif(not amx_available()[0], reason="the fallback's BLAS may sum otherwise")
 def test_fc_matmul_in_column_blocks_gives_the_same_bits(rng, monkeypatch):
     """fc6-sized weights are packed a block of columns at a time; the blocks do not change
-    a single output bit (each output is one fixed-order sum over K)."""
-    from minivgg.kernels.cpu import matmul
-    a = rng.normal(size=(3, 300)).astype(np.float32)
+    a single output bit (each output is one fixed-order sum over K). 70 rows: past
+    amx_stream.STREAM_MAX_M, so fc_matmul takes the blocked path, not the stream."""
+    from minivgg.kernels.cpu import amx_stream, matmul
+    a = rng.normal(size=(70, 300)).astype(np.float32)
+    assert a.shape[0] > amx_stream.STREAM_MAX_M
     W = rng.normal(size=(200, 300)).astype(np.float32)
     backend.set_precision("bf16")
     whole = matmul.fc_matmul(a, W.T)

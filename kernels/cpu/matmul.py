@@ -19,7 +19,7 @@ the conv GEMMs run inside a pool job, on that thread alone (`parallel=False`).
 
 import numpy as np
 
-from minivgg.kernels.cpu import amx
+from minivgg.kernels.cpu import amx, amx_stream
 from minivgg.kernels.cpu.amx_isa import amx_available
 from minivgg.kernels.cpu.bf16 import round_to_bf16
 from minivgg.kernels.cpu.winograd import point_gemms as point_gemms_fp32
@@ -48,7 +48,8 @@ def packs_bf16(a):
 
 # bf16 tiles of the fc layers' right operand packed at once: fc6's weights (25088 x 4096)
 # packed whole would be a 205 MB transient on top of the step's peak; in column blocks of
-# at most this many bytes they are 32 MB.
+# at most this many bytes they are 32 MB. (At batch <= amx_stream.STREAM_MAX_M the forward
+# and the input gradient stream instead, with 2 MB at most per thread.)
 FC_PACK_BYTES = 32 * 2**20
 
 
@@ -59,11 +60,16 @@ def fc_matmul(a, b):
     (`runtime.py`), these run on the calling thread: NumPy's BLAS with its own threads in
     fp32, the pool's threads in bf16. In bf16, b is packed a block of columns at a time
     (FC_PACK_BYTES); every output is still one sum over all of K in the kernel's fixed
-    order, so the blocks do not change the bits.
+    order, so the blocks do not change the bits. With few rows in a (the forward x W.T and
+    the input gradient gy W at small batch) b is packed in small blocks in cache as it is
+    multiplied instead (`amx_stream.gemm_stream`, the same bits); the weight gradient gy.T x
+    (a with 4096 rows) keeps the path above.
     """
     if not (_bf16(a) and _bf16(b)):
         return np.matmul(a, b)
     (M, K), N = a.shape, b.shape[1]
+    if packs_bf16(a) and M <= amx_stream.STREAM_MAX_M and b.itemsize in b.strides:
+        return amx_stream.gemm_stream(a, b)  # x W.T and gy W at small batch: see there
     step = max(32, FC_PACK_BYTES // (2 * K) // 32 * 32)
     if step >= N:
         return amx.gemm_bf16(a, b)

@@ -22,6 +22,7 @@ import numpy as np
 from minivgg.kernels.cpu import amx, amx_stream
 from minivgg.kernels.cpu.amx_isa import amx_available
 from minivgg.kernels.cpu.bf16 import round_to_bf16
+from minivgg.kernels.cpu.runtime import single_threaded_blas
 from minivgg.kernels.cpu.winograd import point_gemms as point_gemms_fp32
 
 PRECISIONS = ("fp32", "bf16")
@@ -57,8 +58,8 @@ def fc_matmul(a, b):
     """a @ b for 2-D arrays (either may be a transposed view) -> a new float32 array.
 
     NOTE: unlike the conv GEMMs, which run single-threaded inside the pool's threads
-    (`runtime.py`), these run on the calling thread: NumPy's BLAS with its own threads in
-    fp32, the pool's threads in bf16. In bf16, b is packed a block of columns at a time
+    (`runtime.py`), these run on the calling thread: NumPy's BLAS on that thread alone in
+    fp32 (`runtime.single_threaded_blas` says why), the pool's threads in bf16. In bf16, b is packed a block of columns at a time
     (FC_PACK_BYTES); every output is still one sum over all of K in the kernel's fixed
     order, so the blocks do not change the bits. With few rows in a (the forward x W.T and
     the input gradient gy W at small batch) b is packed in small blocks in cache as it is
@@ -66,7 +67,8 @@ def fc_matmul(a, b):
     (a with 4096 rows) keeps the path above.
     """
     if not (_bf16(a) and _bf16(b)):
-        return np.matmul(a, b)
+        with single_threaded_blas():  # no OpenBLAS thread left spinning (runtime.py)
+            return np.matmul(a, b)
     (M, K), N = a.shape, b.shape[1]
     if packs_bf16(a) and M <= amx_stream.STREAM_MAX_M and b.itemsize in b.strides:
         return amx_stream.gemm_stream(a, b)  # x W.T and gy W at small batch: see there

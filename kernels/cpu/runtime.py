@@ -12,6 +12,7 @@ thread count, never by timing, so every result (and every sum across ranges, tak
 order by the caller) is the same from one call to the next.
 """
 
+import contextlib
 import contextvars
 import ctypes
 import os
@@ -52,24 +53,85 @@ def num_threads():
     return _CPU_COUNT
 
 
+def _numpy_openblas():
+    """The OpenBLAS library NumPy loaded (a ctypes.CDLL), or None.
+
+    NOTE: found among the libraries mapped into this process, since NumPy does not expose
+    the handle; it must be NumPy's own: SciPy, when something has imported it, maps a
+    second OpenBLAS with the same function names, and picking whichever came first from a
+    set of paths (whose order changes with each process's string hashing) set the thread
+    count of the wrong library in some processes and not in others (2026-12-05: fresh
+    processes then ran the small recipe's step at 0.054 s or at 0.09 s).
+    """
+    numpy_dir = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    ours = sorted(p for p in paths if os.path.dirname(os.path.dirname(p)) == numpy_dir
+                  or os.path.basename(os.path.dirname(p)).startswith("numpy"))
+    try:
+        return ctypes.CDLL(ours[0]) if ours else None
+    except OSError:
+        return None
+
+
 def _openblas_set_threads_local():
     """`openblas_set_num_threads_local` of the OpenBLAS that NumPy loaded, or None.
 
     It sets the BLAS thread count of the calling thread only (OpenBLAS >= 0.3.27), so the
     pool's threads run one-thread GEMMs while the main thread keeps BLAS's own threads for
-    NumPy code elsewhere (the FC layers). Found through the libraries mapped into this
-    process, since NumPy does not expose the handle.
+    NumPy code elsewhere.
     """
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-        for path in paths:
-            fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
-            if fn is not None:
-                return fn
-    except OSError:
-        pass
+    lib = _numpy_openblas()
+    return None if lib is None else getattr(lib, "openblas_set_num_threads_local", None)
+
+
+def _openblas_thread_setters():
+    """(get, set) of the process-wide thread count of NumPy's OpenBLAS, or None. Its
+    symbols carry the build's prefix and suffix (NumPy 2's wheels:
+    `scipy_openblas_set_num_threads64_`)."""
+    lib = _numpy_openblas()
+    if lib is None:
+        return None
+    for prefix, suffix in (("", ""), ("scipy_", "64_"), ("scipy_", ""), ("", "64_")):
+        get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+        put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+        if get is not None and put is not None:
+            return get, put
     return None
+
+
+_BLAS_THREADS = None  # (get, set), looked up on first use
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run the BLAS calls inside on the calling thread alone, then restore the count.
+
+    NOTE: OpenBLAS's worker threads spin-wait (for about 0.1 s) after each multi-threaded
+    call before they sleep. The fc layers' GEMMs run on the main thread between the
+    convolutions, which run on the pool's two threads; an OpenBLAS worker left spinning
+    after the fc layers' sgemm took a core from them. On the small recipe's step (2
+    threads, quiet, 2026-12-05) fresh processes whose OpenBLAS thread spun ran at
+    0.085-0.098 s a step (that thread burnt 1.07 s of CPU in 12 steps) against 0.053-0.058 s
+    with the fc GEMMs single-threaded (0.09 s of CPU); at batch 32 the fc layers are a few
+    ms of the step either way.
+    """
+    global _BLAS_THREADS
+    if _BLAS_THREADS is None:
+        _BLAS_THREADS = _openblas_thread_setters() or ()
+    if not _BLAS_THREADS:
+        yield
+        return
+    get, put = _BLAS_THREADS
+    before = get()
+    put(1)  # NOTE: always: `get` can say 1 while this thread would still run 2
+    try:
+        yield
+    finally:
+        put(before)
 
 
 class _Pool:

@@ -18,8 +18,17 @@ it on (`--tf32 on`).
 `--algo` puts minivgg's conv algorithms side by side on every conv row (`all`: im2col,
 winograd = F(2×2,3×3), winograd4 = F(4×4,3×3), direct (kernels/direct.py), blocked
 (kernels/cpu/blocked.py; on the GPU the CUDA twin), and `auto`'s pick when asked, as in
-`--algo all,auto`), timed interleaved with PyTorch in one run. Convolutions Winograd,
-direct and blocked cannot run (1×1) run im2col whatever is asked.
+`--algo all,auto`). Convolutions Winograd, direct and blocked cannot run (1×1) run im2col
+whatever is asked.
+
+Each library runs in a fresh worker process of its own (a hidden `--worker minivgg|torch`
+mode that builds every asked layer and prints its raw times as JSON), so PyTorch's OpenMP
+threads, spinning after each of its calls, never take a core from minivgg's next call, and
+neither library's caches or allocator help or hurt the other. The workers take turns,
+minivgg's then PyTorch's, for `--rounds` rounds; inside minivgg's worker the algorithms of
+a row take turns call by call. Times are medians over every timed call of every round; the
+time ratio is the median over rounds of each round's ratio of medians (a round's two
+workers run back to back, under about the same load).
 
 GFLOP/s counts 2 FLOPs per multiply-add of Table 1's layer shapes (`minivgg.summary`), i.e.
 of the direct algorithm, whichever algorithm ran: Winograd does fewer multiplications, so
@@ -29,11 +38,15 @@ and LRN are memory-bound and get no GFLOP/s.
 """
 
 import argparse
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
+
+if "--worker" in sys.argv and "--threads" in sys.argv:  # a worker: before NumPy loads below
+    common.set_threads(sys.argv[sys.argv.index("--threads") + 1])
 from minivgg.backend import CONV_ALGORITHMS, PRECISIONS  # noqa: E402
 
 
@@ -48,7 +61,8 @@ def parse_args(argv=None):
                    help="images per call (default: 4 on CPU, 64 on GPU; small: 32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads for both libraries (default: all cores)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed calls of each pass per worker (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated kinds: conv,lrn,pool,fc, or "
                    "layer names such as conv3_2")
@@ -61,7 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="CPU only: minivgg's GEMMs (backend.set_precision); bf16 runs "
                         "PyTorch under torch.autocast('cpu', dtype=torch.bfloat16)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of fresh worker processes, minivgg's then PyTorch's")
     p.add_argument("--append", action="store_true", help="append the table to the README")
+    p.add_argument("--worker", choices=["minivgg", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.precision != "fp32" and args.device != "cpu":
         p.error("--precision bf16 runs on the CPU only (the GPU keeps fp32/TF32)")
@@ -256,65 +273,123 @@ def picked_by_auto(kind, spec, batch, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    batch = set_up(args)
-    wanted = [w for w in args.only.split(",") if w]
+    common.set_threads(args.threads)  # inherited by the workers, read before their imports
+    batch = args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
+    if args.worker:
+        fn = minivgg_worker if args.worker == "minivgg" else torch_worker
+        print(json.dumps(fn(args, batch)))
+        return
     print(f"batch {batch}, {args.threads} threads, device {args.device}, conv "
-          f"{','.join(args.algos)}, {args.precision}, load {common.load_average()}")
+          f"{','.join(args.algos)}, {args.precision}, {args.rounds} rounds of fresh worker "
+          f"pairs, load {common.load_average()}")
     if common.load_warning(args.device):
         print(common.load_warning(args.device), file=sys.stderr)
+    results = {"minivgg": [], "torch": []}
+    for r in range(args.rounds):
+        for lib in ("minivgg", "torch"):
+            results[lib].append(run_worker(args, lib, batch))
+            print(f"  round {r + 1}: {lib} worker done", flush=True)
     rows = []
-    for name, kind, spec, flops_fwd in net_layers(args.net, batch):
-        if wanted and kind not in wanted and name not in wanted:
-            continue
-        rows += time_layer(args, batch, name, kind, spec, flops_fwd)
+    for name, kind, spec, flops_fwd in wanted_layers(args, batch):
+        for pas in passes(args):
+            key = f"{name}|{pas}"
+            rows.append(layer_row(args, name, kind, spec, flops_fwd, pas,
+                                  [w["times"][key] for w in results["minivgg"]],
+                                  [w["times"][key]["torch"] for w in results["torch"]],
+                                  results["minivgg"][0]["auto"].get(name, "-")))
+            print(" | ".join(rows[-1]), flush=True)
     common.publish(report(args, batch, rows), args.append)
 
 
-def set_up(args):
-    """Threads, TF32 and precision of both libraries, as asked -> the batch size."""
-    common.set_threads(args.threads)
-    import torch
+def wanted_layers(args, batch):
+    """The `net_layers` rows that `--only` asks for (all when empty)."""
+    wanted = [w for w in args.only.split(",") if w]
+    return [(name, kind, spec, flops) for name, kind, spec, flops in net_layers(args.net, batch)
+            if not wanted or kind in wanted or name in wanted]
+
+
+def passes(args):
+    return [p for p in args.passes.split(",") if p]
+
+
+def run_worker(args, lib, batch):
+    """One worker in a fresh interpreter (inheriting the thread variables) -> its JSON."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--net", args.net,
+           "--batch", str(batch), "--device", args.device, "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--only", args.only,
+           "--passes", args.passes, "--tf32", args.tf32, "--algo", ",".join(args.algos),
+           "--precision", args.precision]
+    return common.run_worker(cmd, f"{lib} worker")
+
+
+# ----------------------------------------------------------------------------------------
+# Workers: build every asked layer of one library, time each pass, return raw times
+# ----------------------------------------------------------------------------------------
+
+def minivgg_worker(args, batch):
+    """{"times": {"layer|pass": {algorithm: [s, ...]}}, "auto": {layer: auto's pick}}.
+
+    The algorithms of a row take turns (one library, one process: nothing to bias)."""
+    import numpy as np
     from minivgg import backend
+    if args.device == "cuda":
+        backend.require_cuda()
+        backend.set_tf32(args.tf32 == "on")  # minivgg's switch; it overrides CUPY_TF32
+    backend.set_precision(args.precision)
+    times, auto = {}, {}
+    for name, kind, spec, _ in wanted_layers(args, batch):
+        ours = minivgg_layer(kind, spec, batch, args.device, np.random.default_rng(0))
+        algos = args.algos if kind == "conv" else args.algos[:1]
+        for pas in passes(args):
+            fns = {a: with_conv_algorithm(a, ours[pas]) for a in algos}
+            times[f"{name}|{pas}"] = common.time_interleaved(
+                fns, args.repeats, args.warmup, args.device, raw=True)
+        if "auto" in args.algos:
+            auto[name] = picked_by_auto(kind, spec, batch, args.device)
+    return {"times": times, "auto": auto}
+
+
+def torch_worker(args, batch):
+    """{"times": {"layer|pass": {"torch": [s, ...]}}, "auto": {}}: PyTorch (cuDNN on GPU)."""
+    import torch
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
         torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
         torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm per shape
-        backend.require_cuda()
-        backend.set_tf32(args.tf32 == "on")  # minivgg's switch; it overrides CUPY_TF32
-    backend.set_precision(args.precision)
-    return args.batch or (32 if args.net == "small" else 64 if args.device == "cuda" else 4)
+    times = {}
+    for name, kind, spec, _ in wanted_layers(args, batch):
+        ref = torch_layer(kind, spec, batch, args.device, 0, args.precision)
+        for pas in passes(args):
+            times[f"{name}|{pas}"] = common.time_interleaved(
+                {"torch": ref[pas]}, args.repeats, args.warmup, args.device, raw=True)
+    return {"times": times, "auto": {}}
 
 
-def time_layer(args, batch, name, kind, spec, flops_fwd):
-    """Time one layer on both libraries, each asked pass -> its table rows (also printed)."""
-    import numpy as np
-    rng = np.random.default_rng(0)
-    ours = minivgg_layer(kind, spec, batch, args.device, rng)
-    ref = torch_layer(kind, spec, batch, args.device, 0, args.precision)
+# ----------------------------------------------------------------------------------------
+
+def layer_row(args, name, kind, spec, flops_fwd, pas, ours, ref, picked):
+    """One table row from raw times: `ours` [{algorithm: [s, ...]} per round], `ref`
+    [[s, ...] per round]. Times: medians over every repeat of every round; ratios: the
+    median over rounds of each round's ratio of medians (`common.median_ratio`)."""
+    t = {a: common.median([s for r in ours for s in r[a]]) for a in ours[0]}
+    t["torch"] = common.median([s for r in ref for s in r])
+    ref_rounds = [common.median(r) for r in ref]
+    ratio = {a: common.median_ratio([common.median(r[a]) for r in ours], ref_rounds)
+             for a in ours[0]}
     first = kind == "conv" and spec[0] == 3
-    algos = args.algos if kind == "conv" else args.algos[:1]
-    rows = []
-    for pas in [p for p in args.passes.split(",") if p]:
-        fns = {a: with_conv_algorithm(a, ours[pas]) for a in algos}
-        raw = common.time_interleaved({**fns, "torch": ref[pas]}, args.repeats,
-                                      args.warmup, args.device, raw=True)
-        t = {lib: common.median(times) for lib, times in raw.items()}
-        mult = 1 if pas == "fwd" else (2 if first else 3)
-        flops = 2 * flops_fwd * mult
-        cells = [[f"{t[a] * 1e3:.1f}" if a in t else "-" for a in args.algos],
-                 [f"{common.gflops(flops, t[a]):.0f}" if a in t and flops else "-"
-                  for a in args.algos],
-                 [f"{common.median_ratio(raw[a], raw['torch']):.2f}" if a in t else "-"
-                  for a in args.algos]]
-        row = [name, kind, "x".join(map(str, spec)), pas, *cells[0], f"{t['torch'] * 1e3:.1f}",
-               *cells[1], f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
-               *cells[2]]
-        if "auto" in args.algos:
-            row.insert(4, picked_by_auto(kind, spec, batch, args.device))
-        rows.append(row)
-        print(" | ".join(row), flush=True)
-    return rows
+    mult = 1 if pas == "fwd" else (2 if first else 3)
+    flops = 2 * flops_fwd * mult
+    cells = [[f"{t[a] * 1e3:.1f}" if a in ratio else "-" for a in args.algos],
+             [f"{common.gflops(flops, t[a]):.0f}" if a in ratio and flops else "-"
+              for a in args.algos],
+             [f"{ratio[a]:.2f}" if a in ratio else "-" for a in args.algos]]
+    row = [name, kind, "x".join(map(str, spec)), pas, *cells[0], f"{t['torch'] * 1e3:.1f}",
+           *cells[1], f"{common.gflops(flops, t['torch']):.0f}" if flops else "-",
+           *cells[2]]
+    if "auto" in args.algos:
+        row.insert(4, picked)
+    return row
 
 
 def report(args, batch, rows):
@@ -338,9 +413,12 @@ def report(args, batch, rows):
         title += f", {args.precision} (torch: CPU autocast {args.precision})"
     return common.header(title, args.threads, args.device) + "\n" + common.markdown_table(
         headers, rows) + "\n\nShapes: conv C x OC x H x K x padding, pool C x H x K, " \
-        "lrn C x H, fc in x out. Times are medians; the time ratio is the median of the " \
-        "per-round ratios. Time ratio below 1 means minivgg is faster. GFLOP/s count the " \
-        "direct algorithm's FLOPs, so Winograd's are effective rates."
+        "lrn C x H, fc in x out. Each library timed in its own fresh worker processes: " \
+        f"{args.rounds} rounds (minivgg's worker, then PyTorch's) x {args.repeats} calls " \
+        f"per pass after {args.warmup} warm-up; times are medians over all calls of all " \
+        "rounds; the time ratio is the median over rounds of each round's ratio of " \
+        "medians. Time ratio below 1 means minivgg is faster. GFLOP/s count the direct " \
+        "algorithm's FLOPs, so Winograd's are effective rates."
 
 
 if __name__ == "__main__":

@@ -129,6 +129,37 @@ def test_ops_vs_torch_times_every_op_of_both_libraries(tmp_path, torch, threads_
     assert all(ms >= 0 for ms in rows.values())
 
 
+# --- bench_layers.py ----------------------------------------------------------------------
+
+def test_bench_layers_times_each_library_in_its_own_worker(torch, capsys, monkeypatch,
+                                                           threads_restored):
+    """The CPU path end to end at a tiny size: one round = one minivgg worker and one
+    PyTorch worker (fresh processes), and the table has a row per (layer, pass)."""
+    script = load_script("benchmarks/bench_layers.py")
+    workers = []
+
+    def run_worker(cmd, what):
+        workers.append(cmd[cmd.index("--worker") + 1])
+        return real(cmd, what)
+    real = script.common.run_worker
+    monkeypatch.setattr(script.common, "run_worker", run_worker)
+    script.main(["--net", "small", "--only", "conv2_1,pool1,fc8", "--algo", "im2col,auto",
+                 "--repeats", "1", "--warmup", "0", "--rounds", "1", "--batch", "2",
+                 "--threads", "1"])
+    assert workers == ["minivgg", "torch"]
+    table = capsys.readouterr().out.split("\n| layer |", 1)[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert [(r[0], r[3]) for r in rows] == [(n, p) for n in ("pool1", "conv2_1", "fc8")
+                                            for p in ("fwd", "fwd+bwd")]
+    assert all(len(r) == 13 for r in rows)  # 4 + auto runs + 2x3 algorithm cells + 2 torch
+    conv = [r for r in rows if r[0] == "conv2_1"]
+    assert all(r[4] != "-" and float(r[7]) > 0 and float(r[11]) > 0 and float(r[12]) > 0
+               for r in conv)
+    assert all(r[6] == "-" and r[12] == "-" and float(r[5]) >= 0 for r in rows
+               if r[0] != "conv2_1")  # one algorithm only off the conv rows
+
+
 # --- train_torch_plain.py ---------------------------------------------------------------
 
 def test_plain_torch_net_is_the_twin_of_minivgg_vgg_a(torch):

@@ -556,4 +556,3 @@ def test_sgd_update_matches_pytorch_convention(dtype):
     cpu.sgd_update(ws, gs, vs, 0.1, 0.9, 5e-4)
     for got, want in zip(ws + vs, want_w + want_v):
         np.testing.assert_allclose(got, want, **TOL[dtype])
-

@@ -7,8 +7,8 @@
     conv2d_input_grad_amx(gy, W)       -> gx (N, C, H, W) float32
 
 **Flat padded positions.** Each image is zero-padded by one pixel, Hp = H + 2, Wp = W + 2
-(W + 3 for an odd W: `FlatGeometry`), and the padded pixels of the whole batch are numbered q = n·Hp·Wp + i·Wp + j. Output pixel
-(n, oy, ox) is computed at q = n·Hp·Wp + oy·Wp + ox; its tap (ky, kx) reads the padded input
+(W + 3 for an odd W: `FlatGeometry`), and the padded pixels of the whole batch are
+numbered q = n·Hp·Wp + i·Wp + j. Output pixel (n, oy, ox) is computed at q = n·Hp·Wp + oy·Wp + ox; its tap (ky, kx) reads the padded input
 at q + s with s = ky·Wp + kx, the same constant shift for every output. So 16 consecutive
 outputs q..q+15 read 16 consecutive inputs q+s..q+s+15, whatever rows and images they span.
 Outputs at q whose oy >= H or ox >= W (2 of every Wp, and 2 rows per image) are computed
@@ -54,9 +54,11 @@ thread a 32 × 272 fp32 scratch (`workspace`); the weight gradient holds one chu
 of gy in bf16 (whole-batch layouts would be 52 MB each for conv1_2 at batch 8). The
 layouts are plain `np.empty`, not workspaces, which would keep the largest layer's size for
 the rest of the run (glibc hands the freed memory to the next call:
-`runtime._keep_freed_memory`). The bf16 VGG-D step at batch 8 (2 threads) still peaks at
-3088 MB above the imports against fp32's 2897 (bf16 with im2col: 3287): the peak lies in
-fc6's backward (the bf16 fc GEMM), not in a conv layer (RSS sampled by op, 2026-12-05).
+`runtime._keep_freed_memory`). The bf16 VGG-D step at batch 8 (2 threads) peaked at 3088
+MB above the imports against fp32's 2897 (bf16 with im2col: 3287), in fc6's backward (the
+bf16 fc GEMM, not a conv layer; RSS sampled by op, 2026-12-05, shared machine); since the fc
+layers stream their weights (`amx_stream.py`) it is level with fp32's: 2497 MB against 2494
+(`bench_step.py --cases D --precision bf16`, quiet, 2026-12-05 09:05 UTC).
 
 **Threads.** The positions are cut in blocks of `QBLOCK` (fewer when the layer has fewer
 positions than threads × QBLOCK), each thread gets a contiguous range of blocks

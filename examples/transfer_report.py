@@ -184,9 +184,10 @@ def test_rows(records, args):
 
 def setting_text(args):
     """The report's "Setting" paragraph: the split, the recipe, the features, the baselines."""
-    return f"""**Setting.** The first half of the classes in sorted wnid order is the source task (on
-Imagenette: tench, English springer, cassette player, chain saw, church), the second half
-the target task (French horn, garbage truck, gas pump, golf ball, parachute). Nets
+    return f"""**Setting.** The first half of the classes in sorted wnid order is the
+source task (on Imagenette: tench, English springer, cassette player, chain saw, church),
+the second half the target task (French horn, garbage truck, gas pump, golf ball,
+parachute). Nets
 {' and '.join(args.archs)} are trained on the source classes only ({args.seeds} seed(s)
 each, the README's small recipe: width 0.25, fc 512, 64-pixel crops from S = 72,
 {args.epochs} epochs). Their `{args.layer}` features of the target

@@ -7,8 +7,8 @@
 
 `--weights` takes a minivgg training checkpoint (`.npz` written by `minivgg.train`) or any
 published weights `minivgg.pretrained.load_pretrained` reads (the authors' Caffe file,
-timm's or torchvision's `.safetensors`, `.pth`, `.npz`). Without `--weights` the net is freshly initialised (Sec. 3.1,
-N(0, 0.01)), which is useful only to see what "untrained" looks like.
+timm's or torchvision's `.safetensors`, `.pth`, `.npz`). Without `--weights` the net is freshly
+initialised (Sec. 3.1, N(0, 0.01)), which is useful only to see what "untrained" looks like.
 
 * filters: conv1_1's 64 filters, each 3×3×3 shown as a tiny RGB image (Sec. 2.1);
 * features: every channel of one layer's output for one image, as a grid of grey maps;

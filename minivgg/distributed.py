@@ -12,8 +12,9 @@ the whole model, and one training step on every rank is
 
 The pieces, in the order a run meets them:
 
-* `detect_launch()` (minivgg/launch.py) reads rank and world size from the launcher's environment (Open MPI,
-  MPICH and Intel MPI, Slurm's srun). A single process never imports mpi4py.
+* `detect_launch()` (minivgg/launch.py) reads rank and world size from the launcher's
+  environment (Open MPI, MPICH and Intel MPI, Slurm's srun). A single process never imports
+  mpi4py.
 * `init()` returns a group: `SingleProcess`, `MPIGroup` (CPU) or `NCCLGroup` (GPU: NCCL
   moves the gradients, MPI the rest), and sets each rank's kernel threads to the cores of
   its node divided by the ranks on it, so the ranks do not fight over cores.

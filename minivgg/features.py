@@ -19,8 +19,8 @@ Two ways to get a feature vector:
 
 ``flip`` averages each vector with that of the mirrored image (App. B: "augmented with the
 features of horizontally flipped images"; a one-crop conv or pool map is averaged with the
-mirrored image's map as it comes, not mirrored back); ``normalize`` divides each vector by its L2 norm,
-last (App. B's features go to a linear SVM L2-normalised).
+mirrored image's map as it comes, not mirrored back); ``normalize`` divides each vector by its
+L2 norm, last (App. B's features go to a linear SVM L2-normalised).
 
 Layer names are the model's own (`model.layer_names()`): "conv5_3", "pool5", "fc6",
 "relu6", "fc7", "relu7", "fc8"... NOTE: "fc7" is the fc7 layer's output *before* its ReLU.

@@ -20,8 +20,8 @@ process then waits for the lock forever. So here:
 - A worker dies with its main process, whatever ends it (SIGKILL, a crash): on Linux the
   kernel sends it SIGKILL at once (`PR_SET_PDEATHSIG`), even while it is stuck in a system
   call; elsewhere, and as a second line, an idle worker notices within `POLL_SECONDS`
-  that its parent is gone and exits. None is left orphaned. A main process that goes away while a worker is
-  sending makes that worker exit quietly, never with a BrokenPipe traceback.
+  that its parent is gone and exits. None is left orphaned. A main process that goes away while
+  a worker is sending makes that worker exit quietly, never with a BrokenPipe traceback.
 - A worker that dies (out of memory, a segfault in a decoder) is reported as a
   `WorkerError` naming it, instead of a wait that never ends.
 """

@@ -166,8 +166,8 @@ def _stream_columns(config, a_blocks, U, rows, C, out, s0, s1):
     """out[:, strips s0..s1-1] = A @ B on this thread, one strip and K block at a time.
 
     a_blocks (Q, Mt, kbk, 16, 32): A's `pack_a` tiles cut in Q blocks of kbk K tiles (the
-    last padded with zero tiles, never multiplied). U (K, N): B's float32 bits. rows (kbk, 16, 16 ns):
-    this thread's buffer for one block of B (`_pack_rows_at`); C (16 Mt, 16 ns) float32.
+    last padded with zero tiles, never multiplied). U (K, N): B's float32 bits. rows (kbk, 16,
+    16 ns): this thread's buffer for one block of B (`_pack_rows_at`); C (16 Mt, 16 ns) float32.
     """
     M, N = out.shape
     K = U.shape[0]

@@ -8,8 +8,9 @@
 
 **Flat padded positions.** Each image is zero-padded by one pixel, Hp = H + 2, Wp = W + 2
 (W + 3 for an odd W: `FlatGeometry`), and the padded pixels of the whole batch are
-numbered q = n·Hp·Wp + i·Wp + j. Output pixel (n, oy, ox) is computed at q = n·Hp·Wp + oy·Wp + ox; its tap (ky, kx) reads the padded input
-at q + s with s = ky·Wp + kx, the same constant shift for every output. So 16 consecutive
+numbered q = n·Hp·Wp + i·Wp + j. Output pixel (n, oy, ox) is computed at
+q = n·Hp·Wp + oy·Wp + ox; its tap (ky, kx) reads the padded input at q + s with
+s = ky·Wp + kx, the same constant shift for every output. So 16 consecutive
 outputs q..q+15 read 16 consecutive inputs q+s..q+s+15, whatever rows and images they span.
 Outputs at q whose oy >= H or ox >= W (2 of every Wp, and 2 rows per image) are computed
 from zeros and neighbours, and dropped: a waste of about 2/Wp + 2/Hp, in exchange for tiles

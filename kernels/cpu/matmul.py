@@ -6,15 +6,15 @@ reads it: the im2col drivers' `matmul` (forward and both backward products), Win
 `point_gemms`, the fc layers' `fc_matmul`. Under "fp32" each is the NumPy call it always
 was, so switching back gives the same bits as never having switched.
 
-Under "bf16" the float32 operands are rounded to bf16 (round to nearest even) and the products summed
-in fp32; the output stays fp32, and so does everything around the GEMMs (activations between
-layers, master weights, SGD, loss, soft-max, LRN, pooling, reductions). The left operand a
-driver multiplies by in every chunk (the conv weights, Winograd's transformed filters) is
+Under "bf16" the float32 operands are rounded to bf16 (round to nearest even) and the products
+summed in fp32; the output stays fp32, and so does everything around the GEMMs (activations
+between layers, master weights, SGD, loss, soft-max, LRN, pooling, reductions). The left operand
+a driver multiplies by in every chunk (the conv weights, Winograd's transformed filters) is
 packed once per layer call by `pack_weights`, not once per chunk. Without AMX the same rounded
-operands go through NumPy's fp32 matmul (`amx.gemm_bf16`'s fallback, which warns once).
-float64 arrays (gradient checks, the accuracy references) are multiplied in float64 always.
-NOTE: the fc layers run on the calling thread with all the pool's threads (`parallel=True`);
-the conv GEMMs run inside a pool job, on that thread alone (`parallel=False`).
+operands go through NumPy's fp32 matmul (`amx.gemm_bf16`'s fallback, which warns once). float64
+arrays (gradient checks, the accuracy references) are multiplied in float64 always. NOTE: the fc
+layers run on the calling thread with all the pool's threads (`parallel=True`); the conv GEMMs
+run inside a pool job, on that thread alone (`parallel=False`).
 """
 
 import numpy as np
@@ -59,12 +59,12 @@ def fc_matmul(a, b):
 
     NOTE: unlike the conv GEMMs, which run single-threaded inside the pool's threads
     (`runtime.py`), these run on the calling thread: NumPy's BLAS on that thread alone in
-    fp32 (`runtime.single_threaded_blas` says why), the pool's threads in bf16. In bf16, b is packed a block of columns at a time
-    (FC_PACK_BYTES); every output is still one sum over all of K in the kernel's fixed
-    order, so the blocks do not change the bits. With few rows in a (the forward x W.T and
-    the input gradient gy W at small batch) b is packed in small blocks in cache as it is
-    multiplied instead (`amx_stream.gemm_stream`, the same bits); the weight gradient gy.T x
-    (a with 4096 rows) keeps the path above.
+    fp32 (`runtime.single_threaded_blas` says why), the pool's threads in bf16. In bf16, b is
+    packed a block of columns at a time (FC_PACK_BYTES); every output is still one sum over all
+    of K in the kernel's fixed order, so the blocks do not change the bits. With few rows in a
+    (the forward x W.T and the input gradient gy W at small batch) b is packed in small blocks
+    in cache as it is multiplied instead (`amx_stream.gemm_stream`, the same bits); the weight
+    gradient gy.T x (a with 4096 rows) keeps the path above.
     """
     if not (_bf16(a) and _bf16(b)):
         with single_threaded_blas():  # no OpenBLAS thread left spinning (runtime.py)

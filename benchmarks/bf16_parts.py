@@ -90,8 +90,8 @@ def main(argv=None):
     text = common.header(f"bf16 conv parts, one im2col chunk, 1 thread, batch {args.batch}",
                          1) + "\n" + common.markdown_table(
         ["layer", "CKK", "P"] + [f"{c} ms" for c in COLUMNS], rows) + (
-        f"\n\nThread CPU time, minimum of {args.repeats} interleaved calls. Forward per chunk: fp32 = im2col + "
-        "fp32 GEMM; bf16 = cols→tiles + AMX GEMM (W packed once per layer call).")
+        f"\n\nThread CPU time, minimum of {args.repeats} interleaved calls. "
+        "Forward per chunk: fp32 = im2col + fp32 GEMM; bf16 = cols→tiles + AMX GEMM (W packed once per layer call).")
     print(text)
 
 

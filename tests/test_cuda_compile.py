@@ -10,8 +10,8 @@
   of `kernels/common.py`'s ENTRY_POINTS (all the ops call) with the same parameters, their
   primitives classes (`CpuPrimitives`, `CudaPrimitives`) give every method of the contract
   `common.Primitives` with the same parameters, and every kernel gpu.py names exists in its
-  `.cu` file with the parameter names of the function that launches it. CuPy need not be installed (the stand-in cupy of
-  cuda_host_emulator, and `ast`).
+  `.cu` file with the parameter names of the function that launches it. CuPy need not be
+  installed (the stand-in cupy of cuda_host_emulator, and `ast`).
 """
 
 import ast

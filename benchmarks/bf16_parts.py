@@ -91,7 +91,8 @@ def main(argv=None):
                          1) + "\n" + common.markdown_table(
         ["layer", "CKK", "P"] + [f"{c} ms" for c in COLUMNS], rows) + (
         f"\n\nThread CPU time, minimum of {args.repeats} interleaved calls. "
-        "Forward per chunk: fp32 = im2col + fp32 GEMM; bf16 = cols→tiles + AMX GEMM (W packed once per layer call).")
+        "Forward per chunk: fp32 = im2col + fp32 GEMM; bf16 = cols→tiles + AMX GEMM "
+        "(W packed once per layer call).")
     print(text)
 
 

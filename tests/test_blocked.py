@@ -195,8 +195,8 @@ def test_blocked_algorithm_runs_the_loops_when_avx512_is_disabled_in_a_fresh_pro
 def test_one_pass_layout_kernels_match_numpy(dtype):
     """`blocked_nchw._to_blocked` (one pass, spread over the pool; 16×16 blocks and the
     pixels left over) against `to_blocked` (channels past C are zeros), and `pad_images`, the
-    zero-bordered NCHW copy the kernels read x from (planes past C and columns past the border are zeros too), against np.pad,
-    into a buffer full of garbage."""
+    zero-bordered NCHW copy the kernels read x from (planes past C and columns past the
+    border are zeros too), against np.pad, into a buffer full of garbage."""
     from minivgg.kernels.cpu import blocked_nchw
     x = np.random.default_rng(9).normal(size=(3, 19, 5, 7)).astype(dtype)
     xb = blocked_nchw._to_blocked(x, dtype, "test_x")

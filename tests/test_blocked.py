@@ -116,6 +116,21 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
+def spills_inside_sums(asm, gap=30):
+    """Lines of `asm` that move a zmm register to or from the stack inside a run of FMAs (FMA
+    lines at most `gap` lines apart): an accumulator spilled. Outside the sums, Numba's own
+    stack structures may be zeroed with zmm stores (LLVM's Zen 4 model does that)."""
+    lines = asm.splitlines()
+    fmas = [i for i, line in enumerate(lines) if "vfmadd" in line]
+    runs, start = [], fmas[0]
+    for a, b in zip(fmas, fmas[1:] + [None]):
+        if b is None or b - a > gap:
+            runs.append((start, a))
+            start = b
+    return [lines[i] for i0, i1 in runs for i in range(i0, i1 + 1)
+            if "zmm" in lines[i] and "rsp" in lines[i]]
+
+
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     """The driver compiles seven block shapes of 16 accumulators or fewer: 2 blocks of 16
     output channels × PIX pixels of a row, 2 rows of 4 pixels, or 4 pixels; 1 block × 2
@@ -123,8 +138,8 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     input channels, not 16. Per tap that is 16 input channels × 68 + 4 × 16 = 1152
     `vfmadd231ps` on zmm registers. Each input value is broadcast once: a
     `vbroadcastss` feeding two FMAs (2 blocks) or folded into the one FMA as `mem{1to16}`
-    (1 block). No zmm register is spilled to the stack, not even by the transposed stores
-    of y."""
+    (1 block). No accumulator is spilled to the stack inside the sums (on Zen 4 that needs
+    `blocked_ir.tune_scheduling`)."""
     x, Wt, b = random_case((1, 16, 2, 8, 16))
     blocked_forward(x, Wt, b, vector=True)
     # the cached machine code carries no assembly text: compile once more, uncached
@@ -141,7 +156,7 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     assert all("zmm" in f for f in fmas)
     assert sum("{1to16}" in f for f in fmas) == singles
     assert sum("vbroadcastss" in line for line in asm.splitlines()) == pairs
-    assert not any("zmm" in line and "rsp" in line for line in asm.splitlines())
+    assert spills_inside_sums(asm) == []
 
 
 def test_blocked_conv2d_entry_points_give_the_same_bits_at_1_and_2_threads(monkeypatch):

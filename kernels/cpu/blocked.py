@@ -263,7 +263,8 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
     the input gradient of 16 -> 32 channels 10% slower than the forward pass); maps 4 wide
     take blocks of both rows, maps 1-3 wide blocks of 4 pixels (8 would compute on padding
     half the time or more). A lone block on x of 4 channels or fewer (conv1_1's 3) sums
-    only those (the planes past them are zeros)."""
+    only those (the planes past them are zeros). The micro-kernel is scheduled as for
+    Skylake on every CPU (`blocked_ir.tune_scheduling`)."""
     OCB, CB = wb.shape[0], wb.shape[1]
     OC, H, W = y.shape[1], y.shape[2], y.shape[3]
     pairs, rstride = (OCB + 1) // 2, p.shape[2]

@@ -134,6 +134,21 @@ def single_threaded_blas():
         put(before)
 
 
+@contextlib.contextmanager
+def _blas_on_this_thread_only():
+    """One-thread GEMMs on the calling thread for the block, as on the pool's helpers,
+    through OpenBLAS's thread-local setting: other threads keep theirs."""
+    set_local = _pool.set_local
+    if set_local is None:
+        yield
+        return
+    before = set_local(1)
+    try:
+        yield
+    finally:
+        set_local(before)
+
+
 class _Pool:
     """Helper threads that each run one range of a `map_ranges` call, then wait for the next.
 
@@ -141,16 +156,21 @@ class _Pool:
     before: no Future, no Python-level Condition per task. A task goes to its thread
     through a `queue.SimpleQueue` (a C lock) and comes back through another, made per call,
     so calls from several threads at once never mix their results.
-    NOTE: the calling thread waits; it does not run a range itself. Tried: it then had to
-    switch its BLAS to one thread for the range and back for the fc layers
-    (`openblas_set_num_threads_local`), and OpenBLAS's own threads, woken each time, burnt
-    0.9-1.7 s of CPU per small-recipe step against 0.31 s (2 threads, load average 8-17).
+    NOTE: the calling thread runs the first range itself, with its BLAS on one thread
+    (`single_threaded_blas`), and the helpers the others: a call then wakes one helper on
+    2 cores, not two, and the caller works while the helper wakes (about 45 us on this
+    machine's 2 vCPUs). On the small recipe (AMD EPYC, 2 threads, 2026-12-05) that took
+    the blocked conv1_1's backward from 3.25 to 2.31 ms and conv5's forward + backward
+    from 3.5 to 3.1 ms. Tried before the fix of `_numpy_openblas` (when the BLAS setters
+    could reach SciPy's library instead of NumPy's), it had made OpenBLAS's own threads
+    burn 0.9-1.7 s of CPU per step.
     """
 
     def __init__(self):
         self.inboxes = []
         self.lock = threading.Lock()
         self.helper_ids = set()
+        self.set_local = _openblas_set_threads_local()
 
     def helpers(self, count):
         """The inboxes of `count` helper threads, started on first need."""
@@ -164,9 +184,8 @@ class _Pool:
 
     def _serve(self, inbox):
         self.helper_ids.add(threading.get_ident())
-        set_local = _openblas_set_threads_local()
-        if set_local is not None:
-            set_local(1)  # one-thread GEMMs on the helpers (module docstring)
+        if self.set_local is not None:
+            self.set_local(1)  # one-thread GEMMs on the helpers (module docstring)
         while True:
             context, job, t0, t1, k, outbox = inbox.get()
             try:
@@ -202,6 +221,7 @@ def _keep_freed_memory():
 
 KEEPS_FREED_MEMORY = _keep_freed_memory()
 _pool = _Pool()
+_caller = threading.local()  # .busy: this thread is running a range of its own call
 
 
 workspace = Workspace(np, per_thread=True)
@@ -232,20 +252,28 @@ def map_ranges(job, n_items, elements=None):
     if T == 1 or (elements is not None and elements < INLINE_ELEMENTS):
         return [job(0, n_items)]
     bounds = [n_items * k // T for k in range(T + 1)]
-    if threading.get_ident() in _pool.helper_ids:
-        # NOTE: called from a job already on a helper: the others may be busy waiting
-        # for this very call, so run every range here, in order (the same ranges, so
-        # the same results).
+    if threading.get_ident() in _pool.helper_ids or getattr(_caller, "busy", False):
+        # NOTE: called from a job already running (on a helper, or on this thread as the
+        # caller's own range): the helpers may be busy with the outer call, so run every
+        # range here, in order (the same ranges, so the same results).
         return [job(bounds[k], bounds[k + 1]) for k in range(T)]
     outbox = queue.SimpleQueue()
     # NOTE: each helper's range runs in a copy of the caller's context, so settings the
     # caller made for this work hold on the helpers too: NumPy's `np.errstate` (training
     # silences overflow warnings and checks the loss itself) lives in a context variable.
     # One copy per range, because one context cannot be entered by two threads at once.
-    for k, inbox in enumerate(_pool.helpers(T)):
+    for k, inbox in enumerate(_pool.helpers(T - 1), start=1):
         inbox.put((contextvars.copy_context(), job, bounds[k], bounds[k + 1], k, outbox))
     results, errors = [None] * T, [None] * T
-    for _ in range(T):  # wait for every range, even after an error: they use our arrays
+    _caller.busy = True
+    try:  # the first range on this thread, while the helpers run theirs
+        with _blas_on_this_thread_only():
+            results[0] = job(bounds[0], bounds[1])
+    except BaseException as e:
+        errors[0] = e
+    finally:
+        _caller.busy = False
+    for _ in range(T - 1):  # wait for every range, even after an error: they use our arrays
         k, result, error = outbox.get()
         results[k], errors[k] = result, error
     first = next((e for e in errors if e is not None), None)

@@ -438,22 +438,25 @@ def test_map_ranges_returns_each_range_in_order_with_the_callers_settings(monkey
     assert runtime.map_ranges(job, 10, elements=10) == [(0, 10, np.geterr()["over"])]
 
 
-def test_map_ranges_raises_a_helpers_error_after_every_range_is_done(monkeypatch):
+@pytest.mark.parametrize("failing", [0, 2])  # the caller's own range, a helper's
+def test_map_ranges_raises_a_ranges_error_after_every_range_is_done(monkeypatch, failing):
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
     finished = []
 
     def job(t0, t1):
-        if t0 == 0:
-            raise ValueError("range 0 failed")
+        if t0 == failing:
+            raise ValueError(f"range {t0} failed")
         finished.append(t0)
 
-    with pytest.raises(ValueError, match="range 0 failed"):
+    with pytest.raises(ValueError, match=f"range {failing} failed"):
         runtime.map_ranges(job, 4)
-    assert finished == [2]  # the other range ran to its end first
+    assert finished == [2 - failing]  # the other range ran to its end first
     assert runtime.map_ranges(lambda t0, t1: t1 - t0, 4) == [2, 2]  # the pool still works
 
 
-def test_map_ranges_inside_a_helpers_range_runs_there_with_the_same_ranges(monkeypatch):
+def test_map_ranges_inside_a_range_runs_there_with_the_same_ranges(monkeypatch):
+    """The caller runs the first range itself, a helper the second; a map_ranges call from
+    inside either runs all its ranges on that thread (the pool is busy with the outer)."""
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
     import threading
 
@@ -464,9 +467,10 @@ def test_map_ranges_inside_a_helpers_range_runs_there_with_the_same_ranges(monke
         return runtime.map_ranges(inner, 6), threading.get_ident()
 
     results = runtime.map_ranges(outer, 2)
-    helper_inner, helper = results[0]
-    assert [r[:2] for r in helper_inner] == [(0, 3), (3, 6)]
-    assert {r[2] for r in helper_inner} == {helper}  # nothing handed to a busy pool
+    assert results[0][1] == threading.get_ident() != results[1][1]
+    for inner_results, thread in results:
+        assert [r[:2] for r in inner_results] == [(0, 3), (3, 6)]
+        assert {r[2] for r in inner_results} == {thread}  # nothing handed to a busy pool
 
 
 # ----------------------------------------------------------------------------------------

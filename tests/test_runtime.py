@@ -54,3 +54,27 @@ else:
     if out == ["no", "openblas"]:
         pytest.skip("NumPy is not linked to OpenBLAS here")
     assert out == ["True", "1", "2"]
+
+
+def test_wait_past_returns_once_the_count_is_past_or_gives_up():
+    """`spin.wait_past`, the watch a helper keeps before it sleeps: True at once when the
+    count is already past the value, False after its reads when it never gets there, and
+    True when another thread bumps the count while it watches."""
+    import threading
+    import time
+
+    import numpy as np
+    from minivgg.kernels.cpu.spin import wait_past
+    counts = np.zeros(2, np.int64)
+    counts[1] = 5
+    assert wait_past(counts, 1, 4, 1)
+    assert not wait_past(counts, 0, 0, 1000)
+
+    def bump():
+        time.sleep(0.01)
+        counts[0] += 1
+
+    thread = threading.Thread(target=bump)
+    thread.start()
+    assert wait_past(counts, 0, 0, 10**12)  # returns as soon as the count moves
+    thread.join()

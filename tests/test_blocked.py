@@ -23,6 +23,7 @@ from test_ops import naive_conv2d
 SHAPES = {
     "rgb_odd": (2, 3, 7, 5, 17),
     "rgb_one_block": (2, 3, 6, 9, 16),  # a lone output block summing 4 input channels
+    "rgb_image_parts": (9, 3, 5, 6, 16),  # its weight gradient in 8 parts of the images
     "c17_batch1": (1, 17, 6, 11, 40),
     "one_pixel": (1, 40, 1, 1, 3),
     "c40_wide": (2, 40, 3, 19, 33),
@@ -159,18 +160,27 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     assert spills_inside_sums(asm) == []
 
 
-def test_blocked_conv2d_entry_points_give_the_same_bits_at_1_and_2_threads(monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 20, 7, 11, 36), (9, 3, 6, 5, 16), (7, 16, 5, 9, 20)],
+                         ids=["2 tiles", "rgb, 8 image parts", "16 ch, 4 image parts"])
+def test_blocked_conv2d_entry_points_give_the_same_bits_at_1_2_and_3_threads(monkeypatch,
+                                                                             shape):
     """y, gx, gW and gb of the algorithm "blocked", NCHW in and out, through the CPU table:
-    every output and every gW tile is one thread's fixed-order sum."""
-    x, Wt, b = random_case((3, 20, 7, 11, 36), seed=6)
-    gy = np.random.default_rng(7).normal(size=(3, 36, 7, 11)).astype(np.float32)
+    every output and every gW tile is one thread's fixed-order sum; layers of few channels
+    cut the images into parts (`blocked_grad.image_parts`, shapes only) added in order."""
+    from minivgg.kernels.cpu import blocked_grad
+    x, Wt, b = random_case(shape, seed=6)
+    N, C, H, W, OC = shape
+    parts = blocked_grad.image_parts(N, -(-OC // 16), -(-C // 16), C)
+    assert parts == {(3, 20): 1, (9, 3): 8, (7, 16): 4}[N, C]
+    gy = np.random.default_rng(7).normal(size=(N, OC, H, W)).astype(np.float32)
     results = []
-    for threads in ("1", "2"):
+    for threads in ("1", "2", "3"):
         monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
         y = cpu.conv2d_forward(x, Wt, b, (1, 1), (1, 1), "blocked")
         results.append([y, *cpu.conv2d_backward(x, Wt, gy, (1, 1), (1, 1), True, "blocked")])
-    for one, two in zip(*results):
+    for one, two, three in zip(*results):
         assert one.dtype == np.float32 and np.array_equal(one, two)
+        assert np.array_equal(one, three)
 
 
 FALLBACK_SCRIPT = """

@@ -110,8 +110,9 @@ def tile_grid(H, W, m):
 ALGORITHMS = {"winograd": 2, "winograd4": 4}
 
 
-# The largest layer input (C·N·H·W values) "auto" gives the blocked kernel: 2 MiB of float32.
-BLOCKED_MAX_INPUT = 1 << 19
+# The largest input of one image (C·H·W values) "auto" gives the blocked kernel: 256 KiB of
+# float32, the small recipe's layers up to 112-pixel crops, none of VGG-16's at 224.
+BLOCKED_MAX_IMAGE = 1 << 16
 
 
 def auto_algorithm(device, N, C, H, W, blocked=False):
@@ -128,17 +129,20 @@ def auto_algorithm(device, N, C, H, W, blocked=False):
 
     On the CPU the filter transforms cost about α²·C·OC per call whatever the batch, while
     the saving grows with the output pixels N·H·W, so
-      * with `blocked`, C <= 128 and an input of at most 2^19 values (C·N·H·W, 2 MiB of
-        float32, one core's L2 here): the blocked direct convolution. On such thin layers
-        im2col's copies and Winograd's transforms cost as much as the GEMMs they feed, while
-        the blocked kernel keeps 8 pixels × 32 output channels in registers; its weight
-        gradient sweeps x and gy once per 16×16 tile and tap, which pays while they stay in
-        cache. With more channels or bigger maps F(4×4,3×3)'s 4× fewer multiplications win
-        (every VGG-16 layer at 224×224). That includes the RGB layer of the small recipe
-        (3 -> 16 channels, 64×64, batch 32: forward + weight gradient 6.7 ms against the
-        direct kernel's 10.7; 1 thread, CPU time, 2026-12-05, load 0.5), where blocked sums
-        4 input channels at a time; at 224×224 (batch 8, 1.2M values) direct stays ahead
-        (119 ms against 126);
+      * with `blocked`, C <= 128 and at most 2^16 input values per image (C·H·W): the
+        blocked direct convolution. On such thin layers im2col's copies and Winograd's
+        transforms cost as much as the GEMMs they feed, while the blocked kernel keeps 8
+        pixels × 32 output channels in registers (its weight gradient takes the images a
+        few rows at a time, so the batch does not matter). With more channels or bigger
+        maps F(4×4,3×3)'s 4× fewer multiplications win (every VGG-16 layer at 224×224).
+        That includes the RGB layer of the small recipe (3 -> 16 channels, 64×64, batch 32:
+        forward + weight gradient 6.7 ms against the direct kernel's 10.7; 1 thread, CPU
+        time, 2026-12-05, load 0.5), where blocked sums 4 input channels at a time; at
+        224×224 (150,528 values an image) direct stays ahead (batch 8: 119 ms against 126).
+        NOTE: a bound on the whole input (C·N·H·W <= 2^19, until 2026-12-05) sent the small
+        recipe's conv1_1, conv2_1 and conv3_2 to direct and F(4×4,3×3) at batch 64, and its
+        training step took 0.117 s there against 0.091 s with every layer blocked (AMD
+        EPYC, 2 threads, medians of 10 steps);
       * C < 8 otherwise (the RGB layer): direct convolution (kernels/direct.py); Winograd's
         GEMMs and im2col's would have an inner dimension of C = 3 or 27, far too thin;
       * N·H·W >= 1536: F(4×4,3×3), 4× fewer multiplications;
@@ -152,7 +156,7 @@ def auto_algorithm(device, N, C, H, W, blocked=False):
     if device != "cpu":
         return "im2col"
     pixels = N * H * W
-    if blocked and C <= 128 and C * pixels <= BLOCKED_MAX_INPUT:
+    if blocked and C <= 128 and C * H * W <= BLOCKED_MAX_IMAGE:
         return "blocked"
     if C < 8:
         return "direct"

@@ -249,7 +249,8 @@ def test_auto_rule_by_layer_shape(fast_blocked, conv_algorithm, monkeypatch):
         return backend.conv_algorithm_for(np.zeros((N, C, H, H), dtype), W3, (1, 1), (1, 1))
 
     assert pick(8, 3, 224) == "direct"  # conv1_1: C = 3
-    assert pick(32, 3, 64) == ("blocked" if fast_blocked else "direct")  # 393216 values
+    assert pick(32, 3, 64) == ("blocked" if fast_blocked else "direct")  # 12288 an image
+    assert pick(64, 3, 112) == ("blocked" if fast_blocked else "direct")  # any batch
     assert pick(32, 3, 64, np.float64) == "direct"
     vgg16 = [(64, 224), (64, 112), (128, 112), (128, 56), (256, 56), (256, 28), (512, 28),
              (512, 14)]
@@ -261,7 +262,9 @@ def test_auto_rule_by_layer_shape(fast_blocked, conv_algorithm, monkeypatch):
     assert [pick(32, C, s) for C, s in small] == (["blocked"] * 6 if fast_blocked
                                                    else winograd)
     assert [pick(32, C, s, np.float64) for C, s in small] == winograd
-    assert pick(32, 16, 33) == "winograd4"  # an input just past 2^19 values (32×16×32×32)
+    assert [pick(64, C, s) for C, s in small] == (["blocked"] * 6 if fast_blocked
+                                                   else winograd)
+    assert pick(2, 16, 65) == "winograd4"  # an image just past 2^16 values (16×65×65)
     assert pick(8, 256, 8) == "winograd"  # a small input, but more than 128 channels
 
 

@@ -170,7 +170,7 @@ class _Pool:
     NOTE: a helper about to sleep, and the caller about to wait for the helpers' results,
     first watch a counter for about 0.1 ms (`spin.wait_past`: compiled, without the GIL),
     which the other side bumps after its `put`: an empty call went from 47 to 30 us, and
-    the small recipe's blocked layers (2 threads) took 10-20% less time, conv5's forward +
+    the small recipe's blocked layers (2 threads) took 9-17% less time, conv5's forward +
     backward 3.1 -> 2.8 ms; its step 0.0515 -> 0.049 s (AMD EPYC, 2026-12-05, medians of
     10 steps, 3 processes each).
     """

@@ -137,7 +137,7 @@ def auto_algorithm(device, N, C, H, W, blocked=False):
         maps F(4×4,3×3)'s 4× fewer multiplications win (every VGG-16 layer at 224×224).
         That includes the RGB layer of the small recipe (3 -> 16 channels, 64×64, batch 32:
         forward + weight gradient 6.7 ms against the direct kernel's 10.7; 1 thread, CPU
-        time, 2026-12-05, load 0.5), where blocked sums 4 input channels at a time; at
+        time, 2026-12-05, load 0.5, its forward then summing 4 input channels, now 3); at
         224×224 (150,528 values an image) direct stays ahead (batch 8: 119 ms against 126).
         NOTE: a bound on the whole input (C·N·H·W <= 2^19, until 2026-12-05) sent the small
         recipe's conv1_1, conv2_1 and conv3_2 to direct and F(4×4,3×3) at batch 64, and its

@@ -22,8 +22,9 @@ from test_ops import naive_conv2d
 # (N, C, H, W, OC)
 SHAPES = {
     "rgb_odd": (2, 3, 7, 5, 17),
-    "rgb_one_block": (2, 3, 6, 9, 16),  # a lone output block summing 4 input channels
+    "rgb_one_block": (2, 3, 6, 9, 16),  # a lone output block summing 3 input channels
     "rgb_image_parts": (9, 3, 5, 6, 16),  # its weight gradient in 8 parts of the images
+    "four_channels": (2, 4, 5, 7, 16),  # a lone block summing 4 input channels, not 3
     "c17_batch1": (1, 17, 6, 11, 40),
     "one_pixel": (1, 40, 1, 1, 3),
     "c40_wide": (2, 40, 3, 19, 33),
@@ -133,10 +134,10 @@ def spills_inside_sums(asm, gap=30):
 
 
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
-    """The driver compiles seven block shapes of 16 accumulators or fewer: 2 blocks of 16
+    """The driver compiles eight block shapes of 16 accumulators or fewer: 2 blocks of 16
     output channels × PIX pixels of a row, 2 rows of 4 pixels, or 4 pixels; 1 block × 2
-    rows of PIX pixels, 2 rows of 4 or 4 pixels; and 1 block × 2 rows of PIX summing 4
-    input channels, not 16. Per tap that is 16 input channels × 68 + 4 × 16 = 1152
+    rows of PIX pixels, 2 rows of 4 or 4 pixels; and 1 block × 2 rows of PIX summing 4 or
+    3 input channels, not 16. Per tap that is 16 input channels × 68 + (4 + 3) × 16 = 1200
     `vfmadd231ps` on zmm registers. Each input value is broadcast once: a
     `vbroadcastss` feeding two FMAs (2 blocks) or folded into the one FMA as `mem{1to16}`
     (1 block). No accumulator is spilled to the stack inside the sums (on Zen 4 that needs
@@ -152,7 +153,7 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     pairs = 16 * (blocked.PIX + 8 + 4)  # input values per tap of the 2-block shapes
-    singles = 16 * (2 * blocked.PIX + 8 + 4) + 4 * 2 * blocked.PIX  # 1-block (+ 4-channel)
+    singles = 16 * (2 * blocked.PIX + 8 + 4) + 7 * 2 * blocked.PIX  # 1 block (+ 4, 3 ch)
     assert len(fmas) == 2 * pairs + singles
     assert all("zmm" in f for f in fmas)
     assert sum("{1to16}" in f for f in fmas) == singles

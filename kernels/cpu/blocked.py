@@ -39,9 +39,11 @@ blocks of one row held 8 accumulators; 2026-12-05, one thread, CPU time, load av
 
 A lone block of 16 output channels (an odd OCB's last) takes 2 rows × PIX pixels, 16
 accumulators again (with 8 the input gradient of 16 -> 32 channels ran 10% slower than the
-forward pass). An input of 4 channels or fewer (conv1_1's 3, under "blocked") sums 4 input
-channels per tap, not 16 of which 13 are zeros: 5.07 -> 1.58 ms on 3 -> 16 channels of
-64×64, batch 32 (one thread, CPU time, 2026-12-05 07:55 UTC, load average 1.5).
+forward pass). An input of 4 channels or fewer sums only those per tap, not 16 of which
+12 or 13 are zeros: 5.07 -> 1.58 ms on 3 -> 16 channels of 64×64, batch 32, summing 4
+(one thread, CPU time, 2026-12-05 07:55 UTC, load average 1.5), and summing conv1_1's 3,
+not 4, 2.1-2.3 -> 1.61-1.65 ms (one thread, wall clock, median of 201, AMD EPYC,
+2026-12-05 afternoon).
 
 No layout conversion: the kernel broadcasts x one value at a time, so x's layout costs
 nothing in the inner loop; it reads x's channel planes as they are (the channel stride is
@@ -229,8 +231,11 @@ def _blocks_at(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, y
                vrows, ochans, relu, pix, nob):
     """`_conv_block` with its literal shape chosen at run time by pix: PIX (2 blocks × PIX
     pixels of a row), 16 (1 block × 2 rows of PIX), -4 (2 rows of 4), 4 (4 of a row), 64
-    (as 16, summing 4 input channels, not 16: conv1_1's 3)."""
-    if pix == 4 * BLOCK:  # 16 as for one block of 2 rows, x with 4 channels or fewer
+    (as 16, summing 4 input channels, not 16), 48 (as 16, summing 3: conv1_1's RGB)."""
+    if pix == 3 * BLOCK:  # 16 as for one block of 2 rows, x with 3 channels or fewer
+        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
+                    valid, vrows, ochans, relu, 16, 1, PIX, 3)
+    elif pix == 4 * BLOCK:  # the same, x with 4 channels
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
                     valid, vrows, ochans, relu, 16, 1, PIX, 4)
     elif pix == PIX:
@@ -262,8 +267,8 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
     time, a lone block PIX pixels of both rows (16 accumulators either way, where 8 made
     the input gradient of 16 -> 32 channels 10% slower than the forward pass); maps 4 wide
     take blocks of both rows, maps 1-3 wide blocks of 4 pixels (8 would compute on padding
-    half the time or more). A lone block on x of 4 channels or fewer (conv1_1's 3) sums
-    only those (the planes past them are zeros). The micro-kernel is scheduled as for
+    half the time or more). A lone block on x of 4 channels or fewer sums only those (3
+    for conv1_1's RGB; the planes past them are zeros). The micro-kernel is scheduled as for
     Skylake on every CPU (`blocked_ir.tune_scheduling`)."""
     OCB, CB = wb.shape[0], wb.shape[1]
     OC, H, W = y.shape[1], y.shape[2], y.shape[3]
@@ -280,8 +285,8 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
         nob, rows = min(2, OCB - ob), min(2, H - oy)
         pix = PIX if W > 4 else (-4 if W == 4 else 4)
         if nob == 1 and pix == PIX:
-            pix = 4 * BLOCK if x.shape[1] <= 4 else 16
-        both = pix == 16 or pix == 4 * BLOCK or pix == -4  # one block covers both rows
+            pix = (3 if x.shape[1] <= 3 else 4) * BLOCK if x.shape[1] <= 4 else 16
+        both = pix in (16, 3 * BLOCK, 4 * BLOCK, -4)  # one block covers both rows
         for r0 in range(0, rows, 2 if both else 1):
             for ox0 in range(0, W, PIX if pix >= 16 else abs(pix)):
                 _blocks_at(p, (oy + r0) * rstride + ox0, istride, rstride, CB, wb, ob * wstep,

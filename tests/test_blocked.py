@@ -117,7 +117,6 @@ def test_blocked_forward_does_not_depend_on_thread_count(monkeypatch, vector):
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def spills_inside_sums(asm, gap=30):
     """Lines of `asm` that move a zmm register to or from the stack inside a run of FMAs (FMA
     lines at most `gap` lines apart): an accumulator spilled. Outside the sums, Numba's own
@@ -133,6 +132,7 @@ def spills_inside_sums(asm, gap=30):
             if "zmm" in lines[i] and "rsp" in lines[i]]
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
 def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     """The driver compiles eight block shapes of 16 accumulators or fewer: 2 blocks of 16
     output channels × PIX pixels of a row, 2 rows of 4 pixels, or 4 pixels; 1 block × 2

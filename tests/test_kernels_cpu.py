@@ -473,6 +473,28 @@ def test_map_ranges_inside_a_range_runs_there_with_the_same_ranges(monkeypatch):
         assert {r[2] for r in inner_results} == {thread}  # nothing handed to a busy pool
 
 
+def test_map_ranges_from_two_threads_at_once_gives_each_its_own_results(monkeypatch):
+    """Two callers share the pool's helpers: each runs its own first range and gets its own
+    results back (the counters the helpers watch are shared; they are a hint only)."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+    import threading
+    failures = []
+
+    def caller(tag):
+        for i in range(200):
+            got = runtime.map_ranges(lambda t0, t1: (tag, i, t0, t1), 9)
+            if got != [(tag, i, 0, 3), (tag, i, 3, 6), (tag, i, 6, 9)]:
+                failures.append(got)
+
+    threads = [threading.Thread(target=caller, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert failures == []
+
+
 # ----------------------------------------------------------------------------------------
 # ReLU, LRN
 # ----------------------------------------------------------------------------------------

@@ -285,7 +285,8 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
         nob, rows = min(2, OCB - ob), min(2, H - oy)
         pix = PIX if W > 4 else (-4 if W == 4 else 4)
         if nob == 1 and pix == PIX:
-            pix = (3 if x.shape[1] <= 3 else 4) * BLOCK if x.shape[1] <= 4 else 16
+            C = x.shape[1]  # a lone block sums 16 input channels a tap, or 4 or 3 (C <= 4)
+            pix = 16 if C > 4 else (4 if C == 4 else 3) * BLOCK
         both = pix in (16, 3 * BLOCK, 4 * BLOCK, -4)  # one block covers both rows
         for r0 in range(0, rows, 2 if both else 1):
             for ox0 in range(0, W, PIX if pix >= 16 else abs(pix)):

@@ -161,13 +161,13 @@ def _weight_tile(typingctx, p, x0, ximg, xrow, xchan, gy, g0, gimg, grow, gstep,
 @njit(**JIT)
 def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
     """Items t0..t1-1 of one part of the images, n0..n1-1, item t = (pair of output-channel
-    blocks, cb, tap, half of the input channels) in that order, by `_weight_tile` (an odd OCB's last pair is one block). The
-    18 items of one (pair, cb) share their x and gy: they take turns on `rows` rows of one
-    image at a time, or (rows >= H) on `imgs` whole images at a time (kept in L1), each
-    resuming its tile where the last chunk left it. p (N, CB·16, H+2, W+2): x,
-    zero-bordered, one plane per channel, of which the first C are not all zeros: items
-    on channels past C are skipped (their tiles are never read), and with C <= 4 (conv1_1)
-    the first half takes tiles of 4 input channels."""
+    blocks, cb, tap, half of the input channels) in that order, by `_weight_tile` (an odd
+    OCB's last pair is one block). The 18 items of one (pair, cb) share their x and gy: they
+    take turns on `rows` rows of one image at a time, or (rows >= H) on `imgs` whole images
+    at a time (kept in L1), each resuming its tile where the last chunk left it.
+    p (N, CB·16, H+2, W+2): x, zero-bordered, one plane per channel, of which the first C
+    are not all zeros: items on channels past C are skipped (their tiles are never read),
+    and with C <= 4 (conv1_1) the first half takes tiles of 4 input channels."""
     OCB, H, W = gy.shape[1], gy.shape[2], gy.shape[3]
     CB = p.shape[1] // BLOCK
     xrow = p.shape[3]

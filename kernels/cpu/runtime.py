@@ -160,7 +160,7 @@ class _Pool:
     through a `queue.SimpleQueue` (a C lock) and comes back through another, made per call,
     so calls from several threads at once never mix their results.
     NOTE: the calling thread runs the first range itself, with its BLAS on one thread
-    (`single_threaded_blas`), and the helpers the others: a call then wakes one helper on
+    (`_blas_on_this_thread_only`), and the helpers the others: a call then wakes one helper on
     2 cores, not two, and the caller works while the helper wakes (about 45 us on this
     machine's 2 vCPUs). On the small recipe (AMD EPYC, 2 threads, 2026-12-05) that took
     the blocked conv1_1's backward from 3.25 to 2.31 ms and conv5's forward + backward

@@ -180,27 +180,31 @@ def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
             K = min(imgs, n1 - n)
             for r0 in range(0, H, rows):
                 for t in range(max(t0, group * 18), min(t1, group * 18 + 18)):
-                    tap, half = t // 2 % 9, t % 2
+                    ky, kx, half = t // 6 % 3, t // 2 % 3, t % 2
                     if cb * BLOCK + half * 8 >= C:
                         continue
-                    x0 = (n * ximg + (cb * BLOCK + half * 8) * xchan
-                          + (r0 + tap // 3) * xrow + tap % 3)
-                    g0 = n * gimg + ob * gstep + r0 * W * BLOCK
-                    w0 = (((ob * CB + cb) * 9 + tap) * BLOCK + half * 8) * BLOCK
+                    # the rows and pixels whose tap falls inside the image, not on x's
+                    # zero border (no product is left out but a zero)
+                    y0, y1 = max(r0, 1 - ky), min(r0 + rows, H, H + 1 - ky)
+                    x0, x1 = max(0, 1 - kx), min(W, W + 1 - kx)
+                    at = (n * ximg + (cb * BLOCK + half * 8) * xchan
+                          + (y0 + ky) * xrow + x0 + kx)
+                    g0 = n * gimg + ob * gstep + (y0 * W + x0) * BLOCK
+                    w0 = (((ob * CB + cb) * 9 + 3 * ky + kx) * BLOCK + half * 8) * BLOCK
                     resume = n > n0 or r0 > 0
-                    R = min(rows, H - r0)
+                    R, Q = max(0, y1 - y0), x1 - x0
                     if C <= 4 and ob + 1 < OCB:
-                        _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
-                                     gstep, K, R, W, gw, w0, wstep, resume, 4, 2)
+                        _weight_tile(p, at, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
+                                     gstep, K, R, Q, gw, w0, wstep, resume, 4, 2)
                     elif C <= 4:
-                        _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
-                                     gstep, K, R, W, gw, w0, wstep, resume, 4, 1)
+                        _weight_tile(p, at, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
+                                     gstep, K, R, Q, gw, w0, wstep, resume, 4, 1)
                     elif ob + 1 < OCB:
-                        _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
-                                     gstep, K, R, W, gw, w0, wstep, resume, 8, 2)
+                        _weight_tile(p, at, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
+                                     gstep, K, R, Q, gw, w0, wstep, resume, 8, 2)
                     else:
-                        _weight_tile(p, x0, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
-                                     gstep, K, R, W, gw, w0, wstep, resume, 8, 1)
+                        _weight_tile(p, at, ximg, xrow, xchan, gy, g0, gimg, W * BLOCK,
+                                     gstep, K, R, Q, gw, w0, wstep, resume, 8, 1)
 
 
 @njit(**JIT)

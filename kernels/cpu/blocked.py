@@ -228,34 +228,35 @@ def pad_images(x, out):
 
 @njit(**JIT)
 def _blocks_at(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow, valid,
-               vrows, ochans, relu, pix, nob):
+               vrows, ochans, relu, ky0, ky1, pix, nob):
     """`_conv_block` with its literal shape chosen at run time by pix: PIX (2 blocks × PIX
     pixels of a row), 16 (1 block × 2 rows of PIX), -4 (2 rows of 4), 4 (4 of a row), 64
-    (as 16, summing 4 input channels, not 16), 48 (as 16, summing 3: conv1_1's RGB)."""
+    (as 16, summing 4 input channels, not 16), 48 (as 16, summing 3: conv1_1's RGB).
+    ky0, ky1: the rows of taps summed (`_conv_block`; 0, 3 for all)."""
     if pix == 3 * BLOCK:  # 16 as for one block of 2 rows, x with 3 channels or fewer
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 16, 1, PIX, 3)
+                    valid, vrows, ochans, relu, ky0, ky1, 16, 1, PIX, 3)
     elif pix == 4 * BLOCK:  # the same, x with 4 channels
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 16, 1, PIX, 4)
+                    valid, vrows, ochans, relu, ky0, ky1, 16, 1, PIX, 4)
     elif pix == PIX:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, PIX, 2, PIX, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, PIX, 2, PIX, 16)
     elif pix == 16:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 16, 1, PIX, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, 16, 1, PIX, 16)
     elif pix == -4 and nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 8, 2, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, 8, 2, 4, 16)
     elif pix == -4:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 8, 1, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, 8, 1, 4, 16)
     elif nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 4, 2, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, 4, 2, 4, 16)
     else:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, 4, 1, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, 4, 1, 4, 16)
 
 
 @njit(**JIT)
@@ -288,12 +289,16 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
             C = x.shape[1]  # a lone block sums 16 input channels a tap, or 4 or 3 (C <= 4)
             pix = 16 if C > 4 else (4 if C == 4 else 3) * BLOCK
         both = pix in (16, 3 * BLOCK, 4 * BLOCK, -4)  # one block covers both rows
+        pw = PIX if pix >= 16 else abs(pix)
         for r0 in range(0, rows, 2 if both else 1):
-            for ox0 in range(0, W, PIX if pix >= 16 else abs(pix)):
+            # a block of one row on the first or last row skips the taps above or below it
+            ky0 = 1 if oy + r0 == 0 and not both else 0
+            ky1 = 2 if oy + r0 == H - 1 and not both else 3
+            for ox0 in range(0, W, pw):
                 _blocks_at(p, (oy + r0) * rstride + ox0, istride, rstride, CB, wb, ob * wstep,
                            wstep, bb, ob * BLOCK, y,
                            ((n * OC + ob * BLOCK) * H + oy + r0) * W + ox0, H * W, W, W - ox0,
-                           rows - r0, OC - ob * BLOCK, relu, pix, nob)
+                           rows - r0, OC - ob * BLOCK, relu, ky0, ky1, pix, nob)
 
 
 @njit(**JIT)

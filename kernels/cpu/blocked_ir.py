@@ -95,10 +95,12 @@ def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep, nic=BL
             builder.store(v, a)
 
 
-def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, nic=BLOCK):
+def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, nic, ky0, ky1):
     """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
     tap (cb = ky = kx = 0); a block of 16 input channels is 16 planes of x, and the filter
-    block of one tap is 16×16 floats."""
+    block of one tap is 16×16 floats. ky runs from ky0 to ky1: a block of one row on the
+    map's first or last row skips the row of taps that would read only x's zero border
+    (the products left out are zeros, so the sums keep their bits)."""
     fma = _fma(builder)
     for a in (a for row in acc for a in row):
         builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)
@@ -106,9 +108,9 @@ def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, n
     with cgutils.for_range(builder, CB) as cb:
         xc = builder.gep(x_at, [builder.mul(cb.index, cstride)])
         wc = builder.gep(w_at, [builder.mul(cb.index, ir.Constant(_I64, 9 * BLOCK * BLOCK))])
-        with cgutils.for_range(builder, ir.Constant(_I64, 3)) as ky:
-            xr = builder.gep(xc, [builder.mul(ky.index, rstride)])
-            wr = builder.gep(wc, [builder.mul(ky.index, ir.Constant(_I64, 3 * BLOCK * BLOCK))])
+        with cgutils.for_range_slice(builder, ky0, ky1, ir.Constant(_I64, 1)) as (ky, _):
+            xr = builder.gep(xc, [builder.mul(ky, rstride)])
+            wr = builder.gep(wc, [builder.mul(ky, ir.Constant(_I64, 3 * BLOCK * BLOCK))])
             with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
                 xt = builder.gep(xr, [kx.index])
                 wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
@@ -198,7 +200,7 @@ def _emit_epilogue(builder, acc, bias, y_at, shape, relu):
 
 @intrinsic(prefer_literal=True)
 def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs,
-                yrow, valid, vrows, ochans, relu, pix, nob, pw, nic):
+                yrow, valid, vrows, ochans, relu, ky0, ky1, pix, nob, pw, nic):
     """For k < `nob` output-channel blocks, `pix` pixels in rows of `pw` (literals), of which
     rows r < vrows and pixels j < valid of each, and o < ochans - 16k channels:
     y.flat[y0 + (16k + o)·ycs + r·yrow + j] = bias + the sum over (cb, ky, kx, ic) of
@@ -213,7 +215,7 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
 
     def codegen(context, builder, sig, args):
         (xp_, x0_, is_, rs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ycs_, yrow_, valid_, vrows_,
-         ochans_, relu_, _, _, _, _) = args
+         ochans_, relu_, ky0_, ky1_, _, _, _, _) = args
         ta = sig.args
         tune_scheduling(builder)
         acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
@@ -221,7 +223,7 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
         x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
         w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
         _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, pw.literal_value, ws_,
-                        nic.literal_value)
+                        nic.literal_value, ky0_, ky1_)
         for k, row in enumerate(acc):
             b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
             bias = builder.load(_vector_pointer(
@@ -234,4 +236,4 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
         return context.get_dummy_value()
 
     return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, i, i, types.boolean,
-                       pix, nob, pw, nic), codegen)
+                       i, i, pix, nob, pw, nic), codegen)

@@ -203,7 +203,8 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
                 yrow, valid, vrows, ochans, relu, ky0, ky1, pix, nob, pw, nic):
     """For k < `nob` output-channel blocks, `pix` pixels in rows of `pw` (literals), of which
     rows r < vrows and pixels j < valid of each, and o < ochans - 16k channels:
-    y.flat[y0 + (16k + o)·ycs + r·yrow + j] = bias + the sum over (cb, ky, kx, ic) of
+    y.flat[y0 + (16k + o)·ycs + r·yrow + j] = bias + the sum over (cb, ky0 <= ky < ky1,
+    kx, ic) of
     xp.flat[x0 + (16cb + ic)·istride + (ky + r)·rstride + j + kx] ·
     wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 + o], bias = bb.flat[b0 + 16k + o]:
     x a zero-bordered image, one plane per channel, and y NCHW. Only the first `nic` (a

@@ -13,7 +13,6 @@ images that im2col makes: 600 KB for conv1_1's input at 224×224; the input grad
 gy, OC channels (13 MB for 64 channels at 224×224, kept as a workspace like im2col's).
 """
 
-import numpy as np
 from numba import njit
 
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace

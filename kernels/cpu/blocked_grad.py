@@ -172,7 +172,7 @@ def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
     product is a zero. On 128 channels of 4×4 (a tap off the centre reads the border for
     a quarter to a half of its pixels) the weight gradient went from 1.49 to 1.10 ms, on
     8×8 from 5.82 to 5.01 (batch 32, one thread, CPU time, best of 30, AMD EPYC,
-    2026-12-05, `bench_blocked_parts.py`); the sums keep their bits."""
+    2026-12-05, `bench_blocked_parts.py`); with a finite gy the sums keep their bits."""
     OCB, H, W = gy.shape[1], gy.shape[2], gy.shape[3]
     CB = p.shape[1] // BLOCK
     xrow = p.shape[3]

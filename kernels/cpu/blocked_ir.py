@@ -100,7 +100,7 @@ def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, n
     tap (cb = ky = kx = 0); a block of 16 input channels is 16 planes of x, and the filter
     block of one tap is 16×16 floats. ky runs from ky0 to ky1: a block of one row on the
     map's first or last row skips the row of taps that would read only x's zero border
-    (the products left out are zeros, so the sums keep their bits)."""
+    (the products left out are zeros: with finite weights the sums keep their bits)."""
     fma = _fma(builder)
     for a in (a for row in acc for a in row):
         builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)

@@ -162,17 +162,19 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 7, 11, 36), (9, 3, 6, 5, 16), (7, 16, 5, 9, 20)],
-                         ids=["2 tiles", "rgb, 8 image parts", "16 ch, 4 image parts"])
+                         ids=["2 tiles", "rgb, image parts", "16 ch, 4 image parts"])
 def test_blocked_conv2d_entry_points_give_the_same_bits_at_1_2_and_3_threads(monkeypatch,
                                                                              shape):
     """y, gx, gW and gb of the algorithm "blocked", NCHW in and out, through the CPU table:
     every output and every gW tile is one thread's fixed-order sum; layers of few channels
-    cut the images into parts (`blocked_grad.image_parts`, shapes only) added in order."""
-    from minivgg.kernels.cpu import blocked_grad
+    cut the images into parts (`blocked_grad.image_parts`, shapes only) added in order, and
+    so does the RGB layer's own weight gradient (`blocked_grad_rgb.parts`) on AVX-512."""
+    from minivgg.kernels.cpu import blocked_grad, blocked_grad_rgb
     x, Wt, b = random_case(shape, seed=6)
     N, C, H, W, OC = shape
     parts = blocked_grad.image_parts(N, -(-OC // 16), -(-C // 16), C)
     assert parts == {(3, 20): 1, (9, 3): 8, (7, 16): 4}[N, C]
+    assert blocked_grad_rgb.parts(N, OC, C) == 4 or C > blocked_grad_rgb.MAX_CHANNELS
     gy = np.random.default_rng(7).normal(size=(N, OC, H, W)).astype(np.float32)
     results = []
     for threads in ("1", "2", "3"):

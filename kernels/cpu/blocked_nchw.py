@@ -54,6 +54,7 @@ from numba.extending import intrinsic
 from minivgg.kernels.cpu.blocked import (BLOCK, _blocks, _float, avx512_reason, block_bias,
                                          block_filters, conv2d_nchw, pad_images)
 from minivgg.kernels.cpu.blocked_grad import weight_grad_from_padded
+from minivgg.kernels.cpu.blocked_grad_rgb import MAX_CHANNELS, weight_grad_few_channels
 from minivgg.kernels.cpu.blocked_ir import (_I64, _float_pointer, _vector_pointer,
                                             emit_transpose)
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
@@ -145,6 +146,9 @@ def blocked_conv2d_backward(x, W, gy, need_gx):
     if need_gx:  # the forward kernel on gy, with the rotated filters
         gx = conv2d_nchw(np.asarray(gy, dtype), block_filters(np.asarray(W, dtype), rotate=True),
                          block_bias(None, C, dtype), C)
+    if C <= MAX_CHANNELS and dtype == np.float32 and not avx512_reason():
+        # conv1_1: gW and gb from gy where it lies, no blocked copy (blocked_grad_rgb.py)
+        return (gx, *weight_grad_few_channels(np.asarray(x, dtype), gy))
     # NOTE: the bias gradient comes from the pass that blocks gy, as plane sums summed over
     # the images in order: a pass of its own over gy, on one thread, took 0.58 ms of the
     # small recipe's conv1_1 backward (2.05 ms on 2 threads; AMD EPYC, 2026-12-05).

@@ -234,77 +234,98 @@ def pad_images(x, out):
 
 @njit(**JIT)
 def _blocks_at(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow, valid,
-               vrows, ochans, relu, ky0, ky1, pix, nob):
-    """`_conv_block` with its literal shape chosen at run time by pix: PIX (2 blocks × PIX
-    pixels of a row), 16 (1 block × 2 rows of PIX), -4 (2 rows of 4), 4 (4 of a row), 64
-    (as 16, summing 4 input channels, not 16), 48 (as 16, summing 3: conv1_1's RGB).
-    ky0, ky1: the rows of taps summed (`_conv_block`; 0, 3 for all)."""
+               vrows, ochans, relu, ky0, ky1, edges, pix, nob):
+    """`_conv_block` with its literal shape chosen at run time by pix: 16 (1 block × 2 rows
+    of PIX), -4 (1 block × 4 rows of 4), 4 (nob blocks × 4 pixels of a row), 64 (as 16,
+    summing 4 input channels, not 16), 48 (as 16, summing 3: conv1_1's RGB). ky0, ky1: the
+    rows of taps summed (`_conv_block`; 0, 3 for all); edges: where the block touches x's
+    zero border (`blocked_ir._emit_edge_taps`), whose products the shapes 16 and -4 leave
+    out (the others sum them: zeros)."""
     if pix == 3 * BLOCK:  # 16 as for one block of 2 rows, x with 3 channels or fewer
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 16, 1, PIX, 3)
+                    valid, vrows, ochans, relu, ky0, ky1, edges, 16, 1, PIX, 3, False)
     elif pix == 4 * BLOCK:  # the same, x with 4 channels
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 16, 1, PIX, 4)
-    elif pix == PIX:
-        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, PIX, 2, PIX, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, edges, 16, 1, PIX, 4, False)
     elif pix == 16:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 16, 1, PIX, 16)
-    elif pix == -4 and nob == 2:
-        _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 8, 2, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, edges, 16, 1, PIX, 16, True)
     elif pix == -4:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 8, 1, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, edges, 16, 1, 4, 16, True)
     elif nob == 2:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 4, 2, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, edges, 4, 2, 4, 16, False)
     else:
         _conv_block(p, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs, yrow,
-                    valid, vrows, ochans, relu, ky0, ky1, 4, 1, 4, 16)
+                    valid, vrows, ochans, relu, ky0, ky1, edges, 4, 1, 4, 16, False)
+
+
+@njit(**JIT)
+def rows_per_item(W):
+    """Output rows one item of `_conv_rows_avx512` covers: 4 on maps 4 wide (a block of
+    4 rows × 4 pixels is the whole of a 4×4 map), else 2."""
+    return 4 if W == 4 else 2
 
 
 @njit(**JIT)
 def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
-    """Items t0..t1-1, item t = (n, pair of output-channel blocks, pair of rows oy, oy+1) in
-    that order (rows fastest), by `_conv_block`; an odd OCB's last pair is one block. Image
-    n of x (NCHW) is copied into p (consecutive items of one image share it); y (NCHW) is
-    written straight from the registers. A pair of blocks takes PIX pixels of a row at a
-    time, a lone block PIX pixels of both rows (16 accumulators either way, where 8 made
-    the input gradient of 16 -> 32 channels 10% slower than the forward pass); maps 4 wide
-    take blocks of both rows, maps 1-3 wide blocks of 4 pixels (8 would compute on padding
-    half the time or more). A lone block on x of 4 channels or fewer sums only those (3
-    for conv1_1's RGB; the planes past them are zeros). The micro-kernel is scheduled as for
-    Skylake on every CPU (`blocked_ir.tune_scheduling`)."""
+    """Items t0..t1-1, item t = (n, pair of output-channel blocks, group of `rows_per_item`
+    rows) in that order (rows fastest), by `_conv_block`. Image n of x (NCHW) is copied
+    into p (consecutive items of one image share it); y (NCHW) is written straight from
+    the registers. Each block of 16 output channels takes 16 accumulators: 2 rows × PIX
+    pixels, or on maps 4 wide 4 rows × 4 (the whole of a 4×4 map); maps 1-3 wide take
+    both blocks × 4 pixels of one row (8 would compute on padding half the time or more).
+    A block on x of 4 channels or fewer sums only those (3 for conv1_1's RGB; the planes
+    past them are zeros). The micro-kernel is scheduled as for Skylake on every CPU
+    (`blocked_ir.tune_scheduling`)."""
     OCB, CB = wb.shape[0], wb.shape[1]
-    OC, H, W = y.shape[1], y.shape[2], y.shape[3]
+    H, W = y.shape[2], y.shape[3]
     pairs, rstride = (OCB + 1) // 2, p.shape[2]
     istride, wstep = p.shape[1] * rstride, CB * 9 * BLOCK * BLOCK
-    G = (H + 1) // 2
+    RG = rows_per_item(W)
+    G = -(-H // RG)
+    C = x.shape[1]
     last = -1
     for t in range(t0, t1):
         n, r = t // (pairs * G), t % (pairs * G)
-        ob, oy = r // G * 2, r % G * 2
+        ob, oy = r // G * 2, r % G * RG
         if n != last:
             _pad_image(x, n, p, last < 0)
             last = n
-        nob, rows = min(2, OCB - ob), min(2, H - oy)
-        pix = PIX if W > 4 else (-4 if W == 4 else 4)
-        if nob == 1 and pix == PIX:
-            C = x.shape[1]  # a lone block sums 16 input channels a tap, or 4 or 3 (C <= 4)
-            pix = 16 if C > 4 else (4 if C == 4 else 3) * BLOCK
-        both = pix in (16, 3 * BLOCK, 4 * BLOCK, -4)  # one block covers both rows
-        pw = PIX if pix >= 16 else abs(pix)
-        for r0 in range(0, rows, 2 if both else 1):
-            # a block of one row on the first or last row skips the taps above or below it
-            ky0 = 1 if oy + r0 == 0 and not both else 0
-            ky1 = 2 if oy + r0 == H - 1 and not both else 3
-            for ox0 in range(0, W, pw):
-                _blocks_at(p, (oy + r0) * rstride + ox0, istride, rstride, CB, wb, ob * wstep,
-                           wstep, bb, ob * BLOCK, y,
-                           ((n * OC + ob * BLOCK) * H + oy + r0) * W + ox0, H * W, W, W - ox0,
-                           rows - r0, OC - ob * BLOCK, relu, ky0, ky1, pix, nob)
+        nob, rows = min(2, OCB - ob), min(RG, H - oy)
+        if W < 4:  # both blocks, 4 pixels of one row at a time
+            _item_blocks(p, istride, rstride, CB, wb, wstep, bb, y, n, ob, oy, rows, relu, 4,
+                         nob)
+            continue
+        pix = -4 if W == 4 else (16 if C > 4 else (4 if C == 4 else 3) * BLOCK)
+        for k in range(nob):
+            _item_blocks(p, istride, rstride, CB, wb, wstep, bb, y, n, ob + k, oy, rows,
+                         relu, pix, 1)
+
+
+@njit(**JIT)
+def _item_blocks(p, istride, rstride, CB, wb, wstep, bb, y, n, ob, oy, rows, relu, pix, nob):
+    """The blocks of `rows` output rows from oy, of output-channel blocks ob..ob+nob-1, in
+    the shape pix (`_blocks_at`): one row at a time (pix 4) or all rows of the item in
+    one block. A block of one row on the map's first or last row skips the row of taps
+    above or below it (ky0, ky1); other blocks are told which of their sides touch x's
+    zero border (`edges`), and the shapes that can leave those products out."""
+    OC, H, W = y.shape[1], y.shape[2], y.shape[3]
+    step = 1 if pix == 4 else rows
+    pw = 4 if pix in (4, -4) else PIX
+    for r0 in range(0, rows, step):
+        ky0 = 1 if oy + r0 == 0 and step == 1 else 0
+        ky1 = 2 if oy + r0 == H - 1 and step == 1 else 3
+        # bit 2: the block's first row is the map's first; bit 3: its last row the last
+        tall = 4 if pix == -4 else 2  # the block's rows, stored or not
+        tb = 4 * (oy + r0 == 0) + 8 * (oy + r0 + tall - 1 == H - 1) if step > 1 else 0
+        for ox0 in range(0, W, pw):
+            edges = tb + (ox0 == 0) + 2 * (ox0 + pw == W)
+            _blocks_at(p, (oy + r0) * rstride + ox0, istride, rstride, CB, wb, ob * wstep,
+                       wstep, bb, ob * BLOCK, y,
+                       ((n * OC + ob * BLOCK) * H + oy + r0) * W + ox0, H * W, W, W - ox0,
+                       rows - r0, OC - ob * BLOCK, relu, ky0, ky1, edges, pix, nob)
 
 
 @njit(**JIT)
@@ -376,12 +397,14 @@ def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None):
     y = np.empty((N, OC, H, W), dtype)
 
     def job(t0, t1):
-        # one more row of zeros: a block of 2 rows starting on the last reads it
-        p = workspace("blocked_pad", (CB * BLOCK, H + 3, row_width(W) + 2), dtype)
+        # rows of zeros past the map: the last item's block reads rows_per_item rows + 2
+        RG = rows_per_item(W)
+        p = workspace("blocked_pad", (CB * BLOCK, -(-H // RG) * RG + 2, row_width(W) + 2),
+                      dtype)
         rows(x, wb, bb, y, p, t0, t1, bool(relu))
 
     if vector:  # (image, pair of blocks, pair of rows) as `_conv_rows_avx512` has them
-        map_ranges(job, N * ((OCB + 1) // 2) * ((H + 1) // 2))
+        map_ranges(job, N * ((OCB + 1) // 2) * -(-H // rows_per_item(W)))
     else:
         map_ranges(job, N * OCB * H)
     return y

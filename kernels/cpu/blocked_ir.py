@@ -72,19 +72,21 @@ def _fma(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
 
 
-def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep, nic=BLOCK):
+def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep, nic=BLOCK,
+              keep=lambda p: True):
     """acc[k][p] += x[ic, p] · w_k[ic, :] for the first nic of the 16 input channels ic of
     one tap (unrolled),
     for each output-channel block k, whose filters lie `wstep` floats after block k-1's.
     x[ic, p] is xptr[ic·istride + (p // pw)·rstride + p % pw]: rows of pw pixels side by
-    side, one channel plane after another (a zero-bordered NCHW image)."""
+    side, one channel plane after another (a zero-bordered NCHW image). Only the pixels p
+    with keep(p) are summed (the others would read x's zero border)."""
     values = [[builder.load(a) for a in row] for row in acc]
     for ic in range(nic):
         w = [builder.load(_vector_pointer(builder, builder.gep(wptr, [builder.add(
             builder.mul(wstep, ir.Constant(_I64, k)), ir.Constant(_I64, ic * BLOCK))])),
             align=4) for k in range(len(acc))]
         xc = builder.gep(xptr, [builder.mul(istride, ir.Constant(_I64, ic))])
-        for p in range(len(acc[0])):
+        for p in (p for p in range(len(acc[0])) if keep(p)):
             at = builder.add(builder.mul(rstride, ir.Constant(_I64, p // pw)),
                              ir.Constant(_I64, p % pw))
             x = _splat(builder, builder.load(builder.gep(xc, [at]), align=4))
@@ -95,26 +97,82 @@ def _emit_tap(builder, fma, acc, xptr, istride, rstride, pw, wptr, wstep, nic=BL
             builder.store(v, a)
 
 
-def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, nic, ky0, ky1):
+def _opaque(builder, value):
+    """An i64 equal to `value` that LLVM cannot see through (an empty inline asm)."""
+    return builder.asm(ir.FunctionType(_I64, [_I64]), "", "=r,0", [ir.Constant(_I64, value)],
+                       False)
+
+
+def _edge_select(builder, k, edges, first_bit):
+    """0, or 1 when tap index k is 0 and bit `first_bit` of edges is set (the block starts
+    the map's row or column), or 2 when k is 2 and bit first_bit + 1 is (it ends it)."""
+    def on(bit, at):
+        set_ = builder.icmp_signed("!=", builder.and_(edges, ir.Constant(_I64, 1 << bit)),
+                                   ir.Constant(_I64, 0))
+        return builder.and_(set_, builder.icmp_signed("==", k, ir.Constant(_I64, at)))
+    one, two, zero = (ir.Constant(_I64, v) for v in (1, 2, 0))
+    return builder.select(on(first_bit, 0), one,
+                          builder.select(on(first_bit + 1, 2), two, zero))
+
+
+def _emit_edge_taps(builder, emit, rows, pw, ky, kx, edges):
+    """emit(keep) once per border case, chosen at run time: a tap at kx = 0 on a block
+    that starts its row leaves out each row's first pixel (it would read x's left border),
+    kx = 2 on one that ends the row its last; with rows > 1, ky = 0 on a block on the map's
+    first row leaves out the block's first row, ky = 2 on one on its last row the last.
+    edges: bit 0 starts the row, bit 1 ends it, bit 2 first row, bit 3 last row."""
+    sel = _edge_select(builder, kx, edges, 0)
+    if rows > 1:
+        sel = builder.add(sel, builder.mul(_edge_select(builder, ky, edges, 2),
+                                           ir.Constant(_I64, 3)))
+    after = builder.append_basic_block("taps.done")
+    cases = [(c % 3, c // 3) for c in range(3 if rows == 1 else 9)]
+    blocks = [builder.append_basic_block(f"taps.case{c}") for c in range(len(cases))]
+    switch = builder.switch(sel, blocks[0])
+    for c, ((px, row), block) in enumerate(zip(cases, blocks)):
+        switch.add_case(ir.Constant(_I64, c), block)
+        builder.position_at_end(block)
+        emit(lambda p, px=px, row=row: not (
+            (px == 1 and p % pw == 0) or (px == 2 and p % pw == pw - 1)
+            or (row == 1 and p // pw == 0) or (row == 2 and p // pw == rows - 1)))
+        builder.branch(after)
+    builder.position_at_end(after)
+
+
+def _emit_reduction(builder, acc, x_at, w_at, CB, istride, rstride, pw, wstep, nic, ky0, ky1,
+                    edges=None):
     """The loops cb, ky, kx around `_emit_tap`: x_at/w_at are float* to the block's first
     tap (cb = ky = kx = 0); a block of 16 input channels is 16 planes of x, and the filter
     block of one tap is 16×16 floats. ky runs from ky0 to ky1: a block of one row on the
     map's first or last row skips the row of taps that would read only x's zero border
-    (the products left out are zeros: with finite weights the sums keep their bits)."""
+    (the products left out are zeros: with finite weights the sums keep their bits). With
+    `edges` (a run-time bit set, `_emit_edge_taps`), each tap also leaves out the pixels
+    and rows of the block whose input is the border; its bodies are chosen per tap at run
+    time, and kx's count is hidden from LLVM (`_opaque`) so that it does not unroll the
+    taps into one body and share input values across them (that spilled registers)."""
     fma = _fma(builder)
     for a in (a for row in acc for a in row):
         builder.store(ir.Constant(_V16, [0.0] * BLOCK), a)
     cstride = builder.mul(istride, ir.Constant(_I64, BLOCK))
+    rows = len(acc[0]) // pw
     with cgutils.for_range(builder, CB) as cb:
         xc = builder.gep(x_at, [builder.mul(cb.index, cstride)])
         wc = builder.gep(w_at, [builder.mul(cb.index, ir.Constant(_I64, 9 * BLOCK * BLOCK))])
         with cgutils.for_range_slice(builder, ky0, ky1, ir.Constant(_I64, 1)) as (ky, _):
             xr = builder.gep(xc, [builder.mul(ky, rstride)])
             wr = builder.gep(wc, [builder.mul(ky, ir.Constant(_I64, 3 * BLOCK * BLOCK))])
-            with cgutils.for_range(builder, ir.Constant(_I64, 3)) as kx:
+            three = ir.Constant(_I64, 3) if edges is None else _opaque(builder, 3)
+            with cgutils.for_range(builder, three) as kx:
                 xt = builder.gep(xr, [kx.index])
                 wt = builder.gep(wr, [builder.mul(kx.index, ir.Constant(_I64, BLOCK * BLOCK))])
-                _emit_tap(builder, fma, acc, xt, istride, rstride, pw, wt, wstep, nic)
+
+                def emit(keep):
+                    _emit_tap(builder, fma, acc, xt, istride, rstride, pw, wt, wstep, nic,
+                              keep)
+                if edges is None:
+                    emit(lambda p: True)
+                else:
+                    _emit_edge_taps(builder, emit, rows, pw, ky, kx.index, edges)
 
 
 @functools.cache
@@ -200,7 +258,7 @@ def _emit_epilogue(builder, acc, bias, y_at, shape, relu):
 
 @intrinsic(prefer_literal=True)
 def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, y, y0, ycs,
-                yrow, valid, vrows, ochans, relu, ky0, ky1, pix, nob, pw, nic):
+                yrow, valid, vrows, ochans, relu, ky0, ky1, edges, pix, nob, pw, nic, edge):
     """For k < `nob` output-channel blocks, `pix` pixels in rows of `pw` (literals), of which
     rows r < vrows and pixels j < valid of each, and o < ochans - 16k channels:
     y.flat[y0 + (16k + o)·ycs + r·yrow + j] = bias + the sum over (cb, ky0 <= ky < ky1,
@@ -212,11 +270,13 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
     C < 16 channels, nic = C rounded up to 4, skips the zero planes of its block)."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (pix, nob, pw, nic)):
         return None
+    if not isinstance(edge, types.BooleanLiteral):
+        return None
     i = types.intp
 
     def codegen(context, builder, sig, args):
         (xp_, x0_, is_, rs_, CB_, wb_, w0_, ws_, bb_, b0_, y_, y0_, ycs_, yrow_, valid_, vrows_,
-         ochans_, relu_, ky0_, ky1_, _, _, _, _) = args
+         ochans_, relu_, ky0_, ky1_, edges_, _, _, _, _, _) = args
         ta = sig.args
         tune_scheduling(builder)
         acc = [[cgutils.alloca_once(builder, _V16) for _ in range(pix.literal_value)]
@@ -224,7 +284,7 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
         x_at = _float_pointer(context, builder, ta[0], xp_, x0_)
         w_at = _float_pointer(context, builder, ta[5], wb_, w0_)
         _emit_reduction(builder, acc, x_at, w_at, CB_, is_, rs_, pw.literal_value, ws_,
-                        nic.literal_value, ky0_, ky1_)
+                        nic.literal_value, ky0_, ky1_, edges_ if edge.literal_value else None)
         for k, row in enumerate(acc):
             b_k = builder.add(b0_, ir.Constant(_I64, k * BLOCK))
             bias = builder.load(_vector_pointer(
@@ -237,4 +297,4 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
         return context.get_dummy_value()
 
     return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, i, i, types.boolean,
-                       i, i, pix, nob, pw, nic), codegen)
+                       i, i, i, pix, nob, pw, nic, edge), codegen)

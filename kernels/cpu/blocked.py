@@ -136,15 +136,20 @@ def block_filters(W, rotate=False):
     dtype = _float(W.dtype)
     shape = (_blocks(C), _blocks(OC)) if rotate else (_blocks(OC), _blocks(C))
     wb = np.empty(shape + (KH, KW, BLOCK, BLOCK), dtype)
-    _block_filters(np.ascontiguousarray(W, dtype=dtype), wb, rotate)
+    W = np.ascontiguousarray(W, dtype=dtype)
+    # NOTE: spread over the pool: on one thread the filters of 128 -> 128 channels (blocked
+    # for the forward pass, rotated for the input gradient) and their gradient's unblocking
+    # took 0.25 ms of conv5's 2.3 ms forward + backward on 2 threads (AMD EPYC, 2026-12-05)
+    map_ranges(lambda a0, a1: _block_filters(W, wb, rotate, a0, a1), shape[0],
+               elements=wb.size)
     return wb
 
 
 @njit(**JIT)
-def _block_filters(W, wb, rotate):
-    """`block_filters` into wb, written in its own order (zeros past OC and C)."""
+def _block_filters(W, wb, rotate, a0, a1):
+    """`block_filters` into wb[a0:a1], written in its own order (zeros past OC and C)."""
     OC, C, KH, KW = W.shape
-    for A in range(wb.shape[0]):
+    for A in range(a0, a1):
         for B in range(wb.shape[1]):
             for ky in range(KH):
                 for kx in range(KW):

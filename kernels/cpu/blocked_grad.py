@@ -298,10 +298,30 @@ def image_parts(N, OCB, CB, C):
 
 def unblock_filters(wb, OC, C):
     """wb (OCB, CB, 3, 3, 16 input, 16 output channels) -> W (OC, C, 3, 3): undoes
-    `block_filters`."""
-    OCB, CB, KH, KW = wb.shape[:4]
-    W = wb.transpose(0, 5, 1, 4, 2, 3).reshape(OCB * BLOCK, CB * BLOCK, KH, KW)
-    return np.ascontiguousarray(W[:OC, :C])
+    `block_filters`, spread over the pool by output-channel block (NumPy's transpose and
+    copy took 0.09 ms of one thread on 128 -> 128 channels)."""
+    W = np.empty((OC, C) + wb.shape[2:4], wb.dtype)
+    map_ranges(lambda a0, a1: _unblock_filters(wb, W, a0, a1), wb.shape[0], elements=W.size)
+    return W
+
+
+@njit(**JIT)
+def _unblock_filters(wb, W, a0, a1):
+    """W[16·ob + o, 16·cb + i, ky, kx] = wb[ob, cb, ky, kx, i, o] for ob in a0..a1-1: wb
+    read in order, W (OC, C·9 viewed flat) written 16 output channels at a time."""
+    OC, C = W.shape[0], W.shape[1]
+    taps = W.shape[2] * W.shape[3]
+    flat = W.reshape(OC, C * taps)
+    for ob in range(a0, a1):
+        real_o = min(BLOCK, OC - ob * BLOCK)
+        for cb in range(wb.shape[1]):
+            real_i = min(BLOCK, C - cb * BLOCK)
+            for t in range(taps):
+                tile = wb[ob, cb, t // W.shape[3], t % W.shape[3]]
+                for i in range(real_i):
+                    col = (cb * BLOCK + i) * taps + t
+                    for o in range(real_o):
+                        flat[ob * BLOCK + o, col] = tile[i, o]
 
 
 def conv2d_weight_grad_blocked(xb, gyb, C=None, OC=None, vector=None):

@@ -116,7 +116,7 @@ def test_weight_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     fresh = blocked.njit(nogil=True)(blocked_grad._weight_tiles_avx512.py_func)
     p = np.zeros((1, 16, 4, 10), np.float32)
     gw = np.empty((1, 1, 3, 3, 16, 16), np.float32)
-    fresh(p, blocked.to_blocked(gy), gw, 0, 9, 1, 1, 16)
+    fresh(p, blocked.to_blocked(gy), gw, 0, 9, 1, 1, 16, 1)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     assert len(fmas) >= blocked.BLOCK + blocked.BLOCK // 2 + 8 + 4
@@ -132,3 +132,20 @@ def test_weight_gradient_has_the_same_bits_in_chunks_of_one_image(monkeypatch, v
     whole = blocked_grads(x, Wt, gy, vector=vector)[1]
     monkeypatch.setattr(blocked_grad, "GW_CHUNK_BYTES", 1)  # one row at a time
     assert np.array_equal(blocked_grads(x, Wt, gy, vector=vector)[1], whole)
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
+@pytest.mark.parametrize("shape", [(3, 16, 5, 7, 20), (2, 24, 4, 4, 16), (1, 8, 1, 9, 40),
+                                   (4, 32, 9, 3, 33)], ids=["c16", "c24_4x4", "c8_row", "c32"])
+def test_weight_gradient_from_x_itself_has_the_bits_of_the_bordered_copy(shape):
+    """No tap of the weight tiles reads x's zero border, so reading x where it lies
+    (`weight_grad_nchw`, C a multiple of 8) sums the same products in the same order."""
+    x, Wt, gy = random_gradient_case(shape, seed=4)
+    N, C, H, W, OC = shape
+    gyb = blocked.to_blocked(gy)
+    padded = blocked.pad_images(x, np.empty((N, -(-C // 16) * 16, H + 2, W + 2), np.float32))
+    gW, gb = blocked_grad.weight_grad_from_padded(padded, gyb, C, OC)
+    gW2, gb2 = blocked_grad.weight_grad_nchw(x, gyb, C, OC)
+    assert np.array_equal(gW, gW2) and np.array_equal(gb, gb2)
+    _, gW_exact, _ = naive_conv2d_grads(x, Wt, gy)
+    assert relative_error(gW2, gW_exact) < FLOAT32_ERROR

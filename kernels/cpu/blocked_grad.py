@@ -51,7 +51,7 @@ from minivgg.kernels.cpu.blocked import (BLOCK, _float, avx512_reason, block_bia
                                          pad_images, to_blocked)
 from minivgg.kernels.cpu.blocked_ir import (_I64, _V16, _float_pointer, _fma, _splat,
                                             _vector_pointer)
-from minivgg.kernels.cpu.runtime import JIT, map_ranges
+from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def _weight_tile(typingctx, p, x0, ximg, xrow, xchan, gy, g0, gimg, grow, gstep,
 
 
 @njit(**JIT)
-def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
+def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1, border):
     """Items t0..t1-1 of one part of the images, n0..n1-1, item t = (pair of output-channel
     blocks, cb, tap, half of the input channels) in that order, by `_weight_tile` (an odd
     OCB's last pair is one block). The 18 items of one (pair, cb) share their x and gy: they
@@ -172,9 +172,11 @@ def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
     product is a zero. On 128 channels of 4×4 (a tap off the centre reads the border for
     a quarter to a half of its pixels) the weight gradient went from 1.49 to 1.10 ms, on
     8×8 from 5.82 to 5.01 (batch 32, one thread, CPU time, best of 30, AMD EPYC,
-    2026-12-05, `bench_blocked_parts.py`); with a finite gy the sums keep their bits."""
+    2026-12-05, `bench_blocked_parts.py`); with a finite gy the sums keep their bits.
+    Since no tap reads the border, p may also be x itself (border=0: NCHW, (N, C, H, W),
+    C a multiple of 8) rather than its zero-bordered copy (border=1)."""
     OCB, H, W = gy.shape[1], gy.shape[2], gy.shape[3]
-    CB = p.shape[1] // BLOCK
+    CB = -(-p.shape[1] // BLOCK)
     xrow = p.shape[3]
     xchan = p.shape[2] * xrow
     ximg = p.shape[1] * xchan
@@ -193,7 +195,7 @@ def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
                     y0, y1 = max(r0, 1 - ky), min(r0 + rows, H, H + 1 - ky)
                     x0, x1 = max(0, 1 - kx), min(W, W + 1 - kx)
                     at = (n * ximg + (cb * BLOCK + half * 8) * xchan
-                          + (y0 + ky) * xrow + x0 + kx)
+                          + (y0 + ky - 1 + border) * xrow + x0 + kx - 1 + border)
                     g0 = n * gimg + ob * gstep + (y0 * W + x0) * BLOCK
                     w0 = (((ob * CB + cb) * 9 + 3 * ky + kx) * BLOCK + half * 8) * BLOCK
                     resume = n > n0 or r0 > 0
@@ -213,15 +215,15 @@ def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1):
 
 
 @njit(**JIT)
-def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C):
+def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, border):
     """Items t0..t1-1 of (part s of the images, then `_part_tiles_avx512`'s items), each
     part's tiles summed into gw[s] (parts, OCB, CB, 3, 3, 16, 16)."""
     N, parts = gy.shape[0], gw.shape[0]
-    per = (gy.shape[1] + 1) // 2 * (p.shape[1] // BLOCK) * 18
+    per = (gy.shape[1] + 1) // 2 * -(-p.shape[1] // BLOCK) * 18
     for s in range(t0 // per, (t1 + per - 1) // per):
         _part_tiles_avx512(p, gy, gw[s], max(t0, s * per) - s * per,
                            min(t1, (s + 1) * per) - s * per, rows, imgs, C, N * s // parts,
-                           N * (s + 1) // parts)
+                           N * (s + 1) // parts, border)
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,10 +231,10 @@ def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C):
 # ----------------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _weight_tiles_loops(p, gy, gw, t0, t1, rows, imgs, C):
+def _weight_tiles_loops(p, gy, gw, t0, t1, rows, imgs, C, border):
     """`_weight_tiles_avx512`, one multiply-add at a time in the same order (multiply then
-    add, so rounded twice where the FMA rounds once). `rows`, `imgs` and `C` only keep the
-    signature: chunking changes no sum's order."""
+    add, so rounded twice where the FMA rounds once). p is x's zero-bordered copy; `rows`,
+    `imgs`, `C` and `border` only keep the signature: chunking changes no sum's order."""
     N, OCB, H, W = gy.shape[0], gy.shape[1], gy.shape[2], gy.shape[3]
     CB, parts = p.shape[1] // BLOCK, gw.shape[0]
     acc = np.empty((BLOCK, BLOCK), p.dtype)
@@ -342,9 +344,32 @@ def weight_grad_from_padded(p, gyb, C=None, OC=None, vector=None, plane_sums=Non
     channel, p (N, CB·16, H+2, W+2) (`pad_images`). `plane_sums` (N, OCB·16) float64, the
     sum of each plane of gy (blocked_nchw's `_to_blocked` makes them): gb is their sum over
     the images, in order, instead of a pass over gy."""
+    return _weight_grad(p, 1, gyb, C, OC, vector, plane_sums)
+
+
+def weight_grad_nchw(x, gyb, C, OC, plane_sums=None):
+    """`weight_grad_from_padded` from x (N, C, H, W) itself: on AVX-512 with C a multiple
+    of 8 the tiles read x where it lies (no tap reads the border: `_part_tiles_avx512`), so
+    no zero-bordered copy is made (on 64 -> 128 channels of 8×8, batch 32, that copy took
+    0.11 ms of a 2.9 ms backward on 2 threads; AMD EPYC, 2026-12-05); else through the
+    copy."""
+    N, _, H, W = x.shape
+    dtype = _float(x.dtype)
+    if C % 8 == 0 and dtype == np.float32 and not avx512_reason():
+        x = np.ascontiguousarray(x, dtype=dtype)
+        return _weight_grad(x, 0, gyb, C, OC, True, plane_sums)
+    xpad = pad_images(x, workspace("blocked_xpad", (N, -(-C // BLOCK) * BLOCK, H + 2, W + 2),
+                                   dtype))
+    return weight_grad_from_padded(xpad, gyb, C, OC, plane_sums=plane_sums)
+
+
+def _weight_grad(p, border, gyb, C, OC, vector, plane_sums):
+    """`weight_grad_from_padded` on p, x's zero-bordered copy (border=1) or x (border=0,
+    AVX-512 only)."""
     N, OCB, H, W = gyb.shape[:4]
-    CB = p.shape[1] // BLOCK
-    assert gyb.shape == (N, OCB, H, W, BLOCK) and p.shape == (N, CB * BLOCK, H + 2, W + 2)
+    CB = -(-p.shape[1] // BLOCK)
+    assert gyb.shape == (N, OCB, H, W, BLOCK)
+    assert p.shape == ((N, CB * BLOCK, H + 2, W + 2) if border else (N, C, H, W))
     C = CB * BLOCK if C is None else C
     OC = OCB * BLOCK if OC is None else OC
     dtype = p.dtype  # float32, or float64 (the loops only)
@@ -365,7 +390,8 @@ def weight_grad_from_padded(p, gyb, C=None, OC=None, vector=None, plane_sums=Non
     # each tile's 16 accumulators were loaded and stored for 256 multiply-adds.
     imgs = max(1, GW_CHUNK_BYTES // row // (H + 2)) if rows >= H else 1
     items = parts * ((OCB + 1) // 2 * CB * 18 if vector else OCB * CB * 9)
-    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows, imgs, C), items)
+    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows, imgs, C, border),
+               items)
     for k in range(1, parts):  # the parts' tiles summed in order
         gw[0] += gw[k]
     gb = np.empty(OCB * BLOCK, np.float64)

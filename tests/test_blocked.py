@@ -152,7 +152,8 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     fresh = blocked.njit(nogil=True)(kernel)
     p = np.zeros((16, 6, 10), np.float32)  # (C, H+4, WQ+2), as conv2d_nchw makes it
     y = np.empty((1, 16, 2, 8), np.float32)
-    fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 1, False)  # 1 item
+    none = (np.empty((0, 0, 0, 16), np.float32), np.empty((0, 0)))
+    fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 1, False, *none)
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     pairs = 16 * 4  # input values per tap of the 2-block shape

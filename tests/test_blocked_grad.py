@@ -149,3 +149,21 @@ def test_weight_gradient_from_x_itself_has_the_bits_of_the_bordered_copy(shape):
     assert np.array_equal(gW, gW2) and np.array_equal(gb, gb2)
     _, gW_exact, _ = naive_conv2d_grads(x, Wt, gy)
     assert relative_error(gW2, gW_exact) < FLOAT32_ERROR
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason=blocked.avx512_reason() or "-")
+@pytest.mark.parametrize("shape", [(3, 20, 5, 7, 36), (5, 16, 4, 4, 17)], ids=["c20", "4x4"])
+def test_backward_blocks_gy_on_the_way_with_the_bits_of_a_pass_of_its_own(shape):
+    """The input gradient's pass writes gy in nChw16c and its plane sums for the weight
+    gradient (`conv2d_nchw(blocked_out=...)`): gW and gb have the bits they have when gy is
+    blocked by a pass of its own (`_to_blocked`), and gx those of the plain pass."""
+    from minivgg.kernels.cpu import blocked_nchw
+    x, Wt, gy = random_gradient_case(shape, seed=9)
+    N, C, H, W, OC = shape
+    gx, gW, gb = blocked_nchw.blocked_conv2d_backward(x, Wt, gy, True)
+    sums = np.empty((N, -(-OC // 16) * 16))
+    gyb = blocked_nchw._to_blocked(gy, np.float32, "test_gy", sums=sums)
+    gW2, gb2 = blocked_grad.weight_grad_nchw(x, gyb, C, OC, plane_sums=sums)
+    gx2 = blocked.conv2d_nchw(gy, blocked.block_filters(Wt, rotate=True),
+                              blocked.block_bias(None, C), C)
+    assert np.array_equal(gx, gx2) and np.array_equal(gW, gW2) and np.array_equal(gb, gb2)

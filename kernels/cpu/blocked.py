@@ -15,35 +15,46 @@ CB = ceil(C/16), OCB = ceil(OC/16); the padded channels are zeros (in x's copy, 
 b), so they add nothing. float64 arrays run the plain loops below in float64 (the tests'
 exact oracles); the micro-kernel is float32 only.
 
-The micro-kernel (`_conv_block`) holds PIX output pixels of one output row × two blocks of
-16 output channels, 2·PIX `<16 x float>` accumulators, for the whole C×3×3 reduction:
+The micro-kernel (`_conv_block`) holds one block of 16 output channels × 16 output pixels
+(2 rows of PIX = 8, or 4 rows of 4 on maps 4 wide: all of a 4×4 map), 16 `<16 x float>`
+accumulators, for the whole C×3×3 reduction:
 
     for cb in range(CB): for ky in range(3): for kx in range(3):       (loops in the IR)
+        border case of (ky, kx): which pixels and rows of the block read the image
         for ic in range(16):                                           (unrolled)
-            w[k] = block k's 16 output channels' weights of (cb, ky, kx, ic), k = 0, 1
-                                                                       (two 64-byte loads)
-            for p in range(PIX):
-                v = broadcast(x[16cb + ic, oy+ky, ox0+p+kx])
-                acc[k][p] = fma(v, w[k], acc[k][p]) for k = 0, 1
+            w = the 16 output channels' weights of (cb, ky, kx, ic)    (one 64-byte load)
+            for p in the pixels of the case:
+                acc[p] = fma(broadcast(x[16cb + ic, oy + p // pw + ky, ox0 + p % pw + kx]),
+                             w, acc[p])
 
-then adds the bias, applies ReLU if asked, turns each block's PIX × 16 accumulators into
-16 rows of PIX pixels in registers (`emit_transpose`: 24 shuffles) and stores them into
-y's NCHW rows (`llvm.masked.store`, so a block past the row's end writes nothing). Each
-output is summed in that fixed order (cb, ky, kx, ic) by one thread, so the result does
-not depend on the thread count (nor on the block shape). Each input value loaded feeds 32
-FMAs and each filter vector 8: against one block of 16 channels (16 and 8), the second
-block made the forward pass 10-25% faster on 16-128 channels (2026-12-04, one thread,
-loaded machine). Maps 4 wide take blocks of 2 rows × 4 pixels, whose 8 outputs per channel
-lie side by side in y (1.24 -> 1.05 ms on 128 -> 128 channels of 4×4, batch 32, where
-blocks of one row held 8 accumulators; 2026-12-05, one thread, CPU time, load average 5).
+then adds the bias, applies ReLU if asked, turns the 16 accumulators into 16 rows of
+pixels in registers (`emit_transpose`) and stores them into y's NCHW rows
+(`llvm.masked.store`, so a block past the row's end writes nothing). Each output is summed
+in that fixed order (cb, ky, kx, ic) by one thread, so the result does not depend on the
+thread count. Each filter vector feeds 16 FMAs, and each input value is broadcast from
+memory into its one FMA (`{1to16}`).
 
-A lone block of 16 output channels (an odd OCB's last) takes 2 rows × PIX pixels, 16
-accumulators again (with 8 the input gradient of 16 -> 32 channels ran 10% slower than the
-forward pass). An input of 4 channels or fewer sums only those per tap, not 16 of which
-12 or 13 are zeros: 5.07 -> 1.58 ms on 3 -> 16 channels of 64×64, batch 32, summing 4
-(one thread, CPU time, 2026-12-05 07:55 UTC, load average 1.5), and summing conv1_1's 3,
-not 4, 2.1-2.3 -> 1.61-1.65 ms (one thread, wall clock, median of 201, AMD EPYC,
-2026-12-05 afternoon).
+Border cases: oneDNN's direct convolution leaves out every product that would read the
+zero border (on a 4×4 map 44 of each channel's 144, on 8×8 16%), and so does this kernel:
+`blocked_ir._emit_edge_taps` emits a tap body per case (the row's first or last pixel, the
+block's first or last row left out, 3 × 3 cases), and the driver says which sides of the
+block touch the border (`edges`). One thread, CPU time, batch 32 (AMD EPYC Zen 4,
+2026-12-05, `bench_blocked_parts.py`): the forward pass of 128 -> 128 channels of 4×4
+went from 1.42 to 1.06 ms (PyTorch 1.01), of 8×8 from 5.06 to 4.63 (4.59). Two things
+that did not work: blocks of two output-channel blocks × 8 pixels (each input value
+feeding 2 FMAs, 2 filter vectors), which were 10-25% faster than one block on an Intel
+Xeon without the border cases, kept 16 accumulators, 2 filter vectors and the cases' phis
+live across the switch, and LLVM spilled 76-99 registers per shape (5.5 against 4.56 ms
+on 8×8); and taps with kx unrolled in the IR, which let LLVM share input values between
+taps and spill them. So one block per register block, and kx's trip count hidden from
+LLVM (`blocked_ir._opaque`) so that it keeps the taps a loop.
+
+Maps 1-3 wide take blocks of 4 pixels of one row (both blocks of a pair, or one), with no
+border cases. A block on an input of 4 channels or fewer sums only those per tap, not 16
+of which 12 or 13 are zeros: 5.07 -> 1.58 ms on 3 -> 16 channels of 64×64, batch 32,
+summing 4 (one thread, CPU time, 2026-12-05 07:55 UTC, load average 1.5), and summing
+conv1_1's 3, not 4, 2.1-2.3 -> 1.61-1.65 ms (one thread, wall clock, median of 201, AMD
+EPYC, 2026-12-05 afternoon).
 
 No layout conversion: the kernel broadcasts x one value at a time, so x's layout costs
 nothing in the inner loop; it reads x's channel planes as they are (the channel stride is
@@ -68,15 +79,11 @@ for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (mu
 add: the numbers differ from the FMA path by rounding only).
 
 Spatial padding: each thread copies one image at a time into a zero-bordered buffer of its
-own (`_pad_image`: plain row copies), (CB·16, H+3, WQ+2) with WQ = W rounded up to PIX, so
-the kernel reads every tap with no edge test; a block past the row's end computes on
-zeros and stores nothing. A block of one row on the map's first or last row sums only
-the two rows of taps that reach inside the image (`_conv_block`'s ky0, ky1): on 8×8 maps
-that is 1/12 of the multiply-adds, and conv4_2's forward went from 5.40 to 4.97 ms (batch
-32, one thread, CPU time, AMD EPYC, 2026-12-05, `bench_blocked_parts.py`). oneDNN skips
-every border tap; the other ones here (the first and last pixel of a row, the blocks of
-two rows on 4×4 maps) are still summed, since a kernel that unrolled kx to leave them out
-made LLVM keep broadcasts alive across taps and spill 290-1347 of them.
+own (`_pad_image`: plain row copies), (CB·16, rows, WQ+2) with WQ = W rounded up to PIX and
+rows enough for the last item's block, so the kernel reads every tap with no edge test; a
+block past the row's end computes on zeros and stores nothing. A block of one row (maps 1-3
+wide) on the map's first or last row sums only the two rows of taps that reach inside the
+image (`_conv_block`'s ky0, ky1).
 """
 
 import functools
@@ -87,7 +94,7 @@ import numpy as np
 from numba import njit
 
 from minivgg.kernels.cpu.amx_isa import _cpu_flags
-from minivgg.kernels.cpu.blocked_ir import BLOCK, PIX, _conv_block
+from minivgg.kernels.cpu.blocked_ir import BLOCK, PIX, _conv_block, _turn_block
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 
 
@@ -170,6 +177,38 @@ def block_bias(b, OC, dtype=np.float32):
     if b is not None:
         bb[:OC] = b
     return bb
+
+
+@njit(**JIT)
+def _block_planes(x, out, t0, t1, turn, sums):
+    """out[n, cb, q, c] = x[n, 16·cb + c, q] (q a pixel of the flattened plane), zeros for
+    channels past C, for the items t = (n, cb) in t0..t1-1. With `turn`, whole blocks go 16
+    pixels at a time through `_turn_block`; else (and for what is left) one 64-byte pixel
+    is written at a time from 16 rows read side by side. With `sums` (N, CB·16) float64,
+    not empty: sums[n, 16·cb + c] = the sum over q, in order, of the block just written
+    (read back while it is in cache, 16 channels side by side: the bias gradient's part)."""
+    C, HW, CB = x.shape[1], x.shape[2], out.shape[1]
+    acc = np.empty(BLOCK, np.float64)
+    for t in range(t0, t1):
+        n, cb = t // CB, t % CB
+        real = min(BLOCK, C - cb * BLOCK)
+        q0 = 0
+        if turn and real == BLOCK:
+            while q0 + BLOCK <= HW:
+                _turn_block(x, (n * C + cb * BLOCK) * HW + q0, HW, out,
+                            ((n * CB + cb) * HW + q0) * BLOCK)
+                q0 += BLOCK
+        for q in range(q0, HW):
+            for c in range(real):
+                out[n, cb, q, c] = x[n, cb * BLOCK + c, q]
+            for c in range(real, BLOCK):
+                out[n, cb, q, c] = 0.0
+        if sums.shape[0] > 0:
+            acc[:] = 0.0
+            for q in range(HW):
+                for c in range(BLOCK):
+                    acc[c] += out[n, cb, q, c]
+            sums[n, cb * BLOCK:(cb + 1) * BLOCK] = acc
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,7 +313,7 @@ def rows_per_item(W):
 
 
 @njit(**JIT)
-def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
+def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu, xb, sums):
     """Items t0..t1-1, item t = (n, pair of output-channel blocks, group of `rows_per_item`
     rows) in that order (rows fastest), by `_conv_block`. Image n of x (NCHW) is copied
     into p (consecutive items of one image share it); y (NCHW) is written straight from
@@ -283,7 +322,10 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
     both blocks × 4 pixels of one row (8 would compute on padding half the time or more).
     A block on x of 4 channels or fewer sums only those (3 for conv1_1's RGB; the planes
     past them are zeros). The micro-kernel is scheduled as for Skylake on every CPU
-    (`blocked_ir.tune_scheduling`)."""
+    (`blocked_ir.tune_scheduling`). With xb (N, CB, H·W, 16) not empty, the range that
+    holds an image's first item also writes that image in nChw16c into xb, and its planes'
+    sums into sums (`_block_planes`), while it is in cache: the input gradient's pass
+    blocks gy for the weight gradient on the way."""
     OCB, CB = wb.shape[0], wb.shape[1]
     H, W = y.shape[2], y.shape[3]
     pairs, rstride = (OCB + 1) // 2, p.shape[2]
@@ -298,6 +340,9 @@ def _conv_rows_avx512(x, wb, bb, y, p, t0, t1, relu):
         if n != last:
             _pad_image(x, n, p, last < 0)
             last = n
+            if xb.shape[0] > 0 and r == 0:
+                _block_planes(x.reshape((x.shape[0], C, H * W)), xb, n * CB, (n + 1) * CB,
+                              True, sums)
         nob, rows = min(2, OCB - ob), min(RG, H - oy)
         if W < 4:  # both blocks, 4 pixels of one row at a time
             _item_blocks(p, istride, rstride, CB, wb, wstep, bb, y, n, ob, oy, rows, relu, 4,
@@ -334,9 +379,9 @@ def _item_blocks(p, istride, rstride, CB, wb, wstep, bb, y, n, ob, oy, rows, rel
 
 
 @njit(**JIT)
-def _conv_rows_loops(x, wb, bb, y, p, t0, t1, relu):
+def _conv_rows_loops(x, wb, bb, y, p, t0, t1, relu, xb, sums):
     """`_conv_rows_avx512` with `_conv_block_loops` as the micro-kernel, one block at a
-    time."""
+    time (xb and sums only keep the signature: `conv2d_nchw` blocks x only on AVX-512)."""
     OCB, H, W = wb.shape[0], y.shape[2], y.shape[3]
     acc = np.empty((PIX, BLOCK), y.dtype)
     last = -1
@@ -377,7 +422,7 @@ def _has_avx512f():
 
 
 
-def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None):
+def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None, blocked_out=None):
     """y (N, OC, H, W) = conv(x, wb) + bb (then ReLU if `relu`), 3×3/s1/p1, x (N, C, H, W).
 
     wb from `block_filters` (OC's and C's blocks), bb from `block_bias`; all float32, or
@@ -387,7 +432,9 @@ def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None):
     output is computed by one thread in a fixed order. Each thread copies one image at a
     time into a zero-bordered buffer of its own, (CB·16, H+2, WQ+2) with WQ =
     `row_width(W)`; the kernel broadcasts its values from there and writes y's rows
-    itself, so x and y need no conversion to the blocked layout.
+    itself, so x and y need no conversion to the blocked layout. `blocked_out`, (xb, sums)
+    with xb (N, CB, H·W, 16) and sums (N, CB·16) float64, AVX-512 only: x in nChw16c and
+    its planes' sums as well (`_conv_rows_avx512`).
     """
     N, C, H, W = x.shape
     OCB, CB = wb.shape[:2]
@@ -400,13 +447,19 @@ def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None):
     rows = _conv_rows_avx512 if vector else _conv_rows_loops
     x, wb, bb = (np.ascontiguousarray(a, dtype=dtype) for a in (x, wb, bb))
     y = np.empty((N, OC, H, W), dtype)
+    if blocked_out is None:
+        xb, sums = np.empty((0, 0, 0, BLOCK), dtype), np.empty((0, 0), np.float64)
+    else:
+        assert vector, "x is blocked on the way by the AVX-512 driver only"
+        xb, sums = blocked_out
+        assert xb.shape == (N, CB, H * W, BLOCK) and sums.shape == (N, CB * BLOCK)
 
     def job(t0, t1):
         # rows of zeros past the map: the last item's block reads rows_per_item rows + 2
         RG = rows_per_item(W)
         p = workspace("blocked_pad", (CB * BLOCK, -(-H // RG) * RG + 2, row_width(W) + 2),
                       dtype)
-        rows(x, wb, bb, y, p, t0, t1, bool(relu))
+        rows(x, wb, bb, y, p, t0, t1, bool(relu), xb, sums)
 
     if vector:  # (image, pair of blocks, pair of rows) as `_conv_rows_avx512` has them
         map_ranges(job, N * ((OCB + 1) // 2) * -(-H // rows_per_item(W)))

@@ -6,6 +6,7 @@ gives them the conv entry points, NCHW in and out.
     conv2d_weight_grad_blocked(xb, gyb, C, OC, vector=None)   -> gW (OC, C, 3, 3), gb (OC,)
     weight_grad_from_padded(p, gyb, C, OC, vector=None)       the same, from x's zero-bordered
                                                               copy p (N, CB·16, H+2, W+2)
+    weight_grad_nchw(x, gyb, C, OC)                           the same, from x (N, C, H, W)
 
 The input gradient is a forward convolution: gy convolved with the filters turned by 180°
 and with their channel axes swapped (`block_filters(W, rotate=True)`), so the forward
@@ -36,8 +37,10 @@ intrinsic (plain Numba loops keep the accumulators in memory and do not fuse), a
 AVX-512 each multiply-add becomes `vfmadd231ps zmm, zmm, dword ptr [...]{1to16}`;
 without it `_weight_tile_loops` adds the same products in the same order (multiply, then
 add). gy comes in nChw16c (a vector of 16 output channels per pixel); x is only broadcast,
-so it stays NCHW: it is copied once into a zero-bordered (N, CB·16, H+2, W+2) array
-(`blocked.pad_images`, plain row copies), so no tap needs an edge test.
+so it stays NCHW. Each tap sums only the pixels whose input lies inside the image, so the
+AVX-512 tiles read x where it lies (`weight_grad_nchw`, C a multiple of 8); otherwise,
+and for the loops, x is copied once into a zero-bordered (N, CB·16, H+2, W+2) array
+(`blocked.pad_images`, plain row copies).
 """
 
 import numpy as np

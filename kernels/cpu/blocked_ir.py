@@ -1,6 +1,7 @@
 """The blocked convolution's micro-kernel (kernels/cpu/blocked.py), written as LLVM IR from
-a Numba intrinsic: `_conv_block` (PIX pixels × two blocks of 16 output channels, the whole
-C×3×3 reduction in `<16 x float>` registers, then the bias, ReLU and the NCHW stores), and
+a Numba intrinsic: `_conv_block` (up to 16 pixels × one or two blocks of 16 output
+channels, the whole C×3×3 reduction in `<16 x float>` registers, each tap's body chosen by
+the block's border case, then the bias, ReLU and the NCHW stores), and
 the helpers `blocked_grad.py` and `blocked_nchw.py` share (`emit_transpose`, pointers,
 splats, the FMA). blocked.py's docstring tells the design and what was measured; this
 module only emits it.
@@ -18,9 +19,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 BLOCK = 16  # channels per block: one zmm register of fp32
-# Output pixels per register block: 2·PIX accumulators + two filter vectors + a broadcast,
-# of 32 zmm registers. NOTE: more (12, 14) leaves fewer pixels wasted on 12·k- or 14·k-wide
-# maps but more on the 8·k-wide ones; maps at most 4 wide take blocks of 4.
+# Pixels per row of a register block (of 2 rows: 16 accumulators + a filter vector, of 32
+# zmm registers). NOTE: more (12, 14) leaves fewer pixels wasted on 12·k- or 14·k-wide maps
+# but more on the 8·k-wide ones; maps 4 wide take blocks of 4 rows of 4.
 PIX = 8
 
 _F32 = ir.FloatType()
@@ -267,7 +268,11 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
     wb.flat[w0 + k·wstep + ((cb·9 + 3ky + kx)·16 + ic)·16 + o], bias = bb.flat[b0 + 16k + o]:
     x a zero-bordered image, one plane per channel, and y NCHW. Only the first `nic` (a
     literal) input channels of each block are summed: the others must be zeros (a layer of
-    C < 16 channels, nic = C rounded up to 4, skips the zero planes of its block)."""
+    C < 16 channels, nic = C rounded up to 4, skips the zero planes of its block). With
+    `edge` (a literal) the products that read x's zero border are left out, as the bits of
+    `edges` say (bit 0: the block starts its row, 1: ends it, 2: its first row is the map's
+    first, 3: its last row the map's last; `_emit_edge_taps`): zeros, so with finite
+    weights the sums keep their bits."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (pix, nob, pw, nic)):
         return None
     if not isinstance(edge, types.BooleanLiteral):
@@ -298,3 +303,23 @@ def _conv_block(typingctx, xp, x0, istride, rstride, CB, wb, w0, wstep, bb, b0, 
 
     return (types.void(xp, i, i, i, i, wb, i, i, bb, i, y, i, i, i, i, i, i, types.boolean,
                        i, i, i, pix, nob, pw, nic, edge), codegen)
+
+
+@intrinsic
+def _turn_block(typingctx, x, x0, xstride, out, o0):
+    """out.flat[o0 + 16q + c] = x.flat[x0 + c·xstride + q] for c, q < 16: 16 channels × 16
+    pixels turned in registers (16 loads, `emit_transpose`'s 64 shuffles, 16 stores)."""
+    def codegen(context, builder, sig, args):
+        x_, x0_, xs_, out_, o0_ = args
+        src = _float_pointer(context, builder, sig.args[0], x_, x0_)
+        dst = _float_pointer(context, builder, sig.args[3], out_, o0_)
+        vectors = [builder.load(_vector_pointer(builder, builder.gep(
+            src, [builder.mul(xs_, ir.Constant(_I64, c))])), align=4) for c in range(BLOCK)]
+        vectors, lanes = emit_transpose(builder, vectors)
+        for v, lane in zip(vectors, lanes):
+            at = builder.gep(dst, [ir.Constant(_I64, BLOCK * lane[0][1])])
+            builder.store(v, _vector_pointer(builder, at), align=4)
+        return context.get_dummy_value()
+
+    i = types.intp
+    return types.void(x, i, i, out, i), codegen

@@ -12,8 +12,11 @@ zero-bordered copy of each image's channel planes, made by the thread that uses 
 (`blocked.conv2d_nchw`); the input gradient is the same kernel on gy with the rotated
 filters. What remains of the layout conversions is in the weight gradient, which needs gy
 as vectors of 16 output channels per pixel (`_to_blocked`: 16×16 blocks turned in
-registers, `_turn_block`) and a zero-bordered copy of x (`blocked.pad_images`); both live
-in workspaces (`runtime.workspace`), reused from call to call.
+registers, `_turn_block`), in a workspace (`runtime.workspace`) reused from call to call.
+x needs no copy: no tap of the weight tiles reads its border (`blocked_grad.weight_grad_nchw`;
+a zero-bordered copy, `blocked.pad_images`, only where C is not a multiple of 8), and
+conv1_1's weight gradient reads gy as it is (`blocked_grad_rgb.py`). The measurements below
+are from before those two changes.
 
 Measured (CPU time of one thread, batch 32, best of 15, shared 2-core machine, so rough),
 the conversions per forward + backward, before (2026-12-05 07:16 UTC, load average 2.6:
@@ -47,69 +50,12 @@ outputs `activations` returns).
 """
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
 
-from minivgg.kernels.cpu.blocked import (BLOCK, _blocks, _float, avx512_reason, block_bias,
-                                         block_filters, conv2d_nchw)
+from minivgg.kernels.cpu.blocked import (BLOCK, _block_planes, _blocks, _float,
+                                         avx512_reason, block_bias, block_filters, conv2d_nchw)
 from minivgg.kernels.cpu.blocked_grad import weight_grad_nchw
 from minivgg.kernels.cpu.blocked_grad_rgb import MAX_CHANNELS, weight_grad_few_channels
-from minivgg.kernels.cpu.blocked_ir import (_I64, _float_pointer, _vector_pointer,
-                                            emit_transpose)
-from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
-
-
-@intrinsic
-def _turn_block(typingctx, x, x0, xstride, out, o0):
-    """out.flat[o0 + 16q + c] = x.flat[x0 + c·xstride + q] for c, q < 16: 16 channels × 16
-    pixels turned in registers (16 loads, `emit_transpose`'s 64 shuffles, 16 stores)."""
-    def codegen(context, builder, sig, args):
-        x_, x0_, xs_, out_, o0_ = args
-        src = _float_pointer(context, builder, sig.args[0], x_, x0_)
-        dst = _float_pointer(context, builder, sig.args[3], out_, o0_)
-        vectors = [builder.load(_vector_pointer(builder, builder.gep(
-            src, [builder.mul(xs_, ir.Constant(_I64, c))])), align=4) for c in range(BLOCK)]
-        vectors, lanes = emit_transpose(builder, vectors)
-        for v, lane in zip(vectors, lanes):
-            at = builder.gep(dst, [ir.Constant(_I64, BLOCK * lane[0][1])])
-            builder.store(v, _vector_pointer(builder, at), align=4)
-        return context.get_dummy_value()
-
-    i = types.intp
-    return types.void(x, i, i, out, i), codegen
-
-
-@njit(**JIT)
-def _block_planes(x, out, t0, t1, turn, sums):
-    """out[n, cb, q, c] = x[n, 16·cb + c, q] (q a pixel of the flattened plane), zeros for
-    channels past C, for the items t = (n, cb) in t0..t1-1. With `turn`, whole blocks go 16
-    pixels at a time through `_turn_block`; else (and for what is left) one 64-byte pixel
-    is written at a time from 16 rows read side by side. With `sums` (N, CB·16) float64,
-    not empty: sums[n, 16·cb + c] = the sum over q, in order, of the block just written
-    (read back while it is in cache, 16 channels side by side: the bias gradient's part)."""
-    C, HW, CB = x.shape[1], x.shape[2], out.shape[1]
-    acc = np.empty(BLOCK, np.float64)
-    for t in range(t0, t1):
-        n, cb = t // CB, t % CB
-        real = min(BLOCK, C - cb * BLOCK)
-        q0 = 0
-        if turn and real == BLOCK:
-            while q0 + BLOCK <= HW:
-                _turn_block(x, (n * C + cb * BLOCK) * HW + q0, HW, out,
-                            ((n * CB + cb) * HW + q0) * BLOCK)
-                q0 += BLOCK
-        for q in range(q0, HW):
-            for c in range(real):
-                out[n, cb, q, c] = x[n, cb * BLOCK + c, q]
-            for c in range(real, BLOCK):
-                out[n, cb, q, c] = 0.0
-        if sums.shape[0] > 0:
-            acc[:] = 0.0
-            for q in range(HW):
-                for c in range(BLOCK):
-                    acc[c] += out[n, cb, q, c]
-            sums[n, cb * BLOCK:(cb + 1) * BLOCK] = acc
+from minivgg.kernels.cpu.runtime import map_ranges, workspace
 
 
 def _to_blocked(x, dtype, name, turn=None, sums=None):
@@ -140,19 +86,29 @@ def blocked_conv2d_forward(x, W, b):
 def blocked_conv2d_backward(x, W, gy, need_gx):
     """(gx or None, gW, gb) of `blocked_conv2d_forward`, in x's dtype."""
     OC, C = W.shape[:2]
-    N = x.shape[0]
+    N, _, H, Wd = gy.shape
     dtype = _float(x.dtype)
-    gx = None
-    if need_gx:  # the forward kernel on gy, with the rotated filters
-        gx = conv2d_nchw(np.asarray(gy, dtype), block_filters(np.asarray(W, dtype), rotate=True),
-                         block_bias(None, C, dtype), C)
-    if C <= MAX_CHANNELS and dtype == np.float32 and not avx512_reason():
+    vector = dtype == np.float32 and not avx512_reason()
+    gy = np.ascontiguousarray(gy, dtype=dtype)
+    if need_gx:  # the input gradient: the forward kernel on gy, with the rotated filters
+        wr, no_bias = block_filters(np.asarray(W, dtype), rotate=True), block_bias(None, C, dtype)
+    if C <= MAX_CHANNELS and vector:
         # conv1_1: gW and gb from gy where it lies, no blocked copy (blocked_grad_rgb.py)
+        gx = conv2d_nchw(gy, wr, no_bias, C) if need_gx else None
         return (gx, *weight_grad_few_channels(np.asarray(x, dtype), gy))
     # NOTE: the bias gradient comes from the pass that blocks gy, as plane sums summed over
     # the images in order: a pass of its own over gy, on one thread, took 0.58 ms of the
     # small recipe's conv1_1 backward (2.05 ms on 2 threads; AMD EPYC, 2026-12-05).
     sums = np.empty((N, _blocks(OC) * BLOCK), np.float64)
-    gyb = _to_blocked(gy, dtype, "blocked_gy", sums=sums)
+    if need_gx and vector:
+        # NOTE: the input gradient blocks gy for the weight gradient as it copies each
+        # image: a pass over gy of its own took 0.37 ms of the 16 -> 32 channels' (32×32,
+        # batch 32) 3.5 ms backward on 2 threads (AMD EPYC, 2026-12-05)
+        gyb = workspace("blocked_gy", (N, _blocks(OC), H, Wd, BLOCK), dtype)
+        flat = gyb.reshape(N, _blocks(OC), H * Wd, BLOCK)
+        gx = conv2d_nchw(gy, wr, no_bias, C, blocked_out=(flat, sums))
+    else:
+        gx = conv2d_nchw(gy, wr, no_bias, C) if need_gx else None
+        gyb = _to_blocked(gy, dtype, "blocked_gy", sums=sums)
     gW, gb = weight_grad_nchw(np.asarray(x, dtype), gyb, C, OC, plane_sums=sums)
     return gx, gW, gb

@@ -29,6 +29,9 @@ SHAPES = {
     "one_pixel": (1, 40, 1, 1, 3),
     "c40_wide": (2, 40, 3, 19, 33),
     "exact_blocks": (2, 32, 8, 16, 16),
+    "whole_4x4_maps": (3, 33, 4, 4, 17),  # one block of 4 rows × 4 covers the whole map
+    "four_wide_6_rows": (2, 20, 6, 4, 24),  # its second group of rows has 2 of 4
+    "four_wide_3_rows": (1, 16, 3, 4, 16),
 }
 # max |float32 - float64| / RMS(float64), im2col's bound as in tests/test_direct.py
 FLOAT32_ERROR = 5 * 2.5e-6

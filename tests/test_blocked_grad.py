@@ -115,8 +115,8 @@ def test_weight_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     # the cached machine code carries no assembly text: compile once more, uncached
     fresh = blocked.njit(nogil=True)(blocked_grad._weight_tiles_avx512.py_func)
     p = np.zeros((1, 16, 4, 10), np.float32)
-    gw = np.empty((1, 1, 3, 3, 16, 16), np.float32)
-    fresh(p, blocked.to_blocked(gy), gw, 0, 9, 1, 1, 16, 1)
+    gw = np.empty((1, 1, 1, 3, 3, 16, 16), np.float32)  # (parts, OCB, CB, taps, 16, 16)
+    fresh(p, blocked.to_blocked(gy), gw, 0, 9, 1, 1, 16, 1, np.empty((0, 0, 0, 0), np.float32))
     asm = next(iter(fresh.inspect_asm().values()))
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     assert len(fmas) >= blocked.BLOCK + blocked.BLOCK // 2 + 8 + 4

@@ -218,15 +218,35 @@ def _part_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, n0, n1, border):
 
 
 @njit(**JIT)
-def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, border):
+def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, border, out):
     """Items t0..t1-1 of (part s of the images, then `_part_tiles_avx512`'s items), each
-    part's tiles summed into gw[s] (parts, OCB, CB, 3, 3, 16, 16)."""
+    part's tiles summed into gw[s] (parts, OCB, CB, 3, 3, 16, 16). With one part and `out`
+    (OC, C, 3, 3) not empty, each finished tile is also written there, unblocked, by the
+    thread that summed it (`_unblock_items`)."""
     N, parts = gy.shape[0], gw.shape[0]
     per = (gy.shape[1] + 1) // 2 * -(-p.shape[1] // BLOCK) * 18
     for s in range(t0 // per, (t1 + per - 1) // per):
         _part_tiles_avx512(p, gy, gw[s], max(t0, s * per) - s * per,
                            min(t1, (s + 1) * per) - s * per, rows, imgs, C, N * s // parts,
                            N * (s + 1) // parts, border)
+    if parts == 1 and out.shape[0] > 0:
+        _unblock_items(gw[0], out, t0, t1)
+
+
+@njit(**JIT)
+def _unblock_items(gw, out, t0, t1):
+    """out[16·(ob+k) + o, 16·cb + 8·half + i, ky, kx] = gw[ob+k, cb, ky, kx, 8·half + i, o]
+    for the items t0..t1-1 of `_part_tiles_avx512` (the channels that exist only)."""
+    OC, C, OCB, CB = out.shape[0], out.shape[1], gw.shape[0], gw.shape[1]
+    for t in range(t0, t1):
+        group, ky, kx, half = t // 18, t // 6 % 3, t // 2 % 3, t % 2
+        ob, cb = group // CB * 2, group % CB
+        c0 = cb * BLOCK + half * 8
+        for k in range(min(2, OCB - ob)):
+            for o in range(min(BLOCK, OC - (ob + k) * BLOCK)):
+                for i in range(min(8, C - c0)):
+                    out[(ob + k) * BLOCK + o, c0 + i, ky, kx] = gw[ob + k, cb, ky, kx,
+                                                                  half * 8 + i, o]
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,10 +254,11 @@ def _weight_tiles_avx512(p, gy, gw, t0, t1, rows, imgs, C, border):
 # ----------------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _weight_tiles_loops(p, gy, gw, t0, t1, rows, imgs, C, border):
+def _weight_tiles_loops(p, gy, gw, t0, t1, rows, imgs, C, border, out):
     """`_weight_tiles_avx512`, one multiply-add at a time in the same order (multiply then
     add, so rounded twice where the FMA rounds once). p is x's zero-bordered copy; `rows`,
-    `imgs`, `C` and `border` only keep the signature: chunking changes no sum's order."""
+    `imgs`, `C`, `border` and `out` only keep the signature: chunking changes no sum's
+    order."""
     N, OCB, H, W = gy.shape[0], gy.shape[1], gy.shape[2], gy.shape[3]
     CB, parts = p.shape[1] // BLOCK, gw.shape[0]
     acc = np.empty((BLOCK, BLOCK), p.dtype)
@@ -393,8 +414,10 @@ def _weight_grad(p, border, gyb, C, OC, vector, plane_sums):
     # each tile's 16 accumulators were loaded and stored for 256 multiply-adds.
     imgs = max(1, GW_CHUNK_BYTES // row // (H + 2)) if rows >= H else 1
     items = parts * ((OCB + 1) // 2 * CB * 18 if vector else OCB * CB * 9)
-    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows, imgs, C, border),
-               items)
+    # one part: the tiles are unblocked into W's layout by the threads that sum them
+    fused = parts == 1 and vector
+    out = np.empty((OC, C, 3, 3) if fused else (0, 0, 0, 0), dtype)
+    map_ranges(lambda t0, t1: tiles(p, gy, gw, t0, t1, rows, imgs, C, border, out), items)
     for k in range(1, parts):  # the parts' tiles summed in order
         gw[0] += gw[k]
     gb = np.empty(OCB * BLOCK, np.float64)
@@ -403,4 +426,4 @@ def _weight_grad(p, border, gyb, C, OC, vector, plane_sums):
     else:
         _sum_images(plane_sums, gb)
     gb = gb[:OC].astype(dtype)
-    return unblock_filters(gw[0], OC, C), gb
+    return (out if fused else unblock_filters(gw[0], OC, C)), gb

@@ -153,7 +153,7 @@ def test_micro_kernel_compiles_to_broadcast_fmas_on_zmm_registers():
     # the cached machine code carries no assembly text: compile once more, uncached
     kernel = blocked._conv_rows_avx512.py_func
     fresh = blocked.njit(nogil=True)(kernel)
-    p = np.zeros((16, 6, 10), np.float32)  # (C, H+4, WQ+2), as conv2d_nchw makes it
+    p = np.zeros((16, 6, 10), np.float32)  # (C, rows, WQ+2): rows to spare for any shape
     y = np.empty((1, 16, 2, 8), np.float32)
     none = (np.empty((0, 0, 0, 16), np.float32), np.empty((0, 0)))
     fresh(x, blocked.block_filters(Wt), blocked.block_bias(b, 16), y, p, 0, 1, False, *none)

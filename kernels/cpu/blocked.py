@@ -69,10 +69,9 @@ reduction nor fuse the multiply-adds). So the micro-kernel is a `numba.extending
 IR itself: `<16 x float>` loads of the filter, a scalar load + `shufflevector` splat of
 each input value, and `llvm.fma.v16f32`. The accumulators are allocas in the function's
 entry block, which LLVM's SROA/mem2reg turns into registers (phis around the loops); on
-AVX-512 the inner body compiles to one `vbroadcastss zmm, dword ptr [...]` per input
-value feeding two `vfmadd231ps zmm, zmm, zmm` (one block of 16 output channels: the
-broadcast folded into the FMA as `dword ptr [...]{1to16}`), with no register spilled, as
-tests/test_blocked.py checks through `inspect_asm`.
+AVX-512 each input value is broadcast straight into its FMA, `vfmadd231ps zmm, zmm, dword
+ptr [...]{1to16}` (the two-block shape of maps 1-3 wide: one `vbroadcastss` feeding two
+FMAs), with no register spilled, as tests/test_blocked.py checks through `inspect_asm`.
 
 Without AVX-512 (or with MINIVGG_DISABLE_AVX512=1, NUMBA_DISABLE_JIT=1, or Numba compiling
 for another CPU) the same driver runs `_conv_block_loops`, plain Numba loops (multiply, then
@@ -218,7 +217,7 @@ def _block_planes(x, out, t0, t1, turn, sums):
 @njit(**JIT)
 def _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc):
     """y[n, 16ob : 16ob+16, oy, ox0 : ox0+PIX] (those that exist) as `_conv_block` computes
-    them from the zero-bordered image p (CB·16, H+2, WQ+2), one multiply-add at a time in
+    them from the zero-bordered image p (CB·16, H+2 or more, WQ+2), one multiply-add at a time in
     the same order (multiply then add, so rounded twice where the FMA rounds once)."""
     CB, OC, W = wb.shape[1], y.shape[1], y.shape[3]
     acc[:, :] = 0.0
@@ -241,7 +240,7 @@ def _conv_block_loops(p, oy, ox0, wb, ob, bb, y, n, relu, acc):
 # ----------------------------------------------------------------------------------------
 
 def row_width(W):
-    """WQ: W rounded up to PIX. An image's zero-bordered copy is (CB·16, H+2, WQ+2), so a
+    """WQ: W rounded up to PIX. An image's zero-bordered copy is (CB·16, rows, WQ+2), so a
     block of pixels past the row's end reads zeros inside the buffer."""
     return -(-W // PIX) * PIX
 
@@ -427,10 +426,11 @@ def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None, blocked_out=None):
 
     wb from `block_filters` (OC's and C's blocks), bb from `block_bias`; all float32, or
     all float64 (which only the loops run). `vector`: True for the AVX-512 micro-kernel,
-    False for the plain loops, None to choose by `avx512_reason()`. Items (image,
-    output-channel block, output row) are spread over the pool in contiguous ranges; each
-    output is computed by one thread in a fixed order. Each thread copies one image at a
-    time into a zero-bordered buffer of its own, (CB·16, H+2, WQ+2) with WQ =
+    False for the plain loops, None to choose by `avx512_reason()`. Items (image, pair of
+    output-channel blocks, group of `rows_per_item` rows; the loops: image, block, row) are
+    spread over the pool in contiguous ranges; each output is computed by one thread in a
+    fixed order. Each thread copies one image at a time into a zero-bordered buffer of its
+    own, (CB·16, ⌈H/RG⌉·RG + 2, WQ+2) with RG = `rows_per_item(W)` and WQ =
     `row_width(W)`; the kernel broadcasts its values from there and writes y's rows
     itself, so x and y need no conversion to the blocked layout. `blocked_out`, (xb, sums)
     with xb (N, CB, H·W, 16) and sums (N, CB·16) float64, AVX-512 only: x in nChw16c and
@@ -461,7 +461,7 @@ def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None, blocked_out=None):
                       dtype)
         rows(x, wb, bb, y, p, t0, t1, bool(relu), xb, sums)
 
-    if vector:  # (image, pair of blocks, pair of rows) as `_conv_rows_avx512` has them
+    if vector:  # (image, pair of blocks, group of rows) as `_conv_rows_avx512` has them
         map_ranges(job, N * ((OCB + 1) // 2) * -(-H // rows_per_item(W)))
     else:
         map_ranges(job, N * OCB * H)

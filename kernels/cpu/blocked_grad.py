@@ -31,11 +31,12 @@ from L1 (`GW_CHUNK_BYTES`): 16 -> 32 @ 32×32 went from 3.5 to 2.5 ms, 64 -> 64 
 from 6.0 to 4.1, 128 -> 128 @ 8×8 from 5.5 to 4.3 (batch 32, one thread, CPU time, best
 of 15, 2026-12-04 20:02 UTC; /tmp script timing `weight_grad_from_padded`).
 The tile is stored as block_filters lays filters out, wb[ob, cb, ky, kx, ic, :], and
-unblocked at the end. One (ob, cb, tap) item is one thread's whole sum, so the result does
+unblocked into W's layout by the thread that summed it (or, with the images in parts,
+after the parts are added). One (ob, cb, tap) item is one thread's whole sum, so the result does
 not depend on the thread count. As in the forward pass, the IR is emitted from a Numba
 intrinsic (plain Numba loops keep the accumulators in memory and do not fuse), and on
 AVX-512 each multiply-add becomes `vfmadd231ps zmm, zmm, dword ptr [...]{1to16}`;
-without it `_weight_tile_loops` adds the same products in the same order (multiply, then
+without it `_weight_tiles_loops` adds the same products in the same order (multiply, then
 add). gy comes in nChw16c (a vector of 16 output channels per pixel); x is only broadcast,
 so it stays NCHW. Each tap sums only the pixels whose input lies inside the image, so the
 AVX-512 tiles read x where it lies (`weight_grad_nchw`, C a multiple of 8); otherwise,

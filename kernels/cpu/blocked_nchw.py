@@ -11,12 +11,13 @@ zero-bordered copy of each image's channel planes, made by the thread that uses 
 (`blocked._pad_image`, plain row copies), and writes y's rows from its registers
 (`blocked.conv2d_nchw`); the input gradient is the same kernel on gy with the rotated
 filters. What remains of the layout conversions is in the weight gradient, which needs gy
-as vectors of 16 output channels per pixel (`_to_blocked`: 16×16 blocks turned in
-registers, `_turn_block`), in a workspace (`runtime.workspace`) reused from call to call.
+as vectors of 16 output channels per pixel (16×16 blocks turned in registers,
+`_turn_block`: by the input gradient's pass as it copies each image, or `_to_blocked`
+without one), in a workspace (`runtime.workspace`) reused from call to call.
 x needs no copy: no tap of the weight tiles reads its border (`blocked_grad.weight_grad_nchw`;
 a zero-bordered copy, `blocked.pad_images`, only where C is not a multiple of 8), and
 conv1_1's weight gradient reads gy as it is (`blocked_grad_rgb.py`). The measurements below
-are from before those two changes.
+are from before those changes.
 
 Measured (CPU time of one thread, batch 32, best of 15, shared 2-core machine, so rough),
 the conversions per forward + backward, before (2026-12-05 07:16 UTC, load average 2.6:

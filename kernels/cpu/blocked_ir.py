@@ -42,8 +42,8 @@ def tune_scheduling(builder):
     NOTE: on AMD Zen 4 (LLVM's znver4 model) the machine scheduler moves the next input
     channel's broadcasts above this channel's FMAs to hide load latency, runs out of the 32
     zmm registers and spills 63-84 of them to the stack per tap of the two-block shapes
-    (measured when every map took them; now only maps 1-3 wide)
-    (tests/test_blocked.py counts the spills). Scheduled as for Skylake, the same IR keeps
+    (measured when every map took them; now only maps 1-3 wide do; tests/test_blocked.py
+    counts the spills). Scheduled as for Skylake, the same IR keeps
     every accumulator in a register: the forward pass of the small recipe's layers took 10-13%
     less CPU time on one thread, the backward (whose input gradient is this kernel) 2-7%
     (AMD EPYC Zen 4, 2026-12-05, best of 15, `blocked_conv2d_forward` and

@@ -5,7 +5,8 @@
 
 It trains VGG-A (or any Table 1 column) at width 0.25 with fc6/fc7 of 512, crops of 64 from
 images rescaled to S = 72, batch 64, Glorot init, lr 0.01 cut by 10 on a val plateau
-(patience 2, at most 3 cuts), momentum 0.9, weight decay 5e-4, dropout 0.5, 12 epochs: the
+(patience 2, at most 3 cuts; `--stop-at-plateau` ends the run at the plateau after the
+third, as train_imagenet.py's), momentum 0.9, weight decay 5e-4, dropout 0.5, 12 epochs: the
 README's recipe (Sec. 3.1 scaled down). Everything but the network and the optimizer step is
 minivgg's own code, so the two runs differ only where the engines do:
 
@@ -48,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr-patience", type=int, default=2, metavar="N")
+    p.add_argument("--stop-at-plateau", action="store_true",
+                   help="end at the plateau after the third cut, as train_imagenet.py")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=5e-4, dest="weight_decay")
     p.add_argument("--dropout", type=float, default=0.5)
@@ -142,8 +146,8 @@ def main(argv=None):
                     args.crop, args.dropout, init="glorot")
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
-    scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1, patience=2,
-                                        max_decreases=3)  # minivgg.train's settings
+    scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1, max_decreases=3,
+                                        patience=args.lr_patience)  # minivgg.train's
     os.makedirs(args.output, exist_ok=True)
     try:  # one run per folder, as minivgg's own runs (held until this process ends)
         lock = folder_lock.lock_folder(args.output, "--output")  # noqa: F841
@@ -166,6 +170,10 @@ def main(argv=None):
               f"top-1 err {100 * va['val_top1_err']:.2f}% top-5 err "
               f"{100 * va['val_top5_err']:.2f}% | lr {lr:g} | {tr['images_per_s']:.1f} img/s"
               f" | {seconds:.1f}s", flush=True)
+        if args.stop_at_plateau and scheduler.ended:
+            print(f"val top-1 error stopped improving after the last lr cut: the run ends at "
+                  f"epoch {epoch + 1}", flush=True)
+            break
     print(f"done in {time.perf_counter() - t_run:.0f}s; metrics.csv in {args.output}")
     train_loader.close()
     val_loader.close()

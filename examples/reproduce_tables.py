@@ -4,29 +4,33 @@
     python examples/reproduce_tables.py ../shared/data/imagenette2-224 --doc-only
 
 Every run uses the README's small recipe (Sec. 3.1 scaled down): width 0.25, fc6/fc7 of 512,
-crops of 64 from images rescaled to S = 72, batch 64, Glorot init, lr 0.01 cut by 10 on val
-plateaus, 12 epochs, `--cache`. The study, in the order it runs (most informative first, so
-that a study cut short still answers the main questions):
+crops of 64 from images rescaled to S = 72, batch 64, Glorot init, and the paper's schedule:
+lr 0.01 cut by 10 when the val top-1 error has not improved for 3 epochs (patience 2), three
+times, the run ending at the plateau after the third cut (or at --epochs, 60); `--cache`.
+docs/reproduction.md's "Design" says why (written before the runs). The study, in the order
+it runs (most informative first, so that a study cut short still answers the main ones):
 
-    torch-A-s0 (the PyTorch twin, fastest), A-s0, D-s0, B-s0, C-s0, E-s0, A-LRN-s0 (every
-    column of Table 3 once), A-s1, D-s1 (the seed noise), Djit-s0 (S jittered over
-    [64, 128]), Dwarm-s0 (warm start from A-s0, Sec. 3.1)
+    A-s0 .. E-s0, A-s1 .. E-s1, A-s2 .. E-s2 (every depth of Table 3, three seeds),
+    torch-A-s0..2 (the PyTorch twin), A-LRN-s0..1, Djit-s0..1 (S jittered over
+    [64, 128]), Dwarm-s0..1 (warm start from A-s0 and A-s1, Sec. 3.1)
 
 Training goes through `examples/train_imagenet.py` (a subprocess per run: the real code path,
 one process per run, as a user runs it) and the PyTorch twin through
 `benchmarks/train_torch_twin.py`; evaluation through `minivgg.evaluate` (`EvalNet`,
 `average`). Each run lives in OUT/<name>/ (default runs/repro, git-ignored):
 
-* a run is *finished* when its metrics.csv has all epochs (and, for minivgg, last.npz says
-  so); it is skipped. A run with a last.npz but fewer epochs continues with --resume; a
-  twin run without all epochs starts again (it keeps no checkpoint).
+* a run is *finished* when its schedule, replayed on the val errors of its metrics.csv
+  (for minivgg: the epochs last.npz also holds), has ended, or its epochs reach the cap;
+  it is skipped. An unfinished run with a last.npz continues with --resume; an unfinished
+  twin run starts again (it keeps no checkpoint).
 * its test-set soft-max outputs go to OUT/<name>/posteriors.npz, one array per
   (method, Q), computed once; every table combines those arrays (multi-scale, dense +
   multi-crop and fusion are averages of soft-max outputs, Sec. 3.2 and 4.4).
 * once a run is trained and evaluated, its *record* (metrics.csv, timing.json,
   posteriors.npz, and for a warm-start source its weights.npz) is copied to
   RECORD/<name>/ (default docs/reproduction/, committed with the report). A recorded run
-  is finished whatever OUT holds, and the report is built from the records: the study goes
+  is finished whatever OUT holds (when its record.json has this study's `protocol`: a
+  record of another schedule or cap is not this study's), and the report is built from the records: the study goes
   on in a fresh clone or on another machine, where runs/ (checkpoints, logs) is gone.
 
 After each step the report docs/reproduction.md and its plots are rewritten from whatever is
@@ -59,11 +63,15 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_report
 
 from minivgg import (checkpoint, data, evaluate, folder_lock, images, metrics,  # noqa: E402
-                     run_state)
+                     optim, run_state)
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
           "--init", "glorot", "--cache"]
+# The schedule (Sec. 3.1): lr 0.01 cut by 10 after PATIENCE + 1 epochs without a better val
+# top-1 error, three times; a run ends at the plateau after the third cut, or at --epochs.
+PATIENCE, CUTS, CAP = 2, 3, 60
+SCHEDULE = ["--lr-patience", str(PATIENCE), "--stop-at-plateau"]
 FIXED_Q, FIXED_QS = 72, (64, 72, 80)
 JITTER, JITTER_Q, JITTER_QS = (64, 128), 96, (64, 96, 128)
 
@@ -89,19 +97,22 @@ class Run:
         return JITTER_QS if self.jitter else FIXED_QS
 
 
-STUDY = [
-    Run("torch-A-s0", "A", 0, engine="torch"),
-    Run("A-s0", "A", 0),
-    Run("D-s0", "D", 0, multicrop=True),
-    Run("B-s0", "B", 0),
-    Run("C-s0", "C", 0),
-    Run("E-s0", "E", 0, multicrop=True),
-    Run("A-LRN-s0", "A-LRN", 0),
-    Run("A-s1", "A", 1),
-    Run("D-s1", "D", 1, multicrop=True),
-    Run("Djit-s0", "D", 0, jitter=True, multicrop=True),
-    Run("Dwarm-s0", "D", 0, warm_from="A-s0"),
-]
+def _study():
+    """The runs, in the order they run: most informative first, so that a study cut short
+    still answers the main questions: one seed of every depth, then the second and third
+    seeds, then the PyTorch twin, LRN, scale jittering and the warm start."""
+    runs = []
+    for seed in (0, 1, 2):
+        runs += [Run(f"{arch}-s{seed}", arch, seed, multicrop=arch in ("D", "E"))
+                 for arch in "ABCDE"]
+    runs += [Run(f"torch-A-s{seed}", "A", seed, engine="torch") for seed in (0, 1, 2)]
+    runs += [Run(f"A-LRN-s{seed}", "A-LRN", seed) for seed in (0, 1)]
+    runs += [Run(f"Djit-s{seed}", "D", seed, jitter=True, multicrop=True) for seed in (0, 1)]
+    runs += [Run(f"Dwarm-s{seed}", "D", seed, warm_from=f"A-s{seed}") for seed in (0, 1)]
+    return runs
+
+
+STUDY = _study()
 
 
 def parse_args(argv=None):
@@ -112,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--record", default=os.path.join(ROOT, "docs", "reproduction"),
                    metavar="DIR", help="finished runs' results, committed "
                    "(default docs/reproduction)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    p.add_argument("--epochs", type=int, default=CAP, help="most epochs per run: a run "
+                   f"ends sooner, at its plateau after the third lr cut (default {CAP})")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these runs")
     p.add_argument("--eval-limit", type=int, default=500, metavar="N",
                    help="val images (evenly spaced) for the multi-crop protocols (500)")
@@ -140,10 +152,44 @@ def record_folder(args, run):
     return os.path.join(args.record, run.name)
 
 
+def protocol(args):
+    """What makes a record this study's: the schedule and the epoch cap."""
+    return {"schedule": "plateau", "patience": PATIENCE, "cuts": CUTS, "cap": args.epochs}
+
+
 def recorded(args, run):
-    """True when RECORD/<name>/ holds this run finished at args.epochs (see save_record)."""
-    return read_json(os.path.join(record_folder(args, run), "record.json"),
-                     {}).get("epochs") == args.epochs
+    """True when RECORD/<name>/ holds this run finished under this study's `protocol`."""
+    record = read_json(os.path.join(record_folder(args, run), "record.json"), {})
+    return record.get("protocol") == protocol(args)
+
+
+class _Rate:
+    lr = 0.01
+
+
+def schedule_ended(rows):
+    """Whether the plateau schedule, replayed on a run's val errors, has ended: the same
+    `minivgg.optim.ReduceLROnPlateau` the run steps (patience PATIENCE, CUTS cuts)."""
+    schedule = optim.ReduceLROnPlateau(_Rate(), mode="min", patience=PATIENCE,
+                                       max_decreases=CUTS)
+    for row in rows:
+        schedule.step(float(row["val_top1_err"]))
+    return schedule.ended
+
+
+def finished(args, run):
+    """A run is finished when recorded, or when its epochs reach the cap or its schedule
+    has ended (the plateau after the third cut)."""
+    if recorded(args, run):
+        return True
+    done = epochs_done(args, run)
+    if done >= args.epochs:
+        return True
+    try:
+        rows = metrics.read_metrics(os.path.join(folder(args, run), "metrics.csv"))
+    except (OSError, ValueError):
+        return False
+    return done > 0 and schedule_ended(rows[:done])
 
 
 def save_record(args, run):
@@ -162,8 +208,9 @@ def save_record(args, run):
     if any(r.warm_from == run.name for r in STUDY):  # the weights a later run starts from
         model, _ = run_state.load_model(last_checkpoint(args, run))
         save_pretrained(model, os.path.join(dst, "weights.npz"), overwrite=True)
+    epochs = len(metrics.read_metrics(os.path.join(dst, "metrics.csv")))
     checkpoint.write_json(os.path.join(dst, "record.json"),
-                          {"epochs": args.epochs, "engine": run.engine, "arch": run.arch,
+                          {"protocol": protocol(args), "epochs": epochs, "engine": run.engine, "arch": run.arch,
                            "seed": run.seed, "saved": time.strftime("%Y-%m-%d %H:%M")},
                           overwrite=True)
 
@@ -193,7 +240,7 @@ def warm_weights(args, run):
 def epochs_done(args, run):
     """Epochs in the run's metrics.csv that its checkpoint (minivgg) also holds."""
     if recorded(args, run):
-        return args.epochs
+        return read_json(os.path.join(record_folder(args, run), "record.json"), {})["epochs"]
     csv_path = os.path.join(folder(args, run), "metrics.csv")
     try:
         rows = len(metrics.read_metrics(csv_path))
@@ -217,10 +264,12 @@ def train_command(args, run):
     if run.engine == "torch":
         return [sys.executable, os.path.join(ROOT, "benchmarks", "train_torch_twin.py"),
                 args.data, "-a", run.arch, "--seed", str(run.seed), "--epochs",
-                str(args.epochs), "--cache", "-j", str(args.workers), "--output", out]
+                str(args.epochs), "--cache", "-j", str(args.workers), "--output", out,
+                "--lr-patience", str(PATIENCE), "--stop-at-plateau"]
     cmd = [sys.executable, os.path.join(ROOT, "examples", "train_imagenet.py"), args.data,
            "-a", run.arch, "--seed", str(run.seed), "--epochs", str(args.epochs),
-           "-j", str(args.workers), "--output", out, "-p", "20", *RECIPE, *run.flags]
+           "-j", str(args.workers), "--output", out, "-p", "20", *RECIPE, *SCHEDULE,
+           *run.flags]
     if run.jitter:
         cmd += ["--scale-jitter", *map(str, JITTER), "--test-scale", str(JITTER_Q)]
     else:
@@ -241,13 +290,13 @@ class Interrupted(Exception):
 
 
 def train(args, run):
-    """Train `run` to args.epochs unless it is there already -> True when finished.
+    """Train `run` until it is `finished`, unless it is already -> True when finished.
 
     Raises Interrupted when SIGINT or SIGTERM stopped the run (after it saved)."""
-    if epochs_done(args, run) >= args.epochs:
+    if finished(args, run):
         return True
     if run.warm_from and not os.path.isfile(last_checkpoint(args, run)):
-        if epochs_done(args, by_name(run.warm_from)) < args.epochs:
+        if not finished(args, by_name(run.warm_from)):
             print(f"== {run.name}: waits for {run.warm_from}", flush=True)
             return False
     os.makedirs(folder(args, run), exist_ok=True)
@@ -259,7 +308,7 @@ def train(args, run):
             code = supervise(cmd, log)
     finally:  # every invocation's time counts, an interrupted one too
         record_time(args, run, start, load)
-    done = epochs_done(args, run) >= args.epochs
+    done = finished(args, run)
     print(f"== {run.name}: exit {code}, {'finished' if done else 'NOT finished'} "
           f"after {time.time() - start:.0f}s (log: {folder(args, run)}/train.log)", flush=True)
     if code > 128 and signal.Signals(code - 128).name in ("SIGINT", "SIGTERM"):
@@ -459,14 +508,27 @@ def run_study(args, runs, write_report):
                     return 130
             else:
                 unfinished.append(run.name)
-            write_report(args, STUDY)
-    write_report(args, STUDY)
+            report(args, write_report)
+    if not report(args, write_report):
+        return 1
     print(f"== report: {args.doc}", flush=True)
     if unfinished:
         print(f"error: {len(unfinished)} run(s) did not finish: {', '.join(unfinished)} "
               f"(see their train.log under {args.out})", file=sys.stderr)
         return 1
     return 0
+
+
+def report(args, write_report):
+    """Rewrite the report -> True; on an error, say so and go on -> False: a report that
+    fails must not stop a study of many hours (its records are what counts)."""
+    try:
+        write_report(args, STUDY)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure of the report; the study goes on
+        print(f"error: the report could not be written ({type(e).__name__}: {e}); the "
+              f"study goes on, and --doc-only rewrites it", file=sys.stderr, flush=True)
+        return False
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from minivgg import evaluate, metrics
-from reproduce_tables import epochs_done, read_json, results_folder
+from reproduce_tables import finished, read_json, results_folder
 
 PENDING = "pending"
 LAST_EPOCHS = 3  # the report's "mean of the last epochs" of the val curve
@@ -43,7 +43,7 @@ class Results:
                 self.rows[run.name] = metrics.read_metrics(os.path.join(path, "metrics.csv"))
             except (OSError, ValueError):
                 self.rows[run.name] = []
-            self.done[run.name] = epochs_done(args, run) >= args.epochs
+            self.done[run.name] = finished(args, run)
             self.timing[run.name] = read_json(os.path.join(path, "timing.json"), [])
             npz = os.path.join(path, "posteriors.npz")
             self.parts[run.name] = dict(np.load(npz)) if os.path.isfile(npz) else {}

@@ -30,6 +30,26 @@ from minivgg.train import (TrainConfig, TrainingDiverged, TrainingError,  # noqa
 from minivgg.workers import WorkerError  # noqa: E402
 
 
+def add_recipe_flags(p):
+    """The optimisation flags of Sec. 3.1: epochs, batch, rate and its schedule, momentum,
+    weight decay."""
+    p.add_argument("--epochs", type=int, help="total epochs (Sec. 3.1: 74)")
+    p.add_argument("-b", "--batch-size", type=int, help="mini-batch size (Sec. 3.1: 256)")
+    p.add_argument("--lr", "--learning-rate", type=float, dest="lr",
+                   help="initial rate (Sec. 3.1: 0.01); given with --resume it wins over "
+                        "the stored rate")
+    p.add_argument("--momentum", type=float, help="Sec. 3.1: 0.9")
+    p.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay",
+                   help="Sec. 3.1: 5e-4")
+    p.add_argument("--lr-patience", type=int, metavar="N",
+                   help="epochs without a better val top-1 error before the rate is cut by "
+                        "10 (default 2; the paper does not say); given with --resume it "
+                        "wins over the stored one")
+    p.add_argument("--stop-at-plateau", action="store_true", default=None,
+                   help="end the run when the val error plateaus after the third cut "
+                        "(Sec. 3.1 stopped there), even before --epochs")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,14 +60,7 @@ def parse_args(argv=None):
                    choices=list(CONFIGS) + list(ALIASES) + [c.lower() for c in CONFIGS],
                    help="Table 1 column: A, A-LRN, B, C, D, E or vgg11/13/16/19 (default A)")
     p.add_argument("-j", "--workers", type=int, help="data loading processes (0 = inline)")
-    p.add_argument("--epochs", type=int, help="total epochs (Sec. 3.1: 74)")
-    p.add_argument("-b", "--batch-size", type=int, help="mini-batch size (Sec. 3.1: 256)")
-    p.add_argument("--lr", "--learning-rate", type=float, dest="lr",
-                   help="initial rate (Sec. 3.1: 0.01); given with --resume it wins over "
-                        "the stored rate")
-    p.add_argument("--momentum", type=float, help="Sec. 3.1: 0.9")
-    p.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay",
-                   help="Sec. 3.1: 5e-4")
+    add_recipe_flags(p)
     p.add_argument("--resume", metavar="PATH", help="checkpoint to continue from")
     p.add_argument("-e", "--evaluate", action="store_true",
                    help="evaluate the --resume checkpoint on the val set and stop")

@@ -79,7 +79,8 @@ class ReduceLROnPlateau:
 
     `mode="max"` for accuracy, "min" for error or loss. After `patience` epochs without an
     improvement larger than `threshold` the rate is multiplied by `factor`; after
-    `max_decreases` decreases (3 in the paper) it is left alone.
+    `max_decreases` decreases (3 in the paper) it is left alone, and `ended` turns True at
+    the next plateau: the paper stopped training after its third decrease (Sec. 3.1).
     """
 
     def __init__(self, optimizer, mode="max", factor=0.1, patience=0, threshold=1e-4,
@@ -112,6 +113,11 @@ class ReduceLROnPlateau:
             self.bad_epochs = 0
             return True
         return False
+
+    @property
+    def ended(self):
+        """True once the metric has plateaued again after the last allowed decrease."""
+        return self.decreases >= self.max_decreases and self.bad_epochs > self.patience
 
     def state_dict(self):
         return {"mode": self.mode, "factor": self.factor, "patience": self.patience,

@@ -422,6 +422,8 @@ def restore(cfg, resumed, model, optimizer, scheduler, log):
     backend.set_rng_state(meta["rng"]["host"])
     if cfg.lr is not None:  # NOTE: the command line wins over the stored rate
         optimizer.lr = cfg.lr
+    if cfg.lr_patience is not None:  # and over the stored patience
+        scheduler.patience = cfg.lr_patience
     start_epoch, progress = int(meta["epoch"]), epoch_progress(meta, cfg.resume)
     log(f"resumed {cfg.resume} at epoch {start_epoch}"
         + (f" + {progress.batch} batches" if progress else "") + f", lr {optimizer.lr:g}")

@@ -88,6 +88,7 @@ def evaluate_only(run):
 
 def train(run):
     """Epochs `run.start_epoch` to `config.epochs` (Sec. 3.1) -> all metrics rows of the run.
+    With `stop_at_plateau`, the run ends sooner once the schedule has `ended`.
 
     Each epoch: train, validate, step the plateau schedule on val top-1 error, write
     last.npz (and best.npz), append a metrics.csv row and redraw metrics.png. A stop
@@ -100,6 +101,8 @@ def train(run):
     plotted = False
     with run.replicas.listening() as replicas:  # signals become votes the ranks agree on
         for epoch in range(run.start_epoch, cfg.epochs):
+            if cfg.stop_at_plateau and run.scheduler.ended:
+                break  # a resume of a run that had ended (or --stop-at-plateau added)
             lr = run.optimizer.lr
             t0 = time.perf_counter()
             tr = train_one_epoch(run, epoch)
@@ -121,6 +124,10 @@ def train(run):
             say(epoch_summary(run, epoch + 1, tr, va, lr, seconds, improved))
             if run.optimizer.lr != lr:
                 say(f"val top-1 error stopped improving: lr {lr:g} -> {run.optimizer.lr:g}")
+            if cfg.stop_at_plateau and run.scheduler.ended:
+                say(f"val top-1 error stopped improving after the last lr cut: the run ends "
+                    f"at epoch {epoch + 1} (--stop-at-plateau, Sec. 3.1)")
+                break
             if replicas.agree() and epoch + 1 < cfg.epochs:
                 raise TrainingInterrupted(
                     f"stopped by {replicas.stop} after epoch {epoch + 1}: {paths.last} "

@@ -40,8 +40,10 @@ class TrainConfig:
     weight_decay: float = 5e-4   # Sec. 3.1: L2 penalty multiplier 5e-4
     dropout: float = 0.5         # Sec. 3.1: on fc6 and fc7
     lr_factor: float = 0.1       # Sec. 3.1: "decreased by a factor of 10"
-    lr_patience: int = 2         # epochs without improvement before a cut (paper: unstated)
+    lr_patience: int = None      # epochs without improvement before a cut; None: 2 (new
+    #                              run) or the stored one (resume). The paper does not say.
     lr_decreases: int = 3        # Sec. 3.1: "decreased 3 times"
+    stop_at_plateau: bool = False  # end at the plateau after the last decrease (Sec. 3.1)
     scale: int = 256             # training scale S, fixed (Sec. 3.1)
     scale_jitter: tuple = None   # (Smin, Smax), e.g. (256, 512), overrides `scale`
     crop: int = 224              # Sec. 2.1: 224x224 input
@@ -129,6 +131,8 @@ def check_config(cfg):
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise TrainingError(f"--epochs and --batch-size must be positive, got "
                             f"{cfg.epochs} and {cfg.batch_size}")
+    if cfg.lr_patience is not None and cfg.lr_patience < 0:
+        raise TrainingError(f"--lr-patience must be 0 or more, got {cfg.lr_patience}")
     check_numbers(cfg)
     check_sizes(cfg)
     try:

@@ -154,7 +154,8 @@ def make_optimizer(cfg, model):
     optimizer = optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     scheduler = optim.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
-                                        patience=cfg.lr_patience,
+                                        patience=2 if cfg.lr_patience is None
+                                        else cfg.lr_patience,
                                         max_decreases=cfg.lr_decreases)
     return optimizer, scheduler
 

@@ -294,7 +294,7 @@ def test_gradients_through_activations_reach_the_input(rng):
 
 
 # ----------------------------------------------------------------------------------------
-# Trained weights: the reproduction study's A-s0 (Imagenette, committed in docs/)
+# Trained weights: the 12-epoch reproduction study's A-s0 (docs/archive/)
 # ----------------------------------------------------------------------------------------
 
 def test_trained_features_separate_imagenette_classes_far_better_than_untrained(imagenette):
@@ -318,7 +318,7 @@ def test_trained_features_separate_imagenette_classes_far_better_than_untrained(
         clf = svm.LinearSVC(random_state=0).fit(X[train], y[train])
         return np.mean(clf.predict(X[~train]) == y[~train])
 
-    trained = accuracy(load_pretrained(os.path.join(REPO, "docs", "reproduction", "A-s0",
-                                                    "weights.npz")))
+    trained = accuracy(load_pretrained(os.path.join(
+        REPO, "docs", "archive", "reproduction-12-epochs", "A-s0", "weights.npz")))
     untrained = accuracy(models.vgg("A", 10, 0.25, 512, 64, init="glorot", seed=0))
     assert trained > 0.45 and trained > untrained + 0.15, (trained, untrained)

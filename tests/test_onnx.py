@@ -149,10 +149,11 @@ def test_caffe_born_weights_export_as_the_authors_bgr_net(tmp_path):
 
 
 def test_trained_weights_export_with_the_same_logits_and_predictions(tmp_path):
-    """The reproduction study's trained A-s0 (committed in docs/reproduction/)."""
+    """The 12-epoch reproduction study's trained A-s0 (docs/archive/)."""
     from conftest import REPO
     from minivgg.pretrained import load_pretrained
-    model = load_pretrained(os.path.join(REPO, "docs", "reproduction", "A-s0", "weights.npz"))
+    model = load_pretrained(os.path.join(REPO, "docs", "archive", "reproduction-12-epochs",
+                                         "A-s0", "weights.npz"))
     path = tmp_path / "a.onnx"
     onnx_export.export_onnx(model, path)
     x = images((16, 3, 64, 64))

@@ -185,6 +185,18 @@ def test_plateau_stops_after_max_decreases():
     assert math.isclose(opt.lr, 0.01 / 1000)
 
 
+def test_plateau_has_ended_at_the_plateau_after_the_last_decrease():
+    opt, sched = plateau(patience=1, max_decreases=2, mode="min")
+    steps = [0.5, 0.5, 0.5, 0.4, 0.4, 0.4, 0.3, 0.3, 0.3]  # cuts after the 3rd and 6th
+    ended = []
+    for m in steps:
+        sched.step(m)
+        ended.append(sched.ended)
+    assert sched.decreases == 2 and ended == [False] * 8 + [True]
+    sched.step(0.1)  # an improvement after the end: the schedule is live again, no cut
+    assert not sched.ended and sched.decreases == 2 and math.isclose(opt.lr, 1e-4)
+
+
 def test_plateau_in_min_mode_watches_a_falling_metric():
     opt, sched = plateau(mode="min")
     sched.step(2.0)

@@ -58,6 +58,20 @@ def test_finished_runs_are_skipped_and_half_finished_ones_resume(study, tmp_path
     assert "benchmarks/train_torch_twin.py" in study.train_command(args, twin)[1]
 
 
+def test_a_run_is_finished_when_its_replayed_schedule_has_ended(study, tmp_path):
+    """A constant val error: patience 2 cuts after epochs 4, 7 and 10, and the plateau of
+    epochs 11-13 ends the run (Sec. 3.1's three cuts), well before the cap of 60."""
+    args = _args(study, tmp_path)
+    assert args.epochs == study.CAP == 60
+    for run in (study.by_name("A-s0"), study.by_name("torch-A-s0")):
+        cmd = study.train_command(args, run)
+        assert "--stop-at-plateau" in cmd and cmd[cmd.index("--lr-patience") + 1] == "2"
+        _finish(study, args, run, 12)
+        assert not study.finished(args, run)
+        _finish(study, args, run, 13)
+        assert study.finished(args, run) and study.epochs_done(args, run) == 13
+
+
 def test_warm_start_run_starts_from_the_a_run(study, tmp_path):
     args = _args(study, tmp_path)
     warm = study.by_name("Dwarm-s0")
@@ -114,7 +128,7 @@ def test_report_marks_missing_runs_pending(study, tmp_path):
     assert study.main([*sys.argv[:0], args.data, "--out", args.out, "--doc", args.doc,
                        "--record", args.record, "--doc-only"]) == 0
     text = Path(args.doc).read_text()
-    assert "0 of\n11 runs finished" in text and "pending" in text
+    assert "0 of\n24 runs finished" in text and "pending" in text
     assert "| A | 11 | 0 | pending |" in text
     assert (tmp_path / "docs" / "reproduction_curves.png").is_file()
 
@@ -151,7 +165,8 @@ def test_report_from_the_committed_records(study, tmp_path):
     cells of every finished run, with no run folders at all."""
     pytest.importorskip("matplotlib")
     record = REPO / "docs" / "reproduction"
-    finished = sorted(p.name for p in record.iterdir() if (p / "metrics.csv").is_file())
+    finished = sorted(p.name for p in record.iterdir() if (p / "record.json").is_file()) \
+        if record.is_dir() else []
     if not {"A-s0", "B-s0"} <= set(finished):
         pytest.skip("the study has not recorded A-s0 and B-s0")
     (tmp_path / "docs").mkdir()
@@ -160,15 +175,15 @@ def test_report_from_the_committed_records(study, tmp_path):
     assert study.main([args.data, "--out", args.out, "--doc", str(doc), "--record",
                        str(record), "--doc-only"]) == 0
     text = doc.read_text()
-    assert f"{len(finished)} of\n11 runs finished" in text
+    assert f"{len(finished)} of\n{len(study.STUDY)} runs finished" in text
     table6 = text.split("## Table 6")[1].split("##")[0]
     assert "(best 2)" in table6 and "McNemar" in table6 and "pending" not in table6
     runs_table = text.split("## Runs")[1].split("## Table 3")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in runs_table.splitlines()
             if line.startswith("| ") and not line.startswith("| run ")}
     for name in finished:
-        assert "| 12/12 |" in rows[name] and "pending" not in rows[name]
-    if len(finished) == 11:  # the whole study: no cell is left pending
+        assert "pending" not in rows[name]
+    if len(finished) == len(study.STUDY):  # the whole study: no cell is left pending
         assert "pending" not in text
     if "A-s1" in finished:  # a second seed must not count as a second configuration
         line = next(x for x in text.splitlines() if x.startswith("- Multi-scale testing"))

@@ -158,6 +158,28 @@ def test_a_learning_rate_given_at_resume_wins_over_the_stored_one(tmp_path, one_
     assert opt["lr"] == 0.003
 
 
+def test_stop_at_plateau_ends_the_run_after_the_third_cut_and_a_resume_adds_nothing(tmp_path):
+    """lr 1e-12 leaves the weights as they are, so the val error never improves after the
+    first epoch: patience 0 cuts after epochs 2, 3 and 4, and epoch 5's plateau ends it."""
+    rows, lines = run_fit(tmp_path, epochs=20, lr=1e-12, lr_patience=0, stop_at_plateau=True)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-12] * 2 + [1e-13, 1e-14, 1e-15])
+    assert any("the run ends at epoch 5" in line for line in lines), lines
+    again, _ = run_fit(tmp_path, epochs=20, lr_patience=0, stop_at_plateau=True,
+                       resume=str(tmp_path / "last.npz"))
+    assert len(again) == 5  # nothing trained: the stored schedule has ended
+    more, _ = run_fit(tmp_path, epochs=6, resume=str(tmp_path / "last.npz"))
+    assert len(more) == 6  # without --stop-at-plateau a resume trains on to --epochs
+
+
+def test_a_patience_given_at_resume_wins_over_the_stored_one(tmp_path, one_epoch):
+    run = setup(tiny_config(tmp_path, epochs=2, lr_patience=5,
+                            resume=str(one_epoch[0] / "last.npz")), log=lambda _: None)
+    try:
+        assert run.scheduler.patience == 5  # the first run's was 100 (TINY)
+    finally:
+        run.close()
+
+
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
                             "ignore:invalid value:RuntimeWarning")
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, one_epoch):
@@ -228,6 +250,7 @@ def test_script_error_has_no_traceback(tmp_path):
     ("resume-missing", "checkpoint .* does not exist"),
     ("resume-corrupt", "corrupt|not an .npz"),
     ("cuda", "device 'cuda' was asked for"),
+    ("patience", "--lr-patience must be 0 or more, got -1"),
 ])
 def test_script_reports_bad_input_as_error_lines(tmp_path, capsys, case, message):
     root = tmp_path / "data"
@@ -242,7 +265,7 @@ def test_script_reports_bad_input_as_error_lines(tmp_path, capsys, case, message
             "crop": ["--scale-jitter", "56", "80", "--crop", "64"],
             "resume-missing": ["--resume", str(tmp_path / "none.npz")],
             "resume-corrupt": ["--resume", str(tmp_path / "bad.npz")],
-            "cuda": ["--device", "cuda"]}[case]
+            "cuda": ["--device", "cuda"], "patience": ["--lr-patience", "-1"]}[case]
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     if case == "cuda":
         from minivgg import backend

@@ -1,0 +1,94 @@
+"""The study's design, as docs/reproduction.md states it: written before the runs started.
+
+`design(args)` is the section the report puts first. Its settings come from
+`reproduce_tables` (PATIENCE, CUTS, the cap, the recipe), so the text cannot drift from
+what the study runs; the measured figures it quotes (epoch times, the 12-epoch study) are
+the ones that chose the design, with the commands that measured them.
+"""
+
+from reproduce_tables import CUTS, FIXED_Q, FIXED_QS, JITTER, PATIENCE
+
+WRITTEN = "2026-12-06 00:15 UTC"
+
+
+def design(args):
+    """The "Design" section of the report (markdown)."""
+    return _question_and_schedule(args) + "\n" + _measurement()
+
+
+def _question_and_schedule(args):
+    """What is asked, at what resolution, with which schedule, runs and seeds."""
+    return f"""## Design (written {WRITTEN}, before the first run of this study)
+
+**Question.** Do the findings of the paper's Tables 3 and 4 hold when every net is trained
+to the end of the paper's schedule (Sec. 3.1: lr ÷10 on a val plateau, three times), with
+seeds enough to tell training noise from a real difference? The first, 12-epoch study
+(archived in [docs/archive/reproduction-12-epochs/](archive/reproduction-12-epochs/README.md))
+could not say: no run reached a plateau and D's two seeds ended 19 points apart.
+
+**Resolution: 64-pixel crops from S = 72, as before.** Larger crops were considered: 96 from
+S = 108 leaves block 5 of every net on 6×6 maps instead of 4×4. One epoch of A (training
+and validation, 2 threads, this 2-core AMD EPYC) took 17.9 s at 64 pixels and 37.0 s at 96
+(`python examples/train_imagenet.py DIR -a A --epochs 1 --width 0.25 --fc-width 512
+--crop 96 --scale 108 -b 64 --init glorot --cache`), and E 38.5 s at 64. At 96 the study
+below needs about 14 hours of the machine, at 64 about 7; three seeds of every net and a
+complete schedule decide more than a larger image does. The cost is known and is taken
+into account in the verdicts: at 64 pixels block 4 works on 8×8 maps and block 5 on 4×4,
+where 31% of a 3×3 filter's taps read the zero border, so the layers that the deeper
+nets add (C, D, E add them to blocks 3-5) see less image than at 224.
+
+**Schedule.** SGD, batch 64, momentum 0.9, weight decay 5e-4, dropout 0.5, Glorot's
+initialisation (Sec. 3.1's alternative to warm starts), lr 0.01 divided by 10 when the val
+top-1 error (centre crop) has not improved for {PATIENCE + 1} epochs (patience {PATIENCE}),
+{CUTS} times; a run ends at the plateau after its third cut (`--stop-at-plateau`: the paper
+stopped after its third decrease), or at {args.epochs} epochs, a cap that every run is
+expected to stay under. A run must be trained through at least two cuts to count; one
+that reaches the cap before that is reported as such and continued with a higher cap.
+As in the paper (Sec. 3.1 cuts the rate on validation accuracy, and Sec. 4 reports its
+results on the same ILSVRC-2012 validation set), the val images drive the schedule and are
+also the test set; no result below selects a model or an epoch on them (every net is
+evaluated at its last epoch).
+
+**Runs and seeds.** A, B, C, D and E with three seeds each (a seed fixes the initial
+weights, the order of the images and every augmentation draw); A-LRN, D with S jittered
+over [{JITTER[0]}, {JITTER[1]}] (the paper's [256, 512] at this scale) and D warm-started
+from A's weights (Sec. 3.1) with two seeds each; the PyTorch twin of A
+(`benchmarks/train_torch_twin.py`, the same data pipeline and schedule) with three seeds, to
+show that minivgg's A ends where PyTorch's does. The order is the most informative first
+(seed 0 of A..E, then seeds 1 and 2), so a study cut short still answers the depth question.
+"""
+
+
+def _measurement():
+    """How the runs are evaluated, tested, judged and budgeted (markdown)."""
+    return f"""**Evaluation.** Every run's last checkpoint on all 3,925 val images: centre crop, dense
+(fully convolutional, window grid centred) at Q = {FIXED_Q}, and dense at three scales
+Q ∈ {{{', '.join(map(str, FIXED_QS))}}} (soft-max averaged; the jittered D at its own
+scales); multi-crop (5×5 crops × 2 flips) on D and E, on 500 evenly spaced images.
+
+**Statistics.**
+- *Seed level* (the main test): each net's error is the mean over its seeds ± a 95%
+  Student-t interval; two nets are compared by a two-sided Welch t-test on their per-seed
+  errors, with an exact permutation test on the same numbers beside it (with 3 seeds
+  against 3 only 20 splits exist, so its two-sided p cannot go below 0.10: it is a check
+  that does not assume normality, not the decision).
+- *Image level*: an exact McNemar test on the top-1 decisions of the seed-averaged
+  soft-max of each net, over the same 3,925 images (it says whether the averaged nets
+  differ on these images, not whether another draw of seeds would).
+- *Verdicts.* A finding of the form "X is better than Y" is **reproduced** when the Welch
+  test finds the paper's direction at p < 0.05, **contradicted** when it finds the opposite
+  direction at p < 0.05, and **undecided** otherwise. A finding of the form "X is no better
+  than Y" (LRN; E against D) is **contradicted** when X is better at p < 0.05,
+  **reproduced** when it is not and the 95% interval of the difference excludes a gain of
+  more than 2 points, and undecided otherwise. The p-values are given unadjusted, with
+  Holm's adjustment over the depth family beside them.
+- Multi-scale testing (Table 4): per run an exact McNemar test of single against
+  multi-scale on the same images, and across the runs of A..E a sign test on the change.
+
+**Budget.** From the first epochs above: an epoch of A takes 18 s and of E 39 s; with
+B, C and D between them by their arithmetic, one seed of A..E costs about 140 s an epoch.
+The 12-epoch study's curves suggest 25-40 epochs to the plateau after the third cut,
+so about 80 minutes a seed for A..E and 7 hours of the machine (14 CPU-hours on 2 cores)
+for the whole study, run niced in the background across sessions. The runs table below
+gives what each run took.
+"""

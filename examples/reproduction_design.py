@@ -61,7 +61,8 @@ show that minivgg's A ends where PyTorch's does. The order is the most informati
 
 def _measurement():
     """How the runs are evaluated, tested, judged and budgeted (markdown)."""
-    return f"""**Evaluation.** Every run's last checkpoint on all 3,925 val images: centre crop, dense
+    return f"""\
+**Evaluation.** Every run's last checkpoint on all 3,925 val images: centre crop, dense
 (fully convolutional, window grid centred) at Q = {FIXED_Q}, and dense at three scales
 Q ∈ {{{', '.join(map(str, FIXED_QS))}}} (soft-max averaged; the jittered D at its own
 scales); multi-crop (5×5 crops × 2 flips) on D and E, on 500 evenly spaced images.

@@ -1,23 +1,22 @@
 """docs/reproduction.md and its plots, from whatever runs of the study are finished.
 
-Called by `examples/reproduce_tables.py` after every step (and by its --doc-only). Every
-number is computed from the run folders: metrics.csv (training curves, wall time),
-timing.json (wall time and load of each invocation) and posteriors.npz (the test-set
-soft-max outputs of each (method, Q)). A cell whose run is not finished says "pending".
+Called by `examples/reproduce_tables.py` after every run (and by its --doc-only). Every
+number is computed from the run records: metrics.csv (training curves, lr cuts, wall
+time), timing.json (wall time and load of each invocation) and posteriors.npz (the val
+soft-max outputs of each (method, Q)). A cell whose runs are not finished says "pending".
 
-Errors are top-1 / top-5 on Imagenette's 3,925 val images (the multi-crop tables: on the
-evenly spaced subset). A single run's 95% interval is Wilson's binomial interval over the
-test images: it measures test-sample noise only. Training noise is measured by the seeds;
-a difference smaller than the largest seed-to-seed difference seen is called "within
-noise". Where the paper's finding is itself "no difference" (LRN, E vs D, warm start vs
-Glorot), a difference within noise is called "consistent": it does not contradict the
-paper, but with noise this wide it confirms little either.
+Errors are top-1 / top-5 on Imagenette's 3,925 val images (the multi-crop table: on the
+evenly spaced subset). Nets are compared over seeds (Welch's t-test, a permutation test,
+Holm's adjustment: training noise), protocols on the same images (exact McNemar tests:
+test-sample noise); the "Design" section, written before the runs, fixes the rules.
 
-In three modules, each importing the one before:
+In five modules, each importing those before it:
 
-    reproduction_stats.py     reading the runs (`Results`); intervals, tests, verdicts
-    reproduction_sections.py  the tables, one function per section, with their findings
-    reproduction_report.py    the plots and the document: write_report(args, study)
+    reproduction_seeds.py      seed-level statistics and the verdict rules
+    reproduction_stats.py      reading the runs (`Results`); intervals, paired tests
+    reproduction_sections.py   the runs, Table 3, jittering, warm start, the PyTorch twin
+    reproduction_protocols.py  Tables 4, 5 and 6: test protocols on the same nets
+    reproduction_report.py     the design, the plots and the document: write_report(args, study)
 
 `Results`, `sign_test`, `paired_test` and `p_text` are importable from here as before.
 """
@@ -31,11 +30,12 @@ from minivgg import checkpoint, metrics, models
 from minivgg.plots import import_pyplot, save_figure
 from reproduce_tables import ROOT
 from reproduction_design import design
+from reproduction_protocols import protocol_output, protocol_rows, table4, table5, table6
+from reproduction_seeds import p_text, t_interval
 from reproduction_sections import (
-    depth, jitter_table, protocol_output, protocol_rows, runs_table, table3,
-    table3_findings, table4, table5, table6, twin_table, warm_table)
-from reproduction_stats import (
-    Results, errors, p_text, paired_test, sign_test, table3_runs, wilson)
+    SINGLE, depth, jitter_table, runs_table, seed_errors, table3, table3_findings,
+    twin_table, warm_table)
+from reproduction_stats import Results, errors, paired_test, sign_test, table3_runs
 
 __all__ = ["write_report", "Results", "sign_test", "paired_test", "p_text"]
 
@@ -44,44 +44,76 @@ __all__ = ["write_report", "Results", "sign_test", "paired_test", "p_text"]
 # Plots
 # ----------------------------------------------------------------------------------------
 
+# Panels of the curves figure: (title, which runs it shows)
+PANELS = (("A", "A"), ("A-LRN", "A-LRN"), ("B", "B"), ("C", "C"), ("D", "D"), ("E", "E"),
+          ("D, S ∈ [64, 128]", "jitter"), ("D, warm from A", "warm"),
+          ("A, PyTorch twin", "torch"))
+
+
+def in_panel(run, panel):
+    if panel == "jitter":
+        return run.jitter
+    if panel == "warm":
+        return bool(run.warm_from)
+    if panel == "torch":
+        return run.engine == "torch"
+    return run.arch == panel and run.engine == "minivgg" and not run.jitter \
+        and not run.warm_from
+
+
 def plot_curves(res, path):
+    """Train (dashed) and val (solid) top-1 error per epoch of every run, one panel per
+    net, one colour per seed; a dot marks each epoch after which the lr was cut."""
     plt = import_pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    colours = plt.get_cmap("tab20").colors  # 20 colours: one per run, none repeated
-    colours = colours[0::2] + colours[1::2]  # the strong ten first, then their pale twins
-    for i, run in enumerate(res.study):
-        rows = res.rows.get(run.name)
-        if not rows:
-            continue
-        col = metrics.metric_columns(rows)
-        style = "--" if run.engine == "torch" else "-"
-        ax.plot(col["epoch"], 100 * np.array(col["val_top1_err"]), style, marker="o", ms=3,
-                color=colours[i % len(colours)], label=run.name)
-    ax.set(xlabel="epoch", ylabel="val top-1 error (%, centre crop)",
-           title="Training curves of every run (dashed: the PyTorch twin)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(ncol=2, fontsize=8)
+    fig, axes = plt.subplots(3, 3, figsize=(12, 10), sharex=True, sharey=True)
+    for ax, (title, panel) in zip(axes.flat, PANELS):
+        for run in (r for r in res.study if in_panel(r, panel)):
+            rows = res.rows.get(run.name)
+            if not rows:
+                continue
+            col = metrics.metric_columns(rows)
+            colour = f"C{run.seed}"
+            ax.plot(col["epoch"], 100 * np.array(col["train_top1_err"]), "--", lw=1,
+                    color=colour)
+            val = 100 * np.array(col["val_top1_err"])
+            ax.plot(col["epoch"], val, "-", lw=1.3, color=colour, label=f"seed {run.seed}")
+            lrs = np.array(col["lr"], dtype=float)
+            cut = np.flatnonzero(lrs[1:] != lrs[:-1])  # last epoch at the old rate
+            ax.plot(np.array(col["epoch"])[cut], val[cut], "v", color=colour, ms=6)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("top-1 error (%)")
+    fig.suptitle("Training curves: val (solid, centre crop) and train (dashed) top-1 error; "
+                 "▼ the last epoch before each lr cut", fontsize=11)
     fig.tight_layout()
     save_figure(fig, path)
 
 
 def plot_depth(res, path):
+    """Dense top-1 error (Q = 72) against depth: every seed, and the mean ± 95% t interval."""
     plt = import_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arch in models.CONFIGS:
         # NOTE: A and A-LRN both have 11 weight layers, C and D 16: nudge one of each pair
-        x = depth(arch) + (0.2 if arch in ("A-LRN", "C") else 0.0)
-        for run in table3_runs(res, arch):
-            err = res.error([run.name], ["dense@72"])
-            if err is not None:
-                ax.plot(x, err[0], "o", color="C1" if arch in ("A-LRN", "C") else "C0")
-                lo, hi = wilson(err[0], err[2])
-                ax.vlines(x, lo, hi, color="C0", alpha=0.4)
-                ax.annotate(f"{arch} s{run.seed}", (x, err[0]), textcoords="offset points",
-                            xytext=(6, 0), fontsize=8)
+        x = depth(arch) + (0.3 if arch in ("A-LRN", "C") else 0.0)
+        errs = seed_errors(res, table3_runs(res, arch), SINGLE)
+        if not errs:
+            continue
+        colour = "C1" if arch in ("A-LRN", "C") else "C0"
+        ax.plot([x] * len(errs), errs, "o", color=colour, alpha=0.5, ms=4)
+        mean, half = t_interval(errs)
+        ax.errorbar(x + 0.12, mean, yerr=half or 0.0, fmt="s", color=colour, capsize=4)
+        ax.annotate(arch, (x + 0.12, mean), textcoords="offset points", xytext=(7, -3),
+                    fontsize=8)
+    low, high = ax.get_ylim()  # two seeds give a wide t interval: keep the axis in 0..100
+    ax.set_ylim(max(low, 0.0), min(high, 100.0))
     ax.set(xlabel="weight layers", ylabel="val top-1 error (%, dense, Q = 72)",
-           title="Error vs depth (Table 3 at small scale; bars: 95% binomial CI)")
+           title="Error vs depth (dots: seeds; squares: mean ± 95% t interval)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -212,7 +244,7 @@ def sections(res):
 ## Accuracy against a PyTorch twin of the recipe
 
 `benchmarks/train_torch_twin.py`: the same net, data pipeline (minivgg's own loader, same
-seed, same augmentation), schedule and epochs, in torch.nn.
+seed, same augmentation) and schedule, in torch.nn.
 
 {twin_table(res)}
 

@@ -5,14 +5,13 @@ scores the soft-max outputs; the rest turns errors into the report's words:
 
 * A single run's 95% interval is Wilson's binomial interval over the test images: it
   measures test-sample noise only (`wilson`, `cell`).
-* Training noise is measured by the seeds (`seed_noise`): a difference smaller than the
-  largest seed-to-seed difference seen is called "within noise" (`verdict`); where the
-  paper's finding is itself "no difference", one within noise is "consistent".
+* Training noise is measured by the seeds: examples/reproduction_seeds.py compares nets
+  on their per-seed errors (Welch, permutation, Holm) and words the verdicts.
 * Two protocols or nets scored on the *same* images are compared by an exact McNemar test
   (`paired_test`), and a direction across nets by a sign test (`sign_test`).
 
-Used by examples/reproduction_sections.py (the tables) and examples/reproduction_report.py
-(the plots and the document); `p_text` also by examples/transfer_report.py.
+Used by examples/reproduction_sections.py and reproduction_protocols.py (the tables) and
+examples/reproduction_report.py (the plots and the document).
 """
 
 import math
@@ -22,9 +21,9 @@ import numpy as np
 
 from minivgg import evaluate, metrics
 from reproduce_tables import finished, read_json, results_folder
+from reproduction_seeds import p_text  # noqa: F401 - also imported from here
 
 PENDING = "pending"
-LAST_EPOCHS = 3  # the report's "mean of the last epochs" of the val curve
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,62 +140,18 @@ def paired_test(a, b):
     return only_a, only_b, min(1.0, 2 * sign_test(max(only_a, only_b), n))
 
 
-def p_text(p):
-    """A p-value as the report prints it: small ones as a bound, not as 0.00."""
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
-
-
 def paired_verdict(expected_winner, other_name, other):
     """'reproduced' when `expected_winner` is right on significantly more images than
-    `other`, 'not reproduced' when significantly fewer, else 'within noise'."""
+    `other`, 'contradicted' when on significantly fewer, else 'undecided'."""
     only_new, only_old, p = paired_test(expected_winner, other)
-    word = ("within noise" if p >= 0.05 else
-            "reproduced" if only_new > only_old else "not reproduced")
+    word = ("undecided" if p >= 0.05 else
+            "reproduced" if only_new > only_old else "contradicted")
     return (f"**{word}** (right only with it on {images(only_new)}, only with "
             f"{other_name} on {only_old}: McNemar {p_text(p)})")
 
 
 def images(k):
     return f"{k} image" + ("" if k == 1 else "s")
-
-
-# ----------------------------------------------------------------------------------------
-# Noise, and the verdicts' words
-# ----------------------------------------------------------------------------------------
-
-def seed_noise(res):
-    """Largest top-1 difference between seeds of the same net (dense, Q = 72), or None."""
-    gaps = []
-    for arch in ("A", "D"):
-        errs = [res.error([r.name], ["dense@72"]) for r in table3_runs(res, arch)]
-        errs = [e[0] for e in errs if e is not None]
-        if len(errs) >= 2:
-            gaps.append(max(errs) - min(errs))
-    return max(gaps) if gaps else None
-
-
-def noise_floor(noise):
-    """(points, where they come from): the seed noise, or ~ the binomial CI before seeds."""
-    if noise is not None:
-        return noise, "the largest seed-to-seed difference"
-    return 1.5, "about the binomial interval: *provisional*, seed noise not measured yet"
-
-
-def verdict(diff, noise, expect_negative=True, what="", null_finding=False):
-    """'reproduced', 'not reproduced' or 'within noise' for a difference in top-1 points.
-    null_finding: the paper itself found no difference, so one within noise is called
-    'consistent (within noise)'."""
-    if diff is None:
-        return f"{what}: {PENDING}."
-    floor, source = noise_floor(noise)
-    if abs(diff) <= floor:
-        word = "consistent (within noise)" if null_finding else "within noise"
-    elif (diff < 0) == expect_negative:
-        word = "reproduced"
-    else:
-        word = "not reproduced"
-    return (f"{what}: **{word}** (difference {diff:+.1f} top-1 points; noise taken as "
-            f"{floor:.1f} points, {source}).")
 
 
 def diff_of(a, b):
@@ -211,18 +166,3 @@ def table3_runs(res, arch):
     """minivgg runs of `arch` at fixed S with Glorot init: Table 3's seeds."""
     return [r for r in res.study if r.arch == arch and r.engine == "minivgg" and not r.jitter
             and not r.warm_from]
-
-
-def mean_error(res, runs, keys):
-    errs = [res.error([r.name], keys) for r in runs]
-    errs = [e for e in errs if e is not None]
-    if not errs:
-        return None, []
-    return (float(np.mean([e[0] for e in errs])), float(np.mean([e[1] for e in errs])),
-            errs[0][2]), errs
-
-
-def late_val(res, name, last=LAST_EPOCHS):
-    """Mean centre-crop val top-1 (%) over a run's last `last` epochs."""
-    rows = (res.rows.get(name) or [])[-last:]
-    return float(np.mean([100 * float(r["val_top1_err"]) for r in rows]))

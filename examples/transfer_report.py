@@ -9,15 +9,14 @@ own errors are compared too: a net that learned its source task less well in the
 number of epochs (the deeper one, at 12 epochs) is not a fair witness for its depth.
 """
 
-import math
 import os
 import time
 
-import numpy as np
 
 from minivgg import checkpoint
 from reproduce_tables import read_json
-from reproduction_stats import p_text
+import reproduction_seeds as seeds
+from reproduction_seeds import p_text, t_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's App. B (D and E as fixed feature extractors, linear SVM), for orientation.
@@ -50,11 +49,7 @@ def accuracies(records, prefix, arch, k):
 
 def seed_interval(vals):
     """(mean, half-width of the 95% t interval over seeds) or (mean, None) for one seed."""
-    from scipy import stats
-    if len(vals) < 2:
-        return (float(np.mean(vals)) if vals else None), None
-    half = stats.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals))
-    return float(np.mean(vals)), float(half)
+    return t_interval(vals) if vals else (None, None)
 
 
 def cell(vals):
@@ -68,14 +63,8 @@ def cell(vals):
 
 def welch(a, b):
     """(difference of means, two-sided Welch p) of two seed samples, or None."""
-    from scipy import stats
-    if len(a) < 2 or len(b) < 2:
-        return None
-    diff = float(np.mean(a) - np.mean(b))
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    if not np.isfinite(p):  # no spread at all in either sample
-        p = 1.0 if diff == 0 else 0.0
-    return diff, p
+    c = seeds.welch(a, b)
+    return None if c is None else (c.diff, c.p)
 
 
 def comparison(name_a, a, name_b, b, k):

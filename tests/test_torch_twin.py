@@ -51,3 +51,20 @@ def test_twin_steps_equal_minivgg_steps_from_the_same_weights(config, torch):
     assert rate.lr == pytest.approx(1e-4)
     for p, q in zip(net.parameters(), params):
         np.testing.assert_allclose(p.detach().numpy(), q.data, rtol=1e-7, atol=1e-10)
+
+
+def test_twin_stops_at_the_plateau_after_the_third_cut(tmp_path, torch):
+    """--stop-at-plateau ends the twin where train_imagenet.py would end: lr 1e-12 leaves
+    the val error where epoch 1 put it, so patience 0 cuts after epochs 2, 3, 4 and epoch
+    5's plateau ends the run, well before --epochs 20."""
+    from minivgg import metrics
+    from test_data import make_layout
+    twin = load_script("benchmarks/train_torch_twin.py")
+    data = make_layout(str(tmp_path / "data"), per_class=4)
+    out = tmp_path / "twin"
+    assert twin.main([data, "-a", "A", "--epochs", "20", "--lr", "1e-12", "--lr-patience",
+                      "0", "--stop-at-plateau", "--width", "0.0625", "--fc-width", "16",
+                      "--scale", "40", "--crop", "32", "-b", "4", "-j", "0", "--threads",
+                      "1", "--output", str(out)]) == 0
+    rows = metrics.read_metrics(str(out / "metrics.csv"))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-12] * 2 + [1e-13, 1e-14, 1e-15])

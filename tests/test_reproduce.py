@@ -1,7 +1,6 @@
 """examples/reproduce_tables.py: which runs it skips, resumes or starts, and a report that
 marks what is missing as pending. Nothing here trains (that is the study itself)."""
 
-import re
 import sys
 from pathlib import Path
 

@@ -7,10 +7,12 @@ other wrong count), and a sign test across nets for a direction. Assembled, with
 seed-level tables of examples/reproduction_sections.py, by examples/reproduction_report.py.
 """
 
+import math
+
 import numpy as np
 
 from minivgg import evaluate
-from reproduction_seeds import p_text
+from reproduction_seeds import p_text, paired_runs
 from reproduction_stats import (
     PENDING, binomial_half_width, cell, diff_of, errors, paired_test, paired_verdict,
     sign_test)
@@ -28,21 +30,21 @@ def table4(res):
     lines = ["| run | single Q: top-1 / top-5 | multi-scale Q: top-1 [95% CI] / top-5 | "
              "change (top-1) | paired test |", "|---|---|---|---|---|"]
     changes, significant = [], 0
-    for run in res.study:
-        if run.engine != "minivgg":
+    for run in res.study:  # the design: the nets of A..E, fixed S, Glorot's init
+        if run.engine != "minivgg" or run.arch not in "ABCDE" or run.jitter or run.warm_from:
             continue
         single_out = res.combined([run.name], [f"dense@{run.q}"])
         multi_out = res.combined([run.name], [f"dense@{q}" for q in run.qs])
         single, multi = errors(single_out), errors(multi_out)
         change = diff_of(multi, single)
-        if change is not None and not run.warm_from:
+        if change is not None:
             changes.append(change)
         paired = PENDING
         if change is not None:
             only_multi, only_single, p = paired_test(multi_out, single_out)
             paired = (f"right only multi-scale {only_multi}, only single {only_single}: "
                       f"{p_text(p)}")
-            significant += p < 0.05 and only_multi > only_single and not run.warm_from
+            significant += p < 0.05 and only_multi > only_single
         qs = ", ".join(map(str, run.qs))
         lines.append(f"| {run.name} (Q = {run.q} / {{{qs}}}) | {cell(single, False)} | "
                      f"{cell(multi)} | "
@@ -52,14 +54,13 @@ def table4(res):
     if changes:
         n, better = len(changes), sum(c < 0 for c in changes)
         worse = sum(c > 0 for c in changes)
-        p_better, p_worse = sign_test(better, better + worse), sign_test(worse, better + worse)
-        word = ("reproduced" if p_better < 0.05 else "contradicted" if p_worse < 0.05
-                else "undecided")
+        p = min(1.0, 2 * sign_test(max(better, worse), better + worse))  # two-sided
+        word = ("undecided" if p >= 0.05 else "reproduced" if better > worse
+                else "contradicted")
         lines.append(f"\n- Multi-scale testing helps: better on {better} of {n} nets "
                      f"(worse on {worse}), mean change {np.mean(changes):+.2f} top-1 points "
-                     f"— **{word}** (one-sided sign test over the trained nets, each seed "
-                     f"an independent training run, the warm-started nets left out as "
-                     f"grown from A's runs: {p_text(p_better)}). Net by net, an exact "
+                     f"— **{word}** (two-sided sign test over the nets of A..E, each seed "
+                     f"an independent training run: {p_text(p)}). Net by net, an exact "
                      f"McNemar test on the same val images (the last column) finds the "
                      f"gain significant (p < 0.05) on {significant} of {n}. At Q ∈ "
                      f"{{64, 72, 80}} the score map is 1×1, so each scale sees the whole "
@@ -68,22 +69,24 @@ def table4(res):
     return "\n".join(lines)
 
 
-def pooled_verdict(what, pairs, unit):
-    """One finding from per-net McNemar counts [(only new right, only old right, p)]: the
-    counts pooled over the nets (a stratified exact test: each image of each net is one
-    discordant pair), reproduced / contradicted at p < 0.05, else undecided."""
-    a, b = sum(x for x, _, _ in pairs), sum(y for _, y, _ in pairs)
-    p = min(1.0, 2 * sign_test(max(a, b), a + b))
-    word = "undecided" if p >= 0.05 else "reproduced" if a > b else "contradicted"
-    better = sum(x > y for x, y, _ in pairs)
-    alone = sum(x > y and q < 0.05 for x, y, q in pairs)
-    return (f"{what}: **{word}** (better in {better} of {len(pairs)} {unit}, significantly "
-            f"(McNemar p < 0.05) in {alone}; pooled over them, right only with it on {a} "
-            f"images, only without it on {b}: exact McNemar {p_text(p)}).")
+def runs_verdict(what, results, unit):
+    """One finding from per-net results [(error change in points, only new right, only old
+    right, McNemar p)]: decided across the nets, each an independent training run, by a
+    two-sided one-sample t-test of the changes (`paired_runs`); the McNemar counts, per
+    net and pooled, describe it (pooled over nets scored on the same images they are not
+    independent, so they decide nothing)."""
+    mean, p = paired_runs([r[0] for r in results])
+    word = ("undecided" if not p < 0.05 else "reproduced" if mean < 0 else "contradicted")
+    a, b = sum(r[1] for r in results), sum(r[2] for r in results)
+    alone = sum(r[1] > r[2] and r[3] < 0.05 for r in results)
+    test = "too few nets or no spread to test" if math.isnan(p) else f"t-test {p_text(p)}"
+    return (f"{what}: **{word}** (mean change {mean:+.2f} top-1 points over "
+            f"{len(results)} {unit}, {test}; better by its own McNemar test (p < 0.05) on "
+            f"{alone}; right only with it on {a} images in all, only without it on {b}).")
 
 
 # ----------------------------------------------------------------------------------------
-# Table 5: test protocols; Table 6: fusion; warm start; the PyTorch twin
+# Table 5: test protocols; Table 6: fusion
 # ----------------------------------------------------------------------------------------
 
 def protocol_output(res, run, label, keys):
@@ -147,8 +150,9 @@ def table5_findings(nets, outputs, n):
             continue
         out = {k: outputs[(k, run.name)] for k in ("dense", "multicrop", "dense+multicrop")}
         best = "dense" if d[0] <= m[0] else "multicrop"
-        both_pairs.append(paired_test(out["dense+multicrop"], out[best]))
-        crop_pairs.append(paired_test(out["multicrop"], out["dense"]))
+        both_pairs.append((b[0] - min(d[0], m[0]),
+                           *paired_test(out["dense+multicrop"], out[best])))
+        crop_pairs.append((m[0] - d[0], *paired_test(out["multicrop"], out["dense"])))
         lines.append(f"- {run.name}: dense {d[0]:.1f}, multi-crop {m[0]:.1f}, both "
                      f"{b[0]:.1f}, centre crop + flip {c[0]:.1f}. Both beat the better "
                      f"alone ({best.replace('multicrop', 'multi-crop')}): "
@@ -161,10 +165,10 @@ def table5_findings(nets, outputs, n):
                  "so it is far more sensitive than the ±%.1f-point interval of one error "
                  "rate; p < 0.05 is called a difference." % binomial_half_width(30.0, n))
     if crop_pairs:
-        lines += ["", "- " + pooled_verdict("Multi-crop beats dense (all nets above)",
-                                            crop_pairs, "nets"),
-                  "- " + pooled_verdict("Dense + multi-crop beats the better of the two "
-                                        "alone (all nets above)", both_pairs, "nets")]
+        lines += ["", "- " + runs_verdict("Multi-crop beats dense (all nets above)",
+                                          crop_pairs, "nets"),
+                  "- " + runs_verdict("Dense + multi-crop beats the better of the two "
+                                      "alone (all nets above)", both_pairs, "nets")]
     return lines
 
 
@@ -172,7 +176,7 @@ def table6(res):
     """Fusion (Sec. 4.4, Table 6): the soft-max of two nets averaged, each at its
     multi-scale dense Q set. The paper fused D and E (24.0 against D's 24.8 top-1); here D
     and E of the same seed are fused, one pair per seed, each paired against its better
-    member on the same images; the verdict pools those pairs (`pooled_verdict`)."""
+    member on the same images; the verdict is decided across seeds (`runs_verdict`)."""
     lines = ["| fused nets | dense, multi-scale: top-1 [95% CI] / top-5 | its better member "
              "| paired against it | paper (D + E) |", "|---|---|---|---|---|"]
     gains = []
@@ -190,7 +194,7 @@ def table6(res):
         member = [errors(x)[0] for x in singles]
         best = int(np.argmin(member))
         only_fused, only_best, p = paired_test(out, singles[best])
-        gains.append((only_fused, only_best, p))
+        gains.append((errors(out)[0] - member[best], only_fused, only_best, p))
         lines.append(f"| {names} | {cell(errors(out))} | {member[best]:.1f} "
                      f"({pair[best].name}) | right only fused {only_fused}, only "
                      f"{pair[best].name} {only_best}: {p_text(p)} | "
@@ -199,6 +203,6 @@ def table6(res):
               "so nothing is flattered by the choice; each fusion is paired with its better "
               "member on the same images (exact McNemar test)."]
     if gains:
-        lines.append("\n- " + pooled_verdict("Fusing D and E beats the better of the two",
-                                             gains, "seeds"))
+        lines.append("\n- " + runs_verdict("Fusing D and E beats the better of the two",
+                                           gains, "seeds"))
     return "\n".join(lines)

@@ -10,8 +10,9 @@ evenly spaced subset). Nets are compared over seeds (Welch's t-test, a permutati
 Holm's adjustment: training noise), protocols on the same images (exact McNemar tests:
 test-sample noise); the "Design" section, written before the runs, fixes the rules.
 
-In five modules, each importing those before it:
+In six modules, each importing those before it:
 
+    reproduction_design.py     the design, written before the runs
     reproduction_seeds.py      seed-level statistics and the verdict rules
     reproduction_stats.py      reading the runs (`Results`); intervals, paired tests
     reproduction_sections.py   the runs, Table 3, jittering, warm start, the PyTorch twin

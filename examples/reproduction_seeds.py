@@ -67,9 +67,8 @@ def welch(x, y):
     diff = float(x.mean() - y.mean())
     vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
     se = math.sqrt(vx + vy)
-    if se == 0.0:  # identical seeds on both sides: no spread to test against
-        p = 1.0 if diff == 0.0 else 0.0
-        low = high = diff
+    if se == 0.0:  # identical seeds on both sides: no spread to test against, undecided
+        p = low = high = math.nan
     else:
         df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
         half = float(stats.t.ppf(0.975, df)) * se
@@ -105,6 +104,15 @@ def judge(c, null=False):
     return "reproduced" if c.low > -MARGIN else "undecided"
 
 
+def paired_runs(diffs):
+    """(mean, two-sided p) of per-run differences (points; each run an independent
+    training) by a one-sample t-test against 0; p is NaN below 2 runs or without spread."""
+    diffs = np.asarray(diffs, dtype=float)
+    if len(diffs) < 2 or np.all(diffs == diffs[0]):
+        return float(diffs.mean()) if len(diffs) else math.nan, math.nan
+    return float(diffs.mean()), float(_stats().ttest_1samp(diffs, 0.0).pvalue)
+
+
 def p_text(p):
     """A p-value as the report prints it: small ones as a bound, not as 0.00."""
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
@@ -113,6 +121,8 @@ def p_text(p):
 def describe(c, holm_p=None):
     """'+2.1 points [-0.5, +4.7], Welch p = 0.09 (Holm-adjusted p = 0.27), permutation
     p = 0.10': X minus Y, its 95% interval and the tests."""
+    if math.isnan(c.p):
+        return f"{c.diff:+.1f} points, no spread between the seeds to test it against"
     holm_text = "" if holm_p is None else f" (Holm-adjusted {p_text(holm_p)})"
     return (f"{c.diff:+.1f} points [{c.low:+.1f}, {c.high:+.1f}], Welch {p_text(c.p)}"
             f"{holm_text}, permutation {p_text(c.p_perm)}")

@@ -24,6 +24,13 @@ from reproduce_tables import finished, read_json, results_folder
 from reproduction_seeds import p_text  # noqa: F401 - also imported from here
 
 PENDING = "pending"
+MIN_CUTS = 2  # lr cuts a run needs to count as trained to its plateau (Design)
+
+
+def cuts(rows):
+    """lr cuts a run made, seen in its metrics.csv: the rate changed between epochs."""
+    lrs = [float(r["lr"]) for r in rows]
+    return sum(b != a for a, b in zip(lrs, lrs[1:]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -31,11 +38,17 @@ PENDING = "pending"
 # ----------------------------------------------------------------------------------------
 
 class Results:
-    """What is known about each run: curves, timing and test-set soft-max outputs."""
+    """What is known about each run: curves, timing and test-set soft-max outputs.
+
+    `done`: finished (see reproduce_tables.finished). `counts`: done *and* trained through
+    at least MIN_CUTS lr cuts, the study's definition of a run trained to its plateau
+    (Design); only those runs' soft-max outputs are loaded, and only when they are of the
+    run's last epoch, so no table or verdict can use a run that does not count, or the
+    outputs of an older checkpoint of it."""
 
     def __init__(self, args, study):
         self.args, self.study, self.epochs = args, study, args.epochs
-        self.rows, self.parts, self.timing, self.done = {}, {}, {}, {}
+        self.rows, self.parts, self.timing, self.done, self.counts = {}, {}, {}, {}, {}
         for run in study:
             path = results_folder(args, run)
             try:
@@ -44,8 +57,12 @@ class Results:
                 self.rows[run.name] = []
             self.done[run.name] = finished(args, run)
             self.timing[run.name] = read_json(os.path.join(path, "timing.json"), [])
+            rows = self.rows[run.name]
+            self.counts[run.name] = self.done[run.name] and cuts(rows) >= MIN_CUTS
             npz = os.path.join(path, "posteriors.npz")
-            self.parts[run.name] = dict(np.load(npz)) if os.path.isfile(npz) else {}
+            parts = dict(np.load(npz)) if os.path.isfile(npz) else {}
+            fresh = int(parts.get("epoch", -1)) == len(rows)
+            self.parts[run.name] = parts if self.counts[run.name] and fresh else {}
 
     def probs(self, name, key, subset=False):
         """(probs, labels) of one run's part, restricted to the subset if asked; or None."""
@@ -71,9 +88,9 @@ class Results:
         return errors(self.combined(names, keys, subset))
 
     def final_val(self, name):
-        """Last epoch's centre-crop val top-1 % from metrics.csv (None if unfinished)."""
+        """Last epoch's centre-crop val top-1 % from metrics.csv (None unless it counts)."""
         rows = self.rows.get(name) or []
-        if not self.done.get(name) or not rows:
+        if not self.counts.get(name) or not rows:
             return None
         return 100.0 * float(rows[-1]["val_top1_err"])
 

@@ -42,9 +42,9 @@ def add_recipe_flags(p):
     p.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay",
                    help="Sec. 3.1: 5e-4")
     p.add_argument("--lr-patience", type=int, metavar="N",
-                   help="epochs without a better val top-1 error before the rate is cut by "
-                        "10 (default 2; the paper does not say); given with --resume it "
-                        "wins over the stored one")
+                   help="the rate is cut by 10 after N + 1 epochs without a better val "
+                        "top-1 error (default 2; the paper does not say); given with "
+                        "--resume it wins over the stored one")
     p.add_argument("--stop-at-plateau", action="store_true", default=None,
                    help="end the run when the val error plateaus after the third cut "
                         "(Sec. 3.1 stopped there), even before --epochs")

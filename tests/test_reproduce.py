@@ -1,6 +1,7 @@
 """examples/reproduce_tables.py: which runs it skips, resumes or starts, and a report that
 marks what is missing as pending. Nothing here trains (that is the study itself)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def _finish(study, args, run, epochs):
     row = dict(train_loss=1.0, train_top1_err=0.5, val_loss=1.0, val_top1_err=0.4,
                val_top5_err=0.1, images_per_s=10.0)
     metrics.write_metrics(str(out / "metrics.csv"),
-                          [metrics.epoch_row(e + 1, row, row, 0.01, 60.0) for e in range(epochs)])
+                          [metrics.epoch_row(e + 1, row, row, 0.01 * 0.1 ** min(e, 3), 60.0)
+                           for e in range(epochs)])  # cut after every epoch: the run counts
     if run.engine == "minivgg":
         model = models.vgg("A", 10, 1 / 16, 16, 64)
         checkpoint.save(str(out / "last.npz"), model.state_dict(), None,
@@ -69,6 +71,38 @@ def test_a_run_is_finished_when_its_replayed_schedule_has_ended(study, tmp_path)
         assert not study.finished(args, run)
         _finish(study, args, run, 13)
         assert study.finished(args, run) and study.epochs_done(args, run) == 13
+
+
+def test_a_record_that_ended_at_its_plateau_counts_under_a_higher_cap(study, tmp_path):
+    args = _args(study, tmp_path)
+    a, b = study.by_name("A-s0"), study.by_name("B-s0")
+    _record(study, args, "A-s0", 0.4, 0)  # 13 epochs, constant val error: ended at 13
+    assert study.recorded(args, a) and study.finished(args, a)
+    higher = _args(study, tmp_path, "--epochs", "80")
+    assert study.recorded(higher, a)
+    _finish(study, args, b, 12)  # 12 epochs: no plateau yet; recorded as if capped at 12
+    Path(study.folder(args, b), "timing.json").write_text("[]")
+    np.savez(Path(study.folder(args, b)) / "posteriors.npz", epoch=np.array(12))
+    twelve = _args(study, tmp_path, "--epochs", "12")
+    study.save_record(twelve, b)
+    record = json.loads((Path(args.record) / "B-s0" / "record.json").read_text())
+    assert record["ended"] == "cap" and record["cap"] == 12 and "cap" not in record["protocol"]
+    assert study.recorded(twelve, b) and not study.recorded(higher, b)
+
+
+def test_schedule_constants_agree_with_the_training_script(study):
+    from minivgg.train_config import TrainConfig
+    assert study.CUTS == TrainConfig().lr_decreases and study.PATIENCE == 2
+
+
+def test_a_twin_killed_by_a_signal_stops_the_study(study, tmp_path, monkeypatch):
+    """The twin has no signal handler: Popen reports -2 for SIGINT, which must stop the
+    study as train_imagenet.py's exit 130 does."""
+    args = _args(study, tmp_path)
+    monkeypatch.setattr(study, "supervise", lambda cmd, log: -2)
+    with pytest.raises(study.Interrupted) as stop:
+        study.train(args, study.by_name("torch-A-s0"))
+    assert stop.value.code == 130
 
 
 def test_warm_start_run_starts_from_the_a_run(study, tmp_path):
@@ -227,7 +261,7 @@ def test_holm_and_the_verdict_rules(study):
     assert judge(c(+3.0, +1.0, +5.0, 0.01), null=True) == "reproduced"
 
 
-def _record(study, args, name, error_rate, seed_offset):
+def _record(study, args, name, error_rate, seed_offset, cut=True):
     """A record of run `name` whose dense soft-max gets `error_rate` of 400 images wrong."""
     import json
     n, wrong = 400, int(round(error_rate * 400))
@@ -242,11 +276,12 @@ def _record(study, args, name, error_rate, seed_offset):
     folder.mkdir(parents=True)
     parts = {f"{m}@{q}": probs for m in ("dense", "center", "center-flip", "dense-topleft")
              for q in (64, 72, 80)}
-    np.savez(folder / "posteriors.npz", labels=labels, subset=np.arange(0, n, 8), **parts)
+    np.savez(folder / "posteriors.npz", labels=labels, subset=np.arange(0, n, 8),
+             epoch=np.array(13), **parts)  # outputs of the last of its 13 epochs
     from minivgg import metrics
     row = dict(train_loss=1.0, train_top1_err=error_rate, val_loss=1.0,
                val_top1_err=error_rate, val_top5_err=0.1, images_per_s=10.0)
-    lrs = [0.01] * 4 + [0.001] * 3 + [1e-4] * 3 + [1e-5] * 3
+    lrs = [0.01] * 4 + [0.001] * 3 + [1e-4] * 3 + [1e-5] * 3 if cut else [0.01] * 13
     metrics.write_metrics(str(folder / "metrics.csv"),
                           [metrics.epoch_row(e + 1, row, row, lr, 60.0)
                            for e, lr in enumerate(lrs)])
@@ -265,6 +300,7 @@ def test_report_gives_seed_level_verdicts_from_records(study, tmp_path):
         _record(study, args, f"A-s{seed}", a, seed)
         _record(study, args, f"B-s{seed}", b, 10 + seed)
     _record(study, args, "C-s0", 0.35, 20)
+    _record(study, args, "D-s0", 0.20, 30, cut=False)  # 13 epochs, no cut: does not count
     (tmp_path / "docs").mkdir()
     assert study.main([args.data, "--out", args.out, "--doc", args.doc, "--record",
                        args.record, "--doc-only"]) == 0
@@ -274,7 +310,8 @@ def test_report_gives_seed_level_verdicts_from_records(study, tmp_path):
     assert "Holm-adjusted p = 0.001" in line and "only with A on 67, McNemar p = 0.002" in line
     assert "- 1×1 convs help (C vs B; the paper: 28.1 vs 28.7): pending" in text
     assert "| A | 11 | 40.3 ± " in text and "(40.0, 42.0, 39.0)" in text
-    assert "Every finished run was trained through at least two lr cuts." in text
+    assert "**Runs with fewer than 2 lr cuts** do not count" in text and ": D-s0." in text
+    assert "| D | 16 | pending |" in text  # left out of Table 3
     assert (Path(args.doc).parent / "reproduction_curves.png").stat().st_size > 10_000
 
 

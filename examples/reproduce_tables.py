@@ -29,7 +29,7 @@ one process per run, as a user runs it) and the PyTorch twin through
 * once a run is trained and evaluated, its *record* (metrics.csv, timing.json,
   posteriors.npz, and for a warm-start source its weights.npz) is copied to
   RECORD/<name>/ (default docs/reproduction/, committed with the report). A recorded run
-  is finished whatever OUT holds (when its record.json has this study's `protocol`, and
+  is finished whatever OUT holds (when its record.json has this study's PROTOCOL, and
   it ended at its plateau or reached this --epochs), and the report is built from the
   records: the study goes
   on in a fresh clone or on another machine, where runs/ (checkpoints, logs) is gone.
@@ -74,6 +74,9 @@ RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
 # a run ends at the plateau after the last cut, or at --epochs.
 PATIENCE, CUTS, CAP = 2, 3, 60
 SCHEDULE = ["--lr-patience", str(PATIENCE), "--stop-at-plateau"]
+# What makes a record this study's: the schedule, not the epoch cap (a run that ended at its
+# plateau counts under any cap; one stopped by a cap, under any cap as high).
+PROTOCOL = {"schedule": "plateau", "patience": PATIENCE, "cuts": CUTS}
 FIXED_Q, FIXED_QS = 72, (64, 72, 80)
 JITTER, JITTER_Q, JITTER_QS = (64, 128), 96, (64, 96, 128)
 
@@ -154,26 +157,13 @@ def record_folder(args, run):
     return os.path.join(args.record, run.name)
 
 
-def protocol(args):
-    """What makes a record this study's: the schedule (not the epoch cap: a run that ended
-    at its plateau counts under any cap, and one stopped by a cap under any cap as high)."""
-    return {"schedule": "plateau", "patience": PATIENCE, "cuts": CUTS}
-
-
 def recorded(args, run):
-    """True when RECORD/<name>/ holds this run finished under this study's `protocol` and
+    """True when RECORD/<name>/ holds this run finished under this study's PROTOCOL and
     this cap: ended at its plateau, or with as many epochs as args.epochs."""
-    folder = record_folder(args, run)
-    record = read_json(os.path.join(folder, "record.json"), {})
-    stored = {k: v for k, v in record.get("protocol", {}).items() if k != "cap"}
-    if not record or stored != protocol(args):  # (records before 2026-12-06 02:00 held the cap)
+    record = read_json(os.path.join(record_folder(args, run), "record.json"), {})
+    if record.get("protocol") != PROTOCOL:
         return False
-    if record.get("epochs", 0) >= args.epochs:
-        return True
-    try:
-        return schedule_ended(metrics.read_metrics(os.path.join(folder, "metrics.csv")))
-    except (OSError, ValueError):
-        return False
+    return record.get("ended") == "plateau" or record.get("epochs", 0) >= args.epochs
 
 
 class _Rate:
@@ -223,7 +213,7 @@ def save_record(args, run):
         save_pretrained(model, os.path.join(dst, "weights.npz"), overwrite=True)
     rows = metrics.read_metrics(os.path.join(dst, "metrics.csv"))
     checkpoint.write_json(os.path.join(dst, "record.json"),
-                          {"protocol": protocol(args), "epochs": len(rows), "cap": args.epochs,
+                          {"protocol": PROTOCOL, "epochs": len(rows), "cap": args.epochs,
                            "ended": "plateau" if schedule_ended(rows) else "cap",
                            "engine": run.engine, "arch": run.arch, "seed": run.seed,
                            "saved": time.strftime("%Y-%m-%d %H:%M")}, overwrite=True)

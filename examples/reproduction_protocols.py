@@ -14,16 +14,12 @@ import numpy as np
 from minivgg import evaluate
 from reproduction_seeds import p_text, paired_runs
 from reproduction_stats import (
-    PENDING, binomial_half_width, cell, diff_of, errors, paired_test, paired_verdict,
+    PENDING, binomial_half_width, cell, diff_of, errors, paired_test, paired_verdict, paper,
     sign_test)
 
 # The paper's numbers (paper.md, Sec. 4): top-1 / top-5 val error %.
 PAPER_T5 = {"dense": (24.8, 7.5), "multicrop": (24.6, 7.5), "dense+multicrop": (24.4, 7.2)}
 PAPER_T6 = {"dense": (24.0, 7.1), "dense+multicrop": (23.7, 6.8)}  # fusion of D and E
-
-
-def paper(pair):
-    return f"{pair[0]} / {pair[1]}" if pair else "—"
 
 
 def table4(res):

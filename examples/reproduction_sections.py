@@ -14,7 +14,7 @@ import numpy as np
 from minivgg import models
 from reproduce_tables import FIXED_QS, JITTER_QS, schedule_ended
 from reproduction_seeds import MARGIN, describe, holm, judge, p_text, seeds_text, welch
-from reproduction_stats import MIN_CUTS, PENDING, cuts, paired_test, table3_runs
+from reproduction_stats import MIN_CUTS, PENDING, cuts, paired_test, paper, table3_runs
 
 # The paper's numbers (paper.md, Sec. 4): top-1 / top-5 val error %, fixed S = 256.
 PAPER_T3 = {"A": (29.6, 10.4), "A-LRN": (29.7, 10.5), "B": (28.7, 9.9), "C": (28.1, 9.4),
@@ -33,10 +33,6 @@ FINDINGS = [
      True),
 ]
 DEPTH_FAMILY = ("B", "C", "D")  # the directional depth findings, adjusted together (Holm)
-
-
-def paper(pair):
-    return f"{pair[0]} / {pair[1]}" if pair else "—"
 
 
 def depth(arch):

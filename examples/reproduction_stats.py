@@ -171,6 +171,11 @@ def images(k):
     return f"{k} image" + ("" if k == 1 else "s")
 
 
+def paper(pair):
+    """The paper's (top-1, top-5) as a cell, or a dash."""
+    return f"{pair[0]} / {pair[1]}" if pair else "—"
+
+
 def diff_of(a, b):
     return None if a is None or b is None else a[0] - b[0]
 

@@ -40,8 +40,9 @@ class TrainConfig:
     weight_decay: float = 5e-4   # Sec. 3.1: L2 penalty multiplier 5e-4
     dropout: float = 0.5         # Sec. 3.1: on fc6 and fc7
     lr_factor: float = 0.1       # Sec. 3.1: "decreased by a factor of 10"
-    lr_patience: int = None      # epochs without improvement before a cut; None: 2 (new
-    #                              run) or the stored one (resume). The paper does not say.
+    lr_patience: int = None      # epochs without improvement let pass (the cut comes after
+    #                              one more); None: 2 (new run) or the stored one (resume).
+    #                              The paper does not say.
     lr_decreases: int = 3        # Sec. 3.1: "decreased 3 times"
     stop_at_plateau: bool = False  # end at the plateau after the last decrease (Sec. 3.1)
     scale: int = 256             # training scale S, fixed (Sec. 3.1)

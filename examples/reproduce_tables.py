@@ -50,6 +50,7 @@ centres the grid (`minivgg.evaluate.dense_crop`); the top-left grid is measured 
 import argparse
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -354,8 +355,26 @@ def record_time(args, run, start, load):
     parts = read_json(path, [])
     parts.append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                   "seconds": round(time.time() - start, 1),
-                  "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2)})
+                  "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
+                  "cpu": cpu_name()})
     checkpoint.write_json(path, parts, overwrite=True)
+
+
+def cpu_name():
+    """The CPU this process runs on, as /proc/cpuinfo names it, with its count and AMX."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux
+        pass
+    return f"{name}, {os.cpu_count()} CPUs" + (", AMX" if "amx_tile" in flags else "")
 
 
 def read_json(path, default):

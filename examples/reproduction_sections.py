@@ -52,8 +52,8 @@ def seed_errors(res, runs, keys, col=0):
 
 def runs_table(res):
     lines = ["| run | config | S | engine | epochs | lr cuts | ended by | last val top-1 "
-             "(centre) | train+val time | load average (start of each invocation) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(centre) | train+val time | load average (start of each invocation) | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in res.study:
         rows = res.rows.get(run.name) or []
         final, wall = res.final_val(run.name), res.wall_seconds(run.name)
@@ -65,7 +65,8 @@ def runs_table(res):
                      f"{'64..128' if run.jitter else '72'} | {run.engine} | {len(rows)} | "
                      f"{cuts(rows) if rows else '—'} | {ended} | "
                      f"{PENDING if final is None else f'{final:.1f}'} | "
-                     f"{'—' if not wall else f'{wall / 60:.0f} min'} | {loads} |")
+                     f"{'—' if not wall else f'{wall / 60:.0f} min'} | {loads} | "
+                     f"{cpus(res.timing.get(run.name, []))} |")
     short = [r.name for r in res.study if res.done[r.name] and not res.counts[r.name]]
     done = sum(res.done.values())
     note = (f"\n\n**Runs with fewer than {MIN_CUTS} lr cuts** do not count as trained to the "
@@ -73,7 +74,22 @@ def runs_table(res):
             f"higher than {res.epochs}): {', '.join(short)}." if short else
             f"\n\nEvery finished run ({done}) was trained through at least {MIN_CUTS} lr "
             f"cuts." if done else "")
-    return "\n".join(lines) + note
+    return "\n".join(lines) + note + (
+        "\n\nThe CPU column names the machine of each invocation; — is an invocation from "
+        "before the timing kept it (those ran on the 2-core AMD EPYC: see the design's "
+        "second amendment). The numbers do not depend on the machine, the times do.")
+
+
+def cpus(timing):
+    """The distinct CPUs of a run's invocations, in order, shortly named."""
+    names = []
+    for part in timing:
+        model, *rest = part.get("cpu", "—").split(", ")  # "model, N CPUs[, AMX]"
+        model = model.replace("(R)", "").replace("(TM)", "").replace(" Processor", "")
+        name = model + (" (AMX)" if "AMX" in rest else "")
+        if name not in names:
+            names.append(name)
+    return ", ".join(names) or "—"
 
 
 # ----------------------------------------------------------------------------------------

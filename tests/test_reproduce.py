@@ -193,6 +193,16 @@ def test_paired_test_counts_only_the_images_the_two_disagree_on(study):
     assert p_text(0.0004) == "p < 0.001" and p_text(0.004) == "p = 0.004"
 
 
+def test_the_runs_table_names_the_cpu_of_each_invocation(study):
+    from reproduction_sections import cpus
+    xeon = {"cpu": "Intel(R) Xeon(R) Processor, 2 CPUs, AMX"}
+    assert cpus([{"seconds": 1.0}, xeon, xeon, {"cpu": "AMD EPYC 9R14, 2 CPUs"}]) == \
+        "—, Intel Xeon (AMX), AMD EPYC 9R14"
+    assert cpus([]) == "—"
+    model, count, *amx = study.cpu_name().split(", ")
+    assert model and count.endswith(" CPUs") and amx in ([], ["AMX"])
+
+
 def test_report_from_the_committed_records(study, tmp_path):
     """The report built from docs/reproduction/ (the study's committed results) fills the
     cells of every finished run, with no run folders at all."""
@@ -371,6 +381,7 @@ def test_a_signal_to_the_study_reaches_the_training_run_which_saves_before_both_
     assert f"{sig} passed on to the training run" in out and "Traceback" not in out, out
     timing = json.loads((tmp_path / "runs" / "A-s0" / "timing.json").read_text())
     assert len(timing) == 1 and timing[0]["seconds"] >= 0.5  # the interrupted time counts
+    assert timing[0]["cpu"].split(", ")[1] == f"{os.cpu_count()} CPUs"
 
 
 def test_a_failing_training_run_makes_the_study_exit_nonzero(tmp_path):

@@ -95,8 +95,18 @@ class Results:
         return 100.0 * float(rows[-1]["val_top1_err"])
 
     def wall_seconds(self, name):
+        """The seconds of a run's epochs (training + validation), from its metrics.csv."""
         rows = self.rows.get(name) or []
         return sum(float(r["seconds"]) for r in rows if r.get("seconds")) if rows else None
+
+    def cpu_hours(self, name):
+        """CPU-hours of every invocation of a run (start-up and test evaluation included):
+        wall time × the CPUs of its machine (2 where the timing predates keeping them)."""
+        total = 0.0
+        for part in self.timing.get(name, []):
+            count = part.get("cpu", ", 2 CPUs").split(", ")[1].split()[0]
+            total += part["seconds"] * int(count) / 3600
+        return total
 
 
 def errors(out):

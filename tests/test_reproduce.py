@@ -199,6 +199,11 @@ def test_the_runs_table_names_the_cpu_of_each_invocation(study):
     assert cpus([{"seconds": 1.0}, xeon, xeon, {"cpu": "AMD EPYC 9R14, 2 CPUs"}]) == \
         "—, Intel Xeon (AMX), AMD EPYC 9R14"
     assert cpus([]) == "—"
+    from reproduction_stats import Results
+    res = object.__new__(Results)  # only its timing: an old invocation, then a new one
+    res.timing = {"A-s0": [{"seconds": 1800.0}, {"seconds": 5400.0, **xeon}]}
+    assert res.cpu_hours("A-s0") == pytest.approx(2 * 0.5 + 2 * 1.5)
+    assert res.cpu_hours("B-s0") == 0
     model, count, *amx = study.cpu_name().split(", ")
     assert model and count.endswith(" CPUs") and amx in ([], ["AMX"])
 

@@ -349,14 +349,15 @@ def supervise(cmd, log):
             signal.signal(s, handler)
 
 
-def record_time(args, run, start, load):
-    """Append this invocation's wall time and load averages to the run's timing.json."""
+def record_time(args, run, start, load, part="training"):
+    """Append the wall time, load averages and CPU of one invocation of the run's training
+    (or of its test evaluation, `part`) to the run's timing.json."""
     path = os.path.join(folder(args, run), "timing.json")
     parts = read_json(path, [])
     parts.append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                   "seconds": round(time.time() - start, 1),
                   "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
-                  "cpu": cpu_name()})
+                  "cpu": cpu_name(), "part": part})
     checkpoint.write_json(path, parts, overwrite=True)
 
 
@@ -445,13 +446,16 @@ def evaluate_run(args, run):
     subset = subset_indices(len(items), args.eval_limit)
     have["labels"] = np.array([y for _, y in items])
     have["subset"] = subset
-    start = time.time()
-    for on_subset in (False, True):
-        jobs = [p for p in todo if p[4] == on_subset]
-        if jobs:
-            chosen = [items[i] for i in subset] if on_subset else items
-            have.update(posteriors(nets, chosen, jobs))
-            checkpoint.write_npz(path, have, overwrite=True)
+    start, load = time.time(), os.getloadavg()
+    try:
+        for on_subset in (False, True):
+            jobs = [p for p in todo if p[4] == on_subset]
+            if jobs:
+                chosen = [items[i] for i in subset] if on_subset else items
+                have.update(posteriors(nets, chosen, jobs))
+                checkpoint.write_npz(path, have, overwrite=True)
+    finally:  # the CPU-hours count the test evaluation too
+        record_time(args, run, start, load, part="evaluation")
     print(f"== {run.name}: evaluated {len(todo)} parts in {time.time() - start:.0f}s",
           flush=True)
 

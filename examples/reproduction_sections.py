@@ -14,7 +14,7 @@ import numpy as np
 from minivgg import models
 from reproduce_tables import FIXED_QS, JITTER_QS, schedule_ended
 from reproduction_seeds import MARGIN, describe, holm, judge, p_text, seeds_text, welch
-from reproduction_stats import MIN_CUTS, PENDING, cuts, paired_test, paper, table3_runs
+from reproduction_stats import MIN_CUTS, PENDING, cut_epochs, paired_test, paper, table3_runs
 
 # The paper's numbers (paper.md, Sec. 4): top-1 / top-5 val error %, fixed S = 256.
 PAPER_T3 = {"A": (29.6, 10.4), "A-LRN": (29.7, 10.5), "B": (28.7, 9.9), "C": (28.1, 9.4),
@@ -51,8 +51,9 @@ def seed_errors(res, runs, keys, col=0):
 # ----------------------------------------------------------------------------------------
 
 def runs_table(res):
-    lines = ["| run | config | S | engine | epochs | lr cuts | ended by | last val top-1 "
-             "(centre) | train+val time | load average (start of each invocation) | CPU |",
+    lines = ["| run | config | S | engine | epochs | lr cuts (after epoch) | ended by | last val "
+             "top-1 (centre) | train+val time | load average (start of each invocation) | "
+             "CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in res.study:
         rows = res.rows.get(run.name) or []
@@ -63,7 +64,7 @@ def runs_table(res):
                  else f"cap ({len(rows)})")
         lines.append(f"| {run.name} | {run.arch}, {init} | "
                      f"{'64..128' if run.jitter else '72'} | {run.engine} | {len(rows)} | "
-                     f"{cuts(rows) if rows else '—'} | {ended} | "
+                     f"{cuts_text(rows)} | {ended} | "
                      f"{PENDING if final is None else f'{final:.1f}'} | "
                      f"{'—' if not wall else f'{wall / 60:.0f} min'} | {loads} | "
                      f"{cpus(res.timing.get(run.name, []))} |")
@@ -78,6 +79,14 @@ def runs_table(res):
         "\n\nThe CPU column names the machine of each invocation; — is an invocation from "
         "before the timing kept it (those ran on the 2-core AMD EPYC: see the design's "
         "second amendment). The numbers do not depend on the machine, the times do.")
+
+
+def cuts_text(rows):
+    """"3 (after 30, 41, 50)": the lr cuts and the last epoch before each."""
+    if not rows:
+        return "—"
+    epochs = cut_epochs(rows)
+    return f"{len(epochs)} (after {', '.join(map(str, epochs))})" if epochs else "0"
 
 
 def cpus(timing):

@@ -29,8 +29,13 @@ MIN_CUTS = 2  # lr cuts a run needs to count as trained to its plateau (Design)
 
 def cuts(rows):
     """lr cuts a run made, seen in its metrics.csv: the rate changed between epochs."""
+    return len(cut_epochs(rows))
+
+
+def cut_epochs(rows):
+    """The last epoch at each lr of a run before its rate was cut (1-based)."""
     lrs = [float(r["lr"]) for r in rows]
-    return sum(b != a for a, b in zip(lrs, lrs[1:]))
+    return [e + 1 for e, (a, b) in enumerate(zip(lrs, lrs[1:])) if b != a]
 
 
 # ----------------------------------------------------------------------------------------

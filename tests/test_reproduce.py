@@ -208,6 +208,13 @@ def test_the_runs_table_names_the_cpu_of_each_invocation(study):
     assert model and count.endswith(" CPUs") and amx in ([], ["AMX"])
 
 
+def test_the_runs_table_gives_the_epoch_before_each_lr_cut(study):
+    from reproduction_sections import cuts_text
+    rows = [{"lr": lr} for lr in ["0.01"] * 3 + ["0.001"] * 2 + ["0.0001"]]
+    assert cuts_text(rows) == "2 (after 3, 5)"
+    assert cuts_text(rows[:3]) == "0" and cuts_text([]) == "—"
+
+
 def test_report_from_the_committed_records(study, tmp_path):
     """The report built from docs/reproduction/ (the study's committed results) fills the
     cells of every finished run, with no run folders at all."""
@@ -387,6 +394,7 @@ def test_a_signal_to_the_study_reaches_the_training_run_which_saves_before_both_
     timing = json.loads((tmp_path / "runs" / "A-s0" / "timing.json").read_text())
     assert len(timing) == 1 and timing[0]["seconds"] >= 0.5  # the interrupted time counts
     assert timing[0]["cpu"].split(", ")[1] == f"{os.cpu_count()} CPUs"
+    assert timing[0]["part"] == "training"
 
 
 def test_a_failing_training_run_makes_the_study_exit_nonzero(tmp_path):
@@ -424,3 +432,27 @@ def test_the_study_evaluates_decoded_images_at_every_scale(study, tmp_path):
     assert sorted(out) == ["center@48", "dense@40"]
     for probs in out.values():
         assert probs.shape == (3, 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_a_runs_evaluation_is_timed_beside_its_training(study, tmp_path, monkeypatch):
+    """evaluate_run adds its wall time to timing.json (part "evaluation"), so the report's
+    CPU-hours count the test evaluations too."""
+    from PIL import Image
+    from minivgg import models
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (20, 200, 40)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (80, 70), colour).save(paths[-1])
+    model = models.vgg("A", 4, 1 / 16, 16, 32, init="glorot", seed=0).eval()
+    meta = {"epoch": 3, "data_stats": {"mean_rgb": [0.0, 0.0, 0.0]}, "classes": list("abcd")}
+    monkeypatch.setattr(study.run_state, "load_model", lambda path: (model, meta))
+    monkeypatch.setattr(study, "val_items", lambda args, classes: [(p, 1) for p in paths])
+    monkeypatch.setattr(study, "needed_parts",
+                        lambda run: [("dense@40", "dense", "center", 40, False)])
+    args, run = _args(study, tmp_path), study.by_name("A-s0")
+    Path(study.folder(args, run)).mkdir(parents=True)
+    study.evaluate_run(args, run)
+    timing = json.loads(Path(study.folder(args, run), "timing.json").read_text())
+    assert [t["part"] for t in timing] == ["evaluation"] and timing[0]["seconds"] >= 0
+    saved = np.load(Path(study.folder(args, run), "posteriors.npz"))
+    assert saved["dense@40"].shape == (2, 4) and int(saved["epoch"]) == 3

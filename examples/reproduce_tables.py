@@ -333,16 +333,27 @@ def supervise(cmd, log):
     second Ctrl-C is passed on as well, and stops the child at once, as it would alone.
     (`subprocess.call` would kill the child on the KeyboardInterrupt instead.)
     """
-    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                             start_new_session=True)
+    child, early = None, []
 
     def forward(signum, frame):
+        if child is None:  # between the handler and the child's start: sent once it runs
+            early.append(signum)
+            return
         child.send_signal(signum)
         print(f"== {signal.Signals(signum).name} passed on to the training run (pid "
               f"{child.pid}); waiting for it to save", flush=True)
 
+    # NOTE: the handlers go in before the child starts: a caught signal is reset to its
+    # default at exec, an ignored one stays ignored. A study started in the background by
+    # a script (`cmd &`, whose shell ignores SIGINT there) would otherwise start children
+    # that ignore SIGINT until their training loop takes it: one passed on while a child
+    # was still setting up was lost, and the study waited for the whole run.
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 start_new_session=True)
+        for signum in early:
+            forward(signum, None)
         return child.wait()
     finally:
         for s, handler in previous.items():
@@ -481,6 +492,7 @@ def posteriors(nets, items, jobs, chunk=64):
 
 def main(argv=None):
     args = parse_args(argv)
+    listen_to_sigint()
     runs = [r for r in STUDY if not args.only or r.name in args.only]
     unknown = set(args.only or []) - {r.name for r in STUDY}
     if unknown:
@@ -500,6 +512,13 @@ def main(argv=None):
         except OSError as e:  # a full disk while recording: the message names the file
             print(f"error: {e}", file=sys.stderr)
             return 1
+
+
+def listen_to_sigint():
+    """SIGINT is how a study is stopped (README): take it (KeyboardInterrupt) even when a
+    script started the study in the background, where the shell makes SIGINT ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def lock_study_folder(out):

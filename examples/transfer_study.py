@@ -53,8 +53,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduce_tabl
 
 from minivgg import (checkpoint, data, evaluate, features, images, metrics,  # noqa: E402
                      models, run_state)
-from reproduce_tables import (Interrupted, Run, last_checkpoint, lock_study_folder,  # noqa: E402
-                              read_json, train)
+from reproduce_tables import (Interrupted, Run, last_checkpoint,  # noqa: E402
+                              listen_to_sigint, lock_study_folder, read_json, train)
 import transfer_report  # noqa: E402
 
 LAYER, SCALES, SHOTS = "relu7", (64, 96, 128), ("5", "20", "all")
@@ -375,6 +375,7 @@ def write_report(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    listen_to_sigint()
     try:
         check_args(args)
         if not args.doc_only:

@@ -343,6 +343,14 @@ def test_report_gives_seed_level_verdicts_from_records(study, tmp_path):
 
 FAKE_TRAINING = r'''
 import signal, sys, time
+if sys.argv[1] == "setup":  # SIGINT as Python leaves it while train_imagenet.py sets up
+    try:
+        print("setting up", flush=True)
+        time.sleep(30)
+    except KeyboardInterrupt:
+        print("interrupted before training started", flush=True)
+        sys.exit(130)
+    sys.exit(3)
 stop = []
 signal.signal(signal.SIGINT, lambda *a: stop.append("SIGINT"))
 signal.signal(signal.SIGTERM, lambda *a: stop.append("SIGTERM"))
@@ -360,8 +368,10 @@ sys.exit(130 if stop == ["SIGINT"] else 143 if stop else 3)
 '''
 
 
-def _study_process(tmp_path, mode):
-    """The study in a process of its own, with a stand-in training script of `mode`."""
+def _study_process(tmp_path, mode, ignore_sigint=False):
+    """The study in a process of its own, with a stand-in training script of `mode`;
+    `ignore_sigint`: started as `cmd &` in a script starts it, with SIGINT ignored."""
+    import signal
     import subprocess
     (tmp_path / "fake.py").write_text(FAKE_TRAINING)
     (tmp_path / "data" / "val").mkdir(parents=True, exist_ok=True)
@@ -370,8 +380,29 @@ def _study_process(tmp_path, mode):
             f"s.train_command = lambda a, r: [sys.executable, {str(tmp_path / 'fake.py')!r}, "
             f"{mode!r}]; sys.exit(s.main(['data', '--out', 'runs', '--only', 'A-s0', "
             f"'--record', 'record', '--doc', 'doc.md']))")
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=ignore)
+
+
+def test_a_study_started_in_the_background_stops_a_run_that_is_still_setting_up(tmp_path):
+    """A script's `study &` starts it with SIGINT ignored, which its children would inherit:
+    a SIGINT passed on while the training run set up was lost, and the study waited for
+    the whole run. Now the run gets it (KeyboardInterrupt in its set-up) and both stop."""
+    import os
+    import signal
+    import time
+    parent = _study_process(tmp_path, "setup", ignore_sigint=True)
+    log = tmp_path / "runs" / "A-s0" / "train.log"
+    deadline = time.time() + 30
+    while not (log.exists() and "setting up" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(parent.pid, signal.SIGINT)
+    out, _ = parent.communicate(timeout=20)  # the child alone would sleep 30 s
+    assert parent.returncode == 130, out
+    assert "interrupted before training started" in log.read_text()
+    assert "== stopped: A-s0 saved where it was" in out, out
 
 
 @pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])

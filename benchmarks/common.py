@@ -130,14 +130,10 @@ def training_flops(rows, batch):
 # ----------------------------------------------------------------------------------------
 
 def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name (minivgg's own reading of /proc/cpuinfo, imported late so the
+    thread settings above come first)."""
+    from minivgg.kernels.cpu import machine
+    return machine.cpu_model()
 
 
 def _getloadavg():

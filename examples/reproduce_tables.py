@@ -50,7 +50,6 @@ centres the grid (`minivgg.evaluate.dense_crop`); the top-left grid is measured 
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -66,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reproduction_r
 
 from minivgg import (checkpoint, data, evaluate, folder_lock, images, metrics,  # noqa: E402
                      optim, run_state)
+from minivgg.kernels.cpu import machine  # noqa: E402
 from minivgg.pretrained import save_pretrained  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
@@ -368,25 +368,18 @@ def record_time(args, run, start, load, part="training"):
     parts.append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                   "seconds": round(time.time() - start, 1),
                   "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
-                  "cpu": cpu_name(), "part": part})
+                  **machine.describe(), "part": part})
     checkpoint.write_json(path, parts, overwrite=True)
 
 
-def cpu_name():
-    """The CPU this process runs on, as /proc/cpuinfo names it, with its count and AMX."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:  # not Linux
-        pass
-    return f"{name}, {os.cpu_count()} CPUs" + (", AMX" if "amx_tile" in flags else "")
+def cpu_of(part):
+    """(model, CPU count, AMX?) of one timing.json entry. Older entries keep all three in
+    one string, "model, N CPUs[, AMX]"; the first ones keep nothing, and ran on 2 CPUs
+    (model "—")."""
+    if "cpus" in part:
+        return part["cpu"], part["cpus"], part["amx"]
+    model, *rest = part.get("cpu", "—, 2 CPUs").split(", ")
+    return model, int(rest[0].split()[0]), "AMX" in rest
 
 
 def read_json(path, default):

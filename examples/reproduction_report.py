@@ -36,7 +36,7 @@ from reproduction_seeds import p_text, t_interval
 from reproduction_sections import (
     SINGLE, depth, jitter_table, runs_table, seed_errors, table3, table3_findings,
     twin_table, warm_table)
-from reproduction_stats import Results, errors, paired_test, sign_test, table3_runs
+from reproduction_stats import PENDING, Results, errors, paired_test, sign_test, table3_runs
 
 __all__ = ["write_report", "Results", "sign_test", "paired_test", "p_text"]
 
@@ -64,7 +64,7 @@ def in_panel(run, panel):
 
 def plot_curves(res, path):
     """Train (dashed) and val (solid) top-1 error per epoch of every run, one panel per
-    net, one colour per seed; a dot marks each epoch after which the lr was cut."""
+    net, one colour per seed; a ▼ marks each epoch after which the lr was cut."""
     plt = import_pyplot()
     fig, axes = plt.subplots(3, 3, figsize=(12, 10), sharex=True, sharey=True)
     for ax, (title, panel) in zip(axes.flat, PANELS):
@@ -85,6 +85,8 @@ def plot_curves(res, path):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, PENDING, transform=ax.transAxes, ha="center", color="grey")
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
     for ax in axes[:, 0]:

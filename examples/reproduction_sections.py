@@ -12,9 +12,10 @@ McNemar test on the seed-averaged soft-max adds the image-level view. The protoc
 import numpy as np
 
 from minivgg import models
-from reproduce_tables import FIXED_QS, JITTER_QS, schedule_ended
+from reproduce_tables import FIXED_QS, JITTER_QS, cpu_of, schedule_ended
 from reproduction_seeds import MARGIN, describe, holm, judge, p_text, seeds_text, welch
-from reproduction_stats import MIN_CUTS, PENDING, cut_epochs, paired_test, paper, table3_runs
+from reproduction_stats import (MIN_CUTS, PENDING, cut_epochs, interim, paired_test, paper,
+                                table3_runs)
 
 # The paper's numbers (paper.md, Sec. 4): top-1 / top-5 val error %, fixed S = 256.
 PAPER_T3 = {"A": (29.6, 10.4), "A-LRN": (29.7, 10.5), "B": (28.7, 9.9), "C": (28.1, 9.4),
@@ -93,9 +94,9 @@ def cpus(timing):
     """The distinct CPUs of a run's invocations, in order, shortly named."""
     names = []
     for part in timing:
-        model, *rest = part.get("cpu", "—").split(", ")  # "model, N CPUs[, AMX]"
+        model, _, amx = cpu_of(part)
         model = model.replace("(R)", "").replace("(TM)", "").replace(" Processor", "")
-        name = model + (" (AMX)" if "AMX" in rest else "")
+        name = model + (" (AMX)" if amx else "")
         if name not in names:
             names.append(name)
     return ", ".join(names) or "—"
@@ -127,7 +128,8 @@ def table3(res):
         "\n\nTop-1 / top-5 error % on the 3,925 val images at each run's last epoch; "
         "mean ± the half-width of the 95% Student-t interval over seeds, each seed in "
         "brackets. The training error is measured on the augmented crops during the last "
-        "epoch (dropout on), so it is an upper bound of the fit.")
+        "epoch (dropout on), so it is an upper bound of the fit. At Q = 72 the dense score "
+        "map is 1×1, so dense evaluation here is the centre crop + flip (Table 5's note).")
 
 
 def table3_findings(res):
@@ -146,17 +148,23 @@ def table3_findings(res):
             lines.append(f"- {what}: {PENDING} (two seeds of each needed).")
             continue
         planned = min(len(table3_runs(res, x)), len(table3_runs(res, y)))
-        interim = (f"*interim, {len(c.x)} and {len(c.y)} seeds*, "
-                   if min(len(c.x), len(c.y)) < planned else "")
-        lines.append(f"- {what}: **{judge(c, null)}** ({interim}{x} − {y}: "
+        mark = (f"*interim, {len(c.x)} and {len(c.y)} seeds*, "
+                if min(len(c.x), len(c.y)) < planned else "")
+        lines.append(f"- {what}: **{judge(c, null)}** ({mark}{x} − {y}: "
                      f"{describe(c, adjusted.get((x, y)))}; {image_level(res, x, y)}).")
     return "\n".join(lines) + (
         f"\n\nVerdict rules (Design): a claimed improvement is *reproduced* at Welch p < "
         f"0.05 in the paper's direction, *contradicted* at p < 0.05 the other way, else "
         f"*undecided*; a claimed absence of improvement is *contradicted* when the net is "
         f"better at p < 0.05, *reproduced* when the 95% interval also rules out a gain above "
-        f"{MARGIN:.0f} points, else undecided. Holm's adjustment covers the four depth "
-        f"comparisons; the verdicts use the unadjusted p, as designed.") + fit_note(res)
+        f"{MARGIN:.0f} points, else undecided. Holm's adjustment covers the four "
+        f"directional findings (B − A, C − B, D − C, D − A), not the two claims of no "
+        f"gain (LRN, E − D); the verdicts use the unadjusted p, as designed. With two "
+        f"seeds of A-LRN, or three a side with seeds a point or two apart, the 95% "
+        f"interval is about ±2-4 points, as wide as the {MARGIN:.0f}-point margin or "
+        f"wider: a claim of no gain reads *reproduced* only if the net also comes out "
+        f"worse on average (by up to {MARGIN:.0f} points), so those two will most likely "
+        f"stay undecided.") + fit_note(res)
 
 
 def image_level(res, x, y):
@@ -177,20 +185,29 @@ def image_level(res, x, y):
 
 
 def fit_note(res):
-    """Where the deeper nets stand in *training* error at the end, against A: behind in
-    training error too means they did not fit (underfit), level means they overfit."""
-    train = {}
+    """Where the deeper nets stand in *training* error at the end, against A (behind in
+    training error too means they did not fit: underfit), and when each net's lr was first
+    cut (a cut early in the run leaves fewer steps at the large rate)."""
+    train, first = {}, {}
     for arch in "ABCDE":
-        rows = [res.rows[r.name][-1] for r in table3_runs(res, arch) if res.counts[r.name]]
-        if rows:
-            train[arch] = np.mean([100 * float(r["train_top1_err"]) for r in rows])
+        runs = [r for r in table3_runs(res, arch) if res.counts[r.name]]
+        if runs:
+            train[arch] = np.mean([100 * float(res.rows[r.name][-1]["train_top1_err"])
+                                   for r in runs])
+            first[arch] = [cut_epochs(res.rows[r.name])[0] for r in runs]
     if "A" not in train or len(train) < 2:
         return ""
     cells = ", ".join(f"{a} {v:.1f}%" for a, v in train.items())
-    return (f"\n\nTraining top-1 error at the last epoch (seed means): {cells}. At 64-pixel "
-            "crops block 4 works on 8×8 maps and block 5 on 4×4, where 31% of a 3×3 "
-            "filter's taps read the zero border (Design): the layers that B..E add see less "
-            "image than at 224, which can weigh against depth here.")
+    cuts = "; ".join(f"{a} {', '.join(map(str, e))}" for a, e in first.items())
+    return (f"\n\nTraining top-1 error at the last epoch (seed means): {cells}. The first lr "
+            f"cut came after epoch (per seed) {cuts}. Two things here can weigh against "
+            "the deeper nets and are not depth itself. (1) The plateau rule cuts the lr "
+            "when the val error stalls for a few epochs, and a noisy val curve can stall "
+            "early: a net cut early spends fewer epochs at lr 0.01 and can end behind in "
+            "training error as well. (2) At 64-pixel crops block 4 works on 8×8 maps and "
+            "block 5 on 4×4, where 31% of a 3×3 filter's taps read the zero border "
+            "(Design): the layers that B..E add see less image than at 224. (2) bears on "
+            "depth but not on D against C, which have the same depth.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,8 +234,10 @@ def jitter_table(res):
                            [f"dense@{q}" for q in JITTER_QS], MULTI)):
         c = welch(seed_errors(res, jit, jk), seed_errors(res, fixed, fk))
         what = f"- Scale jittering beats fixed S ({label})"
+        mark = "" if c is None else interim(min(len(c.x), len(c.y)),
+                                            min(len(jit), len(fixed)), "seeds")
         lines.append(f"{what}: {PENDING}." if c is None else
-                     f"{what}: **{judge(c)}** (jittered − fixed: {describe(c)}).")
+                     f"{what}: **{judge(c)}** ({mark}jittered − fixed: {describe(c)}).")
     return "\n".join(lines)
 
 
@@ -233,7 +252,7 @@ def warm_table(res):
         errs = seed_errors(res, runs, SINGLE)
         epochs = [len(res.rows[r.name]) for r in runs if res.counts[r.name]]
         lines.append(f"| {label} | {len(errs)} | {seeds_text(errs) if errs else PENDING} | "
-                     f"{np.mean(epochs) if epochs else PENDING} |")
+                     f"{f'{np.mean(epochs):.1f}' if epochs else PENDING} |")
     c = welch(seed_errors(res, warm, SINGLE), seed_errors(res, glorot, SINGLE))
     what = "- Glorot's initialisation needs no warm start (warm-started D no better)"
     lines += ["", "The paper gives no number: it warm-started its deeper nets from A, then "
@@ -241,7 +260,9 @@ def warm_table(res):
               "have had A's whole training already, so the warm-started net has seen more "
               "steps than the Glorot runs.", "",
               f"{what}: {PENDING}." if c is None else
-              f"{what}: **{judge(c, null=True)}** (warm − Glorot: {describe(c)})."]
+              f"{what}: **{judge(c, null=True)}** ("
+              f"{interim(min(len(c.x), len(c.y)), min(len(warm), len(glorot)), 'seeds')}"
+              f"warm − Glorot: {describe(c)})."]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from minivgg import evaluate, metrics
-from reproduce_tables import finished, read_json, results_folder
+from reproduce_tables import cpu_of, finished, read_json, results_folder
 from reproduction_seeds import p_text  # noqa: F401 - also imported from here
 
 PENDING = "pending"
@@ -107,11 +107,8 @@ class Results:
     def cpu_hours(self, name):
         """CPU-hours of every invocation of a run (start-up and test evaluation included):
         wall time × the CPUs of its machine (2 where the timing predates keeping them)."""
-        total = 0.0
-        for part in self.timing.get(name, []):
-            count = part.get("cpu", ", 2 CPUs").split(", ")[1].split()[0]
-            total += part["seconds"] * int(count) / 3600
-        return total
+        return sum(part["seconds"] * cpu_of(part)[1] / 3600
+                   for part in self.timing.get(name, []))
 
 
 def errors(out):
@@ -182,8 +179,19 @@ def paired_verdict(expected_winner, other_name, other):
             f"{other_name} on {only_old}: McNemar {p_text(p)})")
 
 
+def interim(done, planned, unit):
+    """'*interim, 2 of 3 seeds*, ' while fewer than the planned runs are in, else ''
+    (Design: a verdict computed before every planned run is recorded is interim)."""
+    return f"*interim, {done} of {planned} {unit}*, " if done < planned else ""
+
+
 def images(k):
-    return f"{k} image" + ("" if k == 1 else "s")
+    return plural(k, "image")
+
+
+def plural(k, noun):
+    """'1 image', '3 images'."""
+    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 def paper(pair):

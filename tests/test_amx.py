@@ -337,7 +337,7 @@ def test_disable_variable_forces_the_fallback_and_warns_once(monkeypatch):
 
 def test_a_cpu_without_amx_is_named_and_still_computes(monkeypatch):
     monkeypatch.delenv("MINIVGG_DISABLE_AMX", raising=False)
-    monkeypatch.setattr(amx_isa, "_cpu_flags", lambda: {"avx512f", "amx_tile"})
+    monkeypatch.setattr(amx_isa, "cpu_flags", lambda: {"avx512f", "amx_tile"})
     monkeypatch.setattr(amx_isa, "_hardware", {})
     monkeypatch.setattr(amx_isa, "_warned", [])
     available, reason = amx_isa.amx_available()

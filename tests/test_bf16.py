@@ -223,7 +223,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     from minivgg.kernels.cpu import amx_isa
     from minivgg.kernels.cpu.bf16 import round_to_bf16
     if {patch_flags}:  # a CPU with AMX tiles but without their bf16 multiply
-        amx_isa._cpu_flags = lambda: {{"avx512f", "amx_tile"}}
+        amx_isa.cpu_flags = lambda: {{"avx512f", "amx_tile"}}
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 8, 8)).astype(np.float32)
     W = rng.normal(size=(5, 6, 3, 3)).astype(np.float32)

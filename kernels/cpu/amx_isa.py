@@ -17,6 +17,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from minivgg.kernels.cpu.machine import cpu_flags
+
 # Tile geometry: rows per tile, bf16 per A-tile row (K per tdpbf16ps), fp32 per C-tile row.
 TILE_M = 16
 TILE_K = 32
@@ -142,17 +144,6 @@ TILE_CONFIG = _tile_config()
 # Can this process use AMX?
 # ----------------------------------------------------------------------------------------
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _request_permission():
     """Ask Linux for the tile-data state; None when granted, else why not."""
     try:
@@ -174,7 +165,7 @@ def _hardware_reason():
     """Why this machine cannot run the AMX kernel, or None (checked once per process)."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"AMX needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    missing = [f for f in ("amx_tile", "amx_bf16") if f not in _cpu_flags()]
+    missing = [f for f in ("amx_tile", "amx_bf16") if f not in cpu_flags()]
     if missing:
         return f"this CPU has no {' and no '.join(missing)} (/proc/cpuinfo flags)"
     # NOTE: Numba may be told to compile for another CPU (portable caches); LLVM would then

@@ -85,14 +85,13 @@ wide) on the map's first or last row sums only the two rows of taps that reach i
 image (`_conv_block`'s ky0, ky1).
 """
 
-import functools
 import os
 
 import numba
 import numpy as np
 from numba import njit
 
-from minivgg.kernels.cpu.amx_isa import _cpu_flags
+from minivgg.kernels.cpu.machine import cpu_flags
 from minivgg.kernels.cpu.blocked_ir import BLOCK, PIX, _conv_block, _turn_block
 from minivgg.kernels.cpu.runtime import JIT, map_ranges, workspace
 
@@ -407,18 +406,9 @@ def avx512_reason():
     # NOTE: a portable cache (NUMBA_CPU_NAME=generic) must not hold AVX-512 code.
     if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
         return f"Numba compiles for NUMBA_CPU_NAME={numba.config.CPU_NAME}"
-    if not _has_avx512f():
+    if "avx512f" not in cpu_flags():  # read once per process (machine.py)
         return "this CPU has no avx512f (/proc/cpuinfo flags)"
     return ""
-
-
-@functools.cache
-def _has_avx512f():
-    # NOTE: once per process: "auto" asks at every 3×3 conv, and /proc/cpuinfo is long on
-    # a machine with many cores.
-    return "avx512f" in _cpu_flags()
-
-
 
 
 def conv2d_nchw(x, wb, bb, OC, relu=False, vector=None, blocked_out=None):

@@ -171,5 +171,8 @@ recipe, seed or schedule changes.
   run still training when a session ends is trained again from epoch 1 in the next
   session on a fresh machine, and the lost invocation is in no timing.json, so the
   CPU-hours above count only the invocations that led to a record. This happened once,
-  to E-s0. Sessions now start a run only when it can finish.
+  to E-s0. Sessions now start a run only when it can finish. Likewise, a run that stops
+  at the cap keeps no checkpoint in its record, so continuing it with a higher --epochs
+  on a fresh machine would train it again from epoch 1. None has reached the cap so far
+  (the longest, A-s0, took 59 of 60), and one that does with two cuts counts as it is.
 """

@@ -20,13 +20,19 @@ minivgg's own code, so the two runs differ only where the engines do:
 * the schedule: `minivgg.optim.ReduceLROnPlateau` itself, driving torch.optim.SGD, whose
   momentum convention minivgg's SGD follows;
 * the record: metrics.csv with minivgg's columns (`minivgg.metrics`), so the study and
-  `examples/visualize.py curves` read it like a minivgg run's.
+  `examples/visualize.py curves` read it like a minivgg run's;
+* the checkpoint: OUTPUT/last.pt after every epoch (weights, momentum, schedule, torch's
+  random state and the rows so far, written atomically by `minivgg.checkpoint`), which
+  `--resume OUTPUT/last.pt` continues from, so a stopped run loses at most the epoch in
+  progress and ends as it would have without the stop. A folder that already holds a run
+  is never started over: without --resume that is an error.
 
 It runs in its own process with `--threads` torch threads (default 2, the machine's cores).
 PyTorch is needed here only; minivgg never imports it.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -37,7 +43,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from minivgg import data, folder_lock, metrics, optim  # noqa: E402
+from minivgg import checkpoint, data, folder_lock, metrics, optim  # noqa: E402
 from minivgg.loader import Loader  # noqa: E402
 from torch_net import torch_vgg  # noqa: E402
 
@@ -64,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--cache", action="store_true", help="decode every image once")
     p.add_argument("--output", default="runs/torch-twin", metavar="DIR")
+    p.add_argument("--resume", metavar="PATH", help="continue from this last.pt")
     return p.parse_args(argv)
 
 
@@ -136,48 +143,135 @@ def validate(torch, net, loader):
             "val_top5_err": wrong5 / seen}
 
 
+# Checkpoint: what a resumed run needs to go on exactly as the run would have
+# ----------------------------------------------------------------------------------------
+
+RECIPE_KEYS = ("arch", "seed", "width", "fc_width", "crop", "scale", "batch_size",
+               "momentum", "weight_decay", "dropout", "lr_patience")
+
+
+class ResumeError(Exception):
+    """A --resume checkpoint that is missing, unreadable or from another recipe."""
+
+
+def save_state(torch, path, net, opt, scheduler, rows, args):
+    """Write last.pt all or nothing: a kill during the write leaves the previous one."""
+    state = {"net": net.state_dict(), "opt": opt.state_dict(),
+             "schedule": scheduler.state_dict(), "rng": torch.get_rng_state(),
+             "rows": rows, "recipe": json.dumps({k: getattr(args, k) for k in RECIPE_KEYS})}
+    checkpoint.atomic_write(path, lambda f: torch.save(state, f), suffix=".pt",
+                            overwrite=True, what="checkpoint")
+
+
+def load_state(torch, path, net, opt, scheduler, args):
+    """Restore what `save_state` wrote into the fresh net, optimizer and schedule -> rows."""
+    if not os.path.isfile(path):
+        raise ResumeError(f"--resume {path}: no such file")
+    try:  # NOTE: weights_only: tensors, dicts, lists, strings and numbers, never code
+        state = torch.load(path, weights_only=True)
+        recipe = json.loads(state["recipe"])
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        scheduler.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        rows = list(state["rows"])
+    except Exception as e:  # a damaged file fails in torch.load or in the key lookups
+        raise ResumeError(f"--resume {path}: not a readable twin checkpoint "
+                          f"({type(e).__name__}: {e})") from None
+    changed = [f"--{k.replace('_', '-')} {recipe.get(k)} -> {getattr(args, k)}"
+               for k in RECIPE_KEYS if recipe.get(k) != getattr(args, k)]
+    if changed:
+        raise ResumeError(f"--resume {path}: the run was trained with another recipe "
+                          f"({', '.join(changed)})")
+    return rows
+
+
+def check_output(args):
+    """Raise ResumeError when --output holds an earlier run that --resume does not continue:
+    a run is never started over in its own folder, nor overwritten by another."""
+    resumed_from = os.path.dirname(os.path.abspath(args.resume or ""))
+    here = bool(args.resume) and os.path.isdir(resumed_from) and os.path.samefile(
+        resumed_from, args.output)
+    for name in ("last.pt", "metrics.csv"):
+        if not here and os.path.exists(os.path.join(args.output, name)):
+            raise ResumeError(f"--output {args.output} holds an earlier run ({name}): pass "
+                              f"--resume {os.path.join(args.output, 'last.pt')} to continue "
+                              f"it, or choose another --output")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train_set, train_loader, val_loader = open_data(args)
-    net = torch_vgg(torch, args.arch, len(train_set.classes), args.width, args.fc_width,
-                    args.crop, args.dropout, init="glorot")
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
-    scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1, max_decreases=3,
-                                        patience=args.lr_patience)  # minivgg.train's
     os.makedirs(args.output, exist_ok=True)
-    try:  # one run per folder, as minivgg's own runs (held until this process ends)
-        lock = folder_lock.lock_folder(args.output, "--output")  # noqa: F841
+    try:  # one run per folder, as minivgg's own runs
+        lock = folder_lock.lock_folder(args.output, "--output")
     except folder_lock.FolderBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows, t_run = [], time.perf_counter()
-    print(f"torch {torch.__version__}, {args.threads} threads: VGG-{args.arch} width "
-          f"{args.width} fc {args.fc_width}, "
-          f"{sum(p.numel() for p in net.parameters()):,} parameters", flush=True)
-    for epoch in range(args.epochs):
+    with lock:
+        return train_twin(torch, args)
+
+
+def train_twin(torch, args):
+    """Check --output, build the data, net, optimizer and schedule, start or resume, and
+    train -> exit status. The rows trained so far: none, or the checkpoint's (--resume)."""
+    try:
+        check_output(args)  # before the minute of decoding the images
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train_set, train_loader, val_loader = open_data(args)
+    try:
+        net = torch_vgg(torch, args.arch, len(train_set.classes), args.width, args.fc_width,
+                        args.crop, args.dropout, init="glorot")
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                              weight_decay=args.weight_decay)
+        scheduler = optim.ReduceLROnPlateau(TorchRate(opt), mode="min", factor=0.1,
+                                            max_decreases=3, patience=args.lr_patience)
+        try:
+            rows = (load_state(torch, args.resume, net, opt, scheduler, args)
+                    if args.resume else [])
+        except ResumeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"torch {torch.__version__}, {args.threads} threads: VGG-{args.arch} width "
+              f"{args.width} fc {args.fc_width}, "
+              f"{sum(p.numel() for p in net.parameters()):,} parameters"
+              + (f"; resumed after epoch {len(rows)}" if rows else ""), flush=True)
+        t_run = time.perf_counter()
+        run_epochs(torch, args, net, opt, scheduler, rows, (train_loader, val_loader))
+        print(f"done in {time.perf_counter() - t_run:.0f}s; metrics.csv in {args.output}")
+        return 0
+    finally:
+        train_loader.close()
+        val_loader.close()
+
+
+def run_epochs(torch, args, net, opt, scheduler, rows, loaders):
+    """Train from epoch len(rows) + 1 to --epochs or the plateau; checkpoint every epoch."""
+    metrics_path = os.path.join(args.output, "metrics.csv")
+    metrics.write_metrics(metrics_path, rows)  # drops an epoch the checkpoint lacks
+    for epoch in range(len(rows), args.epochs):
+        if args.stop_at_plateau and scheduler.ended:
+            break
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
-        tr = train_one_epoch(torch, net, opt, train_loader, epoch)
-        va = validate(torch, net, val_loader)
+        tr = train_one_epoch(torch, net, opt, loaders[0], epoch)
+        va = validate(torch, net, loaders[1])
         seconds = time.perf_counter() - t0
         scheduler.step(va["val_top1_err"])
         rows.append(metrics.epoch_row(epoch + 1, tr, va, lr, seconds))
-        metrics.write_metrics(os.path.join(args.output, "metrics.csv"), rows)
+        save_state(torch, os.path.join(args.output, "last.pt"), net, opt, scheduler, rows,
+                   args)
+        metrics.write_metrics(metrics_path, rows)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['train_loss']:.4f} | val "
               f"top-1 err {100 * va['val_top1_err']:.2f}% top-5 err "
               f"{100 * va['val_top5_err']:.2f}% | lr {lr:g} | {tr['images_per_s']:.1f} img/s"
               f" | {seconds:.1f}s", flush=True)
-        if args.stop_at_plateau and scheduler.ended:
-            print(f"val top-1 error stopped improving after the last lr cut: the run ends at "
-                  f"epoch {epoch + 1}", flush=True)
-            break
-    print(f"done in {time.perf_counter() - t_run:.0f}s; metrics.csv in {args.output}")
-    train_loader.close()
-    val_loader.close()
-    return 0
+    if args.stop_at_plateau and scheduler.ended:
+        print(f"val top-1 error stopped improving after the last lr cut: the run ends at "
+              f"epoch {len(rows)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ one process per run, as a user runs it) and the PyTorch twin through
 
 * a run is *finished* when its schedule, replayed on the val errors of its metrics.csv
   (for minivgg: the epochs last.npz also holds), has ended, or its epochs reach the cap;
-  it is skipped. An unfinished run with a last.npz continues with --resume; an unfinished
-  twin run starts again (it keeps no checkpoint).
+  it is skipped. An unfinished run with a checkpoint (last.npz; last.pt for the twin)
+  continues with --resume, so a stopped study loses at most the epoch in progress.
 * its test-set soft-max outputs go to OUT/<name>/posteriors.npz, one array per
   (method, Q), computed once; every table combines those arrays (multi-scale, dense +
   multi-crop and fusion are averages of soft-max outputs, Sec. 3.2 and 4.4).
@@ -251,7 +251,7 @@ def epochs_done(args, run):
         rows = len(metrics.read_metrics(csv_path))
     except (OSError, ValueError):
         return 0
-    if run.engine == "torch":
+    if run.engine == "torch":  # NOTE: the twin writes metrics.csv after its last.pt
         return rows
     try:
         return min(rows, int(checkpoint.load(last_checkpoint(args, run))[2]["epoch"]))
@@ -267,10 +267,12 @@ def train_command(args, run):
     """The command line of one run: the user's own scripts, with the study's flags."""
     out = folder(args, run)
     if run.engine == "torch":
-        return [sys.executable, os.path.join(ROOT, "benchmarks", "train_torch_twin.py"),
-                args.data, "-a", run.arch, "--seed", str(run.seed), "--epochs",
-                str(args.epochs), "--cache", "-j", str(args.workers), "--output", out,
-                "--lr-patience", str(PATIENCE), "--stop-at-plateau"]
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_torch_twin.py"),
+               args.data, "-a", run.arch, "--seed", str(run.seed), "--epochs",
+               str(args.epochs), "--cache", "-j", str(args.workers), "--output", out,
+               "--lr-patience", str(PATIENCE), "--stop-at-plateau"]
+        last = os.path.join(out, "last.pt")
+        return cmd + ["--resume", last] if os.path.isfile(last) else cmd
     cmd = [sys.executable, os.path.join(ROOT, "examples", "train_imagenet.py"), args.data,
            "-a", run.arch, "--seed", str(run.seed), "--epochs", str(args.epochs),
            "-j", str(args.workers), "--output", out, "-p", "20", *RECIPE, *SCHEDULE,
@@ -317,7 +319,8 @@ def train(args, run):
     print(f"== {run.name}: exit {code}, {'finished' if done else 'NOT finished'} "
           f"after {time.time() - start:.0f}s (log: {folder(args, run)}/train.log)", flush=True)
     # NOTE: train_imagenet.py exits 130/143 after saving; the twin has no handler and dies
-    # of the signal itself (Popen reports that as -2/-15): both stop the study
+    # of the signal itself (Popen reports that as -2/-15), keeping its last epoch's
+    # last.pt: both stop the study
     signum = code - 128 if code > 128 else -code if code < 0 else 0
     if signum in (signal.SIGINT, signal.SIGTERM):
         raise Interrupted(128 + signum)

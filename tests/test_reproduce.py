@@ -2,6 +2,7 @@
 marks what is missing as pending. Nothing here trains (that is the study itself)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,9 +55,13 @@ def test_finished_runs_are_skipped_and_half_finished_ones_resume(study, tmp_path
     assert "examples/train_imagenet.py" in cmd[1].replace("\\", "/")
     _finish(study, args, a, 3)
     assert study.train(args, a)  # finished: nothing is run
-    _finish(study, args, twin, 3)
-    assert study.epochs_done(args, twin) == 3
-    assert "benchmarks/train_torch_twin.py" in study.train_command(args, twin)[1]
+    assert "--resume" not in study.train_command(args, twin)
+    _finish(study, args, twin, 2)
+    (Path(study.folder(args, twin)) / "last.pt").write_bytes(b"the twin's checkpoint")
+    assert study.epochs_done(args, twin) == 2
+    cmd = study.train_command(args, twin)
+    assert "benchmarks/train_torch_twin.py" in cmd[1].replace("\\", "/")
+    assert cmd[cmd.index("--resume") + 1] == os.path.join(study.folder(args, twin), "last.pt")
 
 
 def test_a_run_is_finished_when_its_replayed_schedule_has_ended(study, tmp_path):

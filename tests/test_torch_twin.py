@@ -68,3 +68,79 @@ def test_twin_stops_at_the_plateau_after_the_third_cut(tmp_path, torch):
                       "1", "--output", str(out)]) == 0
     rows = metrics.read_metrics(str(out / "metrics.csv"))
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-12] * 2 + [1e-13, 1e-14, 1e-15])
+
+
+# --- checkpoint and resume --------------------------------------------------------------
+
+def tiny_run(data, out, epochs, *extra):
+    return [data, "-a", "A", "--epochs", str(epochs), "--width", "0.0625", "--fc-width",
+            "16", "--scale", "40", "--crop", "32", "-b", "4", "-j", "0", "--threads", "1",
+            "--lr-patience", "0", "--output", str(out), *extra]
+
+
+def learned(rows):
+    """A metrics.csv's rows without the timing columns (which no two runs share)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+            for r in rows]
+
+
+def test_twin_stopped_and_resumed_ends_as_the_run_without_the_stop(tmp_path, torch):
+    """Weights, momentum, schedule, dropout's random state and the rows come back from
+    last.pt: 1 epoch + a resume to 3 is the 3-epoch run, bit for bit."""
+    from minivgg import metrics
+    from test_data import make_layout
+    twin = load_script("benchmarks/train_torch_twin.py")
+    data = make_layout(str(tmp_path / "data"), per_class=4)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert twin.main(tiny_run(data, whole, 3)) == 0
+    assert twin.main(tiny_run(data, parts, 1)) == 0
+    assert len(metrics.read_metrics(str(parts / "metrics.csv"))) == 1
+    assert twin.main(tiny_run(data, parts, 3, "--resume", str(parts / "last.pt"))) == 0
+    rows = [metrics.read_metrics(str(out / "metrics.csv")) for out in (whole, parts)]
+    assert len(rows[0]) == 3 and learned(rows[0]) == learned(rows[1])
+    assert len({r["lr"] for r in rows[0]}) > 1  # patience 0: the schedule cut the rate
+    states = [torch.load(str(out / "last.pt"), weights_only=True) for out in (whole, parts)]
+    for key, value in states[0]["net"].items():
+        assert torch.equal(value, states[1]["net"][key]), key
+    assert states[0]["schedule"] == states[1]["schedule"]
+
+
+def test_twin_never_starts_over_in_a_folder_that_holds_a_run(tmp_path, torch, capsys):
+    from test_data import make_layout
+    twin = load_script("benchmarks/train_torch_twin.py")
+    data = make_layout(str(tmp_path / "data"), per_class=4)
+    out = tmp_path / "twin"
+    assert twin.main(tiny_run(data, out, 1)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert twin.main(tiny_run(data, out, 2)) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and f"--resume {out / 'last.pt'}" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    other = tmp_path / "other"  # resuming from another folder into this one: refused too
+    assert twin.main(tiny_run(data, other, 1)) == 0
+    assert twin.main(tiny_run(data, out, 2, "--resume", str(other / "last.pt"))) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("problem", ["missing", "damaged", "recipe"])
+def test_twin_resume_errors_name_the_problem(tmp_path, torch, capsys, problem):
+    from test_data import make_layout
+    twin = load_script("benchmarks/train_torch_twin.py")
+    data = make_layout(str(tmp_path / "data"), per_class=4)
+    out = tmp_path / "twin"
+    assert twin.main(tiny_run(data, out, 1)) == 0
+    last = out / "last.pt"
+    argv = tiny_run(data, out, 2, "--resume", str(last))
+    if problem == "missing":
+        argv = tiny_run(data, tmp_path / "new", 2, "--resume", str(tmp_path / "nope.pt"))
+        expected = "no such file"
+    elif problem == "damaged":
+        last.write_bytes(last.read_bytes()[:1000])
+        expected = "not a readable twin checkpoint"
+    else:
+        argv += ["--seed", "3"]
+        expected = "another recipe (--seed 0 -> 3)"
+    capsys.readouterr()
+    assert twin.main(argv) == 2
+    assert expected in capsys.readouterr().err

@@ -22,7 +22,9 @@ one process per run, as a user runs it) and the PyTorch twin through
 * a run is *finished* when its schedule, replayed on the val errors of its metrics.csv
   (for minivgg: the epochs last.npz also holds), has ended, or its epochs reach the cap;
   it is skipped. An unfinished run with a checkpoint (last.npz; last.pt for the twin)
-  continues with --resume, so a stopped study loses at most the epoch in progress.
+  continues with --resume, so a stopped study loses at most the epoch in progress; the
+  stopped run is also *parked* in RECORD/parked/<name>/ (`reproduction_parking`), and a
+  fresh clone continues from there.
 * its test-set soft-max outputs go to OUT/<name>/posteriors.npz, one array per
   (method, Q), computed once; every table combines those arrays (multi-scale, dense +
   multi-crop and fusion are averages of soft-max outputs, Sec. 3.2 and 4.4).
@@ -31,8 +33,8 @@ one process per run, as a user runs it) and the PyTorch twin through
   RECORD/<name>/ (default docs/reproduction/, committed with the report). A recorded run
   is finished whatever OUT holds (when its record.json has this study's PROTOCOL, and
   it ended at its plateau or reached this --epochs), and the report is built from the
-  records: the study goes
-  on in a fresh clone or on another machine, where runs/ (checkpoints, logs) is gone.
+  records: the study goes on in a fresh clone or on another machine, where runs/
+  (checkpoints, logs) is gone.
 
 After each step the report docs/reproduction.md and its plots are rewritten from whatever is
 finished, with "pending" in the cells still missing; `--doc-only` just rewrites them.
@@ -67,6 +69,7 @@ from minivgg import (checkpoint, data, evaluate, folder_lock, images, metrics,  
                      optim, run_state)
 from minivgg.kernels.cpu import machine  # noqa: E402
 from minivgg.pretrained import save_pretrained  # noqa: E402
+import reproduction_parking as parking  # noqa: E402
 
 RECIPE = ["--width", "0.25", "--fc-width", "512", "--crop", "64", "-b", "64",
           "--init", "glorot", "--cache"]
@@ -218,6 +221,14 @@ def save_record(args, run):
                            "ended": "plateau" if schedule_ended(rows) else "cap",
                            "engine": run.engine, "arch": run.arch, "seed": run.seed,
                            "saved": time.strftime("%Y-%m-%d %H:%M")}, overwrite=True)
+    parking.discard(args.record, run.name)  # recorded: its parked state is not needed
+
+
+def park(args, run):
+    """Park a stopped run (`reproduction_parking`) -> the sentence that says where."""
+    kept = parking.park(folder(args, run), args.record, run.name, epochs_done(args, run))
+    return (f"; its state is parked in {kept} (commit it, and a fresh clone continues "
+            f"from there too)" if kept else "")
 
 
 def compact_posteriors(src, dst):
@@ -300,6 +311,11 @@ def train(args, run):
     """Train `run` until it is `finished`, unless it is already -> True when finished.
 
     Raises Interrupted when SIGINT or SIGTERM stopped the run (after it saved)."""
+    parked = None if recorded(args, run) else parking.unpark(args.record, run.name,
+                                                             folder(args, run))
+    if parked:  # a fresh clone of a study that was stopped during this run
+        print(f"== {run.name}: continues from its parked state ({parked['epochs']} epochs, "
+              f"parked {parked['parked']})", flush=True)
     if finished(args, run):
         return True
     if run.warm_from and not os.path.isfile(last_checkpoint(args, run)):
@@ -541,7 +557,7 @@ def run_study(args, runs, write_report):
                 done = train(args, run)
             except Interrupted as stop:
                 print(f"== stopped: {run.name} saved where it was; run the same command "
-                      f"again to continue", flush=True)
+                      f"again to continue{park(args, run)}", flush=True)
                 return stop.code
             if done:
                 try:  # in this process: a Ctrl-C here stops between whole steps
@@ -549,7 +565,8 @@ def run_study(args, runs, write_report):
                     save_record(args, run)
                 except KeyboardInterrupt:
                     print(f"== stopped while evaluating {run.name}: its training is saved; "
-                          f"run the same command again to evaluate it", flush=True)
+                          f"run the same command again to evaluate it{park(args, run)}",
+                          flush=True)
                     return 130
             else:
                 unfinished.append(run.name)

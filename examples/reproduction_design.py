@@ -170,8 +170,12 @@ recipe, seed or schedule changes.
 - *Work lost with a machine.* Checkpoints stay in the machine's git-ignored `runs/`. A
   run still training when a session ends is trained again from epoch 1 in the next
   session on a fresh machine, and the lost invocation is in no timing.json, so the
-  CPU-hours above count only the invocations that led to a record. This happened once,
-  to E-s0. Sessions now start a run only when it can finish. Likewise, a run that stops
+  CPU-hours above count only the invocations that led to a record. This happened to
+  E-s0, and to E-s2 (its session ended before the run's record was committed). Since
+  2026-12-06 a stopped study *parks* the run in progress in the records (its checkpoint,
+  metrics.csv and timing.json, 10-15 MB: `reproduction_parking`), so a session that stops
+  the study with Ctrl-C and commits before it ends loses at most the epoch in progress; a
+  machine that goes without that stop still loses the run. Likewise, a run that stops
   at the cap keeps no checkpoint in its record, so continuing it with a higher --epochs
   on a fresh machine would train it again from epoch 1. None has reached the cap so far
   (the longest, A-s0, took 59 of 60), and one that does with two cuts counts as it is.

@@ -34,8 +34,8 @@ from reproduction_design import design
 from reproduction_protocols import protocol_output, protocol_rows, table4, table5, table6
 from reproduction_seeds import p_text, t_interval
 from reproduction_sections import (
-    SINGLE, depth, jitter_table, runs_table, seed_errors, table3, table3_findings,
-    twin_table, warm_table)
+    SINGLE, depth, first_cut_pairs, jitter_table, runs_table, seed_errors, table3,
+    table3_findings, twin_table, warm_table, within_net)
 from reproduction_stats import PENDING, Results, errors, paired_test, sign_test, table3_runs
 
 __all__ = ["write_report", "Results", "sign_test", "paired_test", "p_text"]
@@ -122,6 +122,30 @@ def plot_depth(res, path):
     save_figure(fig, path)
 
 
+def plot_first_cut(res, path):
+    """Dense top-1 error against the epoch of each run's first lr cut, one colour per net
+    (the report's post-hoc note), with the within-net least-squares slope."""
+    plt = import_pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_net = first_cut_pairs(res)
+    for i, (arch, pairs) in enumerate(by_net.items()):
+        x, y = np.array(pairs, dtype=float).T
+        ax.plot(x, y, "o", color=f"C{i}", label=arch)
+    groups, dx, dy = within_net(by_net)
+    if groups and dx @ dx > 0:  # drawn through the mean of every run
+        every = np.concatenate(groups)
+        xs = np.array([every[:, 0].min(), every[:, 0].max()])
+        ax.plot(xs, every[:, 1].mean() + (dx @ dy) / (dx @ dx) * (xs - every[:, 0].mean()),
+                "k--", lw=1, label="within-net slope")
+    ax.set(xlabel="epochs before the first lr cut", ylabel="val top-1 error (%, dense, Q = 72)",
+           title="Error vs the first lr cut (post hoc; one dot per run)")
+    ax.grid(alpha=0.3)
+    if by_net:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_protocols(res, path):
     plt = import_pyplot()
     nets = [r for r in res.study if r.multicrop and res.parts.get(r.name)]
@@ -153,6 +177,7 @@ def plot_protocols(res, path):
 # (file name beside the report, caption, drawn by): its plots, in the order it shows them
 PLOTS = (("reproduction_curves.png", "Training curves", plot_curves),
          ("reproduction_depth.png", "Error vs depth", plot_depth),
+         ("reproduction_first_cut.png", "Error vs the first lr cut", plot_first_cut),
          ("reproduction_protocols.png", "Test protocols", plot_protocols))
 
 

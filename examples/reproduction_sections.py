@@ -295,24 +295,38 @@ def twin_table(res):
                               f"interval inside ±{MARGIN:.0f} points)."])
 
 
-def first_cut_note(res):
-    """Post hoc (not in the design): does the epoch of a run's first lr cut predict its
-    dense error? Spearman over every counted run of A..E, then a partial correlation within
-    nets (each net's seed mean taken off both the epoch and the error), which depth cannot
-    explain, with its slope in points per 10 epochs."""
+def first_cut_pairs(res):
+    """{net: [(epoch of the first lr cut, dense top-1 %)]} over the counted runs of A..E."""
     by_net = {}
     for arch in "ABCDE":
         for r in table3_runs(res, arch):
             err = res.error([r.name], SINGLE)
             if res.counts[r.name] and err is not None:
                 by_net.setdefault(arch, []).append((cut_epochs(res.rows[r.name])[0], err[0]))
-    pairs = [p for ps in by_net.values() for p in ps]
+    return by_net
+
+
+def within_net(by_net):
+    """(the nets with 2 or more runs as arrays of (x, y) rows, x and y less their net's
+    mean): what a correlation within nets is computed from."""
     groups = [np.array(ps, dtype=float) for ps in by_net.values() if len(ps) >= 2]
-    n, k = sum(len(g) for g in groups), len(groups)
+    if not groups:
+        return groups, np.zeros(0), np.zeros(0)
+    return (groups, np.concatenate([g[:, 0] - g[:, 0].mean() for g in groups]),
+            np.concatenate([g[:, 1] - g[:, 1].mean() for g in groups]))
+
+
+def first_cut_note(res):
+    """Post hoc (not in the design): does the epoch of a run's first lr cut predict its
+    dense error? Spearman over every counted run of A..E, then a partial correlation within
+    nets (each net's seed mean taken off both the epoch and the error), which depth cannot
+    explain, with its slope in points per 10 epochs."""
+    by_net = first_cut_pairs(res)
+    pairs = [p for ps in by_net.values() for p in ps]
+    groups, res_x, res_y = within_net(by_net)
+    n, k = len(res_x), len(groups)
     if len(pairs) < 6 or n - k - 1 < 3:
         return ""
-    res_x = np.concatenate([g[:, 0] - g[:, 0].mean() for g in groups])
-    res_y = np.concatenate([g[:, 1] - g[:, 1].mean() for g in groups])
     if min(res_x @ res_x, res_y @ res_y) == 0:  # every seed of a net cut alike: no relation
         return ""
     stats = _stats()

@@ -290,7 +290,8 @@ def twin_table(res):
         return "\n".join(lines + ["", f"- minivgg's A against PyTorch's: {PENDING}."])
     word = ("the same within the noise" if c.p >= 0.05 and max(-c.low, c.high) <= MARGIN
             else "different" if c.p < 0.05 else "undecided (the interval is too wide)")
-    return "\n".join(lines + ["", f"- minivgg's A against PyTorch's: **{word}** (minivgg − "
+    mark = interim(sum(map(len, finals.values())), sum(map(len, groups.values())), "runs")
+    return "\n".join(lines + ["", f"- minivgg's A against PyTorch's: **{word}** ({mark}minivgg − "
                               f"torch: {describe(c)}; 'the same' needs p ≥ 0.05 and the "
                               f"interval inside ±{MARGIN:.0f} points)."])
 

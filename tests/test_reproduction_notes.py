@@ -1,6 +1,7 @@
-"""The report's post-hoc note on the epoch of each run's first lr cut against its error
-(examples/reproduction_sections.py, `first_cut_note`), on made-up runs whose answer is
-known, checked against an ordinary least-squares fit with one mean per net."""
+"""Notes of the reproduction report (examples/reproduction_sections.py) on made-up runs whose
+answer is known: the post-hoc note on the epoch of each run's first lr cut against its error
+(`first_cut_note`, checked against an ordinary least-squares fit with one mean per net), and
+the interim mark of the PyTorch twin's verdict."""
 
 import sys
 from pathlib import Path
@@ -75,3 +76,16 @@ def test_runs_whose_seeds_were_all_cut_alike_give_no_note_and_no_warning(section
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sections.first_cut_note(_res(sections, cuts, errors)) == ""
+
+
+def test_the_twin_verdict_is_interim_until_every_planned_seed_is_in(sections):
+    names = ["A-s0", "A-s1", "A-s2", "torch-A-s0", "torch-A-s1", "torch-A-s2"]
+    study = [SimpleNamespace(name=n, arch="A", engine="torch" if "torch" in n else "minivgg",
+                             jitter=False, warm_from=None, seed=int(n[-1])) for n in names]
+    final = {"A-s0": 23.0, "A-s1": 24.0, "A-s2": 25.0, "torch-A-s0": 24.5, "torch-A-s1": 25.5}
+    res = SimpleNamespace(study=study, rows={n: [{}] * 40 for n in names},
+                          final_val=final.get, wall_seconds=lambda name: 600.0)
+    text = sections.twin_table(res)
+    assert "(*interim, 5 of 6 runs*, minivgg − torch: -1.0 points" in text
+    final["torch-A-s2"] = 24.0
+    assert "interim" not in sections.twin_table(res)

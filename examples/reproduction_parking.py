@@ -72,12 +72,18 @@ def unpark(record, name, run_dir):
     if not is_parked(record, name) or has_checkpoint(run_dir):
         return None
     src = parked_folder(record, name)
-    with open(os.path.join(src, MARKER)) as f:
-        info = json.load(f)
-    os.makedirs(run_dir, exist_ok=True)
-    for file in info["files"]:
-        with open(os.path.join(src, file), "rb") as f:
-            checkpoint.write_bytes(os.path.join(run_dir, file), f.read(), overwrite=True)
+    try:
+        with open(os.path.join(src, MARKER)) as f:
+            info = json.load(f)
+        os.makedirs(run_dir, exist_ok=True)
+        # NOTE: the checkpoint goes in last: a copy cut short leaves no checkpoint, so it is
+        # simply redone, never resumed without its metrics.csv
+        for file in sorted(info["files"], key=lambda name: name in CHECKPOINTS):
+            with open(os.path.join(src, file), "rb") as f:
+                checkpoint.write_bytes(os.path.join(run_dir, file), f.read(), overwrite=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OSError(f"the parked run {src} cannot be read ({type(e).__name__}: {e}); "
+                      f"remove that folder to train {name} again from epoch 1") from None
     return info
 
 

@@ -118,3 +118,17 @@ def test_a_stopped_study_parks_its_run_and_a_fresh_clone_resumes_it(study, tmp_p
              subset=np.arange(0, 20, 2), **{"dense@72": np.eye(10, dtype=np.float32)[labels]})
     study.save_record(args, a)
     assert study.recorded(args, a) and not (Path(args.record) / "parked").exists()
+
+
+def test_a_damaged_parked_copy_is_one_clear_error_and_copies_no_checkpoint(parking, tmp_path):
+    record = tmp_path / "record"
+    parking.park(str(_run_folder(tmp_path, {"last.npz": b"s", "metrics.csv": b"m"})),
+                 str(record), "E-s2", 1)
+    (record / "parked" / "E-s2" / "metrics.csv").unlink()  # listed in parked.json, gone
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError, match="parked run .*E-s2 cannot be read.*remove that folder"):
+        parking.unpark(str(record), "E-s2", str(fresh))
+    assert not (fresh / "last.npz").exists()  # the checkpoint comes last: nothing to resume
+    (record / "parked" / "E-s2" / "parked.json").write_text("{not json")
+    with pytest.raises(OSError, match="cannot be read"):
+        parking.unpark(str(record), "E-s2", str(fresh))

@@ -318,8 +318,8 @@ def within_net(by_net):
 
 
 def first_cut_note(res):
-    """Post hoc (not in the design): does the epoch of a run's first lr cut predict its
-    dense error? Spearman over every counted run of A..E, then a partial correlation within
+    """Post hoc (not in the design): does the epoch of a run's first lr cut (Sec. 3.1: lr
+    ÷10 when the val error stops improving) predict its dense error? Spearman over every counted run of A..E, then a partial correlation within
     nets (each net's seed mean taken off both the epoch and the error), which depth cannot
     explain, with its slope in points per 10 epochs."""
     by_net = first_cut_pairs(res)

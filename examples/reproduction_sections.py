@@ -241,7 +241,48 @@ def jitter_table(res):
                                             min(len(jit), len(fixed)), "seeds")
         lines.append(f"{what}: {PENDING}." if c is None else
                      f"{what}: **{judge(c)}** ({mark}jittered − fixed: {describe(c)}).")
-    return "\n".join(lines)
+    return "\n".join(lines) + jitter_note(res, jit, fixed, c)
+
+
+def fit_gap(res, runs):
+    """(training top-1 %, val top-1 %) at the last epoch, means over the counted runs, from
+    metrics.csv (training error on the run's own augmented crops); None if none counts."""
+    last = [res.rows[r.name][-1] for r in runs if res.counts.get(r.name) and res.rows[r.name]]
+    if not last:
+        return None
+    return tuple(100 * float(np.mean([float(row[k]) for row in last]))
+                 for k in ("train_top1_err", "val_top1_err"))
+
+
+def jitter_note(res, jit, fixed, c):
+    """What the training curves add to the jittering verdict (three scales, the last `c`):
+    how far each net fits its training crops better than the val images. Sec. 3.1 uses
+    jittering as augmentation, which pays where a net over-fits; when the jittered net comes
+    out behind, the note says what about the small scale could explain it."""
+    fit, jitted = fit_gap(res, fixed), fit_gap(res, jit)
+    if fit is None or jitted is None:
+        return ""
+    text = (f"\n\nAt the last epoch (seed means; val: centre crop at each net's own Q): "
+            f"D at fixed S has "
+            f"{fit[0]:.1f}% training top-1 error on its crops and {fit[1]:.1f}% val, a gap of "
+            f"{fit[1] - fit[0]:+.1f} points; D with jittered S {jitted[0]:.1f}% and "
+            f"{jitted[1]:.1f}%, a gap of {jitted[1] - jitted[0]:+.1f} (its crops, taken "
+            "from images up to 128 pixels, are harder to fit).")
+    if c is None or c.diff <= 0:
+        return text
+    why = []
+    if jitted[1] - jitted[0] < fit[1] - fit[0]:
+        why.append("Jittering is augmentation (Sec. 3.1): it pays where a net over-fits, and "
+                   "a net of a quarter of the paper's width that over-fits less with it can "
+                   "lose more in fitting than it gains in generalising.")
+    why += ["The paper fine-tuned its jittered net from the S = 384 net; here it is trained "
+            "from scratch on the fixed-S nets' schedule, so it must learn every scale in as "
+            "many epochs.",
+            "A 64-pixel crop of a 128-pixel image holds a quarter of it, in a twelfth of the "
+            "pixels that a 224-pixel crop of a 512-pixel image keeps at the same ratio, so "
+            "small objects are left a few pixels wide."]
+    return text + (" Where the jittered net is behind, these things about the small scale "
+                   "can explain it: " + " ".join(f"({i}) {w}" for i, w in enumerate(why, 1)))
 
 
 def warm_table(res):
@@ -319,9 +360,10 @@ def within_net(by_net):
 
 def first_cut_note(res):
     """Post hoc (not in the design): does the epoch of a run's first lr cut (Sec. 3.1: lr
-    ÷10 when the val error stops improving) predict its dense error? Spearman over every counted run of A..E, then a partial correlation within
-    nets (each net's seed mean taken off both the epoch and the error), which depth cannot
-    explain, with its slope in points per 10 epochs."""
+    ÷10 when the val error stops improving) predict its dense error? Spearman over every
+    counted run of A..E, then a partial correlation within nets (each net's seed mean taken
+    off both the epoch and the error), which depth cannot explain, with its slope in points
+    per 10 epochs."""
     by_net = first_cut_pairs(res)
     pairs = [p for ps in by_net.values() for p in ps]
     groups, res_x, res_y = within_net(by_net)

@@ -89,3 +89,34 @@ def test_the_twin_verdict_is_interim_until_every_planned_seed_is_in(sections):
     assert "(*interim, 5 of 6 runs*, minivgg − torch: -1.0 points" in text
     final["torch-A-s2"] = 24.0
     assert "interim" not in sections.twin_table(res)
+
+
+def _fit_res(gaps):
+    """Runs D-s0..2 (fixed S) and Djit-s0..1 whose last epoch has the given (train, val)."""
+    study = [SimpleNamespace(name=f"D-s{s}", arch="D", jitter=False) for s in range(3)]
+    study += [SimpleNamespace(name=f"Djit-s{s}", arch="D", jitter=True) for s in range(2)]
+    rows = {r.name: [{"train_top1_err": str(gaps[r.jitter][0]),
+                      "val_top1_err": str(gaps[r.jitter][1])}] for r in study}
+    res = SimpleNamespace(study=study, rows=rows, counts={r.name: True for r in study})
+    return res, [r for r in study if r.jitter], [r for r in study if not r.jitter]
+
+
+@pytest.mark.parametrize("jit_gap, reasons", [((0.31, 0.32), 3), ((0.10, 0.30), 2)])
+def test_the_jitter_note_explains_a_jittered_net_behind_by_what_the_curves_show(
+        sections, jit_gap, reasons):
+    res, jit, fixed = _fit_res({False: (0.20, 0.27), True: jit_gap})
+    text = sections.jitter_note(res, jit, fixed, SimpleNamespace(diff=+3.0))
+    assert "20.0% training top-1 error on its crops and 27.0% val, a gap of +7.0" in text
+    assert f"a gap of {100 * (jit_gap[1] - jit_gap[0]):+.1f}" in text
+    assert f"({reasons}) " in text and f"({reasons + 1}) " not in text
+    # the augmentation reason only where the jittered net over-fits less than the fixed one
+    assert ("(1) Jittering is augmentation" in text) == (reasons == 3)
+
+
+def test_the_jitter_note_claims_no_reasons_when_jittering_is_ahead_or_pending(sections):
+    res, jit, fixed = _fit_res({False: (0.20, 0.27), True: (0.25, 0.26)})
+    ahead = sections.jitter_note(res, jit, fixed, SimpleNamespace(diff=-1.0))
+    assert "a gap of +1.0" in ahead and "behind" not in ahead
+    assert "behind" not in sections.jitter_note(res, jit, fixed, None)
+    res.counts = {name: not name.startswith("Djit") for name in res.counts}
+    assert sections.jitter_note(res, jit, fixed, SimpleNamespace(diff=+3.0)) == ""

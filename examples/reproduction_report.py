@@ -17,12 +17,14 @@ In six modules, each importing those before it:
     reproduction_stats.py      reading the runs (`Results`); intervals, paired tests
     reproduction_sections.py   the runs, Table 3, jittering, warm start, the PyTorch twin
     reproduction_protocols.py  Tables 4, 5 and 6: test protocols on the same nets
-    reproduction_report.py     the design, the plots and the document: write_report(args, study)
+    reproduction_report.py     the plots, the verdicts at a glance and the document:
+                               write_report(args, study)
 
 `Results`, `sign_test`, `paired_test` and `p_text` are importable from here as before.
 """
 
 import os
+import re
 import time
 
 import numpy as np
@@ -185,7 +187,9 @@ def write_report(args, study):
     """Write args.doc, and its plots beside it, from the runs of `study` finished so far."""
     res = Results(args, study)
     shown = draw_plots(res, os.path.dirname(os.path.abspath(args.doc)))
-    text = introduction(args, res) + "\n" + design(args) + "\n" + sections(res)
+    body = sections(res)
+    text = (introduction(args, res) + "\n" + at_a_glance(body) + "\n" + design(args) + "\n"
+            + body)
     text += "".join(f"![{caption}]({name})\n\n" for name, caption in shown)
     checkpoint.write_bytes(args.doc, text.encode(), overwrite=True)
 
@@ -243,6 +247,38 @@ run's last checkpoint (no model selection on val, which is also the test set her
 the background (load averages in the runs table), so wall times are upper bounds, not
 benchmarks.
 """
+
+
+# A verdict line of the sections: "- <finding>: [<counts> — ]**<verdict>** (<test>; ...)."
+VERDICT_LINE = re.compile(r"^- (?P<what>[^*]+?): (?P<pre>[^:*]*— )?\*\*(?P<verdict>[^*]+)\*\* "
+                          r"\((?P<test>.*)$")
+
+
+def at_a_glance(body):
+    """Every verdict of the sections below as one table, with its section, its difference
+    and its test: gathered from the sections' own verdict lines, so it cannot disagree
+    with them. Table 5's per-net lines (a sentence of errors, then three verdicts) are
+    left out: the table has the verdicts over all nets."""
+    rows, section = [], ""
+    for line in body.splitlines():
+        if line.startswith("## "):
+            section = line[3:].split(" (")[0]
+        m = VERDICT_LINE.match(line)
+        if m and ". " not in m["what"]:
+            test = m["test"].split("; ")[0].split(").")[0].removesuffix(")")
+            pre = m["pre"].removesuffix(" — ") + "; " if m["pre"] else ""
+            rows.append(f"| {section} | {m['what']} | **{m['verdict']}** | {pre}{test} |")
+        elif line.startswith("- ") and line.endswith(f": {PENDING}."):
+            rows.append(f"| {section} | {line[2:-len(PENDING) - 3]} | {PENDING} | |")
+    if not rows:
+        return ""
+    return "\n".join(["## Verdicts at a glance", "",
+                      "Each finding's verdict as its section below states it, with the "
+                      "difference (a net or protocol minus the one it is tested against, "
+                      "top-1 points) and its test; the sections give the paper's numbers "
+                      "beside, the image-level tests and the rules (Design).", "",
+                      "| section | finding | verdict | difference and test |",
+                      "|---|---|---|---|", *rows, ""])
 
 
 def sections(res):

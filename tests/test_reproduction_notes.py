@@ -120,3 +120,31 @@ def test_the_jitter_note_claims_no_reasons_when_jittering_is_ahead_or_pending(se
     assert "behind" not in sections.jitter_note(res, jit, fixed, None)
     res.counts = {name: not name.startswith("Djit") for name in res.counts}
     assert sections.jitter_note(res, jit, fixed, SimpleNamespace(diff=+3.0)) == ""
+
+
+def test_the_verdicts_at_a_glance_gather_every_verdict_line_and_only_those(sections):
+    import reproduction_report
+    body = "\n".join([
+        "## Table 3: depth (single test scale, dense)", "",
+        "- Depth helps (B vs A; the paper: 28.7 vs 29.6): **undecided** (B − A: -1.4 points "
+        "[-4.9, +2.2], Welch p = 0.34 (Holm-adjusted p = 1.00), permutation p = 0.40; soft-max "
+        "averaged over seeds: McNemar p = 0.12).",
+        "## Table 4: multi-scale testing (dense)",
+        "- Multi-scale testing helps: better on 15 of 15 runs (worse on 0), mean change -1.01 "
+        "top-1 points — **reproduced** (two-sided sign test: p < 0.001). Run by run, more.",
+        "## Table 5: dense vs multi-crop",
+        "- D-s0: dense 30.0, multi-crop 29.0. Both beat dense: **undecided** (McNemar p = 1).",
+        "## Warm start from A vs Glorot (D)",
+        "- Glorot's initialisation needs no warm start: pending."])
+    table = reproduction_report.at_a_glance(body).splitlines()
+    rows = [r for r in table if r.startswith("| ") and not r.startswith("| section")]
+    assert rows == [
+        "| Table 3: depth | Depth helps (B vs A; the paper: 28.7 vs 29.6) | **undecided** | "
+        "B − A: -1.4 points [-4.9, +2.2], Welch p = 0.34 (Holm-adjusted p = 1.00), "
+        "permutation p = 0.40 |",
+        "| Table 4: multi-scale testing | Multi-scale testing helps | **reproduced** | better "
+        "on 15 of 15 runs (worse on 0), mean change -1.01 top-1 points; two-sided sign test: "
+        "p < 0.001 |",
+        "| Warm start from A vs Glorot | Glorot's initialisation needs no warm start | pending "
+        "| |"]
+    assert reproduction_report.at_a_glance("## Runs\n\nno verdicts yet") == ""

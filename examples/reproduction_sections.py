@@ -241,7 +241,8 @@ def jitter_table(res):
                                             min(len(jit), len(fixed)), "seeds")
         lines.append(f"{what}: {PENDING}." if c is None else
                      f"{what}: **{judge(c)}** ({mark}jittered − fixed: {describe(c)}).")
-    return "\n".join(lines) + jitter_note(res, jit, fixed, c)
+    three_scales = c  # the loop's last comparison: the note reads the three-scale verdict
+    return "\n".join(lines) + jitter_note(res, jit, fixed, three_scales)
 
 
 def fit_gap(res, runs):
@@ -255,8 +256,9 @@ def fit_gap(res, runs):
 
 
 def jitter_note(res, jit, fixed, c):
-    """What the training curves add to the jittering verdict (three scales, the last `c`):
-    how far each net fits its training crops better than the val images. Sec. 3.1 uses
+    """What the training curves add to the jittering verdict (`c`: the three-scale
+    comparison, jittered minus fixed, or None while pending): how far each net fits its
+    training crops better than the val images. Sec. 3.1 uses
     jittering as augmentation, which pays where a net over-fits; when the jittered net comes
     out behind, the note says what about the small scale could explain it."""
     fit, jitted = fit_gap(res, fixed), fit_gap(res, jit)

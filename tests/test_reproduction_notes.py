@@ -1,7 +1,9 @@
 """Notes of the reproduction report (examples/reproduction_sections.py) on made-up runs whose
 answer is known: the post-hoc note on the epoch of each run's first lr cut against its error
-(`first_cut_note`, checked against an ordinary least-squares fit with one mean per net), and
-the interim mark of the PyTorch twin's verdict."""
+(`first_cut_note`, checked against an ordinary least-squares fit with one mean per net), the
+interim mark of the PyTorch twin's verdict, the jittering note (`jitter_note`: the reasons
+it gives only where the curves support them) and the verdicts at a glance
+(examples/reproduction_report.py, `at_a_glance`)."""
 
 import sys
 from pathlib import Path
